@@ -1,0 +1,60 @@
+"""deltatune: parameter-efficient fine-tuning with one small core and one file per method.
+
+    >>> from deltatune import LoRA, inject, merge, unload, disabled, save, load
+"""
+
+from .core import (
+    REGISTRY,
+    Adapted,
+    Attachment,
+    ParameterReport,
+    adapter_state,
+    attachment_of,
+    combine,
+    delete_adapter,
+    disabled,
+    has_adapters,
+    inject,
+    merge,
+    parameter_report,
+    register,
+    route,
+    set_active,
+    trainable_parameters,
+    unload,
+)
+from .io import export_peft, import_peft, load, save
+from .methods import Gaussian, KaimingUniform, LoRA
+from .targets import ALL_LINEAR, Target
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ALL_LINEAR",
+    "REGISTRY",
+    "Adapted",
+    "Attachment",
+    "Gaussian",
+    "KaimingUniform",
+    "LoRA",
+    "ParameterReport",
+    "Target",
+    "adapter_state",
+    "attachment_of",
+    "combine",
+    "delete_adapter",
+    "disabled",
+    "export_peft",
+    "has_adapters",
+    "import_peft",
+    "inject",
+    "load",
+    "merge",
+    "parameter_report",
+    "register",
+    "route",
+    "save",
+    "set_active",
+    "trainable_parameters",
+    "unload",
+]

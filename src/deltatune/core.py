@@ -1,0 +1,757 @@
+"""The core: method registry and the lifecycle verbs (inject, merge, unload, disabled, ...).
+
+A *method* (LoRA, VB-LoRA, ...) is a frozen keyword-only dataclass registered with
+:func:`register`. It says *what* to add; :func:`inject` says *where*. Capabilities are class data
+(``mergeable``, ``identity_at_init``, ``weight_space``, ``supports_mixed_batch``, ``combinable``,
+``layer_types``): the core and the tests read them and never branch on a method's type.
+
+Every adapted module is replaced by one :class:`Adapted` wrapper that keeps the original module as
+``wrapper.base``, untouched, plus one small layer per named adapter in ``wrapper.adapters``. So
+several adapters can live on one model, ``unload`` puts the very same base modules back, and
+``merge`` puts back a plain module whose weight is ``base.weight + delta_weight()``.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from deltatune import LoRA, inject, merge
+    >>> net = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    >>> att = inject(net, LoRA(rank=2), targets=["0"])
+    >>> [p.shape for p in trainable_parameters(net)]
+    [torch.Size([2, 8]), torch.Size([8, 2])]
+    >>> merged = merge(net)
+    >>> type(merged[0]).__name__
+    'Linear'
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import re
+import zlib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from . import targets as _targets
+from .fields import validate
+
+ATTACHMENT_ATTR = "_deltatune_attachment"
+SHARED_ATTR = "deltatune_shared"
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What a registered method provides. Optional extras, looked up with ``getattr``:
+
+    * ``make_shared(bases, generator) -> nn.Module | None``: state shared by all layers of one
+      adapter (created once per adapter), with ``shared_parameter_count(bases)`` and
+      ``shared_stored_bytes(bases)``;
+    * ``combine_layers(parts) -> (config, layer)``: exact weighted combination (``combinable``).
+    """
+
+    name: ClassVar[str]
+    mergeable: ClassVar[bool]
+    identity_at_init: ClassVar[bool]
+    weight_space: ClassVar[bool]
+    supports_mixed_batch: ClassVar[bool]
+    combinable: ClassVar[bool]
+    layer_types: ClassVar[tuple[str, ...]]
+
+    def wrap(
+        self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
+    ) -> nn.Module: ...
+
+    def parameter_count(self, base: nn.Module) -> int: ...
+
+    def stored_bytes(self, base: nn.Module) -> int: ...
+
+
+REGISTRY: dict[str, type] = {}
+_CAPABILITIES = (
+    "mergeable",
+    "identity_at_init",
+    "weight_space",
+    "supports_mixed_batch",
+    "combinable",
+    "layer_types",
+)
+
+
+def register(cls: type) -> type:
+    """Class decorator: add a method config class to :data:`REGISTRY` under ``cls.name``."""
+    if not dataclasses.is_dataclass(cls):
+        raise ValueError(f"{cls.__name__} must be a dataclass to be registered")
+    params = getattr(cls, "__dataclass_params__", None)
+    if params is None or not params.frozen:
+        raise ValueError(f"{cls.__name__} must be a frozen dataclass")
+    missing = [c for c in ("name", *_CAPABILITIES) if not hasattr(cls, c)]
+    if missing:
+        raise ValueError(f"{cls.__name__} must declare the class attributes {missing}")
+    name = cls.name  # type: ignore[attr-defined]
+    if name in REGISTRY and REGISTRY[name] is not cls:
+        raise ValueError(f"a method named {name!r} is already registered ({REGISTRY[name].__name__})")
+    REGISTRY[name] = cls
+    return cls
+
+
+def method_from_config(name: str, fields: Mapping[str, Any]) -> Any:
+    """Build a registered method from its name and a mapping of field values."""
+    from .fields import from_jsonable
+
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"unknown method {name!r}; registered: {sorted(REGISTRY)}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - known)
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
+    kwargs = {k: from_jsonable(v, f"{cls.__name__}.{k}") for k, v in fields.items()}
+    return cls(**kwargs)
+
+
+def method_fields(method: Any) -> dict[str, Any]:
+    from .fields import to_jsonable
+
+    return {f.name: to_jsonable(getattr(method, f.name)) for f in dataclasses.fields(method)}
+
+
+def check(method: Any) -> None:
+    """Validate a config against its declared field constraints (call from ``__post_init__``)."""
+    validate(method)
+
+
+# ----------------------------------------------------------------------------------------------
+# The wrapper and the attachment
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Switch:
+    """Mutable state shared by every wrapper of one model: which adapters run, and how."""
+
+    active: tuple[str, ...] = ()
+    enabled: bool = True
+    routing: list[str | None] | None = None
+
+
+class ModuleCopy(nn.Module):
+    """A trainable full copy of a module (``modules_to_save``): it replaces the base when active."""
+
+    additive: ClassVar[bool] = False
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(base)
+        for p in self.module.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, base: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def merged(self, base: nn.Module) -> nn.Module:
+        out = copy.deepcopy(self.module)
+        for p in out.parameters():
+            p.requires_grad_(False)
+        return out
+
+
+class Adapted(nn.Module):
+    """Holds an original module (``base``, untouched) and one layer per named adapter."""
+
+    def __init__(self, base: nn.Module, switch: _Switch) -> None:
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        self._switch = switch
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        switch = self._switch
+        if not switch.enabled:
+            return self.base(*args, **kwargs)
+        if switch.routing is not None:
+            return self._routed(switch.routing, *args, **kwargs)
+        names = [n for n in switch.active if n in self.adapters]
+        if not names:
+            return self.base(*args, **kwargs)
+        layers = [self.adapters[n] for n in names]
+        replacing = [layer for layer in layers if not layer.additive]
+        if replacing:
+            # set_active() guarantees a replacing layer is alone on its module.
+            return replacing[0](self.base, *args, **kwargs)
+        out = self.base(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))
+        for layer in layers:
+            out = out + layer.delta(x).to(out.dtype)
+        return out
+
+    def _routed(self, routing: list[str | None], *args: Any, **kwargs: Any) -> Any:
+        out = self.base(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))
+        if x.shape[0] != len(routing):
+            raise ValueError(
+                f"route(): {len(routing)} adapter names given for a batch of {x.shape[0]} examples"
+            )
+        for name in dict.fromkeys(n for n in routing if n is not None):
+            if name not in self.adapters:
+                continue
+            rows = torch.tensor(
+                [i for i, n in enumerate(routing) if n == name], device=x.device, dtype=torch.long
+            )
+            delta = self.adapters[name].delta(x.index_select(0, rows))
+            out = out.index_add(0, rows, delta.to(out.dtype))
+        return out
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}"
+
+
+@dataclass
+class AdapterInfo:
+    """Everything needed to recreate one named adapter (and to save it)."""
+
+    name: str
+    method: Any
+    targets: tuple[str, ...]
+    overrides: dict[str, dict[str, Any]]
+    modules_to_save: tuple[str, ...]
+    seed: int
+    configs: dict[str, Any] = field(default_factory=dict)  # path -> per-module method config
+    trainable: list[nn.Parameter] = field(default_factory=list)
+
+
+class Attachment:
+    """The handle :func:`inject` returns; also reachable as ``attachment_of(model)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.switch = _Switch()
+        self.adapters: dict[str, AdapterInfo] = {}
+        self.wrappers: dict[str, Adapted] = {}
+        self.requires_grad: dict[int, tuple[nn.Parameter, bool]] = {
+            id(p): (p, p.requires_grad) for p in model.parameters()
+        }
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def active(self) -> tuple[str, ...]:
+        return self.switch.active
+
+    def shared(self, name: str) -> nn.Module | None:
+        holder = getattr(self.model, SHARED_ATTR, None)
+        if isinstance(holder, nn.ModuleDict) and name in holder:
+            return holder[name]
+        return None
+
+    def info(self, name: str) -> AdapterInfo:
+        if name not in self.adapters:
+            raise ValueError(f"unknown adapter {name!r}; this model has {sorted(self.adapters)}")
+        return self.adapters[name]
+
+    def layers(self, name: str) -> dict[str, nn.Module]:
+        """path -> the adapter's layer (or module copy) at that path."""
+        self.info(name)
+        return {p: w.adapters[name] for p, w in self.wrappers.items() if name in w.adapters}
+
+    def closed_form(self, name: str) -> tuple[int, int]:
+        """(trainable parameters, stored bytes) of adapter ``name`` from the methods' formulas."""
+        info = self.info(name)
+        count = stored = 0
+        for path in info.targets:
+            cfg = info.configs[path]
+            base = self.wrappers[path].base
+            count += cfg.parameter_count(base)
+            stored += cfg.stored_bytes(base)
+        bases = {p: self.wrappers[p].base for p in info.targets}
+        shared_count = getattr(info.method, "shared_parameter_count", None)
+        if shared_count is not None:
+            count += shared_count(bases)
+            stored += info.method.shared_stored_bytes(bases)
+        for path in info.modules_to_save:
+            for p in self.wrappers[path].base.parameters():
+                count += p.numel()
+                stored += p.numel() * p.element_size()
+        return count, stored
+
+    # -- switching ----------------------------------------------------------------------------
+    def set_active(self, names: str | Sequence[str]) -> None:
+        """Make ``names`` the adapters that run (and train); the others stay in memory, frozen."""
+        names = (names,) if isinstance(names, str) else tuple(names)
+        for n in names:
+            self.info(n)
+        if len(set(names)) != len(names):
+            raise ValueError(f"set_active: adapter names repeat: {list(names)}")
+        if len(names) > 1:
+            for path, wrapper in self.wrappers.items():
+                here = [n for n in names if n in wrapper.adapters]
+                if len(here) > 1 and any(not wrapper.adapters[n].additive for n in here):
+                    raise ValueError(
+                        f"set_active: adapters {here} cannot run together on {path!r}: "
+                        "one of them replaces the module instead of adding to it"
+                    )
+        self.switch.active = names
+        for info in self.adapters.values():
+            for p in info.trainable:
+                p.requires_grad_(info.name in names)
+
+
+def attachment_of(model: nn.Module) -> Attachment:
+    """The :class:`Attachment` of a model that has adapters; ``ValueError`` if it has none."""
+    att = model.__dict__.get(ATTACHMENT_ATTR)
+    if not isinstance(att, Attachment):
+        raise ValueError(
+            f"{type(model).__name__} has no deltatune adapters; call deltatune.inject(model, ...) first"
+        )
+    return att
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return isinstance(model.__dict__.get(ATTACHMENT_ATTR), Attachment)
+
+
+def _base_modules(model: nn.Module, att: Attachment | None) -> dict[str, nn.Module]:
+    """path -> module, seeing through our wrappers (a wrapper shows as its base)."""
+    out: dict[str, nn.Module] = {}
+    skip: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(s) for s in skip):
+            continue
+        if path == SHARED_ATTR or path.startswith(SHARED_ATTR + "."):
+            continue
+        if isinstance(module, Adapted):
+            if att is None or att.wrappers.get(path) is not module:
+                raise ValueError(
+                    f"{path!r} is already wrapped by another deltatune attachment; "
+                    "inject into the model you injected first"
+                )
+            out[path] = module.base
+            skip.append(path + ".")
+            continue
+        out[path] = module
+    return out
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, module)
+
+
+def _seed_for(seed: int, path: str) -> int:
+    # A stable per-module seed: the same (seed, path) always gives the same init, across processes.
+    return (seed * 1_000_003 + zlib.crc32(path.encode())) % (2**63)
+
+
+def _generator(seed: int, path: str) -> torch.Generator:
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(_seed_for(seed, path))
+    return gen
+
+
+def _config_for(method: Any, path: str, overrides: Mapping[str, Mapping[str, Any]]) -> Any:
+    cfg = method
+    for pattern, values in overrides.items():
+        if path == pattern or path.endswith("." + pattern) or re.fullmatch(pattern, path):
+            cfg = dataclasses.replace(cfg, **values)
+    return cfg
+
+
+def _check_overrides(method: Any, overrides: Mapping[str, Mapping[str, Any]], paths: Sequence[str]) -> None:
+    known = {f.name for f in dataclasses.fields(method)}
+    for pattern, values in overrides.items():
+        if not isinstance(values, Mapping):
+            raise ValueError(f"overrides[{pattern!r}] must be a mapping of field -> value, got {values!r}")
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(
+                f"overrides[{pattern!r}]: {type(method).__name__} has no field(s) {unknown}; "
+                f"fields: {sorted(known)}"
+            )
+        if not any(p == pattern or p.endswith("." + pattern) or re.fullmatch(pattern, p) for p in paths):
+            raise ValueError(f"overrides[{pattern!r}] matches none of the targeted modules: {list(paths)[:8]}")
+
+
+def inject(
+    model: nn.Module,
+    method: Any,
+    targets: _targets.TargetSpec = _targets.ALL_LINEAR,
+    *,
+    name: str = "default",
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    modules_to_save: Sequence[str] = (),
+    seed: int = 0,
+    activate: bool = True,
+) -> Attachment:
+    """Add adapter ``name`` of ``method`` to the modules that ``targets`` selects.
+
+    Everything but the adapter is frozen. Calling it again with another ``name`` adds a second
+    adapter to the same model.
+
+    Args:
+        model: any ``nn.Module``; it is modified in place.
+        method: a registered method config, e.g. ``LoRA(rank=8)``.
+        targets: which modules to adapt (see :mod:`deltatune.targets`).
+        name: the adapter's name (a Python-identifier-like string).
+        overrides: per-module field values by name/suffix/regex, e.g. ``{"value": {"rank": 16}}``.
+        modules_to_save: modules trained in full and stored with the adapter (e.g. a head).
+        seed: seeds the adapter's initialisation; the global RNG is never touched.
+        activate: make the new adapter the active one (and the trainable one).
+
+    Returns:
+        The model's :class:`Attachment`.
+
+    Raises:
+        ValueError: unregistered method, bad target, unsupported module type, name in use, ...
+    """
+    if type(method) not in REGISTRY.values() or not isinstance(method, Method):
+        raise ValueError(
+            f"method must be a registered deltatune method config (one of {sorted(REGISTRY)}), "
+            f"got {type(method).__name__}"
+        )
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(f"adapter name must be letters, digits, '_' or '-', got {name!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ValueError(f"seed must be an integer, got {seed!r}")
+    created = not has_adapters(model)
+    att = Attachment(model) if created else attachment_of(model)
+    if name in att.adapters:
+        raise ValueError(
+            f"adapter {name!r} already exists on this model; pass another name= to add a second "
+            "adapter, or delete_adapter() it first"
+        )
+    overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+    modules = _base_modules(model, att)
+    paths = _targets.resolve(model, targets, modules)
+    save_paths = _targets.resolve(model, list(modules_to_save), modules) if modules_to_save else []
+    save_paths = [p for p in save_paths if not any(p.startswith(q + ".") for q in save_paths)]
+    for path in paths:
+        kind = _targets.module_kind(modules[path])
+        if kind not in method.layer_types:
+            raise ValueError(
+                f"{type(method).__name__}: {path!r} is {type(modules[path]).__name__}; "
+                f"{type(method).__name__} adapts {', '.join(method.layer_types)} modules only"
+            )
+    for sp in save_paths:
+        clash = [p for p in paths if p == sp or p.startswith(sp + ".") or sp.startswith(p + ".")]
+        if clash:
+            raise ValueError(f"modules_to_save {sp!r} overlaps the targeted module(s) {clash[:4]}")
+    _check_overrides(method, overrides, paths)
+    configs = {p: _config_for(method, p, overrides) for p in paths}
+
+    bases = {p: modules[p] for p in paths}
+    shared = None
+    make_shared = getattr(method, "make_shared", None)
+    if make_shared is not None:
+        shared = make_shared(bases, _generator(seed, "<shared>"))
+    layers: dict[str, nn.Module] = {}
+    for path in paths:
+        base = bases[path]
+        layer = configs[path].wrap(base, shared, path=path, generator=_generator(seed, path))
+        layers[path] = _to_device_of(layer, base)
+    copies = {sp: _to_device_of(ModuleCopy(modules[sp]), modules[sp]) for sp in save_paths}
+
+    # Nothing has been modified so far: every check above can fail without leaving a trace.
+    if created:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.__dict__[ATTACHMENT_ATTR] = att
+    if shared is not None:
+        holder = getattr(model, SHARED_ATTR, None)
+        if not isinstance(holder, nn.ModuleDict):
+            holder = nn.ModuleDict()
+            setattr(model, SHARED_ATTR, holder)
+        holder[name] = shared
+    for path, layer in {**layers, **copies}.items():
+        wrapper = att.wrappers.get(path)
+        if wrapper is None:
+            wrapper = Adapted(modules[path], att.switch)
+            _set_submodule(model, path, wrapper)
+            att.wrappers[path] = wrapper
+        wrapper.adapters[name] = layer
+    trainable = [p for m in [*layers.values(), *copies.values()] for p in m.parameters() if p.requires_grad]
+    if shared is not None:
+        trainable += [p for p in shared.parameters() if p.requires_grad]
+    trainable = list({id(p): p for p in trainable}.values())
+    att.adapters[name] = AdapterInfo(
+        name=name,
+        method=method,
+        targets=tuple(paths),
+        overrides=overrides,
+        modules_to_save=tuple(save_paths),
+        seed=seed,
+        configs=configs,
+        trainable=trainable,
+    )
+    if activate:
+        att.set_active(name)
+    else:
+        for p in trainable:
+            p.requires_grad_(False)
+    return att
+
+
+def _to_device_of(layer: nn.Module, base: nn.Module) -> nn.Module:
+    ref = next(iter(base.parameters()), None)
+    if ref is not None and ref.device.type != "meta":
+        layer.to(device=ref.device)
+    return layer
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Switch which adapter(s) run and train."""
+    attachment_of(model).set_active(names)
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``; wrappers left empty give their base module back."""
+    att = attachment_of(model)
+    info = att.info(name)
+    for path in [*info.targets, *info.modules_to_save]:
+        wrapper = att.wrappers[path]
+        del wrapper.adapters[name]
+        if len(wrapper.adapters) == 0:
+            _set_submodule(model, path, wrapper.base)
+            del att.wrappers[path]
+    holder = getattr(model, SHARED_ATTR, None)
+    if isinstance(holder, nn.ModuleDict) and name in holder:
+        del holder[name]
+    del att.adapters[name]
+    att.switch.active = tuple(n for n in att.switch.active if n != name)
+    if not att.adapters:
+        _detach(model, att)
+
+
+def _detach(model: nn.Module, att: Attachment) -> None:
+    for p, flag in att.requires_grad.values():
+        p.requires_grad_(flag)
+    if hasattr(model, SHARED_ATTR):
+        delattr(model, SHARED_ATTR)
+    del model.__dict__[ATTACHMENT_ATTR]
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter and put the original modules back (the same objects)."""
+    att = attachment_of(model)
+    for path, wrapper in att.wrappers.items():
+        _set_submodule(model, path, wrapper.base)
+    _detach(model, att)
+    return model
+
+
+def merged_linear(base: nn.Module, delta: torch.Tensor) -> nn.Module:
+    """A plain copy of ``base`` whose weight is ``base.weight + delta`` (added in float32)."""
+    weight = base.weight
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"cannot merge into {type(base).__name__}: it has no weight tensor")
+    if delta.shape != weight.shape:
+        raise ValueError(f"delta_weight has shape {tuple(delta.shape)}, weight has {tuple(weight.shape)}")
+    new = copy.copy(base)
+    new._parameters = dict(base._parameters)
+    new._buffers = dict(base._buffers)
+    new._modules = dict(base._modules)
+    merged = (weight.detach().float() + delta.detach().float().to(weight.device)).to(weight.dtype)
+    new.weight = nn.Parameter(merged, requires_grad=False)
+    return new
+
+
+def _merged_module(layer: nn.Module, base: nn.Module, path: str) -> nn.Module:
+    merged = getattr(layer, "merged", None)
+    if merged is not None:
+        out: nn.Module = merged(base)
+        return out
+    delta_weight = getattr(layer, "delta_weight", None)
+    if delta_weight is None:
+        raise ValueError(f"{type(layer).__name__} at {path!r} has neither merged() nor delta_weight()")
+    return merged_linear(base, delta_weight())
+
+
+def merge(model: nn.Module, adapters: str | Sequence[str] | None = None) -> nn.Module:
+    """Fold adapter(s) into the weights and remove every wrapper; other adapters are dropped.
+
+    Args:
+        adapters: which adapters to fold in; default: the active ones.
+
+    Returns:
+        The model (modified in place), now free of deltatune modules.
+
+    Raises:
+        ValueError: if the model has no adapters (e.g. already merged) or a method is not mergeable.
+    """
+    att = attachment_of(model)
+    names = att.active if adapters is None else ((adapters,) if isinstance(adapters, str) else tuple(adapters))
+    if not names:
+        raise ValueError("merge: no adapter is active; pass adapters=... to choose which to merge")
+    for n in names:
+        info = att.info(n)
+        if not type(info.method).mergeable:
+            raise ValueError(
+                f"{type(info.method).__name__} (adapter {n!r}) is not mergeable: its computation "
+                "cannot be folded into the weights; use unload() or keep the adapter attached"
+            )
+    replacements: dict[str, nn.Module] = {}
+    for path, wrapper in att.wrappers.items():
+        module = wrapper.base
+        for n in names:
+            if n in wrapper.adapters:
+                module = _merged_module(wrapper.adapters[n], module, path)
+        replacements[path] = module
+    for path, module in replacements.items():
+        _set_submodule(model, path, module)
+    _detach(model, att)
+    return model
+
+
+@contextlib.contextmanager
+def disabled(model: nn.Module) -> Iterator[nn.Module]:
+    """Run the base model: inside the block every adapter is off; the previous state returns on exit."""
+    switch = attachment_of(model).switch
+    previous = switch.enabled
+    switch.enabled = False
+    try:
+        yield model
+    finally:
+        switch.enabled = previous
+
+
+@contextlib.contextmanager
+def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
+    """Per-example adapters in one batch: example ``i`` uses adapter ``names[i]`` (None: the base)."""
+    att = attachment_of(model)
+    for n in dict.fromkeys(names):
+        if n is None:
+            continue
+        info = att.info(n)
+        if not type(info.method).supports_mixed_batch:
+            raise ValueError(f"{type(info.method).__name__} (adapter {n!r}) does not support route()")
+        if info.modules_to_save:
+            raise ValueError(f"route(): adapter {n!r} has modules_to_save, which cannot be mixed per example")
+    previous = att.switch.routing
+    att.switch.routing = list(names)
+    try:
+        yield model
+    finally:
+        att.switch.routing = previous
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters that train: those of the active adapters (selected structurally)."""
+    att = attachment_of(model)
+    out: dict[int, nn.Parameter] = {}
+    for n in att.active:
+        for p in att.adapters[n].trainable:
+            if p.requires_grad:
+                out[id(p)] = p
+    return list(out.values())
+
+
+def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
+    """The tensors that make up adapter ``name`` (what :func:`deltatune.save` stores)."""
+    att = attachment_of(model)
+    att.info(name)
+    state: dict[str, torch.Tensor] = {}
+    for path, layer in att.layers(name).items():
+        export = getattr(layer, "export_state", None)
+        tensors = export() if export is not None else layer.state_dict()
+        for key, value in tensors.items():
+            state[f"{path}.{key}"] = value
+    shared = att.shared(name)
+    if shared is not None:
+        for key, value in shared.state_dict().items():
+            state[f"{SHARED_ATTR}.{key}"] = value
+    return state
+
+
+@dataclass(frozen=True)
+class ParameterReport:
+    """Parameter accounting for one adapter."""
+
+    adapter: str
+    trainable: int
+    total: int
+    stored_parameters: int
+    stored_bytes: int
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable / max(self.total, 1)
+
+    def __str__(self) -> str:
+        return (
+            f"adapter {self.adapter!r}: {self.trainable:,} trainable of {self.total:,} parameters "
+            f"({self.trainable_percent:.3f} %); stores {self.stored_parameters:,} values in "
+            f"{self.stored_bytes:,} bytes"
+        )
+
+
+def parameter_report(model: nn.Module, adapter: str | None = None) -> ParameterReport:
+    """Count an adapter's trainable parameters and the bytes its saved file holds (tensor data)."""
+    att = attachment_of(model)
+    name = adapter if adapter is not None else (att.active[0] if att.active else next(iter(att.adapters)))
+    info = att.info(name)
+    trainable = sum(p.numel() for p in info.trainable)
+    total = sum(p.numel() for p in model.parameters())
+    state = adapter_state(model, name)
+    stored = sum(t.numel() for t in state.values())
+    stored_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    return ParameterReport(name, trainable, total, stored, stored_bytes)
+
+
+def combine(model: nn.Module, weights: Mapping[str, float], name: str) -> Attachment:
+    """Add adapter ``name`` equal to ``sum_i weights[i] * adapter_i``, exactly.
+
+    For LoRA this concatenates the factors (rank = sum of ranks), so the combined update is exact,
+    not an SVD approximation.
+    """
+    att = attachment_of(model)
+    if not weights:
+        raise ValueError("combine: weights must name at least one adapter")
+    infos = [att.info(n) for n in weights]
+    kinds = {type(i.method) for i in infos}
+    if len(kinds) != 1:
+        raise ValueError(f"combine: adapters must use one method, got {sorted(k.__name__ for k in kinds)}")
+    cls = kinds.pop()
+    if not cls.combinable:
+        raise ValueError(f"combine: {cls.__name__} adapters cannot be combined exactly")
+    if any(i.modules_to_save for i in infos):
+        raise ValueError("combine: adapters with modules_to_save cannot be combined (their copies differ)")
+    if name in att.adapters:
+        raise ValueError(f"adapter {name!r} already exists on this model")
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(f"adapter name must be letters, digits, '_' or '-', got {name!r}")
+    paths = [p for p in att.wrappers if any(p in i.targets for i in infos)]
+    configs: dict[str, Any] = {}
+    layers: dict[str, nn.Module] = {}
+    for path in paths:
+        parts = [
+            (att.wrappers[path].adapters[i.name], float(weights[i.name]))
+            for i in infos
+            if i.name in att.wrappers[path].adapters
+        ]
+        configs[path], layers[path] = cls.combine_layers(parts)  # type: ignore[attr-defined]
+    method = configs[paths[0]]
+    for path, layer in layers.items():
+        att.wrappers[path].adapters[name] = layer
+    overrides = {
+        p: {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if getattr(method, f.name) != getattr(c, f.name)}
+        for p, c in configs.items()
+        if c != method
+    }
+    trainable = [p for layer in layers.values() for p in layer.parameters()]
+    att.adapters[name] = AdapterInfo(
+        name=name,
+        method=method,
+        targets=tuple(paths),
+        overrides=overrides,
+        modules_to_save=(),
+        seed=infos[0].seed,
+        configs=configs,
+        trainable=trainable,
+    )
+    for p in trainable:
+        p.requires_grad_(False)
+    return att

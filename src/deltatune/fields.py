@@ -1,0 +1,215 @@
+"""Field constraints for method configs, declared as data.
+
+A method config is a frozen dataclass whose fields carry a :class:`Check` in their metadata
+(``param(default, check, help)``). One generic validator reads them, so every method reports bad
+input the same way (``"LoRA.rank must be an integer >= 1, got 0"``), ``deltatune methods`` can
+print the constraints, and the invariant suite can build a violating value for every field
+without knowing any method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+
+class Check:
+    """A constraint on one config field."""
+
+    def ok(self, value: Any) -> bool:  # pragma: no cover - interface
+        raise TypeError(f"{type(self).__name__} must implement ok()")
+
+    def describe(self) -> str:  # pragma: no cover - interface
+        raise TypeError(f"{type(self).__name__} must implement describe()")
+
+    def counterexample(self) -> Any:
+        """A value that this check refuses (used by the invariant suite)."""
+        return object()
+
+
+@dataclass(frozen=True)
+class Int(Check):
+    min: int | None = None
+    max: int | None = None
+
+    def ok(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return False
+        return (self.min is None or value >= self.min) and (self.max is None or value <= self.max)
+
+    def describe(self) -> str:
+        parts = ["an integer"]
+        if self.min is not None:
+            parts.append(f">= {self.min}")
+        if self.max is not None:
+            parts.append(f"<= {self.max}")
+        return " ".join(parts)
+
+    def counterexample(self) -> Any:
+        if self.min is not None:
+            return self.min - 1
+        if self.max is not None:
+            return self.max + 1
+        return 1.5
+
+
+@dataclass(frozen=True)
+class Float(Check):
+    """A real number in an interval; ``low_open``/``high_open`` exclude the end points."""
+
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+
+    def ok(self, value: Any) -> bool:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return False
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def describe(self) -> str:
+        if self.high == math.inf:
+            return f"a number {'>' if self.low_open else '>='} {self.low:g}"
+        if self.low == -math.inf:
+            return f"a number {'<' if self.high_open else '<='} {self.high:g}"
+        lo = "(" if self.low_open else "["
+        hi = ")" if self.high_open else "]"
+        return f"a number in {lo}{self.low:g}, {self.high:g}{hi}"
+
+    def counterexample(self) -> Any:
+        if self.low != -math.inf:
+            return self.low if self.low_open else self.low - 1.0
+        if self.high != math.inf:
+            return self.high if self.high_open else self.high + 1.0
+        return "not a number"
+
+
+@dataclass(frozen=True)
+class Bool(Check):
+    def ok(self, value: Any) -> bool:
+        return isinstance(value, bool)
+
+    def describe(self) -> str:
+        return "true or false"
+
+    def counterexample(self) -> Any:
+        return "yes"
+
+
+@dataclass(frozen=True)
+class OneOf(Check):
+    """Exactly one of ``options`` (compared with ``==``)."""
+
+    options: tuple[Any, ...]
+
+    def ok(self, value: Any) -> bool:
+        return any(value == option and type(value) is type(option) for option in self.options)
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(repr(o) for o in self.options)
+
+    def counterexample(self) -> Any:
+        return "__not_an_option__"
+
+
+@dataclass(frozen=True)
+class Instance(Check):
+    """An instance of one of ``types`` (used for initialiser objects)."""
+
+    types: tuple[type, ...]
+
+    def ok(self, value: Any) -> bool:
+        return isinstance(value, self.types)
+
+    def describe(self) -> str:
+        return "one of " + ", ".join(t.__name__ for t in self.types)
+
+    def counterexample(self) -> Any:
+        return "__not_an_initialiser__"
+
+
+def param(default: Any, check: Check, help: str) -> Any:  # noqa: A002 - "help" is the natural name
+    """Declare a config field with its constraint and one-line help."""
+    return dataclasses.field(default=default, metadata={"check": check, "help": help})
+
+
+def validate(config: Any) -> None:
+    """Check every field of a config dataclass against its declared :class:`Check`.
+
+    Raises:
+        ValueError: ``"<Class>.<field> must be <constraint>, got <value>"``.
+    """
+    for f in dataclasses.fields(config):
+        check = f.metadata.get("check")
+        value = getattr(config, f.name)
+        if isinstance(check, Check) and not check.ok(value):
+            raise ValueError(
+                f"{type(config).__name__}.{f.name} must be {check.describe()}, got {value!r}"
+            )
+
+
+def field_table(cls: type) -> list[dict[str, Any]]:
+    """The fields of a config class as plain data: name, default, constraint, help."""
+    rows: list[dict[str, Any]] = []
+    for f in dataclasses.fields(cls):
+        check = f.metadata.get("check")
+        rows.append(
+            {
+                "name": f.name,
+                "default": to_jsonable(f.default),
+                "constraint": check.describe() if isinstance(check, Check) else "",
+                "help": f.metadata.get("help", ""),
+            }
+        )
+    return rows
+
+
+# Initialiser objects and other nested config values serialise as {"type": name, **fields}.
+COMPONENTS: dict[str, type] = {}
+
+
+def component(name: str) -> Any:
+    """Class decorator: make a frozen dataclass usable as a serialisable config value."""
+
+    def deco(cls: type) -> type:
+        if name in COMPONENTS and COMPONENTS[name] is not cls:
+            raise ValueError(f"component name {name!r} is already registered")
+        COMPONENTS[name] = cls
+        cls.component_name = name  # type: ignore[attr-defined]
+        return cls
+
+    return deco
+
+
+def to_jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        name = getattr(type(value), "component_name", None)
+        if name is None:
+            raise ValueError(f"{type(value).__name__} is not a registered config component")
+        out: dict[str, Any] = {"type": name}
+        for f in dataclasses.fields(value):
+            out[f.name] = to_jsonable(getattr(value, f.name))
+        return out
+    if isinstance(value, tuple):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+def from_jsonable(value: Any, where: str) -> Any:
+    if isinstance(value, Mapping) and "type" in value:
+        name = value["type"]
+        cls = COMPONENTS.get(name)
+        if cls is None:
+            raise ValueError(f"{where}: unknown component type {name!r}; known: {sorted(COMPONENTS)}")
+        kwargs = {k: from_jsonable(v, f"{where}.{k}") for k, v in value.items() if k != "type"}
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(kwargs) - names)
+        if unknown:
+            raise ValueError(f"{where}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
+        return cls(**kwargs)
+    return value

@@ -1,0 +1,443 @@
+"""Adapter files: ``adapter_config.json`` + ``adapter.safetensors``, and PEFT's format at the boundary.
+
+Only JSON and safetensors are ever read: nothing is unpickled. Writes go to a temporary folder that
+is renamed into place, so a crash never leaves a half-written adapter. Loading checks the format
+version, the method and its fields, the base model's fingerprint (class and shape of every adapted
+module), and every tensor's name and shape, and names whatever is missing, extra or mismatched.
+
+Example:
+    >>> import tempfile, torch
+    >>> from torch import nn
+    >>> from deltatune import LoRA, inject, save, load
+    >>> net = nn.Sequential(nn.Linear(8, 8))
+    >>> _ = inject(net, LoRA(rank=2), targets=["0"])
+    >>> folder = tempfile.mkdtemp()
+    >>> save(net, folder)
+    >>> fresh = nn.Sequential(nn.Linear(8, 8))
+    >>> fresh[0].load_state_dict(net[0].base.state_dict())
+    <All keys matched>
+    >>> _ = load(fresh, folder)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from . import core
+from .fields import from_jsonable, to_jsonable
+from .targets import module_kind
+
+FORMAT_VERSION = 1
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter.safetensors"
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+
+
+def fingerprint(model: nn.Module, paths: list[str] | tuple[str, ...]) -> dict[str, list[Any]]:
+    """path -> [class name, weight shape] of each module (seen through deltatune wrappers)."""
+    modules = core._base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
+    out: dict[str, list[Any]] = {}
+    for path in paths:
+        module = modules.get(path)
+        if module is None:
+            out[path] = ["<missing>", []]
+            continue
+        weight = getattr(module, "weight", None)
+        shape = list(weight.shape) if isinstance(weight, torch.Tensor) else []
+        out[path] = [type(module).__name__, shape]
+    return out
+
+
+def _atomic_write_dir(folder: Path, files: Mapping[str, Any]) -> None:
+    """Write ``files`` (name -> writer(path)) into ``folder`` all at once."""
+    folder = folder.resolve()
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        for name, writer in files.items():
+            writer(tmp / name)
+        if folder.exists():
+            if not folder.is_dir():
+                raise ValueError(f"save: {folder} exists and is not a folder")
+            # Only our own files are replaced; other files in the folder are kept.
+            for name in files:
+                os.replace(tmp / name, folder / name)
+            shutil.rmtree(tmp)
+        else:
+            os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_json(data: Mapping[str, Any]) -> Any:
+    def write(path: Path) -> None:
+        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+    return write
+
+
+def _write_tensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Any:
+    def write(path: Path) -> None:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+
+    return write
+
+
+def save(model: nn.Module, folder: str | os.PathLike[str], adapter: str | None = None) -> Path:
+    """Save one adapter (default: the first active one) to ``folder``.
+
+    Returns:
+        The folder, holding ``adapter_config.json`` and ``adapter.safetensors`` (no base weights).
+    """
+    att = core.attachment_of(model)
+    name = adapter if adapter is not None else (att.active[0] if att.active else next(iter(att.adapters)))
+    info = att.info(name)
+    config = {
+        "format_version": FORMAT_VERSION,
+        "library": "deltatune",
+        "adapter_name": name,
+        "method": type(info.method).name,
+        "config": core.method_fields(info.method),
+        "targets": list(info.targets),
+        "overrides": {k: {f: to_jsonable(v) for f, v in vals.items()} for k, vals in info.overrides.items()},
+        "modules_to_save": list(info.modules_to_save),
+        "seed": info.seed,
+        "fingerprint": fingerprint(model, [*info.targets, *info.modules_to_save]),
+    }
+    state = core.adapter_state(model, name)
+    folder = Path(folder)
+    _atomic_write_dir(folder, {CONFIG_NAME: _write_json(config), WEIGHTS_NAME: _write_tensors(state)})
+    return folder
+
+
+def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read and check ``adapter_config.json`` (format version, required keys)."""
+    path = Path(folder) / CONFIG_NAME
+    if not path.is_file():
+        raise ValueError(f"{folder}: no {CONFIG_NAME} (is this a deltatune adapter folder?)")
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object")
+    if "peft_type" in config and "format_version" not in config:
+        raise ValueError(f"{folder} is a PEFT adapter; use deltatune.import_peft(model, folder)")
+    version = config.get("format_version")
+    if not isinstance(version, int):
+        raise ValueError(f"{path}: format_version missing or not an integer")
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {version} is newer than this deltatune reads ({FORMAT_VERSION}); "
+            "upgrade deltatune"
+        )
+    required = {"method": str, "config": dict, "targets": list, "fingerprint": dict}
+    for key, typ in required.items():
+        if not isinstance(config.get(key), typ):
+            raise ValueError(f"{path}: {key!r} missing or not a {typ.__name__}")
+    known = {"format_version", "library", "adapter_name", "method", "config", "targets", "overrides",
+             "modules_to_save", "seed", "fingerprint"}
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}")
+    return config
+
+
+def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; a truncated or corrupted file is a ``ValueError`` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
+
+
+def check_state(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raise naming every missing, extra and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    shapes = sorted(
+        f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(found)
+        if tuple(found[k].shape) != tuple(expected[k].shape)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {_few(missing)}")
+    if extra:
+        problems.append(f"unexpected tensors {_few(extra)}")
+    if shapes:
+        problems.append(f"mismatched shapes {_few(shapes)}")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+
+
+def _few(items: list[str], n: int = 6) -> str:
+    shown = ", ".join(items[:n])
+    return f"[{shown}{', ...' if len(items) > n else ''}] ({len(items)} in all)"
+
+
+def _check_fingerprint(model: nn.Module, expected: Mapping[str, Any], where: str) -> None:
+    here = fingerprint(model, list(expected))
+    bad = [
+        f"{p}: adapter has {expected[p][0]}{tuple(expected[p][1])}, model has {here[p][0]}{tuple(here[p][1])}"
+        for p in expected
+        if [here[p][0], list(here[p][1])] != [expected[p][0], list(expected[p][1])]
+    ]
+    if bad:
+        raise ValueError(f"{where} was made for a different base model: {_few(bad, 4)}")
+
+
+def load(
+    model: nn.Module,
+    folder: str | os.PathLike[str],
+    *,
+    name: str | None = None,
+    trainable: bool = False,
+    activate: bool = True,
+) -> core.Attachment:
+    """Inject the adapter saved in ``folder`` into ``model`` and load its tensors.
+
+    Args:
+        name: the adapter's name on this model (default: the name it was saved under).
+        trainable: leave the loaded adapter's parameters trainable (default: frozen, for inference).
+
+    Raises:
+        ValueError: wrong format, unknown method or field, different base model, missing, extra
+            or mis-shaped tensors, corrupted file. The model is left as it was.
+    """
+    config = read_config(folder)
+    where = str(Path(folder))
+    method = core.method_from_config(config["method"], config["config"])
+    _check_fingerprint(model, config["fingerprint"], where)
+    tensors = read_tensors(Path(folder) / WEIGHTS_NAME)
+    name = name if name is not None else str(config.get("adapter_name", "default"))
+    att = core.inject(
+        model,
+        method,
+        targets=list(config["targets"]),
+        name=name,
+        overrides={
+            k: {f: from_jsonable(v, f"overrides[{k!r}].{f}") for f, v in vals.items()}
+            for k, vals in (config.get("overrides") or {}).items()
+        },
+        modules_to_save=list(config.get("modules_to_save") or []),
+        seed=int(config.get("seed", 0)),
+        activate=activate,
+    )
+    try:
+        load_state(model, name, tensors, where)
+    except BaseException:
+        core.delete_adapter(model, name)
+        raise
+    if not trainable:
+        for p in att.adapters[name].trainable:
+            p.requires_grad_(False)
+    return att
+
+
+def load_state(model: nn.Module, name: str, tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Copy ``tensors`` (as written by :func:`core.adapter_state`) into adapter ``name``."""
+    att = core.attachment_of(model)
+    check_state(core.adapter_state(model, name), tensors, where)
+    by_owner: dict[str, dict[str, torch.Tensor]] = {}
+    owners = {**att.layers(name)}
+    shared = att.shared(name)
+    if shared is not None:
+        owners[core.SHARED_ATTR] = shared
+    for key, value in tensors.items():
+        owner = max((p for p in owners if key.startswith(p + ".")), key=len)
+        by_owner.setdefault(owner, {})[key[len(owner) + 1:]] = value
+    for owner, state in by_owner.items():
+        module = owners[owner]
+        import_state = getattr(module, "import_state", None)
+        if import_state is not None:
+            import_state(state)
+        else:
+            module.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# PEFT's LoRA format
+# ----------------------------------------------------------------------------------------------
+
+_PEFT_LORA_UNSUPPORTED = {
+    "use_dora": False,
+    "bias": "none",
+    "lora_bias": False,
+    "use_qalora": False,
+}
+
+
+def import_peft(
+    model: nn.Module, folder: str | os.PathLike[str], *, name: str = "default", trainable: bool = False
+) -> core.Attachment:
+    """Load a LoRA adapter saved by PEFT (``adapter_model.safetensors`` + ``adapter_config.json``).
+
+    The targets come from the tensors in the file (so PEFT's suffix/regex matching rules never need
+    re-implementing); rank and alpha per module from the tensor shapes and PEFT's ``alpha_pattern``.
+    """
+    from .methods.lora import LoRA
+
+    folder = Path(folder)
+    cfg_path = folder / PEFT_CONFIG_NAME
+    if not cfg_path.is_file():
+        raise ValueError(f"{folder}: no {PEFT_CONFIG_NAME}")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported; only 'LORA' is")
+    for key, default in _PEFT_LORA_UNSUPPORTED.items():
+        if cfg.get(key, default) not in (default, None):
+            raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} is not supported by import_peft")
+    weights = folder / PEFT_WEIGHTS_NAME
+    if not weights.is_file():
+        raise ValueError(f"{folder}: no {PEFT_WEIGHTS_NAME} (only safetensors adapters are read)")
+    raw = read_tensors(weights)
+    ours: dict[str, torch.Tensor] = {}
+    lora_paths: dict[str, int] = {}
+    save_paths: list[str] = []
+    for key, value in raw.items():
+        if not key.startswith(PEFT_PREFIX):
+            raise ValueError(f"{weights}: unexpected tensor {key!r} (expected the {PEFT_PREFIX!r} prefix)")
+        rest = key[len(PEFT_PREFIX):]
+        for peft_suffix, our_suffix, rank_dim in (
+            (".lora_A.weight", ".lora_A", 0),
+            (".lora_B.weight", ".lora_B", 1),
+            (".lora_embedding_A", ".lora_A", 0),
+            (".lora_embedding_B", ".lora_B", 1),
+        ):
+            if rest.endswith(peft_suffix):
+                path = rest[: -len(peft_suffix)]
+                ours[path + our_suffix] = value
+                if our_suffix == ".lora_A":
+                    lora_paths[path] = int(value.shape[rank_dim])
+                break
+        else:
+            save_paths.append(rest)
+    if not lora_paths:
+        raise ValueError(f"{weights}: holds no LoRA tensors")
+    # Tensors of modules_to_save arrive as "<module path>.<param>" (PEFT strips its wrapper).
+    msave = list(cfg.get("modules_to_save") or [])
+    modules = core._base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
+    save_modules: list[str] = []
+    for rest in save_paths:
+        owner = max((p for p in modules if rest.startswith(p + ".") and any(
+            p == m or p.endswith("." + m) for m in msave)), key=len, default=None)
+        if owner is None:
+            raise ValueError(f"{weights}: tensor {rest!r} is neither LoRA nor part of modules_to_save {msave}")
+        if owner not in save_modules:
+            save_modules.append(owner)
+        ours[f"{owner}.module.{rest[len(owner) + 1:]}"] = raw[PEFT_PREFIX + rest]
+    r = int(cfg.get("r", 8))
+    alpha = float(cfg.get("lora_alpha", 8))
+    rslora = bool(cfg.get("use_rslora", False))
+    method = LoRA(rank=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), rank_stabilized=rslora)
+    alpha_pattern: dict[str, float] = cfg.get("alpha_pattern") or {}
+    overrides: dict[str, dict[str, Any]] = {}
+    for path, rank in lora_paths.items():
+        a = alpha
+        for pat, val in alpha_pattern.items():
+            if re.match(rf"(.*\.)?({pat})$", path):
+                a = float(val)
+        if rank != r or a != alpha:
+            overrides[path] = {"rank": rank, "alpha": a}
+    targets = [p for p in modules if p in lora_paths]
+    missing = sorted(set(lora_paths) - set(targets))
+    if missing:
+        raise ValueError(f"{weights}: the model has no module(s) {_few(missing)}; was it saved for another model?")
+    att = core.inject(model, method, targets=targets, name=name, overrides=overrides,
+                      modules_to_save=save_modules)
+    try:
+        load_state(model, name, ours, str(weights))
+    except BaseException:
+        core.delete_adapter(model, name)
+        raise
+    if not trainable:
+        for p in att.adapters[name].trainable:
+            p.requires_grad_(False)
+    return att
+
+
+def export_peft(
+    model: nn.Module,
+    folder: str | os.PathLike[str],
+    adapter: str | None = None,
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write a LoRA adapter in PEFT's format so that ``peft.PeftModel.from_pretrained`` loads it."""
+    from .methods.lora import KaimingUniform, LoRA
+
+    att = core.attachment_of(model)
+    name = adapter if adapter is not None else (att.active[0] if att.active else next(iter(att.adapters)))
+    info = att.info(name)
+    method = info.method
+    if not isinstance(method, LoRA):
+        raise ValueError(f"export_peft: only LoRA adapters can be exported, {name!r} is {type(method).__name__}")
+    tensors: dict[str, torch.Tensor] = {}
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for path, layer in att.layers(name).items():
+        if isinstance(layer, core.ModuleCopy):
+            for k, v in layer.module.state_dict().items():
+                tensors[f"{PEFT_PREFIX}{path}.{k}"] = v
+            continue
+        cfg = info.configs[path]
+        if type(cfg.init) is not KaimingUniform and cfg.init.__class__.__name__ != "Gaussian":
+            raise ValueError(f"export_peft: {path!r} uses initialiser {type(cfg.init).__name__}, which PEFT cannot load")
+        if cfg.rank_stabilized != method.rank_stabilized:
+            raise ValueError(f"export_peft: {path!r} overrides rank_stabilized, which PEFT cannot express")
+        kind = module_kind(att.wrappers[path].base)
+        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+        tensors[f"{PEFT_PREFIX}{path}.{a_key}"] = layer.lora_A
+        tensors[f"{PEFT_PREFIX}{path}.{b_key}"] = layer.lora_B
+        if cfg.rank != method.rank:
+            rank_pattern["^" + re.escape(path) + "$"] = cfg.rank
+        if cfg.alpha != method.alpha:
+            alpha_pattern["^" + re.escape(path) + "$"] = cfg.alpha
+    fan_in_fan_out = any(module_kind(att.wrappers[p].base) == "conv1d" for p in info.targets)
+    config = {
+        "peft_type": "LORA",
+        "task_type": task_type,
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": method.rank,
+        "lora_alpha": method.alpha,
+        "lora_dropout": method.dropout,
+        "use_rslora": method.rank_stabilized,
+        "target_modules": sorted(info.targets),
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "modules_to_save": list(info.modules_to_save) or None,
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+        "init_lora_weights": True,
+        "inference_mode": True,
+        "use_dora": False,
+    }
+    folder = Path(folder)
+    _atomic_write_dir(
+        folder,
+        {
+            PEFT_CONFIG_NAME: _write_json(config),
+            PEFT_WEIGHTS_NAME: _write_tensors(tensors, metadata={"format": "pt"}),
+        },
+    )
+    return folder

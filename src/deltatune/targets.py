@@ -1,0 +1,209 @@
+"""Choosing which modules to adapt: by name, suffix, regex, module type or layer index.
+
+A target specification is any of
+
+* ``"all-linear"``: every linear layer (``nn.Linear`` or GPT-2 ``Conv1D``) except the output head;
+* a string: an exact module path (``"encoder.layer.0.attention.self.query"``) or a dotted suffix of
+  one (``"query"``, ``"self.query"``);
+* a compiled regex (``re.compile(r".*\\.(query|value)")``): matched against the whole path;
+* a module class (``nn.Linear``): every module of that class;
+* a :class:`Target`: several constraints that must all hold (e.g. names *and* layer indices);
+* a list of the above: the union.
+
+Example:
+    >>> import torch.nn as nn
+    >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> resolve(net, ["0"])
+    ['0']
+    >>> resolve(net, Target(types=(nn.Linear,), layers=(2,)))
+    ['2']
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Union
+
+import torch
+from torch import nn
+
+ALL_LINEAR = "all-linear"
+
+# Names under which transformers models keep their output heads; "all-linear" leaves these out.
+HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "output_projection")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A conjunction of constraints on a module path.
+
+    Args:
+        names: exact paths or dotted suffixes (any of them).
+        pattern: a regex that must match the whole path.
+        types: module classes (any of them).
+        layers: layer indices: the first integer component of the path (``encoder.layer.3.x`` -> 3).
+        exclude: exact paths or suffixes to leave out.
+    """
+
+    names: tuple[str, ...] = ()
+    pattern: str | None = None
+    types: tuple[type, ...] = ()
+    layers: tuple[int, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+
+TargetSpec = Union[str, "re.Pattern[str]", type, Target, Sequence[Union[str, "re.Pattern[str]", type, Target]]]
+
+
+def module_kind(module: nn.Module) -> str | None:
+    """``"linear"``, ``"conv1d"`` (GPT-2's transposed linear), ``"embedding"`` or None."""
+    if isinstance(module, nn.Linear):
+        return "linear"
+    if isinstance(module, nn.Embedding):
+        return "embedding"
+    if is_conv1d(module):
+        return "conv1d"
+    return None
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """True for transformers' GPT-2 ``Conv1D`` (weight stored as (in, out))."""
+    # transformers is only imported when the model already uses it.
+    tf = sys.modules.get("transformers.pytorch_utils")
+    if tf is not None and isinstance(module, tf.Conv1D):
+        return True
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "weight")
+
+
+def shape_of(module: nn.Module) -> tuple[int, int]:
+    """(in_features, out_features) of a linear-like module; (num_embeddings, dim) of an embedding."""
+    kind = module_kind(module)
+    weight = module.weight
+    if not isinstance(weight, torch.Tensor):
+        raise ValueError(f"{type(module).__name__} has no weight tensor")
+    if kind == "linear":
+        return int(weight.shape[1]), int(weight.shape[0])
+    if kind in ("conv1d", "embedding"):
+        return int(weight.shape[0]), int(weight.shape[1])
+    raise ValueError(f"{type(module).__name__} is not a linear, Conv1D or embedding module")
+
+
+def layer_index(path: str) -> int | None:
+    for part in path.split("."):
+        if part.isdigit():
+            return int(part)
+    return None
+
+
+def _name_matches(path: str, name: str) -> bool:
+    return path == name or path.endswith("." + name)
+
+
+def _head_paths(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
+    heads: set[str] = set()
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out = get_out()
+        except (NotImplementedError, AttributeError):
+            out = None
+        if isinstance(out, nn.Module):
+            heads.update(p for p, m in modules.items() if m is out)
+    for path in modules:
+        top = path.split(".")[0]
+        if top in HEAD_NAMES:
+            heads.add(path)
+    return heads
+
+
+def _matches(path: str, module: nn.Module, spec: object, heads: set[str]) -> bool:
+    if isinstance(spec, str):
+        if spec == ALL_LINEAR:
+            return module_kind(module) in ("linear", "conv1d") and path not in heads
+        return _name_matches(path, spec)
+    if isinstance(spec, re.Pattern):
+        return spec.fullmatch(path) is not None
+    if isinstance(spec, type):
+        return isinstance(module, spec)
+    if isinstance(spec, Target):
+        if spec.names and not any(_name_matches(path, n) for n in spec.names):
+            return False
+        if spec.pattern is not None and re.fullmatch(spec.pattern, path) is None:
+            return False
+        if spec.types and not isinstance(module, spec.types):
+            return False
+        if spec.layers and layer_index(path) not in spec.layers:
+            return False
+        return not any(_name_matches(path, n) for n in spec.exclude)
+    raise ValueError(
+        f"targets: cannot use {spec!r} ({type(spec).__name__}); give a module name, a regex, "
+        "a module class, a Target or 'all-linear'"
+    )
+
+
+def _as_list(spec: TargetSpec) -> list[object]:
+    if isinstance(spec, (str, re.Pattern, type, Target)):
+        return [spec]
+    if isinstance(spec, Iterable):
+        items = list(spec)
+        if not items:
+            raise ValueError("targets must name at least one module, got an empty list")
+        return items
+    raise ValueError(f"targets: cannot use {spec!r}")
+
+
+def resolve(
+    model: nn.Module,
+    spec: TargetSpec,
+    modules: dict[str, nn.Module] | None = None,
+) -> list[str]:
+    """Paths of the modules that ``spec`` selects, in model order.
+
+    Raises:
+        ValueError: if one of the specs matches nothing; the message lists the closest names.
+    """
+    if modules is None:
+        modules = dict(model.named_modules())
+    modules = {p: m for p, m in modules.items() if p}
+    heads = _head_paths(model, modules)
+    chosen: set[str] = set()
+    for item in _as_list(spec):
+        hits = {p for p, m in modules.items() if _matches(p, m, item, heads)}
+        if not hits:
+            raise ValueError(f"target {_show(item)} matched no module; {_suggest(item, modules)}")
+        chosen |= hits
+    return [p for p in modules if p in chosen]
+
+
+def _show(item: object) -> str:
+    if isinstance(item, re.Pattern):
+        return f"re.compile({item.pattern!r})"
+    if isinstance(item, type):
+        return item.__name__
+    return repr(item)
+
+
+def _suggest(item: object, modules: dict[str, nn.Module]) -> str:
+    leaves = sorted({p.split(".")[-1] for p in modules})
+    probe = ""
+    if isinstance(item, str):
+        probe = item.split(".")[-1]
+    elif isinstance(item, re.Pattern):
+        probe = item.pattern
+    elif isinstance(item, Target) and item.names:
+        probe = item.names[0].split(".")[-1]
+    close = difflib.get_close_matches(probe, leaves, n=5, cutoff=0.5) if probe else []
+    if close:
+        return "close module names: " + ", ".join(close)
+    sample = list(modules)[:8]
+    return "modules include: " + ", ".join(sample) + (" ..." if len(modules) > 8 else "")
+
+
+def iter_paths(model: nn.Module) -> Iterator[str]:
+    for path, _ in model.named_modules():
+        if path:
+            yield path
