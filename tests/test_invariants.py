@@ -1,0 +1,337 @@
+"""The invariants of DESIGN.md, over every registered method x every toy model.
+
+This file names no method: a method joins by registering. What differs between methods is read
+from their declared capabilities (``mergeable``, ``identity_at_init``, ``weight_space``,
+``supports_mixed_batch``, ``layer_types``) and from the constraints declared on their fields.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import deltatune as dt
+from deltatune.core import REGISTRY, Adapted, attachment_of, merged_linear
+from deltatune.fields import Check
+from deltatune.targets import module_kind
+from toy_models import TOYS, Toy
+
+METHODS = sorted(REGISTRY.items())
+CASES = [pytest.param(cls, toy, id=f"{name}-{toy.name}") for name, cls in METHODS for toy in TOYS]
+
+
+def supported_targets(cls: type, model: nn.Module) -> list[str]:
+    return [p for p, m in model.named_modules() if p and module_kind(m) in cls.layer_types]
+
+
+def setup(cls: type, toy: Toy, seed: int = 0, **kw: Any) -> tuple[nn.Module, list[str]]:
+    model = toy.build()
+    saved = kw.get("modules_to_save", ())
+    paths = [p for p in supported_targets(cls, model) if p not in saved]
+    if not paths:
+        pytest.skip(f"{cls.__name__} supports none of {toy.name}'s module types")
+    dt.inject(model, cls(), targets=paths, seed=seed, **kw)
+    return model, paths
+
+
+def perturb(model: nn.Module, seed: int = 7) -> None:
+    """Move every adapter parameter away from its init, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in dt.trainable_parameters(model):
+            p.add_(0.1 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+
+
+def x_for(toy: Toy, seed: int = 0) -> torch.Tensor:
+    return toy.inputs(torch.Generator().manual_seed(seed))
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.allclose(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_identity_at_init(cls: type, toy: Toy) -> None:
+    x = x_for(toy)
+    expected = toy.build()(x)
+    model, _ = setup(cls, toy)
+    out = model(x)
+    if cls.identity_at_init:
+        assert torch.equal(out, expected)
+    else:
+        # Not exactly the base, but a small step away from it.
+        assert (out - expected).abs().max() < 0.1 * expected.abs().max()
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_disabled_gives_base_and_restores(cls: type, toy: Toy) -> None:
+    x = x_for(toy)
+    base_out = toy.build()(x)
+    model, _ = setup(cls, toy)
+    perturb(model)
+    adapted = model(x)
+    assert not torch.allclose(adapted, base_out)
+    with dt.disabled(model):
+        assert torch.equal(model(x), base_out)
+        with dt.disabled(model):
+            assert torch.equal(model(x), base_out)
+        assert torch.equal(model(x), base_out)  # the inner block restored "disabled", not "enabled"
+    assert torch.equal(model(x), adapted)
+    with pytest.raises(RuntimeError, match="boom"), dt.disabled(model):
+        raise RuntimeError("boom")
+    assert torch.equal(model(x), adapted)
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_only_adapter_trains(cls: type, toy: Toy) -> None:
+    model, _ = setup(cls, toy)
+    trainable = dt.trainable_parameters(model)
+    assert trainable
+    requiring = {id(p) for p in model.parameters() if p.requires_grad}
+    assert requiring == {id(p) for p in trainable}
+    base_before = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." not in k}
+    adapter_before = [p.detach().clone() for p in trainable]
+    opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
+    for step in range(2):
+        out = model(x_for(toy, step))
+        loss = out.float().pow(2).mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    after = model.state_dict()
+    for k, v in base_before.items():
+        assert torch.equal(after[k], v), f"base tensor {k} changed"
+    assert any(not torch.equal(p, q) for p, q in zip(trainable, adapter_before, strict=True))
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_merge(cls: type, toy: Toy) -> None:
+    x = x_for(toy)
+    model, _ = setup(cls, toy)
+    perturb(model)
+    if not cls.mergeable:
+        with pytest.raises(ValueError, match="not mergeable"):
+            dt.merge(model)
+        return
+    expected = model(x)
+    merged = dt.merge(model)
+    assert not any(isinstance(m, Adapted) for m in merged.modules())
+    assert not dt.has_adapters(merged)
+    assert close(merged(x), expected)
+    with pytest.raises(ValueError, match="no deltatune adapters"):
+        dt.merge(merged)
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_forward_matches_delta_weight(cls: type, toy: Toy) -> None:
+    if not cls.weight_space:
+        pytest.skip("not a weight-space method")
+    model, _ = setup(cls, toy)
+    perturb(model)
+    att = attachment_of(model)
+    seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = [
+        w.register_forward_hook(lambda m, a, out, path=path: seen.__setitem__(path, (a[0], out)))
+        for path, w in att.wrappers.items()
+    ]
+    model(x_for(toy))
+    for h in hooks:
+        h.remove()
+    assert set(seen) == set(att.wrappers)
+    for path, (inp, out) in seen.items():
+        wrapper = att.wrappers[path]
+        layer = wrapper.adapters["default"]
+        reference = merged_linear(wrapper.base, layer.delta_weight())
+        assert close(out, reference(inp)), path
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_unload_restores_exactly(cls: type, toy: Toy) -> None:
+    x = x_for(toy)
+    model = toy.build()
+    original_modules = dict(model.named_modules())
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    expected = model(x)
+    paths = supported_targets(cls, model)
+    if not paths:
+        pytest.skip("no supported module")
+    dt.inject(model, cls(), targets=paths)
+    perturb(model)
+    dt.unload(model)
+    assert dict(model.named_modules()).keys() == original_modules.keys()
+    for name, module in model.named_modules():
+        assert module is original_modules[name]
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert torch.equal(model(x), expected)
+    assert not dt.has_adapters(model)
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_save_load_roundtrip_and_closed_form(cls: type, toy: Toy, tmp_path: Path) -> None:
+    x = x_for(toy)
+    model, _ = setup(cls, toy, modules_to_save=[toy.head] if toy.head else ())
+    perturb(model)
+    expected = model(x)
+    dt.save(model, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter.safetensors", "adapter_config.json"]
+
+    tensors = load_file(str(tmp_path / "adapter.safetensors"))
+    assert not any(".base." in k for k in tensors)
+    att = attachment_of(model)
+    trainable, stored_bytes = att.closed_form("default")
+    assert sum(p.numel() for p in dt.trainable_parameters(model)) == trainable
+    assert sum(t.numel() * t.element_size() for t in tensors.values()) == stored_bytes
+    assert dt.parameter_report(model).stored_bytes == stored_bytes
+    # No base weight is in the file: the stored bytes are exactly the adapter's.
+    base_values = {v.detach().numpy().tobytes() for k, v in model.state_dict().items() if ".adapters." not in k}
+    assert not any(t.numpy().tobytes() in base_values for t in tensors.values() if t.numel() > 4)
+
+    fresh = toy.build()
+    dt.load(fresh, tmp_path)
+    assert torch.equal(fresh(x), expected)
+    assert not any(p.requires_grad for p in fresh.parameters())
+    trained_again = toy.build()
+    dt.load(trained_again, tmp_path, trainable=True)
+    assert {id(p) for p in trained_again.parameters() if p.requires_grad} == {
+        id(p) for p in dt.trainable_parameters(trained_again)
+    }
+    assert len(dt.trainable_parameters(trained_again)) > 0
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_bad_config_fields_name_the_field(cls: type, toy: Toy) -> None:
+    for f in dataclasses.fields(cls):
+        check = f.metadata.get("check")
+        assert isinstance(check, Check), f"{cls.__name__}.{f.name} declares no constraint"
+        with pytest.raises(ValueError, match=rf"{cls.__name__}\.{f.name} must be"):
+            cls(**{f.name: check.counterexample()})
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_bad_targets_name_the_module(cls: type, toy: Toy) -> None:
+    model = toy.build()
+    with pytest.raises(ValueError, match="'no_such_module' matched no module"):
+        dt.inject(model, cls(), targets=["no_such_module"])
+    unsupported = [p for p, m in model.named_modules() if p and module_kind(m) not in cls.layer_types]
+    bad = next(p for p in unsupported if not list(model.get_submodule(p).children()))
+    with pytest.raises(ValueError, match=rf"'{bad}' is"):
+        dt.inject(model, cls(), targets=[bad])
+    assert not dt.has_adapters(model)  # a refused inject leaves no trace
+    paths = supported_targets(cls, model)
+    if paths:
+        dt.inject(model, cls(), targets=paths)
+        with pytest.raises(ValueError, match="already exists"):
+            dt.inject(model, cls(), targets=paths)
+        with pytest.raises(ValueError, match="unknown adapter 'nope'"):
+            dt.set_active(model, "nope")
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_seeded_init_leaves_global_rng_alone(cls: type, toy: Toy) -> None:
+    a, b, c = toy.build(), toy.build(), toy.build()
+    paths = supported_targets(cls, a)
+    if not paths:
+        pytest.skip("no supported module")
+    rng = torch.get_rng_state()
+    dt.inject(a, cls(), targets=paths, seed=3)
+    dt.inject(b, cls(), targets=paths, seed=3)
+    dt.inject(c, cls(), targets=paths, seed=4)
+    assert torch.equal(torch.get_rng_state(), rng)
+    sa, sb, sc = (dt.adapter_state(m, "default") for m in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert any(not torch.equal(sa[k], sc[k]) for k in sa)
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_named_adapters_switch_and_delete(cls: type, toy: Toy) -> None:
+    x = x_for(toy)
+    base_out = toy.build()(x)
+    model, paths = setup(cls, toy)
+    perturb(model, seed=1)
+    out_default = model(x)
+    dt.inject(model, cls(), targets=paths, name="second", seed=1)
+    perturb(model, seed=2)
+    out_second = model(x)
+    assert not torch.allclose(out_second, out_default)
+    dt.set_active(model, "default")
+    assert torch.equal(model(x), out_default)
+    assert {id(p) for p in model.parameters() if p.requires_grad} == {
+        id(p) for p in attachment_of(model).info("default").trainable
+    }
+    dt.delete_adapter(model, "default")
+    assert dt.attachment_of(model).active == ()
+    assert torch.equal(model(x), base_out)
+    dt.set_active(model, "second")
+    assert torch.equal(model(x), out_second)
+    dt.delete_adapter(model, "second")
+    assert not dt.has_adapters(model)
+    assert not any(isinstance(m, Adapted) for m in model.modules())
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_mixed_batch_routing(cls: type, toy: Toy) -> None:
+    x = x_for(toy)
+    model, paths = setup(cls, toy)
+    dt.inject(model, cls(), targets=paths, name="other", seed=5)
+    perturb(model, seed=3)
+    dt.set_active(model, "default")
+    perturb(model, seed=4)
+    names: list[str | None] = [["default", "other", None][i % 3] for i in range(x.shape[0])]
+    if not cls.supports_mixed_batch:
+        with pytest.raises(ValueError, match="route"), dt.route(model, names):
+            pass
+        return
+    dt.set_active(model, "default")
+    by_default = model(x)
+    dt.set_active(model, "other")
+    by_other = model(x)
+    with dt.disabled(model):
+        by_base = model(x)
+    with dt.route(model, names):
+        mixed = model(x)
+    expected = torch.stack(
+        [{"default": by_default, "other": by_other, None: by_base}[n][i] for i, n in enumerate(names)]
+    )
+    assert close(mixed, expected)
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_low_precision_base_keeps_fp32_adapter(cls: type, toy: Toy) -> None:
+    model = toy.build().to(torch.bfloat16)
+    paths = supported_targets(cls, model)
+    if not paths:
+        pytest.skip("no supported module")
+    x = x_for(toy)
+    x = x.to(torch.bfloat16) if x.is_floating_point() else x
+    expected = model(x)
+    dt.inject(model, cls(), targets=paths)
+    assert all(p.dtype == torch.float32 for p in dt.trainable_parameters(model))
+    out = model(x)
+    assert out.dtype == torch.bfloat16
+    if cls.identity_at_init:
+        assert torch.equal(out, expected)
+    perturb(model)
+    model(x).float().sum().backward()
+    assert all(p.grad is not None for p in dt.trainable_parameters(model))
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_config_round_trips_through_json(cls: type, toy: Toy, tmp_path: Path) -> None:
+    model, _ = setup(cls, toy)
+    dt.save(model, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["method"] == cls.name
+    rebuilt = dt.core.method_from_config(config["method"], config["config"])
+    assert rebuilt == cls()
+    config["config"]["no_such_field"] = 1
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no_such_field"):
+        dt.load(copy.deepcopy(toy.build()), tmp_path)

@@ -1,0 +1,124 @@
+"""Tiny models for the invariant suite: no downloads, deterministic weights, each forward < 1 ms."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+D = 16
+
+
+class MLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(D, 2 * D)
+        self.act = nn.ReLU()
+        self.fc2 = nn.Linear(2 * D, D)
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.fc2(self.act(self.fc1(x)))))
+
+
+class Attention(nn.Module):
+    """One pre-norm self-attention block with separate q/k/v/o projections (Llama/BERT style)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(D)
+        self.q_proj = nn.Linear(D, D)
+        self.k_proj = nn.Linear(D, D)
+        self.v_proj = nn.Linear(D, D)
+        self.o_proj = nn.Linear(D, D)
+        self.heads = 2
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, D)
+        b, t, _ = x.shape
+        h = self.norm(x)
+
+        def split(z: torch.Tensor) -> torch.Tensor:
+            return z.view(b, t, self.heads, D // self.heads).transpose(1, 2)  # (B, H, T, D/H)
+
+        q, k, v = split(self.q_proj(h)), split(self.k_proj(h)), split(self.v_proj(h))
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return x + self.o_proj(a.transpose(1, 2).reshape(b, t, D))
+
+
+class Blocks(nn.Module):
+    """Two attention blocks in a ModuleList, so layer indices mean something."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList([Attention(), Attention()])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+class EmbeddingModel(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(50, D, padding_idx=0)
+        self.norm = nn.LayerNorm(D)
+        self.proj = nn.Linear(D, D)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: (B, T)
+        return self.proj(self.norm(self.embed(ids))).mean(dim=1)
+
+
+class GPT2Style(nn.Module):
+    """GPT-2's fused c_attn / c_proj, stored (in, out) as transformers' Conv1D does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(D)
+        self.c_attn = Conv1D(3 * D, D)
+        self.c_proj = Conv1D(D, D)
+        self.c_fc = Conv1D(2 * D, D)
+        self.c_out = Conv1D(D, 2 * D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: (B, T, D)
+        q, k, v = self.c_attn(self.ln(x)).split(D, dim=-1)
+        att = torch.softmax(q @ k.transpose(-1, -2) / D**0.5, dim=-1)
+        x = x + self.c_proj(att @ v)
+        return x + self.c_out(torch.nn.functional.gelu(self.c_fc(x)))
+
+
+@dataclass(frozen=True)
+class Toy:
+    name: str
+    build: Callable[[], nn.Module]
+    inputs: Callable[[torch.Generator], torch.Tensor]
+    head: str | None  # a module that can go in modules_to_save
+
+
+def _seeded(cls: type[nn.Module]) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        with torch.random.fork_rng():
+            torch.manual_seed(1234)
+            model = cls()
+            # Non-zero biases everywhere so that nothing is accidentally symmetric.
+            for p in model.parameters():
+                p.data.add_(0.05 * torch.randn_like(p))
+        return model.eval()
+
+    return build
+
+
+def _float_input(shape: tuple[int, ...]) -> Callable[[torch.Generator], torch.Tensor]:
+    return lambda g: torch.randn(*shape, generator=g)
+
+
+TOYS = [
+    Toy("mlp", _seeded(MLP), _float_input((5, D)), "head"),
+    Toy("attention", _seeded(Blocks), _float_input((3, 6, D)), None),
+    Toy("embedding", _seeded(EmbeddingModel), lambda g: torch.randint(0, 50, (4, 7), generator=g), "proj"),
+    Toy("conv1d", _seeded(GPT2Style), _float_input((3, 5, D)), None),
+]
