@@ -290,3 +290,12 @@ def test_load_under_another_name_next_to_an_existing_adapter(saved: Path) -> Non
     dt.load(model, saved, name="loaded")
     assert attachment_of(model).active == ("loaded",)
     assert sorted(attachment_of(model).adapters) == ["default", "loaded"]
+
+
+def test_wrapper_exposes_base_attributes() -> None:
+    model = TOYS[0].build()
+    dt.inject(model, LoRA(rank=2), targets=["fc1"])
+    assert model.fc1.weight is model.fc1.base.weight
+    assert model.fc1.in_features == 16 and model.fc1.out_features == 32
+    with pytest.raises(AttributeError):
+        _ = model.fc1.no_such_attribute

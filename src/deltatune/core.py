@@ -208,6 +208,16 @@ class Adapted(nn.Module):
             out = out.index_add(0, rows, delta.to(out.dtype))
         return out
 
+    def __getattr__(self, name: str) -> Any:
+        # Model code often reads attributes of the module it calls (``self.wo.weight.dtype`` in T5,
+        # ``in_features``, GPT-2's ``nf``): answer those from the base, so wrapping changes nothing.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base", "adapters") or "base" not in self._modules:
+                raise
+            return getattr(self._modules["base"], name)
+
     def extra_repr(self) -> str:
         return f"adapters={list(self.adapters)}"
 

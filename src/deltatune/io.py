@@ -6,17 +6,19 @@ version, the method and its fields, the base model's fingerprint (class and shap
 module), and every tensor's name and shape, and names whatever is missing, extra or mismatched.
 
 Example:
-    >>> import tempfile, torch
+    >>> import copy, tempfile, torch
     >>> from torch import nn
     >>> from deltatune import LoRA, inject, save, load
     >>> net = nn.Sequential(nn.Linear(8, 8))
+    >>> fresh = copy.deepcopy(net)  # the same base model, loaded again elsewhere
     >>> _ = inject(net, LoRA(rank=2), targets=["0"])
-    >>> folder = tempfile.mkdtemp()
-    >>> save(net, folder)
-    >>> fresh = nn.Sequential(nn.Linear(8, 8))
-    >>> fresh[0].load_state_dict(net[0].base.state_dict())
-    <All keys matched>
+    >>> folder = save(net, tempfile.mkdtemp())
+    >>> sorted(p.name for p in folder.iterdir())
+    ['adapter.safetensors', 'adapter_config.json']
     >>> _ = load(fresh, folder)
+    >>> x = torch.randn(2, 8)
+    >>> torch.equal(fresh(x), net(x))
+    True
 """
 
 from __future__ import annotations
