@@ -299,3 +299,24 @@ def test_wrapper_exposes_base_attributes() -> None:
     assert model.fc1.in_features == 16 and model.fc1.out_features == 32
     with pytest.raises(AttributeError):
         _ = model.fc1.no_such_attribute
+
+
+def test_deepcopy_of_an_adapted_model_is_independent() -> None:
+    import copy
+
+    model = TOYS[0].build()
+    dt.inject(model, LoRA(rank=2), targets=["fc1"])
+    twin = copy.deepcopy(model)
+    x = torch.randn(2, 16)
+    assert torch.equal(twin(x), model(x))
+    with torch.no_grad():
+        for p in dt.trainable_parameters(twin):
+            p.add_(0.5)
+    assert not torch.equal(twin(x), model(x))
+    assert twin.fc1._switch is not model.fc1._switch  # the copy has its own switch
+    with dt.disabled(twin):
+        base = twin(x)
+        assert attachment_of(model).switch.enabled
+    dt.unload(model)
+    assert torch.equal(model(x), base)
+    assert dt.has_adapters(twin) and len(dt.trainable_parameters(twin)) == 2
