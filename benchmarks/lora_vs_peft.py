@@ -98,7 +98,9 @@ def median_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
@@ -137,7 +139,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             train[run.name].append(run.train_step(ids))
         for run in order:
             evals[run.name].append(run.eval_step(ids))
-        print(f"round {i + 1}/{args.rounds}: " + ", ".join(f"{r.name} {train[r.name][-1]:.2f}s" for r in runs))
+        print(
+            f"round {i + 1}/{args.rounds}: " + ", ".join(f"{r.name} {train[r.name][-1]:.2f}s" for r in runs)
+        )
     saved = {r.name: r.saved_bytes(ids) for r in runs}
 
     pairs: list[tuple[str, str]] = [("deltatune", "floor"), ("peft", "floor"), ("deltatune", "peft")]
