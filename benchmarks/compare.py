@@ -1,0 +1,235 @@
+"""Method comparison: several (method, config) rows on the same tasks, seed, data order and budget.
+
+Each row runs as its own ``deltatune train`` process, so its peak memory (RSS on CPU,
+``max_memory_allocated`` on GPU) is its own. The script writes ``results.json``, ``results.md``
+(one table) and ``scatter.png`` (main metric vs stored bytes) into ``--out``.
+
+    .venv/bin/python benchmarks/compare.py --preset cpu      # ~35 min on 2 CPU cores
+    .venv/bin/python benchmarks/compare.py --preset gpu      # bigger budgets, SmolLM2; needs a GPU
+    .venv/bin/python benchmarks/compare.py --preset smoke    # 2 minutes, to check the plumbing
+
+Times are wall-clock seconds of the training steps on a shared machine whose speed drifts by
+±30 % between runs: read them as rough costs, not as ratios (benchmarks/lora_vs_peft.py measures
+ratios properly, interleaved in one process).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class Row:
+    label: str
+    method: str
+    fields: dict[str, Any] = field(default_factory=dict)
+    options: dict[str, Any] = field(default_factory=dict)  # per-row training options, e.g. lr, targets
+
+
+LORA_QV = Row("LoRA r=8 (query, value)", "lora", {"rank": 8, "alpha": 16}, {"lr": 1e-3})
+LORA_ALL = Row(
+    "LoRA r=8 (all linear)", "lora", {"rank": 8, "alpha": 16}, {"lr": 1e-3, "targets": ["all-linear"]}
+)
+FULL = Row("full fine-tuning", "full", {}, {"lr": 5e-5, "head_lr": 1e-3})
+HEAD = Row("head only (linear probe)", "head", {}, {"lr": 1e-3})
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {
+        "model": "minilm",
+        "tasks": {
+            "sst2": {"steps": 150, "batch_size": 32, "max_length": 64},
+            "mrpc": {"steps": 150, "batch_size": 16, "max_length": 128},
+        },
+        "rows": [FULL, HEAD, LORA_QV, LORA_ALL],
+    },
+    "smoke": {
+        "model": "minilm",
+        "tasks": {
+            "sst2": {"steps": 4, "batch_size": 8, "max_length": 32, "train_limit": 64, "eval_limit": 64}
+        },
+        "rows": [FULL, LORA_QV],
+    },
+    "gpu": {
+        "model": "minilm",
+        "tasks": {
+            "sst2": {"steps": 2000, "batch_size": 32, "max_length": 64},
+            "mrpc": {"steps": 1000, "batch_size": 32, "max_length": 128},
+            "cola": {"steps": 1000, "batch_size": 32, "max_length": 64},
+        },
+        "rows": [FULL, HEAD, LORA_QV, LORA_ALL],
+        "extra": [
+            {
+                "model": "smollm2",
+                "tasks": {"gsm8k": {"steps": 500, "batch_size": 16, "max_length": 384, "eval_limit": 250}},
+                "rows": [
+                    Row(
+                        "LoRA r=16 (all linear)",
+                        "lora",
+                        {"rank": 16, "alpha": 32},
+                        {"lr": 2e-4, "targets": ["all-linear"]},
+                    ),
+                    Row("full fine-tuning", "full", {}, {"lr": 1e-5}),
+                ],
+            }
+        ],
+    },
+}
+
+
+def run_row(model: str, task: str, budget: dict[str, Any], row: Row, out: Path, seed: int) -> dict[str, Any]:
+    slug = re.sub(r"[^a-z0-9]+", "_", row.label.lower()).strip("_")
+    run_dir = out / "runs" / f"{model}-{task}-{slug}"
+    config = {
+        "model": model,
+        "task": task,
+        "method": row.method,
+        "method_fields": row.fields,
+        "seed": seed,
+        "out": str(run_dir),
+        "checkpoint_every": 0,
+        "resume": False,
+        **budget,
+        **row.options,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.json").write_text(json.dumps(config, indent=1))
+    cmd = [
+        sys.executable,
+        "-m",
+        "deltatune.cli",
+        "train",
+        "--config",
+        str(run_dir / "config.json"),
+        "--no-progress",
+    ]
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ})
+    if proc.returncode != 0:
+        raise RuntimeError(f"{row.label} on {task} failed:\n{proc.stderr[-3000:]}")
+    record = json.loads((run_dir / "metrics.json").read_text())
+    main = record["main_metric"]
+    return {
+        "task": task,
+        "model": model,
+        "method": row.label,
+        "method_name": row.method,
+        "trainable_parameters": record["trainable_parameters"],
+        "stored_bytes": record["stored_bytes"],
+        "main_metric": main,
+        "metric": round(record["metrics"][main], 2),
+        "metrics": {k: round(v, 4) for k, v in record["metrics"].items()},
+        "train_seconds": record["train_seconds"],
+        "peak_memory_MiB": round(record["peak_memory_bytes"] / 2**20),
+        "steps": budget["steps"],
+        "batch_size": budget["batch_size"],
+        "lr": row.options.get("lr"),
+        "wall_seconds": round(time.time() - started, 1),
+        "run": str(run_dir.relative_to(out)),
+    }
+
+
+def markdown(rows: list[dict[str, Any]], command: str) -> str:
+    lines = [
+        f"Made by `{command}` (seed 0; same data order and step budget for every row of a task).",
+        "",
+        "| task | model | method | trainable params | stored bytes | metric | value | train s | peak MiB |",
+        "|---|---|---|---:|---:|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        cells = [
+            r["task"],
+            r["model"],
+            r["method"],
+            f"{r['trainable_parameters']:,}",
+            f"{r['stored_bytes']:,}",
+            r["main_metric"],
+            f"{r['metric']:.2f}",
+            f"{r['train_seconds']:.0f}",
+            f"{r['peak_memory_MiB']:,}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def scatter(rows: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(dict.fromkeys(r["task"] for r in rows))
+    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), dpi=110, squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colors = {m: plt.get_cmap("tab10")(i % 10) for i, m in enumerate(methods)}
+    for ax, task in zip(axes[0], tasks, strict=True):
+        for r in (r for r in rows if r["task"] == task):
+            ax.scatter(r["stored_bytes"], r["metric"], s=60, color=colors[r["method"]], label=r["method"])
+        ax.set_xscale("log")
+        ax.set_xlabel("stored bytes (log scale)")
+        ax.set_ylabel(next(r["main_metric"] for r in rows if r["task"] == task))
+        ax.set_title(task)
+        ax.grid(alpha=0.3)
+    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colors[m], label=m) for m in methods]
+    fig.legend(handles=handles, loc="lower center", ncol=min(4, len(methods)), frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    parser.add_argument("--out", help="results folder (default benchmarks/results/<preset>)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--only", nargs="+", help="run only rows whose label contains one of these words")
+    args = parser.parse_args(argv)
+    preset = PRESETS[args.preset]
+    out = Path(args.out or ROOT / "benchmarks" / "results" / args.preset)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = [preset, *preset.get("extra", [])]
+    if args.preset == "gpu":
+        import torch
+
+        if not torch.cuda.is_available():
+            parser.error("--preset gpu needs a GPU (torch.cuda.is_available() is False)")
+    results: list[dict[str, Any]] = []
+    for group in groups:
+        for task, budget in group["tasks"].items():
+            for row in group["rows"]:
+                if args.only and not any(w.lower() in row.label.lower() for w in args.only):
+                    continue
+                print(f"{task}: {row.label} ...", flush=True)
+                result = run_row(group["model"], task, budget, row, out, args.seed)
+                print(
+                    f"  {result['main_metric']} {result['metric']:.2f}, {result['stored_bytes']:,} bytes, "
+                    f"{result['train_seconds']:.0f} s",
+                    flush=True,
+                )
+                results.append(result)
+                (out / "results.json").write_text(json.dumps(results, indent=1))
+    command = (
+        "python benchmarks/compare.py --preset "
+        + args.preset
+        + (f" --only {' '.join(args.only)}" if args.only else "")
+    )
+    (out / "results.md").write_text(markdown(results, command))
+    scatter(results, out / "scatter.png")
+    print(markdown(results, command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
