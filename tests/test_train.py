@@ -304,3 +304,58 @@ def test_works_with_the_transformers_trainer(tiny_bert: str, tmp_path: Path) -> 
     model.eval()
     with torch.no_grad():
         assert torch.equal(fresh(**batch).logits, model(**batch).logits)
+
+
+def test_cli_train_from_yaml_then_info_eval_merge(
+    tiny_bert: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deltatune.cli import main
+
+    out = tmp_path / "run"
+    (tmp_path / "run.yaml").write_text(
+        f"model: {tiny_bert}\ntask: sst2\nmethod: lora\nmethod_fields: {{rank: 2, alpha: 4}}\n"
+        f"steps: 9\nbatch_size: 8\ntrain_limit: 64\neval_limit: 16\nmax_length: 32\nout: {out}\n"
+    )
+    assert (
+        main(
+            ["train", "--config", str(tmp_path / "run.yaml"), "--steps", "2", "--rank", "3", "--no-progress"]
+        )
+        == 0
+    )
+    record = json.loads((out / "metrics.json").read_text())
+    assert record["config"]["steps"] == 2  # the flag overrides the file
+    assert record["config"]["method_fields"] == {"rank": 3, "alpha": 4}
+    capsys.readouterr()
+
+    assert main(["info", str(out / "adapter"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["method"] == "lora" and info["config"]["rank"] == 3
+    assert info["stored_bytes"] == record["stored_bytes"]
+    assert main(["info", str(out / "adapter")]) == 0
+    assert "stored:" in capsys.readouterr().out
+
+    assert main(["eval", str(out / "adapter"), "--no-progress"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["accuracy"] == pytest.approx(record["metrics"]["accuracy"])
+
+    assert main(["merge", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    adapted = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert).eval()
+    dt.load(adapted, out / "adapter")
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_bert)
+    batch = tok(["a fine film", "dull and long"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, adapted(**batch).logits, atol=1e-5)
+    assert not any(".adapters." in k for k in merged.state_dict())
+
+
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from deltatune.cli import main
+
+    assert main(["train", "--task", "nope", "--out", str(tmp_path)]) == 2
+    assert "unknown task 'nope'" in capsys.readouterr().err
+    assert main(["info", str(tmp_path / "missing")]) == 2
+    assert "no adapter_config.json" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("stepz: 3\n")
+    assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "unknown training option(s) ['stepz']" in capsys.readouterr().err

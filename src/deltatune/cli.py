@@ -223,14 +223,18 @@ def _eval(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter)
     model_name, task_name, saved = _run_options(adapter, args.model, args.task)
     model, tokenizer, task = _load_adapted(adapter, model_name, task_name)
+    # By default, the examples the run itself was evaluated on.
+    limit = args.limit if args.limit is not None else saved.get("eval_limit")
+    seed = int(saved.get("seed", 0))
     cfg = TrainConfig(
         model=model_name,
         task=task_name,
         max_length=int(saved.get("max_length", 128)),
-        eval_limit=args.limit,
+        eval_limit=limit,
         max_new_tokens=int(saved.get("max_new_tokens", 64)),
     )
-    examples = load_split(task, "eval", args.data_dir, limit=args.limit, seed=0 if args.limit else None)
+    data_dir = args.data_dir or saved.get("data_dir")
+    examples = load_split(task, "eval", data_dir, limit=limit, seed=seed if limit else None)
     metrics = evaluate(model, tokenizer, task, examples, cfg, progress=not args.no_progress)
     print(
         json.dumps(
