@@ -9,12 +9,12 @@ This is deltatune's headline demo. It:
    projection and marks the ``classifier`` head as a module to save, so that the head
    trains in full and is stored in the adapter; everything else is frozen;
 4. trains for 150 AdamW steps of 32 sentences (linear warmup, then linear decay);
-5. measures dev accuracy again (about 81-82%), saves the adapter, reports its size;
+5. measures dev accuracy again (about 81%), saves the adapter, reports its size;
 6. builds a *fresh* base model whose head is initialised with a *different* seed,
    loads the adapter onto it and checks that it reproduces the trained accuracy
    exactly, which shows that the adapter file holds everything that was trained.
 
-On 2 CPU cores the whole run takes about two minutes.
+On 2 idle CPU cores the whole run takes under two minutes (training about 85 s).
 
 Data: the GLUE SST-2 ``train.tsv`` and ``dev.tsv`` files (tab-separated, header line,
 columns ``sentence`` and ``label``). By default they are looked for in
@@ -137,7 +137,15 @@ def load_data(data_dir: Path) -> tuple[list[Example], list[Example]]:
 def build_model(path: Path, seed: int) -> PreTrainedModel:
     """Load the pretrained encoder with a new 2-way head initialised from ``seed``."""
     torch.manual_seed(seed)
-    return AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    model: PreTrainedModel = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)
+    return model
+
+
+def head_weight(model: torch.nn.Module) -> torch.Tensor:
+    """A copy of the classification head's weight (of a model not yet injected)."""
+    head = model.get_submodule("classifier")
+    assert isinstance(head, torch.nn.Linear)
+    return head.weight.detach().clone()
 
 
 def encode(
@@ -222,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | int]:
     eval_seconds = time.perf_counter() - t0
     print(f"dev accuracy before training: {acc_before:.2%}  ({eval_seconds:.1f} s)")
 
-    initial_head = model.get_submodule("classifier").weight.detach().clone()
+    initial_head = head_weight(model)
     inject(
         model,
         LoRA(rank=args.rank, alpha=args.alpha, dropout=args.dropout),
@@ -274,7 +282,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | int]:
     # A fresh base whose head is initialised differently: if the reloaded model still
     # scores the same, the trained head really did come from the adapter file.
     fresh = build_model(model_path, args.seed + 1)
-    head_differs = not torch.equal(fresh.get_submodule("classifier").weight, initial_head)
+    head_differs = not torch.equal(head_weight(fresh), initial_head)
     print(
         f"fresh base built (head seed {args.seed + 1}; differs from the trained model's initial head: "
         f"{head_differs})"
