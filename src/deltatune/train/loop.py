@@ -82,6 +82,7 @@ class TrainConfig:
     train_limit: int | None = None
     eval_limit: int | None = None
     eval_every: int = 0
+    eval_before: bool = False
     eval_batch_size: int = 64
     max_new_tokens: int = 64
     checkpoint_every: int = 50
@@ -602,6 +603,10 @@ def train(
         step, history = load_checkpoint(ckpt, cfg, trainable, names, optimizer, scheduler)
     collate = Collator(task, tokenizer, cfg.max_length)
     per_rank = cfg.batch_size // world.size
+    if cfg.eval_before and step == 0 and world.main:
+        history["before"] = evaluate(model, tokenizer, task, eval_examples, cfg, progress)
+        history["eval"].append([0, history["before"]])
+        model.train()
     metrics_before: dict[str, float] | None = history.get("before")
     bar = tqdm(
         total=cfg.steps,

@@ -23,6 +23,7 @@ def plot_curves(record: dict[str, Any], path: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     history = record["history"]
     steps = [s for s, _ in history["loss"]]
@@ -32,11 +33,14 @@ def plot_curves(record: dict[str, Any], path: str | Path) -> Path:
     cfg = record["config"]
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=110)
-    ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1, label="train loss")
     window = max(1, len(losses) // 20)
-    ax.plot(
-        steps, _smooth(losses, window), color="tab:blue", linewidth=2, label=f"train loss (mean of {window})"
-    )
+    if window > 1:
+        ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=1, label="train loss")
+        smooth = _smooth(losses, window)
+        ax.plot(steps, smooth, color="tab:blue", linewidth=2, label=f"train loss (mean of {window})")
+    else:
+        ax.plot(steps, losses, color="tab:blue", linewidth=1.5, label="train loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
     ax.set_ylabel("train loss", color="tab:blue")
     ax.grid(alpha=0.3)
@@ -46,15 +50,18 @@ def plot_curves(record: dict[str, Any], path: str | Path) -> Path:
         ax2.set_ylabel(f"eval {main}", color="tab:orange")
         lines = ax.get_legend_handles_labels()
         lines2 = ax2.get_legend_handles_labels()
-        ax.legend(lines[0] + lines2[0], lines[1] + lines2[1], loc="center right")
+        handles, labels = lines[0] + lines2[0], lines[1] + lines2[1]
     else:
-        ax.legend(loc="upper right")
+        handles, labels = ax.get_legend_handles_labels()
+    # Below the axes, where it can hide no point of either curve.
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), frameon=False)
     final = record["metrics"].get(main)
     title = f"{cfg['method']} on {record['task']} ({cfg['model']})"
+    before = record.get("before")
     if final is not None:
-        title += f": final {main} {final:.4f}"
+        title += f": {main} {before[main]:.2f} -> {final:.2f}" if before else f": final {main} {final:.2f}"
     ax.set_title(title)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     path = Path(path)
     fig.savefig(path)
     plt.close(fig)
