@@ -27,7 +27,17 @@ def demo() -> ModuleType:
 
 def test_demo_smoke(tmp_path: Path) -> None:
     result = demo().main(
-        ["--steps", "3", "--train-examples", "96", "--dev-examples", "64", "--out", str(tmp_path), "--no-progress"]
+        [
+            "--steps",
+            "3",
+            "--train-examples",
+            "96",
+            "--dev-examples",
+            "64",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
     )
     assert result["acc_reloaded"] == result["acc_after"]
     assert result["trainable"] == 2 * 6 * 8 * (384 + 384) + 384 * 2 + 2
