@@ -243,9 +243,12 @@ def load(
     _check_fingerprint(model, config["fingerprint"], where)
     tensors = read_tensors(Path(folder) / WEIGHTS_NAME)
     name = name if name is not None else str(config.get("adapter_name", "default"))
-    att = core.inject(
+    return _inject_filled(
         model,
         method,
+        tensors,
+        where,
+        trainable=trainable,
         targets=list(config["targets"]),
         name=name,
         overrides={
@@ -256,6 +259,20 @@ def load(
         seed=int(config.get("seed", 0)),
         activate=activate,
     )
+
+
+def _inject_filled(
+    model: nn.Module,
+    method: Any,
+    tensors: Mapping[str, torch.Tensor],
+    where: str,
+    *,
+    trainable: bool,
+    name: str,
+    **inject_args: Any,
+) -> core.Attachment:
+    """Inject, then fill the adapter with ``tensors``; on any failure remove it again."""
+    att = core.inject(model, method, name=name, **inject_args)
     try:
         load_state(model, name, tensors, where)
     except BaseException:
@@ -387,18 +404,17 @@ def import_peft(
         raise ValueError(
             f"{weights}: the model has no module(s) {_few(missing)}; was it saved for another model?"
         )
-    att = core.inject(
-        model, method, targets=targets, name=name, overrides=overrides, modules_to_save=save_modules
+    return _inject_filled(
+        model,
+        method,
+        ours,
+        str(weights),
+        trainable=trainable,
+        targets=targets,
+        name=name,
+        overrides=overrides,
+        modules_to_save=save_modules,
     )
-    try:
-        load_state(model, name, ours, str(weights))
-    except BaseException:
-        core.delete_adapter(model, name)
-        raise
-    if not trainable:
-        for p in att.adapters[name].trainable:
-            p.requires_grad_(False)
-    return att
 
 
 def export_peft(
