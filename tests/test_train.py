@@ -359,3 +359,17 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
     (tmp_path / "bad.yaml").write_text("stepz: 3\n")
     assert main(["train", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert "unknown training option(s) ['stepz']" in capsys.readouterr().err
+
+
+def test_batch_that_does_not_fit_says_what_to_change(
+    tiny_bert: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import deltatune.train.loop as loop
+
+    def out_of_memory(*args: object, **kwargs: object) -> torch.Tensor:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(loop, "loss_sum", out_of_memory)
+    with pytest.raises(ValueError, match=r"batch of 8 examples does not fit .* raise --grad-accum"):
+        train(config(tiny_bert, tmp_path), progress=False)
+    assert not (tmp_path / "metrics.json").exists()

@@ -490,7 +490,7 @@ def evaluate(
     predictions: list[Any] = []
     bar = tqdm(total=len(examples), desc="eval", leave=False, disable=not progress, file=sys.stderr)
     for chunk in _batches(examples, cfg.eval_batch_size):
-        batch = collate(chunk)
+        batch = _to(collate(chunk), _device(model))
         with _autocast(cfg):
             total += float(loss_sum(model, batch, task.kind))
         count += count_of(batch, task.kind)
@@ -517,7 +517,9 @@ def generate(
     side = tokenizer.padding_side
     tokenizer.padding_side = "left"
     try:
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = _to(
+            tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False), _device(model)
+        )
     finally:
         tokenizer.padding_side = side
     target: Any = model.module if hasattr(model, "module") else model
@@ -530,6 +532,17 @@ def generate(
     )
     texts: list[str] = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return [t.strip().split("\n")[0] if task.name == "e2e" else t.strip() for t in texts]
+
+
+def _device(model: nn.Module) -> torch.device:
+    param = next(model.parameters(), None)
+    return param.device if param is not None else torch.device("cpu")
+
+
+def _to(batch: Any, device: torch.device) -> Any:
+    if device.type == "cpu":
+        return batch
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
 def _autocast(cfg: TrainConfig) -> Any:
@@ -584,6 +597,8 @@ def train(
         )
     if model is None:
         model, tokenizer = load_model(cfg.model, task.kind, task.num_labels or None, seed=cfg.seed)
+    if torch.cuda.is_available():
+        model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     assert tokenizer is not None
     groups, facts = prepare(model, cfg, task)
     model.train()
@@ -594,7 +609,10 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
     runner: nn.Module = model
     if world.size > 1:
-        runner = nn.parallel.DistributedDataParallel(model)
+        device = _device(model)
+        runner = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device] if device.type == "cuda" else None
+        )
 
     history: dict[str, Any] = {"loss": [], "eval": []}
     step = 0
@@ -623,15 +641,23 @@ def train(
         for m in range(cfg.grad_accum):
             chunk = positions[m * cfg.batch_size : (m + 1) * cfg.batch_size]
             mine = chunk[world.rank * per_rank : (world.rank + 1) * per_rank]
-            micro.append(collate([train_examples[i] for i in mine]))
+            micro.append(_to(collate([train_examples[i] for i in mine]), _device(model)))
         denominator = _all_reduce_sum(float(sum(count_of(b, task.kind) for b in micro)), world)
         step_loss = 0.0
         for m, batch in enumerate(micro):
             last = m == len(micro) - 1
             sync = runner.no_sync() if (world.size > 1 and not last) else nullcontext()  # type: ignore[operator]
-            with sync, _autocast(cfg):
-                loss = loss_sum(runner, batch, task.kind) * (world.size / denominator)
-                loss.backward()
+            try:
+                with sync, _autocast(cfg):
+                    loss = loss_sum(runner, batch, task.kind) * (world.size / denominator)
+                    loss.backward()
+            except RuntimeError as e:
+                if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
+                    raise ValueError(
+                        f"a batch of {per_rank} examples does not fit in memory on {_device(model)}; lower "
+                        f"--batch-size and raise --grad-accum to keep the global batch ({global_batch})"
+                    ) from e
+                raise
             step_loss += float(loss.detach()) / world.size
         if cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(trainable, cfg.max_grad_norm)
