@@ -94,3 +94,13 @@ def test_generation_task_trains_and_evaluates(
     # every projection of both blocks: q, o (32->32), k, v (32->16, grouped-query), gate, up (32->64), down
     per_block = 2 * (32 + 32) + 2 * (32 + 16) + 2 * (32 + 64) + (64 + 32)
     assert record["trainable_parameters"] == 4 * 2 * per_block
+
+
+def test_long_prompts_lose_their_start_not_the_target(tiny_llama: str) -> None:
+    tok = transformers.AutoTokenizer.from_pretrained(tiny_llama)
+    example = Example(texts=("x" * 300,), target="the answer", refs=("the answer",))
+    batch = Collator(TASKS["gsm8k"], tok, max_length=64)([example])
+    assert batch["input_ids"].shape[1] == 64
+    target = batch["labels"][0][batch["labels"][0] != -100]
+    assert tok.decode(target[:-1]) == " the answer"
+    assert tok.decode(batch["input_ids"][0][: -len(target)]).endswith("\nAnswer:")

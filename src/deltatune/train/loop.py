@@ -221,9 +221,11 @@ class Collator:
         for e in examples:
             prompt = tok(prompt_of(self.task, e), add_special_tokens=False)["input_ids"]
             target = tok(" " + (e.target or ""), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
-            ids = (prompt + target)[: self.max_length]
-            rows.append(ids)
-            labels.append(([-100] * len(prompt) + target)[: self.max_length])
+            # Too long: drop the start of the prompt, never the whole target (the loss would be empty).
+            target = target[: self.max_length - 1]
+            prompt = prompt[max(0, len(prompt) + len(target) - self.max_length) :]
+            rows.append(prompt + target)
+            labels.append([-100] * len(prompt) + target)
         width = max(len(r) for r in rows)
         pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
