@@ -19,13 +19,18 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from deltatune.core import REGISTRY, Adapted, attachment_of, merged_linear
+from deltatune.core import REGISTRY, SHARED_ATTR, Adapted, attachment_of, merged_linear
 from deltatune.fields import Check
 from deltatune.targets import module_kind
 from toy_models import TOYS, Toy
 
 METHODS = sorted(REGISTRY.items())
 CASES = [pytest.param(cls, toy, id=f"{name}-{toy.name}") for name, cls in METHODS for toy in TOYS]
+
+
+def example(cls: type) -> Any:
+    """The method's configuration for tiny models (its declared ``small_example``)."""
+    return cls(**getattr(cls, "small_example", {}))
 
 
 def supported_targets(cls: type, model: nn.Module) -> list[str]:
@@ -37,9 +42,18 @@ def setup(cls: type, toy: Toy, seed: int = 0, **kw: Any) -> tuple[nn.Module, lis
     saved = kw.get("modules_to_save", ())
     paths = [p for p in supported_targets(cls, model) if p not in saved]
     if not paths:
-        pytest.skip(f"{cls.__name__} supports none of {toy.name}'s module types")
-    dt.inject(model, cls(), targets=paths, seed=seed, **kw)
+        pytest.skip(f"no module of {toy.name} left for {cls.__name__} to adapt")
+    dt.inject(model, example(cls), targets=paths, seed=seed, **kw)
     return model, paths
+
+
+def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The base model's tensors: everything but adapter layers and adapter-shared state."""
+    return {
+        k: v
+        for k, v in model.state_dict().items()
+        if ".adapters." not in k and not k.startswith(SHARED_ATTR + ".")
+    }
 
 
 def perturb(model: nn.Module, seed: int = 7) -> None:
@@ -97,7 +111,7 @@ def test_only_adapter_trains(cls: type, toy: Toy) -> None:
     assert trainable
     requiring = {id(p) for p in model.parameters() if p.requires_grad}
     assert requiring == {id(p) for p in trainable}
-    base_before = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." not in k}
+    base_before = {k: v.clone() for k, v in base_state(model).items()}
     adapter_before = [p.detach().clone() for p in trainable]
     opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
     for step in range(2):
@@ -163,7 +177,7 @@ def test_unload_restores_exactly(cls: type, toy: Toy) -> None:
     paths = supported_targets(cls, model)
     if not paths:
         pytest.skip("no supported module")
-    dt.inject(model, cls(), targets=paths)
+    dt.inject(model, example(cls), targets=paths)
     perturb(model)
     dt.unload(model)
     assert dict(model.named_modules()).keys() == original_modules.keys()
@@ -191,9 +205,7 @@ def test_save_load_roundtrip_and_closed_form(cls: type, toy: Toy, tmp_path: Path
     assert sum(t.numel() * t.element_size() for t in tensors.values()) == stored_bytes
     assert dt.parameter_report(model).stored_bytes == stored_bytes
     # No base weight is in the file: the stored bytes are exactly the adapter's.
-    base_values = {
-        v.detach().numpy().tobytes() for k, v in model.state_dict().items() if ".adapters." not in k
-    }
+    base_values = {v.detach().numpy().tobytes() for v in base_state(model).values()}
     assert not any(t.numpy().tobytes() in base_values for t in tensors.values() if t.numel() > 4)
 
     fresh = toy.build()
@@ -221,17 +233,17 @@ def test_bad_config_fields_name_the_field(cls: type, toy: Toy) -> None:
 def test_bad_targets_name_the_module(cls: type, toy: Toy) -> None:
     model = toy.build()
     with pytest.raises(ValueError, match="'no_such_module' matched no module"):
-        dt.inject(model, cls(), targets=["no_such_module"])
+        dt.inject(model, example(cls), targets=["no_such_module"])
     unsupported = [p for p, m in model.named_modules() if p and module_kind(m) not in cls.layer_types]
     bad = next(p for p in unsupported if not list(model.get_submodule(p).children()))
     with pytest.raises(ValueError, match=rf"'{bad}' is"):
-        dt.inject(model, cls(), targets=[bad])
+        dt.inject(model, example(cls), targets=[bad])
     assert not dt.has_adapters(model)  # a refused inject leaves no trace
     paths = supported_targets(cls, model)
     if paths:
-        dt.inject(model, cls(), targets=paths)
+        dt.inject(model, example(cls), targets=paths)
         with pytest.raises(ValueError, match="already exists"):
-            dt.inject(model, cls(), targets=paths)
+            dt.inject(model, example(cls), targets=paths)
         with pytest.raises(ValueError, match="unknown adapter 'nope'"):
             dt.set_active(model, "nope")
 
@@ -243,9 +255,9 @@ def test_seeded_init_leaves_global_rng_alone(cls: type, toy: Toy) -> None:
     if not paths:
         pytest.skip("no supported module")
     rng = torch.get_rng_state()
-    dt.inject(a, cls(), targets=paths, seed=3)
-    dt.inject(b, cls(), targets=paths, seed=3)
-    dt.inject(c, cls(), targets=paths, seed=4)
+    dt.inject(a, example(cls), targets=paths, seed=3)
+    dt.inject(b, example(cls), targets=paths, seed=3)
+    dt.inject(c, example(cls), targets=paths, seed=4)
     assert torch.equal(torch.get_rng_state(), rng)
     sa, sb, sc = (dt.adapter_state(m, "default") for m in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
@@ -259,7 +271,7 @@ def test_named_adapters_switch_and_delete(cls: type, toy: Toy) -> None:
     model, paths = setup(cls, toy)
     perturb(model, seed=1)
     out_default = model(x)
-    dt.inject(model, cls(), targets=paths, name="second", seed=1)
+    dt.inject(model, example(cls), targets=paths, name="second", seed=1)
     perturb(model, seed=2)
     out_second = model(x)
     assert not torch.allclose(out_second, out_default)
@@ -282,7 +294,7 @@ def test_named_adapters_switch_and_delete(cls: type, toy: Toy) -> None:
 def test_mixed_batch_routing(cls: type, toy: Toy) -> None:
     x = x_for(toy)
     model, paths = setup(cls, toy)
-    dt.inject(model, cls(), targets=paths, name="other", seed=5)
+    dt.inject(model, example(cls), targets=paths, name="other", seed=5)
     perturb(model, seed=3)
     dt.set_active(model, "default")
     perturb(model, seed=4)
@@ -314,7 +326,7 @@ def test_low_precision_base_keeps_fp32_adapter(cls: type, toy: Toy) -> None:
     x = x_for(toy)
     x = x.to(torch.bfloat16) if x.is_floating_point() else x
     expected = model(x)
-    dt.inject(model, cls(), targets=paths)
+    dt.inject(model, example(cls), targets=paths)
     assert all(p.dtype == torch.float32 for p in dt.trainable_parameters(model))
     out = model(x)
     assert out.dtype == torch.bfloat16
@@ -332,7 +344,7 @@ def test_config_round_trips_through_json(cls: type, toy: Toy, tmp_path: Path) ->
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["method"] == cls.name
     rebuilt = dt.core.method_from_config(config["method"], config["config"])
-    assert rebuilt == cls()
+    assert rebuilt == example(cls)
     config["config"]["no_such_field"] = 1
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="no_such_field"):

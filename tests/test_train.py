@@ -276,6 +276,7 @@ def test_works_with_the_transformers_trainer(tiny_bert: str, tmp_path: Path) -> 
     tok = transformers.AutoTokenizer.from_pretrained(tiny_bert)
     dt.inject(model, dt.LoRA(rank=4), targets=["query", "value"], modules_to_save=["classifier"])
     base_before = {k: v.clone() for k, v in model.state_dict().items() if ".adapters." not in k}
+    assert base_before  # (LoRA has no shared state: every non-adapter tensor is the base's)
     adapter_before = {k: v.clone() for k, v in dt.adapter_state(model, "default").items()}
     rows = load_split("sst2", "train", limit=32)
     data = [dict(tok(e.texts[0], truncation=True, max_length=32), labels=e.label) for e in rows]

@@ -19,7 +19,7 @@ class MLP(nn.Module):
         self.act = nn.ReLU()
         self.fc2 = nn.Linear(2 * D, D)
         self.norm = nn.LayerNorm(D)
-        self.head = nn.Linear(D, 4)
+        self.head = nn.Linear(D, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.norm(self.fc2(self.act(self.fc1(x)))))

@@ -24,7 +24,7 @@ from .core import (
     unload,
 )
 from .io import export_peft, import_peft, load, save
-from .methods import Gaussian, KaimingUniform, LoRA
+from .methods import Gaussian, KaimingUniform, LoRA, VBLoRA
 from .targets import ALL_LINEAR, Target
 
 __version__ = "0.1.0"
@@ -39,6 +39,7 @@ __all__ = [
     "LoRA",
     "ParameterReport",
     "Target",
+    "VBLoRA",
     "adapter_state",
     "attachment_of",
     "combine",

@@ -52,7 +52,9 @@ class Method(Protocol):
     * ``make_shared(bases, generator) -> nn.Module | None``: state shared by all layers of one
       adapter (created once per adapter), with ``shared_parameter_count(bases)`` and
       ``shared_stored_bytes(bases)``;
-    * ``combine_layers(parts) -> (config, layer)``: exact weighted combination (``combinable``).
+    * ``combine_layers(parts) -> (config, layer)``: exact weighted combination (``combinable``);
+    * ``parameter_groups(attachment, name) -> {group: (params, lr multiplier)}`` for the optimizer;
+    * ``small_example``: field values that fit tiny models (used by examples and the invariant suite).
     """
 
     name: ClassVar[str]

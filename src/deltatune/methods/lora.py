@@ -107,6 +107,7 @@ class LoRA:
     supports_mixed_batch: ClassVar[bool] = True
     combinable: ClassVar[bool] = True
     layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "embedding")
+    small_example: ClassVar[dict[str, Any]] = {"rank": 4}
 
     def __post_init__(self) -> None:
         check(self)

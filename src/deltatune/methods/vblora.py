@@ -1,0 +1,321 @@
+"""VB-LoRA: Extreme Parameter Efficient Fine-Tuning with Vector Banks (Li, Han, Ji; NeurIPS 2024),
+arXiv:2405.15179.
+
+    ΔW = B A,  y = W0 x + B (A dropout(x))      (no alpha/r scaling)
+
+Every column of B and row of A is cut into sub-vectors of length b. Each sub-vector s has its own
+logits z_s over one global bank V of h vectors of length b, shared by every adapted matrix of the
+model, and is a top-k admixture of bank vectors:
+
+    s = Σ_{j ∈ topk(z_s)} softmax(z_s[topk])_j · V[j]
+
+Only the bank and, per sub-vector, the k indices and k−1 free weights (they sum to 1) need to be
+stored. With N_sub = r · (in/b + out/b) sub-vectors in a module and c_idx bytes per index (1 for
+h ≤ 256, 2 up to 32768, else 4):
+
+    trainable = h·b (bank, once per adapter) + Σ_modules N_sub · h   (logits)
+    stored ("topk" mode) = 4·h·b + Σ_modules N_sub · (4·(k−1) + k·c_idx) bytes
+    stored ("logits" mode, to keep training) = 4 · trainable bytes
+
+Design notes:
+* The k-th weight is computed as 1 − Σ(first k−1) in the forward pass too, so a top-k file that
+  stores k−1 weights reproduces the outputs bit for bit.
+* A top-k checkpoint stays trainable (PEFT's raises): loading writes logits log(w) for the stored
+  vectors and (smallest of those − 1) for the others, so the softmax over the top k is the stored
+  mixture and the logits train from there. Until the logits change, the stored weights are used as
+  they are (exactness).
+* Under ``torch.no_grad``/``inference_mode`` the materialised A and B are cached and reused until a
+  logit or the bank changes (tracked with tensor version counters).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from deltatune import VBLoRA, inject, parameter_report
+    >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
+    >>> att = inject(net, VBLoRA(rank=4, num_vectors=32, vector_length=16), targets=["0", "2"])
+    >>> att.closed_form("default")[0]  # bank 32*16 + logits 2 modules * 4*(4+4) sub-vectors * 32
+    4608
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import Attachment, check, register
+from ..fields import Float, Int, OneOf, param
+from ..targets import module_kind, shape_of
+
+
+def index_dtype(num_vectors: int) -> torch.dtype:
+    """The smallest integer type that holds every index in [0, num_vectors)."""
+    if num_vectors <= 256:
+        return torch.uint8
+    if num_vectors <= 2**15:
+        return torch.int16
+    return torch.int32
+
+
+def mixture_weights(top_logits: torch.Tensor) -> torch.Tensor:
+    """softmax over the last dim, with the last weight written as 1 − (sum of the others)."""
+    w = torch.softmax(top_logits, dim=-1)
+    if w.shape[-1] == 1:
+        return w
+    free = w[..., :-1]
+    return torch.cat([free, 1.0 - free.sum(dim=-1, keepdim=True)], dim=-1)
+
+
+def admix(weights: torch.Tensor, indices: torch.Tensor, bank: torch.Tensor) -> torch.Tensor:
+    """Σ_j weights_j · bank[indices_j]: (..., k), (..., k), (h, b) -> (..., b)."""
+    return torch.einsum("...k,...kb->...b", weights, bank[indices.long()])
+
+
+class VectorBank(nn.Module):
+    """The one bank of an adapter, shared by every adapted module."""
+
+    def __init__(
+        self, num_vectors: int, vector_length: int, bound: float, generator: torch.Generator
+    ) -> None:
+        super().__init__()
+        bank = torch.empty(num_vectors, vector_length).uniform_(-bound, bound, generator=generator)
+        self.bank = nn.Parameter(bank)  # (h, b)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class VBLoRA:
+    """LoRA factors built from one shared bank of vectors (top-k admixtures).
+
+    Fields (paper defaults in brackets):
+        rank: r, rank of ΔW = B A [4].
+        num_vectors: h, vectors in the bank [256 for Llama2 and RoBERTa-large; 90 in the GLUE runs].
+        vector_length: b, length of each bank vector; must divide every adapted dimension [256].
+        topk: k, bank vectors mixed per sub-vector [2; the paper's ablation finds k=1 clearly worse].
+        logits_std: σ of the N(0, σ) logit init [0.01 in the official code; PEFT uses 0.1].
+        bank_bound: the bank starts U(−bound, bound), never zero (zero would give zero gradients) [0.02].
+        dropout: dropout on the adapter's input [0.0].
+        logits_lr_ratio: learning rate of the logits / that of the bank [10: 1e-2 vs 1e-3 in the paper].
+        save_mode: "topk" stores indices + k−1 weights; "logits" stores all logits (to keep training
+            with the exact optimizer state) ["topk"].
+    """
+
+    rank: int = param(4, Int(min=1), "rank r of ΔW = B A")
+    num_vectors: int = param(256, Int(min=2), "h, the number of vectors in the shared bank")
+    vector_length: int = param(256, Int(min=1), "b, sub-vector length; must divide every adapted dimension")
+    topk: int = param(2, Int(min=1), "k, bank vectors mixed per sub-vector (<= num_vectors)")
+    logits_std: float = param(0.01, Float(0.0, low_open=True), "std of the normal init of the logits")
+    bank_bound: float = param(0.02, Float(0.0, low_open=True), "bank init is uniform in [-bound, bound]")
+    dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
+    logits_lr_ratio: float = param(
+        10.0, Float(0.0, low_open=True), "logits learning rate / bank learning rate"
+    )
+    save_mode: str = param("topk", OneOf(("topk", "logits")), "what the adapter file stores")
+
+    name: ClassVar[str] = "vblora"
+    mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = False  # the bank is never zero, so ΔW is small but not zero
+    weight_space: ClassVar[bool] = True
+    supports_mixed_batch: ClassVar[bool] = True
+    combinable: ClassVar[bool] = False
+    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
+    small_example: ClassVar[dict[str, Any]] = {"rank": 2, "num_vectors": 16, "vector_length": 8}
+
+    def __post_init__(self) -> None:
+        check(self)
+        if self.topk > self.num_vectors:
+            raise ValueError(f"VBLoRA.topk must be <= num_vectors ({self.num_vectors}), got {self.topk}")
+
+    # -- shared state -----------------------------------------------------------------------------
+    def make_shared(self, bases: Mapping[str, nn.Module], generator: torch.Generator) -> VectorBank:
+        return VectorBank(self.num_vectors, self.vector_length, self.bank_bound, generator)
+
+    def shared_parameter_count(self, bases: Mapping[str, nn.Module]) -> int:
+        return self.num_vectors * self.vector_length
+
+    def shared_stored_bytes(self, bases: Mapping[str, nn.Module]) -> int:
+        return 4 * self.shared_parameter_count(bases)
+
+    # -- per module -------------------------------------------------------------------------------
+    def sub_vectors(self, base: nn.Module) -> int:
+        in_features, out_features = shape_of(base)
+        return self.rank * (in_features // self.vector_length + out_features // self.vector_length)
+
+    def parameter_count(self, base: nn.Module) -> int:
+        return self.sub_vectors(base) * self.num_vectors
+
+    def stored_bytes(self, base: nn.Module) -> int:
+        if self.save_mode == "logits":
+            return 4 * self.parameter_count(base)
+        per_index = torch.empty((), dtype=index_dtype(self.num_vectors)).element_size()
+        return self.sub_vectors(base) * (4 * (self.topk - 1) + self.topk * per_index)
+
+    def wrap(
+        self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
+    ) -> VBLoRALayer:
+        kind = module_kind(base)
+        if kind not in self.layer_types:
+            raise ValueError(f"VBLoRA: {path!r} is {type(base).__name__}, not a linear or Conv1D module")
+        if not isinstance(shared, VectorBank) or tuple(shared.bank.shape) != (
+            self.num_vectors,
+            self.vector_length,
+        ):
+            raise ValueError(
+                f"VBLoRA: {path!r} overrides num_vectors/vector_length; the bank is shared by every module, "
+                "so those fields must be the same everywhere"
+            )
+        in_features, out_features = shape_of(base)
+        for what, dim in (("in_features", in_features), ("out_features", out_features)):
+            if dim % self.vector_length:
+                raise ValueError(
+                    f"VBLoRA: {path!r} has {what}={dim}, not divisible by "
+                    f"vector_length={self.vector_length}; choose a vector_length that divides every "
+                    f"adapted dimension (e.g. a divisor of {dim})"
+                )
+        return VBLoRALayer(self, kind, in_features, out_features, shared, path, generator)
+
+    def parameter_groups(self, att: Attachment, name: str) -> dict[str, tuple[list[nn.Parameter], float]]:
+        """The bank at the base learning rate, the logits at ``logits_lr_ratio`` times it."""
+        bank = att.shared(name)
+        logits = [
+            p
+            for layer in att.layers(name).values()
+            if isinstance(layer, VBLoRALayer)
+            for p in (layer.logits_A, layer.logits_B)
+        ]
+        groups: dict[str, tuple[list[nn.Parameter], float]] = {"logits": (logits, self.logits_lr_ratio)}
+        if bank is not None:
+            groups["vector_bank"] = (list(bank.parameters()), 1.0)
+        return groups
+
+
+class VBLoRALayer(nn.Module):
+    """Logits of one adapted module; the bank is reached through the shared module, not owned."""
+
+    additive: ClassVar[bool] = True
+    _shared: VectorBank
+
+    def __init__(
+        self,
+        config: VBLoRA,
+        kind: str,
+        in_features: int,
+        out_features: int,
+        shared: VectorBank,
+        path: str,
+        generator: torch.Generator,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.kind = kind
+        self.path = path
+        b, h, r = config.vector_length, config.num_vectors, config.rank
+        self.logits_A = nn.Parameter(
+            torch.randn(r, in_features // b, h, generator=generator) * config.logits_std
+        )
+        self.logits_B = nn.Parameter(
+            torch.randn(out_features // b, r, h, generator=generator) * config.logits_std
+        )
+        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # Not a submodule: the bank belongs to the attachment and must be saved and counted once.
+        object.__setattr__(self, "_shared", shared)
+        self._cache: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
+        self._fixed: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def bank(self) -> torch.Tensor:
+        return self._shared.bank
+
+    def _mix(self, which: str) -> torch.Tensor:
+        logits: torch.Tensor = getattr(self, f"logits_{which}")
+        fixed = self._fixed.get(which)
+        if fixed is not None and fixed[0] == logits._version:
+            # Loaded from a top-k file and not trained since: use the stored mixture exactly.
+            _, indices, weights = fixed
+            return admix(weights.to(self.bank.device), indices.to(self.bank.device), self.bank)
+        self._fixed.pop(which, None)
+        top, indices = logits.topk(self.config.topk, dim=-1)
+        return admix(mixture_weights(top), indices, self.bank)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """A (r, in) and B (out, r), materialised from the bank."""
+        key = (self.logits_A._version, self.logits_B._version, self.bank._version, id(self.bank))
+        if not torch.is_grad_enabled() and self._cache is not None and self._cache[0] == key:
+            return self._cache[1], self._cache[2]
+        r = self.logits_A.shape[0]
+        A = self._mix("A").reshape(r, -1)  # (r, in/b, b) -> (r, in)
+        B = self._mix("B").transpose(1, 2).reshape(-1, r)  # (out/b, r, b) -> (out/b, b, r) -> (out, r)
+        if not torch.is_grad_enabled():
+            self._cache = (key, A, B)
+        return A, B
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.factors()
+        h = F.linear(self.dropout(x.to(A.dtype)), A)  # (..., r)
+        return F.linear(h, B)  # (..., out)
+
+    def delta_weight(self) -> torch.Tensor:
+        A, B = self.factors()
+        delta = B @ A  # (out, in)
+        return delta if self.kind == "linear" else delta.t()
+
+    # -- storage --------------------------------------------------------------------------------
+    def export_state(self) -> dict[str, torch.Tensor]:
+        if self.config.save_mode == "logits":
+            return {"logits_A": self.logits_A.detach(), "logits_B": self.logits_B.detach()}
+        out: dict[str, torch.Tensor] = {}
+        dtype = index_dtype(self.config.num_vectors)
+        for which in ("A", "B"):
+            logits: torch.Tensor = getattr(self, f"logits_{which}")
+            fixed = self._fixed.get(which)
+            if fixed is not None and fixed[0] == logits._version:
+                indices, weights = fixed[1], fixed[2]
+            else:
+                top, indices = logits.detach().topk(self.config.topk, dim=-1)
+                weights = mixture_weights(top)
+            out[f"topk_indices_{which}"] = indices.to(dtype)
+            out[f"topk_weights_{which}"] = weights[..., :-1].detach().contiguous()
+        return out
+
+    def import_state(self, state: Mapping[str, torch.Tensor]) -> None:
+        if "logits_A" in state:
+            with torch.no_grad():
+                self.logits_A.copy_(state["logits_A"])
+                self.logits_B.copy_(state["logits_B"])
+            self._fixed.clear()
+            return
+        h, k = self.config.num_vectors, self.config.topk
+        for which in ("A", "B"):
+            indices = state[f"topk_indices_{which}"].long()
+            free = state[f"topk_weights_{which}"].float()
+            where = f"VBLoRA: {self.path!r} top-k {which}"
+            if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= h):
+                raise ValueError(f"{where}: indices must be in [0, {h}), found {int(indices.max())}")
+            if free.numel() and float(free.min()) < 0:
+                raise ValueError(f"{where}: weights must be >= 0, found {float(free.min()):.3g}")
+            total = free.sum(dim=-1, keepdim=True)
+            if total.numel() and float(total.max()) > 1.0 + 1e-5:
+                raise ValueError(
+                    f"{where}: the k-1 stored weights must sum to <= 1, found {float(total.max()):.6f}"
+                )
+            if k > 1 and bool((indices[..., :, None] == indices[..., None, :]).sum((-1, -2)).gt(k).any()):
+                raise ValueError(f"{where}: an index repeats within one sub-vector")
+            weights = torch.cat([free, 1.0 - total], dim=-1) if k > 1 else torch.ones_like(free[..., :1])
+            logits: torch.Tensor = getattr(self, f"logits_{which}")
+            chosen = weights.clamp_min(1e-12).log()  # softmax(log w) = w: the same mixture, trainable
+            floor = chosen.min(dim=-1, keepdim=True).values - 1.0
+            with torch.no_grad():
+                logits.copy_(floor.expand_as(logits))
+                logits.scatter_(-1, indices, chosen.to(logits.dtype))
+            self._fixed[which] = (logits._version, indices.to(logits.device), weights.to(logits.device))
+        self._cache = None
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind}, rank={self.config.rank}, sub_vectors_A={tuple(self.logits_A.shape[:2])}, "
+            f"sub_vectors_B={tuple(self.logits_B.shape[:2])}, topk={self.config.topk}"
+        )
