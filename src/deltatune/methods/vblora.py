@@ -34,7 +34,7 @@ Example:
     >>> net = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64))
     >>> att = inject(net, VBLoRA(rank=4, num_vectors=32, vector_length=16), targets=["0", "2"])
     >>> att.closed_form("default")[0]  # bank 32*16 + logits 2 modules * 4*(4+4) sub-vectors * 32
-    4608
+    2560
 """
 
 from __future__ import annotations
