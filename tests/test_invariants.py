@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from deltatune.core import REGISTRY, SHARED_ATTR, Adapted, attachment_of, merged_linear
+from deltatune.core import REGISTRY, Adapted, attachment_of, merged_linear
 from deltatune.fields import Check
 from deltatune.targets import module_kind
 from toy_models import TOYS, Toy
@@ -49,11 +49,7 @@ def setup(cls: type, toy: Toy, seed: int = 0, **kw: Any) -> tuple[nn.Module, lis
 
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The base model's tensors: everything but adapter layers and adapter-shared state."""
-    return {
-        k: v
-        for k, v in model.state_dict().items()
-        if ".adapters." not in k and not k.startswith(SHARED_ATTR + ".")
-    }
+    return {k: v for k, v in model.state_dict().items() if ".adapters." not in k and ".shared." not in k}
 
 
 def perturb(model: nn.Module, seed: int = 7) -> None:

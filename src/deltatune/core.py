@@ -170,6 +170,10 @@ class Adapted(nn.Module):
         super().__init__()
         self.base = base
         self.adapters = nn.ModuleDict()
+        # State shared by all layers of an adapter (e.g. VB-LoRA's bank) lives in the wrapper of the
+        # adapter's first target: inside the module tree (so .to() and .parameters() see it once),
+        # never as a new child of the user's model (an nn.Sequential would call it).
+        self.shared = nn.ModuleDict()
         self._switch = switch
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -216,7 +220,7 @@ class Adapted(nn.Module):
         try:
             return super().__getattr__(name)
         except AttributeError:
-            if name in ("base", "adapters") or "base" not in self._modules:
+            if name in ("base", "adapters", "shared") or "base" not in self._modules:
                 raise
             return getattr(self._modules["base"], name)
 
@@ -236,6 +240,7 @@ class AdapterInfo:
     seed: int
     configs: dict[str, Any] = field(default_factory=dict)  # path -> per-module method config
     trainable: list[nn.Parameter] = field(default_factory=list)
+    shared: nn.Module | None = None
 
 
 class Attachment:
@@ -256,10 +261,8 @@ class Attachment:
         return self.switch.active
 
     def shared(self, name: str) -> nn.Module | None:
-        holder = getattr(self.model, SHARED_ATTR, None)
-        if isinstance(holder, nn.ModuleDict) and name in holder:
-            return holder[name]
-        return None
+        """The state shared by every layer of adapter ``name`` (None for most methods)."""
+        return self.info(name).shared
 
     def info(self, name: str) -> AdapterInfo:
         if name not in self.adapters:
@@ -333,8 +336,6 @@ def _base_modules(model: nn.Module, att: Attachment | None) -> dict[str, nn.Modu
     skip: list[str] = []
     for path, module in model.named_modules():
         if any(path.startswith(s) for s in skip):
-            continue
-        if path == SHARED_ATTR or path.startswith(SHARED_ATTR + "."):
             continue
         if isinstance(module, Adapted):
             if att is None or att.wrappers.get(path) is not module:
@@ -475,12 +476,6 @@ def inject(
         for p in model.parameters():
             p.requires_grad_(False)
         model.__dict__[ATTACHMENT_ATTR] = att
-    if shared is not None:
-        holder = getattr(model, SHARED_ATTR, None)
-        if not isinstance(holder, nn.ModuleDict):
-            holder = nn.ModuleDict()
-            setattr(model, SHARED_ATTR, holder)
-        holder[name] = shared
     for path, layer in {**layers, **copies}.items():
         wrapper = att.wrappers.get(path)
         if wrapper is None:
@@ -488,6 +483,8 @@ def inject(
             _set_submodule(model, path, wrapper)
             att.wrappers[path] = wrapper
         wrapper.adapters[name] = layer
+    if shared is not None:
+        att.wrappers[paths[0]].shared[name] = shared
     trainable = [p for m in [*layers.values(), *copies.values()] for p in m.parameters() if p.requires_grad]
     if shared is not None:
         trainable += [p for p in shared.parameters() if p.requires_grad]
@@ -501,6 +498,7 @@ def inject(
         seed=seed,
         configs=configs,
         trainable=trainable,
+        shared=shared,
     )
     if activate:
         att.set_active(name)
@@ -529,12 +527,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     for path in [*info.targets, *info.modules_to_save]:
         wrapper = att.wrappers[path]
         del wrapper.adapters[name]
+        if name in wrapper.shared:
+            del wrapper.shared[name]
         if len(wrapper.adapters) == 0:
             _set_submodule(model, path, wrapper.base)
             del att.wrappers[path]
-    holder = getattr(model, SHARED_ATTR, None)
-    if isinstance(holder, nn.ModuleDict) and name in holder:
-        del holder[name]
     del att.adapters[name]
     att.switch.active = tuple(n for n in att.switch.active if n != name)
     if not att.adapters:
@@ -544,8 +541,6 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 def _detach(model: nn.Module, att: Attachment) -> None:
     for p, flag in att.requires_grad.values():
         p.requires_grad_(flag)
-    if hasattr(model, SHARED_ATTR):
-        delattr(model, SHARED_ATTR)
     del model.__dict__[ATTACHMENT_ATTR]
 
 

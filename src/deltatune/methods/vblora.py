@@ -234,9 +234,13 @@ class VBLoRALayer(nn.Module):
         logits: torch.Tensor = getattr(self, f"logits_{which}")
         fixed = self._fixed.get(which)
         if fixed is not None and fixed[0] == logits._version:
-            # Loaded from a top-k file and not trained since: use the stored mixture exactly.
-            _, indices, weights = fixed
-            return admix(weights.to(self.bank.device), indices.to(self.bank.device), self.bank)
+            # Loaded from a top-k file and not trained since: the stored mixture, exactly, with the
+            # gradient of the softmax of the (rebuilt) logits, so that training starts from here.
+            _, indices, stored = fixed
+            indices = indices.to(logits.device)
+            soft = mixture_weights(logits.gather(-1, indices))
+            weights = stored.to(logits.device) + (soft - soft.detach())
+            return admix(weights, indices, self.bank)
         self._fixed.pop(which, None)
         top, indices = logits.topk(self.config.topk, dim=-1)
         return admix(mixture_weights(top), indices, self.bank)
@@ -304,7 +308,7 @@ class VBLoRALayer(nn.Module):
                 )
             if k > 1 and bool((indices[..., :, None] == indices[..., None, :]).sum((-1, -2)).gt(k).any()):
                 raise ValueError(f"{where}: an index repeats within one sub-vector")
-            weights = torch.cat([free, 1.0 - total], dim=-1) if k > 1 else torch.ones_like(free[..., :1])
+            weights = torch.cat([free, 1.0 - total], dim=-1) if k > 1 else torch.ones(*free.shape[:-1], 1)
             logits: torch.Tensor = getattr(self, f"logits_{which}")
             chosen = weights.clamp_min(1e-12).log()  # softmax(log w) = w: the same mixture, trainable
             floor = chosen.min(dim=-1, keepdim=True).values - 1.0
