@@ -1,4 +1,8 @@
-"""deltatune LoRA vs PEFT LoRA vs the frozen-base floor: step time, eval time, saved activations.
+"""Training-step and eval-forward cost of adapters vs the frozen-base floor, deltatune vs PEFT.
+
+Rows (``--rows``): ``floor`` (frozen base, backward through activations only, no weight gradients),
+``lora`` / ``peft-lora`` (rank ``--rank``), ``vblora`` / ``peft-vblora`` (rank ``--vb-rank``, h=256,
+b=64, k=2), every linear layer of the blocks adapted.
 
 The configurations run interleaved in one process (one step of each in turn, ``--rounds`` rounds)
 and the script reports the median of the per-round ratios, because this machine's speed drifts by
@@ -8,8 +12,8 @@ deterministic count, unlike process RSS, which cannot be split between interleav
 Model: a SmolLM2-135M-shaped Llama (random init; 30 layers, d=576) by default, every linear layer of
 the blocks adapted. ``--small`` uses a 4-layer model for a quick look.
 
-    .venv/bin/python benchmarks/lora_vs_peft.py --rounds 5          # ~10 min on 2 CPU cores
-    .venv/bin/python benchmarks/lora_vs_peft.py --small --rounds 5  # ~1 min
+    .venv/bin/python benchmarks/speed.py --rounds 5                       # all rows, ~15 min on 2 cores
+    .venv/bin/python benchmarks/speed.py --rows floor lora peft-lora --small  # a quick look
 """
 
 from __future__ import annotations
@@ -93,6 +97,33 @@ class Run:
         return total
 
 
+ROWS = ("floor", "lora", "peft-lora", "vblora", "peft-vblora")
+
+
+def make_run(name: str, args: argparse.Namespace) -> Run:
+    import peft
+
+    model = build(args.small)
+    if name == "floor":
+        for p in model.parameters():
+            p.requires_grad_(False)
+        return Run(name, model, [], floor=True)
+    if name == "lora":
+        dt.inject(model, dt.LoRA(rank=args.rank, alpha=2 * args.rank), targets=TARGETS)
+        return Run(name, model, dt.trainable_parameters(model))
+    if name == "vblora":
+        dt.inject(model, dt.VBLoRA(rank=args.vb_rank, num_vectors=256, vector_length=64), targets=TARGETS)
+        return Run(name, model, dt.trainable_parameters(model))
+    if name == "peft-lora":
+        config: Any = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
+    else:
+        config = peft.VBLoRAConfig(
+            r=args.vb_rank, num_vectors=256, vector_length=64, topk=2, target_modules=TARGETS
+        )
+    wrapped = peft.get_peft_model(model, config)
+    return Run(name, wrapped, [p for p in wrapped.parameters() if p.requires_grad])
+
+
 def median_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
@@ -102,7 +133,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    parser.add_argument("--vb-rank", type=int, default=4, help="VB-LoRA rank")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--small", action="store_true")
@@ -114,20 +147,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     torch.manual_seed(0)
     ids = torch.randint(0, 49152, (args.batch, args.seq))
 
-    floor_model = build(args.small)
-    for p in floor_model.parameters():
-        p.requires_grad_(False)
-    ours_model = build(args.small)
-    dt.inject(ours_model, dt.LoRA(rank=args.rank, alpha=2 * args.rank), targets=TARGETS)
-    peft_model = peft.get_peft_model(
-        build(args.small), peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
-    )
-    runs = [
-        Run("floor", floor_model, [], floor=True),
-        Run("deltatune", ours_model, dt.trainable_parameters(ours_model)),
-        Run("peft", peft_model, [p for p in peft_model.parameters() if p.requires_grad]),
-    ]
-    assert sum(p.numel() for p in runs[1].params) == sum(p.numel() for p in runs[2].params)
+    runs = [make_run(name, args) for name in args.rows]
     for run in runs:  # warm-up
         run.train_step(ids)
         run.eval_step(ids)
@@ -144,10 +164,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     saved = {r.name: r.saved_bytes(ids) for r in runs}
 
-    pairs: list[tuple[str, str]] = [("deltatune", "floor"), ("peft", "floor"), ("deltatune", "peft")]
+    names = [r.name for r in runs]
+    pairs = [(n, "floor") for n in names if n != "floor" and "floor" in names]
+    pairs += [(n, f"peft-{n}") for n in names if f"peft-{n}" in names]
+    pairs += [("vblora", "lora")] if {"vblora", "lora"} <= set(names) else []
     result: dict[str, Any] = {
         "model": "Llama 4x576 (small)" if args.small else "SmolLM2-135M-shaped Llama (30x576)",
-        "rank": args.rank,
+        "lora_rank": args.rank,
+        "vblora": {"rank": args.vb_rank, "num_vectors": 256, "vector_length": 64, "topk": 2},
         "batch": [args.batch, args.seq],
         "rounds": args.rounds,
         "train_step_ratio": {f"{a}/{b}": round(median_ratio(train, a, b), 4) for a, b in pairs},
