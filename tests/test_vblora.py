@@ -260,3 +260,51 @@ def test_same_bank_and_logits_as_peft_give_the_same_outputs() -> None:
         assert not torch.allclose(expected, minilm()(input_ids=ids).logits, atol=1e-6)
         assert (ours(input_ids=ids).logits - expected).abs().max() <= 1e-5
         del base
+
+
+@pytest.mark.parametrize("topk_only", [True, False])
+def test_peft_vblora_files_both_ways(topk_only: bool, tmp_path: Path) -> None:
+    peft = pytest.importorskip("peft")
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.a = nn.Linear(32, 64)
+            self.b = nn.Linear(64, 16)
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.b(torch.tanh(self.a(x))))
+
+    config = peft.VBLoRAConfig(
+        r=2,
+        num_vectors=12,
+        vector_length=8,
+        topk=2,
+        target_modules=["a", "b"],
+        init_logits_std=0.5,
+        save_only_topk_weights=topk_only,
+        modules_to_save=["head"],
+    )
+    theirs = peft.get_peft_model(Net(), config).eval()
+    with torch.no_grad():
+        theirs.base_model.model.head.modules_to_save["default"].weight.add_(0.3)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        expected = theirs(x)
+    theirs.save_pretrained(tmp_path / "peft")
+
+    ours = Net()
+    att = dt.import_peft(ours, tmp_path / "peft", trainable=True)
+    assert att.info("default").method.save_mode == ("topk" if topk_only else "logits")
+    with torch.no_grad():
+        assert (ours(x) - expected).abs().max() <= 1e-5
+    # PEFT cannot train a top-k file; ours can.
+    ours(x).sum().backward()
+    assert all(p.grad is not None for p in dt.trainable_parameters(ours))
+
+    dt.export_peft(ours, tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(Net(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        assert (back(x) - ours(x)).abs().max() <= 1e-5

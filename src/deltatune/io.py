@@ -317,24 +317,50 @@ _PEFT_LORA_UNSUPPORTED = {
 }
 
 
+# Tensor names: PEFT suffix -> ours, per peft_type (longest suffixes first).
+_PEFT_SUFFIXES: dict[str, tuple[tuple[str, str], ...]] = {
+    "LORA": (
+        (".lora_A.weight", ".lora_A"),
+        (".lora_B.weight", ".lora_B"),
+        (".lora_embedding_A", ".lora_A"),
+        (".lora_embedding_B", ".lora_B"),
+    ),
+    "VBLORA": (
+        (".vblora_logits_A_topk_indices", ".topk_indices_A"),
+        (".vblora_logits_A_topk_weights", ".topk_weights_A"),
+        (".vblora_logits_B_topk_indices", ".topk_indices_B"),
+        (".vblora_logits_B_topk_weights", ".topk_weights_B"),
+        (".vblora_logits_A", ".logits_A"),
+        (".vblora_logits_B", ".logits_B"),
+    ),
+}
+_PEFT_VBLORA_BANK = "base_model.vblora_vector_bank"
+_PEFT_UNSUPPORTED: dict[str, dict[str, Any]] = {
+    "LORA": _PEFT_LORA_UNSUPPORTED,
+    "VBLORA": {"bias": "none"},
+}
+
+
 def import_peft(
     model: nn.Module, folder: str | os.PathLike[str], *, name: str = "default", trainable: bool = False
 ) -> core.Attachment:
-    """Load a LoRA adapter saved by PEFT (``adapter_model.safetensors`` + ``adapter_config.json``).
+    """Load a LoRA or VB-LoRA adapter saved by PEFT (``adapter_model.safetensors`` + config).
 
     The targets come from the tensors in the file (so PEFT's suffix/regex matching rules never need
-    re-implementing); rank and alpha per module from the tensor shapes and PEFT's ``alpha_pattern``.
+    re-implementing); LoRA ranks and alphas per module from the tensor shapes and ``alpha_pattern``.
+    VB-LoRA files in PEFT's top-k form load as trainable logits (PEFT's own loader refuses to train).
     """
-    from .methods.lora import LoRA
-
     folder = Path(folder)
     cfg_path = folder / PEFT_CONFIG_NAME
     if not cfg_path.is_file():
         raise ValueError(f"{folder}: no {PEFT_CONFIG_NAME}")
     cfg = json.loads(cfg_path.read_text())
-    if cfg.get("peft_type") != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r} is not supported; only 'LORA' is")
-    for key, default in _PEFT_LORA_UNSUPPORTED.items():
+    kind = cfg.get("peft_type")
+    if kind not in _PEFT_SUFFIXES:
+        raise ValueError(
+            f"{cfg_path}: peft_type {kind!r} is not supported; supported: {sorted(_PEFT_SUFFIXES)}"
+        )
+    for key, default in _PEFT_UNSUPPORTED[kind].items():
         if cfg.get(key, default) not in (default, None):
             raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} is not supported by import_peft")
     weights = folder / PEFT_WEIGHTS_NAME
@@ -342,28 +368,25 @@ def import_peft(
         raise ValueError(f"{folder}: no {PEFT_WEIGHTS_NAME} (only safetensors adapters are read)")
     raw = read_tensors(weights)
     ours: dict[str, torch.Tensor] = {}
-    lora_paths: dict[str, int] = {}
+    adapted: dict[str, dict[str, torch.Tensor]] = {}  # path -> our suffix -> tensor
     save_paths: list[str] = []
     for key, value in raw.items():
+        if kind == "VBLORA" and key.startswith(_PEFT_VBLORA_BANK):
+            ours[f"{core.SHARED_ATTR}.bank"] = value
+            continue
         if not key.startswith(PEFT_PREFIX):
             raise ValueError(f"{weights}: unexpected tensor {key!r} (expected the {PEFT_PREFIX!r} prefix)")
         rest = key[len(PEFT_PREFIX) :]
-        for peft_suffix, our_suffix, rank_dim in (
-            (".lora_A.weight", ".lora_A", 0),
-            (".lora_B.weight", ".lora_B", 1),
-            (".lora_embedding_A", ".lora_A", 0),
-            (".lora_embedding_B", ".lora_B", 1),
-        ):
+        for peft_suffix, our_suffix in _PEFT_SUFFIXES[kind]:
             if rest.endswith(peft_suffix):
                 path = rest[: -len(peft_suffix)]
                 ours[path + our_suffix] = value
-                if our_suffix == ".lora_A":
-                    lora_paths[path] = int(value.shape[rank_dim])
+                adapted.setdefault(path, {})[our_suffix] = value
                 break
         else:
             save_paths.append(rest)
-    if not lora_paths:
-        raise ValueError(f"{weights}: holds no LoRA tensors")
+    if not adapted:
+        raise ValueError(f"{weights}: holds no {kind} tensors")
     # Tensors of modules_to_save arrive as "<module path>.<param>" (PEFT strips its wrapper).
     msave = list(cfg.get("modules_to_save") or [])
     modules = core._base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
@@ -380,30 +403,18 @@ def import_peft(
         )
         if owner is None:
             raise ValueError(
-                f"{weights}: tensor {rest!r} is neither LoRA nor part of modules_to_save {msave}"
+                f"{weights}: tensor {rest!r} is neither {kind} nor part of modules_to_save {msave}"
             )
         if owner not in save_modules:
             save_modules.append(owner)
         ours[f"{owner}.module.{rest[len(owner) + 1 :]}"] = raw[PEFT_PREFIX + rest]
-    r = int(cfg.get("r", 8))
-    alpha = float(cfg.get("lora_alpha", 8))
-    rslora = bool(cfg.get("use_rslora", False))
-    method = LoRA(rank=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), rank_stabilized=rslora)
-    alpha_pattern: dict[str, float] = cfg.get("alpha_pattern") or {}
-    overrides: dict[str, dict[str, Any]] = {}
-    for path, rank in lora_paths.items():
-        a = alpha
-        for pat, val in alpha_pattern.items():
-            if re.match(rf"(.*\.)?({pat})$", path):
-                a = float(val)
-        if rank != r or a != alpha:
-            overrides[path] = {"rank": rank, "alpha": a}
-    targets = [p for p in modules if p in lora_paths]
-    missing = sorted(set(lora_paths) - set(targets))
+    targets = [p for p in modules if p in adapted]
+    missing = sorted(set(adapted) - set(targets))
     if missing:
         raise ValueError(
             f"{weights}: the model has no module(s) {_few(missing)}; was it saved for another model?"
         )
+    method, overrides = (_peft_lora_method if kind == "LORA" else _peft_vblora_method)(cfg, adapted)
     return _inject_filled(
         model,
         method,
@@ -417,6 +428,47 @@ def import_peft(
     )
 
 
+def _peft_lora_method(
+    cfg: Mapping[str, Any], adapted: Mapping[str, Mapping[str, torch.Tensor]]
+) -> tuple[Any, dict[str, dict[str, Any]]]:
+    from .methods.lora import LoRA
+
+    r = int(cfg.get("r", 8))
+    alpha = float(cfg.get("lora_alpha", 8))
+    rslora = bool(cfg.get("use_rslora", False))
+    method = LoRA(rank=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), rank_stabilized=rslora)
+    alpha_pattern: dict[str, float] = cfg.get("alpha_pattern") or {}
+    overrides: dict[str, dict[str, Any]] = {}
+    for path, tensors in adapted.items():
+        rank = int(tensors[".lora_A"].shape[0])
+        a = alpha
+        for pat, val in alpha_pattern.items():
+            if re.match(rf"(.*\.)?({pat})$", path):
+                a = float(val)
+        if rank != r or a != alpha:
+            overrides[path] = {"rank": rank, "alpha": a}
+    return method, overrides
+
+
+def _peft_vblora_method(
+    cfg: Mapping[str, Any], adapted: Mapping[str, Mapping[str, torch.Tensor]]
+) -> tuple[Any, dict[str, dict[str, Any]]]:
+    from .methods.vblora import VBLoRA
+
+    topk_form = any(".topk_indices_A" in t for t in adapted.values())
+    method = VBLoRA(
+        rank=int(cfg["r"]),
+        num_vectors=int(cfg["num_vectors"]),
+        vector_length=int(cfg["vector_length"]),
+        topk=int(cfg.get("topk", 2)),
+        logits_std=float(cfg.get("init_logits_std", 0.1)),
+        bank_bound=float(cfg.get("init_vector_bank_bound", 0.02)),
+        dropout=float(cfg.get("vblora_dropout", 0.0)),
+        save_mode="topk" if topk_form else "logits",
+    )
+    return method, {}
+
+
 def export_peft(
     model: nn.Module,
     folder: str | os.PathLike[str],
@@ -425,22 +477,88 @@ def export_peft(
     base_model_name_or_path: str | None = None,
     task_type: str | None = None,
 ) -> Path:
-    """Write a LoRA adapter in PEFT's format so that ``peft.PeftModel.from_pretrained`` loads it."""
-    from .methods.lora import KaimingUniform, LoRA
+    """Write a LoRA or VB-LoRA adapter in PEFT's format, so that ``peft.PeftModel.from_pretrained``
+    loads it."""
+    from .methods.lora import LoRA
+    from .methods.vblora import VBLoRA
 
     att = core.attachment_of(model)
     name = adapter if adapter is not None else (att.active[0] if att.active else next(iter(att.adapters)))
     info = att.info(name)
-    method = info.method
-    if not isinstance(method, LoRA):
+    if isinstance(info.method, LoRA):
+        tensors, config = _peft_lora_export(att, info)
+    elif isinstance(info.method, VBLoRA):
+        tensors, config = _peft_vblora_export(model, att, info)
+    else:
         raise ValueError(
-            f"export_peft: only LoRA adapters can be exported, {name!r} is {type(method).__name__}"
+            f"export_peft: only LoRA and VB-LoRA export, {name!r} is {type(info.method).__name__}"
         )
+    fan_in_fan_out = any(module_kind(att.wrappers[p].base) == "conv1d" for p in info.targets)
+    config.update(
+        {
+            "task_type": task_type,
+            "base_model_name_or_path": base_model_name_or_path,
+            "target_modules": sorted(info.targets),
+            "modules_to_save": list(info.modules_to_save) or None,
+            "fan_in_fan_out": fan_in_fan_out,
+            "bias": "none",
+            "inference_mode": True,
+        }
+    )
+    folder = Path(folder)
+    _atomic_write_dir(
+        folder,
+        {
+            PEFT_CONFIG_NAME: _write_json(config),
+            PEFT_WEIGHTS_NAME: _write_tensors(tensors, metadata={"format": "pt"}),
+        },
+    )
+    return folder
+
+
+def _peft_vblora_export(
+    model: nn.Module, att: core.Attachment, info: core.AdapterInfo
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    method = info.method
+    if any(cfg != method for cfg in info.configs.values()):
+        raise ValueError("export_peft: PEFT's VB-LoRA has no per-module overrides; this adapter has some")
+    inverse = {ours: theirs for theirs, ours in _PEFT_SUFFIXES["VBLORA"]}
+    tensors: dict[str, torch.Tensor] = {}
+    for key, value in core.adapter_state(model, info.name).items():
+        if key == f"{core.SHARED_ATTR}.bank":
+            tensors[_PEFT_VBLORA_BANK] = value
+            continue
+        path, _, leaf = key.rpartition(".")
+        if "." + leaf in inverse and path in info.targets:
+            tensors[f"{PEFT_PREFIX}{path}{inverse['.' + leaf]}"] = value
+        else:  # a modules_to_save copy: "<path>.module.<param>"
+            owner = next(p for p in info.modules_to_save if key.startswith(p + ".module."))
+            tensors[f"{PEFT_PREFIX}{owner}.{key[len(owner) + len('.module.') :]}"] = value
+    config = {
+        "peft_type": "VBLORA",
+        "r": method.rank,
+        "num_vectors": method.num_vectors,
+        "vector_length": method.vector_length,
+        "topk": method.topk,
+        "vblora_dropout": method.dropout,
+        "init_logits_std": method.logits_std,
+        "init_vector_bank_bound": method.bank_bound,
+        "save_only_topk_weights": method.save_mode == "topk",
+    }
+    return tensors, config
+
+
+def _peft_lora_export(
+    att: core.Attachment, info: core.AdapterInfo
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from .methods.lora import KaimingUniform
+
+    method = info.method
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
     layer: Any
-    for path, layer in att.layers(name).items():
+    for path, layer in att.layers(info.name).items():
         if isinstance(layer, core.ModuleCopy):
             for k, v in layer.module.state_dict().items():
                 tensors[f"{PEFT_PREFIX}{path}.{k}"] = v
@@ -464,31 +582,15 @@ def export_peft(
             rank_pattern["^" + re.escape(path) + "$"] = cfg.rank
         if cfg.alpha != method.alpha:
             alpha_pattern["^" + re.escape(path) + "$"] = cfg.alpha
-    fan_in_fan_out = any(module_kind(att.wrappers[p].base) == "conv1d" for p in info.targets)
     config = {
         "peft_type": "LORA",
-        "task_type": task_type,
-        "base_model_name_or_path": base_model_name_or_path,
         "r": method.rank,
         "lora_alpha": method.alpha,
         "lora_dropout": method.dropout,
         "use_rslora": method.rank_stabilized,
-        "target_modules": sorted(info.targets),
         "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern,
-        "modules_to_save": list(info.modules_to_save) or None,
-        "fan_in_fan_out": fan_in_fan_out,
-        "bias": "none",
         "init_lora_weights": True,
-        "inference_mode": True,
         "use_dora": False,
     }
-    folder = Path(folder)
-    _atomic_write_dir(
-        folder,
-        {
-            PEFT_CONFIG_NAME: _write_json(config),
-            PEFT_WEIGHTS_NAME: _write_tensors(tensors, metadata={"format": "pt"}),
-        },
-    )
-    return folder
+    return tensors, config
