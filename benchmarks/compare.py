@@ -44,7 +44,30 @@ LORA_ALL = Row(
 FULL = Row("full fine-tuning", "full", {}, {"lr": 5e-5, "head_lr": 1e-3})
 HEAD = Row("head only (linear probe)", "head", {}, {"lr": 1e-3})
 
+VB = {"rank": 4, "num_vectors": 64, "vector_length": 64, "topk": 2}
+VB_QV = Row("VB-LoRA r=4 h=64 b=64 k=2 (query, value)", "vblora", VB, {"lr": 1e-2})
+VB_ALL = Row("VB-LoRA r=4 h=64 b=64 k=2 (all linear)", "vblora", VB, {"lr": 1e-2, "targets": ["all-linear"]})
+VB_K1 = Row("VB-LoRA k=1 (query, value)", "vblora", {**VB, "topk": 1}, {"lr": 1e-2})
+VB_B32 = Row(
+    "VB-LoRA b=32 h=128 (query, value)",
+    "vblora",
+    {**VB, "vector_length": 32, "num_vectors": 128},
+    {"lr": 1e-2},
+)
+
 PRESETS: dict[str, dict[str, Any]] = {
+    "vblora": {
+        "model": "minilm",
+        "tasks": {"sst2": {"steps": 150, "batch_size": 32, "max_length": 64}},
+        "rows": [VB_QV, VB_ALL, VB_K1, VB_B32],
+        "extra": [
+            {
+                "model": "minilm",
+                "tasks": {"mrpc": {"steps": 150, "batch_size": 16, "max_length": 128}},
+                "rows": [VB_QV, VB_ALL],
+            }
+        ],
+    },
     "cpu": {
         "model": "minilm",
         "tasks": {
