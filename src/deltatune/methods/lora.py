@@ -45,6 +45,12 @@ class LoRAInit:
         raise TypeError(f"{type(self).__name__} must implement initialise()")
 
 
+def _embedding_init(A: torch.Tensor, B: torch.Tensor, generator: torch.Generator) -> None:
+    # On embeddings the roles swap (reference code and PEFT): A = 0, B ~ N(0, 1).
+    A.zero_()
+    B.normal_(0.0, 1.0, generator=generator)
+
+
 @component("kaiming_uniform")
 @dataclass(frozen=True)
 class KaimingUniform(LoRAInit):
@@ -52,8 +58,7 @@ class KaimingUniform(LoRAInit):
 
     def initialise(self, A: torch.Tensor, B: torch.Tensor, *, kind: str, generator: torch.Generator) -> None:
         if kind == "embedding":
-            A.zero_()
-            B.normal_(0.0, 1.0, generator=generator)
+            _embedding_init(A, B, generator)
             return
         bound = 1.0 / math.sqrt(A.shape[1])
         A.uniform_(-bound, bound, generator=generator)
@@ -67,8 +72,7 @@ class Gaussian(LoRAInit):
 
     def initialise(self, A: torch.Tensor, B: torch.Tensor, *, kind: str, generator: torch.Generator) -> None:
         if kind == "embedding":
-            A.zero_()
-            B.normal_(0.0, 1.0, generator=generator)
+            _embedding_init(A, B, generator)
             return
         A.normal_(0.0, 1.0 / A.shape[0], generator=generator)
         B.zero_()
