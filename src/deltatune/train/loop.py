@@ -438,7 +438,7 @@ def load_checkpoint(
     if diff:
         raise ValueError(
             f"{folder} is a checkpoint of a different run ({'; '.join(diff)}); "
-            "use another --out or pass --no-resume to start over"
+            "use another --out, or --resume false to start over"
         )
     if state["param_names"] != names or state["param_shapes"] != [list(p.shape) for p in params]:
         raise ValueError(
