@@ -308,3 +308,27 @@ def test_peft_vblora_files_both_ways(topk_only: bool, tmp_path: Path) -> None:
     back = peft.PeftModel.from_pretrained(Net(), tmp_path / "ours").eval()
     with torch.no_grad():
         assert (back(x) - ours(x)).abs().max() <= 1e-5
+
+
+def test_float16_weights_halve_their_bytes_and_report_their_error(tmp_path: Path) -> None:
+    from deltatune.methods.vblora import storage_error
+
+    exact_model, half_model = net(), net()
+    exact = dt.inject(exact_model, small(), targets=["0", "2"], seed=4)
+    half = dt.inject(half_model, small(weight_dtype="float16"), targets=["0", "2"], seed=4)
+    assert storage_error(exact, "default") == 0.0
+    error = storage_error(half, "default")
+    assert 0.0 < error < 2e-3
+    n_sub = 3 * (32 // 8 + 64 // 8) + 3 * (64 // 8 + 16 // 8)
+    assert (
+        exact.closed_form("default")[1] - half.closed_form("default")[1] == n_sub * 2
+    )  # k-1 = 1 weight each
+    dt.save(half_model, tmp_path)
+    assert load_file(str(tmp_path / "adapter.safetensors"))["0.topk_weights_A"].dtype == torch.float16
+    fresh = net()
+    dt.load(fresh, tmp_path)
+    x = torch.randn(4, 32)
+    with torch.no_grad():
+        gap = (fresh(x) - half_model(x)).abs().max()
+        change = (half_model(x) - net()(x)).abs().max()
+    assert 0 < gap <= 2e-3 * change + 1e-7

@@ -39,6 +39,7 @@ Example:
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -103,6 +104,8 @@ class VBLoRA:
         logits_lr_ratio: learning rate of the logits / that of the bank [10: 1e-2 vs 1e-3 in the paper].
         save_mode: "topk" stores indices + k−1 weights; "logits" stores all logits (to keep training
             with the exact optimizer state) ["topk"].
+        weight_dtype: "float32" (exact round trip) or "float16" (half the weight bytes; the rounding
+            error is reported by :func:`storage_error`) ["float32"].
     """
 
     rank: int = param(4, Int(min=1), "rank r of ΔW = B A")
@@ -116,6 +119,11 @@ class VBLoRA:
         10.0, Float(0.0, low_open=True), "logits learning rate / bank learning rate"
     )
     save_mode: str = param("topk", OneOf(("topk", "logits")), "what the adapter file stores")
+    weight_dtype: str = param(
+        "float32",
+        OneOf(("float32", "float16")),
+        "dtype of the stored top-k weights (float16: see storage_error)",
+    )
 
     name: ClassVar[str] = "vblora"
     mergeable: ClassVar[bool] = True
@@ -153,7 +161,8 @@ class VBLoRA:
         if self.save_mode == "logits":
             return 4 * self.parameter_count(base)
         per_index = torch.empty((), dtype=index_dtype(self.num_vectors)).element_size()
-        return self.sub_vectors(base) * (4 * (self.topk - 1) + self.topk * per_index)
+        per_weight = 2 if self.weight_dtype == "float16" else 4
+        return self.sub_vectors(base) * (per_weight * (self.topk - 1) + self.topk * per_index)
 
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
@@ -283,7 +292,8 @@ class VBLoRALayer(nn.Module):
                 top, indices = logits.detach().topk(self.config.topk, dim=-1)
                 weights = mixture_weights(top)
             out[f"topk_indices_{which}"] = indices.to(dtype)
-            out[f"topk_weights_{which}"] = weights[..., :-1].detach().contiguous()
+            stored = weights[..., :-1].detach()
+            out[f"topk_weights_{which}"] = stored.to(getattr(torch, self.config.weight_dtype)).contiguous()
         return out
 
     def import_state(self, state: Mapping[str, torch.Tensor]) -> None:
@@ -324,3 +334,23 @@ class VBLoRALayer(nn.Module):
             f"kind={self.kind}, rank={self.config.rank}, sub_vectors_A={tuple(self.logits_A.shape[:2])}, "
             f"sub_vectors_B={tuple(self.logits_B.shape[:2])}, topk={self.config.topk}"
         )
+
+
+def storage_error(att: Attachment, name: str) -> float:
+    """How far the stored adapter is from the live one: max |ΔW_stored − ΔW| / max |ΔW| over modules.
+
+    0.0 for float32 top-k or logits files; small (about 1e-3) for ``weight_dtype="float16"``.
+    """
+    worst = 0.0
+    for layer in att.layers(name).values():
+        if not isinstance(layer, VBLoRALayer):
+            continue
+        with torch.no_grad():
+            exact = layer.delta_weight()
+            state = layer.export_state()
+            probe = copy.deepcopy(layer)  # (with its own copy of the bank: nothing live is touched)
+            probe.import_state(state)
+            stored = probe.delta_weight()
+        scale = float(exact.abs().max()) or 1.0
+        worst = max(worst, float((stored - exact).abs().max()) / scale)
+    return worst
