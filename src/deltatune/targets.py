@@ -24,7 +24,7 @@ from __future__ import annotations
 import difflib
 import re
 import sys
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Union
 
@@ -204,8 +204,3 @@ def _suggest(item: object, modules: dict[str, nn.Module]) -> str:
     sample = list(modules)[:8]
     return "modules include: " + ", ".join(sample) + (" ..." if len(modules) > 8 else "")
 
-
-def iter_paths(model: nn.Module) -> Iterator[str]:
-    for path, _ in model.named_modules():
-        if path:
-            yield path
