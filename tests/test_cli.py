@@ -48,3 +48,40 @@ def test_unknown_command_is_an_error(capsys: pytest.CaptureFixture[str]) -> None
         main(["trian"])
     assert e.value.code == 2
     assert "invalid choice: 'trian'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", sorted(REGISTRY))
+def test_info_counts_match_the_model_without_loading_it(
+    method: str, tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pathlib import Path
+
+    import torch
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    import deltatune as dt
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(32, 64)
+            self.c = Conv1D(16, 64)  # weight (64, 16): GPT-2 layout
+            self.head = nn.Linear(16, 2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.head(self.c(self.a(x)))
+
+    cls = REGISTRY[method]
+    model = Net()
+    att = dt.inject(model, cls(**cls.small_example), targets=["a", "c"], modules_to_save=["head"])
+    folder = Path(str(tmp_path))
+    dt.save(model, folder)
+    assert main(["info", str(folder), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    trainable, stored_bytes = att.closed_form("default")
+    assert info["trainable_parameters"] == trainable == sum(p.numel() for p in dt.trainable_parameters(model))
+    assert info["stored_bytes"] == stored_bytes
+    assert info["float32_equivalent_parameters"] == stored_bytes // 4
+    assert main(["info", str(folder)]) == 0
+    assert f"trainable parameters: {trainable:,}" in capsys.readouterr().out

@@ -270,6 +270,7 @@ def adapter_info(folder: str | Path) -> dict[str, Any]:
     stored = sum(t.numel() for t in tensors.values())
     stored_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    trainable = _trainable_from_fingerprint(config, method, tensors)
     return {
         "folder": str(folder),
         "method": config["method"],
@@ -278,6 +279,7 @@ def adapter_info(folder: str | Path) -> dict[str, Any]:
         "targets": config["targets"],
         "overrides": config.get("overrides", {}),
         "modules_to_save": config.get("modules_to_save", []),
+        "trainable_parameters": trainable,
         "stored_parameters": stored,
         "stored_bytes": stored_bytes,
         "float32_equivalent_parameters": stored_bytes // 4,
@@ -286,6 +288,54 @@ def adapter_info(folder: str | Path) -> dict[str, Any]:
         "dtypes": dtypes,
         "format_version": config["format_version"],
     }
+
+
+def _stand_in(kind: str, shape: list[int]) -> Any:
+    """A weightless (meta-device) module with the class and weight shape a fingerprint records."""
+    from torch import nn
+
+    if kind == "Linear" and len(shape) == 2:
+        return nn.Linear(shape[1], shape[0], device="meta")
+    if kind == "Embedding" and len(shape) == 2:
+        return nn.Embedding(shape[0], shape[1], device="meta")
+    if kind == "Conv1D" and len(shape) == 2:
+        return _conv1d(shape)
+    return None
+
+
+def _conv1d(shape: list[int]) -> Any:
+    import torch
+    from torch import nn
+
+    class Conv1D(nn.Module):  # the name and the (in, out) weight are what module_kind() reads
+        def __init__(self) -> None:
+            super().__init__()
+            self.nf = shape[1]
+            self.weight = nn.Parameter(torch.empty(shape, device="meta"))
+
+    return Conv1D()
+
+
+def _trainable_from_fingerprint(config: dict[str, Any], method: Any, tensors: dict[str, Any]) -> int | None:
+    """The trainable count from the methods' closed forms and the recorded module shapes."""
+    from .core import _config_for
+
+    fingerprint = config["fingerprint"]
+    overrides = config.get("overrides") or {}
+    bases: dict[str, Any] = {}
+    for path in config["targets"]:
+        kind, shape = fingerprint.get(path, [None, []])
+        base = _stand_in(str(kind), list(shape))
+        if base is None:
+            return None
+        bases[path] = base
+    total = sum(_config_for(method, p, overrides).parameter_count(b) for p, b in bases.items())
+    shared_count = getattr(method, "shared_parameter_count", None)
+    if shared_count is not None:
+        total += shared_count(bases)
+    for path in config.get("modules_to_save") or []:
+        total += sum(t.numel() for k, t in tensors.items() if k.startswith(f"{path}.module."))
+    return int(total)
 
 
 def _info(args: argparse.Namespace) -> int:
@@ -300,9 +350,12 @@ def _info(args: argparse.Namespace) -> int:
     print(f"  targets: {shown}")
     if info["modules_to_save"]:
         print(f"  modules trained in full: {', '.join(info['modules_to_save'])}")
+    if info["trainable_parameters"] is not None:
+        print(f"  trainable parameters: {info['trainable_parameters']:,}")
     print(
         f"  stored: {info['stored_parameters']:,} values, {info['stored_bytes']:,} bytes "
-        f"({'/'.join(info['dtypes'])}); files {info['file_bytes']:,} bytes on disk"
+        f"({'/'.join(info['dtypes'])}; {info['float32_equivalent_parameters']:,} float32-equivalent); "
+        f"files {info['file_bytes']:,} bytes on disk"
     )
     return 0
 

@@ -203,4 +203,3 @@ def _suggest(item: object, modules: dict[str, nn.Module]) -> str:
         return "close module names: " + ", ".join(close)
     sample = list(modules)[:8]
     return "modules include: " + ", ".join(sample) + (" ..." if len(modules) > 8 else "")
-
