@@ -57,15 +57,18 @@ class Run:
         self.floor = floor
         self.opt = torch.optim.AdamW(params, lr=1e-4) if params else None
 
-    def train_step(self, ids: torch.Tensor) -> float:
-        start = time.perf_counter()
+    def loss(self, ids: torch.Tensor) -> torch.Tensor:
         if self.floor:
             # No weight gradients at all: backward through the activations only.
             emb = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
-            loss = self.model(inputs_embeds=emb, labels=ids).loss
-        else:
-            loss = self.model(input_ids=ids, labels=ids).loss
-        loss.backward()
+            out: torch.Tensor = self.model(inputs_embeds=emb, labels=ids).loss
+            return out
+        out = self.model(input_ids=ids, labels=ids).loss
+        return out
+
+    def train_step(self, ids: torch.Tensor) -> float:
+        start = time.perf_counter()
+        self.loss(ids).backward()
         if self.opt is not None:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
@@ -86,11 +89,7 @@ class Run:
             return t
 
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            if self.floor:
-                emb = self.model.get_input_embeddings()(ids).detach().requires_grad_(True)
-                loss = self.model(inputs_embeds=emb, labels=ids).loss
-            else:
-                loss = self.model(input_ids=ids, labels=ids).loss
+            loss = self.loss(ids)
         loss.backward()
         if self.opt is not None:
             self.opt.zero_grad(set_to_none=True)

@@ -246,9 +246,17 @@ def count_of(batch: dict[str, torch.Tensor], kind: str) -> int:
 
 
 def loss_sum(model: nn.Module, batch: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
-    inputs = {k: v for k, v in batch.items() if k != "labels"}
-    logits = model(**inputs).logits
-    labels = batch["labels"]
+    """Forward ``batch`` and return its summed loss."""
+    return loss_of_logits(logits_of(model, batch), batch["labels"], kind)
+
+
+def logits_of(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    logits: torch.Tensor = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    return logits
+
+
+def loss_of_logits(logits: torch.Tensor, labels: torch.Tensor, kind: str) -> torch.Tensor:
+    """Summed loss (the caller divides by the global count, see the module docstring)."""
     if kind == "classification":
         return F.cross_entropy(logits.float(), labels, reduction="sum")
     if kind == "regression":
@@ -494,10 +502,11 @@ def evaluate(
     for chunk in _batches(examples, cfg.eval_batch_size):
         batch = _to(collate(chunk), _device(model))
         with _autocast(cfg):
-            total += float(loss_sum(model, batch, task.kind))
+            logits = logits_of(model, batch)  # one forward serves the loss and the predictions
+        total += float(loss_of_logits(logits, batch["labels"], task.kind))
         count += count_of(batch, task.kind)
         if task.kind != "generation":
-            logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits.float()
+            logits = logits.float()
             predictions.extend(
                 logits.argmax(-1).tolist() if task.kind == "classification" else logits[:, 0].tolist()
             )
