@@ -167,35 +167,28 @@ def test_missing_model_path_and_bad_data_file(tmp_path: Path, monkeypatch: pytes
         train(config("minilm", tmp_path / "out", data_dir=str(tmp_path / "data")), progress=False)
 
 
-def _cli(*args: str, env: dict[str, str] | None = None) -> list[str]:
+def _cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "deltatune.cli", *args]
 
 
+def _train_args(model: str, **flags: object) -> list[str]:
+    """``train`` on SST-2 with small defaults; ``flags`` (underscores for dashes) override them."""
+    options: dict[str, object] = {
+        "task": "sst2",
+        "batch_size": 8,
+        "eval_limit": 16,
+        "max_length": 32,
+        "rank": 2,
+        **flags,
+    }
+    args = ["train", "--model", model, "--no-progress"]
+    for key, value in options.items():
+        args += ["--" + key.replace("_", "-"), str(value)]
+    return args
+
+
 def test_sigint_leaves_a_usable_checkpoint(tiny_bert: str, tmp_path: Path) -> None:
-    args = [
-        "train",
-        "--model",
-        tiny_bert,
-        "--task",
-        "sst2",
-        "--steps",
-        "40",
-        "--batch-size",
-        "8",
-        "--train-limit",
-        "96",
-        "--eval-limit",
-        "16",
-        "--max-length",
-        "32",
-        "--checkpoint-every",
-        "2",
-        "--out",
-        str(tmp_path),
-        "--rank",
-        "2",
-        "--no-progress",
-    ]
+    args = _train_args(tiny_bert, steps=40, train_limit=96, checkpoint_every=2, out=tmp_path)
     proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     state = tmp_path / "checkpoint" / "state.json"
@@ -215,28 +208,7 @@ def test_sigint_leaves_a_usable_checkpoint(tiny_bert: str, tmp_path: Path) -> No
 
 def test_two_processes_equal_one(tiny_bert: str, tmp_path: Path) -> None:
     """torchrun with 2 gloo processes, each half of the global batch, gives the 1-process adapter."""
-    common = [
-        "train",
-        "--model",
-        tiny_bert,
-        "--task",
-        "sst2",
-        "--steps",
-        "4",
-        "--batch-size",
-        "8",
-        "--train-limit",
-        "64",
-        "--eval-limit",
-        "8",
-        "--max-length",
-        "32",
-        "--checkpoint-every",
-        "0",
-        "--rank",
-        "4",
-        "--no-progress",
-    ]
+    common = _train_args(tiny_bert, steps=4, train_limit=64, eval_limit=8, checkpoint_every=0, rank=4)
     one = subprocess.run(
         _cli(*common, "--out", str(tmp_path / "one")), capture_output=True, text=True, timeout=300
     )
