@@ -91,6 +91,48 @@ class GPT2Style(nn.Module):
         return x + self.c_out(torch.nn.functional.gelu(self.c_fc(x)))
 
 
+class TinyLlama(nn.Module):
+    """A two-block transformer with Llama's module names (embed_tokens, layers.i.self_attn.o_proj,
+    layers.i.mlp.down_proj, ...) and biases everywhere: what deltatune.anatomy recognises by structure."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(50, D)
+        self.layers = nn.ModuleList([LlamaBlock(), LlamaBlock()])
+        self.norm = nn.LayerNorm(D)
+        self.head = nn.Linear(D, 8)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: (B, T)
+        x = self.embed_tokens(ids)
+        for layer in self.layers:
+            x = layer(x)
+        return self.head(self.norm(x))  # (B, T, 8)
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(D, 2 * D)
+        self.up_proj = nn.Linear(D, 2 * D)
+        self.down_proj = nn.Linear(2 * D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(torch.nn.functional.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class LlamaBlock(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.input_layernorm = nn.LayerNorm(D)
+        self.self_attn = Attention()
+        self.post_attention_layernorm = nn.LayerNorm(D)
+        self.mlp = LlamaMLP()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.self_attn(self.input_layernorm(x))  # Attention adds its own residual
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
 @dataclass(frozen=True)
 class Toy:
     name: str
@@ -121,4 +163,5 @@ TOYS = [
     Toy("attention", _seeded(Blocks), _float_input((3, 6, D)), None),
     Toy("embedding", _seeded(EmbeddingModel), lambda g: torch.randint(0, 50, (4, 7), generator=g), "proj"),
     Toy("conv1d", _seeded(GPT2Style), _float_input((3, 5, D)), None),
+    Toy("transformer", _seeded(TinyLlama), lambda g: torch.randint(0, 50, (3, 6), generator=g), "head"),
 ]

@@ -24,13 +24,16 @@ from .core import (
     unload,
 )
 from .io import export_peft, import_peft, load, save
-from .methods import Gaussian, KaimingUniform, LoRA, VBLoRA
+from .methods import Adapter, BitFit, Gaussian, KaimingUniform, LoRA, Partial, VBLoRA
 from .targets import ALL_LINEAR, Target
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALL_LINEAR",
+    "Adapter",
+    "BitFit",
+    "Partial",
     "REGISTRY",
     "Adapted",
     "Attachment",

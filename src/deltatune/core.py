@@ -54,7 +54,12 @@ class Method(Protocol):
       ``shared_stored_bytes(bases)``;
     * ``combine_layers(parts) -> (config, layer)``: exact weighted combination (``combinable``);
     * ``parameter_groups(attachment, name) -> {group: (params, lr multiplier)}`` for the optimizer;
-    * ``small_example``: field values that fit tiny models (used by examples and the invariant suite).
+    * ``small_example``: field values that fit tiny models (used by examples and the invariant suite);
+    * ``default_targets(model) -> list[str]``: where the method goes when no targets are given (e.g.
+      a bottleneck adapter after each attention and FFN output, found with :mod:`deltatune.anatomy`);
+    * ``check_targets(model, paths)``: refuse (``ValueError``) targets that contradict the method's
+      fields (e.g. more blocks than ``Partial.blocks``);
+    * on a layer, ``reads = "output"``: its ``delta`` reads the base module's output, not its input.
     """
 
     name: ClassVar[str]
@@ -163,6 +168,13 @@ class ModuleCopy(nn.Module):
         return out
 
 
+def _delta_source(layer: Any, x: Any, base_out: Any) -> Any:
+    """What an additive layer's ``delta`` reads: its ``reads`` class attribute, ``"input"`` (the
+    module's first input, the default) or ``"output"`` (the base module's output, e.g. a bottleneck
+    adapter placed after a projection: ``y = f(x) + delta(f(x))``)."""
+    return base_out if getattr(layer, "reads", "input") == "output" else x
+
+
 class Adapted(nn.Module):
     """Holds an original module (``base``, untouched) and one layer per named adapter."""
 
@@ -192,8 +204,9 @@ class Adapted(nn.Module):
             return replacing[0](self.base, *args, **kwargs)
         out = self.base(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
+        base_out = out
         for layer in layers:
-            out = out + layer.delta(x).to(out.dtype)
+            out = out + layer.delta(_delta_source(layer, x, base_out)).to(out.dtype)
         return out
 
     def _routed(self, routing: list[str | None], *args: Any, **kwargs: Any) -> Any:
@@ -203,6 +216,7 @@ class Adapted(nn.Module):
             raise ValueError(
                 f"route(): {len(routing)} adapter names given for a batch of {x.shape[0]} examples"
             )
+        base_out = out
         for name in dict.fromkeys(n for n in routing if n is not None):
             if name not in self.adapters:
                 continue
@@ -210,7 +224,7 @@ class Adapted(nn.Module):
                 [i for i, n in enumerate(routing) if n == name], device=x.device, dtype=torch.long
             )
             layer: Any = self.adapters[name]
-            delta = layer.delta(x.index_select(0, rows))
+            delta = layer.delta(_delta_source(layer, x, base_out).index_select(0, rows))
             out = out.index_add(0, rows, delta.to(out.dtype))
         return out
 
@@ -395,7 +409,7 @@ def _check_overrides(method: Any, overrides: Mapping[str, Mapping[str, Any]], pa
 def inject(
     model: nn.Module,
     method: Any,
-    targets: _targets.TargetSpec = _targets.ALL_LINEAR,
+    targets: _targets.TargetSpec | None = None,
     *,
     name: str = "default",
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
@@ -411,7 +425,8 @@ def inject(
     Args:
         model: any ``nn.Module``; it is modified in place.
         method: a registered method config, e.g. ``LoRA(rank=8)``.
-        targets: which modules to adapt (see :mod:`deltatune.targets`).
+        targets: which modules to adapt (see :mod:`deltatune.targets`); default: the method's
+            ``default_targets(model)`` if it declares one, else ``"all-linear"``.
         name: the adapter's name (a Python-identifier-like string).
         overrides: per-module field values by name/suffix/regex, e.g. ``{"value": {"rank": 16}}``.
         modules_to_save: modules trained in full and stored with the adapter (e.g. a head).
@@ -442,6 +457,8 @@ def inject(
         )
     override_map = {k: dict(v) for k, v in (overrides or {}).items()}
     modules = _base_modules(model, att)
+    if targets is None:
+        targets = default_targets(method, model)
     paths = _targets.resolve(model, targets, modules)
     save_paths = _targets.resolve(model, list(modules_to_save), modules) if modules_to_save else []
     save_paths = [p for p in save_paths if not any(p.startswith(q + ".") for q in save_paths)]
@@ -456,6 +473,9 @@ def inject(
         clash = [p for p in paths if p == sp or p.startswith(sp + ".") or sp.startswith(p + ".")]
         if clash:
             raise ValueError(f"modules_to_save {sp!r} overlaps the targeted module(s) {clash[:4]}")
+    check_targets = getattr(method, "check_targets", None)
+    if check_targets is not None:
+        check_targets(model, paths)
     _check_overrides(method, override_map, paths)
     configs = {p: _config_for(method, p, override_map) for p in paths}
 
@@ -506,6 +526,16 @@ def inject(
         for p in trainable:
             p.requires_grad_(False)
     return att
+
+
+def default_targets(method: Any, model: nn.Module) -> _targets.TargetSpec:
+    """Where ``method`` goes on ``model`` when no targets are given: its ``default_targets(model)``
+    if it declares one, else ``"all-linear"``."""
+    declared = getattr(method, "default_targets", None)
+    if declared is None:
+        return _targets.ALL_LINEAR
+    out: list[str] = declared(model)
+    return out
 
 
 def _to_device_of(layer: nn.Module, base: nn.Module) -> nn.Module:

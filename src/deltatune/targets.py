@@ -62,14 +62,28 @@ TargetSpec = Union[
 
 
 def module_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv1d"`` (GPT-2's transposed linear), ``"embedding"`` or None."""
+    """``"linear"``, ``"conv1d"`` (GPT-2's transposed linear), ``"embedding"``, ``"block"`` or None.
+
+    A ``"block"`` is a callable module made of submodules that holds parameters (a transformer
+    block, an MLP, an attention layer); containers that are not called (``nn.ModuleList``,
+    ``nn.ModuleDict``) are not blocks.
+    """
     if isinstance(module, nn.Linear):
         return "linear"
     if isinstance(module, nn.Embedding):
         return "embedding"
     if is_conv1d(module):
         return "conv1d"
+    if is_block(module):
+        return "block"
     return None
+
+
+def is_block(module: nn.Module) -> bool:
+    """True for a module with child modules and parameters that is called (not a ModuleList/Dict)."""
+    if isinstance(module, (nn.ModuleList, nn.ModuleDict, nn.ParameterList, nn.ParameterDict)):
+        return False
+    return next(module.children(), None) is not None and next(module.parameters(), None) is not None
 
 
 def is_conv1d(module: nn.Module) -> bool:
