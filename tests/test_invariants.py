@@ -169,6 +169,10 @@ def test_forward_matches_delta_weight(cls: type, toy: Toy) -> None:
         wrapper = att.wrappers[path]
         layer = wrapper.adapters["default"]
         reference = merged_linear(wrapper.base, layer.delta_weight())
+        # A weight-space layer that also moves the bias says so with ``delta_bias()`` (None: it does not).
+        delta_bias = layer.delta_bias() if hasattr(layer, "delta_bias") else None
+        if delta_bias is not None:
+            reference.bias = nn.Parameter(wrapper.base.bias + delta_bias)
         assert close(out, reference(inp)), path
 
 

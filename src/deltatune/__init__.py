@@ -24,7 +24,7 @@ from .core import (
     unload,
 )
 from .io import export_peft, import_peft, load, save
-from .methods import Adapter, BitFit, Gaussian, KaimingUniform, LoRA, Partial, VBLoRA
+from .methods import Adapter, BitFit, Gaussian, IntrinsicDimension, KaimingUniform, LoRA, Partial, VBLoRA
 from .targets import ALL_LINEAR, Target
 
 __version__ = "0.1.0"
@@ -38,6 +38,7 @@ __all__ = [
     "Adapted",
     "Attachment",
     "Gaussian",
+    "IntrinsicDimension",
     "KaimingUniform",
     "LoRA",
     "ParameterReport",

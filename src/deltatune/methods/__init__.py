@@ -2,6 +2,7 @@
 
 from .adapter import Adapter, AdapterLayer
 from .bitfit import BitFit, BitFitLayer
+from .intrinsic import IntrinsicDimension, IntrinsicLayer, IntrinsicVector
 from .lora import Gaussian, KaimingUniform, LoRA, LoRAInit, LoRALayer
 from .partial import BlockCopy, Partial
 from .vblora import VBLoRA, VBLoRALayer, VectorBank
@@ -13,6 +14,9 @@ __all__ = [
     "BitFitLayer",
     "BlockCopy",
     "Gaussian",
+    "IntrinsicDimension",
+    "IntrinsicLayer",
+    "IntrinsicVector",
     "KaimingUniform",
     "LoRA",
     "LoRAInit",
