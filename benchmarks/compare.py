@@ -55,7 +55,22 @@ VB_B32 = Row(
     {"lr": 1e-2},
 )
 
+# Addition and specification methods (issue 7); every row trains the task head at 1e-3 as the others do.
+ADAPTER_LR = {"lr": 1e-3, "head_lr": 1e-3}
+HOULSBY = Row("Houlsby adapter (attention + FFN, m=d/16)", "adapter", {"placement": "houlsby"}, ADAPTER_LR)
+PFEIFFER = Row("Pfeiffer adapter (FFN, m=d/16)", "adapter", {"placement": "pfeiffer"}, ADAPTER_LR)
+BITFIT = Row("BitFit (all linear biases)", "bitfit", {}, {"lr": 3e-3, "head_lr": 1e-3})
+LAST2 = Row("last 2 blocks (partial)", "partial", {"blocks": 2}, {"lr": 5e-5, "head_lr": 1e-3})
+
 PRESETS: dict[str, dict[str, Any]] = {
+    "adapters": {
+        "model": "minilm",
+        "tasks": {
+            "sst2": {"steps": 150, "batch_size": 32, "max_length": 64},
+            "mrpc": {"steps": 150, "batch_size": 16, "max_length": 128},
+        },
+        "rows": [HOULSBY, PFEIFFER, BITFIT, LAST2],
+    },
     "vblora": {
         "model": "minilm",
         "tasks": {"sst2": {"steps": 150, "batch_size": 32, "max_length": 64}},

@@ -305,7 +305,9 @@ def prepare(model: nn.Module, cfg: TrainConfig, task: Task) -> tuple[list[dict[s
             "trainable": sum(p.numel() for p in head)
         }
     method = core.method_from_config(cfg.method, cfg.method_fields)
-    targets = cfg.targets or default_targets(model)
+    # A method that knows where it goes (adapters after attention/FFN outputs, ...) says so.
+    declared = getattr(method, "default_targets", None)
+    targets = cfg.targets or (declared(model) if declared is not None else default_targets(model))
     saved = cfg.modules_to_save if cfg.modules_to_save is not None else heads
     att = core.inject(model, method, targets=targets, modules_to_save=saved, seed=cfg.seed)
     info = att.info("default")
