@@ -133,12 +133,63 @@ class LlamaBlock(nn.Module):
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
+class HFLogits(nn.Module):
+    """A tiny randomly initialised transformers model called on token ids, returning its logits."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # ids: (B, T)
+        logits: torch.Tensor = self.model(input_ids=ids).logits
+        return logits
+
+
+class HFBert(HFLogits):
+    """BertForSequenceClassification from a config (no download): 2 layers, width D, 8 labels."""
+
+    def __init__(self) -> None:
+        from transformers import BertConfig, BertForSequenceClassification
+
+        config = BertConfig(
+            vocab_size=64,
+            hidden_size=D,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=2 * D,
+            max_position_embeddings=32,
+            num_labels=8,
+            hidden_dropout_prob=0.0,
+            attention_probs_dropout_prob=0.0,
+        )
+        super().__init__(BertForSequenceClassification(config))
+
+
+class HFLlama(HFLogits):
+    """LlamaForCausalLM from a config (no download): 2 layers, width D, grouped-query attention."""
+
+    def __init__(self) -> None:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        config = LlamaConfig(
+            vocab_size=64,
+            hidden_size=D,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            intermediate_size=2 * D,
+            max_position_embeddings=64,
+        )
+        super().__init__(LlamaForCausalLM(config))
+
+
 @dataclass(frozen=True)
 class Toy:
     name: str
     build: Callable[[], nn.Module]
     inputs: Callable[[torch.Generator], torch.Tensor]
     head: str | None  # a module that can go in modules_to_save
+    transformers: bool = False  # a transformers model: only for ``model_level`` methods
 
 
 def _seeded(cls: type[nn.Module]) -> Callable[[], nn.Module]:
@@ -158,10 +209,16 @@ def _float_input(shape: tuple[int, ...]) -> Callable[[torch.Generator], torch.Te
     return lambda g: torch.randn(*shape, generator=g)
 
 
+def _token_ids(shape: tuple[int, ...]) -> Callable[[torch.Generator], torch.Tensor]:
+    return lambda g: torch.randint(1, 64, shape, generator=g)  # 0 is BERT's [PAD]
+
+
 TOYS = [
     Toy("mlp", _seeded(MLP), _float_input((5, D)), "head"),
     Toy("attention", _seeded(Blocks), _float_input((3, 6, D)), None),
     Toy("embedding", _seeded(EmbeddingModel), lambda g: torch.randint(0, 50, (4, 7), generator=g), "proj"),
     Toy("conv1d", _seeded(GPT2Style), _float_input((3, 5, D)), None),
     Toy("transformer", _seeded(TinyLlama), lambda g: torch.randint(0, 50, (3, 6), generator=g), "head"),
+    Toy("bert", _seeded(HFBert), _token_ids((3, 6)), "model.classifier", transformers=True),
+    Toy("llama", _seeded(HFLlama), _token_ids((3, 6)), None, transformers=True),
 ]

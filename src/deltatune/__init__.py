@@ -24,24 +24,39 @@ from .core import (
     unload,
 )
 from .io import export_peft, import_peft, load, save
-from .methods import Adapter, BitFit, Gaussian, IntrinsicDimension, KaimingUniform, LoRA, Partial, VBLoRA
+from .methods import (
+    Adapter,
+    BitFit,
+    Gaussian,
+    IntrinsicDimension,
+    KaimingUniform,
+    LoRA,
+    Partial,
+    PrefixTuning,
+    PromptTuning,
+    PTuning,
+    VBLoRA,
+)
 from .targets import ALL_LINEAR, Target
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ALL_LINEAR",
-    "Adapter",
-    "BitFit",
-    "Partial",
     "REGISTRY",
     "Adapted",
+    "Adapter",
     "Attachment",
+    "BitFit",
     "Gaussian",
     "IntrinsicDimension",
     "KaimingUniform",
     "LoRA",
+    "PTuning",
     "ParameterReport",
+    "Partial",
+    "PrefixTuning",
+    "PromptTuning",
     "Target",
     "VBLoRA",
     "adapter_state",

@@ -278,10 +278,25 @@ def _inject_filled(
     except BaseException:
         core.delete_adapter(model, name)
         raise
+    _refresh_trainable(att, name)
     if not trainable:
         for p in att.adapters[name].trainable:
             p.requires_grad_(False)
     return att
+
+
+def _refresh_trainable(att: core.Attachment, name: str) -> None:
+    """A layer's ``import_state`` may swap its parameters (a training-time reparameterisation, such
+    as prefix tuning's MLP, collapses to the stored plain tensors): list what the layers hold now."""
+    info = att.adapters[name]
+    before = {id(p) for p in info.trainable}
+    held = [*att.layers(name).values(), *([info.shared] if info.shared is not None else [])]
+    current = {id(p): p for m in held for p in m.parameters()}
+    if before <= set(current):
+        return
+    info.trainable = [p for p in current.values() if id(p) in before or p.requires_grad]
+    for p in info.trainable:
+        p.requires_grad_(name in att.active)
 
 
 def load_state(model: nn.Module, name: str, tensors: Mapping[str, torch.Tensor], where: str) -> None:

@@ -4,7 +4,10 @@ from .adapter import Adapter, AdapterLayer
 from .bitfit import BitFit, BitFitLayer
 from .intrinsic import IntrinsicDimension, IntrinsicLayer, IntrinsicVector
 from .lora import Gaussian, KaimingUniform, LoRA, LoRAInit, LoRALayer
+from .p_tuning import EncodedPrompt, PromptEncoder, PTuning
 from .partial import BlockCopy, Partial
+from .prefix_tuning import Prefixes, PrefixMLP, PrefixTuning
+from .prompt_tuning import FromText, PromptInit, PromptTuning, RandomUniform, SampledVocab, VirtualTokens
 from .vblora import VBLoRA, VBLoRALayer, VectorBank
 
 __all__ = [
@@ -13,6 +16,8 @@ __all__ = [
     "BitFit",
     "BitFitLayer",
     "BlockCopy",
+    "EncodedPrompt",
+    "FromText",
     "Gaussian",
     "IntrinsicDimension",
     "IntrinsicLayer",
@@ -21,8 +26,18 @@ __all__ = [
     "LoRA",
     "LoRAInit",
     "LoRALayer",
+    "PTuning",
     "Partial",
+    "PrefixMLP",
+    "PrefixTuning",
+    "Prefixes",
+    "PromptEncoder",
+    "PromptInit",
+    "PromptTuning",
+    "RandomUniform",
+    "SampledVocab",
     "VBLoRA",
     "VBLoRALayer",
     "VectorBank",
+    "VirtualTokens",
 ]

@@ -1,0 +1,239 @@
+"""Running a transformers *body* (``BertModel``, ``LlamaModel``, ...) with virtual tokens or prefixes.
+
+Prompt tuning and P-tuning prepend ``n`` trainable vectors to the input embeddings; prefix tuning
+prepends ``n`` trainable keys and values to the attention of every layer. Both are model-level
+methods: they wrap the body (the module that owns the input embeddings and the blocks) with one
+replacing layer, and this module does the bookkeeping that such a layer needs around
+``body(...)``, for the KV cache of transformers >= 5 (``DynamicCache``, as ``generate()`` uses it):
+
+* virtual tokens (:func:`forward_with_virtual_tokens`): on the first forward (no cache, or an empty
+  one) ``inputs_embeds = [P; E(input_ids)]``, the attention mask gets ``n`` ones in front, token
+  types ``n`` zeros, explicit ``position_ids`` become ``[0..n-1, position_ids + n]``; the virtual
+  positions are cut from ``last_hidden_state`` (and ``hidden_states``), so the head sees exactly one
+  vector per real token and causal-LM logits line up with the caller's labels. On later forwards of
+  ``generate()`` the cache already holds the virtual tokens' keys and values: only the mask (and
+  explicit positions) are extended/shifted, every step.
+* prefixes (:func:`forward_with_prefix`): on the first forward a ``DynamicCache`` is prefilled with
+  the ``n`` keys and values of every layer (the caller's empty cache during ``generate()``, a fresh
+  one otherwise); the attention mask gets ``n`` ones in front on every forward. Real tokens keep the
+  positions the base model gives them (``position_ids`` are passed explicitly, counted without the
+  prefix), so training and ``generate()`` agree and BERT's absolute positions do not shift.
+
+Example:
+    >>> import torch
+    >>> from transformers import BertConfig, BertModel
+    >>> body = BertModel(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1,
+    ...                             num_attention_heads=2, intermediate_size=16)).eval()
+    >>> ids = torch.tensor([[1, 2, 3]])
+    >>> out = forward_with_virtual_tokens(body, (ids,), {}, torch.zeros(4, 8))
+    >>> tuple(out.last_hidden_state.shape)  # the 4 virtual positions are cut again
+    (1, 3, 8)
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from .core import ATTACHMENT_ATTR, _base_modules
+
+
+def is_body(module: nn.Module) -> bool:
+    """A module that owns input embeddings (``get_input_embeddings()``) and no inner module that does:
+    ``BertModel`` inside ``BertForSequenceClassification``, ``LlamaModel`` inside ``LlamaForCausalLM``."""
+    if not _owns_embeddings(module):
+        return False
+    return not any(_owns_embeddings(m) for m in module.modules() if m is not module)
+
+
+def _owns_embeddings(module: nn.Module) -> bool:
+    get = getattr(type(module), "get_input_embeddings", None)
+    if get is None or not hasattr(module, "config"):
+        return False
+    try:
+        emb = module.get_input_embeddings()  # type: ignore[operator]
+    except (NotImplementedError, AttributeError):
+        return False
+    return isinstance(emb, nn.Module)
+
+
+def body_paths(model: nn.Module) -> list[str]:
+    """Paths of the transformer bodies in ``model`` (usually exactly one; "" is the root), seeing
+    through deltatune wrappers (a wrapped body is found at the wrapper's path)."""
+    modules = _base_modules(model, model.__dict__.get(ATTACHMENT_ATTR))
+    return [p for p, m in modules.items() if is_body(m)]
+
+
+def check_body(owner: str, model: nn.Module, paths: Sequence[str]) -> None:
+    """Refuse targets other than exactly the model's one transformer body."""
+    bodies = body_paths(model)
+    if not bodies:
+        raise ValueError(
+            f"{owner}: {type(model).__name__} has no transformers body (a module with "
+            "get_input_embeddings() and a config); this method needs a transformers model"
+        )
+    if list(paths) != bodies[:1] or len(bodies) != 1:
+        raise ValueError(
+            f"{owner}: targets must be the model's transformer body {bodies[:2]} (give no targets), "
+            f"got {list(paths)[:4]}"
+        )
+
+
+def config_of(owner: str, body: nn.Module, path: str) -> Any:
+    config = getattr(body, "config", None)
+    if config is None or not callable(getattr(body, "get_input_embeddings", None)):
+        raise ValueError(
+            f"{owner}: {path!r} is {type(body).__name__}, not a transformers body with a config and "
+            "get_input_embeddings(); target the model's body (give no targets)"
+        )
+    return config
+
+
+def embedding_of(body: nn.Module) -> nn.Embedding:
+    emb = body.get_input_embeddings()  # type: ignore[operator]
+    emb = getattr(emb, "base", emb)  # seen through a deltatune wrapper
+    if not isinstance(emb, nn.Embedding):
+        raise ValueError(
+            f"{type(body).__name__}.get_input_embeddings() is {type(emb).__name__}, not nn.Embedding"
+        )
+    return emb
+
+
+def attention_shape(owner: str, config: Any) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) from a transformers config."""
+    layers = getattr(config, "num_hidden_layers", None)
+    heads = getattr(config, "num_attention_heads", None)
+    hidden = getattr(config, "hidden_size", None)
+    if not all(isinstance(v, int) for v in (layers, heads, hidden)):
+        raise ValueError(
+            f"{owner}: the model's config lacks num_hidden_layers/num_attention_heads/hidden_size"
+        )
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads  # type: ignore[operator]
+    return int(layers), int(kv_heads), int(head_dim)  # type: ignore[arg-type]
+
+
+def call_arguments(body: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The call as keyword arguments (outer models pass ``input_ids`` positionally)."""
+    params = inspect.signature(body.forward).parameters.values()
+    names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(args) > len(names):
+        raise ValueError(f"{type(body).__name__}: {len(args)} positional arguments, at most {len(names)}")
+    out = dict(zip(names, args, strict=False))
+    twice = sorted(set(out) & set(kwargs))
+    if twice:
+        raise ValueError(f"{type(body).__name__}: arguments {twice} given twice")
+    out.update(kwargs)
+    return out
+
+
+def cached_length(cache: Any) -> int:
+    if cache is None:
+        return 0
+    get = getattr(cache, "get_seq_length", None)
+    if get is None:
+        raise ValueError(
+            f"past_key_values must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}"
+        )
+    return int(get())
+
+
+def _batch_and_length(kw: dict[str, Any]) -> tuple[int, int, torch.device]:
+    ids, embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+    ref = ids if ids is not None else embeds
+    if ref is None:
+        raise ValueError("the model was called without input_ids or inputs_embeds")
+    return int(ref.shape[0]), int(ref.shape[1]), ref.device
+
+
+def _extend_mask(kw: dict[str, Any], n: int, batch: int, length: int, device: torch.device) -> None:
+    mask = kw.get("attention_mask")
+    if mask is None:
+        mask = torch.ones(batch, length, dtype=torch.long, device=device)
+    if mask.dim() != 2:
+        raise ValueError(
+            "virtual tokens and prefixes need a 2D attention mask (batch, length), "
+            f"got shape {tuple(mask.shape)}"
+        )
+    kw["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+
+
+def forward_with_virtual_tokens(
+    body: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], prompts: torch.Tensor
+) -> Any:
+    """``body(*args, **kwargs)`` with the ``(n, hidden)`` vectors ``prompts`` before the input."""
+    kw = call_arguments(body, args, kwargs)
+    n = int(prompts.shape[0])
+    batch, length, device = _batch_and_length(kw)
+    first = cached_length(kw.get("past_key_values")) == 0
+    past = 0 if first else cached_length(kw.get("past_key_values")) - n
+    if first:
+        embeds = kw.get("inputs_embeds")
+        if embeds is None:
+            embeds = body.get_input_embeddings()(kw["input_ids"])  # type: ignore[operator]
+        virtual = prompts.to(device=embeds.device, dtype=embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+        kw["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)  # (B, n + T, D)
+        kw["input_ids"] = None
+        types = kw.get("token_type_ids")
+        if types is not None:
+            kw["token_type_ids"] = torch.cat([types.new_zeros(types.shape[0], n), types], dim=1)
+    positions = kw.get("position_ids")
+    if positions is not None:
+        shifted = positions + n
+        if first:
+            lead = torch.arange(n, device=positions.device, dtype=positions.dtype)
+            shifted = torch.cat([lead.expand(*positions.shape[:-1], n), shifted], dim=-1)
+        kw["position_ids"] = shifted
+    if kw.get("attention_mask") is not None:
+        _extend_mask(kw, n, batch, past + length, device)
+    out = body(**kw)
+    if first:
+        _cut(out, n)
+    return out
+
+
+def _cut(out: Any, n: int) -> None:
+    """Drop the ``n`` virtual positions from the per-token outputs of ``body``."""
+    last = getattr(out, "last_hidden_state", None)
+    if isinstance(last, torch.Tensor):
+        out.last_hidden_state = last[:, n:]
+    states = getattr(out, "hidden_states", None)
+    if isinstance(states, tuple):
+        out.hidden_states = tuple(h[:, n:] for h in states)
+
+
+def forward_with_prefix(
+    body: nn.Module,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    prefixes: Sequence[tuple[torch.Tensor, torch.Tensor]],
+) -> Any:
+    """``body(*args, **kwargs)`` with per-layer ``(keys, values)``, each ``(n, kv_heads, head_dim)``,
+    before the keys and values of the real tokens."""
+    from transformers import DynamicCache
+
+    kw = call_arguments(body, args, kwargs)
+    n = int(prefixes[0][0].shape[0])
+    batch, length, device = _batch_and_length(kw)
+    cache = kw.get("past_key_values")
+    first = cached_length(cache) == 0
+    past = 0 if first else cached_length(cache) - n
+    if first:
+        if cache is None:
+            cache = DynamicCache(config=body.config)  # type: ignore[arg-type]
+        dtype = embedding_of(body).weight.dtype
+        for layer, (keys, values) in enumerate(prefixes):
+            # (n, H, d) -> (B, H, n, d), the cache's layout
+            k = keys.to(device=device, dtype=dtype).permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
+            v = values.to(device=device, dtype=dtype).permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
+            cache.update(k, v, layer)
+        kw["past_key_values"] = cache
+    if kw.get("position_ids") is None:
+        positions = torch.arange(past, past + length, device=device)
+        kw["position_ids"] = positions.unsqueeze(0).expand(batch, -1)
+    _extend_mask(kw, n, batch, past + length, device)
+    return body(**kw)
