@@ -39,6 +39,7 @@ from torch import nn
 
 from . import targets as _targets
 from .fields import validate
+from .lowrank import fusable, lowrank_linear
 
 ATTACHMENT_ATTR = "_deltatune_attachment"
 SHARED_ATTR = "deltatune_shared"
@@ -202,6 +203,13 @@ class Adapted(nn.Module):
         if replacing:
             # set_active() guarantees a replacing layer is alone on its module.
             return replacing[0](self.base, *args, **kwargs)
+        if len(layers) == 1 and len(args) == 1 and not kwargs:
+            # A lone low-rank update on a plain frozen Linear: one fused kernel (see lowrank.py).
+            factors = getattr(layers[0], "lowrank_factors", None)
+            if factors is not None and fusable(self.base, args[0]):
+                parts = factors()
+                if parts is not None and parts[0].dtype == args[0].dtype:
+                    return lowrank_linear(self.base, args[0], *parts)  # type: ignore[arg-type]
         out = self.base(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         base_out = out

@@ -118,6 +118,20 @@ class OneOf(Check):
 
 
 @dataclass(frozen=True)
+class Text(Check):
+    """A non-empty string (a file path, a name)."""
+
+    def ok(self, value: Any) -> bool:
+        return isinstance(value, str) and bool(value)
+
+    def describe(self) -> str:
+        return "a non-empty string"
+
+    def counterexample(self) -> Any:
+        return ""
+
+
+@dataclass(frozen=True)
 class Instance(Check):
     """An instance of one of ``types`` (used for initialiser objects)."""
 

@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -111,14 +112,15 @@ def save(model: nn.Module, folder: str | os.PathLike[str], adapter: str | None =
     att = core.attachment_of(model)
     name = adapter if adapter is not None else (att.active[0] if att.active else next(iter(att.adapters)))
     info = att.info(name)
+    method, overrides = _stored_configs(info)
     config = {
         "format_version": FORMAT_VERSION,
         "library": "deltatune",
         "adapter_name": name,
-        "method": type(info.method).name,
-        "config": core.method_fields(info.method),
+        "method": type(method).name,
+        "config": core.method_fields(method),
         "targets": list(info.targets),
-        "overrides": {k: {f: to_jsonable(v) for f, v in vals.items()} for k, vals in info.overrides.items()},
+        "overrides": {k: {f: to_jsonable(v) for f, v in vals.items()} for k, vals in overrides.items()},
         "modules_to_save": list(info.modules_to_save),
         "seed": info.seed,
         "fingerprint": fingerprint(model, [*info.targets, *info.modules_to_save]),
@@ -127,6 +129,31 @@ def save(model: nn.Module, folder: str | os.PathLike[str], adapter: str | None =
     folder = Path(folder)
     _atomic_write_dir(folder, {CONFIG_NAME: _write_json(config), WEIGHTS_NAME: _write_tensors(state)})
     return folder
+
+
+def _stored_configs(info: core.AdapterInfo) -> tuple[Any, dict[str, dict[str, Any]]]:
+    """The method config and per-module overrides that the file records.
+
+    A method may store itself as another config (``stored_method()``: PiSSA-initialised LoRA saves as
+    a plain LoRA of twice the rank); then the overrides are rewritten per module path.
+    """
+    stored = getattr(info.method, "stored_method", None)
+    if stored is None:
+        return info.method, info.overrides
+    method = stored()
+    if method == info.method:
+        return info.method, info.overrides
+    overrides: dict[str, dict[str, Any]] = {}
+    for path in info.targets:
+        cfg = info.configs[path].stored_method()
+        diff = {
+            f.name: getattr(cfg, f.name)
+            for f in dataclasses.fields(cfg)
+            if getattr(cfg, f.name) != getattr(method, f.name)
+        }
+        if diff:
+            overrides[re.escape(path)] = diff
+    return method, overrides
 
 
 def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:

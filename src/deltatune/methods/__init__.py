@@ -6,6 +6,7 @@ from .intrinsic import IntrinsicDimension, IntrinsicLayer, IntrinsicVector
 from .lora import Gaussian, KaimingUniform, LoRA, LoRAInit, LoRALayer
 from .p_tuning import EncodedPrompt, PromptEncoder, PTuning
 from .partial import BlockCopy, Partial
+from .pissa import CorDA, MiLoRA, PiSSA, collect_covariance, randomized_svd
 from .prefix_tuning import Prefixes, PrefixMLP, PrefixTuning
 from .prompt_tuning import FromText, PromptInit, PromptTuning, RandomUniform, SampledVocab, VirtualTokens
 from .vblora import VBLoRA, VBLoRALayer, VectorBank
@@ -16,6 +17,7 @@ __all__ = [
     "BitFit",
     "BitFitLayer",
     "BlockCopy",
+    "CorDA",
     "EncodedPrompt",
     "FromText",
     "Gaussian",
@@ -26,8 +28,10 @@ __all__ = [
     "LoRA",
     "LoRAInit",
     "LoRALayer",
+    "MiLoRA",
     "PTuning",
     "Partial",
+    "PiSSA",
     "PrefixMLP",
     "PrefixTuning",
     "Prefixes",
@@ -40,4 +44,6 @@ __all__ = [
     "VBLoRALayer",
     "VectorBank",
     "VirtualTokens",
+    "collect_covariance",
+    "randomized_svd",
 ]

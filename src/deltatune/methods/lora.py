@@ -23,6 +23,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core import check, register
-from ..fields import Bool, Float, Instance, Int, component, param
+from ..fields import Bool, Float, Instance, Int, OneOf, component, param
 from ..targets import module_kind, shape_of
 
 
@@ -95,7 +96,12 @@ class LoRA:
         alpha: scaling numerator; the update is scaled by alpha/r [8, as PEFT].
         dropout: dropout on the adapter's input [0.0; the paper uses 0.1 on some GLUE tasks].
         rank_stabilized: rsLoRA scaling alpha/sqrt(r) instead of alpha/r [False].
-        init: initialiser of A and B [KaimingUniform()].
+        init: initialiser of A and B [KaimingUniform()]; PiSSA(), MiLoRA(), CorDA(...) take the
+            factors out of the weight (see :mod:`deltatune.methods.pissa`).
+        save_mode: for those weight-derived inits, "lora" saves a plain rank-2r LoRA
+            ``[B | −B0] [A ; A0]`` on the original weight (loads anywhere, PEFT included); "native"
+            saves only the rank-r factors and recomputes the frozen ``A0, B0`` from the base at load
+            (half the bytes; needs the same base and init config) ["lora"].
     """
 
     rank: int = param(8, Int(min=1), "rank r of the update B A")
@@ -103,6 +109,12 @@ class LoRA:
     dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
     rank_stabilized: bool = param(False, Bool(), "rsLoRA: scale by alpha/sqrt(r) instead of alpha/r")
     init: LoRAInit = param(KaimingUniform(), Instance((LoRAInit,)), "initialiser of A and B")  # noqa: RUF009 - a frozen, immutable default
+    save_mode: str = param(
+        "lora",
+        OneOf(("lora", "native")),
+        "with a weight-derived init (PiSSA, MiLoRA, CorDA): 'lora' saves a plain rank-2r LoRA on the "
+        "original weight; 'native' saves the rank-r factors (the frozen part is recomputed at load)",
+    )
 
     name: ClassVar[str] = "lora"
     mergeable: ClassVar[bool] = True
@@ -112,9 +124,26 @@ class LoRA:
     combinable: ClassVar[bool] = True
     layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "embedding")
     small_example: ClassVar[dict[str, Any]] = {"rank": 4}
+    # Other configurations the invariant suite runs (initialisers in JSON form; see methods/pissa.py).
+    variants: ClassVar[dict[str, dict[str, Any]]] = {
+        "pissa": {"fields": {"rank": 2, "init": {"type": "pissa"}}, "layer_types": ("linear", "conv1d")},
+        "pissa-randomized": {
+            "fields": {"rank": 2, "init": {"type": "pissa", "svd": "randomized", "niter": 2}},
+            "layer_types": ("linear", "conv1d"),
+        },
+        "milora-native": {
+            "fields": {"rank": 2, "init": {"type": "milora"}, "save_mode": "native"},
+            "layer_types": ("linear", "conv1d"),
+        },
+    }
 
     def __post_init__(self) -> None:
         check(self)
+
+    @property
+    def random_init(self) -> bool:
+        """Whether the init draws random numbers (another seed, another init)."""
+        return bool(getattr(self.init, "random", True))
 
     @property
     def scale(self) -> float:
@@ -128,7 +157,31 @@ class LoRA:
             raise ValueError(f"LoRA: {path!r} is {type(base).__name__}, not a linear/Conv1D/embedding module")
         in_features, out_features = shape_of(base)
         layer = LoRALayer(self, kind, in_features, out_features, adapter_dtype(base), base)
-        self.init.initialise(layer.lora_A.data, layer.lora_B.data, kind=kind, generator=generator)
+        from_weight = getattr(self.init, "from_weight", None)
+        if from_weight is None:
+            self.init.initialise(layer.lora_A.data, layer.lora_B.data, kind=kind, generator=generator)
+            return layer
+        what = type(self.init).__name__
+        if kind == "embedding":
+            raise ValueError(f"LoRA: {what} initialises from a linear weight; {path!r} is an embedding")
+        if self.rank > min(in_features, out_features):
+            raise ValueError(
+                f"LoRA.rank must be <= min(in_features, out_features) = {min(in_features, out_features)} "
+                f"for {what} on {path!r}, got {self.rank}"
+            )
+        weight = base.weight
+        if not isinstance(weight, torch.Tensor) or type(weight) not in (torch.Tensor, nn.Parameter) or (
+            not weight.is_floating_point()
+        ):
+            raise ValueError(
+                f"LoRA: {what} needs the full-precision weight of {path!r}, which is "
+                f"{type(weight).__name__}; initialise the adapter first, then quantise the base "
+                "(deltatune.quantize), which then quantises the residual (QPiSSA)"
+            )
+        w = weight.detach().float()
+        w = w if kind == "linear" else w.t()  # (out, in)
+        A, B = from_weight(w, self.rank, self.scale, generator=generator, path=path)
+        layer.set_factors(A, B, frozen_copy=True)
         return layer
 
     def parameter_count(self, base: nn.Module) -> int:
@@ -136,7 +189,20 @@ class LoRA:
         return self.rank * (in_features + out_features)
 
     def stored_bytes(self, base: nn.Module) -> int:
-        return self.parameter_count(base) * adapter_dtype(base).itemsize
+        doubled = self.save_mode == "lora" and hasattr(self.init, "from_weight")
+        return self.parameter_count(base) * adapter_dtype(base).itemsize * (2 if doubled else 1)
+
+    def stored_method(self) -> LoRA:
+        """The config the saved file records: a weight-derived init in "lora" mode saves as plain LoRA."""
+        if self.save_mode != "lora" or not hasattr(self.init, "from_weight"):
+            return self
+        rank = 2 * self.rank
+        alpha = self.scale * (math.sqrt(rank) if self.rank_stabilized else rank)
+        out = LoRA(rank=rank, alpha=alpha, dropout=self.dropout, rank_stabilized=self.rank_stabilized)
+        while out.scale != self.scale:  # keep the scale bit-identical, so reloading is exact
+            alpha = math.nextafter(alpha, math.inf if out.scale < self.scale else -math.inf)
+            out = dataclasses.replace(out, alpha=alpha)
+        return out
 
     @classmethod
     def combine_layers(cls, parts: list[tuple[nn.Module, float]]) -> tuple[LoRA, LoRALayer]:
@@ -149,7 +215,8 @@ class LoRA:
                 )
             layers.append(part)
         first = layers[0]
-        rank = sum(int(layer.lora_A.shape[0]) for layer in layers)
+        factors = [layer.effective_factors() for layer in layers]
+        rank = sum(int(A.shape[0]) for A, _ in factors)
         config = cls(rank=rank, alpha=float(rank), dropout=first.config.dropout)
         out = LoRALayer(
             config,
@@ -161,10 +228,13 @@ class LoRA:
             first.embedding_kwargs,
         )
         with torch.no_grad():
-            out.lora_A.copy_(torch.cat([layer.lora_A for layer in layers], dim=0))
+            out.lora_A.copy_(torch.cat([A for A, _ in factors], dim=0))
             out.lora_B.copy_(
                 torch.cat(
-                    [w * layer.scale * layer.lora_B for layer, (_, w) in zip(layers, parts, strict=True)],
+                    [
+                        w * layer.scale * B
+                        for layer, (_, B), (_, w) in zip(layers, factors, parts, strict=True)
+                    ],
                     dim=1,
                 )
             )
@@ -203,19 +273,69 @@ class LoRALayer(nn.Module):
                 "sparse": base.sparse,
             }
         self.embedding_kwargs = embedding_kwargs or {}
+        # Weight-derived inits (PiSSA family): the frozen initial factors, subtracted in the forward
+        # pass, so that the base weight itself is never modified. Not saved: see LoRA.save_mode.
+        self.frozen_A: torch.Tensor | None
+        self.frozen_B: torch.Tensor | None
+        self.register_buffer("frozen_A", None, persistent=False)
+        self.register_buffer("frozen_B", None, persistent=False)
+
+    def set_factors(self, A: torch.Tensor, B: torch.Tensor, *, frozen_copy: bool) -> None:
+        """Set A and B (e.g. from the weight's SVD); ``frozen_copy`` also keeps them as the frozen part."""
+        with torch.no_grad():
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
+        if frozen_copy:
+            self.frozen_A = self.lora_A.detach().clone()
+            self.frozen_B = self.lora_B.detach().clone()
+
+    def effective_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) such that the update is s · B A: [A ; A0] and [B | −B0] with a frozen part."""
+        if self.frozen_A is None or self.frozen_B is None:
+            return self.lora_A, self.lora_B
+        return torch.cat([self.lora_A, self.frozen_A]), torch.cat([self.lora_B, -self.frozen_B], dim=1)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """s · B A x for the adapter's input ``x`` (token ids for an embedding)."""
+        A, B = self.effective_factors()
         if self.kind == "embedding":
-            h = F.embedding(x, self.lora_A.t(), **self.embedding_kwargs)  # (..., r)
+            h = F.embedding(x, A.t(), **self.embedding_kwargs)  # (..., r)
         else:
-            h = F.linear(self.dropout(x.to(self.lora_A.dtype)), self.lora_A)  # (..., r)
+            h = F.linear(self.dropout(x.to(A.dtype)), A)  # (..., r)
         # Scaling the rank-r activations is cheaper than scaling the (..., out) result.
-        return F.linear(h * self.scale, self.lora_B)  # (..., out)
+        return F.linear(h * self.scale, B)  # (..., out)
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """What the file stores: the effective factors in "lora" save mode (see LoRA.save_mode)."""
+        if self.frozen_A is not None and self.config.save_mode == "lora":
+            A, B = self.effective_factors()
+            return {"lora_A": A.detach(), "lora_B": B.detach()}
+        return {"lora_A": self.lora_A.detach(), "lora_B": self.lora_B.detach()}
+
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`export_state` (splits [A ; A0], [B | −B0] back, exactly)."""
+        A, B = state["lora_A"], state["lora_B"]
+        r = self.lora_A.shape[0]
+        if self.frozen_A is not None and self.frozen_B is not None and A.shape[0] == 2 * r:
+            with torch.no_grad():
+                self.lora_A.copy_(A[:r])
+                self.lora_B.copy_(B[:, :r])
+                self.frozen_A.copy_(A[r:])
+                self.frozen_B.copy_(-B[:, r:])
+            return
+        self.load_state_dict({"lora_A": A, "lora_B": B}, strict=True)
+
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, s) for the fused kernel of :mod:`deltatune.lowrank`; None while dropout is active."""
+        if self.kind != "linear" or (self.training and not isinstance(self.dropout, nn.Identity)):
+            return None
+        A, B = self.effective_factors()
+        return A, B, self.scale
 
     def delta_weight(self) -> torch.Tensor:
         """s · B A in the layout of the base weight: (out, in) for Linear, transposed otherwise."""
-        delta = (self.lora_B @ self.lora_A) * self.scale  # (out, in)
+        A, B = self.effective_factors()
+        delta = (B @ A) * self.scale  # (out, in)
         return delta if self.kind == "linear" else delta.t()
 
     def extra_repr(self) -> str:

@@ -272,6 +272,13 @@ class VBLoRALayer(nn.Module):
         h = F.linear(self.dropout(x.to(A.dtype)), A)  # (..., r)
         return F.linear(h, B)  # (..., out)
 
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, 1) for the fused kernel of :mod:`deltatune.lowrank`; None while dropout is active."""
+        if self.kind != "linear" or (self.training and not isinstance(self.dropout, nn.Identity)):
+            return None
+        A, B = self.factors()
+        return A, B, 1.0
+
     def delta_weight(self) -> torch.Tensor:
         A, B = self.factors()
         delta = B @ A  # (out, in)
