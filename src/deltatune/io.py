@@ -595,7 +595,7 @@ def _peft_lora_export(
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from .methods.lora import KaimingUniform
 
-    method = info.method
+    method, _ = _stored_configs(info)
     tensors: dict[str, torch.Tensor] = {}
     rank_pattern: dict[str, int] = {}
     alpha_pattern: dict[str, float] = {}
@@ -605,7 +605,12 @@ def _peft_lora_export(
             for k, v in layer.module.state_dict().items():
                 tensors[f"{PEFT_PREFIX}{path}.{k}"] = v
             continue
-        cfg = info.configs[path]
+        cfg = info.configs[path].stored_method()  # PiSSA & co.: the plain rank-2r LoRA they save as
+        if hasattr(cfg.init, "from_weight"):
+            raise ValueError(
+                f"export_peft: {path!r} uses {type(cfg.init).__name__} with save_mode='native', whose "
+                "factors are relative to a residual weight PEFT does not have; use save_mode='lora'"
+            )
         if type(cfg.init) is not KaimingUniform and cfg.init.__class__.__name__ != "Gaussian":
             raise ValueError(
                 f"export_peft: {path!r} uses initialiser {type(cfg.init).__name__}, which PEFT cannot load"
@@ -618,8 +623,9 @@ def _peft_lora_export(
             if kind == "embedding"
             else ("lora_A.weight", "lora_B.weight")
         )
-        tensors[f"{PEFT_PREFIX}{path}.{a_key}"] = layer.lora_A
-        tensors[f"{PEFT_PREFIX}{path}.{b_key}"] = layer.lora_B
+        state = layer.export_state()
+        tensors[f"{PEFT_PREFIX}{path}.{a_key}"] = state["lora_A"]
+        tensors[f"{PEFT_PREFIX}{path}.{b_key}"] = state["lora_B"]
         if cfg.rank != method.rank:
             rank_pattern["^" + re.escape(path) + "$"] = cfg.rank
         if cfg.alpha != method.alpha:
