@@ -62,7 +62,31 @@ PFEIFFER = Row("Pfeiffer adapter (FFN, m=d/16)", "adapter", {"placement": "pfeif
 BITFIT = Row("BitFit (all linear biases)", "bitfit", {}, {"lr": 3e-3, "head_lr": 1e-3})
 LAST2 = Row("last 2 blocks (partial)", "partial", {"blocks": 2}, {"lr": 5e-5, "head_lr": 1e-3})
 
+# Prompt family (issue 7). Prompt tuning at 3e-2 (Lester et al. use 0.3 with Adafactor on T5; 3e-3 to
+# 1e-1 all stayed at chance in 40-step SST-2 probes), P-tuning at 1e-3 (PEFT's examples; 1e-2 was no
+# better), prefix tuning's MLP at 1e-3 (Li & Liang: 5e-5 over many epochs; 5e-3 diverged in a probe).
+PROMPT_LR = {"lr": 3e-2, "head_lr": 1e-3}
+PROMPT = Row("prompt tuning (n=20, sampled vocab)", "prompt_tuning", {"num_virtual_tokens": 20}, PROMPT_LR)
+PREFIX = Row("prefix tuning (n=10, MLP h=512)", "prefix_tuning", {}, {"lr": 1e-3, "head_lr": 1e-3})
+PTUNING = Row("P-tuning (n=20, LSTM h=128)", "p_tuning", {}, {"lr": 1e-3, "head_lr": 1e-3})
+# E2E with SmolLM2, the README's LoRA budget (20 steps of 8, 24 test meaning representations).
+E2E_BUDGET = {"steps": 20, "batch_size": 8, "eval_limit": 24, "max_new_tokens": 40}
+E2E_LORA = Row("LoRA r=8 (q_proj, v_proj)", "lora", {"rank": 8, "alpha": 16}, {"lr": 2e-3})
+E2E_PROMPT = Row(PROMPT.label, PROMPT.method, PROMPT.fields, {"lr": 3e-2})
+E2E_PREFIX = Row("prefix tuning (n=10, MLP h=512)", "prefix_tuning", {}, {"lr": 1e-3})
+
 PRESETS: dict[str, dict[str, Any]] = {
+    "prompts": {
+        "model": "minilm",
+        "tasks": {
+            "sst2": {"steps": 150, "batch_size": 32, "max_length": 64},
+            "mrpc": {"steps": 150, "batch_size": 16, "max_length": 128},
+        },
+        "rows": [PROMPT, PREFIX, PTUNING],
+        "extra": [
+            {"model": "smollm2", "tasks": {"e2e": E2E_BUDGET}, "rows": [E2E_PROMPT, E2E_PREFIX, E2E_LORA]}
+        ],
+    },
     "adapters": {
         "model": "minilm",
         "tasks": {

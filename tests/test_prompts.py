@@ -103,6 +103,34 @@ def test_virtual_tokens_extend_mask_and_token_types(method: Any) -> None:
     assert torch.equal(seen["token_type_ids"][:, N:], b["token_type_ids"])
 
 
+def test_prompt_after_cls_keeps_cls_first() -> None:
+    model = bert()
+    att = dt.inject(model, dt.PromptTuning(num_virtual_tokens=N, insert_at=1))
+    prompts = att.layers("default")["bert"].prompts
+    b = batch()
+    seen = body_inputs(model, **b)
+    embeds = model.bert.base.embeddings.word_embeddings(b["input_ids"])
+    assert torch.equal(seen["inputs_embeds"][:, 0], embeds[:, 0])  # [CLS] stays where the pooler reads
+    assert torch.equal(seen["inputs_embeds"][:, 1 : N + 1], prompts.expand(2, -1, -1))
+    assert torch.equal(seen["inputs_embeds"][:, N + 1 :], embeds[:, 1:])
+    assert torch.equal(seen["attention_mask"][:, 1 : N + 1], torch.ones(2, N, dtype=torch.long))
+    assert torch.equal(seen["attention_mask"][:, N + 1 :], b["attention_mask"][:, 1:])
+    assert torch.equal(seen["token_type_ids"][:, 1 : N + 1], torch.zeros(2, N, dtype=torch.long))
+    hidden = model.bert(**b).last_hidden_state
+    assert hidden.shape == (2, 5, 16)  # the virtual positions are cut again
+
+
+def test_prompt_after_first_token_generates_like_a_manual_loop() -> None:
+    model = llama()
+    dt.inject(model, dt.PromptTuning(num_virtual_tokens=N, insert_at=1), seed=1)
+    ids = torch.tensor([[3, 4, 5, 6, 2]])
+    mask = torch.ones_like(ids)
+    out = model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=5, do_sample=False, pad_token_id=0
+    )
+    assert torch.equal(out, greedy_without_cache(model, ids, mask, 5))
+
+
 def test_prefix_extends_mask_keeps_positions() -> None:
     model = llama()
     dt.inject(model, dt.PrefixTuning(num_virtual_tokens=N, encoder_hidden_size=8))

@@ -150,7 +150,10 @@ def _batch_and_length(kw: dict[str, Any]) -> tuple[int, int, torch.device]:
     return int(ref.shape[0]), int(ref.shape[1]), ref.device
 
 
-def _extend_mask(kw: dict[str, Any], n: int, batch: int, length: int, device: torch.device) -> None:
+def _extend_mask(
+    kw: dict[str, Any], n: int, batch: int, length: int, device: torch.device, at: int = 0
+) -> None:
+    """Insert ``n`` ones at index ``at`` of the 2D attention mask (made of ones if there is none)."""
     mask = kw.get("attention_mask")
     if mask is None:
         mask = torch.ones(batch, length, dtype=torch.long, device=device)
@@ -159,51 +162,64 @@ def _extend_mask(kw: dict[str, Any], n: int, batch: int, length: int, device: to
             "virtual tokens and prefixes need a 2D attention mask (batch, length), "
             f"got shape {tuple(mask.shape)}"
         )
-    kw["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)
+    ones = mask.new_ones(mask.shape[0], n)
+    kw["attention_mask"] = torch.cat([mask[:, :at], ones, mask[:, at:]], dim=1)
 
 
 def forward_with_virtual_tokens(
-    body: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], prompts: torch.Tensor
+    body: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], prompts: torch.Tensor, at: int = 0
 ) -> Any:
-    """``body(*args, **kwargs)`` with the ``(n, hidden)`` vectors ``prompts`` before the input."""
+    """``body(*args, **kwargs)`` with the ``(n, hidden)`` vectors ``prompts`` inserted before input
+    position ``at`` (0: before everything; 1: after a leading [CLS])."""
     kw = call_arguments(body, args, kwargs)
     n = int(prompts.shape[0])
     batch, length, device = _batch_and_length(kw)
     first = cached_length(kw.get("past_key_values")) == 0
     past = 0 if first else cached_length(kw.get("past_key_values")) - n
     if first:
+        if length < at:
+            raise ValueError(
+                f"virtual tokens go after input position {at}, but the input has {length} tokens"
+            )
         embeds = kw.get("inputs_embeds")
         if embeds is None:
             embeds = body.get_input_embeddings()(kw["input_ids"])  # type: ignore[operator]
         virtual = prompts.to(device=embeds.device, dtype=embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-        kw["inputs_embeds"] = torch.cat([virtual, embeds], dim=1)  # (B, n + T, D)
+        kw["inputs_embeds"] = torch.cat([embeds[:, :at], virtual, embeds[:, at:]], dim=1)  # (B, n + T, D)
         kw["input_ids"] = None
         types = kw.get("token_type_ids")
         if types is not None:
-            kw["token_type_ids"] = torch.cat([types.new_zeros(types.shape[0], n), types], dim=1)
+            zeros = types.new_zeros(types.shape[0], n)
+            kw["token_type_ids"] = torch.cat([types[:, :at], zeros, types[:, at:]], dim=1)
     positions = kw.get("position_ids")
     if positions is not None:
         shifted = positions + n
         if first:
-            lead = torch.arange(n, device=positions.device, dtype=positions.dtype)
-            shifted = torch.cat([lead.expand(*positions.shape[:-1], n), shifted], dim=-1)
+            lead = positions[..., :at]
+            start = lead[..., -1:] + 1 if at > 0 else torch.zeros_like(positions[..., :1])
+            steps = torch.arange(n, device=positions.device, dtype=positions.dtype)
+            shifted = torch.cat([lead, start + steps, positions[..., at:] + n], dim=-1)
         kw["position_ids"] = shifted
     if kw.get("attention_mask") is not None:
-        _extend_mask(kw, n, batch, past + length, device)
+        _extend_mask(kw, n, batch, past + length, device, at)
     out = body(**kw)
     if first:
-        _cut(out, n)
+        _cut(out, n, at)
     return out
 
 
-def _cut(out: Any, n: int) -> None:
-    """Drop the ``n`` virtual positions from the per-token outputs of ``body``."""
+def _cut(out: Any, n: int, at: int) -> None:
+    """Drop the ``n`` virtual positions (from index ``at``) from the per-token outputs of ``body``."""
+
+    def cut(h: torch.Tensor) -> torch.Tensor:
+        return torch.cat([h[:, :at], h[:, at + n :]], dim=1) if at > 0 else h[:, n:]
+
     last = getattr(out, "last_hidden_state", None)
     if isinstance(last, torch.Tensor):
-        out.last_hidden_state = last[:, n:]
+        out.last_hidden_state = cut(last)
     states = getattr(out, "hidden_states", None)
     if isinstance(states, tuple):
-        out.hidden_states = tuple(h[:, n:] for h in states)
+        out.hidden_states = tuple(cut(h) for h in states)
 
 
 def forward_with_prefix(

@@ -2,10 +2,10 @@
 
     h = Body([P; E(x)]),    P = f(E'),   E' ∈ R^{n × d} trainable,  f a prompt encoder
 
-Like prompt tuning, ``n`` virtual tokens go before the input (here always at the front, as in PEFT;
-the paper also places them between template parts), but they are produced by a small *prompt
-encoder* ``f`` that couples them, which the paper finds trains faster and more stably than free
-embeddings (§3.2):
+Like prompt tuning, ``n`` virtual tokens go into the input (first, as in PEFT, or after a leading
+[CLS] with ``insert_at=1``; the paper also places them between template parts), but they are
+produced by a small *prompt encoder* ``f`` that couples them, which the paper finds trains faster
+and more stably than free embeddings (§3.2):
 
 * ``encoder="lstm"`` (the paper): a 2-layer bidirectional LSTM (hidden h per direction) followed by
   ``Linear(2h, 2h) -> ReLU -> Linear(2h, d)``;
@@ -56,11 +56,14 @@ class PTuning:
             20 here, as the prompt-tuning default].
         encoder: the prompt encoder, ``"lstm"`` (bidirectional, 2 layers) or ``"mlp"`` ["lstm"].
         encoder_hidden_size: h, the encoder's hidden width [128].
+        insert_at: input position of the virtual tokens, 0 (first, as PEFT) or 1 (after a leading
+            [CLS], as the paper's templates) [0].
     """
 
     num_virtual_tokens: int = param(20, Int(min=1), "n, the number of virtual tokens")
     encoder: str = param("lstm", OneOf(("lstm", "mlp")), "prompt encoder: bidirectional LSTM + MLP, or MLP")
     encoder_hidden_size: int = param(128, Int(min=1), "hidden width h of the prompt encoder")
+    insert_at: int = param(0, Int(min=0, max=1), "input position of the prompt: 0 first, 1 after [CLS]")
 
     name: ClassVar[str] = "p_tuning"
     model_level: ClassVar[bool] = True  # acts on the whole body: embeddings, masks, KV cache
@@ -99,7 +102,7 @@ class PTuning:
                     # PyTorch's default for nn.Linear and nn.LSTM: U(-1/sqrt(fan), 1/sqrt(fan))
                     bound = fans[id(p)] ** -0.5
                     p.uniform_(-bound, bound, generator=generator)
-        return EncodedPrompt(encoder.to(dtype))
+        return EncodedPrompt(encoder.to(dtype), self.insert_at)
 
     def parameter_count(self, base: nn.Module) -> int:
         d = virtual.embedding_of(base).embedding_dim
@@ -157,10 +160,11 @@ class EncodedPrompt(nn.Module):
 
     additive: ClassVar[bool] = False
 
-    def __init__(self, encoder: PromptEncoder) -> None:
+    def __init__(self, encoder: PromptEncoder, insert_at: int = 0) -> None:
         super().__init__()
         self.encoder: PromptEncoder | None = encoder
         self.prompts: nn.Parameter | None = None
+        self.insert_at = insert_at
 
     def values(self) -> torch.Tensor:
         if self.prompts is not None:
@@ -170,7 +174,7 @@ class EncodedPrompt(nn.Module):
         return out
 
     def forward(self, base: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return virtual.forward_with_virtual_tokens(base, args, kwargs, self.values())
+        return virtual.forward_with_virtual_tokens(base, args, kwargs, self.values(), self.insert_at)
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"prompts": self.values().detach().clone()}

@@ -25,7 +25,7 @@ Example:
     ...     num_attention_heads=4, num_key_value_heads=2, intermediate_size=32))
     >>> att = inject(model, PrefixTuning(num_virtual_tokens=3, encoder_hidden_size=8))
     >>> att.closed_form("default")  # n*d + d*h+h + h*L*2*8 + L*2*8;  stored 4 * n*L*2*8
-    (472, 768)
+    (472, 384)
 """
 
 from __future__ import annotations

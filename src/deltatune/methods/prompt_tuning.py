@@ -7,8 +7,9 @@ EMNLP 2021), arXiv:2104.08691.
 model changes. The attention mask gets ``n`` ones, BERT's token types ``n`` zeros, and the virtual
 positions are cut from the body's per-token output, so a causal LM's logits (and labels) stay one per
 real token (see :mod:`deltatune.virtual`, which also extends the mask on every step of ``generate()``
-with the KV cache). On BERT the pooler reads position 0, which is then the first virtual token (as
-in PEFT).
+with the KV cache). With ``insert_at=0`` (Lester et al., and PEFT) the prompt comes first, so BERT's
+pooler reads the first virtual token; ``insert_at=1`` keeps a leading [CLS] first and puts the prompt
+right after it (P-tuning's templates also keep [CLS] first), so the classifier still reads [CLS].
 
 Initialisers (the paper, §3.2): :class:`RandomUniform` (U(-0.5, 0.5)), :class:`SampledVocab` (rows of
 the embedding matrix at random token ids; the paper samples the 5 000 most common tokens, here any
@@ -138,10 +139,13 @@ class PromptTuning:
             on T5-XXL and clearly better than 1-5].
         init: initialiser of the prompt [SampledVocab(); the paper's best is class labels or sampled
             vocabulary, far ahead of random uniform on small models].
+        insert_at: input position of the prompt, 0 (first) or 1 (after a leading [CLS]) [0]; 1 is
+            for inputs that start with a special token, not for left-padded generation.
     """
 
     num_virtual_tokens: int = param(20, Int(min=1), "n, the number of virtual tokens")
     init: PromptInit = param(SampledVocab(), Instance((PromptInit,)), "initialiser of the prompt")  # noqa: RUF009 - frozen
+    insert_at: int = param(0, Int(min=0, max=1), "input position of the prompt: 0 first, 1 after [CLS]")
 
     name: ClassVar[str] = "prompt_tuning"
     model_level: ClassVar[bool] = True  # acts on the whole body: embeddings, masks, KV cache
@@ -171,7 +175,7 @@ class PromptTuning:
         embedding = virtual.embedding_of(base)
         prompts = torch.empty(self.num_virtual_tokens, embedding.embedding_dim, dtype=prompt_dtype(embedding))
         self.init.initialise(prompts, embedding, generator=generator)
-        return VirtualTokens(prompts)
+        return VirtualTokens(prompts, self.insert_at)
 
     def parameter_count(self, base: nn.Module) -> int:
         return self.num_virtual_tokens * virtual.embedding_of(base).embedding_dim
@@ -185,12 +189,13 @@ class VirtualTokens(nn.Module):
 
     additive: ClassVar[bool] = False
 
-    def __init__(self, prompts: torch.Tensor) -> None:
+    def __init__(self, prompts: torch.Tensor, insert_at: int = 0) -> None:
         super().__init__()
         self.prompts = nn.Parameter(prompts)  # (n, d)
+        self.insert_at = insert_at
 
     def forward(self, base: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return virtual.forward_with_virtual_tokens(base, args, kwargs, self.prompts)
+        return virtual.forward_with_virtual_tokens(base, args, kwargs, self.prompts, self.insert_at)
 
     def extra_repr(self) -> str:
         return f"num_virtual_tokens={self.prompts.shape[0]}, dim={self.prompts.shape[1]}"
