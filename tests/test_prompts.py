@@ -396,3 +396,53 @@ def test_ptuning_matches_peft(encoder: str) -> None:
     theirs.prompt_encoder["default"].load_state_dict(copy.deepcopy(state), strict=True)
     b = batch()
     assert torch.allclose(ours(**b).logits, theirs(**b).logits, atol=1e-5)
+
+
+@pytest.mark.parametrize("reparameterize", [True, False], ids=["mlp", "plain"])
+def test_prefix_tuning_matches_peft(reparameterize: bool) -> None:
+    """Same weights, same logits. PEFT lets BERT count the prefix as past positions (the real tokens'
+    absolute positions shift by n); we keep the base model's positions, so the comparison passes
+    PEFT's positions explicitly."""
+    peft = pytest.importorskip("peft")
+    ours = bert()
+    kw: dict[str, Any] = {"encoder_hidden_size": 8} if reparameterize else {"reparameterize": False}
+    layer = dt.inject(ours, dt.PrefixTuning(num_virtual_tokens=N, **kw)).layers("default")["bert"]
+    config = peft.PrefixTuningConfig(
+        task_type="SEQ_CLS", num_virtual_tokens=N, prefix_projection=reparameterize, encoder_hidden_size=8
+    )
+    theirs = peft.get_peft_model(bert(), config).eval()
+    encoder = theirs.prompt_encoder["default"]
+    with torch.no_grad():
+        if reparameterize:
+            mlp = layer.mlp
+            encoder.embedding.weight.copy_(mlp.seed)
+            encoder.transform[0].weight.copy_(mlp.w1)
+            encoder.transform[0].bias.copy_(mlp.b1)
+            encoder.transform[2].weight.copy_(mlp.w2)
+            encoder.transform[2].bias.copy_(mlp.b2)
+        else:
+            encoder.embedding.weight.copy_(layer.prefixes)
+    b = batch()
+    shifted = torch.arange(N, N + 5).expand(2, 5)
+    assert torch.allclose(ours(**b, position_ids=shifted).logits, theirs(**b).logits, atol=1e-5)
+    assert not torch.allclose(ours(**b).logits, theirs(**b).logits, atol=1e-5)  # positions differ
+
+
+def test_prefix_of_cached_tokens_equals_prepending_them() -> None:
+    """Exactness of the cache handling on a causal LM: with the keys and values that the frozen model
+    itself computes for n real tokens P, prefix tuning gives the logits of running [P; x]."""
+    model = llama()
+    prefix_ids = torch.tensor([[7, 8, 9, 10]])
+    x = torch.tensor([[3, 4, 5], [11, 12, 13]])
+    with torch.no_grad():
+        cache = model(input_ids=prefix_ids, use_cache=True).past_key_values
+        full = model(input_ids=torch.cat([prefix_ids.expand(2, -1), x], dim=1)).logits[:, N:]
+    att = dt.inject(model, dt.PrefixTuning(num_virtual_tokens=N, reparameterize=False))
+    layer = att.layers("default")["model"]
+    per_layer = [
+        torch.stack([c.keys[0].transpose(0, 1), c.values[0].transpose(0, 1)], 1) for c in cache.layers
+    ]
+    with torch.no_grad():
+        layer.prefixes.copy_(torch.stack(per_layer, 1).reshape(N, -1))  # (n, L, 2, H, d) flattened
+        ours = model(input_ids=x, position_ids=torch.arange(N, N + 3).expand(2, 3)).logits
+    assert torch.allclose(ours, full, atol=1e-5)
