@@ -16,6 +16,7 @@ ratios properly, interleaved in one process).
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import re
@@ -75,6 +76,27 @@ E2E_LORA = Row("LoRA r=8 (q_proj, v_proj)", "lora", {"rank": 8, "alpha": 16}, {"
 E2E_PROMPT = Row(PROMPT.label, PROMPT.method, PROMPT.fields, {"lr": 3e-2})
 E2E_PREFIX = Row("prefix tuning (n=10, MLP h=512)", "prefix_tuning", {}, {"lr": 1e-3})
 
+
+def intrinsic(d: int, structure: str = "said") -> Row:
+    """Intrinsic-dimension row: all linear layers (weights and biases) projected from d values.
+
+    The learning rate is INTRINSIC_LR at d = 1000, scaled by sqrt(1000 / d): Adam moves every
+    coordinate of θ_d by about lr per step, so a step moves the weights by about lr·sqrt(d) (P
+    preserves norms); the scaling gives every d the same step in weight space, so that d is not
+    confounded with the step size.
+    """
+    lr = round(INTRINSIC_LR * (1000 / d) ** 0.5, 4)
+    return Row(
+        f"{structure.upper()} d={d} (all linear)",
+        "intrinsic",
+        {"d": d, "structure": structure},
+        {"lr": lr, "head_lr": 1e-3, "targets": ["all-linear"]},
+    )
+
+
+# Picked at d = 1000 on 75-step SST-2 runs (benchmarks/results/intrinsic/README.md).
+INTRINSIC_LR = 0.3
+
 PRESETS: dict[str, dict[str, Any]] = {
     "prompts": {
         "model": "minilm",
@@ -86,6 +108,20 @@ PRESETS: dict[str, dict[str, Any]] = {
         "extra": [
             {"model": "smollm2", "tasks": {"e2e": E2E_BUDGET}, "rows": [E2E_PROMPT, E2E_PREFIX, E2E_LORA]}
         ],
+    },
+    "intrinsic": {
+        "model": "minilm",
+        "tasks": {"sst2": {"steps": 150, "batch_size": 32, "max_length": 64}},
+        # Most informative first: results.json is rewritten after every row.
+        "rows": [intrinsic(d) for d in (1000, 100, 10000, 300, 3000)] + [intrinsic(1000, "did")],
+        "extra": [
+            {
+                "model": "minilm",
+                "tasks": {"mrpc": {"steps": 150, "batch_size": 16, "max_length": 128}},
+                "rows": [intrinsic(1000)],
+            }
+        ],
+        "after": "intrinsic_d90",  # benchmarks/intrinsic_d90.py: d90.png / d90.md from results.json
     },
     "adapters": {
         "model": "minilm",
@@ -196,6 +232,7 @@ def run_row(model: str, task: str, budget: dict[str, Any], row: Row, out: Path, 
         "steps": budget["steps"],
         "batch_size": budget["batch_size"],
         "lr": row.options.get("lr"),
+        "fields": row.fields,
         "wall_seconds": round(time.time() - started, 1),
         "run": str(run_dir.relative_to(out)),
     }
@@ -289,6 +326,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     (out / "results.md").write_text(markdown(results, command))
     scatter(results, out / "scatter.png")
+    after = preset.get("after")
+    if after:  # a per-preset analysis script next to this one, called with the results folder
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        importlib.import_module(after).main(out)
     print(markdown(results, command))
     return 0
 
