@@ -176,6 +176,24 @@ class Parts:
         return out
 
 
+def named_modules(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """``module.named_modules()`` seen through deltatune wrappers: an adapted module shows as its
+    original (``base``) under its own path, and adapter layers are not listed."""
+    from .core import Adapted  # core never imports anatomy; the import is local to keep this light
+
+    out: list[tuple[str, nn.Module]] = []
+    skip: list[str] = []
+    for path, m in module.named_modules(prefix=prefix):
+        if any(path.startswith(s) for s in skip):
+            continue
+        if isinstance(m, Adapted):
+            out.append((path, m.base))
+            skip.append(path + ".")
+            continue
+        out.append((path, m))
+    return out
+
+
 def _has(module: nn.Module, path: str) -> bool:
     try:
         module.get_submodule(path)

@@ -72,16 +72,35 @@ class BitFit:
     def __post_init__(self) -> None:
         check(self)
 
+    def accepts(self, module: nn.Module) -> bool:
+        """Whether BitFit can adapt ``module``: a linear layer that has a bias."""
+        has_bias = isinstance(getattr(module, "bias", None), torch.Tensor)
+        return has_bias and module_kind(module) in self.layer_types
+
     def default_targets(self, model: nn.Module) -> list[str]:
+        """The blocks' linear layers that have a bias (all, or the query and FFN input projections).
+
+        Raises:
+            ValueError: none of them has a bias (Llama), naming the model and one such module.
+        """
         parts = anatomy.describe(model)
         if self.subset == "query_ffn":
-            return parts.paths("query", "ffn_input")
-        return [
-            f"{block}.{name}"
-            for block in parts.blocks
-            for name, m in model.get_submodule(block).named_modules()
-            if name and module_kind(m) in self.layer_types
-        ]
+            paths = parts.paths("query", "ffn_input")
+        else:
+            paths = [
+                path
+                for block in parts.blocks
+                for path, m in anatomy.named_modules(model.get_submodule(block), prefix=block)
+                if path != block and module_kind(m) in self.layer_types
+            ]
+        modules = dict(anatomy.named_modules(model))
+        with_bias = [p for p in paths if self.accepts(modules[p])]
+        if not with_bias:
+            raise ValueError(
+                f"BitFit: no targeted linear layer of {type(model).__name__} has a bias (e.g. {paths[0]!r}); "
+                "BitFit trains existing bias terms only: use another method (e.g. LoRA)"
+            )
+        return with_bias
 
     def check_targets(self, model: nn.Module, paths: list[str]) -> None:
         if self.subset == "all":
