@@ -131,6 +131,19 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "rows": [HOULSBY, PFEIFFER, BITFIT, LAST2],
     },
+    # The same rows at higher learning rates (150 steps is short for a zero-initialised adapter).
+    "adapters-lr": {
+        "model": "minilm",
+        "tasks": {
+            "sst2": {"steps": 150, "batch_size": 32, "max_length": 64},
+            "mrpc": {"steps": 150, "batch_size": 16, "max_length": 128},
+        },
+        "rows": [
+            Row(f"{HOULSBY.label}, lr 3e-3", "adapter", HOULSBY.fields, {**ADAPTER_LR, "lr": 3e-3}),
+            Row(f"{PFEIFFER.label}, lr 3e-3", "adapter", PFEIFFER.fields, {**ADAPTER_LR, "lr": 3e-3}),
+            Row(f"{BITFIT.label}, lr 1e-2", "bitfit", BITFIT.fields, {**BITFIT.options, "lr": 1e-2}),
+        ],
+    },
     "vblora": {
         "model": "minilm",
         "tasks": {"sst2": {"steps": 150, "batch_size": 32, "max_length": 64}},

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -165,3 +166,28 @@ def test_adapter_after_a_tuple_output_is_a_clear_error() -> None:
     dt.inject(net, dt.Adapter(bottleneck=2), targets=["0"])
     with pytest.raises(ValueError, match=r"Adapter at '0': the module's output is a tuple, not a tensor"):
         net(torch.randn(2, 6))
+
+
+def test_parallel_save_load_route_and_disable(tmp_path: Path) -> None:
+    """What the invariant suite checks for the default placement, for the parallel one (on GPT-2)."""
+    model = tiny_gpt2()
+    ids = torch.randint(1, 100, (3, 5))
+    base = model(input_ids=ids).logits
+    dt.inject(model, dt.Adapter(placement="parallel", bottleneck=3))
+    dt.inject(model, dt.Adapter(placement="parallel", bottleneck=3), name="other", seed=1)
+    randomise(model, seed=1)
+    dt.set_active(model, "default")
+    randomise(model, seed=2)
+    mine = model(input_ids=ids).logits
+    with dt.disabled(model):
+        assert torch.equal(model(input_ids=ids).logits, base)
+    dt.set_active(model, "other")
+    other = model(input_ids=ids).logits
+    with dt.route(model, ["default", None, "other"]):
+        mixed = model(input_ids=ids).logits
+    assert torch.allclose(mixed, torch.stack([mine[0], base[1], other[2]]), atol=1e-5)
+    dt.set_active(model, "default")
+    dt.save(model, tmp_path)
+    fresh = tiny_gpt2()
+    dt.load(fresh, tmp_path)
+    assert torch.equal(fresh(input_ids=ids).logits, mine)
