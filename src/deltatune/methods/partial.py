@@ -15,10 +15,12 @@ Closed forms, per adapted block with parameters P (each of dtype t):
     trainable = stored = Σ_P numel(P)          stored bytes = Σ_P numel(P) · size(promote(t, float32))
 
 Example:
+    >>> from collections import OrderedDict
     >>> from torch import nn
     >>> from deltatune import inject
-    >>> net = nn.Sequential(nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Sequential(nn.Linear(4, 2)))
-    >>> inject(net, Partial(blocks=1), targets=["1"]).closed_form("default")
+    >>> low, top = nn.Sequential(nn.Linear(4, 4), nn.ReLU()), nn.Sequential(nn.Linear(4, 2))
+    >>> net = nn.Sequential(OrderedDict(low=low, top=top))
+    >>> inject(net, Partial(blocks=1), targets=["top"]).closed_form("default")
     (10, 40)
 """
 
