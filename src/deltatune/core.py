@@ -60,6 +60,8 @@ class Method(Protocol):
       a bottleneck adapter after each attention and FFN output, found with :mod:`deltatune.anatomy`);
     * ``check_targets(model, paths)``: refuse (``ValueError``) targets that contradict the method's
       fields (e.g. more blocks than ``Partial.blocks``);
+    * ``accepts(module) -> bool``: whether the method can adapt a module of a supported kind (e.g.
+      BitFit: only layers that have a bias); used to pick targets, never to skip a named one;
     * on a layer, ``reads = "output"``: its ``delta`` reads the base module's output, not its input.
     """
 
