@@ -83,7 +83,12 @@ def supported_targets(cls: type, model: nn.Module) -> list[str]:
         except ValueError:
             pass  # e.g. a model deltatune.anatomy does not know
     accepts = getattr(method, "accepts", lambda m: True)
-    paths = [p for p, m in model.named_modules() if p and module_kind(m) in cls.layer_types]
+    quantized_ok = getattr(cls, "quantized_base", False)  # 4-bit bases only for methods that say so
+    paths = [
+        p
+        for p, m in model.named_modules()
+        if p and module_kind(m) in cls.layer_types and (quantized_ok or not getattr(m, "quantized", False))
+    ]
     outermost = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]
     return [p for p in outermost if accepts(model.get_submodule(p))]
 
@@ -106,6 +111,12 @@ def zero_update(model: nn.Module) -> bool:
     """
     layers = dt.attachment_of(model).layers("default").values()
     return all(not hasattr(la, "delta_weight") or not la.delta_weight().any() for la in layers)
+
+
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """A tensor's float values; a quantised tensor subclass (NF4) gives its dequantised form."""
+    original = getattr(t, "get_original_weight", None)
+    return original() if callable(original) else t
 
 
 def base_state(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -172,7 +183,7 @@ def test_only_adapter_trains(cls: type, toy: Toy) -> None:
     assert trainable
     requiring = {id(p) for p in model.parameters() if p.requires_grad}
     assert requiring == {id(p) for p in trainable}
-    base_before = {k: v.clone() for k, v in base_state(model).items()}
+    base_before = {k: plain(v).clone() for k, v in base_state(model).items()}
     adapter_before = [p.detach().clone() for p in trainable]
     opt = torch.optim.AdamW(trainable, lr=1e-2, weight_decay=0.1)
     for step in range(2):
@@ -183,7 +194,7 @@ def test_only_adapter_trains(cls: type, toy: Toy) -> None:
         opt.zero_grad()
     after = model.state_dict()
     for k, v in base_before.items():
-        assert torch.equal(after[k], v), f"base tensor {k} changed"
+        assert torch.equal(plain(after[k]), v), f"base tensor {k} changed"
     assert any(not torch.equal(p, q) for p, q in zip(trainable, adapter_before, strict=True))
 
 
@@ -197,7 +208,8 @@ def test_merge(cls: type, toy: Toy) -> None:
             dt.merge(model)
         return
     expected = model(x)
-    merged = dt.merge(model)
+    # dequantize: quantised (4-bit) bases become float modules; a no-op for float bases.
+    merged = dt.merge(model, dequantize=True)
     assert not any(isinstance(m, Adapted) for m in merged.modules())
     assert not dt.has_adapters(merged)
     assert close(merged(x), expected)
@@ -224,7 +236,8 @@ def test_forward_matches_delta_weight(cls: type, toy: Toy) -> None:
     for path, (inp, out) in seen.items():
         wrapper = att.wrappers[path]
         layer = wrapper.adapters["default"]
-        reference = merged_linear(wrapper.base, layer.delta_weight())
+        base = wrapper.base.dequantize() if getattr(wrapper.base, "quantized", False) else wrapper.base
+        reference = merged_linear(base, layer.delta_weight())
         # A weight-space layer that also moves the bias says so with ``delta_bias()`` (None: it does not).
         delta_bias = layer.delta_bias() if hasattr(layer, "delta_bias") else None
         if delta_bias is not None:
@@ -270,7 +283,7 @@ def test_save_load_roundtrip_and_closed_form(cls: type, toy: Toy, tmp_path: Path
     assert sum(t.numel() * t.element_size() for t in tensors.values()) == stored_bytes
     assert dt.parameter_report(model).stored_bytes == stored_bytes
     # No base weight is in the file: the stored bytes are exactly the adapter's.
-    base_values = {v.detach().numpy().tobytes() for v in base_state(model).values()}
+    base_values = {plain(v).detach().numpy().tobytes() for v in base_state(model).values()}
     assert not any(t.numpy().tobytes() in base_values for t in tensors.values() if t.numel() > 4)
 
     fresh = toy.build()

@@ -213,11 +213,39 @@ def _token_ids(shape: tuple[int, ...]) -> Callable[[torch.Generator], torch.Tens
     return lambda g: torch.randint(1, 64, shape, generator=g)  # 0 is BERT's [PAD]
 
 
+class WideMLP(nn.Module):
+    """An MLP wide enough for NF4's blocks (64 values, 256 blocks per scaler): 128 x 128 weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(128, 128)
+        self.fc2 = nn.Linear(128, 128)
+        self.act = nn.ReLU()
+        self.head = nn.Linear(128, 8)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+def _quantized(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
+    """The model with its (non-head) linear weights stored in NF4: a QLoRA-style 4-bit base."""
+
+    def make() -> nn.Module:
+        from deltatune.quant import quantize
+
+        model = build()
+        quantize(model, ["fc1", "fc2"])  # the head stays float, as in QLoRA
+        return model
+
+    return make
+
+
 TOYS = [
     Toy("mlp", _seeded(MLP), _float_input((5, D)), "head"),
     Toy("attention", _seeded(Blocks), _float_input((3, 6, D)), None),
     Toy("embedding", _seeded(EmbeddingModel), lambda g: torch.randint(0, 50, (4, 7), generator=g), "proj"),
     Toy("conv1d", _seeded(GPT2Style), _float_input((3, 5, D)), None),
+    Toy("mlp-nf4", _quantized(_seeded(WideMLP)), _float_input((5, 128)), "head"),
     Toy("transformer", _seeded(TinyLlama), lambda g: torch.randint(0, 50, (3, 6), generator=g), "head"),
     Toy("bert", _seeded(HFBert), _token_ids((3, 6)), "model.classifier", transformers=True),
     Toy("llama", _seeded(HFLlama), _token_ids((3, 6)), None, transformers=True),

@@ -63,6 +63,8 @@ class Method(Protocol):
     * ``accepts(module) -> bool``: whether the method can adapt a module of a supported kind (e.g.
       BitFit: only layers that have a bias); used to pick targets, never to skip a named one;
     * on a layer, ``reads = "output"``: its ``delta`` reads the base module's output, not its input.
+    * ``quantized_base`` (class data, default False): the method works on quantised (4-bit) base
+      modules because it only adds to their output (QLoRA); others are refused on them.
     """
 
     name: ClassVar[str]
@@ -479,6 +481,12 @@ def inject(
                 f"{type(method).__name__}: {path!r} is {type(modules[path]).__name__}; "
                 f"{type(method).__name__} adapts {', '.join(method.layer_types)} modules only"
             )
+        if getattr(modules[path], "quantized", False) and not getattr(method, "quantized_base", False):
+            raise ValueError(
+                f"{type(method).__name__}: {path!r} has a quantised weight ({type(modules[path]).__name__}); "
+                f"{type(method).__name__} needs the float weight: adapt it before quantising, or use a "
+                "method that only adds to the base output (LoRA, VB-LoRA)"
+            )
     for sp in save_paths:
         clash = [p for p in paths if p == sp or p.startswith(sp + ".") or sp.startswith(p + ".")]
         if clash:
@@ -609,7 +617,16 @@ def merged_linear(base: nn.Module, delta: torch.Tensor) -> nn.Module:
     return new
 
 
-def _merged_module(layer: nn.Module, base: nn.Module, path: str) -> nn.Module:
+def _merged_module(layer: nn.Module, base: nn.Module, path: str, dequantize: bool = False) -> nn.Module:
+    if getattr(base, "quantized", False):
+        # A quantised base (e.g. NF4): re-quantising W + ΔW would lose most of the update.
+        if not dequantize:
+            raise ValueError(
+                f"merge: {path!r} has a quantised base ({type(base).__name__}); merging into it would "
+                "re-quantise and lose the update: call merge(model, dequantize=True) to get a float "
+                "module holding dequantised W + ΔW, or keep the adapter attached"
+            )
+        base = base.dequantize()  # type: ignore[operator]
     merged = getattr(layer, "merged", None)
     if merged is not None:
         out: nn.Module = merged(base)
@@ -620,11 +637,15 @@ def _merged_module(layer: nn.Module, base: nn.Module, path: str) -> nn.Module:
     return merged_linear(base, delta_weight())
 
 
-def merge(model: nn.Module, adapters: str | Sequence[str] | None = None) -> nn.Module:
+def merge(
+    model: nn.Module, adapters: str | Sequence[str] | None = None, *, dequantize: bool = False
+) -> nn.Module:
     """Fold adapter(s) into the weights and remove every wrapper; other adapters are dropped.
 
     Args:
         adapters: which adapters to fold in; default: the active ones.
+        dequantize: merge into quantised (4-bit) bases by dequantising them to float first;
+            without it such a base is an error.
 
     Returns:
         The model (modified in place), now free of deltatune modules.
@@ -650,7 +671,7 @@ def merge(model: nn.Module, adapters: str | Sequence[str] | None = None) -> nn.M
         module = wrapper.base
         for n in names:
             if n in wrapper.adapters:
-                module = _merged_module(wrapper.adapters[n], module, path)
+                module = _merged_module(wrapper.adapters[n], module, path, dequantize)
         replacements[path] = module
     for path, module in replacements.items():
         _set_submodule(model, path, module)

@@ -121,19 +121,26 @@ class LoRA:
     identity_at_init: ClassVar[bool] = True
     weight_space: ClassVar[bool] = True
     supports_mixed_batch: ClassVar[bool] = True
+    quantized_base: ClassVar[bool] = True  # only adds to the base output: QLoRA-style 4-bit bases work
     combinable: ClassVar[bool] = True
     layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "embedding")
     small_example: ClassVar[dict[str, Any]] = {"rank": 4}
     # Other configurations the invariant suite runs (initialisers in JSON form; see methods/pissa.py).
     variants: ClassVar[dict[str, dict[str, Any]]] = {
-        "pissa": {"fields": {"rank": 2, "init": {"type": "pissa"}}, "layer_types": ("linear", "conv1d")},
+        "pissa": {
+            "fields": {"rank": 2, "init": {"type": "pissa"}},
+            "layer_types": ("linear", "conv1d"),
+            "quantized_base": False,  # takes the float weight apart (QPiSSA: quantise after inject)
+        },
         "pissa-randomized": {
             "fields": {"rank": 2, "init": {"type": "pissa", "svd": "randomized", "niter": 2}},
             "layer_types": ("linear", "conv1d"),
+            "quantized_base": False,
         },
         "milora-native": {
             "fields": {"rank": 2, "init": {"type": "milora"}, "save_mode": "native"},
             "layer_types": ("linear", "conv1d"),
+            "quantized_base": False,
         },
     }
 

@@ -130,6 +130,7 @@ class VBLoRA:
     identity_at_init: ClassVar[bool] = False  # the bank is never zero, so ΔW is small but not zero
     weight_space: ClassVar[bool] = True
     supports_mixed_batch: ClassVar[bool] = True
+    quantized_base: ClassVar[bool] = True  # only adds to the base output: QLoRA-style 4-bit bases work
     combinable: ClassVar[bool] = False
     layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
     small_example: ClassVar[dict[str, Any]] = {"rank": 2, "num_vectors": 16, "vector_length": 8}
