@@ -51,7 +51,8 @@ def _cases() -> list[Any]:
     out = []
     for name, cls in METHODS:
         kinds: list[tuple[str, Any]] = [(name, cls)]
-        kinds += [(f"{name}[{label}]", Variant(cls, spec)) for label, spec in getattr(cls, "variants", {}).items()]
+        variants = getattr(cls, "variants", {})
+        kinds += [(f"{name}[{label}]", Variant(cls, spec)) for label, spec in variants.items()]
         out += [
             pytest.param(c, toy, id=f"{label}-{toy.name}")
             for label, c in kinds
