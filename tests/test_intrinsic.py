@@ -246,7 +246,8 @@ def test_saved_file_holds_d_values_and_the_seed(tmp_path: Path) -> None:
     assert sorted(tensors) == [f"{SHARED_ATTR}.lambdas", f"{SHARED_ATTR}.theta"]
     assert sum(t.numel() for t in tensors.values()) == 10
     config = json.loads((tmp_path / "adapter_config.json").read_text())
-    assert config["seed"] == 5 and config["config"] == {"d": 10, "structure": "said", "bias": True}
+    assert config["seed"] == 5
+    assert config["config"] == {"d": 10, "structure": "said", "bias": True, "lambda_lr_ratio": 1.0}
     fresh = net()
     dt.load(fresh, tmp_path)
     assert torch.equal(fresh(x), expected)
@@ -258,3 +259,16 @@ def test_train_cli_takes_d() -> None:
     argv = ["--method", "intrinsic", "--d", "1000", "--structure", "did"]
     args = _train_parser("intrinsic").parse_args(argv)
     assert args.field__d == 1000 and args.field__structure == "did"
+
+
+def test_lambdas_get_their_own_learning_rate() -> None:
+    model = net()
+    att = dt.inject(model, dt.IntrinsicDimension(d=10, lambda_lr_ratio=0.25), targets=["0", "2"])
+    shared = att.shared("default")
+    assert isinstance(shared, IntrinsicVector)
+    groups = att.info("default").method.parameter_groups(att, "default")
+    assert groups == {"theta": ([shared.theta], 1.0), "lambdas": ([shared.lambdas], 0.25)}
+    did = dt.inject(net(), dt.IntrinsicDimension(d=10, structure="did"), targets=["0", "2"])
+    assert list(did.info("default").method.parameter_groups(did, "default")) == ["theta"]
+    with pytest.raises(ValueError, match=r"IntrinsicDimension\.lambda_lr_ratio must be 1\.0 with structure"):
+        dt.IntrinsicDimension(structure="did", lambda_lr_ratio=0.5)

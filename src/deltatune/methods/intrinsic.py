@@ -47,8 +47,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import check, merged_linear, register
-from ..fields import Bool, Int, OneOf, param
+from ..core import Attachment, check, merged_linear, register
+from ..fields import Bool, Float, Int, OneOf, param
 from ..targets import module_kind
 
 # ----------------------------------------------------------------------------------------------
@@ -197,11 +197,17 @@ class IntrinsicDimension:
             "did" (θ = θ0 + P θ) ["said", the paper's better variant].
         bias: also adapt each module's bias through the same projection [True: the paper
             projects every parameter of the model].
+        lambda_lr_ratio: learning rate of SAID's λs / that of θ_d [1.0, one learning rate]. The m
+            λs do not grow in number with d, θ_d does: a rate scaled for θ_d's size need not
+            suit them.
     """
 
     d: int = param(1000, Int(min=1), "the intrinsic dimension: trainable values (SAID: including its λs)")
     structure: str = param("said", OneOf(("said", "did")), "said: one learned λ per module; did: none")
     bias: bool = param(True, Bool(), "also adapt each module's bias through the projection")
+    lambda_lr_ratio: float = param(
+        1.0, Float(0.0, low_open=True), "SAID: learning rate of the λs / that of θ_d"
+    )
 
     name: ClassVar[str] = "intrinsic"
     mergeable: ClassVar[bool] = True
@@ -215,6 +221,11 @@ class IntrinsicDimension:
 
     def __post_init__(self) -> None:
         check(self)
+        if self.structure == "did" and self.lambda_lr_ratio != 1.0:
+            raise ValueError(
+                "IntrinsicDimension.lambda_lr_ratio must be 1.0 with structure='did' (DID has no λ), "
+                f"got {self.lambda_lr_ratio}"
+            )
 
     # -- shared state -----------------------------------------------------------------------------
     def make_shared(self, bases: Mapping[str, nn.Module], generator: torch.Generator) -> IntrinsicVector:
@@ -234,6 +245,16 @@ class IntrinsicDimension:
 
     def shared_stored_bytes(self, bases: Mapping[str, nn.Module]) -> int:
         return 4 * self.d
+
+    def parameter_groups(self, att: Attachment, name: str) -> dict[str, tuple[list[nn.Parameter], float]]:
+        """θ_d at the base learning rate, SAID's λs at ``lambda_lr_ratio`` times it."""
+        shared = att.shared(name)
+        if not isinstance(shared, IntrinsicVector):
+            raise ValueError(f"IntrinsicDimension: adapter {name!r} has no intrinsic vector")
+        groups: dict[str, tuple[list[nn.Parameter], float]] = {"theta": ([shared.theta], 1.0)}
+        if shared.lambdas is not None:
+            groups["lambdas"] = ([shared.lambdas], self.lambda_lr_ratio)
+        return groups
 
     # -- per module: nothing trains or is stored but the shared vector --------------------------
     def parameter_count(self, base: nn.Module) -> int:
