@@ -86,10 +86,15 @@ def intrinsic(d: int, structure: str = "said") -> Row:
     confounded with the step size.
     """
     lr = round(INTRINSIC_LR * (1000 / d) ** 0.5, 4)
+    fields: dict[str, Any] = {"d": d, "structure": structure}
+    if structure == "said" and lr > INTRINSIC_LR:
+        # SAID's λs (one per module, 37 here, whatever d) keep the rate tuned at d = 1000: at
+        # d = 100 with lr 0.95 for them too, they reached |λ| = 15 and the loss stayed at log 2.
+        fields["lambda_lr_ratio"] = round(INTRINSIC_LR / lr, 4)
     return Row(
         f"{structure.upper()} d={d} (all linear)",
         "intrinsic",
-        {"d": d, "structure": structure},
+        fields,
         {"lr": lr, "head_lr": 1e-3, "targets": ["all-linear"]},
     )
 
@@ -113,7 +118,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": "minilm",
         "tasks": {"sst2": {"steps": 150, "batch_size": 32, "max_length": 64}},
         # Most informative first: results.json is rewritten after every row.
-        "rows": [intrinsic(d) for d in (1000, 100, 10000, 300, 3000)] + [intrinsic(1000, "did")],
+        "rows": [intrinsic(d) for d in (1000, 10000, 100, 300, 3000)] + [intrinsic(1000, "did")],
         "extra": [
             {
                 "model": "minilm",
@@ -198,7 +203,9 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_row(model: str, task: str, budget: dict[str, Any], row: Row, out: Path, seed: int) -> dict[str, Any]:
+def run_row(
+    model: str, task: str, budget: dict[str, Any], row: Row, out: Path, seed: int, reuse: bool = False
+) -> dict[str, Any]:
     slug = re.sub(r"[^a-z0-9]+", "_", row.label.lower()).strip("_")
     run_dir = out / "runs" / f"{model}-{task}-{slug}"
     config = {
@@ -214,6 +221,11 @@ def run_row(model: str, task: str, budget: dict[str, Any], row: Row, out: Path, 
         **row.options,
     }
     run_dir.mkdir(parents=True, exist_ok=True)
+    previous = run_dir / "config.json"
+    finished = (run_dir / "metrics.json").exists() and previous.exists()
+    reused = reuse and finished and json.loads(previous.read_text()) == config
+    if not reused:
+        (run_dir / "metrics.json").unlink(missing_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config, indent=1))
     cmd = [
         sys.executable,
@@ -225,9 +237,10 @@ def run_row(model: str, task: str, budget: dict[str, Any], row: Row, out: Path, 
         "--no-progress",
     ]
     started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ})
-    if proc.returncode != 0:
-        raise RuntimeError(f"{row.label} on {task} failed:\n{proc.stderr[-3000:]}")
+    if not reused:  # --reuse: a finished run of exactly this config is taken as it is
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ})
+        if proc.returncode != 0:
+            raise RuntimeError(f"{row.label} on {task} failed:\n{proc.stderr[-3000:]}")
     record = json.loads((run_dir / "metrics.json").read_text())
     main = record["main_metric"]
     return {
@@ -246,7 +259,7 @@ def run_row(model: str, task: str, budget: dict[str, Any], row: Row, out: Path, 
         "batch_size": budget["batch_size"],
         "lr": row.options.get("lr"),
         "fields": row.fields,
-        "wall_seconds": round(time.time() - started, 1),
+        "wall_seconds": record.get("wall_seconds") if reused else round(time.time() - started, 1),
         "run": str(run_dir.relative_to(out)),
     }
 
@@ -307,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", help="results folder (default benchmarks/results/<preset>)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="+", help="run only rows whose label contains one of these words")
+    parser.add_argument(
+        "--reuse",
+        action="store_true",
+        help="take rows whose run folder holds a finished run of exactly the same config",
+    )
     args = parser.parse_args(argv)
     preset = PRESETS[args.preset]
     out = Path(args.out or ROOT / "benchmarks" / "results" / args.preset)
@@ -324,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.only and not any(w.lower() in row.label.lower() for w in args.only):
                     continue
                 print(f"{task}: {row.label} ...", flush=True)
-                result = run_row(group["model"], task, budget, row, out, args.seed)
+                result = run_row(group["model"], task, budget, row, out, args.seed, args.reuse)
                 print(
                     f"  {result['main_metric']} {result['metric']:.2f}, {result['stored_bytes']:,} bytes, "
                     f"{result['train_seconds']:.0f} s",
@@ -336,6 +354,7 @@ def main(argv: list[str] | None = None) -> int:
         "python benchmarks/compare.py --preset "
         + args.preset
         + (f" --only {' '.join(args.only)}" if args.only else "")
+        + (" --reuse" if args.reuse else "")
     )
     (out / "results.md").write_text(markdown(results, command))
     scatter(results, out / "scatter.png")
