@@ -118,13 +118,18 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": "minilm",
         "tasks": {"sst2": {"steps": 150, "batch_size": 32, "max_length": 64}},
         # Most informative first: results.json is rewritten after every row.
-        "rows": [intrinsic(d) for d in (1000, 10000, 100, 300, 3000)] + [intrinsic(1000, "did")],
+        "rows": [intrinsic(d) for d in (1000, 10000, 100, 300)] + [intrinsic(1000, "did")],
         "extra": [
             {
                 "model": "minilm",
                 "tasks": {"mrpc": {"steps": 150, "batch_size": 16, "max_length": 128}},
                 "rows": [intrinsic(1000)],
-            }
+            },
+            {
+                "model": "minilm",
+                "tasks": {"sst2": {"steps": 150, "batch_size": 32, "max_length": 64}},
+                "rows": [intrinsic(3000)],
+            },
         ],
         "after": "intrinsic_d90",  # benchmarks/intrinsic_d90.py: d90.png / d90.md from results.json
     },
