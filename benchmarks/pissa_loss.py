@@ -12,7 +12,7 @@ every run has the same data order, steps, rank and targets (all linear layers of
 Writes ``results.md``, ``results.json`` and ``loss.png`` into ``--out``
 (default ``benchmarks/results/pissa``)::
 
-    .venv/bin/python benchmarks/pissa_loss.py                 # ~25 min on 2 CPU cores
+    .venv/bin/python benchmarks/pissa_loss.py                 # ~10 min on 2 idle CPU cores
     .venv/bin/python benchmarks/pissa_loss.py --steps 5 --out /tmp/pissa   # plumbing check
 """
 
@@ -96,15 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2")
-    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--max-length", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-4, help="the shared learning rate")
     parser.add_argument("--lora-lr", type=float, default=1e-3, help="LoRA's own (tuned) learning rate")
-    parser.add_argument("--calibration", type=int, default=32, help="GSM8K examples for CorDA's covariance")
-    parser.add_argument("--eval-limit", type=int, default=8)
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--calibration", type=int, default=16, help="GSM8K examples for CorDA's covariance")
+    parser.add_argument("--eval-limit", type=int, default=4)
+    parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pissa"))
     args = parser.parse_args(argv)
