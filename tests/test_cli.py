@@ -8,6 +8,7 @@ import sys
 
 import pytest
 
+import deltatune as dt
 from deltatune import REGISTRY
 from deltatune.cli import main
 
@@ -87,3 +88,15 @@ def test_info_counts_match_the_model_without_loading_it(
     assert info["float32_equivalent_parameters"] == stored_bytes // 4
     assert main(["info", str(folder)]) == 0
     assert f"trainable parameters: {trainable:,}" in capsys.readouterr().out
+
+
+def test_initialiser_flags_take_a_name_or_json(capsys: pytest.CaptureFixture[str]) -> None:
+    from deltatune.cli import _train_parser
+
+    parser = _train_parser("lora")
+    assert parser.parse_args(["--init", "pissa"]).field__init == dt.PiSSA()
+    spec = '{"type": "pissa", "svd": "randomized", "niter": 2}'
+    assert parser.parse_args(["--init", spec]).field__init == dt.PiSSA(svd="randomized", niter=2)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--init", "no_such_init"])
+    assert "unknown component type 'no_such_init'" in capsys.readouterr().err

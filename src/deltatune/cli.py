@@ -21,7 +21,7 @@ from typing import Any
 
 from . import __version__
 from .core import _CAPABILITIES, REGISTRY
-from .fields import Bool, Check, Float, Int, OneOf, field_table
+from .fields import Bool, Check, Float, Instance, Int, OneOf, Text, field_table, from_jsonable
 
 
 def methods_table() -> list[dict[str, Any]]:
@@ -75,6 +75,15 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
+def _component(value: str) -> Any:
+    """A config component (an initialiser) by name or as JSON: ``pissa``, ``'{"type": "pissa", ...}'``."""
+    try:
+        data = json.loads(value) if value.lstrip().startswith("{") else {"type": value}
+        return from_jsonable(data, "the flag")
+    except (ValueError, TypeError) as err:
+        raise argparse.ArgumentTypeError(str(err)) from err
+
+
 def _flag_type(check: Check | None) -> Any:
     if isinstance(check, Int):
         return int
@@ -85,7 +94,11 @@ def _flag_type(check: Check | None) -> Any:
     if isinstance(check, OneOf):
         kinds = {type(o) for o in check.options}
         return kinds.pop() if len(kinds) == 1 else str
-    return None  # not settable from the command line (e.g. initialiser objects): use --config
+    if isinstance(check, Text):
+        return str
+    if isinstance(check, Instance):
+        return _component
+    return None  # not settable from the command line: use --config
 
 
 def _train_parser(method: str | None) -> argparse.ArgumentParser:
