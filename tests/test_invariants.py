@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -37,14 +38,42 @@ class Variant:
 
     def __init__(self, cls: type, spec: dict[str, Any]) -> None:
         self.cls = cls
-        self.small_example = {k: from_jsonable(v, k) for k, v in spec["fields"].items()}
-        self.__dict__.update({k: v for k, v in spec.items() if k != "fields"})
+        fields = spec["fields"]
+        if spec.get("calibration"):
+            # The variant needs calibration data (CorDA's input covariances): the string
+            # "<calibration>" in its fields becomes a file made from every toy's own inputs.
+            text = json.dumps(fields).replace('"<calibration>"', json.dumps(calibration_file()))
+            fields = json.loads(text)
+        self.small_example = {k: from_jsonable(v, k) for k, v in fields.items()}
+        self.__dict__.update({k: v for k, v in spec.items() if k not in ("fields", "calibration")})
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.cls, name)
 
     def __call__(self, **kwargs: Any) -> Any:
         return self.cls(**kwargs)
+
+
+_CALIBRATION: list[str] = []
+
+
+def calibration_file() -> str:
+    """Input covariances of every linear layer of every (non-transformers) toy, on its own inputs."""
+    if not _CALIBRATION:
+        covariances: dict[str, torch.Tensor] = {}
+        for toy in TOYS:
+            if toy.transformers:
+                continue
+            model = toy.build()
+            linears = [p for p, m in model.named_modules() if module_kind(m) in ("linear", "conv1d")]
+            inputs = [toy.inputs(torch.Generator().manual_seed(i)) for i in range(2)]
+            covariances.update(dt.collect_covariance(model, inputs, linears))
+        folder = Path(tempfile.mkdtemp(prefix="deltatune-calibration-"))
+        from safetensors.torch import save_file
+
+        save_file(covariances, str(folder / "covariance.safetensors"))
+        _CALIBRATION.append(str(folder / "covariance.safetensors"))
+    return _CALIBRATION[0]
 
 
 def _cases() -> list[Any]:

@@ -218,13 +218,13 @@ class WideMLP(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        self.fc1 = nn.Linear(128, 128)
-        self.fc2 = nn.Linear(128, 128)
+        self.wide1 = nn.Linear(128, 128)
+        self.wide2 = nn.Linear(128, 128)
         self.act = nn.ReLU()
-        self.head = nn.Linear(128, 8)
+        self.out = nn.Linear(128, 8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.act(self.fc2(self.act(self.fc1(x)))))
+        return self.out(self.act(self.wide2(self.act(self.wide1(x)))))
 
 
 def _quantized(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
@@ -234,7 +234,7 @@ def _quantized(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
         from deltatune.quant import quantize
 
         model = build()
-        quantize(model, ["fc1", "fc2"])  # the head stays float, as in QLoRA
+        quantize(model, ["wide1", "wide2"])  # the head stays float, as in QLoRA
         return model
 
     return make
@@ -245,7 +245,7 @@ TOYS = [
     Toy("attention", _seeded(Blocks), _float_input((3, 6, D)), None),
     Toy("embedding", _seeded(EmbeddingModel), lambda g: torch.randint(0, 50, (4, 7), generator=g), "proj"),
     Toy("conv1d", _seeded(GPT2Style), _float_input((3, 5, D)), None),
-    Toy("mlp-nf4", _quantized(_seeded(WideMLP)), _float_input((5, 128)), "head"),
+    Toy("mlp-nf4", _quantized(_seeded(WideMLP)), _float_input((5, 128)), "out"),
     Toy("transformer", _seeded(TinyLlama), lambda g: torch.randint(0, 50, (3, 6), generator=g), "head"),
     Toy("bert", _seeded(HFBert), _token_ids((3, 6)), "model.classifier", transformers=True),
     Toy("llama", _seeded(HFLlama), _token_ids((3, 6)), None, transformers=True),

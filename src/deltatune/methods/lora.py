@@ -137,6 +137,12 @@ class LoRA:
             "layer_types": ("linear", "conv1d"),
             "quantized_base": False,
         },
+        "corda": {
+            "fields": {"rank": 2, "init": {"type": "corda", "covariance": "<calibration>"}},
+            "calibration": True,  # the suite supplies input covariances from calibration data
+            "layer_types": ("linear", "conv1d"),
+            "quantized_base": False,
+        },
         "milora-native": {
             "fields": {"rank": 2, "init": {"type": "milora"}, "save_mode": "native"},
             "layer_types": ("linear", "conv1d"),
