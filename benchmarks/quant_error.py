@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from deltatune import PiSSA
 from deltatune.quant import nf4_roundtrip, qpissa_factors
 from deltatune.train.models import load_model
 
@@ -56,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         W = module.weight.detach().float()
         errors[kind]["QLoRA"].append(rel(W, nf4_roundtrip(W)))
-        U, S, Vh = torch.linalg.svd(W, full_matrices=False)
-        root = S[: args.rank].sqrt()
-        A0, B0 = root[:, None] * Vh[: args.rank], U[:, : args.rank] * root[None, :]
+        A0, B0 = PiSSA().from_weight(W, args.rank, 1.0, generator=torch.Generator(), path=path)
         for t in args.iterations:
             residual, A, B = qpissa_factors(W, A0, B0, 1.0, iterations=t)
             errors[kind][f"QPiSSA T={t}"].append(rel(W, nf4_roundtrip(residual) + B @ A))

@@ -40,7 +40,7 @@ class Variant:
         self.cls = cls
         fields = spec["fields"]
         if spec.get("calibration"):
-            # The variant needs calibration data (CorDA's input covariances): the string
+            # The variant needs calibration data (input covariances of the layers): the string
             # "<calibration>" in its fields becomes a file made from every toy's own inputs.
             text = json.dumps(fields).replace('"<calibration>"', json.dumps(calibration_file()))
             fields = json.loads(text)
@@ -134,9 +134,9 @@ def setup(cls: type, toy: Toy, seed: int = 0, **kw: Any) -> tuple[nn.Module, lis
 
 
 def zero_update(model: nn.Module) -> bool:
-    """Whether every layer's update is exactly zero at init (LoRA's B = 0), so outputs are bit-exact.
+    """Whether every layer's update is exactly zero at init (e.g. a zero factor), so outputs are bit-exact.
 
-    Otherwise (an update taken out of the weight and subtracted again, as PiSSA's) the output equals
+    Otherwise (an update taken out of the weight and subtracted again) the output equals
     the base's up to rounding.
     """
     layers = dt.attachment_of(model).layers("default").values()
@@ -459,7 +459,7 @@ def test_config_round_trips_through_json(cls: type, toy: Toy, tmp_path: Path) ->
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["method"] == cls.name
     rebuilt = dt.core.method_from_config(config["method"], config["config"])
-    # A method may record itself as another config (``stored_method``: PiSSA saves as plain LoRA).
+    # A method may record itself as another config in the file (``stored_method``).
     stored = getattr(example(cls), "stored_method", None)
     assert rebuilt == (stored() if stored is not None else example(cls))
     config["config"]["no_such_field"] = 1

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from . import core
+from .methods.pissa import split_components
 from .targets import ALL_LINEAR, TargetSpec, resolve
 
 
@@ -180,8 +181,7 @@ def qpissa_factors(
     for _ in range(iterations - 1):
         kept = nf4_roundtrip(W - scale * (B @ A), block_size, scaler_block_size).float()
         U, S, Vh = torch.linalg.svd(W - kept, full_matrices=False)
-        root = (S[:rank] / scale).sqrt()
-        A, B = root[:, None] * Vh[:rank], U[:, :rank] * root[None, :]
+        A, B = split_components(U[:, :rank], S[:rank], Vh[:rank], scale)
     return W - scale * (B @ A), A, B
 
 
@@ -220,7 +220,8 @@ def quantize(
     att = core.attachment_of(model) if core.has_adapters(model) else None
     modules = core._base_modules(model, att)
     paths = resolve(model, targets, modules)
-    plan: list[tuple[str, nn.Linear]] = []
+    # (path, module, its wrapper if adapted, the adapter layer whose residual is quantised if any)
+    plan: list[tuple[str, nn.Linear, core.Adapted | None, Any]] = []
     for path in paths:
         module = modules[path]
         if getattr(module, "quantized", False):
@@ -231,19 +232,17 @@ def quantize(
             )
         scaler_blocks(module.weight.numel(), block_size, scaler_block_size, repr(path))
         wrapper = att.wrappers.get(path) if att is not None else None
-        for layer in _residual_layers(wrapper, path) if wrapper is not None else []:
+        residual = _residual_layers(wrapper, path) if wrapper is not None else []
+        for layer in residual:
             if not (torch.equal(layer.lora_A, layer.frozen_A) and torch.equal(layer.lora_B, layer.frozen_B)):
                 raise ValueError(
                     f"quantize: the adapter on {path!r} has trained since it was initialised from the "
                     "weight; quantise right after inject (QPiSSA quantises the initial residual)"
                 )
-        plan.append((path, module))
-    for path, module in plan:
+        plan.append((path, module, wrapper, residual[0] if residual else None))
+    for path, module, wrapper, layer in plan:
         weight = module.weight.detach()
-        wrapper = att.wrappers.get(path) if att is not None else None
-        residual = _residual_layers(wrapper, path) if wrapper is not None else []
-        if residual:
-            layer = residual[0]
+        if layer is not None and wrapper is not None and att is not None:
             W_res, A, B = qpissa_factors(
                 weight,
                 layer.frozen_A,
@@ -258,12 +257,11 @@ def quantize(
             weight = W_res.to(weight.dtype)
             # From now on the adapter is relative to the quantised residual: it saves as its rank-r
             # factors (to reload: inject the same PiSSA config, quantize() with the same iterations,
-            # then deltatune.io.load_state the saved tensors).
-            if att is not None and wrapper is not None:
-                for name, info in att.adapters.items():
-                    if wrapper.adapters[name] is layer if name in wrapper.adapters else False:
-                        info.configs[path] = dataclasses.replace(info.configs[path], save_mode="native")
-                        info.method = dataclasses.replace(info.method, save_mode="native")
+            # then deltatune.io.load_state the saved tensors). _residual_layers guarantees the layer
+            # is the wrapper's only adapter.
+            info = att.adapters[next(iter(wrapper.adapters))]
+            info.configs[path] = dataclasses.replace(info.configs[path], save_mode="native")
+            info.method = dataclasses.replace(info.method, save_mode="native")
         new = NF4Linear.from_weight(
             weight, module.bias, block_size=block_size, scaler_block_size=scaler_block_size
         )
@@ -271,7 +269,7 @@ def quantize(
             wrapper.base = new
         else:
             core._set_submodule(model, path, new)
-    return [p for p, _ in plan]
+    return [p for p, *_ in plan]
 
 
 def quantization_error(model_weight: torch.Tensor, module: nn.Module, delta: torch.Tensor | None) -> float:

@@ -202,12 +202,17 @@ class LoRA:
         return self.rank * (in_features + out_features)
 
     def stored_bytes(self, base: nn.Module) -> int:
-        doubled = self.save_mode == "lora" and hasattr(self.init, "from_weight")
-        return self.parameter_count(base) * adapter_dtype(base).itemsize * (2 if doubled else 1)
+        doubled = 2 if self.saves_as_plain_lora else 1
+        return self.parameter_count(base) * adapter_dtype(base).itemsize * doubled
+
+    @property
+    def saves_as_plain_lora(self) -> bool:
+        """A weight-derived init in "lora" save mode: the file holds a plain LoRA of rank 2r."""
+        return self.save_mode == "lora" and hasattr(self.init, "from_weight")
 
     def stored_method(self) -> LoRA:
         """The config the saved file records: a weight-derived init in "lora" mode saves as plain LoRA."""
-        if self.save_mode != "lora" or not hasattr(self.init, "from_weight"):
+        if not self.saves_as_plain_lora:
             return self
         rank = 2 * self.rank
         alpha = self.scale * (math.sqrt(rank) if self.rank_stabilized else rank)

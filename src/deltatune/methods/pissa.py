@@ -76,10 +76,10 @@ def randomized_svd(
     return (Q @ Ub)[:, :rank], S[:rank], Vh[:rank]
 
 
-def _split(
+def split_components(
     U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, scale: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A = √(S/s) Vh, B = U √(S/s): s·B A = U diag(S) Vh."""
+    """Factors of chosen singular components: A = √(S/s) Vh, B = U √(S/s), so s·B A = U diag(S) Vh."""
     root = (S / scale).sqrt()
     return root[:, None] * Vh, U * root[None, :]
 
@@ -133,7 +133,7 @@ class PiSSA(WeightInit):
         else:
             U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
             U, S, Vh = U[:, :rank], S[:rank], Vh[:rank]
-        return _split(U, S, Vh, scale)
+        return split_components(U, S, Vh, scale)
 
 
 @component("milora")
@@ -145,7 +145,7 @@ class MiLoRA(WeightInit):
         self, weight: torch.Tensor, rank: int, scale: float, *, generator: torch.Generator, path: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
         U, S, Vh = torch.linalg.svd(weight, full_matrices=False)
-        return _split(U[:, -rank:], S[-rank:], Vh[-rank:], scale)
+        return split_components(U[:, -rank:], S[-rank:], Vh[-rank:], scale)
 
 
 @component("corda")
@@ -197,7 +197,7 @@ class CorDA(WeightInit):
         U, S, Vh = torch.linalg.svd(W @ C, full_matrices=False)
         Vh_inv = torch.linalg.solve(C, Vh.t()).t()  # Vh C⁻¹ (C is symmetric)
         keep = slice(0, rank) if self.mode == "ipm" else slice(-rank, None)
-        A, B = _split(U[:, keep], S[keep], Vh_inv[keep], scale)
+        A, B = split_components(U[:, keep], S[keep], Vh_inv[keep], scale)
         return A.float(), B.float()
 
 
