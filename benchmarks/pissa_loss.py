@@ -76,7 +76,7 @@ def run(label: str, init: Any, lr: float, args: argparse.Namespace, out: Path) -
         resume=False,
     )
     started = time.perf_counter()
-    metrics = train(cfg, progress=False)
+    metrics = train(cfg, progress=False, overwrite=True)  # a rerun replaces the last one
     losses = [float(v) for _, v in metrics["history"]["loss"]]
     return {
         "label": label,

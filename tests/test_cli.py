@@ -25,7 +25,7 @@ def test_methods_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["methods", "--json"]) == 0
     rows = json.loads(capsys.readouterr().out)
     by_name = {r["name"]: r for r in rows}
-    assert set(by_name) == set(REGISTRY)
+    assert set(by_name) == set(REGISTRY) | {"full", "head"}
     lora = by_name["lora"]
     assert lora["capabilities"]["mergeable"] is True
     assert lora["capabilities"]["layer_types"] == ["linear", "conv1d", "embedding"]
@@ -100,3 +100,98 @@ def test_initialiser_flags_take_a_name_or_json(capsys: pytest.CaptureFixture[str
     with pytest.raises(SystemExit):
         parser.parse_args(["--init", "no_such_init"])
     assert "unknown component type 'no_such_init'" in capsys.readouterr().err
+
+
+def _train_help(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    with pytest.raises(SystemExit) as e:
+        main(["train", *args, "--help"])
+    assert e.value.code == 0
+    return capsys.readouterr().out
+
+
+def test_train_help_lists_the_choices_and_plain_metavars(capsys: pytest.CaptureFixture[str]) -> None:
+    from deltatune.train.data import TASKS
+    from deltatune.train.models import ALIASES
+
+    text = " ".join(_train_help(capsys, "--method", "lora").split())  # undo argparse's wrapping
+    assert "FIELD__" not in text
+    for flag in ("--rank RANK", "--alpha ALPHA", "--steps STEPS", "--task TASK", "--model MODEL"):
+        assert flag in text, flag
+    assert "--save-mode {lora,native}" in text and "--rank-stabilized {true,false}" in text
+    assert "one of " + ", ".join(sorted(TASKS)) in text
+    assert "one of linear, cosine, constant" in text and "one of fp32, bf16" in text
+    assert ", ".join(ALIASES) in text and "local folder" in text and "hub name" in text
+    assert "full (every parameter trains) or head" in text
+    assert "one of kaiming_uniform, gaussian, pissa, milora, corda" in text
+
+
+@pytest.mark.parametrize("method", [*sorted(REGISTRY), "full"])
+def test_every_train_flag_has_help_and_a_plain_metavar(method: str) -> None:
+    import dataclasses
+
+    from deltatune.cli import TRAIN_HELP, _train_parser
+    from deltatune.train.loop import TrainConfig
+
+    assert {f.name for f in dataclasses.fields(TrainConfig)} - {"method_fields"} == set(TRAIN_HELP)
+    parser = _train_parser(method)
+    flags = [a for a in parser._actions if a.option_strings and a.dest != "help"]
+    assert len(flags) > 25
+    for action in flags:
+        assert action.help and len(action.help) > 10, action.option_strings
+        assert "__" not in str(action.metavar), action.option_strings
+    assert "FIELD__" not in parser.format_help()
+
+
+def test_closed_sets_are_refused_with_their_list(capsys: pytest.CaptureFixture[str]) -> None:
+    for flag, bad, listed in (
+        ("--task", "bogus", "'sst2'"),
+        ("--schedule", "exp", "'cosine'"),
+        ("--precision", "fp16", "'bf16'"),
+        ("--method", "lorax", "'head'"),
+    ):
+        with pytest.raises(SystemExit) as e:
+            main(["train", flag, bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"argument {flag}: invalid choice: '{bad}'" in err and listed in err, err
+
+
+def test_methods_lists_full_head_and_each_fields_initialisers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert "\nfull  (deltatune train only): Full fine-tuning" in out
+    assert "\nhead  (deltatune train only): Head only" in out
+    assert "initialisers: kaiming_uniform, gaussian, pissa, milora, corda" in out
+    assert "initialisers: random_uniform, sampled_vocab, from_text" in out
+    assert "largest divisor" in out  # VB-LoRA's vector_length as deltatune train chooses it
+    assert main(["methods", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["full"]["harness_only"] and rows["head"]["fields"] == []
+    lora_init = {f["name"]: f for f in rows["lora"]["fields"]}["init"]
+    assert lora_init["choices"] == ["kaiming_uniform", "gaussian", "pissa", "milora", "corda"]
+    prompt_init = {f["name"]: f for f in rows["prompt_tuning"]["fields"]}["init"]
+    assert prompt_init["choices"] == ["random_uniform", "sampled_vocab", "from_text"]
+    assert "choices" not in {f["name"]: f for f in rows["lora"]["fields"]}["rank"]
+
+
+def test_a_bad_initialiser_lists_only_the_methods_own(capsys: pytest.CaptureFixture[str]) -> None:
+    from deltatune.cli import _train_parser
+
+    lora = _train_parser("lora")
+    for bad in ("bogus", "sampled_vocab", '{"type": "random_uniform"}'):
+        with pytest.raises(SystemExit):
+            lora.parse_args(["--init", bad])
+        err = capsys.readouterr().err
+        assert "kaiming_uniform, gaussian, pissa, milora, corda" in err, err
+        assert "sampled_vocab," not in err and "random_uniform," not in err, err
+    with pytest.raises(SystemExit):
+        lora.parse_args(["--init", "sampled_vocab"])
+    assert "'sampled_vocab' is a SampledVocab, not one of LoRAInit" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _train_parser("prompt_tuning").parse_args(["--init", "pissa"])
+    assert "it takes: random_uniform, sampled_vocab, from_text" in capsys.readouterr().err
+    # The same from a config file or a Python dict.
+    from deltatune.core import method_from_config
+
+    with pytest.raises(ValueError, match=r"LoRA.init: 'from_text' is a FromText.*it takes: kaiming_uniform"):
+        method_from_config("lora", {"init": {"type": "from_text"}})

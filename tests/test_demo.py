@@ -46,6 +46,38 @@ def test_demo_smoke(tmp_path: Path) -> None:
     assert 4 * result["trainable"] < result["adapter_bytes"] < 4 * result["trainable"] + 16_384
 
 
+def test_the_demo_adapter_evaluates_without_flags(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`deltatune eval runs/sst2_lora` (the README's next command) gives the demo's own accuracy: the
+    adapter records the base (minilm), the task (sst2) and how the demo evaluated it."""
+    import json
+
+    from deltatune.cli import main
+    from deltatune.io import read_config
+
+    result = demo().main(
+        [
+            "--steps",
+            "3",
+            "--train-examples",
+            "96",
+            "--dev-examples",
+            "48",
+            "--out",
+            str(tmp_path),
+            "--no-progress",
+        ]
+    )
+    config = read_config(tmp_path)
+    assert config["base_model"] == "minilm"
+    assert config["head"] == {"kind": "classification", "num_labels": 2}
+    assert config["task"] == {"name": "sst2", "max_length": 64, "eval_limit": 48, "eval_seed": None}
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path), "--no-progress"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["examples"] == 48
+    assert evaluated["accuracy"] == pytest.approx(100 * result["acc_after"])
+
+
 @pytest.mark.slow
 def test_demo_reaches_80_percent(tmp_path: Path) -> None:
     result = demo().main(["--out", str(tmp_path), "--no-progress"])

@@ -123,7 +123,7 @@ def supported_targets(cls: type, model: nn.Module) -> list[str]:
     return [p for p in outermost if accepts(model.get_submodule(p))]
 
 
-def setup(cls: type, toy: Toy, seed: int = 0, **kw: Any) -> tuple[nn.Module, list[str]]:
+def injected(cls: type, toy: Toy, seed: int = 0, **kw: Any) -> tuple[nn.Module, list[str]]:
     model = toy.build()
     saved = kw.get("modules_to_save", ())
     paths = [p for p in supported_targets(cls, model) if p not in saved]
@@ -174,7 +174,7 @@ def close(a: torch.Tensor, b: torch.Tensor) -> bool:
 def test_identity_at_init(cls: type, toy: Toy) -> None:
     x = x_for(toy)
     expected = toy.build()(x)
-    model, _ = setup(cls, toy)
+    model, _ = injected(cls, toy)
     out = model(x)
     if cls.identity_at_init:
         assert torch.equal(out, expected) if zero_update(model) else close(out, expected)
@@ -191,7 +191,7 @@ def test_identity_at_init(cls: type, toy: Toy) -> None:
 def test_disabled_gives_base_and_restores(cls: type, toy: Toy) -> None:
     x = x_for(toy)
     base_out = toy.build()(x)
-    model, _ = setup(cls, toy)
+    model, _ = injected(cls, toy)
     perturb(model)
     adapted = model(x)
     assert not torch.allclose(adapted, base_out)
@@ -208,7 +208,7 @@ def test_disabled_gives_base_and_restores(cls: type, toy: Toy) -> None:
 
 @pytest.mark.parametrize(("cls", "toy"), CASES)
 def test_only_adapter_trains(cls: type, toy: Toy) -> None:
-    model, _ = setup(cls, toy)
+    model, _ = injected(cls, toy)
     trainable = dt.trainable_parameters(model)
     assert trainable
     requiring = {id(p) for p in model.parameters() if p.requires_grad}
@@ -231,7 +231,7 @@ def test_only_adapter_trains(cls: type, toy: Toy) -> None:
 @pytest.mark.parametrize(("cls", "toy"), CASES)
 def test_merge(cls: type, toy: Toy) -> None:
     x = x_for(toy)
-    model, _ = setup(cls, toy)
+    model, _ = injected(cls, toy)
     perturb(model)
     if not cls.mergeable:
         with pytest.raises(ValueError, match="not mergeable"):
@@ -251,7 +251,7 @@ def test_merge(cls: type, toy: Toy) -> None:
 def test_forward_matches_delta_weight(cls: type, toy: Toy) -> None:
     if not cls.weight_space:
         pytest.skip("not a weight-space method")
-    model, _ = setup(cls, toy)
+    model, _ = injected(cls, toy)
     perturb(model)
     att = attachment_of(model)
     seen: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -299,7 +299,7 @@ def test_unload_restores_exactly(cls: type, toy: Toy) -> None:
 @pytest.mark.parametrize(("cls", "toy"), CASES)
 def test_save_load_roundtrip_and_closed_form(cls: type, toy: Toy, tmp_path: Path) -> None:
     x = x_for(toy)
-    model, _ = setup(cls, toy, modules_to_save=[toy.head] if toy.head else ())
+    model, _ = injected(cls, toy, modules_to_save=[toy.head] if toy.head else ())
     perturb(model)
     expected = model(x)
     dt.save(model, tmp_path)
@@ -380,7 +380,7 @@ def test_seeded_init_leaves_global_rng_alone(cls: type, toy: Toy) -> None:
 def test_named_adapters_switch_and_delete(cls: type, toy: Toy) -> None:
     x = x_for(toy)
     base_out = toy.build()(x)
-    model, paths = setup(cls, toy)
+    model, paths = injected(cls, toy)
     perturb(model, seed=1)
     out_default = model(x)
     dt.inject(model, example(cls), targets=paths, name="second", seed=1)
@@ -405,7 +405,7 @@ def test_named_adapters_switch_and_delete(cls: type, toy: Toy) -> None:
 @pytest.mark.parametrize(("cls", "toy"), CASES)
 def test_mixed_batch_routing(cls: type, toy: Toy) -> None:
     x = x_for(toy)
-    model, paths = setup(cls, toy)
+    model, paths = injected(cls, toy)
     dt.inject(model, example(cls), targets=paths, name="other", seed=5)
     perturb(model, seed=3)
     dt.set_active(model, "default")
@@ -454,7 +454,7 @@ def test_low_precision_base_keeps_fp32_adapter(cls: type, toy: Toy) -> None:
 
 @pytest.mark.parametrize(("cls", "toy"), CASES)
 def test_config_round_trips_through_json(cls: type, toy: Toy, tmp_path: Path) -> None:
-    model, _ = setup(cls, toy)
+    model, _ = injected(cls, toy)
     dt.save(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["method"] == cls.name

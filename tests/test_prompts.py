@@ -9,6 +9,7 @@ with PEFT given the same weights.
 from __future__ import annotations
 
 import copy
+import warnings
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
+from deltatune import virtual
 from deltatune.methods.prompt_tuning import FromText, RandomUniform, SampledVocab
 
 N = 4  # virtual tokens
@@ -139,7 +141,7 @@ def test_prefix_extends_mask_keeps_positions() -> None:
     assert seen["attention_mask"].shape == (2, N + 5)
     assert torch.equal(seen["attention_mask"][:, N:], b["attention_mask"])
     assert torch.equal(seen["position_ids"], torch.arange(5).expand(2, 5))  # real tokens keep theirs
-    cache = seen["past_key_values"]
+    cache = seen[virtual.cache_keyword(model.model.base) or "cache"]
     assert len(cache.layers) == 2 and cache.layers[0].keys.shape == (2, 2, N + 5, 4)  # after the forward
 
 
@@ -210,8 +212,9 @@ def greedy_without_cache(model: nn.Module, ids: torch.Tensor, mask: torch.Tensor
     return ids
 
 
+@pytest.mark.parametrize("use_cache", [True, False], ids=["cache", "no-cache"])
 @pytest.mark.parametrize("method", METHODS)
-def test_generate_with_cache_equals_manual_loop(method: Any) -> None:
+def test_generate_equals_manual_loop(method: Any, use_cache: bool) -> None:
     model = llama()
     dt.inject(model, method, seed=3)
     with torch.no_grad():
@@ -219,9 +222,18 @@ def test_generate_with_cache_equals_manual_loop(method: Any) -> None:
             p.add_(0.5 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
     ids = torch.tensor([[0, 0, 7, 8, 9], [3, 4, 5, 6, 2]])  # left-padded, as generate() wants
     mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
-    out = model.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0
-    )
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        out = model.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=6,
+            do_sample=False,
+            pad_token_id=0,
+            use_cache=use_cache,
+        )
+    # the cache goes in under the name this transformers release supports, never a deprecated one
+    assert not [w for w in seen if "past_key_values" in str(w.message)]
     assert torch.equal(out, greedy_without_cache(model, ids, mask, 6))
     with dt.disabled(model):
         plain = model.generate(
@@ -319,6 +331,36 @@ def test_prompt_initialisers() -> None:
         RandomUniform(bound=0.0)
     with pytest.raises(ValueError, match=r"FromText.token_ids must be"):
         FromText(token_ids=("a",))  # type: ignore[arg-type]
+
+
+def test_prefix_on_a_body_without_a_cache_names_its_class() -> None:
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    config = DistilBertConfig(vocab_size=40, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    model = DistilBertForSequenceClassification(config)
+    with pytest.raises(ValueError, match=r"DistilBertModel\.forward takes no KV cache"):
+        dt.inject(model, dt.PrefixTuning(num_virtual_tokens=N, reparameterize=False))
+    assert not dt.has_adapters(model)
+    dt.inject(model, dt.PromptTuning(num_virtual_tokens=N))  # virtual tokens need no cache
+    assert model(input_ids=torch.tensor([[5, 6, 7]])).logits.shape == (1, 2)
+
+
+def test_a_body_that_ignores_the_prefix_cache_is_an_error() -> None:
+    """A model that accepts a cache argument but never reads it would make prefix tuning a silent
+    no-op; the forward refuses instead."""
+    from transformers import BertModel
+
+    class Forgetful(BertModel):  # type: ignore[misc]
+        def forward(  # type: ignore[override]
+            self, input_ids: Any = None, attention_mask: Any = None, cache: Any = None, **kwargs: Any
+        ) -> Any:
+            return super().forward(input_ids=input_ids)
+
+    model = bert()
+    model.bert = Forgetful(model.config).eval()
+    dt.inject(model, dt.PrefixTuning(num_virtual_tokens=N, reparameterize=False))
+    with pytest.raises(RuntimeError, match="Forgetful did not use the prefix cache passed as `cache`"):
+        model(input_ids=torch.tensor([[5, 6, 7]]))
 
 
 def test_targets_must_be_the_body() -> None:
@@ -424,8 +466,34 @@ def test_prefix_tuning_matches_peft(reparameterize: bool) -> None:
             encoder.embedding.weight.copy_(layer.prefixes)
     b = batch()
     shifted = torch.arange(N, N + 5).expand(2, 5)
-    assert torch.allclose(ours(**b, position_ids=shifted).logits, theirs(**b).logits, atol=1e-5)
-    assert not torch.allclose(ours(**b).logits, theirs(**b).logits, atol=1e-5)  # positions differ
+    reference = peft_prefix_logits(theirs, b)
+    assert torch.allclose(ours(**b, position_ids=shifted).logits, reference, atol=1e-5)
+    assert not torch.allclose(ours(**b).logits, reference, atol=1e-5)  # positions differ
+
+
+def peft_prefix_logits(peft_model: Any, b: dict[str, torch.Tensor]) -> torch.Tensor:
+    """PEFT's prefix-tuning logits for a BERT classifier. Where PEFT's own forward refuses the
+    installed transformers (PEFT <= 0.21.2 looks for a `past_key_values` argument, which BERT calls
+    `cache` from transformers 5.24 on), run the path PEFT's forward takes for a classifier by hand:
+    its prefixes (`get_prompt`) as the backbone's cache, a mask with n leading ones, the pooled
+    output into the classifier."""
+    try:
+        logits: torch.Tensor = peft_model(**b).logits
+        return logits
+    except ValueError as err:
+        if "does not support past key values" not in str(err):
+            raise
+    model = peft_model.base_model
+    cache = peft_model.get_prompt(batch_size=b["input_ids"].shape[0])
+    mask = torch.cat([torch.ones(b["attention_mask"].shape[0], N, dtype=torch.long), b["attention_mask"]], 1)
+    keyword = virtual.cache_keyword(model.bert)
+    assert keyword is not None
+    out = model.bert(
+        input_ids=b["input_ids"], attention_mask=mask, token_type_ids=b["token_type_ids"], **{keyword: cache}
+    )
+    assert cache.get_seq_length() == N + b["input_ids"].shape[1]  # the backbone read the prefix
+    logits = model.classifier(model.dropout(out.pooler_output))
+    return logits
 
 
 def test_prefix_of_cached_tokens_equals_prepending_them() -> None:
@@ -435,7 +503,8 @@ def test_prefix_of_cached_tokens_equals_prepending_them() -> None:
     prefix_ids = torch.tensor([[7, 8, 9, 10]])
     x = torch.tensor([[3, 4, 5], [11, 12, 13]])
     with torch.no_grad():
-        cache = model(input_ids=prefix_ids, use_cache=True).past_key_values
+        out = model(input_ids=prefix_ids, use_cache=True)
+        cache = getattr(out, virtual.cache_keyword(model.model) or "cache")
         full = model(input_ids=torch.cat([prefix_ids.expand(2, -1), x], dim=1)).logits[:, N:]
     att = dt.inject(model, dt.PrefixTuning(num_virtual_tokens=N, reparameterize=False))
     layer = att.layers("default")["model"]

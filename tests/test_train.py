@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -119,10 +120,69 @@ def test_resume_after_interrupt_gives_the_same_adapter(tiny_bert: str, tmp_path:
 
 def test_checkpoint_of_another_run_is_refused(tiny_bert: str, tmp_path: Path) -> None:
     train(config(tiny_bert, tmp_path, steps=3), progress=False)
-    with pytest.raises(ValueError, match=r"different run \(method_fields: checkpoint \{'rank': 4"):
+    with pytest.raises(ValueError, match=r"different run \(method_fields: there \{'rank': 4"):
         train(config(tiny_bert, tmp_path, steps=6, method_fields={"rank": 2}), progress=False)
-    with pytest.raises(ValueError, match="different run .*method: checkpoint 'lora', this run 'full'"):
+    with pytest.raises(ValueError, match="different run .*method: there 'lora', this run 'full'"):
         train(config(tiny_bert, tmp_path, steps=6, method="full", method_fields={}), progress=False)
+    # An interrupted run (a checkpoint, no metrics.json yet) is compared with the same care.
+    (tmp_path / "metrics.json").unlink()
+    with pytest.raises(ValueError, match=r"lr: there 0.01, this run 0.5; read from .*state.json"):
+        train(config(tiny_bert, tmp_path, steps=3, lr=0.5), progress=False)
+
+
+def test_out_holding_another_run_needs_overwrite(
+    tiny_bert: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from deltatune.cli import main
+
+    first = train(config(tiny_bert, tmp_path, steps=2, checkpoint_every=0), progress=False)
+    before = adapter_tensors(tmp_path)
+    with pytest.raises(
+        ValueError, match=r"holds a different run \(lr: there 0.01, this run 0.02.*--overwrite"
+    ):
+        train(config(tiny_bert, tmp_path, steps=2, checkpoint_every=0, lr=0.02), progress=False)
+    assert all(torch.equal(before[k], v) for k, v in adapter_tensors(tmp_path).items())  # untouched
+    # The same config (checkpointing aside) may run again into the same folder.
+    again = train(config(tiny_bert, tmp_path, steps=2, checkpoint_every=1), progress=False)
+    assert again["metrics"] == first["metrics"]
+    # --overwrite replaces the run: no stale checkpoint is resumed, the record is the new one's.
+    args = _train_args(tiny_bert, steps=3, train_limit=96, checkpoint_every=0, out=tmp_path)
+    assert main(args) == 2
+    assert "holds a different run (" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+    record = json.loads((tmp_path / "metrics.json").read_text())
+    assert record["config"]["steps"] == 3 and [s for s, _ in record["history"]["loss"]] == [1, 2, 3]
+    assert not (tmp_path / "checkpoint").exists()
+
+
+def test_vblora_defaults_fit_a_384_wide_model(tmp_path: Path) -> None:
+    """MiniLM's width: VB-LoRA's default vector_length 256 does not divide 384; the harness picks 192."""
+    folder = tmp_path / "bert384"
+    cfg = transformers.BertConfig(
+        vocab_size=30522, hidden_size=384, num_hidden_layers=1, num_attention_heads=2, intermediate_size=384
+    )
+    torch.manual_seed(0)
+    transformers.BertForSequenceClassification(cfg).save_pretrained(folder)
+    transformers.AutoTokenizer.from_pretrained(gt.get_model_path()).save_pretrained(folder)
+    run = dict(method="vblora", method_fields={}, steps=2, train_limit=16, eval_limit=8, checkpoint_every=0)
+    record = train(config(str(folder), tmp_path / "run", **run), progress=False)  # type: ignore[arg-type]
+    saved = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())
+    assert saved["config"]["vector_length"] == 192 and saved["config"]["num_vectors"] == 256
+    assert record["config"]["method_fields"] == {}  # what the user asked for
+    explicit = {**run, "method_fields": {"vector_length": 256}}
+    with pytest.raises(ValueError, match="in_features=384, not divisible by vector_length=256"):
+        train(config(str(folder), tmp_path / "explicit", **explicit), progress=False)  # type: ignore[arg-type]
+
+
+def test_progress_in_a_log_is_plain_lines(
+    tiny_bert: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    capsys.readouterr()
+    train(config(tiny_bert, tmp_path, steps=4, checkpoint_every=0), progress=True)
+    err = capsys.readouterr().err
+    assert "\r" not in err
+    assert re.search(r"^lora sst2: 4/4 steps  loss \d\.\d{4}  done in \d+:\d\d  \S+ steps/s$", err, re.M), err
+    assert re.search(r"^eval: 32/32 examples  done in ", err, re.M), err
 
 
 def test_full_and_head_only_baselines(tiny_bert: str, tmp_path: Path) -> None:
@@ -325,8 +385,13 @@ def test_cli_train_from_yaml_then_info_eval_merge(
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from deltatune.cli import main
 
-    assert main(["train", "--task", "nope", "--out", str(tmp_path)]) == 2
-    assert "unknown task 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--task", "nope", "--out", str(tmp_path)])
+    assert e.value.code == 2
+    assert "argument --task: invalid choice: 'nope' (choose from 'agnews', 'cola'" in capsys.readouterr().err
+    (tmp_path / "run.json").write_text('{"task": "nope"}')  # a config file is checked by TrainConfig
+    assert main(["train", "--config", str(tmp_path / "run.json"), "--out", str(tmp_path)]) == 2
+    assert "unknown task 'nope'; known tasks: agnews, cola" in capsys.readouterr().err
     assert main(["info", str(tmp_path / "missing")]) == 2
     assert "no adapter_config.json" in capsys.readouterr().err
     (tmp_path / "bad.yaml").write_text("stepz: 3\n")

@@ -183,6 +183,25 @@ def test_vector_length_must_divide_every_dimension() -> None:
         dt.inject(net(), small(), targets=["0", "2"], overrides={"2": {"vector_length": 4}})
 
 
+def test_fit_to_picks_a_vector_length_only_when_it_was_not_given() -> None:
+    assert dt.VBLoRA().vector_length == 256  # PEFT's default, kept for dt.VBLoRA()
+    minilm = {"q": nn.Linear(384, 384), "v": nn.Linear(384, 384)}
+    assert dt.VBLoRA().fit_to(minilm, given=()).vector_length == 192  # largest divisor of 384 <= 256
+    assert dt.VBLoRA().fit_to({"q": nn.Linear(384, 1536)}, given=()).vector_length == 192
+    assert dt.VBLoRA().fit_to({"q": nn.Linear(768, 3072)}, given=()).vector_length == 256  # fits: unchanged
+    assert dt.VBLoRA().fit_to({"q": nn.Linear(96, 100)}, given=()).vector_length == 4  # gcd 4
+    assert small().fit_to({"q": nn.Linear(384, 384)}, given=()).vector_length == 8  # 8 divides 384
+    fitted = dt.VBLoRA(rank=2).fit_to(minilm, given={"rank"})
+    assert fitted == dt.VBLoRA(rank=2, vector_length=192)
+    # A value the user gave is theirs: it is kept, and inject refuses it as before.
+    explicit = dt.VBLoRA(vector_length=256).fit_to(minilm, given={"vector_length"})
+    assert explicit.vector_length == 256
+    model = nn.Sequential(nn.Linear(384, 384))
+    with pytest.raises(ValueError, match="in_features=384, not divisible by vector_length=256"):
+        dt.inject(model, explicit, targets=["0"])
+    dt.inject(model, fitted, targets=["0"])  # the fitted default adapts it
+
+
 def _corrupt(folder: Path, key: str, value: torch.Tensor) -> None:
     tensors = load_file(str(folder / "adapter.safetensors"))
     tensors[key] = value
@@ -193,7 +212,7 @@ def test_bad_topk_files_are_refused(tmp_path: Path) -> None:
     model = net()
     dt.inject(model, small(), targets=["0"])
     dt.save(model, tmp_path)
-    good = load_file(str(tmp_path / "adapter.safetensors"))
+    good = {k: v.clone() for k, v in load_file(str(tmp_path / "adapter.safetensors")).items()}
 
     idx = good["0.topk_indices_A"].clone()
     idx[0, 0, 0] = 200

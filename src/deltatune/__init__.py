@@ -3,6 +3,7 @@
 >>> from deltatune import LoRA, inject, merge, unload, disabled, save, load
 """
 
+from . import _quiet  # noqa: F401  (filters two import-time messages of torchao; see _quiet)
 from .core import (
     REGISTRY,
     Adapted,

@@ -21,11 +21,29 @@ from typing import Any
 
 from . import __version__
 from .core import _CAPABILITIES, REGISTRY
-from .fields import Bool, Check, Float, Instance, Int, OneOf, Text, field_table, from_jsonable
+from .fields import (
+    Bool,
+    Float,
+    Instance,
+    Int,
+    OneOf,
+    Text,
+    field_table,
+    from_jsonable,
+    to_jsonable,
+)
+
+# The training harness's methods that are not registered adapters (deltatune.train.loop).
+HARNESS_METHODS: dict[str, str] = {
+    "full": "Full fine-tuning: every parameter of the model trains (a baseline; saves trained.safetensors).",
+    "head": "Head only: the task head trains, the rest is frozen (a linear probe; a baseline).",
+}
 
 
 def methods_table() -> list[dict[str, Any]]:
-    """Every registered method as plain data (name, class, docstring summary, capabilities, fields)."""
+    """Every method ``deltatune train`` takes, as plain data (name, class, docstring summary,
+    capabilities, fields): the registered ones, then the harness's ``full`` and ``head`` (class None,
+    no fields, ``"harness_only": true``). An initialiser field also lists the ``choices`` that fit it."""
     rows = []
     for name, cls in sorted(REGISTRY.items()):
         doc = (cls.__doc__ or "").strip().splitlines()
@@ -36,6 +54,18 @@ def methods_table() -> list[dict[str, Any]]:
                 "summary": doc[0] if doc else "",
                 "capabilities": {c: _jsonable(getattr(cls, c)) for c in _CAPABILITIES},
                 "fields": field_table(cls),
+                "harness_only": False,
+            }
+        )
+    for name, summary in HARNESS_METHODS.items():
+        rows.append(
+            {
+                "name": name,
+                "class": None,
+                "summary": summary,
+                "capabilities": {},
+                "fields": [],
+                "harness_only": True,
             }
         )
     return rows
@@ -51,6 +81,10 @@ def _print_methods(as_json: bool) -> None:
         print(json.dumps(rows, indent=2))
         return
     for row in rows:
+        if row["harness_only"]:
+            print(f"{row['name']}  (deltatune train only): {row['summary']}")
+            print("  fields: none\n")
+            continue
         print(f"{row['name']}  ({row['class']}): {row['summary']}")
         caps = row["capabilities"]
         flags = [c for c, v in caps.items() if v is True]
@@ -60,6 +94,9 @@ def _print_methods(as_json: bool) -> None:
         for f in row["fields"]:
             default = json.dumps(f["default"])
             print(f"    {f['name']:<{width}}  default {default:<22} {f['constraint']:<28} {f['help']}")
+            if "choices" in f:
+                choices = ", ".join(f["choices"])
+                print(f"    {'':<{width}}  initialisers: {choices} (by name, or as JSON with fields)")
         print()
 
 
@@ -75,71 +112,153 @@ def _bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
-def _component(value: str) -> Any:
-    """A config component (an initialiser) by name or as JSON: ``pissa``, ``'{"type": "pissa", ...}'``."""
-    try:
-        data = json.loads(value) if value.lstrip().startswith("{") else {"type": value}
-        return from_jsonable(data, "the flag")
-    except (ValueError, TypeError) as err:
-        raise argparse.ArgumentTypeError(str(err)) from err
+def _component(check: Instance, where: str) -> Any:
+    """A flag type for an initialiser field: a name (``pissa``) or JSON (``'{"type": "pissa", ...}'``),
+    refused unless it is one of the initialisers that fit the field."""
+
+    def initialiser(value: str) -> Any:
+        try:
+            data = json.loads(value) if value.lstrip().startswith("{") else {"type": value}
+            return from_jsonable(data, where, check)
+        except (ValueError, TypeError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from err
+
+    return initialiser
 
 
-def _flag_type(check: Check | None) -> Any:
-    if isinstance(check, Int):
-        return int
-    if isinstance(check, Float):
-        return float
-    if isinstance(check, Bool):
-        return _bool
-    if isinstance(check, OneOf):
+def _field_flag(cls: type, f: dataclasses.Field[Any]) -> dict[str, Any] | None:
+    """``add_argument`` keywords for a method field; None if the command line cannot set it (--config)."""
+    check = f.metadata.get("check")
+    default = f.default if isinstance(f.default, str) else json.dumps(to_jsonable(f.default))
+    text = f.metadata.get("help", "")
+    kw: dict[str, Any] = {"dest": f"field__{f.name}", "default": None, "metavar": f.name.upper()}
+    if isinstance(check, (Int, Float)):
+        kw.update(type=int if isinstance(check, Int) else float, help=f"{text}; {check.describe()}")
+    elif isinstance(check, Bool):
+        kw.update(type=_bool, metavar="{true,false}", help=text)
+    elif isinstance(check, OneOf):
         kinds = {type(o) for o in check.options}
-        return kinds.pop() if len(kinds) == 1 else str
-    if isinstance(check, Text):
-        return str
-    if isinstance(check, Instance):
-        return _component
-    return None  # not settable from the command line: use --config
+        kw.update(
+            type=kinds.pop() if len(kinds) == 1 else str,
+            choices=check.options,
+            metavar="{" + ",".join(str(o) for o in check.options) + "}",
+            help=text,
+        )
+    elif isinstance(check, Text):
+        kw.update(type=str, help=text)
+    elif isinstance(check, Instance):
+        names = check.component_names()
+        kw.update(
+            type=_component(check, f"{cls.__name__}.{f.name}"),
+            help=f"{text}: one of {', '.join(names)}; a name, or JSON with its fields "
+            """('{"type": NAME, "FIELD": VALUE}')""",
+        )
+    else:
+        return None
+    kw["help"] += f" (default {default})"
+    return kw
+
+
+# Help for every training option; {names} are filled in (a test checks that every flag has help).
+TRAIN_HELP: dict[str, str] = {
+    "model": "base model: an alias ({aliases}), a local folder in Hugging Face format, or a hub name",
+    "task": "the task and its data: one of {tasks}",
+    "method": "a registered method ({methods}), full (every parameter trains) or head (only the task "
+    "head trains); `deltatune methods` lists them, `--method NAME --help` adds the method's fields here",
+    "targets": "modules to adapt, by name, dotted suffix or regex, or all-linear (default: the method's "
+    "own, else the attention query and value projections)",
+    "modules_to_save": "modules trained in full and saved with the adapter (default: the task head)",
+    "steps": "optimizer steps",
+    "batch_size": "examples per micro-batch (split across the processes under torchrun)",
+    "grad_accum": "micro-batches per optimizer step: the global batch is BATCH_SIZE x GRAD_ACCUM",
+    "lr": "peak learning rate",
+    "head_lr": "learning rate of the task head (default: LR)",
+    "weight_decay": "AdamW weight decay",
+    "warmup_ratio": "fraction of the steps with a linear warmup, in [0, 1)",
+    "schedule": "learning rate after the warmup: one of {schedules}",
+    "max_grad_norm": "clip the gradient norm to this (0: no clipping)",
+    "max_length": "truncate inputs to this many tokens",
+    "train_limit": "train on a seeded sample of this many examples (default: all)",
+    "eval_limit": "evaluate on a seeded sample of this many examples (default: all)",
+    "eval_every": "also evaluate every N steps (0: only at the end)",
+    "eval_before": "also evaluate before training",
+    "eval_batch_size": "examples per evaluation batch",
+    "max_new_tokens": "generation tasks: tokens generated per example",
+    "checkpoint_every": "write a resumable checkpoint every N steps (0: never)",
+    "seed": "seeds the data order and the head and adapter initialisation",
+    "precision": "one of {precisions}: float32, or bfloat16 autocast",
+    "out": "folder for adapter/, metrics.json, curves.png and checkpoint/ (default: runs/TASK-METHOD); "
+    "one holding a run of another config is refused unless --overwrite",
+    "data_dir": "folder of the data sets (default: $DELTATUNE_DATA, else ../shared/datasets)",
+    "resume": "continue from the checkpoint in --out (a run of the same config)",
+}
+_NO_DEFAULT_SHOWN = ("out", "head_lr", "train_limit", "eval_limit", "data_dir")  # their help says it
 
 
 def _train_parser(method: str | None) -> argparse.ArgumentParser:
-    from .train.loop import TrainConfig
+    from .train.data import TASKS
+    from .train.loop import FULL, HEAD_ONLY, PRECISIONS, SCHEDULES, TrainConfig
+    from .train.models import ALIASES
 
-    p = argparse.ArgumentParser(prog="deltatune train", description="Fine-tune a model on a task.")
-    p.add_argument("--config", help="YAML or JSON file with training options (flags override it)")
+    p = argparse.ArgumentParser(
+        prog="deltatune train",
+        usage="%(prog)s [--method METHOD] [--model MODEL] [--task TASK] [--config FILE] [options] "
+        "[method fields]",
+        description="Fine-tune a model on a task. A method's fields become flags once --method is "
+        "given (deltatune train --method lora --help).",
+    )
+    p.add_argument("--config", metavar="FILE", help="YAML or JSON file of these options (flags override it)")
+    closed: dict[str, tuple[str, ...]] = {
+        "task": tuple(sorted(TASKS)),
+        "method": (*sorted(REGISTRY), FULL, HEAD_ONLY),
+        "schedule": SCHEDULES,
+        "precision": PRECISIONS,
+    }
+    names = {
+        "aliases": ", ".join(ALIASES),
+        "tasks": ", ".join(closed["task"]),
+        "methods": ", ".join(sorted(REGISTRY)),
+        "schedules": ", ".join(SCHEDULES),
+        "precisions": ", ".join(PRECISIONS),
+    }
     defaults = TrainConfig()
+    types: dict[str, Any] = {"head_lr": float, "train_limit": int, "eval_limit": int, "data_dir": str}
     for f in dataclasses.fields(TrainConfig):
-        if f.name in ("method_fields",):
-            continue
+        if f.name == "method_fields":
+            continue  # the method's own flags, below
         flag = "--" + f.name.replace("_", "-")
         default = getattr(defaults, f.name)
+        text = TRAIN_HELP.get(f.name, "").format(**names)
         if f.name in ("targets", "modules_to_save"):
-            p.add_argument(
-                flag, nargs="+", default=None, help=f"module names (default: {default or 'automatic'})"
-            )
-        elif isinstance(default, bool):
-            p.add_argument(
-                flag, dest=f.name, type=_bool, default=None, help=f"true/false (default {default})"
-            )
-        elif f.name in ("head_lr", "train_limit", "eval_limit", "data_dir"):
-            kind = str if f.name == "data_dir" else (float if f.name == "head_lr" else int)
-            p.add_argument(flag, dest=f.name, type=kind, default=None, help=f"(default: {default})")
+            p.add_argument(flag, nargs="+", default=None, metavar="MODULE", help=text)
+            continue
+        if f.name not in _NO_DEFAULT_SHOWN:
+            text += f" (default {json.dumps(default) if isinstance(default, bool) else default})"
+        kw: dict[str, Any] = {"dest": f.name, "default": None, "metavar": f.name.upper(), "help": text}
+        if isinstance(default, bool):
+            kw.update(type=_bool, metavar="{true,false}")
+        elif f.name in closed:
+            kw.update(choices=closed[f.name])
         else:
-            p.add_argument(flag, dest=f.name, type=type(default), default=None, help=f"(default: {default})")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+            kw.update(type=types.get(f.name, type(default)))
+        p.add_argument(flag, **kw)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run of another config in --out (deletes its adapter, metrics and checkpoint)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress output (else a bar on a terminal, a plain line every few seconds in a log)",
+    )
     if method in REGISTRY:
-        group = p.add_argument_group(f"{method} fields")
-        for f in dataclasses.fields(REGISTRY[method]):
-            check = f.metadata.get("check")
-            kind = _flag_type(check if isinstance(check, Check) else None)
-            if kind is None:
-                continue
-            group.add_argument(
-                "--" + f.name.replace("_", "-"),
-                dest=f"field__{f.name}",
-                type=kind,
-                default=None,
-                help=f"{f.metadata.get('help', '')} (default {f.default!r})",
-            )
+        cls = REGISTRY[method]
+        group = p.add_argument_group(f"{method} fields ({cls.__name__}; see deltatune methods)")
+        for f in dataclasses.fields(cls):
+            field_kw = _field_flag(cls, f)
+            if field_kw is not None:
+                group.add_argument("--" + f.name.replace("_", "-"), **field_kw)
     return p
 
 
@@ -170,7 +289,7 @@ def _train(argv: list[str]) -> int:
     method = known.method or options.get("method", TrainConfig.method)
     args = _train_parser(method).parse_args(argv)
     for key, value in vars(args).items():
-        if value is None or key in ("config", "no_progress"):
+        if value is None or key in ("config", "no_progress", "overwrite"):
             continue
         if key.startswith("field__"):
             options.setdefault("method_fields", {})[key[len("field__") :]] = value
@@ -179,7 +298,7 @@ def _train(argv: list[str]) -> int:
     if "out" not in options:
         options["out"] = f"runs/{options.get('task', TrainConfig.task)}-{method}"
     cfg = TrainConfig.from_dict(options)
-    record = train(cfg, progress=not args.no_progress)
+    record = train(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     if record:
         _print_record(record)
     return 0
@@ -203,28 +322,84 @@ def _print_record(record: dict[str, Any]) -> None:
 # -- eval / merge / info -----------------------------------------------------------------------
 
 
-def _run_options(adapter: Path, model: str | None, task: str | None) -> tuple[str, str, dict[str, Any]]:
-    """Model and task for an adapter: from flags, else from the run's metrics.json next to it."""
-    saved: dict[str, Any] = {}
+@dataclasses.dataclass
+class _Run:
+    """What ``eval`` and ``merge`` need to rebuild an adapter's model (see :func:`_run_options`)."""
+
+    model: str
+    task: str | None
+    head: dict[str, Any] | None
+    options: dict[str, Any]  # max_length, max_new_tokens, eval_limit, eval_seed, data_dir
+
+
+def _run_options(adapter: Path, model: str | None, task: str | None, *, need_task: bool) -> _Run:
+    """Base model, task, head and evaluation options for an adapter.
+
+    Each comes from the flag if given, else from what ``adapter_config.json`` records (``base_model``,
+    ``task``, ``head``: deltatune.save and the harness write them), else from the ``metrics.json`` a
+    harness run writes beside its adapter folder. The evaluation options (max_length, eval_limit, ...)
+    come from whichever record is of the chosen task.
+    """
+    from .io import CONFIG_NAME, read_config
+
+    config = read_config(adapter)
+    recorded: dict[str, Any] = config.get("task") or {}
+    run: dict[str, Any] = {}
     metrics = adapter.parent / "metrics.json"
     if metrics.is_file():
-        saved = json.loads(metrics.read_text()).get("config", {})
-    model = model or saved.get("model")
-    task = task or saved.get("task")
-    if not model or not task:
+        try:
+            run = json.loads(metrics.read_text()).get("config", {})
+        except (json.JSONDecodeError, AttributeError):
+            run = {}
+    model = model or config.get("base_model") or run.get("model")
+    task = task or recorded.get("name") or run.get("task")
+    nothing_else = f"its {CONFIG_NAME} records none and there is no metrics.json of a deltatune run beside it"
+    if not model:
         raise ValueError(
-            f"{adapter}: pass --model and --task (no metrics.json of a deltatune run next to it)"
+            f"{adapter}: pass --model (an alias such as minilm, a local model folder or a hub name): "
+            f"{nothing_else}"
         )
-    return model, task, saved
+    head = config.get("head")
+    if not task and (need_task or head is None):
+        from .train.data import TASKS
+
+        what = "" if need_task else " (or re-save the adapter with deltatune.save(..., head=...))"
+        raise ValueError(f"{adapter}: pass --task, one of {', '.join(sorted(TASKS))}{what}: {nothing_else}")
+    options: dict[str, Any] = {}
+    if run and run.get("task") == task:
+        options.update(
+            max_length=run.get("max_length"),
+            max_new_tokens=run.get("max_new_tokens"),
+            eval_limit=run.get("eval_limit"),
+            eval_seed=run.get("seed"),
+            data_dir=run.get("data_dir"),
+        )
+    if recorded.get("name") == task:
+        options.update({k: v for k, v in recorded.items() if k != "name"})
+    return _Run(model, task, head, options)
 
 
-def _load_adapted(adapter: Path, model_name: str, task_name: str) -> tuple[Any, Any, Any]:
+def _load_adapted(adapter: Path, run: _Run) -> tuple[Any, Any, Any]:
+    """The base model (with the head the task or the adapter calls for) with the adapter loaded."""
     from .io import load
     from .train.data import get_task
     from .train.models import load_model
 
-    task = get_task(task_name)
-    model, tokenizer = load_model(model_name, task.kind, task.num_labels or None)
+    task = get_task(run.task) if run.task else None
+    if task is not None:
+        kind, labels = task.kind, (task.num_labels or None if task.kind == "classification" else None)
+        head = run.head
+        if head is not None and (head["kind"], head.get("num_labels")) != (kind, labels):
+            saved_on = head["kind"] + (f" with {head['num_labels']} labels" if head.get("num_labels") else "")
+            wants = kind + (f" with {labels} labels" if labels else "")
+            raise ValueError(
+                f"{adapter}: task {task.name} needs a {wants} head, but the adapter was saved on a "
+                f"{saved_on} head; pass the --task it was trained on"
+            )
+    else:
+        assert run.head is not None  # _run_options asks for --task otherwise
+        kind, labels = run.head["kind"], run.head.get("num_labels")
+    model, tokenizer = load_model(run.model, kind, labels if kind == "classification" else None)
     load(model, adapter)
     return model, tokenizer, task
 
@@ -234,17 +409,18 @@ def _eval(args: argparse.Namespace) -> int:
     from .train.loop import TrainConfig, evaluate
 
     adapter = Path(args.adapter)
-    model_name, task_name, saved = _run_options(adapter, args.model, args.task)
-    model, tokenizer, task = _load_adapted(adapter, model_name, task_name)
-    # By default, the examples the run itself was evaluated on.
+    run = _run_options(adapter, args.model, args.task, need_task=True)
+    model, tokenizer, task = _load_adapted(adapter, run)
+    saved = run.options
+    # By default, the examples the run itself was evaluated on, prepared the same way.
     limit = args.limit if args.limit is not None else saved.get("eval_limit")
-    seed = int(saved.get("seed", 0))
+    seed = saved.get("eval_seed")
     cfg = TrainConfig(
-        model=model_name,
-        task=task_name,
-        max_length=int(saved.get("max_length", 128)),
+        model=run.model,
+        task=task.name,
+        max_length=int(saved.get("max_length") or 128),
         eval_limit=limit,
-        max_new_tokens=int(saved.get("max_new_tokens", 64)),
+        max_new_tokens=int(saved.get("max_new_tokens") or 64),
     )
     data_dir = args.data_dir or saved.get("data_dir")
     examples = load_split(task, "eval", data_dir, limit=limit, seed=seed if limit else None)
@@ -259,14 +435,20 @@ def _eval(args: argparse.Namespace) -> int:
 
 def _merge(args: argparse.Namespace) -> int:
     from .core import merge
+    from .io import write_folder
 
     adapter = Path(args.adapter)
-    model_name, task_name, _ = _run_options(adapter, args.model, args.task)
-    model, tokenizer, _ = _load_adapted(adapter, model_name, task_name)
+    run = _run_options(adapter, args.model, args.task, need_task=False)
+    model, tokenizer, _ = _load_adapted(adapter, run)
     merge(model)
-    out = Path(args.out)
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    # Through a temporary folder: a failed save leaves no half model, and the files get the usual
+    # permissions (safetensors >= 0.8 writes model.safetensors 0o600 otherwise).
+    out = write_folder(args.out, write)
     print(f"wrote the merged model to {out} (no deltatune needed to load it)")
     return 0
 
@@ -300,6 +482,9 @@ def adapter_info(folder: str | Path) -> dict[str, Any]:
         + (folder / "adapter_config.json").stat().st_size,
         "dtypes": dtypes,
         "format_version": config["format_version"],
+        "base_model": config.get("base_model"),
+        "head": config.get("head"),
+        "task": config.get("task"),
     }
 
 
@@ -357,6 +542,13 @@ def _info(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2))
         return 0
     print(f"{info['folder']}: {info['method']} adapter (format {info['format_version']})")
+    origin = [f"base model: {info['base_model'] or 'not recorded'}"]
+    if info["head"]:
+        labels = info["head"].get("num_labels")
+        origin.append(f"head: {info['head']['kind']}" + (f", {labels} labels" if labels else ""))
+    if info["task"]:
+        origin.append(f"task: {info['task']['name']}")
+    print("  " + "; ".join(origin))
     print("  fields: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in info["config"].items()))
     targets = info["targets"]
     shown = ", ".join(targets[:6]) + (f", ... ({len(targets)} in all)" if len(targets) > 6 else "")
@@ -383,8 +575,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name, helptext in (("eval", "evaluate a saved adapter"), ("merge", "write a merged model")):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("adapter", help="adapter folder (adapter_config.json + adapter.safetensors)")
-        s.add_argument("--model", help="base model (default: from the run's metrics.json)")
-        s.add_argument("--task", help="task (default: from the run's metrics.json)")
+        s.add_argument(
+            "--model",
+            help="base model: an alias, a local folder or a hub name (default: the one the adapter "
+            "records, else the run's metrics.json beside it)",
+        )
+        s.add_argument(
+            "--task",
+            help="task, e.g. sst2 (default: the one the adapter records, else the run's metrics.json)",
+        )
         if name == "eval":
             s.add_argument("--limit", type=int, help="evaluate on this many examples")
             s.add_argument("--data-dir")

@@ -60,6 +60,10 @@ class Method(Protocol):
       a bottleneck adapter after each attention and FFN output, found with :mod:`deltatune.anatomy`);
     * ``check_targets(model, paths)``: refuse (``ValueError``) targets that contradict the method's
       fields (e.g. more blocks than ``Partial.blocks``);
+    * ``fit_to(bases, given) -> config``: a copy whose fields *not* named in ``given`` (those the user
+      left at their defaults) are chosen to suit the modules it will adapt (e.g. VB-LoRA's
+      ``vector_length`` must divide every dimension). The training harness calls it; ``inject``
+      never does, so a config built in Python is used exactly as written;
     * ``accepts(module) -> bool``: whether the method can adapt a module of a supported kind (e.g.
       BitFit: only layers that have a bias); used to pick targets, never to skip a named one;
     * on a layer, ``reads = "output"``: its ``delta`` reads the base module's output, not its input.
@@ -114,16 +118,19 @@ def register(cls: type) -> type:
 
 def method_from_config(name: str, fields: Mapping[str, Any]) -> Any:
     """Build a registered method from its name and a mapping of field values."""
-    from .fields import from_jsonable
+    from .fields import Instance, from_jsonable
 
     cls = REGISTRY.get(name)
     if cls is None:
         raise ValueError(f"unknown method {name!r}; registered: {sorted(REGISTRY)}")
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - known)
+    checks = {f.name: f.metadata.get("check") for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - set(checks))
     if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(known)}")
-    kwargs = {k: from_jsonable(v, f"{cls.__name__}.{k}") for k, v in fields.items()}
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(checks)}")
+    kwargs = {
+        k: from_jsonable(v, f"{cls.__name__}.{k}", checks[k] if isinstance(checks[k], Instance) else None)
+        for k, v in fields.items()
+    }
     return cls(**kwargs)
 
 

@@ -146,6 +146,10 @@ class Instance(Check):
     def counterexample(self) -> Any:
         return "__not_an_initialiser__"
 
+    def component_names(self) -> list[str]:
+        """The registered components that fit (by name, in registration order)."""
+        return [name for name, cls in COMPONENTS.items() if issubclass(cls, self.types)]
+
 
 def param(default: Any, check: Check, help: str) -> Any:
     """Declare a config field with its constraint and one-line help."""
@@ -178,6 +182,8 @@ def field_table(cls: type) -> list[dict[str, Any]]:
                 "help": f.metadata.get("help", ""),
             }
         )
+        if isinstance(check, Instance):
+            rows[-1]["choices"] = check.component_names()
     return rows
 
 
@@ -212,12 +218,22 @@ def to_jsonable(value: Any) -> Any:
     return value
 
 
-def from_jsonable(value: Any, where: str) -> Any:
+def from_jsonable(value: Any, where: str, fits: Instance | None = None) -> Any:
+    """Rebuild a value written by :func:`to_jsonable`; ``{"type": name, ...}`` becomes a component.
+
+    ``fits``: the field's check; then only the components it accepts are known (LoRA's ``init``
+    lists LoRA's initialisers, not prompt tuning's).
+    """
     if isinstance(value, Mapping) and "type" in value:
         name = value["type"]
         cls = COMPONENTS.get(name)
+        known = fits.component_names() if fits is not None else sorted(COMPONENTS)
         if cls is None:
-            raise ValueError(f"{where}: unknown component type {name!r}; known: {sorted(COMPONENTS)}")
+            raise ValueError(f"{where}: unknown component type {name!r}; known: {', '.join(known)}")
+        if fits is not None and name not in known:
+            raise ValueError(
+                f"{where}: {name!r} is a {cls.__name__}, not {fits.describe()}; it takes: {', '.join(known)}"
+            )
         kwargs = {k: from_jsonable(v, f"{where}.{k}") for k, v in value.items() if k != "type"}
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(kwargs) - names)

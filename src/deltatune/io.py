@@ -5,6 +5,22 @@ is renamed into place, so a crash never leaves a half-written adapter. Loading c
 version, the method and its fields, the base model's fingerprint (class and shape of every adapted
 module), and every tensor's name and shape, and names whatever is missing, extra or mismatched.
 
+The config also records where the adapter came from, so that ``deltatune eval ADAPTER`` and
+``deltatune merge ADAPTER --out DIR`` need no ``--model``/``--task`` (format 2; each key may be
+``null`` or absent, as in format-1 files):
+
+* ``base_model``: the model to load it onto: an alias (``"minilm"``), a local folder (absolute
+  path) or a hub name. Taken from ``save(base_model=...)``, else from :func:`deltatune.train.models.
+  load_model`'s tag, else from a transformers model's ``config.name_or_path``.
+* ``head``: ``{"kind": "classification", "num_labels": 2}`` (or ``"regression"``, ``"generation"``),
+  read off a transformers model's class and config, or given as ``save(head=...)``.
+* ``task``: ``{"name": "sst2", "max_length": 64, "eval_limit": null, "eval_seed": null, ...}``: the
+  harness task it was trained on and how it was evaluated (see :data:`TASK_FIELDS`).
+
+Files are created with the permissions ``open()`` would give them (``0o666 & ~umask``; folders
+``0o777 & ~umask``), not the private modes of temporary files (safetensors >= 0.8 writes through
+a ``0o600`` temporary file; ``tempfile.mkdtemp`` makes ``0o700`` folders).
+
 Example:
     >>> import copy, tempfile, torch
     >>> from torch import nn
@@ -28,8 +44,9 @@ import json
 import os
 import re
 import shutil
+import stat
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -42,12 +59,26 @@ from . import core
 from .fields import from_jsonable, to_jsonable
 from .targets import module_kind
 
-FORMAT_VERSION = 1
+# 2 adds the optional base_model, head and task records; format-1 files (without them) still load.
+FORMAT_VERSION = 2
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
+
+#: Attribute that :func:`deltatune.train.models.load_model` sets on the models it loads: the alias,
+#: absolute local path or hub name it loaded, which :func:`save` records as ``base_model``.
+BASE_MODEL_ATTR = "deltatune_base_model"
+HEAD_KINDS = ("classification", "regression", "generation")
+#: The fields of a recorded ``task``: name -> what it means. Only ``name`` is required.
+TASK_FIELDS: dict[str, str] = {
+    "name": "the harness task (deltatune.train.data.TASKS), e.g. 'sst2'",
+    "max_length": "tokens per example the run used (an integer >= 1)",
+    "max_new_tokens": "tokens generated per example when evaluating (an integer >= 1)",
+    "eval_limit": "the number of evaluation examples the run used (an integer >= 1; null: all)",
+    "eval_seed": "the seed of the shuffle that picked eval_limit examples (null: the first ones)",
+}
 
 
 def fingerprint(model: nn.Module, paths: list[str] | tuple[str, ...]) -> dict[str, list[Any]]:
@@ -65,26 +96,77 @@ def fingerprint(model: nn.Module, paths: list[str] | tuple[str, ...]) -> dict[st
     return out
 
 
-def _atomic_write_dir(folder: Path, files: Mapping[str, Any]) -> None:
-    """Write ``files`` (name -> writer(path)) into ``folder`` all at once."""
-    folder = folder.resolve()
+def _umask() -> int:
+    """The process umask. Linux reports it in /proc; elsewhere it can only be read by setting it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def normal_permissions(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` (and, for a folder, everything under it) the mode a plain ``open()`` or
+    ``mkdir()`` would have given it: ``0o666 & ~umask`` for files, ``0o777 & ~umask`` for folders.
+
+    Writers that go through temporary files create them private (``tempfile.mkdtemp``: 0o700;
+    safetensors >= 0.8: 0o600, https://github.com/safetensors/safetensors/issues/782), and a rename
+    keeps that mode: other users could not read a saved adapter or a merged model.
+    """
+    mask = _umask()
+    root = Path(path)
+    for p in [root, *(root.rglob("*") if root.is_dir() and not root.is_symlink() else ())]:
+        if p.is_symlink():
+            continue
+        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
+
+
+def write_folder(folder: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
+    """Let ``write(tmp)`` fill a temporary sibling folder, then move its contents into ``folder``.
+
+    A new ``folder`` appears complete or not at all; in an existing one only the entries ``write``
+    produced are replaced (others are kept). Everything written gets :func:`normal_permissions`,
+    except that a replaced file keeps the mode it had.
+    """
+    folder = Path(folder).resolve()
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"{folder} exists and is not a folder")
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        for name, writer in files.items():
-            writer(tmp / name)
+        write(tmp)
+        normal_permissions(tmp)
         if folder.exists():
-            if not folder.is_dir():
-                raise ValueError(f"save: {folder} exists and is not a folder")
-            # Only our own files are replaced; other files in the folder are kept.
-            for name in files:
-                os.replace(tmp / name, folder / name)
+            for entry in sorted(tmp.iterdir()):
+                target = folder / entry.name
+                if target.is_dir() and not target.is_symlink():
+                    shutil.rmtree(target)
+                elif target.is_file() and entry.is_file():
+                    entry.chmod(stat.S_IMODE(target.stat().st_mode))
+                os.replace(entry, target)
             shutil.rmtree(tmp)
         else:
             os.replace(tmp, folder)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return folder
+
+
+def _atomic_write_dir(folder: Path, files: Mapping[str, Any]) -> None:
+    """Write ``files`` (name -> writer(path)) into ``folder`` all at once."""
+
+    def write(tmp: Path) -> None:
+        for name, writer in files.items():
+            writer(tmp / name)
+
+    if folder.exists() and not folder.is_dir():
+        raise ValueError(f"save: {folder.resolve()} exists and is not a folder")
+    write_folder(folder, write)
 
 
 def _write_json(data: Mapping[str, Any]) -> Any:
@@ -103,16 +185,44 @@ def _write_tensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]
     return write
 
 
-def save(model: nn.Module, folder: str | os.PathLike[str], adapter: str | None = None) -> Path:
+def save(
+    model: nn.Module,
+    folder: str | os.PathLike[str],
+    adapter: str | None = None,
+    *,
+    base_model: str | None = None,
+    head: Mapping[str, Any] | None = None,
+    task: str | Mapping[str, Any] | None = None,
+) -> Path:
     """Save one adapter (default: the first active one) to ``folder``.
+
+    Args:
+        base_model: the model it belongs on: an alias (``"minilm"``), a local folder or a hub name.
+            Default: what :func:`deltatune.train.models.load_model` loaded, else a transformers
+            model's ``config.name_or_path``; a relative path to an existing folder is made absolute.
+        head: ``{"kind": "classification", "num_labels": N}``, ``{"kind": "regression"}`` or
+            ``{"kind": "generation"}``. Default: read off a transformers model's class and config.
+        task: the harness task it was trained on: a name (``"sst2"``) or a mapping with the keys
+            of :data:`TASK_FIELDS` (``{"name": "sst2", "max_length": 64}``).
 
     Returns:
         The folder, holding ``adapter_config.json`` and ``adapter.safetensors`` (no base weights).
+
+    Raises:
+        ValueError: a bad ``base_model``, ``head`` or ``task``, naming the field.
     """
     att = core.attachment_of(model)
     name = adapter if adapter is not None else (att.active[0] if att.active else next(iter(att.adapters)))
     info = att.info(name)
     method, overrides = _stored_configs(info)
+    recorded = {
+        "base_model": _portable(base_model) if base_model is not None else base_model_of(model),
+        "head": (dict(head) if isinstance(head, Mapping) else head) if head is not None else head_of(model),
+        "task": {"name": task}
+        if isinstance(task, str)
+        else (dict(task) if isinstance(task, Mapping) else task),
+    }
+    check_recorded(recorded, "save")
     config = {
         "format_version": FORMAT_VERSION,
         "library": "deltatune",
@@ -124,11 +234,111 @@ def save(model: nn.Module, folder: str | os.PathLike[str], adapter: str | None =
         "modules_to_save": list(info.modules_to_save),
         "seed": info.seed,
         "fingerprint": fingerprint(model, [*info.targets, *info.modules_to_save]),
+        **recorded,
     }
     state = core.adapter_state(model, name)
     folder = Path(folder)
     _atomic_write_dir(folder, {CONFIG_NAME: _write_json(config), WEIGHTS_NAME: _write_tensors(state)})
     return folder
+
+
+def _portable(name: str) -> str:
+    """A relative path to an existing folder made absolute (it must work from any directory); an
+    alias or hub name as it is. A bare word stays a bare word: it is how aliases are spelt."""
+    if not isinstance(name, str):
+        return name  # check_recorded names the bad value
+    looks_like_path = "/" in name or os.sep in name or name.startswith((".", "~"))
+    path = Path(name).expanduser()
+    return str(path.resolve()) if looks_like_path and path.is_dir() else name
+
+
+def base_model_of(model: nn.Module) -> str | None:
+    """The base model a model was loaded from, when it says: ``load_model``'s tag, else a
+    transformers config's ``name_or_path`` (empty for a model built from a config)."""
+    tagged = model.__dict__.get(BASE_MODEL_ATTR)
+    if isinstance(tagged, str) and tagged:
+        return tagged
+    config = getattr(model, "config", None)
+    name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
+    if isinstance(name, str) and name:
+        path = Path(name).expanduser()
+        return str(path.resolve()) if path.is_dir() else name
+    return None
+
+
+def head_of(model: nn.Module) -> dict[str, Any] | None:
+    """The head of a transformers model, as :func:`deltatune.train.models.load_model` builds it:
+    sequence classification (regression with one output and no other problem type), or a language
+    model head. None for anything else."""
+    config = getattr(model, "config", None)
+    if config is not None and type(model).__name__.endswith("ForSequenceClassification"):
+        labels = int(getattr(config, "num_labels", 2))
+        problem = getattr(config, "problem_type", None)
+        if problem == "regression" or (problem is None and labels == 1):
+            return {"kind": "regression"}
+        return {"kind": "classification", "num_labels": labels}
+    can_generate = getattr(model, "can_generate", None)
+    if callable(can_generate) and can_generate() is True:
+        return {"kind": "generation"}
+    return None
+
+
+def _is_int(value: Any, low: int | None = None) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
+
+
+def check_recorded(config: Mapping[str, Any], where: str) -> None:
+    """Check the ``base_model``, ``head`` and ``task`` records (each may be absent or null).
+
+    Raises:
+        ValueError: ``"<where>: <field> must be <constraint>, got <value>"``.
+    """
+    base = config.get("base_model")
+    if base is not None and not (isinstance(base, str) and base.strip()):
+        raise ValueError(
+            f"{where}: base_model must be a model alias, local path or hub name (a non-empty string), "
+            f"got {base!r}"
+        )
+    head = config.get("head")
+    if head is not None:
+        if not isinstance(head, Mapping):
+            raise ValueError(
+                f"{where}: head must be a mapping such as {{'kind': 'classification', ...}}, got {head!r}"
+            )
+        extra = sorted(set(head) - {"kind", "num_labels"})
+        if extra:
+            raise ValueError(f"{where}: unknown head field(s) {extra}; known: ['kind', 'num_labels']")
+        kind, labels = head.get("kind"), head.get("num_labels")
+        if kind not in HEAD_KINDS:
+            raise ValueError(f"{where}: head.kind must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")
+        if kind == "classification" and not _is_int(labels, 1):
+            raise ValueError(
+                f"{where}: head.num_labels must be an integer >= 1 for a classification head, got {labels!r}"
+            )
+        if kind == "regression" and labels not in (None, 1):
+            raise ValueError(
+                f"{where}: head.num_labels must be 1 or absent for a regression head, got {labels!r}"
+            )
+        if kind == "generation" and labels is not None:
+            raise ValueError(f"{where}: head.num_labels must be absent for a generation head, got {labels!r}")
+    task = config.get("task")
+    if task is None:
+        return
+    if not isinstance(task, Mapping):
+        raise ValueError(
+            f"{where}: task must be a task name or a mapping such as {{'name': 'sst2'}}, got {task!r}"
+        )
+    extra = sorted(set(task) - set(TASK_FIELDS))
+    if extra:
+        raise ValueError(f"{where}: unknown task field(s) {extra}; known: {list(TASK_FIELDS)}")
+    name = task.get("name")
+    if not (isinstance(name, str) and name.strip()):
+        raise ValueError(f"{where}: task.name must be a task name such as 'sst2', got {name!r}")
+    for key, low in (("max_length", 1), ("max_new_tokens", 1), ("eval_limit", 1), ("eval_seed", None)):
+        value = task.get(key)
+        if value is not None and not _is_int(value, low):
+            bound = f"an integer >= {low}" if low is not None else "an integer"
+            raise ValueError(f"{where}: task.{key} must be {bound} or null, got {value!r}")
 
 
 def _stored_configs(info: core.AdapterInfo) -> tuple[Any, dict[str, dict[str, Any]]]:
@@ -181,7 +391,11 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     for key, typ in required.items():
         if not isinstance(config.get(key), typ):
             raise ValueError(f"{path}: {key!r} missing or not a {typ.__name__}")
+    check_recorded(config, str(path))
     known = {
+        "base_model",
+        "head",
+        "task",
         "format_version",
         "library",
         "adapter_name",
@@ -200,12 +414,15 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load a safetensors file; a truncated or corrupted file is a ``ValueError`` naming it."""
+    """Load a safetensors file; a truncated or corrupted file is a ``ValueError`` naming it.
+
+    The tensors are copied out of the file's memory map: with safetensors < 0.8 (whose ``save_file``
+    rewrites a file in place) a mapped tensor would change when the file is rewritten later."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path} does not exist")
     try:
-        return load_file(str(path))
+        return {key: tensor.clone() for key, tensor in load_file(str(path)).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
 

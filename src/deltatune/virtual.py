@@ -19,6 +19,14 @@ replacing layer, and this module does the bookkeeping that such a layer needs ar
   positions the base model gives them (``position_ids`` are passed explicitly, counted without the
   prefix), so training and ``generate()`` agree and BERT's absolute positions do not shift.
 
+Across transformers releases (:func:`cache_keyword`): the body's KV cache argument is ``cache`` from
+5.24 on (``past_key_values`` is a deprecated alias there, dropped when both are given) and
+``past_key_values`` before; the cache goes in under the name the body's own ``forward`` declares,
+never the deprecated one. Releases before 5.5 also take ``cache_position`` (the query's indices in
+the cache); it is shifted by the ``n`` cached virtual positions like ``position_ids``. A body whose
+forward takes no cache cannot take a prefix (an error naming its class), and a body that is handed
+the prefix cache but does not extend it (the prefix was ignored) is an error, never a silent no-op.
+
 Example:
     >>> import torch
     >>> from transformers import BertConfig, BertModel
@@ -131,13 +139,72 @@ def call_arguments(body: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any
     return out
 
 
+#: The names of the KV-cache argument of a transformers body's ``forward``, newest first: ``cache``
+#: from transformers 5.24, ``past_key_values`` before (an alias of ``cache`` until its removal).
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_keyword(body: nn.Module) -> str | None:
+    """The name under which ``body.forward`` takes its KV cache in the installed transformers, or
+    None when it takes none (read from the signature, through transformers' decorators)."""
+    params = inspect.signature(body.forward).parameters
+    return next((name for name in CACHE_NAMES if name in params), None)
+
+
+def require_cache_keyword(owner: str, body: nn.Module) -> str:
+    """:func:`cache_keyword`, or an error naming the body's class when it takes no cache."""
+    name = cache_keyword(body)
+    if name is None:
+        raise ValueError(
+            f"{owner}: {type(body).__name__}.forward takes no KV cache (neither `cache` nor "
+            "`past_key_values`), so it cannot be given a prefix; use prompt tuning or a layer method"
+        )
+    return name
+
+
+def _take_cache(body: nn.Module, kw: dict[str, Any]) -> tuple[str | None, Any]:
+    """Remove the cache from the call under any of its names; return (the body's name for it, cache)."""
+    given = [(k, kw.pop(k)) for k in CACHE_NAMES if k in kw]
+    caches = [(k, v) for k, v in given if v is not None]
+    if len(caches) > 1 and caches[0][1] is not caches[1][1]:
+        raise ValueError(
+            f"{type(body).__name__}: two different caches given, as `cache` and as `past_key_values`; "
+            "pass one (`past_key_values` is transformers' older name for `cache`)"
+        )
+    return cache_keyword(body), caches[0][1] if caches else None
+
+
+def _put_cache(body: nn.Module, kw: dict[str, Any], name: str | None, cache: Any) -> None:
+    if cache is None:
+        return
+    if name is None:
+        raise ValueError(
+            f"{type(body).__name__}.forward takes no KV cache (neither `cache` nor `past_key_values`), "
+            f"but was given a {type(cache).__name__}"
+        )
+    kw[name] = cache
+
+
+def _shift_cache_position(kw: dict[str, Any], n: int, first: bool) -> None:
+    """transformers < 5.5: ``cache_position`` counts the caller's tokens; the body's cache also holds
+    the ``n`` virtual positions (before them all on the first call of virtual tokens)."""
+    position = kw.get("cache_position")
+    if position is None:
+        return
+    if first:
+        steps = torch.arange(n, device=position.device, dtype=position.dtype)
+        kw["cache_position"] = torch.cat([steps, position + n])
+    else:
+        kw["cache_position"] = position + n
+
+
 def cached_length(cache: Any) -> int:
     if cache is None:
         return 0
     get = getattr(cache, "get_seq_length", None)
     if get is None:
         raise ValueError(
-            f"past_key_values must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}"
+            f"the KV cache must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}"
         )
     return int(get())
 
@@ -174,8 +241,11 @@ def forward_with_virtual_tokens(
     kw = call_arguments(body, args, kwargs)
     n = int(prompts.shape[0])
     batch, length, device = _batch_and_length(kw)
-    first = cached_length(kw.get("past_key_values")) == 0
-    past = 0 if first else cached_length(kw.get("past_key_values")) - n
+    name, cache = _take_cache(body, kw)
+    first = cached_length(cache) == 0
+    past = 0 if first else cached_length(cache) - n
+    _put_cache(body, kw, name, cache)
+    _shift_cache_position(kw, n, first=first)
     if first:
         if length < at:
             raise ValueError(
@@ -235,7 +305,8 @@ def forward_with_prefix(
     kw = call_arguments(body, args, kwargs)
     n = int(prefixes[0][0].shape[0])
     batch, length, device = _batch_and_length(kw)
-    cache = kw.get("past_key_values")
+    name = require_cache_keyword("prefix tuning", body)
+    cache = _take_cache(body, kw)[1]
     first = cached_length(cache) == 0
     past = 0 if first else cached_length(cache) - n
     if first:
@@ -247,9 +318,18 @@ def forward_with_prefix(
             k = keys.to(device=device, dtype=dtype).permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
             v = values.to(device=device, dtype=dtype).permute(1, 0, 2).unsqueeze(0).expand(batch, -1, -1, -1)
             cache.update(k, v, layer)
-        kw["past_key_values"] = cache
+    kw[name] = cache
     if kw.get("position_ids") is None:
         positions = torch.arange(past, past + length, device=device)
         kw["position_ids"] = positions.unsqueeze(0).expand(batch, -1)
+    _shift_cache_position(kw, n, first=False)
     _extend_mask(kw, n, batch, past + length, device)
-    return body(**kw)
+    before = cached_length(cache)
+    out = body(**kw)
+    if cached_length(cache) == before:
+        raise RuntimeError(
+            f"prefix tuning: {type(body).__name__} did not use the prefix cache passed as `{name}` "
+            "(its attention never read it), so the prefix would have no effect; this transformers "
+            "release or model class does not take a prefix this way"
+        )
+    return out

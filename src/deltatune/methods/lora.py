@@ -183,8 +183,10 @@ class LoRA:
                 f"for {what} on {path!r}, got {self.rank}"
             )
         weight = base.weight
-        if not isinstance(weight, torch.Tensor) or type(weight) not in (torch.Tensor, nn.Parameter) or (
-            not weight.is_floating_point()
+        if (
+            not isinstance(weight, torch.Tensor)
+            or type(weight) not in (torch.Tensor, nn.Parameter)
+            or (not weight.is_floating_point())
         ):
             raise ValueError(
                 f"LoRA: {what} needs the full-precision weight of {path!r}, which is "

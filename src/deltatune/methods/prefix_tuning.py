@@ -93,6 +93,7 @@ class PrefixTuning:
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
     ) -> Prefixes:
         layers, kv_heads, head_dim, hidden = self._shape(base, path)
+        virtual.require_cache_keyword(type(self).__name__, base)  # the prefixes go in through the cache
         dtype = torch.promote_types(virtual.embedding_of(base).weight.dtype, torch.float32)
         n = self.num_virtual_tokens
         out_features = layers * 2 * kv_heads * head_dim

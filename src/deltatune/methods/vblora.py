@@ -40,7 +40,9 @@ Example:
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+import dataclasses
+import math
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -97,6 +99,9 @@ class VBLoRA:
         rank: r, rank of ΔW = B A [4].
         num_vectors: h, vectors in the bank [256 for Llama2 and RoBERTa-large; 90 in the GLUE runs].
         vector_length: b, length of each bank vector; must divide every adapted dimension [256].
+            Given explicitly, a dimension it does not divide is an error; left at its default in
+            ``deltatune train``, :meth:`fit_to` lowers it to the largest divisor of every adapted
+            dimension that is <= 256 (MiniLM's 384-wide layers: 192).
         topk: k, bank vectors mixed per sub-vector [2; the paper's ablation finds k=1 clearly worse].
         logits_std: σ of the N(0, σ) logit init [0.01 in the official code; PEFT uses 0.1].
         bank_bound: the bank starts U(−bound, bound), never zero (zero would give zero gradients) [0.02].
@@ -110,7 +115,12 @@ class VBLoRA:
 
     rank: int = param(4, Int(min=1), "rank r of ΔW = B A")
     num_vectors: int = param(256, Int(min=2), "h, the number of vectors in the shared bank")
-    vector_length: int = param(256, Int(min=1), "b, sub-vector length; must divide every adapted dimension")
+    vector_length: int = param(
+        256,
+        Int(min=1),
+        "b, sub-vector length; must divide every adapted dimension (deltatune train, when it is not "
+        "given: the largest divisor of them all up to 256)",
+    )
     topk: int = param(2, Int(min=1), "k, bank vectors mixed per sub-vector (<= num_vectors)")
     logits_std: float = param(0.01, Float(0.0, low_open=True), "std of the normal init of the logits")
     bank_bound: float = param(0.02, Float(0.0, low_open=True), "bank init is uniform in [-bound, bound]")
@@ -149,6 +159,21 @@ class VBLoRA:
 
     def shared_stored_bytes(self, bases: Mapping[str, nn.Module]) -> int:
         return 4 * self.shared_parameter_count(bases)
+
+    def fit_to(self, bases: Mapping[str, nn.Module], given: Collection[str]) -> VBLoRA:
+        """This config, with ``vector_length`` (unless ``given``) lowered to divide every adapted dimension.
+
+        The largest divisor of the greatest common divisor of all in/out dimensions that is at most
+        the current value: 256 stays on 768- or 4096-wide models, 384-wide ones get 192.
+        """
+        if "vector_length" in given:
+            return self
+        dims = [d for base in bases.values() if module_kind(base) in self.layer_types for d in shape_of(base)]
+        common = math.gcd(*dims) if dims else 0
+        if not common or common % self.vector_length == 0:
+            return self
+        length = max(d for d in range(1, min(common, self.vector_length) + 1) if common % d == 0)
+        return dataclasses.replace(self, vector_length=length)
 
     # -- per module -------------------------------------------------------------------------------
     def sub_vectors(self, base: nn.Module) -> int:

@@ -34,14 +34,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import core
-from ..io import read_tensors, save
-from ..targets import ALL_LINEAR, HEAD_NAMES
+from ..fields import to_jsonable
+from ..io import normal_permissions, read_tensors, save
+from ..targets import ALL_LINEAR, HEAD_NAMES, resolve
 from .data import Example, Task, get_task, load_split
 from .metrics import compute
+from .progress import Progress
 
 FULL = "full"  # pseudo-method: train every parameter
 HEAD_ONLY = "head"  # pseudo-method: train only the task head (a linear probe)
 CHECKPOINT_VERSION = 1
+SCHEDULES = ("linear", "cosine", "constant")  # learning-rate decay after warmup
+PRECISIONS = ("fp32", "bf16")
+# Options that do not change what a run computes: a rerun into the same ``out`` may change them.
+RUN_NEUTRAL = ("out", "resume", "checkpoint_every", "eval_batch_size")
+# What a run writes under ``out`` (all of it is removed by ``train(..., overwrite=True)``).
+RUN_FILES = ("metrics.json", "curves.png", "adapter", "trained.safetensors", "checkpoint", "checkpoint.old")
 
 # Prompts for causal-LM tasks; the target follows after a space.
 PROMPTS: dict[str, str] = {
@@ -107,11 +115,11 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.head_lr must be > 0, got {self.head_lr}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.schedule not in ("linear", "cosine", "constant"):
+        if self.schedule not in SCHEDULES:
             raise ValueError(
                 f"TrainConfig.schedule must be linear, cosine or constant, got {self.schedule!r}"
             )
-        if self.precision not in ("fp32", "bf16"):
+        if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision must be fp32 or bf16, got {self.precision!r}")
         if self.max_grad_norm < 0:
             raise ValueError(
@@ -121,6 +129,9 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.method_fields: method {self.method!r} takes no fields")
         if self.method not in (FULL, HEAD_ONLY):
             core.method_from_config(self.method, self.method_fields)  # unknown method/field -> ValueError
+        # Plain JSON from here on (an initialiser object becomes {"type": ...}): checkpoints,
+        # metrics.json and the comparison with a run already in ``out`` all see the same values.
+        self.method_fields = {k: to_jsonable(v) for k, v in self.method_fields.items()}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
@@ -308,6 +319,14 @@ def prepare(model: nn.Module, cfg: TrainConfig, task: Task) -> tuple[list[dict[s
     # A method that knows where it goes (adapters after attention/FFN outputs, ...) says so.
     declared = getattr(method, "default_targets", None)
     targets = cfg.targets or (declared(model) if declared is not None else default_targets(model))
+    # A method may fit the fields the user left at their defaults to this model (core.Method).
+    fit_to = getattr(method, "fit_to", None)
+    fitted: dict[str, Any] = {}
+    if fit_to is not None:
+        chosen = fit_to({p: model.get_submodule(p) for p in resolve(model, targets)}, set(cfg.method_fields))
+        before = core.method_fields(method)
+        fitted = {k: v for k, v in core.method_fields(chosen).items() if v != before[k]}
+        method = chosen
     saved = cfg.modules_to_save if cfg.modules_to_save is not None else heads
     att = core.inject(model, method, targets=targets, modules_to_save=saved, seed=cfg.seed)
     info = att.info("default")
@@ -324,7 +343,8 @@ def prepare(model: nn.Module, cfg: TrainConfig, task: Task) -> tuple[list[dict[s
     head = [p for p in info.trainable if id(p) in copy_ids]
     if head:
         groups.append({"params": head, "lr": cfg.head_lr or cfg.lr, "name": "head"})
-    return groups, {"trainable": sum(p.numel() for p in info.trainable), "targets": list(info.targets)}
+    facts = {"trainable": sum(p.numel() for p in info.trainable), "targets": list(info.targets)}
+    return groups, {**facts, "fitted": fitted}
 
 
 def lr_lambda(cfg: TrainConfig) -> Any:
@@ -392,6 +412,7 @@ def save_checkpoint(
         "checkpoint_version": CHECKPOINT_VERSION,
         "step": step,
         "identity": _identity(cfg),
+        "config": cfg.to_dict(),
         "param_names": names,
         "param_shapes": [list(p.shape) for p in params],
         "optimizer_groups": groups,
@@ -404,6 +425,7 @@ def save_checkpoint(
     try:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
+        normal_permissions(tmp)  # mkdtemp's 0o700, safetensors' 0o600
         old = folder.with_name(folder.name + ".old")
         if folder.exists():
             os.replace(folder, old)
@@ -448,7 +470,7 @@ def load_checkpoint(
     if diff:
         raise ValueError(
             f"{folder} is a checkpoint of a different run ({'; '.join(diff)}); "
-            "use another --out, or --resume false to start over"
+            "use another --out, or --overwrite to start over"
         )
     if state["param_names"] != names or state["param_shapes"] != [list(p.shape) for p in params]:
         raise ValueError(
@@ -475,6 +497,56 @@ def load_checkpoint(
     return int(state["step"]), dict(state["history"])
 
 
+def saved_configs(out: Path) -> dict[str, dict[str, Any]]:
+    """The configs of the run already in ``out``: its metrics.json and its checkpoint, where present.
+
+    A checkpoint from before configs were stored in it gives its identity (the options it pins).
+    """
+    found: dict[str, dict[str, Any]] = {}
+    metrics = out / "metrics.json"
+    if metrics.is_file():
+        found[str(metrics)] = json.loads(metrics.read_text()).get("config", {})
+    for folder in (out / "checkpoint", out / "checkpoint.old"):
+        state = folder / "state.json"
+        if state.is_file():
+            data = json.loads(state.read_text())
+            found[str(state)] = data.get("config") or data.get("identity", {})
+            break
+    return found
+
+
+def check_out_folder(cfg: TrainConfig) -> None:
+    """Refuse to write into an ``out`` that holds a run of another config (``ValueError``).
+
+    Options in :data:`RUN_NEUTRAL` may differ (a rerun that only checkpoints more often resumes).
+    """
+    out = Path(cfg.out)
+    mine = json.loads(json.dumps(cfg.to_dict()))
+    for where, theirs in saved_configs(out).items():
+        diff = [
+            f"{k}: there {theirs[k]!r}, this run {mine[k]!r}"
+            for k in mine
+            if k not in RUN_NEUTRAL and k in theirs and theirs[k] != mine[k]
+        ]
+        if diff:
+            raise ValueError(
+                f"{out} holds a different run ({'; '.join(diff)}; read from {where}); use another "
+                "--out, or --overwrite (overwrite=True in Python) to replace it"
+            )
+
+
+def remove_run(out: Path) -> None:
+    """Delete what a run wrote under ``out`` (nothing else in the folder)."""
+    for name in RUN_FILES:
+        path = out / name
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        elif path.exists() or path.is_symlink():
+            path.unlink()
+    for tmp in out.glob(".checkpoint.*"):  # left by a run killed while writing a checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 # -- evaluation --------------------------------------------------------------------------------
 
 
@@ -493,14 +565,12 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, float]:
     """The task's metrics (and the mean loss) on ``examples``."""
-    from tqdm.auto import tqdm
-
     was_training = model.training
     model.eval()
     collate = Collator(task, tokenizer, cfg.max_length)
     total = count = 0.0
     predictions: list[Any] = []
-    bar = tqdm(total=len(examples), desc="eval", leave=False, disable=not progress, file=sys.stderr)
+    bar = Progress(len(examples), "eval", unit="example", enabled=progress, leave=False)
     for chunk in _batches(examples, cfg.eval_batch_size):
         batch = _to(collate(chunk), _device(model))
         with _autocast(cfg):
@@ -582,19 +652,27 @@ def train(
     model: nn.Module | None = None,
     tokenizer: Any = None,
     callbacks: Sequence[Callable[[int, float], None]] = (),
+    overwrite: bool = False,
 ) -> dict[str, Any]:
     """Run ``cfg``; write the adapter, ``metrics.json`` and ``curves.png`` under ``cfg.out``.
+
+    If ``cfg.out`` holds a run of the same config (the options in :data:`RUN_NEUTRAL` aside), it is
+    resumed from its checkpoint (``cfg.resume``); a run of another config is refused, unless
+    ``overwrite``, which deletes the run's files there and starts over.
+
+    ``progress``: a bar on a terminal, a plain line every few seconds otherwise (see
+    :mod:`deltatune.train.progress`).
 
     Returns:
         The metrics record that is also written to ``metrics.json``.
     """
-    from tqdm.auto import tqdm
-
     from .models import load_model
 
     world = init_world()
     task = get_task(cfg.task)
     out = Path(cfg.out)
+    if not overwrite:
+        check_out_folder(cfg)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
     train_examples = load_split(
@@ -608,12 +686,20 @@ def train(
         raise ValueError(
             f"TrainConfig.batch_size {cfg.batch_size} must be divisible by the {world.size} processes"
         )
+    # The adapter records cfg.model as its base only when the harness loaded it; a model passed in
+    # is recorded by what it says of itself (deltatune.io.base_model_of).
+    base_model = cfg.model if model is None else None
     if model is None:
         model, tokenizer = load_model(cfg.model, task.kind, task.num_labels or None, seed=cfg.seed)
     if torch.cuda.is_available():
         model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     assert tokenizer is not None
     groups, facts = prepare(model, cfg, task)
+    if facts.get("fitted") and world.main:
+        chosen = ", ".join(f"{k}={v}" for k, v in facts["fitted"].items())
+        print(f"{cfg.method}: {chosen} chosen to fit {cfg.model} (set it to override)", file=sys.stderr)
+    if overwrite and world.main:
+        remove_run(out)
     model.train()
     trainable = [p for g in groups for p in g["params"]]
     names_by_id = {id(p): n for n, p in model.named_parameters()}
@@ -630,7 +716,7 @@ def train(
     history: dict[str, Any] = {"loss": [], "eval": []}
     step = 0
     ckpt = out / "checkpoint"
-    if cfg.resume and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
+    if cfg.resume and not overwrite and (ckpt.exists() or ckpt.with_name("checkpoint.old").exists()):
         step, history = load_checkpoint(ckpt, cfg, trainable, names, optimizer, scheduler)
     collate = Collator(task, tokenizer, cfg.max_length)
     per_rank = cfg.batch_size // world.size
@@ -639,12 +725,8 @@ def train(
         history["eval"].append([0, history["before"]])
         model.train()
     metrics_before: dict[str, float] | None = history.get("before")
-    bar = tqdm(
-        total=cfg.steps,
-        initial=step,
-        desc=f"{cfg.method} {task.name}",
-        disable=not (progress and world.main),
-        file=sys.stderr,
+    bar = Progress(
+        cfg.steps, f"{cfg.method} {task.name}", unit="step", initial=step, enabled=progress and world.main
     )
     train_seconds = 0.0
     while step < cfg.steps:
@@ -681,8 +763,7 @@ def train(
         step_loss = _all_reduce_sum(step_loss, world)
         history["loss"].append([step, step_loss])
         train_seconds += time.perf_counter() - t0
-        bar.set_postfix(loss=f"{step_loss:.4f}")
-        bar.update(1)
+        bar.update(1, loss=f"{step_loss:.4f}")
         for callback in callbacks:
             callback(step, step_loss)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < cfg.steps and world.main:
@@ -697,7 +778,7 @@ def train(
     if world.main:
         final = evaluate(model, tokenizer, task, eval_examples, cfg, progress)
         history["eval"].append([step, final])
-        stored_bytes = _store(model, cfg, out)
+        stored_bytes = _store(model, cfg, task, out, base_model)
         record = {
             "config": cfg.to_dict(),
             "task": task.name,
@@ -728,14 +809,30 @@ def train(
     return record
 
 
-def _store(model: nn.Module, cfg: TrainConfig, out: Path) -> int:
+def task_record(cfg: TrainConfig, task: Task) -> dict[str, Any]:
+    """What an adapter records of its run (``adapter_config.json``'s ``task``, see
+    :data:`deltatune.io.TASK_FIELDS`): enough for ``deltatune eval ADAPTER`` to evaluate it on the
+    same examples, the same way."""
+    record: dict[str, Any] = {
+        "name": task.name,
+        "max_length": cfg.max_length,
+        "eval_limit": cfg.eval_limit,
+        "eval_seed": cfg.seed,  # load_split shuffles with it only when there is a limit
+    }
+    if task.kind == "generation":
+        record["max_new_tokens"] = cfg.max_new_tokens
+    return record
+
+
+def _store(model: nn.Module, cfg: TrainConfig, task: Task, out: Path, base_model: str | None) -> int:
     """Save what the run produced; return its size in bytes (tensor data)."""
     if core.has_adapters(model):
-        save(model, out / "adapter")
+        save(model, out / "adapter", base_model=base_model, task=task_record(cfg, task))
         return core.parameter_report(model).stored_bytes
     from safetensors.torch import save_file
 
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "trained.safetensors"))
+    normal_permissions(out / "trained.safetensors")  # safetensors >= 0.8 writes it 0o600
     return sum(t.numel() * t.element_size() for t in tensors.values())

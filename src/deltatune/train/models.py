@@ -58,6 +58,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from ..io import BASE_MODEL_ATTR, normal_permissions
+
 __all__ = [
     "ALIASES",
     "CACHE_FILES",
@@ -165,6 +167,10 @@ def load_model(
         tokenizer = tok_cls.from_pretrained(source)
     _report_loading_info(name_or_path, info)
     _prepare_pad_token(model, tokenizer)
+    # What deltatune.save records as the adapter's base model: the alias, not the folder it resolves
+    # to on this machine; a local folder as an absolute path.
+    base = name_or_path if name_or_path in ALIASES or hub else str(Path(source).resolve())
+    setattr(model, BASE_MODEL_ATTR, base)
     return model, tokenizer
 
 
@@ -448,7 +454,6 @@ def ensure_smollm2_cache(
     gguf = find_smollm2_gguf()
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_CACHE_NAME}.tmp-", dir=root))
-    tmp.chmod(0o755)  # mkdtemp makes it private; the finished cache is an ordinary directory
     try:
         _log.info("converting %s to %s (once; takes ~40 s)", gguf, final)
         start = time.perf_counter()
@@ -463,6 +468,7 @@ def ensure_smollm2_cache(
             "seconds": round(time.perf_counter() - start, 1),
         }
         (tmp / _CACHE_INFO).write_text(json.dumps(info, indent=2) + "\n")
+        normal_permissions(tmp)  # save_pretrained's safetensors file is 0o600 (safetensors >= 0.8)
         _install(tmp, final)
     finally:
         if tmp.exists():
