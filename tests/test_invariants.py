@@ -329,6 +329,22 @@ def test_save_load_roundtrip_and_closed_form(cls: type, toy: Toy, tmp_path: Path
 
 
 @pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_new_modules_take_the_models_training_mode(cls: type, toy: Toy, tmp_path: Path) -> None:
+    """An adapter injected into, or loaded onto, a model in eval mode runs in eval mode (no dropout);
+    into a model in training mode, in training mode."""
+    model, _ = injected(cls, toy)
+    perturb(model)
+    dt.save(model, tmp_path)
+    for training in (False, True):
+        fresh = toy.build().train(training)
+        dt.load(fresh, tmp_path)
+        assert {m.training for m in fresh.modules()} == {training}
+        evaluating = toy.build().eval()
+        dt.inject(evaluating, example(cls), targets=dt.attachment_of(model).info("default").targets)
+        assert not any(m.training for m in evaluating.modules())
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
 def test_bad_config_fields_name_the_field(cls: type, toy: Toy) -> None:
     for f in dataclasses.fields(example(cls)):
         check = f.metadata.get("check")

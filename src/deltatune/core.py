@@ -521,15 +521,17 @@ def inject(
         for p in model.parameters():
             p.requires_grad_(False)
         model.__dict__[ATTACHMENT_ATTR] = att
+    # New modules take the training mode of the module they adapt: an adapter injected into (or
+    # loaded onto) a model in eval mode must not run its dropout.
     for path, layer in {**layers, **copies}.items():
         wrapper = att.wrappers.get(path)
         if wrapper is None:
-            wrapper = Adapted(modules[path], att.switch)
+            wrapper = Adapted(modules[path], att.switch).train(modules[path].training)
             _set_submodule(model, path, wrapper)
             att.wrappers[path] = wrapper
-        wrapper.adapters[name] = layer
+        wrapper.adapters[name] = layer.train(modules[path].training)
     if shared is not None:
-        att.wrappers[paths[0]].shared[name] = shared
+        att.wrappers[paths[0]].shared[name] = shared.train(bases[paths[0]].training)
     trainable = [p for m in [*layers.values(), *copies.values()] for p in m.parameters() if p.requires_grad]
     if shared is not None:
         trainable += [p for p in shared.parameters() if p.requires_grad]
