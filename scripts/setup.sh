@@ -20,7 +20,11 @@ CONSTRAINTS="${CONSTRAINTS-constraints/lock.txt}"
 pin=()
 if [ -n "$CONSTRAINTS" ]; then
     [ -f "$CONSTRAINTS" ] || { echo "setup.sh: no constraints file $CONSTRAINTS" >&2; exit 2; }
-    pin=(-c "$CONSTRAINTS")
+    # torch is TORCH_SPEC's to choose: the file's torch pin is left out so another build can be used.
+    filtered="$(mktemp)"
+    trap 'rm -f "$filtered"' EXIT
+    grep -v -i "^torch==" "$CONSTRAINTS" >"$filtered"
+    pin=(-c "$filtered")
 fi
 quiet() { grep -v "^WARNING: Location" || true; }  # pip's notes about this machine's local indexes
 
