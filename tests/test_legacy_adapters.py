@@ -1,0 +1,46 @@
+"""Adapters saved by earlier deltatune releases keep loading, with the outputs they had.
+
+tests/data/legacy/format-N/<method>/ holds one small adapter per registered method (and variant), as
+the deltatune of that file format saved it (format 1: commit cf6e6eb; format 2: this session), with
+the toy's base weights, an input and the adapted model's output (tests/data/legacy/make.py wrote
+them). A refactor of the save/load path must keep every one of them loading.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import deltatune as dt
+from toy_models import TOYS
+
+ROOT = Path(__file__).resolve().parent / "data" / "legacy"
+CASES = sorted(p.parent for p in ROOT.glob("format-*/*/case.json"))
+
+
+def test_every_registered_method_has_a_saved_adapter_of_each_format() -> None:
+    for fmt in ("format-1", "format-2"):
+        saved = {
+            json.loads((c / "case.json").read_text())["method"].split("[")[0]
+            for c in CASES
+            if c.parent.name == fmt
+        }
+        assert saved == set(dt.REGISTRY), f"{fmt}: {sorted(set(dt.REGISTRY) ^ saved)}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.parent.name}-{c.name}" for c in CASES])
+def test_old_adapter_loads_with_its_outputs(case: Path) -> None:
+    spec = json.loads((case / "case.json").read_text())
+    toy = next(t for t in TOYS if t.name == spec["toy"])
+    reference = load_file(str(case / "reference.safetensors"))
+    model = toy.build()
+    base = {k[len("base.") :]: v for k, v in reference.items() if k.startswith("base.")}
+    model.load_state_dict(base, strict=True)  # the base weights the adapter was saved on
+    dt.load(model, case)
+    with torch.no_grad():
+        out = model(reference["x"])
+    assert torch.allclose(out, reference["y"], atol=1e-5, rtol=1e-5), spec
