@@ -9,7 +9,8 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.io import load_state, read_tensors
+from deltatune.core import load_adapter_state
+from deltatune.io import read_tensors
 from deltatune.methods.lora import LoRALayer
 
 pytest.importorskip("torchao")
@@ -121,7 +122,7 @@ def test_qpissa_adapter_saves_rank_r_and_reloads_on_the_same_quantised_residual(
     tensors = read_tensors(tmp_path / "adapter.safetensors")
     assert tensors["0.lora_A"].shape == (4, 64)
     again = build()
-    load_state(again, "default", tensors, str(tmp_path))
+    load_adapter_state(again, "default", tensors, str(tmp_path))
     assert torch.equal(again(x), model(x))
 
 

@@ -41,6 +41,8 @@ from typing import Any
 
 from torch import nn
 
+from .targets import name_matches
+
 
 @dataclass(frozen=True)
 class Anatomy:
@@ -206,7 +208,7 @@ def _body(model: nn.Module, anatomy: Anatomy) -> str | None:
     """The shortest path ``b`` such that ``b.blocks`` is a non-empty ModuleList whose first block has
     the anatomy's parts and ``b.embeddings`` exists; None if there is none."""
     blocks_at = anatomy.blocks
-    candidates = [p for p, _ in model.named_modules() if p == blocks_at or p.endswith("." + blocks_at)]
+    candidates = [p for p, _ in model.named_modules() if name_matches(p, blocks_at)]
     for path in sorted(candidates, key=len):
         body: str = path[: -len(anatomy.blocks)].rstrip(".")
         blocks = model.get_submodule(path)
@@ -293,7 +295,7 @@ def describe(model: nn.Module, anatomy: Anatomy | None = None) -> Parts:
 
 def _first_missing(model: nn.Module, anatomy: Anatomy) -> str:
     lists = [p for p, m in model.named_modules() if isinstance(m, nn.ModuleList)]
-    if not any(p == anatomy.blocks or p.endswith("." + anatomy.blocks) for p in lists):
+    if not any(name_matches(p, anatomy.blocks) for p in lists):
         return f"no ModuleList at Anatomy.blocks={anatomy.blocks!r} (ModuleLists: {lists[:6]})"
     for f in dataclasses.fields(anatomy):
         value = getattr(anatomy, f.name)
@@ -301,7 +303,7 @@ def _first_missing(model: nn.Module, anatomy: Anatomy) -> str:
             continue
         for rel in value if isinstance(value, tuple) else (value,):
             if f.name == "embeddings":
-                if not any(p == rel or p.endswith("." + rel) for p, _ in model.named_modules()):
+                if not any(name_matches(p, rel) for p, _ in model.named_modules()):
                     return f"no module at Anatomy.embeddings={rel!r}"
             elif not any(p.endswith(f"{anatomy.blocks}.0.{rel}") for p, _ in model.named_modules()):
                 return f"block 0 has no module at Anatomy.{f.name}={rel!r}"

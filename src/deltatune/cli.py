@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
-from .core import _CAPABILITIES, REGISTRY
+from .core import CAPABILITIES, REGISTRY
 from .fields import (
     Bool,
     Float,
@@ -52,7 +52,7 @@ def methods_table() -> list[dict[str, Any]]:
                 "name": name,
                 "class": cls.__name__,
                 "summary": doc[0] if doc else "",
-                "capabilities": {c: _jsonable(getattr(cls, c)) for c in _CAPABILITIES},
+                "capabilities": {c: _jsonable(getattr(cls, c)) for c in CAPABILITIES},
                 "fields": field_table(cls),
                 "harness_only": False,
             }
@@ -470,7 +470,7 @@ def adapter_info(folder: str | Path) -> dict[str, Any]:
         "folder": str(folder),
         "method": config["method"],
         "config": config["config"],
-        "capabilities": {c: _jsonable(getattr(type(method), c)) for c in _CAPABILITIES},
+        "capabilities": {c: _jsonable(getattr(type(method), c)) for c in CAPABILITIES},
         "targets": config["targets"],
         "overrides": config.get("overrides", {}),
         "modules_to_save": config.get("modules_to_save", []),
@@ -516,7 +516,7 @@ def _conv1d(shape: list[int]) -> Any:
 
 def _trainable_from_fingerprint(config: dict[str, Any], method: Any, tensors: dict[str, Any]) -> int | None:
     """The trainable count from the methods' closed forms and the recorded module shapes."""
-    from .core import _config_for
+    from .core import config_for
 
     fingerprint = config["fingerprint"]
     overrides = config.get("overrides") or {}
@@ -527,7 +527,7 @@ def _trainable_from_fingerprint(config: dict[str, Any], method: Any, tensors: di
         if base is None:
             return None
         bases[path] = base
-    total = sum(_config_for(method, p, overrides).parameter_count(b) for p, b in bases.items())
+    total = sum(config_for(method, p, overrides).parameter_count(b) for p, b in bases.items())
     shared_count = getattr(method, "shared_parameter_count", None)
     if shared_count is not None:
         total += shared_count(bases)

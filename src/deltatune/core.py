@@ -89,7 +89,7 @@ class Method(Protocol):
 
 
 REGISTRY: dict[str, type] = {}
-_CAPABILITIES = (
+CAPABILITIES = (
     "mergeable",
     "identity_at_init",
     "weight_space",
@@ -106,7 +106,7 @@ def register(cls: type) -> type:
     params = getattr(cls, "__dataclass_params__", None)
     if params is None or not params.frozen:
         raise ValueError(f"{cls.__name__} must be a frozen dataclass")
-    missing = [c for c in ("name", *_CAPABILITIES) if not hasattr(cls, c)]
+    missing = [c for c in ("name", *CAPABILITIES) if not hasattr(cls, c)]
     if missing:
         raise ValueError(f"{cls.__name__} must declare the class attributes {missing}")
     name = cls.name  # type: ignore[attr-defined]
@@ -363,7 +363,7 @@ def has_adapters(model: nn.Module) -> bool:
     return isinstance(model.__dict__.get(ATTACHMENT_ATTR), Attachment)
 
 
-def _base_modules(model: nn.Module, att: Attachment | None) -> dict[str, nn.Module]:
+def base_modules(model: nn.Module, att: Attachment | None) -> dict[str, nn.Module]:
     """path -> module, seeing through our wrappers (a wrapper shows as its base)."""
     out: dict[str, nn.Module] = {}
     skip: list[str] = []
@@ -383,7 +383,7 @@ def _base_modules(model: nn.Module, att: Attachment | None) -> dict[str, nn.Modu
     return out
 
 
-def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, leaf, module)
@@ -400,10 +400,10 @@ def _generator(seed: int, path: str) -> torch.Generator:
     return gen
 
 
-def _config_for(method: Any, path: str, overrides: Mapping[str, Mapping[str, Any]]) -> Any:
+def config_for(method: Any, path: str, overrides: Mapping[str, Mapping[str, Any]]) -> Any:
     cfg = method
     for pattern, values in overrides.items():
-        if path == pattern or path.endswith("." + pattern) or re.fullmatch(pattern, path):
+        if _targets.pattern_matches(path, pattern):
             cfg = dataclasses.replace(cfg, **values)
     return cfg
 
@@ -419,7 +419,7 @@ def _check_overrides(method: Any, overrides: Mapping[str, Mapping[str, Any]], pa
                 f"overrides[{pattern!r}]: {type(method).__name__} has no field(s) {unknown}; "
                 f"fields: {sorted(known)}"
             )
-        if not any(p == pattern or p.endswith("." + pattern) or re.fullmatch(pattern, p) for p in paths):
+        if not any(_targets.pattern_matches(p, pattern) for p in paths):
             raise ValueError(
                 f"overrides[{pattern!r}] matches none of the targeted modules: {list(paths)[:8]}"
             )
@@ -475,7 +475,7 @@ def inject(
             "adapter, or delete_adapter() it first"
         )
     override_map = {k: dict(v) for k, v in (overrides or {}).items()}
-    modules = _base_modules(model, att)
+    modules = base_modules(model, att)
     if targets is None:
         targets = default_targets(method, model)
     paths = _targets.resolve(model, targets, modules)
@@ -502,7 +502,7 @@ def inject(
     if check_targets is not None:
         check_targets(model, paths)
     _check_overrides(method, override_map, paths)
-    configs = {p: _config_for(method, p, override_map) for p in paths}
+    configs = {p: config_for(method, p, override_map) for p in paths}
 
     bases = {p: modules[p] for p in paths}
     shared = None
@@ -527,7 +527,7 @@ def inject(
         wrapper = att.wrappers.get(path)
         if wrapper is None:
             wrapper = Adapted(modules[path], att.switch).train(modules[path].training)
-            _set_submodule(model, path, wrapper)
+            set_submodule(model, path, wrapper)
             att.wrappers[path] = wrapper
         wrapper.adapters[name] = layer.train(modules[path].training)
     if shared is not None:
@@ -587,7 +587,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
         if name in wrapper.shared:
             del wrapper.shared[name]
         if len(wrapper.adapters) == 0:
-            _set_submodule(model, path, wrapper.base)
+            set_submodule(model, path, wrapper.base)
             del att.wrappers[path]
     del att.adapters[name]
     att.switch.active = tuple(n for n in att.switch.active if n != name)
@@ -605,7 +605,7 @@ def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter and put the original modules back (the same objects)."""
     att = attachment_of(model)
     for path, wrapper in att.wrappers.items():
-        _set_submodule(model, path, wrapper.base)
+        set_submodule(model, path, wrapper.base)
     _detach(model, att)
     return model
 
@@ -683,7 +683,7 @@ def merge(
                 module = _merged_module(wrapper.adapters[n], module, path, dequantize)
         replacements[path] = module
     for path, module in replacements.items():
-        _set_submodule(model, path, module)
+        set_submodule(model, path, module)
     _detach(model, att)
     return model
 
@@ -746,6 +746,71 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
         for key, value in shared.state_dict().items():
             state[f"{SHARED_ATTR}.{key}"] = value
     return state
+
+
+def load_adapter_state(model: nn.Module, name: str, tensors: Mapping[str, torch.Tensor], where: str) -> None:
+    """Copy ``tensors`` (as :func:`adapter_state` writes them) into adapter ``name``: the inverse of
+    :func:`adapter_state`. Every missing, extra or mis-shaped tensor is named (``where``: the file
+    or folder, for the message); each layer's ``import_state`` takes its part (``load_state_dict``
+    where it has none), and the adapter's trainable parameters are listed again afterwards."""
+    att = attachment_of(model)
+    check_state(adapter_state(model, name), tensors, where)
+    by_owner: dict[str, dict[str, torch.Tensor]] = {}
+    owners = {**att.layers(name)}
+    shared = att.shared(name)
+    if shared is not None:
+        owners[SHARED_ATTR] = shared
+    for key, value in tensors.items():
+        owner = max((p for p in owners if key.startswith(p + ".")), key=len)
+        by_owner.setdefault(owner, {})[key[len(owner) + 1 :]] = value
+    for owner, state in by_owner.items():
+        module = owners[owner]
+        import_state = getattr(module, "import_state", None)
+        if import_state is not None:
+            import_state(state)
+        else:
+            module.load_state_dict(state, strict=True)
+    _refresh_trainable(att, name)
+
+
+def _refresh_trainable(att: Attachment, name: str) -> None:
+    """A layer's ``import_state`` may swap its parameters (a training-time reparameterisation, such
+    as prefix tuning's MLP, collapses to the stored plain tensors): list what the layers hold now."""
+    info = att.adapters[name]
+    before = {id(p) for p in info.trainable}
+    held = [*att.layers(name).values(), *([info.shared] if info.shared is not None else [])]
+    current = {id(p): p for m in held for p in m.parameters()}
+    if before <= set(current):
+        return
+    info.trainable = [p for p in current.values() if id(p) in before or p.requires_grad]
+    for p in info.trainable:
+        p.requires_grad_(name in att.active)
+
+
+def check_state(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], where: str) -> None:
+    """Raise naming every missing, extra and mis-shaped tensor."""
+    missing = sorted(set(expected) - set(found))
+    extra = sorted(set(found) - set(expected))
+    shapes = sorted(
+        f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(expected) & set(found)
+        if tuple(found[k].shape) != tuple(expected[k].shape)
+    )
+    problems = []
+    if missing:
+        problems.append(f"missing tensors {few(missing)}")
+    if extra:
+        problems.append(f"unexpected tensors {few(extra)}")
+    if shapes:
+        problems.append(f"mismatched shapes {few(shapes)}")
+    if problems:
+        raise ValueError(f"{where}: " + "; ".join(problems))
+
+
+def few(items: list[str], n: int = 6) -> str:
+    """A list shortened for an error message: the first ``n`` items and the count."""
+    shown = ", ".join(items[:n])
+    return f"[{shown}{', ...' if len(items) > n else ''}] ({len(items)} in all)"
 
 
 @dataclass(frozen=True)

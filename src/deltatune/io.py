@@ -57,7 +57,7 @@ from torch import nn
 
 from . import core
 from .fields import from_jsonable, to_jsonable
-from .targets import module_kind
+from .targets import module_kind, name_matches
 
 # 2 adds the optional base_model, head and task records; format-1 files (without them) still load.
 FORMAT_VERSION = 2
@@ -83,7 +83,7 @@ TASK_FIELDS: dict[str, str] = {
 
 def fingerprint(model: nn.Module, paths: list[str] | tuple[str, ...]) -> dict[str, list[Any]]:
     """path -> [class name, weight shape] of each module (seen through deltatune wrappers)."""
-    modules = core._base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
+    modules = core.base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
     out: dict[str, list[Any]] = {}
     for path in paths:
         module = modules.get(path)
@@ -427,31 +427,6 @@ def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
 
 
-def check_state(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], where: str) -> None:
-    """Raise naming every missing, extra and mis-shaped tensor."""
-    missing = sorted(set(expected) - set(found))
-    extra = sorted(set(found) - set(expected))
-    shapes = sorted(
-        f"{k}: file {tuple(found[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(expected) & set(found)
-        if tuple(found[k].shape) != tuple(expected[k].shape)
-    )
-    problems = []
-    if missing:
-        problems.append(f"missing tensors {_few(missing)}")
-    if extra:
-        problems.append(f"unexpected tensors {_few(extra)}")
-    if shapes:
-        problems.append(f"mismatched shapes {_few(shapes)}")
-    if problems:
-        raise ValueError(f"{where}: " + "; ".join(problems))
-
-
-def _few(items: list[str], n: int = 6) -> str:
-    shown = ", ".join(items[:n])
-    return f"[{shown}{', ...' if len(items) > n else ''}] ({len(items)} in all)"
-
-
 def _check_fingerprint(model: nn.Module, expected: Mapping[str, Any], where: str) -> None:
     here = fingerprint(model, list(expected))
     bad = [
@@ -460,7 +435,7 @@ def _check_fingerprint(model: nn.Module, expected: Mapping[str, Any], where: str
         if [here[p][0], list(here[p][1])] != [expected[p][0], list(expected[p][1])]
     ]
     if bad:
-        raise ValueError(f"{where} was made for a different base model: {_few(bad, 4)}")
+        raise ValueError(f"{where} was made for a different base model: {core.few(bad, 4)}")
 
 
 def load(
@@ -518,50 +493,14 @@ def _inject_filled(
     """Inject, then fill the adapter with ``tensors``; on any failure remove it again."""
     att = core.inject(model, method, name=name, **inject_args)
     try:
-        load_state(model, name, tensors, where)
+        core.load_adapter_state(model, name, tensors, where)
     except BaseException:
         core.delete_adapter(model, name)
         raise
-    _refresh_trainable(att, name)
     if not trainable:
         for p in att.adapters[name].trainable:
             p.requires_grad_(False)
     return att
-
-
-def _refresh_trainable(att: core.Attachment, name: str) -> None:
-    """A layer's ``import_state`` may swap its parameters (a training-time reparameterisation, such
-    as prefix tuning's MLP, collapses to the stored plain tensors): list what the layers hold now."""
-    info = att.adapters[name]
-    before = {id(p) for p in info.trainable}
-    held = [*att.layers(name).values(), *([info.shared] if info.shared is not None else [])]
-    current = {id(p): p for m in held for p in m.parameters()}
-    if before <= set(current):
-        return
-    info.trainable = [p for p in current.values() if id(p) in before or p.requires_grad]
-    for p in info.trainable:
-        p.requires_grad_(name in att.active)
-
-
-def load_state(model: nn.Module, name: str, tensors: Mapping[str, torch.Tensor], where: str) -> None:
-    """Copy ``tensors`` (as written by :func:`core.adapter_state`) into adapter ``name``."""
-    att = core.attachment_of(model)
-    check_state(core.adapter_state(model, name), tensors, where)
-    by_owner: dict[str, dict[str, torch.Tensor]] = {}
-    owners = {**att.layers(name)}
-    shared = att.shared(name)
-    if shared is not None:
-        owners[core.SHARED_ATTR] = shared
-    for key, value in tensors.items():
-        owner = max((p for p in owners if key.startswith(p + ".")), key=len)
-        by_owner.setdefault(owner, {})[key[len(owner) + 1 :]] = value
-    for owner, state in by_owner.items():
-        module = owners[owner]
-        import_state = getattr(module, "import_state", None)
-        if import_state is not None:
-            import_state(state)
-        else:
-            module.load_state_dict(state, strict=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -648,14 +587,14 @@ def import_peft(
         raise ValueError(f"{weights}: holds no {kind} tensors")
     # Tensors of modules_to_save arrive as "<module path>.<param>" (PEFT strips its wrapper).
     msave = list(cfg.get("modules_to_save") or [])
-    modules = core._base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
+    modules = core.base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
     save_modules: list[str] = []
     for rest in save_paths:
         owner = max(
             (
                 p
                 for p in modules
-                if rest.startswith(p + ".") and any(p == m or p.endswith("." + m) for m in msave)
+                if rest.startswith(p + ".") and any(name_matches(p, m) for m in msave)
             ),
             key=len,
             default=None,
@@ -671,7 +610,7 @@ def import_peft(
     missing = sorted(set(adapted) - set(targets))
     if missing:
         raise ValueError(
-            f"{weights}: the model has no module(s) {_few(missing)}; was it saved for another model?"
+            f"{weights}: the model has no module(s) {core.few(missing)}; was it saved for another model?"
         )
     method, overrides = (_peft_lora_method if kind == "LORA" else _peft_vblora_method)(cfg, adapted)
     return _inject_filled(

@@ -218,7 +218,7 @@ def quantize(
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"quantize: iterations must be an integer >= 1, got {iterations!r}")
     att = core.attachment_of(model) if core.has_adapters(model) else None
-    modules = core._base_modules(model, att)
+    modules = core.base_modules(model, att)
     paths = resolve(model, targets, modules)
     # (path, module, its wrapper if adapted, the adapter layer whose residual is quantised if any)
     plan: list[tuple[str, nn.Linear, core.Adapted | None, Any]] = []
@@ -257,7 +257,7 @@ def quantize(
             weight = W_res.to(weight.dtype)
             # From now on the adapter is relative to the quantised residual: it saves as its rank-r
             # factors (to reload: inject the same PiSSA config, quantize() with the same iterations,
-            # then deltatune.io.load_state the saved tensors). _residual_layers guarantees the layer
+            # then deltatune.core.load_adapter_state the saved tensors). _residual_layers guarantees the layer
             # is the wrapper's only adapter.
             info = att.adapters[next(iter(wrapper.adapters))]
             info.configs[path] = dataclasses.replace(info.configs[path], save_mode="native")
@@ -268,7 +268,7 @@ def quantize(
         if wrapper is not None:
             wrapper.base = new
         else:
-            core._set_submodule(model, path, new)
+            core.set_submodule(model, path, new)
     return [p for p, *_ in plan]
 
 

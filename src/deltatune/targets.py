@@ -115,8 +115,14 @@ def layer_index(path: str) -> int | None:
     return None
 
 
-def _name_matches(path: str, name: str) -> bool:
+def name_matches(path: str, name: str) -> bool:
+    """``name`` is ``path`` itself or a dotted suffix of it (``"query"`` matches ``"...self.query"``)."""
     return path == name or path.endswith("." + name)
+
+
+def pattern_matches(path: str, pattern: str) -> bool:
+    """An override key: an exact path, a dotted suffix, or a regex matched against the whole path."""
+    return name_matches(path, pattern) or re.fullmatch(pattern, path) is not None
 
 
 def _head_paths(model: nn.Module, modules: dict[str, nn.Module]) -> set[str]:
@@ -140,13 +146,13 @@ def _matches(path: str, module: nn.Module, spec: object, heads: set[str]) -> boo
     if isinstance(spec, str):
         if spec == ALL_LINEAR:
             return module_kind(module) in ("linear", "conv1d") and path not in heads
-        return _name_matches(path, spec)
+        return name_matches(path, spec)
     if isinstance(spec, re.Pattern):
         return spec.fullmatch(path) is not None
     if isinstance(spec, type):
         return isinstance(module, spec)
     if isinstance(spec, Target):
-        if spec.names and not any(_name_matches(path, n) for n in spec.names):
+        if spec.names and not any(name_matches(path, n) for n in spec.names):
             return False
         if spec.pattern is not None and re.fullmatch(spec.pattern, path) is None:
             return False
@@ -154,7 +160,7 @@ def _matches(path: str, module: nn.Module, spec: object, heads: set[str]) -> boo
             return False
         if spec.layers and layer_index(path) not in spec.layers:
             return False
-        return not any(_name_matches(path, n) for n in spec.exclude)
+        return not any(name_matches(path, n) for n in spec.exclude)
     raise ValueError(
         f"targets: cannot use {spec!r} ({type(spec).__name__}); give a module name, a regex, "
         "a module class, a Target or 'all-linear'"
