@@ -310,22 +310,9 @@ class Attachment:
     def closed_form(self, name: str) -> tuple[int, int]:
         """(trainable parameters, stored bytes) of adapter ``name`` from the methods' formulas."""
         info = self.info(name)
-        count = stored = 0
-        for path in info.targets:
-            cfg = info.configs[path]
-            base = self.wrappers[path].base
-            count += cfg.parameter_count(base)
-            stored += cfg.stored_bytes(base)
         bases = {p: self.wrappers[p].base for p in info.targets}
-        shared_count = getattr(info.method, "shared_parameter_count", None)
-        if shared_count is not None:
-            count += shared_count(bases)
-            stored += info.method.shared_stored_bytes(bases)
-        for path in info.modules_to_save:
-            for p in self.wrappers[path].base.parameters():
-                count += p.numel()
-                stored += p.numel() * p.element_size()
-        return count, stored
+        saved = {p: self.wrappers[p].base for p in info.modules_to_save}
+        return closed_form(info.method, bases, info.overrides, saved)
 
     # -- switching ----------------------------------------------------------------------------
     def set_active(self, names: str | Sequence[str]) -> None:
@@ -347,6 +334,31 @@ class Attachment:
         for info in self.adapters.values():
             for p in info.trainable:
                 p.requires_grad_(info.name in names)
+
+
+def closed_form(
+    method: Any,
+    bases: Mapping[str, nn.Module],
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    modules_to_save: Mapping[str, nn.Module] | None = None,
+) -> tuple[int, int]:
+    """(trainable parameters, stored bytes) of ``method`` on ``bases`` (path -> module; weightless
+    meta-device stand-ins are enough), from each method's own formulas: per module (with its
+    ``overrides``), plus the state shared by all of them, plus full copies of ``modules_to_save``."""
+    count = stored = 0
+    for path, base in bases.items():
+        cfg = config_for(method, path, overrides or {})
+        count += cfg.parameter_count(base)
+        stored += cfg.stored_bytes(base)
+    shared_count = getattr(method, "shared_parameter_count", None)
+    if shared_count is not None:
+        count += shared_count(bases)
+        stored += method.shared_stored_bytes(bases)
+    for module in (modules_to_save or {}).values():
+        for p in module.parameters():
+            count += p.numel()
+            stored += p.numel() * p.element_size()
+    return count, stored
 
 
 def attachment_of(model: nn.Module) -> Attachment:
