@@ -71,7 +71,7 @@ def test_fusable_only_for_a_plain_frozen_linear() -> None:
 
 def test_the_wrapper_uses_the_kernel_and_falls_back_with_dropout(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    import deltatune.core as core
+    import deltatune.wrapper as core  # the wrapper calls the kernel
 
     real = core.lowrank_linear
 

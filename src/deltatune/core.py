@@ -1,14 +1,9 @@
-"""The core: method registry and the lifecycle verbs (inject, merge, unload, disabled, ...).
+"""The lifecycle verbs: inject, merge, unload, disabled, route, combine, set_active, ...
 
-A *method* (LoRA, VB-LoRA, ...) is a frozen keyword-only dataclass registered with
-:func:`register`. It says *what* to add; :func:`inject` says *where*. Capabilities are class data
-(``mergeable``, ``identity_at_init``, ``weight_space``, ``supports_mixed_batch``, ``combinable``,
-``layer_types``): the core and the tests read them and never branch on a method's type.
-
-Every adapted module is replaced by one :class:`Adapted` wrapper that keeps the original module as
-``wrapper.base``, untouched, plus one small layer per named adapter in ``wrapper.adapters``. So
-several adapters can live on one model, ``unload`` puts the very same base modules back, and
-``merge`` puts back a plain module whose weight is ``base.weight + delta_weight()``.
+What a method must provide is in :mod:`deltatune.contract` (read it first); the wrapper that every
+adapted module becomes, and the attachment that tracks a model's adapters, are in
+:mod:`deltatune.wrapper`. This module owns the verbs and re-exports the names of both, so
+``deltatune.core.X`` keeps working for everything that lived here before the split.
 
 Example:
     >>> import torch
@@ -31,374 +26,86 @@ import dataclasses
 import re
 import zlib
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
 
 from . import targets as _targets
-from .fields import validate
-from .lowrank import fusable, lowrank_linear
-
-ATTACHMENT_ATTR = "_deltatune_attachment"
-SHARED_ATTR = "deltatune_shared"
-_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
-
-
-@runtime_checkable
-class Method(Protocol):
-    """What a registered method provides. Optional extras, looked up with ``getattr``:
-
-    * ``make_shared(bases, generator) -> nn.Module | None``: state shared by all layers of one
-      adapter (created once per adapter), with ``shared_parameter_count(bases)`` and
-      ``shared_stored_bytes(bases)``;
-    * ``combine_layers(parts) -> (config, layer)``: exact weighted combination (``combinable``);
-    * ``parameter_groups(attachment, name) -> {group: (params, lr multiplier)}`` for the optimizer;
-    * ``small_example``: field values that fit tiny models (used by examples and the invariant suite);
-    * ``default_targets(model) -> list[str]``: where the method goes when no targets are given (e.g.
-      a bottleneck adapter after each attention and FFN output, found with :mod:`deltatune.anatomy`);
-    * ``check_targets(model, paths)``: refuse (``ValueError``) targets that contradict the method's
-      fields (e.g. more blocks than ``Partial.blocks``);
-    * ``fit_to(bases, given) -> config``: a copy whose fields *not* named in ``given`` (those the user
-      left at their defaults) are chosen to suit the modules it will adapt (e.g. VB-LoRA's
-      ``vector_length`` must divide every dimension). The training harness calls it; ``inject``
-      never does, so a config built in Python is used exactly as written;
-    * ``accepts(module) -> bool``: whether the method can adapt a module of a supported kind (e.g.
-      BitFit: only layers that have a bias); used to pick targets, never to skip a named one;
-    * on a layer, ``reads = "output"``: its ``delta`` reads the base module's output, not its input.
-    * ``quantized_base`` (class data, default False): the method works on quantised (4-bit) base
-      modules because it only adds to their output (QLoRA); others are refused on them.
-    """
-
-    name: ClassVar[str]
-    mergeable: ClassVar[bool]
-    identity_at_init: ClassVar[bool]
-    weight_space: ClassVar[bool]
-    supports_mixed_batch: ClassVar[bool]
-    combinable: ClassVar[bool]
-    layer_types: ClassVar[tuple[str, ...]]
-
-    def wrap(
-        self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
-    ) -> nn.Module: ...
-
-    def parameter_count(self, base: nn.Module) -> int: ...
-
-    def stored_bytes(self, base: nn.Module) -> int: ...
-
-
-REGISTRY: dict[str, type] = {}
-CAPABILITIES = (
-    "mergeable",
-    "identity_at_init",
-    "weight_space",
-    "supports_mixed_batch",
-    "combinable",
-    "layer_types",
+from .contract import (
+    CAPABILITIES,
+    REGISTRY,
+    AdditiveLayer,
+    Method,
+    ReplacingLayer,
+    check,
+    closed_form,
+    config_for,
+    export_state,
+    import_state,
+    method_fields,
+    method_from_config,
+    register,
+)
+from .wrapper import (
+    ATTACHMENT_ATTR,
+    SHARED_ATTR,
+    Adapted,
+    AdapterInfo,
+    Attachment,
+    ModuleCopy,
+    Switch,
+    attachment_of,
+    base_modules,
+    has_adapters,
+    set_submodule,
 )
 
+# Names other modules import from here (the core re-exports the contract and the wrapper).
+__all__ = [
+    "ATTACHMENT_ATTR",
+    "CAPABILITIES",
+    "REGISTRY",
+    "SHARED_ATTR",
+    "Adapted",
+    "AdapterInfo",
+    "AdditiveLayer",
+    "Attachment",
+    "Method",
+    "ModuleCopy",
+    "ParameterReport",
+    "ReplacingLayer",
+    "Switch",
+    "adapter_state",
+    "attachment_of",
+    "base_modules",
+    "check",
+    "check_state",
+    "closed_form",
+    "combine",
+    "config_for",
+    "default_targets",
+    "delete_adapter",
+    "disabled",
+    "few",
+    "has_adapters",
+    "inject",
+    "load_adapter_state",
+    "merge",
+    "merged_linear",
+    "method_fields",
+    "method_from_config",
+    "parameter_report",
+    "register",
+    "route",
+    "set_active",
+    "set_submodule",
+    "trainable_parameters",
+    "unload",
+]
 
-def register(cls: type) -> type:
-    """Class decorator: add a method config class to :data:`REGISTRY` under ``cls.name``."""
-    if not dataclasses.is_dataclass(cls):
-        raise ValueError(f"{cls.__name__} must be a dataclass to be registered")
-    params = getattr(cls, "__dataclass_params__", None)
-    if params is None or not params.frozen:
-        raise ValueError(f"{cls.__name__} must be a frozen dataclass")
-    missing = [c for c in ("name", *CAPABILITIES) if not hasattr(cls, c)]
-    if missing:
-        raise ValueError(f"{cls.__name__} must declare the class attributes {missing}")
-    name = cls.name  # type: ignore[attr-defined]
-    if name in REGISTRY and REGISTRY[name] is not cls:
-        raise ValueError(f"a method named {name!r} is already registered ({REGISTRY[name].__name__})")
-    REGISTRY[name] = cls
-    return cls
-
-
-def method_from_config(name: str, fields: Mapping[str, Any]) -> Any:
-    """Build a registered method from its name and a mapping of field values."""
-    from .fields import Instance, from_jsonable
-
-    cls = REGISTRY.get(name)
-    if cls is None:
-        raise ValueError(f"unknown method {name!r}; registered: {sorted(REGISTRY)}")
-    checks = {f.name: f.metadata.get("check") for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - set(checks))
-    if unknown:
-        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(checks)}")
-    kwargs = {
-        k: from_jsonable(v, f"{cls.__name__}.{k}", checks[k] if isinstance(checks[k], Instance) else None)
-        for k, v in fields.items()
-    }
-    return cls(**kwargs)
-
-
-def method_fields(method: Any) -> dict[str, Any]:
-    from .fields import to_jsonable
-
-    return {f.name: to_jsonable(getattr(method, f.name)) for f in dataclasses.fields(method)}
-
-
-def check(method: Any) -> None:
-    """Validate a config against its declared field constraints (call from ``__post_init__``)."""
-    validate(method)
-
-
-# ----------------------------------------------------------------------------------------------
-# The wrapper and the attachment
-# ----------------------------------------------------------------------------------------------
-
-
-@dataclass
-class _Switch:
-    """Mutable state shared by every wrapper of one model: which adapters run, and how."""
-
-    active: tuple[str, ...] = ()
-    enabled: bool = True
-    routing: list[str | None] | None = None
-
-
-class ModuleCopy(nn.Module):
-    """A trainable full copy of a module (``modules_to_save``): it replaces the base when active."""
-
-    additive: ClassVar[bool] = False
-
-    def __init__(self, base: nn.Module) -> None:
-        super().__init__()
-        self.module = copy.deepcopy(base)
-        for p in self.module.parameters():
-            p.requires_grad_(True)
-
-    def forward(self, base: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return self.module(*args, **kwargs)
-
-    def merged(self, base: nn.Module) -> nn.Module:
-        out = copy.deepcopy(self.module)
-        for p in out.parameters():
-            p.requires_grad_(False)
-        return out
-
-
-def _delta_source(layer: Any, x: Any, base_out: Any) -> Any:
-    """What an additive layer's ``delta`` reads: its ``reads`` class attribute, ``"input"`` (the
-    module's first input, the default) or ``"output"`` (the base module's output, e.g. a bottleneck
-    adapter placed after a projection: ``y = f(x) + delta(f(x))``)."""
-    return base_out if getattr(layer, "reads", "input") == "output" else x
-
-
-class Adapted(nn.Module):
-    """Holds an original module (``base``, untouched) and one layer per named adapter."""
-
-    def __init__(self, base: nn.Module, switch: _Switch) -> None:
-        super().__init__()
-        self.base = base
-        self.adapters = nn.ModuleDict()
-        # State shared by all layers of an adapter (e.g. VB-LoRA's bank) lives in the wrapper of the
-        # adapter's first target: inside the module tree (so .to() and .parameters() see it once),
-        # never as a new child of the user's model (an nn.Sequential would call it).
-        self.shared = nn.ModuleDict()
-        self._switch = switch
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        switch = self._switch
-        if not switch.enabled:
-            return self.base(*args, **kwargs)
-        if switch.routing is not None:
-            return self._routed(switch.routing, *args, **kwargs)
-        names = [n for n in switch.active if n in self.adapters]
-        if not names:
-            return self.base(*args, **kwargs)
-        layers: list[Any] = [self.adapters[n] for n in names]
-        replacing = [layer for layer in layers if not layer.additive]
-        if replacing:
-            # set_active() guarantees a replacing layer is alone on its module.
-            return replacing[0](self.base, *args, **kwargs)
-        if len(layers) == 1 and len(args) == 1 and not kwargs:
-            # A lone low-rank update on a plain frozen Linear: one fused kernel (see lowrank.py).
-            factors = getattr(layers[0], "lowrank_factors", None)
-            if factors is not None and fusable(self.base, args[0]):
-                parts = factors()
-                if parts is not None and parts[0].dtype == args[0].dtype:
-                    return lowrank_linear(self.base, args[0], *parts)  # type: ignore[arg-type]
-        out = self.base(*args, **kwargs)
-        x = args[0] if args else next(iter(kwargs.values()))
-        base_out = out
-        for layer in layers:
-            out = out + layer.delta(_delta_source(layer, x, base_out)).to(out.dtype)
-        return out
-
-    def _routed(self, routing: list[str | None], *args: Any, **kwargs: Any) -> Any:
-        out = self.base(*args, **kwargs)
-        x = args[0] if args else next(iter(kwargs.values()))
-        if x.shape[0] != len(routing):
-            raise ValueError(
-                f"route(): {len(routing)} adapter names given for a batch of {x.shape[0]} examples"
-            )
-        base_out = out
-        for name in dict.fromkeys(n for n in routing if n is not None):
-            if name not in self.adapters:
-                continue
-            rows = torch.tensor(
-                [i for i, n in enumerate(routing) if n == name], device=x.device, dtype=torch.long
-            )
-            layer: Any = self.adapters[name]
-            delta = layer.delta(_delta_source(layer, x, base_out).index_select(0, rows))
-            out = out.index_add(0, rows, delta.to(out.dtype))
-        return out
-
-    def __getattr__(self, name: str) -> Any:
-        # Model code often reads attributes of the module it calls (``self.wo.weight.dtype`` in T5,
-        # ``in_features``, GPT-2's ``nf``): answer those from the base, so wrapping changes nothing.
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name in ("base", "adapters", "shared") or "base" not in self._modules:
-                raise
-            return getattr(self._modules["base"], name)
-
-    def extra_repr(self) -> str:
-        return f"adapters={list(self.adapters)}"
-
-
-@dataclass
-class AdapterInfo:
-    """Everything needed to recreate one named adapter (and to save it)."""
-
-    name: str
-    method: Any
-    targets: tuple[str, ...]
-    overrides: dict[str, dict[str, Any]]
-    modules_to_save: tuple[str, ...]
-    seed: int
-    configs: dict[str, Any] = field(default_factory=dict)  # path -> per-module method config
-    trainable: list[nn.Parameter] = field(default_factory=list)
-    shared: nn.Module | None = None
-
-
-class Attachment:
-    """The handle :func:`inject` returns; also reachable as ``attachment_of(model)``."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.model = model
-        self.switch = _Switch()
-        self.adapters: dict[str, AdapterInfo] = {}
-        self.wrappers: dict[str, Adapted] = {}
-        self.requires_grad: dict[int, tuple[nn.Parameter, bool]] = {
-            id(p): (p, p.requires_grad) for p in model.parameters()
-        }
-
-    # -- queries ------------------------------------------------------------------------------
-    @property
-    def active(self) -> tuple[str, ...]:
-        return self.switch.active
-
-    def shared(self, name: str) -> nn.Module | None:
-        """The state shared by every layer of adapter ``name`` (None for most methods)."""
-        return self.info(name).shared
-
-    def info(self, name: str) -> AdapterInfo:
-        if name not in self.adapters:
-            raise ValueError(f"unknown adapter {name!r}; this model has {sorted(self.adapters)}")
-        return self.adapters[name]
-
-    def layers(self, name: str) -> dict[str, nn.Module]:
-        """path -> the adapter's layer (or module copy) at that path."""
-        self.info(name)
-        return {p: w.adapters[name] for p, w in self.wrappers.items() if name in w.adapters}
-
-    def closed_form(self, name: str) -> tuple[int, int]:
-        """(trainable parameters, stored bytes) of adapter ``name`` from the methods' formulas."""
-        info = self.info(name)
-        bases = {p: self.wrappers[p].base for p in info.targets}
-        saved = {p: self.wrappers[p].base for p in info.modules_to_save}
-        return closed_form(info.method, bases, info.overrides, saved)
-
-    # -- switching ----------------------------------------------------------------------------
-    def set_active(self, names: str | Sequence[str]) -> None:
-        """Make ``names`` the adapters that run (and train); the others stay in memory, frozen."""
-        names = (names,) if isinstance(names, str) else tuple(names)
-        for n in names:
-            self.info(n)
-        if len(set(names)) != len(names):
-            raise ValueError(f"set_active: adapter names repeat: {list(names)}")
-        if len(names) > 1:
-            for path, wrapper in self.wrappers.items():
-                here = [n for n in names if n in wrapper.adapters]
-                if len(here) > 1 and any(not wrapper.adapters[n].additive for n in here):
-                    raise ValueError(
-                        f"set_active: adapters {here} cannot run together on {path!r}: "
-                        "one of them replaces the module instead of adding to it"
-                    )
-        self.switch.active = names
-        for info in self.adapters.values():
-            for p in info.trainable:
-                p.requires_grad_(info.name in names)
-
-
-def closed_form(
-    method: Any,
-    bases: Mapping[str, nn.Module],
-    overrides: Mapping[str, Mapping[str, Any]] | None = None,
-    modules_to_save: Mapping[str, nn.Module] | None = None,
-) -> tuple[int, int]:
-    """(trainable parameters, stored bytes) of ``method`` on ``bases`` (path -> module; weightless
-    meta-device stand-ins are enough), from each method's own formulas: per module (with its
-    ``overrides``), plus the state shared by all of them, plus full copies of ``modules_to_save``."""
-    count = stored = 0
-    for path, base in bases.items():
-        cfg = config_for(method, path, overrides or {})
-        count += cfg.parameter_count(base)
-        stored += cfg.stored_bytes(base)
-    shared_count = getattr(method, "shared_parameter_count", None)
-    if shared_count is not None:
-        count += shared_count(bases)
-        stored += method.shared_stored_bytes(bases)
-    for module in (modules_to_save or {}).values():
-        for p in module.parameters():
-            count += p.numel()
-            stored += p.numel() * p.element_size()
-    return count, stored
-
-
-def attachment_of(model: nn.Module) -> Attachment:
-    """The :class:`Attachment` of a model that has adapters; ``ValueError`` if it has none."""
-    att = model.__dict__.get(ATTACHMENT_ATTR)
-    if not isinstance(att, Attachment):
-        raise ValueError(
-            f"{type(model).__name__} has no deltatune adapters; call deltatune.inject(model, ...) first"
-        )
-    return att
-
-
-def has_adapters(model: nn.Module) -> bool:
-    return isinstance(model.__dict__.get(ATTACHMENT_ATTR), Attachment)
-
-
-def base_modules(model: nn.Module, att: Attachment | None) -> dict[str, nn.Module]:
-    """path -> module, seeing through our wrappers (a wrapper shows as its base)."""
-    out: dict[str, nn.Module] = {}
-    skip: list[str] = []
-    for path, module in model.named_modules():
-        if any(path.startswith(s) for s in skip):
-            continue
-        if isinstance(module, Adapted):
-            if att is None or att.wrappers.get(path) is not module:
-                raise ValueError(
-                    f"{path!r} is already wrapped by another deltatune attachment; "
-                    "inject into the model you injected first"
-                )
-            out[path] = module.base
-            skip.append(path + ".")
-            continue
-        out[path] = module
-    return out
-
-
-def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, leaf = path.rpartition(".")
-    parent = model.get_submodule(parent_path) if parent_path else model
-    setattr(parent, leaf, module)
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
 def _seed_for(seed: int, path: str) -> int:
@@ -410,14 +117,6 @@ def _generator(seed: int, path: str) -> torch.Generator:
     gen = torch.Generator(device="cpu")
     gen.manual_seed(_seed_for(seed, path))
     return gen
-
-
-def config_for(method: Any, path: str, overrides: Mapping[str, Mapping[str, Any]]) -> Any:
-    cfg = method
-    for pattern, values in overrides.items():
-        if _targets.pattern_matches(path, pattern):
-            cfg = dataclasses.replace(cfg, **values)
-    return cfg
 
 
 def _check_overrides(method: Any, overrides: Mapping[str, Mapping[str, Any]], paths: Sequence[str]) -> None:
@@ -749,8 +448,7 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
     att.info(name)
     state: dict[str, torch.Tensor] = {}
     for path, layer in att.layers(name).items():
-        export = getattr(layer, "export_state", None)
-        tensors = export() if export is not None else layer.state_dict()
+        tensors = export_state(layer)
         for key, value in tensors.items():
             state[f"{path}.{key}"] = value
     shared = att.shared(name)
@@ -776,12 +474,7 @@ def load_adapter_state(model: nn.Module, name: str, tensors: Mapping[str, torch.
         owner = max((p for p in owners if key.startswith(p + ".")), key=len)
         by_owner.setdefault(owner, {})[key[len(owner) + 1 :]] = value
     for owner, state in by_owner.items():
-        module = owners[owner]
-        import_state = getattr(module, "import_state", None)
-        if import_state is not None:
-            import_state(state)
-        else:
-            module.load_state_dict(state, strict=True)
+        import_state(owners[owner], state)
     _refresh_trainable(att, name)
 
 

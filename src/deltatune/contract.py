@@ -1,0 +1,299 @@
+"""The method contract: what a method and its layers provide. Read this module first.
+
+A *method* (LoRA, VB-LoRA, prefix tuning, ...) is a frozen, keyword-only dataclass registered with
+:func:`register`; it says *what* to add, :func:`deltatune.inject` says *where*. Its capabilities are
+class data (:data:`CAPABILITIES` and the flags below), which the core and the tests read; nothing
+branches on a method's type. A method provides:
+
+Required (the :class:`Method` protocol):
+
+* ``name``, ``mergeable``, ``identity_at_init``, ``weight_space``, ``supports_mixed_batch``,
+  ``combinable`` and ``layer_types`` (module kinds it adapts: ``"linear"``, ``"conv1d"``,
+  ``"embedding"``, ``"block"``) as class attributes;
+* ``wrap(base, shared, *, path, generator) -> layer``: the small module that holds the adapter's
+  tensors for one adapted module (see the layer kinds below); ``generator`` is seeded per module;
+* ``parameter_count(base)`` and ``stored_bytes(base)``: the closed forms of what one module's layer
+  trains and what the saved file holds for it (checked against the real tensors by the tests).
+
+Optional, with the default :func:`register` fills in when a method does not define it
+(:data:`HOOK_DEFAULTS`), so callers never ask ``getattr``:
+
+* ``model_level = False``: the method acts on a whole transformers body (embeddings, masks, KV
+  cache) rather than on single layers; ``quantized_base = False``: it works on 4-bit (NF4) base
+  modules because it only adds to their output (QLoRA);
+* ``make_shared(bases, generator) -> nn.Module | None`` (None): state shared by every layer of one
+  adapter (VB-LoRA's bank), created once per adapter, counted by ``shared_parameter_count(bases)``
+  and ``shared_stored_bytes(bases)`` (0);
+* ``default_targets(model) -> targets | None`` (None: no preference): where the method goes when no
+  targets are given (a bottleneck adapter after each attention and FFN output; prompt tuning on the
+  transformer body);
+* ``check_targets(model, paths)`` (accept): refuse targets that contradict the method's fields;
+* ``accepts(module) -> bool`` (True): whether it can adapt a module of a supported kind (BitFit:
+  only layers with a bias); used to pick targets, never to skip a named one;
+* ``fit_to(bases, given) -> method`` (itself): a copy whose fields not named in ``given`` (those the
+  user left at their defaults) suit the modules it will adapt; the harness calls it, ``inject``
+  never does;
+* ``parameter_groups(attachment, name) -> {group: (params, lr multiplier)} | None`` (None: one
+  group): optimizer groups with their own learning rates (VB-LoRA's logits, SAID's scales);
+* ``combine_layers(parts) -> (method, layer)`` (a classmethod; only for ``combinable`` methods): the
+  exact weighted combination of several adapters' layers on one module;
+* ``stored_method() -> method`` (itself): the configuration written to ``adapter_config.json``
+  when the saved form differs from the training form (PiSSA saves a plain LoRA);
+* ``small_example`` ({}): field values that fit tiny models (docs, the CLI, the invariant suite);
+  ``variants`` ({}): other configurations the invariant suite runs too (initialisers).
+
+Layers (what ``wrap`` returns) are ``nn.Module``s of one of two kinds, told apart by ``additive``:
+
+* :class:`AdditiveLayer` (``additive = True``): ``delta(x)`` is added to the base module's output;
+  ``x`` is the module's input, or its output when the layer declares ``reads = "output"`` (an
+  adapter placed after a projection). Several additive layers can run on one module, and per example
+  (``route``).
+* :class:`ReplacingLayer` (``additive = False``): ``forward(base, *args, **kwargs)`` computes the
+  module's output itself, calling ``base`` as it needs (prompt and prefix tuning on a body).
+
+Either kind may define ``delta_weight()`` (the update to ``base.weight``; used by ``merge``) or
+``merged(base)`` (a plain module to put back instead), ``lowrank_factors() -> (A, B, scale) | None``
+(lets the core run the fused low-rank kernel of :mod:`deltatune.lowrank`), and
+``export_state()`` / ``import_state(state)`` when the saved tensors differ from the layer's
+``state_dict`` (a collapsed reparameterisation, VB-LoRA's top-k form). :func:`layer_hooks` reads
+these once, in one place.
+
+Example: a complete method (a learned per-channel scale added to a Linear's output):
+
+    >>> import dataclasses, torch
+    >>> from torch import nn
+    >>> from typing import ClassVar
+    >>> from deltatune.contract import register
+    >>> @register
+    ... @dataclasses.dataclass(frozen=True, kw_only=True)
+    ... class OutputScale:
+    ...     name: ClassVar[str] = "doctest_output_scale"
+    ...     mergeable: ClassVar[bool] = False
+    ...     identity_at_init: ClassVar[bool] = True
+    ...     weight_space: ClassVar[bool] = False
+    ...     supports_mixed_batch: ClassVar[bool] = True
+    ...     combinable: ClassVar[bool] = False
+    ...     layer_types: ClassVar[tuple[str, ...]] = ("linear",)
+    ...     def wrap(self, base, shared, *, path, generator):
+    ...         return ScaleLayer(base.out_features)
+    ...     def parameter_count(self, base):
+    ...         return base.out_features
+    ...     def stored_bytes(self, base):
+    ...         return 4 * base.out_features
+    >>> class ScaleLayer(nn.Module):
+    ...     additive = True
+    ...     reads = "output"
+    ...     def __init__(self, width):
+    ...         super().__init__()
+    ...         self.gain = nn.Parameter(torch.zeros(width))
+    ...     def delta(self, y):
+    ...         return y * self.gain
+    >>> import deltatune as dt
+    >>> net = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> x = torch.randn(3, 4)
+    >>> before = net(x)
+    >>> att = dt.inject(net, OutputScale(), targets=["0", "2"])
+    >>> torch.equal(net(x), before), att.closed_form("default")  # identity at init; 4 + 2 gains
+    (True, (6, 24))
+    >>> from deltatune.contract import REGISTRY
+    >>> del REGISTRY["doctest_output_scale"]
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any, ClassVar, Protocol, runtime_checkable
+
+import torch
+from torch import nn
+
+from . import targets as _targets
+from .fields import validate
+
+
+@runtime_checkable
+class Method(Protocol):
+    """What a registered method provides (see the module docstring for the optional hooks, whose
+    defaults :func:`register` fills in). The optional hooks as they stood before the contract:
+
+    * ``make_shared(bases, generator) -> nn.Module | None``: state shared by all layers of one
+      adapter (created once per adapter), with ``shared_parameter_count(bases)`` and
+      ``shared_stored_bytes(bases)``;
+    * ``combine_layers(parts) -> (config, layer)``: exact weighted combination (``combinable``);
+    * ``parameter_groups(attachment, name) -> {group: (params, lr multiplier)}`` for the optimizer;
+    * ``small_example``: field values that fit tiny models (used by examples and the invariant suite);
+    * ``default_targets(model) -> list[str]``: where the method goes when no targets are given (e.g.
+      a bottleneck adapter after each attention and FFN output, found with :mod:`deltatune.anatomy`);
+    * ``check_targets(model, paths)``: refuse (``ValueError``) targets that contradict the method's
+      fields (e.g. more blocks than ``Partial.blocks``);
+    * ``fit_to(bases, given) -> config``: a copy whose fields *not* named in ``given`` (those the user
+      left at their defaults) are chosen to suit the modules it will adapt (e.g. VB-LoRA's
+      ``vector_length`` must divide every dimension). The training harness calls it; ``inject``
+      never does, so a config built in Python is used exactly as written;
+    * ``accepts(module) -> bool``: whether the method can adapt a module of a supported kind (e.g.
+      BitFit: only layers that have a bias); used to pick targets, never to skip a named one;
+    * on a layer, ``reads = "output"``: its ``delta`` reads the base module's output, not its input.
+    * ``quantized_base`` (class data, default False): the method works on quantised (4-bit) base
+      modules because it only adds to their output (QLoRA); others are refused on them.
+    """
+
+    name: ClassVar[str]
+    mergeable: ClassVar[bool]
+    identity_at_init: ClassVar[bool]
+    weight_space: ClassVar[bool]
+    supports_mixed_batch: ClassVar[bool]
+    combinable: ClassVar[bool]
+    layer_types: ClassVar[tuple[str, ...]]
+
+    def wrap(
+        self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
+    ) -> nn.Module: ...
+
+    def parameter_count(self, base: nn.Module) -> int: ...
+
+    def stored_bytes(self, base: nn.Module) -> int: ...
+
+
+REGISTRY: dict[str, type] = {}
+
+
+@runtime_checkable
+class AdditiveLayer(Protocol):
+    """A layer whose ``delta`` is added to the base module's output."""
+
+    additive: ClassVar[bool]  # True
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class ReplacingLayer(Protocol):
+    """A layer that computes the module's output itself, calling ``base`` as it needs."""
+
+    additive: ClassVar[bool]  # False
+
+    def __call__(self, base: nn.Module, *args: Any, **kwargs: Any) -> Any: ...
+
+
+def reads_output(layer: nn.Module) -> bool:
+    """Whether an additive layer's ``delta`` reads the base module's output (not its input)."""
+    return getattr(layer, "reads", "input") == "output"
+
+
+def export_state(layer: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors a layer saves: its ``export_state()`` where it defines one, else its state_dict."""
+    export = getattr(layer, "export_state", None)
+    out: dict[str, torch.Tensor] = export() if export is not None else layer.state_dict()
+    return out
+
+
+def import_state(layer: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """The inverse of :func:`export_state`: ``import_state(state)``, else a strict ``load_state_dict``."""
+    load = getattr(layer, "import_state", None)
+    if load is not None:
+        load(state)
+    else:
+        layer.load_state_dict(state, strict=True)
+
+
+def lowrank_factors(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+    """``(A, B, scale)`` when the layer's update is ``scale · B A x`` right now, else None."""
+    factors = getattr(layer, "lowrank_factors", None)
+    out: tuple[torch.Tensor, torch.Tensor, float] | None = factors() if factors is not None else None
+    return out
+
+
+CAPABILITIES = (
+    "mergeable",
+    "identity_at_init",
+    "weight_space",
+    "supports_mixed_batch",
+    "combinable",
+    "layer_types",
+)
+
+
+def register(cls: type) -> type:
+    """Class decorator: add a method config class to :data:`REGISTRY` under ``cls.name``."""
+    if not dataclasses.is_dataclass(cls):
+        raise ValueError(f"{cls.__name__} must be a dataclass to be registered")
+    params = getattr(cls, "__dataclass_params__", None)
+    if params is None or not params.frozen:
+        raise ValueError(f"{cls.__name__} must be a frozen dataclass")
+    missing = [c for c in ("name", *CAPABILITIES) if not hasattr(cls, c)]
+    if missing:
+        raise ValueError(f"{cls.__name__} must declare the class attributes {missing}")
+    name = cls.name  # type: ignore[attr-defined]
+    if name in REGISTRY and REGISTRY[name] is not cls:
+        raise ValueError(f"a method named {name!r} is already registered ({REGISTRY[name].__name__})")
+    REGISTRY[name] = cls
+    return cls
+
+
+def method_from_config(name: str, fields: Mapping[str, Any]) -> Any:
+    """Build a registered method from its name and a mapping of field values."""
+    from .fields import Instance, from_jsonable
+
+    cls = REGISTRY.get(name)
+    if cls is None:
+        raise ValueError(f"unknown method {name!r}; registered: {sorted(REGISTRY)}")
+    checks = {f.name: f.metadata.get("check") for f in dataclasses.fields(cls)}
+    unknown = sorted(set(fields) - set(checks))
+    if unknown:
+        raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; known fields: {sorted(checks)}")
+    kwargs = {
+        k: from_jsonable(v, f"{cls.__name__}.{k}", checks[k] if isinstance(checks[k], Instance) else None)
+        for k, v in fields.items()
+    }
+    return cls(**kwargs)
+
+
+def method_fields(method: Any) -> dict[str, Any]:
+    from .fields import to_jsonable
+
+    return {f.name: to_jsonable(getattr(method, f.name)) for f in dataclasses.fields(method)}
+
+
+def check(method: Any) -> None:
+    """Validate a config against its declared field constraints (call from ``__post_init__``)."""
+    validate(method)
+
+
+
+
+def config_for(method: Any, path: str, overrides: Mapping[str, Mapping[str, Any]]) -> Any:
+    """The method's configuration for the module at ``path``: ``method`` with the field values of
+    every override key (exact path, dotted suffix or regex) that matches ``path``."""
+    cfg = method
+    for pattern, values in overrides.items():
+        if _targets.pattern_matches(path, pattern):
+            cfg = dataclasses.replace(cfg, **values)
+    return cfg
+
+
+def closed_form(
+    method: Any,
+    bases: Mapping[str, nn.Module],
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    modules_to_save: Mapping[str, nn.Module] | None = None,
+) -> tuple[int, int]:
+    """(trainable parameters, stored bytes) of ``method`` on ``bases`` (path -> module; weightless
+    meta-device stand-ins are enough), from each method's own formulas: per module (with its
+    ``overrides``), plus the state shared by all of them, plus full copies of ``modules_to_save``."""
+    count = stored = 0
+    for path, base in bases.items():
+        cfg = config_for(method, path, overrides or {})
+        count += cfg.parameter_count(base)
+        stored += cfg.stored_bytes(base)
+    shared_count = getattr(method, "shared_parameter_count", None)
+    if shared_count is not None:
+        count += shared_count(bases)
+        stored += method.shared_stored_bytes(bases)
+    for module in (modules_to_save or {}).values():
+        for p in module.parameters():
+            count += p.numel()
+            stored += p.numel() * p.element_size()
+    return count, stored
+
+

@@ -1,0 +1,251 @@
+"""The wrapper every adapted module becomes, and the attachment that tracks a model's adapters.
+
+Every adapted module is replaced by one :class:`Adapted` wrapper that keeps the original module as
+``wrapper.base``, untouched, plus one small layer per named adapter in ``wrapper.adapters``. So
+several adapters can live on one model, ``unload`` puts the very same base modules back, and
+``merge`` puts back a plain module whose weight is ``base.weight + delta_weight()``. The
+:class:`Attachment` (``attachment_of(model)``) records every adapter (:class:`AdapterInfo`), its
+wrappers and which adapters are active.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from .contract import closed_form, lowrank_factors, reads_output
+from .lowrank import fusable, lowrank_linear
+
+ATTACHMENT_ATTR = "_deltatune_attachment"
+SHARED_ATTR = "deltatune_shared"
+
+
+@dataclass
+class Switch:
+    """Mutable state shared by every wrapper of one model: which adapters run, and how."""
+
+    active: tuple[str, ...] = ()
+    enabled: bool = True
+    routing: list[str | None] | None = None
+
+
+class ModuleCopy(nn.Module):
+    """A trainable full copy of a module (``modules_to_save``): it replaces the base when active."""
+
+    additive: ClassVar[bool] = False
+
+    def __init__(self, base: nn.Module) -> None:
+        super().__init__()
+        self.module = copy.deepcopy(base)
+        for p in self.module.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, base: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def merged(self, base: nn.Module) -> nn.Module:
+        out = copy.deepcopy(self.module)
+        for p in out.parameters():
+            p.requires_grad_(False)
+        return out
+
+
+def _delta_source(layer: nn.Module, x: Any, base_out: Any) -> Any:
+    """What an additive layer's ``delta`` reads: the module's first input, or the base module's
+    output for a layer that ``reads = "output"`` (e.g. a bottleneck adapter placed after a
+    projection: ``y = f(x) + delta(f(x))``)."""
+    return base_out if reads_output(layer) else x
+
+
+class Adapted(nn.Module):
+    """Holds an original module (``base``, untouched) and one layer per named adapter."""
+
+    def __init__(self, base: nn.Module, switch: Switch) -> None:
+        super().__init__()
+        self.base = base
+        self.adapters = nn.ModuleDict()
+        # State shared by all layers of an adapter (e.g. VB-LoRA's bank) lives in the wrapper of the
+        # adapter's first target: inside the module tree (so .to() and .parameters() see it once),
+        # never as a new child of the user's model (an nn.Sequential would call it).
+        self.shared = nn.ModuleDict()
+        self._switch = switch
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        switch = self._switch
+        if not switch.enabled:
+            return self.base(*args, **kwargs)
+        if switch.routing is not None:
+            return self._routed(switch.routing, *args, **kwargs)
+        names = [n for n in switch.active if n in self.adapters]
+        if not names:
+            return self.base(*args, **kwargs)
+        layers: list[Any] = [self.adapters[n] for n in names]
+        replacing = [layer for layer in layers if not layer.additive]
+        if replacing:
+            # set_active() guarantees a replacing layer is alone on its module.
+            return replacing[0](self.base, *args, **kwargs)
+        if len(layers) == 1 and len(args) == 1 and not kwargs and fusable(self.base, args[0]):
+            # A lone low-rank update on a plain frozen Linear: one fused kernel (see lowrank.py).
+            parts = lowrank_factors(layers[0])
+            if parts is not None and parts[0].dtype == args[0].dtype:
+                return lowrank_linear(self.base, args[0], *parts)  # type: ignore[arg-type]
+        out = self.base(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))
+        base_out = out
+        for layer in layers:
+            out = out + layer.delta(_delta_source(layer, x, base_out)).to(out.dtype)
+        return out
+
+    def _routed(self, routing: list[str | None], *args: Any, **kwargs: Any) -> Any:
+        out = self.base(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))
+        if x.shape[0] != len(routing):
+            raise ValueError(
+                f"route(): {len(routing)} adapter names given for a batch of {x.shape[0]} examples"
+            )
+        base_out = out
+        for name in dict.fromkeys(n for n in routing if n is not None):
+            if name not in self.adapters:
+                continue
+            rows = torch.tensor(
+                [i for i, n in enumerate(routing) if n == name], device=x.device, dtype=torch.long
+            )
+            layer: Any = self.adapters[name]
+            delta = layer.delta(_delta_source(layer, x, base_out).index_select(0, rows))
+            out = out.index_add(0, rows, delta.to(out.dtype))
+        return out
+
+    def __getattr__(self, name: str) -> Any:
+        # Model code often reads attributes of the module it calls (``self.wo.weight.dtype`` in T5,
+        # ``in_features``, GPT-2's ``nf``): answer those from the base, so wrapping changes nothing.
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name in ("base", "adapters", "shared") or "base" not in self._modules:
+                raise
+            return getattr(self._modules["base"], name)
+
+    def extra_repr(self) -> str:
+        return f"adapters={list(self.adapters)}"
+
+
+@dataclass
+class AdapterInfo:
+    """Everything needed to recreate one named adapter (and to save it)."""
+
+    name: str
+    method: Any
+    targets: tuple[str, ...]
+    overrides: dict[str, dict[str, Any]]
+    modules_to_save: tuple[str, ...]
+    seed: int
+    configs: dict[str, Any] = field(default_factory=dict)  # path -> per-module method config
+    trainable: list[nn.Parameter] = field(default_factory=list)
+    shared: nn.Module | None = None
+
+
+class Attachment:
+    """The handle :func:`inject` returns; also reachable as ``attachment_of(model)``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.switch = Switch()
+        self.adapters: dict[str, AdapterInfo] = {}
+        self.wrappers: dict[str, Adapted] = {}
+        self.requires_grad: dict[int, tuple[nn.Parameter, bool]] = {
+            id(p): (p, p.requires_grad) for p in model.parameters()
+        }
+
+    # -- queries ------------------------------------------------------------------------------
+    @property
+    def active(self) -> tuple[str, ...]:
+        return self.switch.active
+
+    def shared(self, name: str) -> nn.Module | None:
+        """The state shared by every layer of adapter ``name`` (None for most methods)."""
+        return self.info(name).shared
+
+    def info(self, name: str) -> AdapterInfo:
+        if name not in self.adapters:
+            raise ValueError(f"unknown adapter {name!r}; this model has {sorted(self.adapters)}")
+        return self.adapters[name]
+
+    def layers(self, name: str) -> dict[str, nn.Module]:
+        """path -> the adapter's layer (or module copy) at that path."""
+        self.info(name)
+        return {p: w.adapters[name] for p, w in self.wrappers.items() if name in w.adapters}
+
+    def closed_form(self, name: str) -> tuple[int, int]:
+        """(trainable parameters, stored bytes) of adapter ``name`` from the methods' formulas."""
+        info = self.info(name)
+        bases = {p: self.wrappers[p].base for p in info.targets}
+        saved = {p: self.wrappers[p].base for p in info.modules_to_save}
+        return closed_form(info.method, bases, info.overrides, saved)
+
+    # -- switching ----------------------------------------------------------------------------
+    def set_active(self, names: str | Sequence[str]) -> None:
+        """Make ``names`` the adapters that run (and train); the others stay in memory, frozen."""
+        names = (names,) if isinstance(names, str) else tuple(names)
+        for n in names:
+            self.info(n)
+        if len(set(names)) != len(names):
+            raise ValueError(f"set_active: adapter names repeat: {list(names)}")
+        if len(names) > 1:
+            for path, wrapper in self.wrappers.items():
+                here = [n for n in names if n in wrapper.adapters]
+                if len(here) > 1 and any(not wrapper.adapters[n].additive for n in here):
+                    raise ValueError(
+                        f"set_active: adapters {here} cannot run together on {path!r}: "
+                        "one of them replaces the module instead of adding to it"
+                    )
+        self.switch.active = names
+        for info in self.adapters.values():
+            for p in info.trainable:
+                p.requires_grad_(info.name in names)
+
+
+def attachment_of(model: nn.Module) -> Attachment:
+    """The :class:`Attachment` of a model that has adapters; ``ValueError`` if it has none."""
+    att = model.__dict__.get(ATTACHMENT_ATTR)
+    if not isinstance(att, Attachment):
+        raise ValueError(
+            f"{type(model).__name__} has no deltatune adapters; call deltatune.inject(model, ...) first"
+        )
+    return att
+
+
+def has_adapters(model: nn.Module) -> bool:
+    return isinstance(model.__dict__.get(ATTACHMENT_ATTR), Attachment)
+
+
+def base_modules(model: nn.Module, att: Attachment | None) -> dict[str, nn.Module]:
+    """path -> module, seeing through our wrappers (a wrapper shows as its base)."""
+    out: dict[str, nn.Module] = {}
+    skip: list[str] = []
+    for path, module in model.named_modules():
+        if any(path.startswith(s) for s in skip):
+            continue
+        if isinstance(module, Adapted):
+            if att is None or att.wrappers.get(path) is not module:
+                raise ValueError(
+                    f"{path!r} is already wrapped by another deltatune attachment; "
+                    "inject into the model you injected first"
+                )
+            out[path] = module.base
+            skip.append(path + ".")
+            continue
+        out[path] = module
+    return out
+
+
+def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, leaf = path.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, leaf, module)
+
+
