@@ -28,9 +28,9 @@ from typing import Any
 import torch
 
 import deltatune as dt
-from deltatune.train.data import get_task, load_split
 from deltatune.train.loop import Collator, TrainConfig, train
 from deltatune.train.models import load_model
+from deltatune.train.tasks import get_task, load_split
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

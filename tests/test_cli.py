@@ -110,8 +110,8 @@ def _train_help(capsys: pytest.CaptureFixture[str], *args: str) -> str:
 
 
 def test_train_help_lists_the_choices_and_plain_metavars(capsys: pytest.CaptureFixture[str]) -> None:
-    from deltatune.train.data import TASKS
     from deltatune.train.models import ALIASES
+    from deltatune.train.tasks import TASKS
 
     text = " ".join(_train_help(capsys, "--method", "lora").split())  # undo argparse's wrapping
     assert "FIELD__" not in text

@@ -10,18 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from deltatune.train.data import (
-    DEFAULT_DATA_DIR,
-    TASKS,
-    Example,
-    Split,
-    Task,
-    data_root,
-    get_task,
-    load_file,
-    load_split,
-)
-from deltatune.train.metrics import METRICS, answer_accuracy, compute, reference_answer
+from deltatune.train.data import DEFAULT_DATA_DIR, Example, Split, data_root, load_file
+from deltatune.train.metrics import METRICS, answer_accuracy, reference_answer
+from deltatune.train.tasks import TASKS, Task, compute, get_task, load_split
 
 DATA = data_root()
 needs_data = pytest.mark.skipif(

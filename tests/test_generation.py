@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from deltatune.train.data import DEFAULT_DATA_DIR, TASKS, Example
+from deltatune.train.data import DEFAULT_DATA_DIR, Example
 from deltatune.train.loop import Collator, TrainConfig, prompt_of, train
+from deltatune.train.tasks import TASKS
 
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")

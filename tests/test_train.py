@@ -118,6 +118,38 @@ def test_resume_after_interrupt_gives_the_same_adapter(tiny_bert: str, tmp_path:
     assert [s for s, _ in record["history"]["loss"]] == list(range(1, 7))
 
 
+def test_a_loop_of_step_calls_gives_trains_adapter(tiny_bert: str, tmp_path: Path) -> None:
+    """train() is a loop of the public step(): the same steps driven by hand give the same adapter."""
+    from deltatune.train.batches import Collator
+    from deltatune.train.loop import lr_lambda, step
+    from deltatune.train.models import load_model
+    from deltatune.train.prepare import prepare
+    from deltatune.train.tasks import get_task, load_split
+
+    cfg = config(tiny_bert, tmp_path / "harness", steps=4, batch_size=4, grad_accum=2, checkpoint_every=0)
+    train(cfg, progress=False)
+
+    task = get_task(cfg.task)
+    examples = load_split(task, "train", cfg.data_dir, limit=cfg.train_limit, seed=cfg.seed)
+    model, tokenizer = load_model(cfg.model, task.kind, task.num_labels, seed=cfg.seed)
+    groups, _ = prepare(model, cfg, task)
+    model.train()
+    optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    collate = Collator(task, tokenizer, cfg.max_length)
+    for s in range(cfg.steps):
+        positions = batch_positions(s, cfg.batch_size * cfg.grad_accum, len(examples), cfg.seed)
+        chunks = [positions[m * cfg.batch_size : (m + 1) * cfg.batch_size] for m in range(cfg.grad_accum)]
+        micro = [collate([examples[i] for i in chunk]) for chunk in chunks]
+        step(model, micro, task.kind, optimizer, scheduler, max_grad_norm=cfg.max_grad_norm)
+    dt.save(model, tmp_path / "by-hand")
+    expected = adapter_tensors(tmp_path / "harness")
+    got = load_file(str(tmp_path / "by-hand" / "adapter.safetensors"))
+    assert expected.keys() == got.keys()
+    for key, value in expected.items():
+        assert torch.equal(got[key], value), key
+
+
 def test_checkpoint_of_another_run_is_refused(tiny_bert: str, tmp_path: Path) -> None:
     train(config(tiny_bert, tmp_path, steps=3), progress=False)
     with pytest.raises(ValueError, match=r"different run \(method_fields: there \{'rank': 4"):
@@ -302,7 +334,7 @@ def test_two_processes_equal_one(tiny_bert: str, tmp_path: Path) -> None:
 
 
 def test_works_with_the_transformers_trainer(tiny_bert: str, tmp_path: Path) -> None:
-    from deltatune.train.data import load_split
+    from deltatune.train.tasks import load_split
 
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert)
     tok = transformers.AutoTokenizer.from_pretrained(tiny_bert)

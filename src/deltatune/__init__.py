@@ -24,7 +24,7 @@ from .core import (
     trainable_parameters,
     unload,
 )
-from .io import export_peft, import_peft, load, save
+from .io import load, save
 from .methods import (
     Adapter,
     BitFit,
@@ -42,6 +42,7 @@ from .methods import (
     VBLoRA,
     collect_covariance,
 )
+from .peft import export_peft, import_peft
 from .targets import ALL_LINEAR, Target
 
 __version__ = "0.1.0"

@@ -39,8 +39,16 @@ Optional, with the default :func:`register` fills in when a method does not defi
   exact weighted combination of several adapters' layers on one module;
 * ``stored_method() -> method`` (itself): the configuration written to ``adapter_config.json``
   when the saved form differs from the training form (PiSSA saves a plain LoRA);
+* ``peft_type`` (None: no PEFT counterpart), with ``peft_prefix``, ``from_peft`` and ``to_peft``:
+  the method's own mapping to and from PEFT's adapter files, documented with the boundary module
+  that calls them, :mod:`deltatune.peft` (which names no method);
 * ``small_example`` ({}): field values that fit tiny models (docs, the CLI, the invariant suite);
-  ``variants`` ({}): other configurations the invariant suite runs too (initialisers).
+  ``variants`` ({}): other configurations the invariant suite runs too (initialisers);
+  ``near_identity_at_init`` (True: a method that is not ``identity_at_init`` still starts a small
+  step from the base; False for prompts and prefixes, which change every output at once) and
+  ``random_init`` (True: the seed changes the initial tensors): facts about the method's math that
+  the invariant suite checks. They stay in the method's file, not in a table in the tests, so that
+  a new method touches only its own file.
 
 Layers (what ``wrap`` returns) are ``nn.Module``s of one of two kinds, told apart by ``additive``:
 
@@ -102,8 +110,8 @@ Example: a complete method (a learned per-channel scale added to a Linear's outp
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
-from typing import Any, ClassVar, Protocol, runtime_checkable
+from collections.abc import Collection, Mapping
+from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 import torch
 from torch import nn
@@ -114,30 +122,9 @@ from .fields import validate
 
 @runtime_checkable
 class Method(Protocol):
-    """What a registered method provides (see the module docstring for the optional hooks, whose
-    defaults :func:`register` fills in). The optional hooks as they stood before the contract:
+    """What every method defines itself (a frozen dataclass: hence ``__dataclass_fields__``)."""
 
-    * ``make_shared(bases, generator) -> nn.Module | None``: state shared by all layers of one
-      adapter (created once per adapter), with ``shared_parameter_count(bases)`` and
-      ``shared_stored_bytes(bases)``;
-    * ``combine_layers(parts) -> (config, layer)``: exact weighted combination (``combinable``);
-    * ``parameter_groups(attachment, name) -> {group: (params, lr multiplier)}`` for the optimizer;
-    * ``small_example``: field values that fit tiny models (used by examples and the invariant suite);
-    * ``default_targets(model) -> list[str]``: where the method goes when no targets are given (e.g.
-      a bottleneck adapter after each attention and FFN output, found with :mod:`deltatune.anatomy`);
-    * ``check_targets(model, paths)``: refuse (``ValueError``) targets that contradict the method's
-      fields (e.g. more blocks than ``Partial.blocks``);
-    * ``fit_to(bases, given) -> config``: a copy whose fields *not* named in ``given`` (those the user
-      left at their defaults) are chosen to suit the modules it will adapt (e.g. VB-LoRA's
-      ``vector_length`` must divide every dimension). The training harness calls it; ``inject``
-      never does, so a config built in Python is used exactly as written;
-    * ``accepts(module) -> bool``: whether the method can adapt a module of a supported kind (e.g.
-      BitFit: only layers that have a bias); used to pick targets, never to skip a named one;
-    * on a layer, ``reads = "output"``: its ``delta`` reads the base module's output, not its input.
-    * ``quantized_base`` (class data, default False): the method works on quantised (4-bit) base
-      modules because it only adds to their output (QLoRA); others are refused on them.
-    """
-
+    __dataclass_fields__: ClassVar[dict[str, Any]]
     name: ClassVar[str]
     mergeable: ClassVar[bool]
     identity_at_init: ClassVar[bool]
@@ -155,7 +142,104 @@ class Method(Protocol):
     def stored_bytes(self, base: nn.Module) -> int: ...
 
 
-REGISTRY: dict[str, type] = {}
+class Registered(Method, Protocol):
+    """A registered method: :class:`Method` plus every optional hook, each either the method's own or
+    the default :func:`register` filled in (see the module docstring). Reach it with :func:`hooks`."""
+
+    model_level: ClassVar[bool]
+    quantized_base: ClassVar[bool]
+    small_example: ClassVar[dict[str, Any]]
+    variants: ClassVar[dict[str, dict[str, Any]]]
+    near_identity_at_init: ClassVar[bool]
+
+    def make_shared(self, bases: Mapping[str, nn.Module], generator: torch.Generator) -> nn.Module | None: ...
+
+    def shared_parameter_count(self, bases: Mapping[str, nn.Module]) -> int: ...
+
+    def shared_stored_bytes(self, bases: Mapping[str, nn.Module]) -> int: ...
+
+    def default_targets(self, model: nn.Module) -> Any: ...
+
+    def check_targets(self, model: nn.Module, paths: list[str]) -> None: ...
+
+    def accepts(self, module: nn.Module) -> bool: ...
+
+    def fit_to(self, bases: Mapping[str, nn.Module], given: Collection[str]) -> Method: ...
+
+    def parameter_groups(
+        self, attachment: Any, name: str
+    ) -> dict[str, tuple[list[nn.Parameter], float]] | None: ...
+
+    def stored_method(self) -> Method: ...
+
+    peft_type: ClassVar[str | None]
+
+
+def _no_shared(self: Any, bases: Mapping[str, nn.Module], generator: torch.Generator) -> None:
+    return None
+
+
+def _zero(self: Any, bases: Mapping[str, nn.Module]) -> int:
+    return 0
+
+
+def _no_preference(self: Any, model: nn.Module) -> None:
+    return None
+
+
+def _accept_targets(self: Any, model: nn.Module, paths: list[str]) -> None:
+    return None
+
+
+def _accept_module(self: Any, module: nn.Module) -> bool:
+    return True
+
+
+def _as_written(self: Any, bases: Mapping[str, nn.Module], given: Collection[str]) -> Any:
+    return self
+
+
+def _one_group(self: Any, attachment: Any, name: str) -> None:
+    return None
+
+
+def _itself(self: Any) -> Any:
+    return self
+
+
+#: The optional hooks and the default each registered class gets when it does not define one.
+HOOK_DEFAULTS: dict[str, Any] = {
+    "model_level": False,
+    "quantized_base": False,
+    "small_example": {},
+    "variants": {},
+    "near_identity_at_init": True,
+    "random_init": True,
+    "make_shared": _no_shared,
+    "shared_parameter_count": _zero,
+    "shared_stored_bytes": _zero,
+    "default_targets": _no_preference,
+    "check_targets": _accept_targets,
+    "accepts": _accept_module,
+    "fit_to": _as_written,
+    "parameter_groups": _one_group,
+    "stored_method": _itself,
+    "peft_type": None,
+}
+
+
+def hooks(method: Method) -> Registered:
+    """``method`` seen with every optional hook (a registered class has them all, see :func:`register`)."""
+    if REGISTRY.get(str(getattr(type(method), "name", ""))) is not type(method):
+        raise ValueError(
+            f"method must be a registered deltatune method config (one of {sorted(REGISTRY)}), "
+            f"got {type(method).__name__}"
+        )
+    return method  # (narrowed: its class is a registered one)
+
+
+REGISTRY: dict[str, type[Registered]] = {}  # (filled by register: every hook present)
+M = TypeVar("M", bound=Method)
 
 
 @runtime_checkable
@@ -214,9 +298,10 @@ CAPABILITIES = (
 )
 
 
-def register(cls: type) -> type:
+def register(cls: type[M]) -> type[M]:
     """Class decorator: add a method config class to :data:`REGISTRY` under ``cls.name``."""
-    if not dataclasses.is_dataclass(cls):
+    is_dataclass = dataclasses.is_dataclass(cls)  # (kept apart so that mypy keeps cls as type[M])
+    if not is_dataclass:
         raise ValueError(f"{cls.__name__} must be a dataclass to be registered")
     params = getattr(cls, "__dataclass_params__", None)
     if params is None or not params.frozen:
@@ -224,14 +309,17 @@ def register(cls: type) -> type:
     missing = [c for c in ("name", *CAPABILITIES) if not hasattr(cls, c)]
     if missing:
         raise ValueError(f"{cls.__name__} must declare the class attributes {missing}")
-    name = cls.name  # type: ignore[attr-defined]
+    name = cls.name
     if name in REGISTRY and REGISTRY[name] is not cls:
         raise ValueError(f"a method named {name!r} is already registered ({REGISTRY[name].__name__})")
-    REGISTRY[name] = cls
+    for hook, default in HOOK_DEFAULTS.items():
+        if not hasattr(cls, hook):
+            setattr(cls, hook, default)
+    REGISTRY[name] = cast("type[Registered]", cls)
     return cls
 
 
-def method_from_config(name: str, fields: Mapping[str, Any]) -> Any:
+def method_from_config(name: str, fields: Mapping[str, Any]) -> Method:
     """Build a registered method from its name and a mapping of field values."""
     from .fields import Instance, from_jsonable
 
@@ -249,7 +337,7 @@ def method_from_config(name: str, fields: Mapping[str, Any]) -> Any:
     return cls(**kwargs)
 
 
-def method_fields(method: Any) -> dict[str, Any]:
+def method_fields(method: Method) -> dict[str, Any]:
     from .fields import to_jsonable
 
     return {f.name: to_jsonable(getattr(method, f.name)) for f in dataclasses.fields(method)}
@@ -260,9 +348,7 @@ def check(method: Any) -> None:
     validate(method)
 
 
-
-
-def config_for(method: Any, path: str, overrides: Mapping[str, Mapping[str, Any]]) -> Any:
+def config_for(method: M, path: str, overrides: Mapping[str, Mapping[str, Any]]) -> M:
     """The method's configuration for the module at ``path``: ``method`` with the field values of
     every override key (exact path, dotted suffix or regex) that matches ``path``."""
     cfg = method
@@ -273,7 +359,7 @@ def config_for(method: Any, path: str, overrides: Mapping[str, Mapping[str, Any]
 
 
 def closed_form(
-    method: Any,
+    method: Method,
     bases: Mapping[str, nn.Module],
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     modules_to_save: Mapping[str, nn.Module] | None = None,
@@ -286,14 +372,10 @@ def closed_form(
         cfg = config_for(method, path, overrides or {})
         count += cfg.parameter_count(base)
         stored += cfg.stored_bytes(base)
-    shared_count = getattr(method, "shared_parameter_count", None)
-    if shared_count is not None:
-        count += shared_count(bases)
-        stored += method.shared_stored_bytes(bases)
+    count += hooks(method).shared_parameter_count(bases)
+    stored += hooks(method).shared_stored_bytes(bases)
     for module in (modules_to_save or {}).values():
         for p in module.parameters():
             count += p.numel()
             stored += p.numel() * p.element_size()
     return count, stored
-
-

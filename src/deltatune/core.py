@@ -43,6 +43,7 @@ from .contract import (
     closed_form,
     config_for,
     export_state,
+    hooks,
     import_state,
     method_fields,
     method_from_config,
@@ -90,6 +91,7 @@ __all__ = [
     "disabled",
     "few",
     "has_adapters",
+    "hooks",
     "inject",
     "load_adapter_state",
     "merge",
@@ -119,7 +121,9 @@ def _generator(seed: int, path: str) -> torch.Generator:
     return gen
 
 
-def _check_overrides(method: Any, overrides: Mapping[str, Mapping[str, Any]], paths: Sequence[str]) -> None:
+def _check_overrides(
+    method: Method, overrides: Mapping[str, Mapping[str, Any]], paths: Sequence[str]
+) -> None:
     known = {f.name for f in dataclasses.fields(method)}
     for pattern, values in overrides.items():
         if not isinstance(values, Mapping):
@@ -138,7 +142,7 @@ def _check_overrides(method: Any, overrides: Mapping[str, Mapping[str, Any]], pa
 
 def inject(
     model: nn.Module,
-    method: Any,
+    method: Method,
     targets: _targets.TargetSpec | None = None,
     *,
     name: str = "default",
@@ -169,11 +173,7 @@ def inject(
     Raises:
         ValueError: unregistered method, bad target, unsupported module type, name in use, ...
     """
-    if type(method) not in REGISTRY.values() or not isinstance(method, Method):
-        raise ValueError(
-            f"method must be a registered deltatune method config (one of {sorted(REGISTRY)}), "
-            f"got {type(method).__name__}"
-        )
+    spec = hooks(method)  # refuses an unregistered method; every optional hook, own or default
     if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
         raise ValueError(f"adapter name must be letters, digits, '_' or '-', got {name!r}")
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -199,7 +199,7 @@ def inject(
                 f"{type(method).__name__}: {path!r} is {type(modules[path]).__name__}; "
                 f"{type(method).__name__} adapts {', '.join(method.layer_types)} modules only"
             )
-        if getattr(modules[path], "quantized", False) and not getattr(method, "quantized_base", False):
+        if getattr(modules[path], "quantized", False) and not spec.quantized_base:
             raise ValueError(
                 f"{type(method).__name__}: {path!r} has a quantised weight ({type(modules[path]).__name__}); "
                 f"{type(method).__name__} needs the float weight: adapt it before quantising, or use a "
@@ -209,17 +209,12 @@ def inject(
         clash = [p for p in paths if p == sp or p.startswith(sp + ".") or sp.startswith(p + ".")]
         if clash:
             raise ValueError(f"modules_to_save {sp!r} overlaps the targeted module(s) {clash[:4]}")
-    check_targets = getattr(method, "check_targets", None)
-    if check_targets is not None:
-        check_targets(model, paths)
+    spec.check_targets(model, paths)
     _check_overrides(method, override_map, paths)
     configs = {p: config_for(method, p, override_map) for p in paths}
 
     bases = {p: modules[p] for p in paths}
-    shared = None
-    make_shared = getattr(method, "make_shared", None)
-    if make_shared is not None:
-        shared = make_shared(bases, _generator(seed, "<shared>"))
+    shared = spec.make_shared(bases, _generator(seed, "<shared>"))
     layers: dict[str, nn.Module] = {}
     for path in paths:
         base = bases[path]
@@ -266,14 +261,11 @@ def inject(
     return att
 
 
-def default_targets(method: Any, model: nn.Module) -> _targets.TargetSpec:
+def default_targets(method: Method, model: nn.Module) -> _targets.TargetSpec:
     """Where ``method`` goes on ``model`` when no targets are given: its ``default_targets(model)``
-    if it declares one, else ``"all-linear"``."""
-    declared = getattr(method, "default_targets", None)
-    if declared is None:
-        return _targets.ALL_LINEAR
-    out: list[str] = declared(model)
-    return out
+    where it has a preference, else ``"all-linear"``."""
+    declared: _targets.TargetSpec | None = hooks(method).default_targets(model)
+    return _targets.ALL_LINEAR if declared is None else declared
 
 
 def _to_device_of(layer: nn.Module, base: nn.Module) -> nn.Module:

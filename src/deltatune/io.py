@@ -1,4 +1,4 @@
-"""Adapter files: ``adapter_config.json`` + ``adapter.safetensors``, and PEFT's format at the boundary.
+"""Adapter files: ``adapter_config.json`` + ``adapter.safetensors`` (PEFT's format: :mod:`deltatune.peft`).
 
 Only JSON and safetensors are ever read: nothing is unpickled. Writes go to a temporary folder that
 is renamed into place, so a crash never leaves a half-written adapter. Loading checks the format
@@ -57,15 +57,11 @@ from torch import nn
 
 from . import core
 from .fields import from_jsonable, to_jsonable
-from .targets import module_kind, name_matches
 
 # 2 adds the optional base_model, head and task records; format-1 files (without them) still load.
 FORMAT_VERSION = 2
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
-PEFT_CONFIG_NAME = "adapter_config.json"
-PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
-PEFT_PREFIX = "base_model.model."
 
 #: Attribute that :func:`deltatune.train.models.load_model` sets on the models it loads: the alias,
 #: absolute local path or hub name it loaded, which :func:`save` records as ``base_model``.
@@ -73,7 +69,7 @@ BASE_MODEL_ATTR = "deltatune_base_model"
 HEAD_KINDS = ("classification", "regression", "generation")
 #: The fields of a recorded ``task``: name -> what it means. Only ``name`` is required.
 TASK_FIELDS: dict[str, str] = {
-    "name": "the harness task (deltatune.train.data.TASKS), e.g. 'sst2'",
+    "name": "the harness task (deltatune.train.tasks.TASKS), e.g. 'sst2'",
     "max_length": "tokens per example the run used (an integer >= 1)",
     "max_new_tokens": "tokens generated per example when evaluating (an integer >= 1)",
     "eval_limit": "the number of evaluation examples the run used (an integer >= 1; null: all)",
@@ -157,26 +153,32 @@ def write_folder(folder: str | os.PathLike[str], write: Callable[[Path], None]) 
     return folder
 
 
-def _atomic_write_dir(folder: Path, files: Mapping[str, Any]) -> None:
-    """Write ``files`` (name -> writer(path)) into ``folder`` all at once."""
+def write_files(folder: Path, files: Mapping[str, Callable[[Path], None]]) -> None:
+    """Write ``files`` (name -> writer(path), e.g. :func:`json_writer`) into ``folder`` all at once."""
 
     def write(tmp: Path) -> None:
         for name, writer in files.items():
             writer(tmp / name)
 
     if folder.exists() and not folder.is_dir():
-        raise ValueError(f"save: {folder.resolve()} exists and is not a folder")
+        raise ValueError(f"{folder.resolve()} exists and is not a folder")
     write_folder(folder, write)
 
 
-def _write_json(data: Mapping[str, Any]) -> Any:
+def json_writer(data: Mapping[str, Any]) -> Callable[[Path], None]:
+    """A writer of ``data`` as sorted, indented JSON (for :func:`write_files`)."""
+
     def write(path: Path) -> None:
         path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
     return write
 
 
-def _write_tensors(tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None) -> Any:
+def tensors_writer(
+    tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
+) -> Callable[[Path], None]:
+    """A writer of ``tensors`` as a safetensors file (for :func:`write_files`)."""
+
     def write(path: Path) -> None:
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata
@@ -238,7 +240,7 @@ def save(
     }
     state = core.adapter_state(model, name)
     folder = Path(folder)
-    _atomic_write_dir(folder, {CONFIG_NAME: _write_json(config), WEIGHTS_NAME: _write_tensors(state)})
+    write_files(folder, {CONFIG_NAME: json_writer(config), WEIGHTS_NAME: tensors_writer(state)})
     return folder
 
 
@@ -347,15 +349,12 @@ def _stored_configs(info: core.AdapterInfo) -> tuple[Any, dict[str, dict[str, An
     A method may store itself as another config (``stored_method()``: PiSSA-initialised LoRA saves as
     a plain LoRA of twice the rank); then the overrides are rewritten per module path.
     """
-    stored = getattr(info.method, "stored_method", None)
-    if stored is None:
-        return info.method, info.overrides
-    method = stored()
+    method = core.hooks(info.method).stored_method()
     if method == info.method:
         return info.method, info.overrides
     overrides: dict[str, dict[str, Any]] = {}
     for path in info.targets:
-        cfg = info.configs[path].stored_method()
+        cfg = core.hooks(info.configs[path]).stored_method()
         diff = {
             f.name: getattr(cfg, f.name)
             for f in dataclasses.fields(cfg)
@@ -462,7 +461,7 @@ def load(
     _check_fingerprint(model, config["fingerprint"], where)
     tensors = read_tensors(Path(folder) / WEIGHTS_NAME)
     name = name if name is not None else str(config.get("adapter_name", "default"))
-    return _inject_filled(
+    return inject_filled(
         model,
         method,
         tensors,
@@ -480,7 +479,7 @@ def load(
     )
 
 
-def _inject_filled(
+def inject_filled(
     model: nn.Module,
     method: Any,
     tensors: Mapping[str, torch.Tensor],
@@ -501,300 +500,3 @@ def _inject_filled(
         for p in att.adapters[name].trainable:
             p.requires_grad_(False)
     return att
-
-
-# ----------------------------------------------------------------------------------------------
-# PEFT's LoRA format
-# ----------------------------------------------------------------------------------------------
-
-_PEFT_LORA_UNSUPPORTED = {
-    "use_dora": False,
-    "bias": "none",
-    "lora_bias": False,
-    "use_qalora": False,
-}
-
-
-# Tensor names: PEFT suffix -> ours, per peft_type (longest suffixes first).
-_PEFT_SUFFIXES: dict[str, tuple[tuple[str, str], ...]] = {
-    "LORA": (
-        (".lora_A.weight", ".lora_A"),
-        (".lora_B.weight", ".lora_B"),
-        (".lora_embedding_A", ".lora_A"),
-        (".lora_embedding_B", ".lora_B"),
-    ),
-    "VBLORA": (
-        (".vblora_logits_A_topk_indices", ".topk_indices_A"),
-        (".vblora_logits_A_topk_weights", ".topk_weights_A"),
-        (".vblora_logits_B_topk_indices", ".topk_indices_B"),
-        (".vblora_logits_B_topk_weights", ".topk_weights_B"),
-        (".vblora_logits_A", ".logits_A"),
-        (".vblora_logits_B", ".logits_B"),
-    ),
-}
-_PEFT_VBLORA_BANK = "base_model.vblora_vector_bank"
-_PEFT_UNSUPPORTED: dict[str, dict[str, Any]] = {
-    "LORA": _PEFT_LORA_UNSUPPORTED,
-    "VBLORA": {"bias": "none"},
-}
-
-
-def import_peft(
-    model: nn.Module, folder: str | os.PathLike[str], *, name: str = "default", trainable: bool = False
-) -> core.Attachment:
-    """Load a LoRA or VB-LoRA adapter saved by PEFT (``adapter_model.safetensors`` + config).
-
-    The targets come from the tensors in the file (so PEFT's suffix/regex matching rules never need
-    re-implementing); LoRA ranks and alphas per module from the tensor shapes and ``alpha_pattern``.
-    VB-LoRA files in PEFT's top-k form load as trainable logits (PEFT's own loader refuses to train).
-    """
-    folder = Path(folder)
-    cfg_path = folder / PEFT_CONFIG_NAME
-    if not cfg_path.is_file():
-        raise ValueError(f"{folder}: no {PEFT_CONFIG_NAME}")
-    cfg = json.loads(cfg_path.read_text())
-    kind = cfg.get("peft_type")
-    if kind not in _PEFT_SUFFIXES:
-        raise ValueError(
-            f"{cfg_path}: peft_type {kind!r} is not supported; supported: {sorted(_PEFT_SUFFIXES)}"
-        )
-    for key, default in _PEFT_UNSUPPORTED[kind].items():
-        if cfg.get(key, default) not in (default, None):
-            raise ValueError(f"{cfg_path}: {key}={cfg[key]!r} is not supported by import_peft")
-    weights = folder / PEFT_WEIGHTS_NAME
-    if not weights.is_file():
-        raise ValueError(f"{folder}: no {PEFT_WEIGHTS_NAME} (only safetensors adapters are read)")
-    raw = read_tensors(weights)
-    ours: dict[str, torch.Tensor] = {}
-    adapted: dict[str, dict[str, torch.Tensor]] = {}  # path -> our suffix -> tensor
-    save_paths: list[str] = []
-    for key, value in raw.items():
-        if kind == "VBLORA" and key.startswith(_PEFT_VBLORA_BANK):
-            ours[f"{core.SHARED_ATTR}.bank"] = value
-            continue
-        if not key.startswith(PEFT_PREFIX):
-            raise ValueError(f"{weights}: unexpected tensor {key!r} (expected the {PEFT_PREFIX!r} prefix)")
-        rest = key[len(PEFT_PREFIX) :]
-        for peft_suffix, our_suffix in _PEFT_SUFFIXES[kind]:
-            if rest.endswith(peft_suffix):
-                path = rest[: -len(peft_suffix)]
-                ours[path + our_suffix] = value
-                adapted.setdefault(path, {})[our_suffix] = value
-                break
-        else:
-            save_paths.append(rest)
-    if not adapted:
-        raise ValueError(f"{weights}: holds no {kind} tensors")
-    # Tensors of modules_to_save arrive as "<module path>.<param>" (PEFT strips its wrapper).
-    msave = list(cfg.get("modules_to_save") or [])
-    modules = core.base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
-    save_modules: list[str] = []
-    for rest in save_paths:
-        owner = max(
-            (
-                p
-                for p in modules
-                if rest.startswith(p + ".") and any(name_matches(p, m) for m in msave)
-            ),
-            key=len,
-            default=None,
-        )
-        if owner is None:
-            raise ValueError(
-                f"{weights}: tensor {rest!r} is neither {kind} nor part of modules_to_save {msave}"
-            )
-        if owner not in save_modules:
-            save_modules.append(owner)
-        ours[f"{owner}.module.{rest[len(owner) + 1 :]}"] = raw[PEFT_PREFIX + rest]
-    targets = [p for p in modules if p in adapted]
-    missing = sorted(set(adapted) - set(targets))
-    if missing:
-        raise ValueError(
-            f"{weights}: the model has no module(s) {core.few(missing)}; was it saved for another model?"
-        )
-    method, overrides = (_peft_lora_method if kind == "LORA" else _peft_vblora_method)(cfg, adapted)
-    return _inject_filled(
-        model,
-        method,
-        ours,
-        str(weights),
-        trainable=trainable,
-        targets=targets,
-        name=name,
-        overrides=overrides,
-        modules_to_save=save_modules,
-    )
-
-
-def _peft_lora_method(
-    cfg: Mapping[str, Any], adapted: Mapping[str, Mapping[str, torch.Tensor]]
-) -> tuple[Any, dict[str, dict[str, Any]]]:
-    from .methods.lora import LoRA
-
-    r = int(cfg.get("r", 8))
-    alpha = float(cfg.get("lora_alpha", 8))
-    rslora = bool(cfg.get("use_rslora", False))
-    method = LoRA(rank=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), rank_stabilized=rslora)
-    alpha_pattern: dict[str, float] = cfg.get("alpha_pattern") or {}
-    overrides: dict[str, dict[str, Any]] = {}
-    for path, tensors in adapted.items():
-        rank = int(tensors[".lora_A"].shape[0])
-        a = alpha
-        for pat, val in alpha_pattern.items():
-            if re.match(rf"(.*\.)?({pat})$", path):
-                a = float(val)
-        if rank != r or a != alpha:
-            overrides[path] = {"rank": rank, "alpha": a}
-    return method, overrides
-
-
-def _peft_vblora_method(
-    cfg: Mapping[str, Any], adapted: Mapping[str, Mapping[str, torch.Tensor]]
-) -> tuple[Any, dict[str, dict[str, Any]]]:
-    from .methods.vblora import VBLoRA
-
-    topk_form = any(".topk_indices_A" in t for t in adapted.values())
-    method = VBLoRA(
-        rank=int(cfg["r"]),
-        num_vectors=int(cfg["num_vectors"]),
-        vector_length=int(cfg["vector_length"]),
-        topk=int(cfg.get("topk", 2)),
-        logits_std=float(cfg.get("init_logits_std", 0.1)),
-        bank_bound=float(cfg.get("init_vector_bank_bound", 0.02)),
-        dropout=float(cfg.get("vblora_dropout", 0.0)),
-        save_mode="topk" if topk_form else "logits",
-    )
-    return method, {}
-
-
-def export_peft(
-    model: nn.Module,
-    folder: str | os.PathLike[str],
-    adapter: str | None = None,
-    *,
-    base_model_name_or_path: str | None = None,
-    task_type: str | None = None,
-) -> Path:
-    """Write a LoRA or VB-LoRA adapter in PEFT's format, so that ``peft.PeftModel.from_pretrained``
-    loads it."""
-    from .methods.lora import LoRA
-    from .methods.vblora import VBLoRA
-
-    att = core.attachment_of(model)
-    name = adapter if adapter is not None else (att.active[0] if att.active else next(iter(att.adapters)))
-    info = att.info(name)
-    if isinstance(info.method, LoRA):
-        tensors, config = _peft_lora_export(att, info)
-    elif isinstance(info.method, VBLoRA):
-        tensors, config = _peft_vblora_export(model, att, info)
-    else:
-        raise ValueError(
-            f"export_peft: only LoRA and VB-LoRA export, {name!r} is {type(info.method).__name__}"
-        )
-    fan_in_fan_out = any(module_kind(att.wrappers[p].base) == "conv1d" for p in info.targets)
-    config.update(
-        {
-            "task_type": task_type,
-            "base_model_name_or_path": base_model_name_or_path,
-            "target_modules": sorted(info.targets),
-            "modules_to_save": list(info.modules_to_save) or None,
-            "fan_in_fan_out": fan_in_fan_out,
-            "bias": "none",
-            "inference_mode": True,
-        }
-    )
-    folder = Path(folder)
-    _atomic_write_dir(
-        folder,
-        {
-            PEFT_CONFIG_NAME: _write_json(config),
-            PEFT_WEIGHTS_NAME: _write_tensors(tensors, metadata={"format": "pt"}),
-        },
-    )
-    return folder
-
-
-def _peft_vblora_export(
-    model: nn.Module, att: core.Attachment, info: core.AdapterInfo
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    method = info.method
-    if any(cfg != method for cfg in info.configs.values()):
-        raise ValueError("export_peft: PEFT's VB-LoRA has no per-module overrides; this adapter has some")
-    inverse = {ours: theirs for theirs, ours in _PEFT_SUFFIXES["VBLORA"]}
-    tensors: dict[str, torch.Tensor] = {}
-    for key, value in core.adapter_state(model, info.name).items():
-        if key == f"{core.SHARED_ATTR}.bank":
-            tensors[_PEFT_VBLORA_BANK] = value
-            continue
-        path, _, leaf = key.rpartition(".")
-        if "." + leaf in inverse and path in info.targets:
-            tensors[f"{PEFT_PREFIX}{path}{inverse['.' + leaf]}"] = value
-        else:  # a modules_to_save copy: "<path>.module.<param>"
-            owner = next(p for p in info.modules_to_save if key.startswith(p + ".module."))
-            tensors[f"{PEFT_PREFIX}{owner}.{key[len(owner) + len('.module.') :]}"] = value
-    config = {
-        "peft_type": "VBLORA",
-        "r": method.rank,
-        "num_vectors": method.num_vectors,
-        "vector_length": method.vector_length,
-        "topk": method.topk,
-        "vblora_dropout": method.dropout,
-        "init_logits_std": method.logits_std,
-        "init_vector_bank_bound": method.bank_bound,
-        "save_only_topk_weights": method.save_mode == "topk",
-    }
-    return tensors, config
-
-
-def _peft_lora_export(
-    att: core.Attachment, info: core.AdapterInfo
-) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    from .methods.lora import KaimingUniform
-
-    method, _ = _stored_configs(info)
-    tensors: dict[str, torch.Tensor] = {}
-    rank_pattern: dict[str, int] = {}
-    alpha_pattern: dict[str, float] = {}
-    layer: Any
-    for path, layer in att.layers(info.name).items():
-        if isinstance(layer, core.ModuleCopy):
-            for k, v in layer.module.state_dict().items():
-                tensors[f"{PEFT_PREFIX}{path}.{k}"] = v
-            continue
-        cfg = info.configs[path].stored_method()  # PiSSA & co.: the plain rank-2r LoRA they save as
-        if hasattr(cfg.init, "from_weight"):
-            raise ValueError(
-                f"export_peft: {path!r} uses {type(cfg.init).__name__} with save_mode='native', whose "
-                "factors are relative to a residual weight PEFT does not have; use save_mode='lora'"
-            )
-        if type(cfg.init) is not KaimingUniform and cfg.init.__class__.__name__ != "Gaussian":
-            raise ValueError(
-                f"export_peft: {path!r} uses initialiser {type(cfg.init).__name__}, which PEFT cannot load"
-            )
-        if cfg.rank_stabilized != method.rank_stabilized:
-            raise ValueError(f"export_peft: {path!r} overrides rank_stabilized, which PEFT cannot express")
-        kind = module_kind(att.wrappers[path].base)
-        a_key, b_key = (
-            ("lora_embedding_A", "lora_embedding_B")
-            if kind == "embedding"
-            else ("lora_A.weight", "lora_B.weight")
-        )
-        state = layer.export_state()
-        tensors[f"{PEFT_PREFIX}{path}.{a_key}"] = state["lora_A"]
-        tensors[f"{PEFT_PREFIX}{path}.{b_key}"] = state["lora_B"]
-        if cfg.rank != method.rank:
-            rank_pattern["^" + re.escape(path) + "$"] = cfg.rank
-        if cfg.alpha != method.alpha:
-            alpha_pattern["^" + re.escape(path) + "$"] = cfg.alpha
-    config = {
-        "peft_type": "LORA",
-        "r": method.rank,
-        "lora_alpha": method.alpha,
-        "lora_dropout": method.dropout,
-        "use_rslora": method.rank_stabilized,
-        "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern,
-        "init_lora_weights": True,
-        "use_dora": False,
-    }
-    return tensors, config

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .contract import closed_form, lowrank_factors, reads_output
+from .contract import Method, closed_form, lowrank_factors, reads_output
 from .lowrank import fusable, lowrank_linear
 
 ATTACHMENT_ATTR = "_deltatune_attachment"
@@ -139,12 +139,12 @@ class AdapterInfo:
     """Everything needed to recreate one named adapter (and to save it)."""
 
     name: str
-    method: Any
+    method: Method
     targets: tuple[str, ...]
     overrides: dict[str, dict[str, Any]]
     modules_to_save: tuple[str, ...]
     seed: int
-    configs: dict[str, Any] = field(default_factory=dict)  # path -> per-module method config
+    configs: dict[str, Method] = field(default_factory=dict)  # path -> per-module method config
     trainable: list[nn.Parameter] = field(default_factory=list)
     shared: nn.Module | None = None
 
@@ -247,5 +247,3 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, leaf = path.rpartition(".")
     parent = model.get_submodule(parent_path) if parent_path else model
     setattr(parent, leaf, module)
-
-

@@ -1,4 +1,11 @@
-"""Registered methods: one file each, holding only the method's math."""
+"""Registered methods: one file each, holding only the method's math.
+
+Every module of this package is imported when the package is, so a new method registers by its own
+``@register`` line alone; the names below are the public API (``deltatune.LoRA``, ...).
+"""
+
+import importlib as _importlib
+import pkgutil as _pkgutil
 
 from .adapter import Adapter, AdapterLayer
 from .bitfit import BitFit, BitFitLayer
@@ -47,3 +54,6 @@ __all__ = [
     "collect_covariance",
     "randomized_svd",
 ]
+
+for _module in _pkgutil.iter_modules(__path__):
+    _importlib.import_module(f"{__name__}.{_module.name}")

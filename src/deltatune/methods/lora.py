@@ -25,14 +25,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import check, register
+from ..core import Attachment, adapter_state, check, register
 from ..fields import Bool, Float, Instance, Int, OneOf, component, param
 from ..targets import module_kind, shape_of
 
@@ -260,6 +262,103 @@ class LoRA:
             )
         out.to(first.lora_A.device)
         return config, out
+
+    # -- PEFT's format (the hooks: deltatune.peft) -----------------------------------------------
+    peft_type: ClassVar[str] = "LORA"
+    peft_prefix: ClassVar[str] = "base_model.model."
+
+    @classmethod
+    def from_peft(
+        cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
+    ) -> tuple[LoRA, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+        """PEFT's LoRA: the targets are the modules that have tensors in the file (so PEFT's
+        suffix/regex rules never need re-implementing); ranks per module from the tensor shapes,
+        alphas from ``alpha_pattern``."""
+        for key, default in _PEFT_REFUSED.items():
+            if config.get(key, default) not in (default, None):
+                raise ValueError(f"{key}={config[key]!r} is not supported by import_peft")
+        factors: dict[str, dict[str, torch.Tensor]] = {}  # path -> {"lora_A": ..., "lora_B": ...}
+        for key, value in tensors.items():
+            suffix = next((s for s in _PEFT_NAMES if key.endswith(s)), None)
+            if suffix is None or not key.startswith(cls.peft_prefix):
+                raise ValueError(f"unexpected tensor {key!r}: neither LoRA's nor in modules_to_save")
+            factors.setdefault(key[len(cls.peft_prefix) : -len(suffix)], {})[_PEFT_NAMES[suffix]] = value
+        if not factors:
+            raise ValueError("holds no LoRA tensors")
+        rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+        method = cls(
+            rank=rank,
+            alpha=alpha,
+            dropout=float(config.get("lora_dropout", 0.0)),
+            rank_stabilized=bool(config.get("use_rslora", False)),
+        )
+        overrides: dict[str, dict[str, Any]] = {}
+        for path, pair in factors.items():
+            r = int(pair["lora_A"].shape[0]) if "lora_A" in pair else int(pair["lora_B"].shape[-1])
+            a = alpha
+            for pattern, value in (config.get("alpha_pattern") or {}).items():
+                if re.match(rf"(.*\.)?({pattern})$", path):
+                    a = float(value)
+            if r != rank or a != alpha:
+                overrides[path] = {"rank": r, "alpha": a}
+        state = {f"{path}.{k}": v for path, pair in factors.items() for k, v in pair.items()}
+        return method, list(factors), overrides, state
+
+    def to_peft(self, attachment: Attachment, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """PEFT's LoRA config and tensors; per-module ranks and alphas as ``rank_pattern`` and
+        ``alpha_pattern``. PiSSA & co. export as the plain LoRA they save as (``save_mode="lora"``)."""
+        info = attachment.info(name)
+        stored = self.stored_method()
+        state = adapter_state(attachment.model, name)
+        tensors: dict[str, torch.Tensor] = {}
+        rank_pattern: dict[str, int] = {}
+        alpha_pattern: dict[str, float] = {}
+        kinds = {path: module_kind(attachment.wrappers[path].base) for path in info.targets}
+        for path in info.targets:
+            cfg = cast(LoRA, info.configs[path]).stored_method()
+            if hasattr(cfg.init, "from_weight"):
+                raise ValueError(
+                    f"{path!r} uses {type(cfg.init).__name__} with save_mode='native', whose factors are "
+                    "relative to a residual weight PEFT does not have; use save_mode='lora'"
+                )
+            if type(cfg.init) not in (KaimingUniform, Gaussian):
+                raise ValueError(
+                    f"{path!r} uses initialiser {type(cfg.init).__name__}, which PEFT cannot load"
+                )
+            if cfg.rank_stabilized != stored.rank_stabilized:
+                raise ValueError(f"{path!r} overrides rank_stabilized, which PEFT cannot express")
+            a, b = ("lora_embedding_A", "lora_embedding_B") if kinds[path] == "embedding" else _PEFT_LINEAR
+            tensors[f"{self.peft_prefix}{path}.{a}"] = state[f"{path}.lora_A"]
+            tensors[f"{self.peft_prefix}{path}.{b}"] = state[f"{path}.lora_B"]
+            if cfg.rank != stored.rank:
+                rank_pattern["^" + re.escape(path) + "$"] = cfg.rank
+            if cfg.alpha != stored.alpha:
+                alpha_pattern["^" + re.escape(path) + "$"] = cfg.alpha
+        config = {
+            "r": stored.rank,
+            "lora_alpha": stored.alpha,
+            "lora_dropout": stored.dropout,
+            "use_rslora": stored.rank_stabilized,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "init_lora_weights": True,
+            "use_dora": False,
+            "target_modules": sorted(info.targets),
+            "fan_in_fan_out": any(kind == "conv1d" for kind in kinds.values()),
+            "bias": "none",
+        }
+        return config, tensors
+
+
+# PEFT's tensor suffixes -> the layer's state keys; PEFT options with the only value LoRA supports.
+_PEFT_NAMES = {
+    ".lora_A.weight": "lora_A",
+    ".lora_B.weight": "lora_B",
+    ".lora_embedding_A": "lora_A",
+    ".lora_embedding_B": "lora_B",
+}
+_PEFT_LINEAR = ("lora_A.weight", "lora_B.weight")
+_PEFT_REFUSED: dict[str, Any] = {"use_dora": False, "bias": "none", "lora_bias": False, "use_qalora": False}
 
 
 class LoRALayer(nn.Module):

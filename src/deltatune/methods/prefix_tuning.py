@@ -30,6 +30,7 @@ Example:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -37,8 +38,8 @@ import torch
 from torch import nn
 
 from .. import virtual
-from ..core import check, register
-from ..fields import Bool, Int, param
+from ..core import Attachment, adapter_state, check, register
+from ..fields import Bool, Int, OneOf, param
 
 _DEFAULT_HIDDEN = 512
 
@@ -52,11 +53,20 @@ class PrefixTuning:
         num_virtual_tokens: n, the prefix length [10 for table-to-text, 200 for summarisation].
         reparameterize: train through the MLP P = MLP(P') [True]; False is P-tuning v2.
         encoder_hidden_size: h, the MLP's hidden width, only with reparameterize [512].
+        positions: the real tokens' positions: "base" from 0, as the base model numbers them without
+            a prefix (BERT's absolute positions and RoPE phases as in pre-training), or
+            "after_prefix" from n, the prefix counted as past tokens, as PEFT does
+            (:func:`deltatune.import_peft` sets it; :func:`deltatune.export_peft` needs it) ["base"].
     """
 
     num_virtual_tokens: int = param(10, Int(min=1), "n, the number of prefix positions")
     reparameterize: bool = param(True, Bool(), "train through an MLP (Li & Liang); False: P-tuning v2")
     encoder_hidden_size: int = param(_DEFAULT_HIDDEN, Int(min=1), "hidden width h of the MLP")
+    positions: str = param(
+        "base",
+        OneOf(("base", "after_prefix")),
+        "real tokens' positions: 'base' from 0 (as without a prefix), 'after_prefix' from n (as PEFT)",
+    )
 
     name: ClassVar[str] = "prefix_tuning"
     model_level: ClassVar[bool] = True  # acts on the whole body: embeddings, masks, KV cache
@@ -100,13 +110,17 @@ class PrefixTuning:
         if not self.reparameterize:
             # P-tuning v2 draws its deep prompts from an nn.Embedding: N(0, 1).
             plain = torch.randn(n, out_features, generator=generator, dtype=dtype)
-            return Prefixes(layers, kv_heads, head_dim, plain=plain)
+            return Prefixes(layers, kv_heads, head_dim, plain=plain, offset=self._offset())
         h = self.encoder_hidden_size
         seed = torch.empty(n, hidden, dtype=dtype).normal_(generator=generator)  # P', as nn.Embedding
         w1, b1 = _linear_init(h, hidden, dtype, generator)
         w2, b2 = _linear_init(out_features, h, dtype, generator)
         mlp = PrefixMLP(seed, w1, b1, w2, b2)
-        return Prefixes(layers, kv_heads, head_dim, mlp=mlp)
+        return Prefixes(layers, kv_heads, head_dim, mlp=mlp, offset=self._offset())
+
+    def _offset(self) -> int:
+        """The first real token's position (see ``positions``)."""
+        return self.num_virtual_tokens if self.positions == "after_prefix" else 0
 
     def parameter_count(self, base: nn.Module) -> int:
         layers, kv_heads, head_dim, hidden = self._shape(base)
@@ -120,6 +134,42 @@ class PrefixTuning:
         layers, kv_heads, head_dim, _ = self._shape(base)
         dtype = torch.promote_types(virtual.embedding_of(base).weight.dtype, torch.float32)
         return self.num_virtual_tokens * layers * 2 * kv_heads * head_dim * dtype.itemsize
+
+    # -- PEFT's format (the hooks: deltatune.peft) -----------------------------------------------
+    peft_type: ClassVar[str] = "PREFIX_TUNING"
+    peft_prefix: ClassVar[str] = "base_model."
+
+    @classmethod
+    def from_peft(
+        cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
+    ) -> tuple[PrefixTuning, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+        """PEFT's prefixes (``prompt_embeddings``: n x L·2·d_kv, the MLP's output when PEFT trained
+        through one), with ``positions="after_prefix"``, which reproduces PEFT's outputs."""
+        path, prefixes = virtual.peft_prompt_tensor(config, tensors, model)
+        mlp = bool(config.get("prefix_projection", False))
+        hidden = int(config.get("encoder_hidden_size") or _DEFAULT_HIDDEN) if mlp else _DEFAULT_HIDDEN
+        method = cls(
+            num_virtual_tokens=int(config["num_virtual_tokens"]),
+            reparameterize=mlp,
+            encoder_hidden_size=hidden,
+            positions="after_prefix",
+        )
+        return method, [path], {}, {f"{path}.prefixes": prefixes}
+
+    def to_peft(self, attachment: Attachment, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """PEFT's prefix-tuning config and the (collapsed) prefixes as ``prompt_embeddings``."""
+        if self.positions != "after_prefix":
+            raise ValueError(
+                "PEFT numbers the real tokens after the prefix (positions n, n+1, ...) and this adapter "
+                "from 0 (positions='base'), so PEFT would compute other outputs; an adapter trained with "
+                "PrefixTuning(positions='after_prefix') exports"
+            )
+        path = attachment.info(name).targets[0]
+        body = attachment.wrappers[path].base
+        config = virtual.peft_prompt_config(attachment.model, body, self.num_virtual_tokens, key_value=True)
+        hidden = self.encoder_hidden_size if self.reparameterize else config["token_dim"]
+        config.update(prefix_projection=self.reparameterize, encoder_hidden_size=hidden)
+        return config, {"prompt_embeddings": adapter_state(attachment.model, name)[f"{path}.prefixes"]}
 
 
 def _linear_init(
@@ -165,11 +215,13 @@ class Prefixes(nn.Module):
         *,
         plain: torch.Tensor | None = None,
         mlp: PrefixMLP | None = None,
+        offset: int = 0,
     ) -> None:
         super().__init__()
         self.layers, self.kv_heads, self.head_dim = layers, kv_heads, head_dim
         self.mlp = mlp
         self.prefixes = nn.Parameter(plain) if plain is not None else None  # (n, L·2·d_kv)
+        self.offset = offset  # added to the real tokens' positions (PrefixTuning.positions)
 
     def values(self) -> torch.Tensor:
         """All prefixes as one ``(n, L·2·d_kv)`` tensor (through the MLP while it exists)."""
@@ -187,7 +239,7 @@ class Prefixes(nn.Module):
         return [(p[:, i, 0], p[:, i, 1]) for i in range(self.layers)]
 
     def forward(self, base: nn.Module, *args: Any, **kwargs: Any) -> Any:
-        return virtual.forward_with_prefix(base, args, kwargs, self.per_layer())
+        return virtual.forward_with_prefix(base, args, kwargs, self.per_layer(), self.offset)
 
     def export_state(self) -> dict[str, torch.Tensor]:
         return {"prefixes": self.values().detach().clone()}

@@ -1,4 +1,5 @@
-"""Evaluation metrics, and :func:`compute`, which gives every metric a task asks for.
+"""Evaluation metrics: :data:`METRICS`, by name (:func:`deltatune.train.tasks.compute` gives every
+metric a task asks for).
 
 All scores are on the 0-100 scale in which the papers report them (correlations on -100..100):
 accuracy 91.2, Matthews correlation 63.4, BLEU 70.4, ... The classification and correlation metrics
@@ -49,15 +50,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-if TYPE_CHECKING:
-    from deltatune.train.data import Example, Task
+if TYPE_CHECKING:  # annotations only: this module imports nothing of the harness at run time
+    from .data import Example
 
 __all__ = [
     "METRICS",
     "accuracy",
     "answer_accuracy",
     "bleu",
-    "compute",
     "extract_answer",
     "f1",
     "matthews",
@@ -272,28 +272,3 @@ METRICS: dict[str, Callable[[Sequence[Any], Sequence[Example]], float]] = {
     "rouge_l": lambda p, e: rouge_l(p, _references(e)),
     "answer_accuracy": lambda p, e: answer_accuracy(p, [refs[0] for refs in _references(e)]),
 }
-
-
-def _as_sequence(predictions: Sequence[Any] | npt.NDArray[Any]) -> Sequence[Any]:
-    if isinstance(predictions, np.ndarray):
-        return list(predictions.reshape(-1).tolist())
-    return predictions
-
-
-def compute(
-    task: str | Task, predictions: Sequence[Any] | npt.NDArray[Any], examples: Sequence[Example]
-) -> dict[str, float]:
-    """Every metric of ``task`` (in its order) for ``predictions`` on ``examples``.
-
-    ``predictions`` are class indices (classification), numbers (regression) or texts (generation),
-    one per example.
-    """
-    from deltatune.train.data import get_task
-
-    t = get_task(task)
-    preds = _as_sequence(predictions)
-    if len(preds) != len(examples):
-        raise ValueError(f"{len(preds)} predictions for {len(examples)} examples of task {t.name!r}")
-    if t.kind == "generation" and not all(isinstance(p, str) for p in preds):
-        raise ValueError(f"task {t.name!r} is generation: predictions must be strings")
-    return {name: METRICS[name](preds, examples) for name in t.metrics}

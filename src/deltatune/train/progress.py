@@ -7,6 +7,9 @@ there it prints a plain line at most every ``interval`` seconds and one when it 
     lora sst2: 120/250 steps  loss 0.4120  2.1 steps/s  eta 1:02
     lora sst2: 250/250 steps  loss 0.3080  done in 1:58  2.1 steps/s
 
+Inside :func:`quiet_transformers` transformers prints neither its own weight-loading bar nor its load
+report, so that the harness's output is its own (the harness reports missing weights itself).
+
 Example:
     >>> import io
     >>> log = io.StringIO()
@@ -19,8 +22,11 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import sys
 import time
+from collections.abc import Iterator
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -136,3 +142,29 @@ class Progress:
         self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
     ) -> None:
         self.close()
+
+
+class _DropLoadReport(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "LOAD REPORT" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """Drop transformers' load report and its weight-loading progress bar while models load."""
+    from transformers.utils import logging as hf_logging
+
+    names = ("transformers.modeling_utils", "transformers.utils.loading_report")
+    loggers = [logging.getLogger(n) for n in names]
+    flt = _DropLoadReport()
+    for lg in loggers:
+        lg.addFilter(flt)
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
+        for lg in loggers:
+            lg.removeFilter(flt)

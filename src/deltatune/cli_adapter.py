@@ -1,0 +1,290 @@
+"""The commands on a saved adapter: ``deltatune eval``, ``merge`` and ``info`` (see :mod:`deltatune.cli`).
+
+``info`` reads the adapter's files alone (:func:`adapter_info`); ``eval`` and ``merge`` rebuild the
+base model with the head the adapter was trained with, from what the adapter records (base model,
+task, head) or, failing that, from the ``metrics.json`` of the harness run beside it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .core import CAPABILITIES, closed_form, merge, method_from_config
+from .fields import to_jsonable
+from .io import CONFIG_NAME, WEIGHTS_NAME, load, read_config, read_tensors, write_folder
+
+__all__ = ["adapter_info", "add_parsers", "run_eval", "run_info", "run_merge"]
+
+
+def add_parsers(sub: Any) -> None:
+    """Add ``eval``, ``merge`` and ``info`` to the ``deltatune`` command's subparsers."""
+    for name, helptext in (("eval", "evaluate a saved adapter"), ("merge", "write a merged model")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("adapter", help="adapter folder (adapter_config.json + adapter.safetensors)")
+        s.add_argument(
+            "--model",
+            help="base model: an alias, a local folder or a hub name (default: the one the adapter "
+            "records, else the run's metrics.json beside it)",
+        )
+        s.add_argument(
+            "--task",
+            help="task, e.g. sst2 (default: the one the adapter records, else the run's metrics.json)",
+        )
+        if name == "eval":
+            s.add_argument("--limit", type=int, help="evaluate on this many examples")
+            s.add_argument("--data-dir")
+            s.add_argument("--no-progress", action="store_true")
+        else:
+            s.add_argument("--out", required=True, help="folder for the merged model")
+    i = sub.add_parser("info", help="what an adapter stores")
+    i.add_argument("adapter")
+    i.add_argument("--json", action="store_true")
+
+
+@dataclasses.dataclass
+class _Run:
+    """What ``eval`` and ``merge`` need to rebuild an adapter's model (see :func:`_run_options`)."""
+
+    model: str
+    task: str | None
+    head: dict[str, Any] | None
+    options: dict[str, Any]  # max_length, max_new_tokens, eval_limit, eval_seed, data_dir
+
+
+def _run_options(adapter: Path, model: str | None, task: str | None, *, need_task: bool) -> _Run:
+    """Base model, task, head and evaluation options for an adapter.
+
+    Each comes from the flag if given, else from what ``adapter_config.json`` records (``base_model``,
+    ``task``, ``head``: deltatune.save and the harness write them), else from the ``metrics.json`` a
+    harness run writes beside its adapter folder. The evaluation options (max_length, eval_limit, ...)
+    come from whichever record is of the chosen task.
+    """
+    config = read_config(adapter)
+    recorded: dict[str, Any] = config.get("task") or {}
+    run: dict[str, Any] = {}
+    metrics = adapter.parent / "metrics.json"
+    if metrics.is_file():
+        try:
+            run = json.loads(metrics.read_text()).get("config", {})
+        except (json.JSONDecodeError, AttributeError):
+            run = {}
+    model = model or config.get("base_model") or run.get("model")
+    task = task or recorded.get("name") or run.get("task")
+    nothing_else = f"its {CONFIG_NAME} records none and there is no metrics.json of a deltatune run beside it"
+    if not model:
+        raise ValueError(
+            f"{adapter}: pass --model (an alias such as minilm, a local model folder or a hub name): "
+            f"{nothing_else}"
+        )
+    head = config.get("head")
+    if not task and (need_task or head is None):
+        from .train.tasks import TASKS
+
+        what = "" if need_task else " (or re-save the adapter with deltatune.save(..., head=...))"
+        raise ValueError(f"{adapter}: pass --task, one of {', '.join(sorted(TASKS))}{what}: {nothing_else}")
+    options: dict[str, Any] = {}
+    if run and run.get("task") == task:
+        options.update(
+            max_length=run.get("max_length"),
+            max_new_tokens=run.get("max_new_tokens"),
+            eval_limit=run.get("eval_limit"),
+            eval_seed=run.get("seed"),
+            data_dir=run.get("data_dir"),
+        )
+    if recorded.get("name") == task:
+        options.update({k: v for k, v in recorded.items() if k != "name"})
+    return _Run(model, task, head, options)
+
+
+def _load_adapted(adapter: Path, run: _Run) -> tuple[Any, Any, Any]:
+    """The base model (with the head the task or the adapter calls for) with the adapter loaded."""
+    from .train.models import load_model
+    from .train.tasks import get_task
+
+    task = get_task(run.task) if run.task else None
+    if task is not None:
+        kind, labels = task.kind, (task.num_labels or None if task.kind == "classification" else None)
+        head = run.head
+        if head is not None and (head["kind"], head.get("num_labels")) != (kind, labels):
+            saved_on = head["kind"] + (f" with {head['num_labels']} labels" if head.get("num_labels") else "")
+            wants = kind + (f" with {labels} labels" if labels else "")
+            raise ValueError(
+                f"{adapter}: task {task.name} needs a {wants} head, but the adapter was saved on a "
+                f"{saved_on} head; pass the --task it was trained on"
+            )
+    elif run.head is not None:
+        kind, labels = run.head["kind"], run.head.get("num_labels")
+    else:  # _run_options refuses this case with the full message
+        raise ValueError(f"{adapter}: pass --task")
+    model, tokenizer = load_model(run.model, kind, labels if kind == "classification" else None)
+    load(model, adapter)
+    return model, tokenizer, task
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    """``deltatune eval``: the task's metrics of the adapter, as JSON, on the examples its run was
+    evaluated on (unless ``--limit``)."""
+    from .train.config import TrainConfig
+    from .train.evaluation import evaluate
+    from .train.tasks import load_split
+
+    adapter = Path(args.adapter)
+    run = _run_options(adapter, args.model, args.task, need_task=True)
+    model, tokenizer, task = _load_adapted(adapter, run)
+    saved = run.options
+    # By default, the examples the run itself was evaluated on, prepared the same way.
+    limit = args.limit if args.limit is not None else saved.get("eval_limit")
+    seed = saved.get("eval_seed")
+    cfg = TrainConfig(
+        model=run.model,
+        task=task.name,
+        max_length=int(saved.get("max_length") or 128),
+        eval_limit=limit,
+        max_new_tokens=int(saved.get("max_new_tokens") or 64),
+    )
+    data_dir = args.data_dir or saved.get("data_dir")
+    examples = load_split(task, "eval", data_dir, limit=limit, seed=seed if limit else None)
+    metrics = evaluate(model, tokenizer, task, examples, cfg, progress=not args.no_progress)
+    print(
+        json.dumps(
+            {"adapter": str(adapter), "task": task.name, "examples": len(examples), **metrics}, indent=2
+        )
+    )
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """``deltatune merge``: the base model with the adapter merged in, written as a plain transformers
+    model (and its tokenizer) to ``--out``."""
+    adapter = Path(args.adapter)
+    run = _run_options(adapter, args.model, args.task, need_task=False)
+    model, tokenizer, _ = _load_adapted(adapter, run)
+    merge(model)
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+
+    # Through a temporary folder: a failed save leaves no half model, and the files get the usual
+    # permissions (safetensors >= 0.8 writes model.safetensors 0o600 otherwise).
+    out = write_folder(args.out, write)
+    print(f"wrote the merged model to {out} (no deltatune needed to load it)")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    """``deltatune info``: :func:`adapter_info` as text, or as JSON with ``--json``."""
+    info = adapter_info(args.adapter)
+    if args.json:
+        print(json.dumps(info, indent=2))
+        return 0
+    print(f"{info['folder']}: {info['method']} adapter (format {info['format_version']})")
+    origin = [f"base model: {info['base_model'] or 'not recorded'}"]
+    if info["head"]:
+        labels = info["head"].get("num_labels")
+        origin.append(f"head: {info['head']['kind']}" + (f", {labels} labels" if labels else ""))
+    if info["task"]:
+        origin.append(f"task: {info['task']['name']}")
+    print("  " + "; ".join(origin))
+    print("  fields: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in info["config"].items()))
+    targets = info["targets"]
+    shown = ", ".join(targets[:6]) + (f", ... ({len(targets)} in all)" if len(targets) > 6 else "")
+    print(f"  targets: {shown}")
+    if info["modules_to_save"]:
+        print(f"  modules trained in full: {', '.join(info['modules_to_save'])}")
+    if info["trainable_parameters"] is not None:
+        print(f"  trainable parameters: {info['trainable_parameters']:,}")
+    print(
+        f"  stored: {info['stored_parameters']:,} values, {info['stored_bytes']:,} bytes "
+        f"({'/'.join(info['dtypes'])}; {info['float32_equivalent_parameters']:,} float32-equivalent); "
+        f"files {info['file_bytes']:,} bytes on disk"
+    )
+    return 0
+
+
+def adapter_info(folder: str | Path) -> dict[str, Any]:
+    """What an adapter folder holds, without loading a model."""
+    folder = Path(folder)
+    config = read_config(folder)
+    method = method_from_config(config["method"], config["config"])
+    tensors = read_tensors(folder / WEIGHTS_NAME)
+    stored = sum(t.numel() for t in tensors.values())
+    stored_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
+    trainable = _trainable_from_fingerprint(config, method, tensors)
+    return {
+        "folder": str(folder),
+        "method": config["method"],
+        "config": config["config"],
+        "capabilities": {c: to_jsonable(getattr(type(method), c)) for c in CAPABILITIES},
+        "targets": config["targets"],
+        "overrides": config.get("overrides", {}),
+        "modules_to_save": config.get("modules_to_save", []),
+        "trainable_parameters": trainable,
+        "stored_parameters": stored,
+        "stored_bytes": stored_bytes,
+        "float32_equivalent_parameters": stored_bytes // 4,
+        "file_bytes": (folder / WEIGHTS_NAME).stat().st_size
+        + (folder / "adapter_config.json").stat().st_size,
+        "dtypes": dtypes,
+        "format_version": config["format_version"],
+        "base_model": config.get("base_model"),
+        "head": config.get("head"),
+        "task": config.get("task"),
+    }
+
+
+def _trainable_from_fingerprint(
+    config: dict[str, Any], method: Any, tensors: dict[str, torch.Tensor]
+) -> int | None:
+    """The trainable count from the methods' closed forms (:func:`deltatune.core.closed_form`), on
+    weightless stand-ins of the modules the fingerprint records; None where a module kind has none."""
+    fingerprint = config["fingerprint"]
+    bases: dict[str, nn.Module] = {}
+    for path in config["targets"]:
+        kind, shape = fingerprint.get(path, [None, []])
+        base = _stand_in(str(kind), list(shape))
+        if base is None:
+            return None
+        bases[path] = base
+    # A module trained in full is stored whole: its stand-in holds tensors of the stored shapes.
+    saved = {path: _copy_stand_in(tensors, f"{path}.module.") for path in config.get("modules_to_save") or []}
+    trainable, _ = closed_form(method, bases, config.get("overrides") or {}, saved)
+    return trainable
+
+
+def _stand_in(kind: str, shape: list[int]) -> nn.Module | None:
+    """A weightless (meta-device) module with the class and weight shape a fingerprint records."""
+    if kind == "Linear" and len(shape) == 2:
+        return nn.Linear(shape[1], shape[0], device="meta")
+    if kind == "Embedding" and len(shape) == 2:
+        return nn.Embedding(shape[0], shape[1], device="meta")
+    if kind == "Conv1D" and len(shape) == 2:
+        return Conv1D(shape)
+    return None
+
+
+class Conv1D(nn.Module):
+    """A weightless stand-in for transformers' GPT-2 ``Conv1D``: the class name and the (in, out)
+    weight are what :func:`deltatune.targets.module_kind` reads."""
+
+    def __init__(self, shape: list[int]) -> None:
+        super().__init__()
+        self.nf = shape[1]
+        self.weight = nn.Parameter(torch.empty(shape, device="meta"))
+
+
+def _copy_stand_in(tensors: dict[str, torch.Tensor], prefix: str) -> nn.Module:
+    """Weightless parameters of the shapes and dtypes of the stored tensors under ``prefix``."""
+    return nn.ParameterList(
+        nn.Parameter(torch.empty(t.shape, dtype=t.dtype, device="meta"), requires_grad=False)
+        for k, t in tensors.items()
+        if k.startswith(prefix)
+    )

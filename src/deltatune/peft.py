@@ -1,0 +1,248 @@
+"""PEFT's adapter format at the boundary: :func:`import_peft` and :func:`export_peft`.
+
+This module names no method. It reads PEFT's ``adapter_config.json`` and ``adapter_model.safetensors``,
+finds the registered method that declares the file's ``peft_type``, and lets that method translate
+its own config fields and tensors; what every PEFT adapter shares (the files, ``modules_to_save``,
+``task_type``, ``base_model_name_or_path``, ``inference_mode``) is handled here. Only safetensors
+files are read: nothing is unpickled.
+
+A method takes part in PEFT's format by declaring, in its own file, these four hooks (all or none):
+
+* ``peft_type: ClassVar[str]``: the ``peft_type`` it reads and writes (``"LORA"``,
+  ``"PROMPT_TUNING"``, ...); one registered method per type.
+* ``peft_prefix: ClassVar[str]``: how PEFT's tensor names of this type spell the base model's
+  modules: ``"base_model.model."`` for PEFT's tuners (LoRA, VB-LoRA), ``"base_model."`` for its
+  prompt-learning methods. Used here for the ``modules_to_save`` copies, and by the method's names.
+* ``from_peft(config, tensors, model) -> (method, targets, overrides, state)``, a classmethod:
+  ``config`` is PEFT's ``adapter_config.json``; ``tensors`` the file's tensors under PEFT's names,
+  the ``modules_to_save`` copies already taken out. Returns the method config, the module paths it
+  adapts, per-module field overrides, and the adapter's tensors named as
+  :func:`deltatune.core.adapter_state` names them (``"<path>.<key>"``, ``"deltatune_shared.<key>"``).
+  A PEFT option it cannot represent is a ``ValueError`` naming it (prefixed here with the file).
+* ``to_peft(attachment, name) -> (config, tensors)``: the method's part of PEFT's config and its
+  tensors under PEFT's names (without ``modules_to_save`` copies: added here, as are ``peft_type``,
+  ``base_model_name_or_path``, ``modules_to_save`` and ``inference_mode``). A method that PEFT runs
+  only inside the PeftModel of a task (prompt learning) sets ``task_type``, read off the model, or
+  None when it cannot tell, which makes the caller's ``task_type`` required; the caller's wins.
+  Anything PEFT cannot load, or would compute differently, is a ``ValueError``.
+
+Example:
+    >>> import copy, tempfile, torch
+    >>> from torch import nn
+    >>> from deltatune import LoRA, inject, export_peft, import_peft
+    >>> net = nn.Sequential(nn.Linear(8, 8))
+    >>> fresh = copy.deepcopy(net)
+    >>> _ = inject(net, LoRA(rank=2), targets=["0"])
+    >>> folder = export_peft(net, tempfile.mkdtemp())
+    >>> sorted(p.name for p in folder.iterdir())
+    ['adapter_config.json', 'adapter_model.safetensors']
+    >>> att = import_peft(fresh, folder)
+    >>> x = torch.randn(2, 8)
+    >>> torch.equal(fresh(x), net(x))
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, ClassVar, Protocol, cast
+
+import torch
+from torch import nn
+
+from . import core, io
+from .targets import name_matches
+
+PEFT_CONFIG_NAME = "adapter_config.json"
+PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+class PeftMapping(Protocol):
+    """The hooks of a method that reads and writes PEFT's format (see the module docstring)."""
+
+    peft_type: ClassVar[str]
+    peft_prefix: ClassVar[str]
+
+    @classmethod
+    def from_peft(
+        cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
+    ) -> tuple[Any, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]: ...
+
+    def to_peft(
+        self, attachment: core.Attachment, name: str
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
+
+
+def peft_methods() -> dict[str, type[PeftMapping]]:
+    """PEFT's ``peft_type`` -> the registered method that declares it."""
+    out: dict[str, type[PeftMapping]] = {}
+    for cls in core.REGISTRY.values():  # every registered class has every hook (core.hooks)
+        kind = cls.peft_type  # None (register's default): the method has no PEFT mapping
+        if kind is None:
+            continue
+        if kind in out:
+            raise ValueError(f"{out[kind].__name__} and {cls.__name__} both declare peft_type {kind!r}")
+        out[kind] = cast("type[PeftMapping]", cls)
+    return out
+
+
+def import_peft(
+    model: nn.Module, folder: str | os.PathLike[str], *, name: str = "default", trainable: bool = False
+) -> core.Attachment:
+    """Load an adapter saved by PEFT (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    The registered method that declares the file's ``peft_type`` translates it (see the module
+    docstring); :func:`peft_methods` lists them. ``modules_to_save`` copies load as deltatune's.
+
+    Args:
+        name: the adapter's name on this model.
+        trainable: leave the loaded adapter's parameters trainable (default: frozen, for inference).
+
+    Raises:
+        ValueError: no PEFT files, an unsupported ``peft_type`` or option (named), tensors for
+            modules the model does not have, missing/extra/mis-shaped tensors. The model is left as
+            it was.
+    """
+    folder = Path(folder)
+    cfg_path = folder / PEFT_CONFIG_NAME
+    if not cfg_path.is_file():
+        raise ValueError(f"{folder}: no {PEFT_CONFIG_NAME}")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{cfg_path}: expected a JSON object")
+    methods = peft_methods()
+    kind = config.get("peft_type")
+    if kind not in methods:
+        raise ValueError(f"{cfg_path}: peft_type {kind!r} is not supported; supported: {sorted(methods)}")
+    cls = methods[kind]
+    weights = folder / PEFT_WEIGHTS_NAME
+    if not weights.is_file():
+        raise ValueError(f"{folder}: no {PEFT_WEIGHTS_NAME} (only safetensors adapters are read)")
+    tensors = io.read_tensors(weights)
+    modules = core.base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
+    saved, save_paths, rest = _modules_to_save(modules, config, tensors, cls.peft_prefix)
+    try:
+        method, targets, overrides, state = cls.from_peft(config, rest, model)
+    except ValueError as e:
+        raise ValueError(f"{weights}: {e}") from e
+    missing = sorted(set(targets) - set(modules))
+    if missing:
+        raise ValueError(
+            f"{weights}: the model has no module(s) {core.few(missing)}; was it saved for another model?"
+        )
+    order = {path: i for i, path in enumerate(modules)}
+    return io.inject_filled(
+        model,
+        method,
+        {**state, **saved},
+        str(weights),
+        trainable=trainable,
+        targets=sorted(targets, key=order.__getitem__),
+        name=name,
+        overrides=overrides,
+        modules_to_save=save_paths,
+    )
+
+
+def _modules_to_save(
+    modules: Mapping[str, nn.Module],
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    prefix: str,
+) -> tuple[dict[str, torch.Tensor], list[str], dict[str, torch.Tensor]]:
+    """Take the ``modules_to_save`` copies out of PEFT's tensors: ``<prefix><path>.<param>`` of a
+    module named in ``config["modules_to_save"]`` (PEFT strips its wrapper) becomes deltatune's
+    ``<path>.module.<param>``. Returns (those, their module paths in model order, the other tensors)."""
+    names = list(config.get("modules_to_save") or [])
+    owners = {
+        path: set(module.state_dict())
+        for path, module in modules.items()
+        if path and any(name_matches(path, n) for n in names)
+    }
+    saved: dict[str, torch.Tensor] = {}
+    rest: dict[str, torch.Tensor] = {}
+    for key, value in tensors.items():
+        local = key[len(prefix) :] if key.startswith(prefix) else ""
+        inside = [p for p in owners if local.startswith(p + ".") and local[len(p) + 1 :] in owners[p]]
+        owner = max(inside, key=len, default=None)
+        if owner is None:
+            rest[key] = value
+        else:
+            saved[f"{owner}.module.{local[len(owner) + 1 :]}"] = value
+    paths = [p for p in owners if any(k.startswith(p + ".module.") for k in saved)]
+    return saved, paths, rest
+
+
+def export_peft(
+    model: nn.Module,
+    folder: str | os.PathLike[str],
+    adapter: str | None = None,
+    *,
+    base_model_name_or_path: str | None = None,
+    task_type: str | None = None,
+) -> Path:
+    """Write an adapter in PEFT's format, so that ``peft.PeftModel.from_pretrained`` loads it.
+
+    Args:
+        adapter: which adapter (default: the first active one).
+        base_model_name_or_path: recorded in the config, as PEFT does.
+        task_type: PEFT's task type (``"SEQ_CLS"``, ``"CAUSAL_LM"``, ...); prompt-learning methods
+            read it off the model when it is not given (PEFT needs it to run them).
+
+    Returns:
+        The folder, holding ``adapter_config.json`` and ``adapter_model.safetensors``.
+
+    Raises:
+        ValueError: the method has no PEFT mapping, or uses something PEFT cannot load or would
+            compute differently (named).
+    """
+    att = core.attachment_of(model)
+    name = adapter if adapter is not None else (att.active[0] if att.active else next(iter(att.adapters)))
+    info = att.info(name)
+    methods = peft_methods()
+    mapping: object = info.method
+    kind = str(core.hooks(info.method).peft_type)
+    if methods.get(kind) is not type(mapping):
+        raise ValueError(
+            f"export_peft: {name!r} is {type(mapping).__name__}, which has no mapping to PEFT's format; "
+            f"these have one: {sorted(m.__name__ for m in methods.values())}"
+        )
+    try:
+        config, tensors = mapping.to_peft(att, name)
+    except ValueError as e:
+        raise ValueError(f"export_peft: {e}") from e
+    task = task_type if task_type is not None else config.get("task_type")
+    if task is None and "task_type" in config:  # the method needs one and could not read it off
+        raise ValueError(
+            f"export_peft: PEFT runs {type(mapping).__name__} only inside the PeftModel of a task, and "
+            f"{type(model).__name__} names none; pass task_type= ('SEQ_CLS', 'CAUSAL_LM', ...)"
+        )
+    prefix = mapping.peft_prefix
+    state = core.adapter_state(model, name)
+    for path in info.modules_to_save:  # deltatune's "<path>.module.<param>" is PEFT's "<path>.<param>"
+        copy = f"{path}.module."
+        for key in (k for k in state if k.startswith(copy)):
+            tensors[f"{prefix}{path}.{key[len(copy) :]}"] = state[key]
+    config = {
+        **config,
+        "peft_type": mapping.peft_type,
+        "task_type": task,
+        "base_model_name_or_path": base_model_name_or_path,
+        "modules_to_save": list(info.modules_to_save) or None,
+        "inference_mode": True,
+    }
+    folder = Path(folder)
+    io.write_files(
+        folder,
+        {
+            PEFT_CONFIG_NAME: io.json_writer(config),
+            PEFT_WEIGHTS_NAME: io.tensors_writer(tensors, metadata={"format": "pt"}),
+        },
+    )
+    return folder

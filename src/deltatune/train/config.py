@@ -1,0 +1,118 @@
+"""What defines a training run: :class:`TrainConfig`, checked when it is built.
+
+A config is plain data (JSON-able once built): it is saved in every checkpoint and ``metrics.json``,
+and a rerun into the same ``out`` is compared with it (:mod:`deltatune.train.checkpoint`).
+
+Example:
+    >>> cfg = TrainConfig.from_dict({"task": "rte", "method": "lora", "method_fields": {"rank": 4}})
+    >>> cfg.method_fields, cfg.targets
+    ({'rank': 4}, None)
+    >>> TrainConfig(schedule="step")
+    Traceback (most recent call last):
+    ...
+    ValueError: TrainConfig.schedule must be linear, cosine or constant, got 'step'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from .. import core
+from ..fields import to_jsonable
+
+__all__ = ["FULL", "HEAD_ONLY", "PRECISIONS", "RUN_NEUTRAL", "SCHEDULES", "TrainConfig"]
+
+FULL = "full"  # pseudo-method: train every parameter
+HEAD_ONLY = "head"  # pseudo-method: train only the task head (a linear probe)
+SCHEDULES = ("linear", "cosine", "constant")  # learning-rate decay after warmup
+PRECISIONS = ("fp32", "bf16")
+# Options that do not change what a run computes: a rerun into the same ``out`` may change them.
+RUN_NEUTRAL = ("out", "resume", "checkpoint_every", "eval_batch_size")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a run. Saved in every checkpoint and metrics file.
+
+    ``method`` is a registered method name, ``"full"`` (full fine-tuning) or ``"head"`` (head only);
+    ``method_fields`` are its fields (e.g. ``{"rank": 8, "alpha": 16}``). ``targets`` defaults to
+    the method's own placement, else the attention query and value projections (the harness's rule,
+    :func:`deltatune.train.prepare.harness_targets`); ``modules_to_save`` to the task head for
+    classification and regression.
+    """
+
+    model: str = "minilm"
+    task: str = "sst2"
+    method: str = "lora"
+    method_fields: dict[str, Any] = field(default_factory=dict)
+    targets: list[str] | None = None
+    modules_to_save: list[str] | None = None
+    steps: int = 150
+    batch_size: int = 32
+    grad_accum: int = 1
+    lr: float = 1e-3
+    head_lr: float | None = None
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.06
+    schedule: str = "linear"
+    max_grad_norm: float = 1.0
+    max_length: int = 128
+    train_limit: int | None = None
+    eval_limit: int | None = None
+    eval_every: int = 0
+    eval_before: bool = False
+    eval_batch_size: int = 64
+    max_new_tokens: int = 64
+    checkpoint_every: int = 50
+    seed: int = 0
+    precision: str = "fp32"
+    out: str = "runs/run"
+    data_dir: str | None = None
+    resume: bool = True
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
+        for name in ("eval_every", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TrainConfig.{name} must be >= 0 (0 = never), got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
+        if self.head_lr is not None and not self.head_lr > 0:
+            raise ValueError(f"TrainConfig.head_lr must be > 0, got {self.head_lr}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(
+                f"TrainConfig.schedule must be linear, cosine or constant, got {self.schedule!r}"
+            )
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"TrainConfig.precision must be fp32 or bf16, got {self.precision!r}")
+        if self.max_grad_norm < 0:
+            raise ValueError(
+                f"TrainConfig.max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}"
+            )
+        if self.method in (FULL, HEAD_ONLY) and self.method_fields:
+            raise ValueError(f"TrainConfig.method_fields: method {self.method!r} takes no fields")
+        if self.method not in (FULL, HEAD_ONLY):
+            core.method_from_config(self.method, self.method_fields)  # unknown method/field -> ValueError
+        # Plain JSON from here on (an initialiser object becomes {"type": ...}): checkpoints,
+        # metrics.json and the comparison with a run already in ``out`` all see the same values.
+        self.method_fields = {k: to_jsonable(v) for k, v in self.method_fields.items()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """A config from a mapping of option -> value; an unknown option is a ``ValueError``."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown training option(s) {unknown}; known: {sorted(known)}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)

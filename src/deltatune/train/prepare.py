@@ -1,0 +1,107 @@
+"""What trains: the method applied to the model (where, with which fields), as optimizer groups.
+
+:func:`prepare` applies ``cfg.method`` at ``cfg.targets``, else at :func:`harness_targets` (the
+harness's one rule for a run without targets), lets the method fit the fields the user left at
+their defaults to the model, and returns AdamW parameter groups: adapter, head, and any groups the
+method declares with ``parameter_groups``. ``"full"`` and ``"head"`` train every parameter, or the
+task head alone.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .. import core
+from ..targets import ALL_LINEAR, HEAD_NAMES, TargetSpec, resolve
+from .config import FULL, HEAD_ONLY, TrainConfig
+from .tasks import Task
+
+__all__ = ["QUERY_VALUE", "harness_targets", "head_paths", "prepare"]
+
+#: The attention query and value projections, by the names common models give them (BERT, Llama,
+#: GPT-2's fused ``c_attn``, T5): where the harness puts a method that has no placement of its own.
+QUERY_VALUE = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("q", "v"))
+
+
+def harness_targets(method: core.Method, model: nn.Module) -> TargetSpec:
+    """Where ``deltatune train`` puts ``method`` on ``model`` when no targets are given.
+
+    The method's own placement where it declares one (its ``default_targets`` hook, which
+    :func:`deltatune.core.default_targets` reads too: adapters after the attention and FFN outputs,
+    prompt tuning on the transformer body, ...). Where it has none, the core takes every linear
+    layer; the harness takes the attention query and value projections (:data:`QUERY_VALUE`) if the
+    model has them: LoRA's setting (Hu et al. 2021, §7.1), on which the README's and the benchmarks'
+    harness runs were measured (``--targets all-linear`` asks for the core's choice).
+    """
+    own: TargetSpec | None = core.hooks(method).default_targets(model)
+    if own is not None:
+        return own
+    leaves = {p.split(".")[-1] for p, _ in model.named_modules()}
+    for names in QUERY_VALUE:
+        if all(n in leaves for n in names):
+            return list(names)
+    return ALL_LINEAR
+
+
+def head_paths(model: nn.Module) -> list[str]:
+    """The task heads among the model's children (a classifier, a regression score; not ``lm_head``)."""
+    return [name for name, _ in model.named_children() if name in HEAD_NAMES and name != "lm_head"]
+
+
+def prepare(model: nn.Module, cfg: TrainConfig, task: Task) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Apply the method; return optimizer parameter groups and facts for the report.
+
+    The facts: ``trainable`` (a count), and for an adapter its ``targets`` and the fields ``fitted``
+    to the model (those the user left at their defaults that the method's ``fit_to`` changed).
+    """
+    heads = head_paths(model) if task.kind != "generation" else []
+    if cfg.method == FULL:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        head_ids = {id(p) for h in heads for p in model.get_submodule(h).parameters()}
+        body = [p for p in model.parameters() if id(p) not in head_ids]
+        head = [p for p in model.parameters() if id(p) in head_ids]
+        groups = [{"params": body, "lr": cfg.lr, "name": "body"}]
+        if head:
+            groups.append({"params": head, "lr": cfg.head_lr or cfg.lr, "name": "head"})
+        return groups, {"trainable": sum(p.numel() for p in model.parameters())}
+    if cfg.method == HEAD_ONLY:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        if not heads:
+            raise ValueError(f"method 'head': model {cfg.model!r} has no task head (looked for {HEAD_NAMES})")
+        head = [p for h in heads for p in model.get_submodule(h).parameters()]
+        for p in head:
+            p.requires_grad_(True)
+        return [{"params": head, "lr": cfg.head_lr or cfg.lr, "name": "head"}], {
+            "trainable": sum(p.numel() for p in head)
+        }
+    method = core.method_from_config(cfg.method, cfg.method_fields)
+    targets = cfg.targets or harness_targets(method, model)
+    # A method may fit the fields the user left at their defaults to this model (its fit_to hook).
+    chosen = core.hooks(method).fit_to(
+        {p: model.get_submodule(p) for p in resolve(model, targets)}, set(cfg.method_fields)
+    )
+    before = core.method_fields(method)
+    fitted = {k: v for k, v in core.method_fields(chosen).items() if v != before[k]}
+    method = chosen
+    saved = cfg.modules_to_save if cfg.modules_to_save is not None else heads
+    att = core.inject(model, method, targets=targets, modules_to_save=saved, seed=cfg.seed)
+    info = att.info("default")
+    copy_ids = {id(p) for path in info.modules_to_save for p in att.layers("default")[path].parameters()}
+    declared = core.hooks(method).parameter_groups(att, "default")
+    groups = []
+    if declared is not None:
+        # A method may split its parameters into groups with their own learning-rate multipliers.
+        for name, (params, scale) in declared.items():
+            groups.append({"params": params, "lr": cfg.lr * scale, "name": name})
+    else:
+        adapter = [p for p in info.trainable if id(p) not in copy_ids]
+        groups.append({"params": adapter, "lr": cfg.lr, "name": "adapter"})
+    head = [p for p in info.trainable if id(p) in copy_ids]
+    if head:
+        groups.append({"params": head, "lr": cfg.head_lr or cfg.lr, "name": "head"})
+    facts = {"trainable": sum(p.numel() for p in info.trainable), "targets": list(info.targets)}
+    return groups, {**facts, "fitted": fitted}
