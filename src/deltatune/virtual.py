@@ -92,6 +92,17 @@ def check_body(owner: str, model: nn.Module, paths: Sequence[str]) -> None:
         )
 
 
+def body_targets(method: Any, model: nn.Module) -> list[str]:
+    """``default_targets`` of a method placed on the transformer body: the model's one body (none
+    when it has none). A model-level method's class assigns it: ``default_targets = body_targets``."""
+    return body_paths(model)[:1]
+
+
+def check_body_targets(method: Any, model: nn.Module, paths: list[str]) -> None:
+    """``check_targets`` of a method placed on the transformer body (see :func:`check_body`)."""
+    check_body(type(method).__name__, model, paths)
+
+
 def config_of(owner: str, body: nn.Module, path: str) -> Any:
     config = getattr(body, "config", None)
     if config is None or not callable(getattr(body, "get_input_embeddings", None)):

@@ -87,12 +87,9 @@ class PrefixTuning:
                 f"reparameterize=True; leave it at {_DEFAULT_HIDDEN}, got {self.encoder_hidden_size}"
             )
 
-    def default_targets(self, model: nn.Module) -> list[str]:
-        """The transformer body (``bert``, ``model``, ...); none when the model has none."""
-        return virtual.body_paths(model)[:1]
-
-    def check_targets(self, model: nn.Module, paths: list[str]) -> None:
-        virtual.check_body(type(self).__name__, model, paths)
+    # Placed on the transformer body (``bert``, ``model``, ...) and nowhere else.
+    default_targets = virtual.body_targets
+    check_targets = virtual.check_body_targets
 
     def _shape(self, base: nn.Module, path: str = "") -> tuple[int, int, int, int]:
         config = virtual.config_of(type(self).__name__, base, path)

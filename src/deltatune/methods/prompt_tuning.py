@@ -162,12 +162,9 @@ class PromptTuning:
     def __post_init__(self) -> None:
         check(self)
 
-    def default_targets(self, model: nn.Module) -> list[str]:
-        """The transformer body (``bert``, ``model``, ...); none when the model has none."""
-        return virtual.body_paths(model)[:1]
-
-    def check_targets(self, model: nn.Module, paths: list[str]) -> None:
-        virtual.check_body(type(self).__name__, model, paths)
+    # Placed on the transformer body (``bert``, ``model``, ...) and nowhere else.
+    default_targets = virtual.body_targets
+    check_targets = virtual.check_body_targets
 
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
