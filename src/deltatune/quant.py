@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from . import core
+from .methods.lora import LoRALayer
 from .methods.pissa import split_components
 from .targets import ALL_LINEAR, TargetSpec, resolve
 
@@ -149,9 +150,14 @@ def nf4_roundtrip(
     return out
 
 
-def _residual_layers(wrapper: core.Adapted, path: str) -> list[Any]:
-    """The wrapper's adapter layers that hold a frozen part taken out of the weight (PiSSA family)."""
-    layers = [layer for layer in wrapper.adapters.values() if getattr(layer, "frozen_A", None) is not None]
+def _residual_layers(wrapper: core.Adapted, path: str) -> list[LoRALayer]:
+    """The wrapper's LoRA layers that hold a frozen part taken out of the weight (the PiSSA family of
+    initialisers): QPiSSA quantises what remains of the weight once that part is taken out."""
+    layers = [
+        layer
+        for layer in wrapper.adapters.values()
+        if isinstance(layer, LoRALayer) and layer.frozen_A is not None
+    ]
     if layers and len(wrapper.adapters) > 1:
         raise ValueError(
             f"quantize: {path!r} has several adapters and one of them ({type(layers[0]).__name__}) "
@@ -234,6 +240,7 @@ def quantize(
         wrapper = att.wrappers.get(path) if att is not None else None
         residual = _residual_layers(wrapper, path) if wrapper is not None else []
         for layer in residual:
+            assert layer.frozen_A is not None and layer.frozen_B is not None  # (why it was chosen)
             if not (torch.equal(layer.lora_A, layer.frozen_A) and torch.equal(layer.lora_B, layer.frozen_B)):
                 raise ValueError(
                     f"quantize: the adapter on {path!r} has trained since it was initialised from the "
@@ -243,6 +250,7 @@ def quantize(
     for path, module, wrapper, layer in plan:
         weight = module.weight.detach()
         if layer is not None and wrapper is not None and att is not None:
+            assert layer.frozen_A is not None and layer.frozen_B is not None
             W_res, A, B = qpissa_factors(
                 weight,
                 layer.frozen_A,
