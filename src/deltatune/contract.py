@@ -111,13 +111,16 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Mapping
-from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 import torch
 from torch import nn
 
 from . import targets as _targets
 from .fields import validate
+
+if TYPE_CHECKING:  # (wrapper imports this module)
+    from .wrapper import Attachment
 
 
 @runtime_checkable
@@ -158,7 +161,7 @@ class Registered(Method, Protocol):
 
     def shared_stored_bytes(self, bases: Mapping[str, nn.Module]) -> int: ...
 
-    def default_targets(self, model: nn.Module) -> Any: ...
+    def default_targets(self, model: nn.Module) -> _targets.TargetSpec | None: ...
 
     def check_targets(self, model: nn.Module, paths: list[str]) -> None: ...
 
@@ -167,7 +170,7 @@ class Registered(Method, Protocol):
     def fit_to(self, bases: Mapping[str, nn.Module], given: Collection[str]) -> Method: ...
 
     def parameter_groups(
-        self, attachment: Any, name: str
+        self, attachment: Attachment, name: str
     ) -> dict[str, tuple[list[nn.Parameter], float]] | None: ...
 
     def stored_method(self) -> Method: ...
@@ -343,7 +346,7 @@ def method_fields(method: Method) -> dict[str, Any]:
     return {f.name: to_jsonable(getattr(method, f.name)) for f in dataclasses.fields(method)}
 
 
-def check(method: Any) -> None:
+def check(method: Method) -> None:
     """Validate a config against its declared field constraints (call from ``__post_init__``)."""
     validate(method)
 
