@@ -3,6 +3,7 @@ using them instead of --model/--task, and ordinary permissions on everything del
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import stat
@@ -123,7 +124,8 @@ def test_load_model_tags_the_alias(tmp_path: Path) -> None:
 def test_a_format_1_adapter_without_the_records_still_loads(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    net, fresh = nn.Sequential(nn.Linear(4, 4)), nn.Sequential(nn.Linear(4, 4))
+    net = nn.Sequential(nn.Linear(4, 4))
+    fresh = copy.deepcopy(net)  # the same base, loaded again
     dt.inject(net, dt.LoRA(rank=2), targets=["0"])
     dt.save(net, tmp_path)
     edit_config(tmp_path, format_version=1, base_model=..., head=..., task=...)

@@ -351,6 +351,11 @@ def test_bad_config_fields_name_the_field(cls: type, toy: Toy) -> None:
         assert isinstance(check, Check), f"{cls.__name__}.{f.name} declares no constraint"
         with pytest.raises(ValueError, match=rf"{cls.__name__}\.{f.name} must be"):
             cls(**{f.name: check.counterexample()})
+        if check.accepts_non_finite():  # (a field that opts in: Float(..., finite=False))
+            continue
+        for value in (float("nan"), float("inf"), float("-inf")):
+            with pytest.raises(ValueError, match=rf"{cls.__name__}\.{f.name} must be .*, got -?(nan|inf)"):
+                cls(**{f.name: value})
 
 
 @pytest.mark.parametrize(("cls", "toy"), CASES)
@@ -481,3 +486,138 @@ def test_config_round_trips_through_json(cls: type, toy: Toy, tmp_path: Path) ->
     (tmp_path / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match="no_such_field"):
         dt.load(copy.deepcopy(toy.build()), tmp_path)
+
+
+def whole_state(model: nn.Module) -> dict[str, Any]:
+    """Everything a refused verb must leave as it was: every module (the same object), every
+    parameter's and buffer's requires_grad, dtype and device, which adapters exist and are active."""
+    att = dt.attachment_of(model) if dt.has_adapters(model) else None
+    return {
+        "modules": {n: (id(m), type(m), m.training) for n, m in model.named_modules()},
+        "parameters": {n: (id(p), p.requires_grad, p.dtype, p.device) for n, p in model.named_parameters()},
+        "buffers": {n: (b.dtype, b.device) for n, b in model.named_buffers()},
+        "active": None if att is None else att.active,
+        "adapters": None if att is None else {n: len(i.trainable) for n, i in att.adapters.items()},
+        "wrappers": None if att is None else {p: id(w) for p, w in att.wrappers.items()},
+    }
+
+
+def _fail_on_call(real: Any, k: int) -> Any:
+    """``real``, except that from its ``k``-th call on it raises (after the earlier ones did their work)."""
+    calls = [0]
+
+    def failing(*args: Any, **kwargs: Any) -> Any:
+        calls[0] += 1
+        if calls[0] >= k:
+            raise RuntimeError("injected failure")
+        return real(*args, **kwargs)
+
+    return failing
+
+
+def _spoil(folder: Path, file: str, how: str) -> None:
+    """Remove one tensor of a saved adapter, or give one another shape."""
+    from safetensors.torch import save_file
+
+    tensors = load_file(str(folder / file))
+    key = sorted(k for k in tensors if tensors[k].dim() > 0)[0]
+    if how == "missing":
+        del tensors[key]
+    else:
+        tensors[key] = torch.cat([tensors[key], tensors[key][:1]])
+    save_file(tensors, str(folder / file), metadata={"format": "pt"})
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_a_failed_verb_changes_nothing(cls: type, toy: Toy, tmp_path: Path) -> None:
+    """Every verb is all-or-nothing: made to fail part-way (a spoilt file, a bad argument, or a step
+    that raises after the earlier ones have run), it leaves modules, active adapters, requires_grad
+    flags, dtypes, devices and outputs exactly as they were."""
+    x = x_for(toy)
+    model, paths = injected(cls, toy)
+    perturb(model, seed=1)
+    dt.inject(model, example(cls), targets=paths, name="other", seed=2, activate=False)
+    with torch.no_grad():
+        for p in attachment_of(model).info("other").trainable:
+            p.add_(0.05)
+    assert attachment_of(model).active == ("default",)
+
+    def unchanged(verb: Any, *args: Any, **kwargs: Any) -> None:
+        before, expected = whole_state(model), model(x)
+        with pytest.raises(Exception):  # noqa: B017 (any refusal; what matters is what is left)
+            verb(*args, **kwargs)
+        assert whole_state(model) == before, verb
+        assert torch.equal(model(x), expected), verb
+
+    # load and import_peft under a new name while "default" is active: the adapter is injected,
+    # then its tensors are refused.
+    for how in ("missing", "shape"):
+        folder = tmp_path / f"native-{how}"
+        dt.save(model, folder)
+        _spoil(folder, "adapter.safetensors", how)
+        unchanged(dt.load, model, folder, name="b")
+        if hooks(example(cls)).peft_type is not None:
+            folder = tmp_path / f"peft-{how}"
+            try:
+                dt.export_peft(model, folder, task_type="SEQ_CLS")
+            except ValueError:
+                pass  # no PEFT form for this model
+            else:
+                _spoil(folder, "adapter_model.safetensors", how)
+                unchanged(dt.import_peft, model, folder, name="b")
+
+    # inject: bad arguments, and a failure at its last step (switching to the new adapter).
+    unchanged(dt.inject, model, example(cls), targets=paths, name="default")
+    unchanged(dt.inject, model, example(cls), targets=["no_such_module"], name="b")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(dt.core.Attachment, "set_active", _fail_on_call(dt.core.Attachment.set_active, 1))
+        unchanged(dt.inject, model, example(cls), targets=paths, name="b")
+
+    # set_active, route, combine: bad arguments.
+    unchanged(dt.set_active, model, ["other", "nope"])
+    unchanged(dt.set_active, model, ["other", "other"])
+    unchanged(lambda: dt.route(model, ["default", "nope"]).__enter__())
+    if cls.supports_mixed_batch:
+
+        def routed_with_a_wrong_batch() -> None:
+            with dt.route(model, ["other"] * (x.shape[0] + 1)):
+                model(x)
+
+        unchanged(routed_with_a_wrong_batch)
+    unchanged(dt.combine, model, {"default": 1.0, "nope": 1.0}, "c")
+    unchanged(dt.combine, model, {"default": 1.0, "other": 1.0}, "default")
+    if cls.combinable:
+        with pytest.MonkeyPatch.context() as m:  # fails once the combined layers are in place
+            m.setattr(dt.core, "AdapterInfo", _fail_on_call(dt.core.AdapterInfo, 1))
+            unchanged(dt.combine, model, {"default": 1.0, "other": -0.5}, "c")
+
+    # merge, unload, delete_adapter: bad arguments, and a failure at their last step.
+    unchanged(dt.merge, model, "nope")
+    unchanged(dt.delete_adapter, model, "nope")
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(dt.core, "_detach", _fail_on_call(dt.core._detach, 1))
+        unchanged(dt.merge, model, ["default", "other"], dequantize=True)
+        unchanged(dt.unload, model)
+        dt.delete_adapter(model, "other")  # (the last adapter's deletion detaches)
+        unchanged(dt.delete_adapter, model, "default")
+
+    # quantize: where a linear base is quantisable, with the last module's NF4 failing.
+    quant = pytest.importorskip("deltatune.quant")
+    linear = [p for p, mod in base_modules_of(model).items() if type(mod) is nn.Linear]
+    if linear:
+        unchanged(quant.quantize, model, linear, block_size=7)
+        with pytest.MonkeyPatch.context() as m:
+            real = quant.NF4Linear.from_weight
+            m.setattr(quant.NF4Linear, "from_weight", _fail_on_call(real, len(linear)))
+            unchanged(quant.quantize, model, linear)
+        if not (cls.mergeable and cls.quantized_base):
+            return
+        try:
+            quant.quantize(model, linear)
+        except ValueError:
+            return  # (e.g. a weight whose size does not split into NF4 blocks)
+        unchanged(dt.merge, model)  # a quantised base needs dequantize=True
+
+
+def base_modules_of(model: nn.Module) -> dict[str, nn.Module]:
+    return dt.core.base_modules(model, attachment_of(model))

@@ -101,7 +101,7 @@ def test_override_errors_name_the_problem() -> None:
     [
         ({"rank": 0}, "LoRA.rank must be an integer >= 1, got 0"),
         ({"rank": 2.0}, "LoRA.rank must be an integer"),
-        ({"alpha": 0}, "LoRA.alpha must be a number > 0, got 0"),
+        ({"alpha": 0}, "LoRA.alpha must be a finite number > 0, got 0"),
         ({"dropout": 1.0}, r"LoRA.dropout must be a number in \[0, 1\), got 1.0"),
         ({"dropout": -0.1}, r"LoRA.dropout must be a number in \[0, 1\)"),
         ({"init": "gaussian"}, "LoRA.init must be one of LoRAInit"),

@@ -160,3 +160,86 @@ def test_import_onto_wrong_model_fails_cleanly(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="mismatched shapes"):
         dt.import_peft(other, tmp_path)
     assert not dt.has_adapters(other)
+
+
+# -- every field of PEFT's configs is in a method's table (issue 13) ---------------------------------
+
+PEFT_CONFIG_CLASSES = {"LORA": "LoraConfig", "VBLORA": "VBLoRAConfig"}
+
+
+def _a_value(types: tuple[type, ...], accepts: tuple[Any, ...] | None) -> Any:
+    """A value of the field's JSON type that the table does not accept."""
+    samples: dict[type, list[Any]] = {
+        bool: [True, False],
+        int: [3],
+        float: [0.5],
+        str: ["not-a-value"],
+        list: [[1]],
+        dict: [{"a": 1}],
+    }
+    for kind in types:
+        for value in samples.get(kind, []):
+            if accepts is not None and value not in accepts:
+                return value
+    raise AssertionError(f"no refused value of {types} outside {accepts}")
+
+
+@pytest.mark.parametrize("peft_type", sorted(PEFT_CONFIG_CLASSES))
+def test_every_peft_config_field_is_in_the_table(peft_type: str, tmp_path: Path) -> None:
+    import dataclasses
+
+    from deltatune.peft import PEFT_BASE_FIELDS, check_peft_config, peft_methods
+
+    table = peft_methods()[peft_type].peft_fields  # type: ignore[attr-defined]
+    config_class = getattr(peft, PEFT_CONFIG_CLASSES[peft_type])
+    fields = {f.name for f in dataclasses.fields(config_class)}
+    # A new PEFT release that adds a field fails here, loudly: decide what it means, then add it.
+    assert fields - set(table) - set(PEFT_BASE_FIELDS) == set(), "fields missing from the table"
+    assert set(table) - fields == set(), "table entries PEFT no longer has"
+    assert set(PEFT_BASE_FIELDS) <= fields
+    assert {f.handling for f in table.values()} <= {"supported", "converted", "refused"}
+    # PEFT's own file of a default config passes the check ...
+    config_class(target_modules=["fc1"]).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    check_peft_config(saved, table, "adapter_config.json")
+    # ... and each refused value raises, naming the field.
+    refused = {k: f for k, f in table.items() if f.handling == "refused"}
+    assert refused
+    for key, field in refused.items():
+        bad = {**saved, key: _a_value(field.types, field.accepts)}
+        with pytest.raises(ValueError, match=rf"adapter_config\.json: {key}="):
+            check_peft_config(bad, table, "adapter_config.json")
+
+
+def _pissa_base() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 12))
+
+
+def test_pissa_unconverted_is_refused_and_converted_matches_peft(tmp_path: Path) -> None:
+    config = peft.LoraConfig(r=2, lora_alpha=4, target_modules=["0", "2"], init_lora_weights="pissa")
+    model = peft.get_peft_model(_pissa_base(), config)
+    model.peft_config["default"].init_lora_weights = True  # PEFT's recipe: the initial adapter, plainly
+    model.save_pretrained(tmp_path / "init")
+    model.peft_config["default"].init_lora_weights = "pissa"
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():  # "training"
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    model.eval()
+    model.save_pretrained(tmp_path / "raw")
+    model.save_pretrained(
+        tmp_path / "converted", path_initial_model_for_weight_conversion=str(tmp_path / "init")
+    )
+    x = torch.randn(4, 12, generator=g)
+    with torch.no_grad():
+        expected = model(x)
+
+    fresh = _pissa_base()
+    with pytest.raises(ValueError, match=r"init_lora_weights='pissa'.*residual"):
+        dt.import_peft(fresh, tmp_path / "raw")
+    assert not dt.has_adapters(fresh)
+    dt.import_peft(fresh, tmp_path / "converted")
+    with torch.no_grad():
+        assert (fresh(x) - expected).abs().max() <= TOL

@@ -443,3 +443,41 @@ def test_batch_that_does_not_fit_says_what_to_change(
     with pytest.raises(ValueError, match=r"batch of 8 examples does not fit .* raise --grad-accum"):
         train(config(tiny_bert, tmp_path), progress=False)
     assert not (tmp_path / "metrics.json").exists()
+
+
+@pytest.mark.slow  # three runs of the CLI: 25-80 s on two shared cores
+def test_sigkill_then_resume_gives_the_same_adapter_bit_for_bit(tiny_bert: str, tmp_path: Path) -> None:
+    """SIGKILL at a random moment of ``deltatune train`` (checkpointing every step, so kills land
+    in checkpoint writes too); the resumed run ends with the uninterrupted run's adapter."""
+    import random
+
+    flags = {"steps": 30, "train_limit": 96, "checkpoint_every": 1, "eval_limit": 8, "seed": 3}
+    straight = subprocess.run(
+        _cli(*_train_args(tiny_bert, **flags, out=tmp_path / "straight")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert straight.returncode == 0, straight.stderr
+    killed = tmp_path / "killed"
+    args = _cli(*_train_args(tiny_bert, **flags, out=killed))
+    proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    time.sleep(random.uniform(0.0, 0.5))
+    assert proc.poll() is None, "the run ended before the kill"
+    proc.kill()
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    step = json.loads((killed / "checkpoint" / "state.json").read_text())["step"]
+    assert 1 <= step < 30
+    resumed = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    a, b = adapter_tensors(tmp_path / "straight"), adapter_tensors(killed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    record = json.loads((killed / "metrics.json").read_text())
+    assert [s for s, _ in record["history"]["loss"]] == list(range(1, 31))
+    print(f"killed at checkpoint step {step} of 30")

@@ -167,7 +167,7 @@ def test_eval_cache_is_invalidated_by_training() -> None:
         ({"topk": 13}, r"VBLoRA.topk must be <= num_vectors \(12\), got 13"),
         ({"num_vectors": 1, "topk": 1}, "VBLoRA.num_vectors must be an integer >= 2, got 1"),
         ({"save_mode": "half"}, "VBLoRA.save_mode must be one of 'topk', 'logits'"),
-        ({"logits_std": 0.0}, "VBLoRA.logits_std must be a number > 0"),
+        ({"logits_std": 0.0}, "VBLoRA.logits_std must be a finite number > 0"),
     ],
 )
 def test_bad_config(kwargs: dict[str, object], message: str) -> None:

@@ -37,6 +37,11 @@ def add_parsers(sub: Any) -> None:
             "--task",
             help="task, e.g. sst2 (default: the one the adapter records, else the run's metrics.json)",
         )
+        s.add_argument(
+            "--no-strict-base",
+            action="store_true",
+            help="load the adapter even if the base model's weights differ from the ones it was saved on",
+        )
         if name == "eval":
             s.add_argument("--limit", type=int, help="evaluate on this many examples")
             s.add_argument("--data-dir")
@@ -103,7 +108,7 @@ def _run_options(adapter: Path, model: str | None, task: str | None, *, need_tas
     return _Run(model, task, head, options)
 
 
-def _load_adapted(adapter: Path, run: _Run) -> tuple[Any, Any, Any]:
+def _load_adapted(adapter: Path, run: _Run, *, strict_base: bool = True) -> tuple[Any, Any, Any]:
     """The base model (with the head the task or the adapter calls for) with the adapter loaded."""
     from .train.models import load_model
     from .train.tasks import get_task
@@ -124,7 +129,7 @@ def _load_adapted(adapter: Path, run: _Run) -> tuple[Any, Any, Any]:
     else:  # _run_options refuses this case with the full message
         raise ValueError(f"{adapter}: pass --task")
     model, tokenizer = load_model(run.model, kind, labels if kind == "classification" else None)
-    load(model, adapter)
+    load(model, adapter, strict_base=strict_base)
     return model, tokenizer, task
 
 
@@ -137,7 +142,8 @@ def run_eval(args: argparse.Namespace) -> int:
 
     adapter = Path(args.adapter)
     run = _run_options(adapter, args.model, args.task, need_task=True)
-    model, tokenizer, task = _load_adapted(adapter, run)
+    strict_base = not getattr(args, "no_strict_base", False)
+    model, tokenizer, task = _load_adapted(adapter, run, strict_base=strict_base)
     saved = run.options
     # By default, the examples the run itself was evaluated on, prepared the same way.
     limit = args.limit if args.limit is not None else saved.get("eval_limit")
@@ -165,7 +171,8 @@ def run_merge(args: argparse.Namespace) -> int:
     model (and its tokenizer) to ``--out``."""
     adapter = Path(args.adapter)
     run = _run_options(adapter, args.model, args.task, need_task=False)
-    model, tokenizer, _ = _load_adapted(adapter, run)
+    strict_base = not getattr(args, "no_strict_base", False)
+    model, tokenizer, _ = _load_adapted(adapter, run, strict_base=strict_base)
     merge(model)
 
     def write(folder: Path) -> None:
@@ -249,7 +256,7 @@ def _trainable_from_fingerprint(
     fingerprint = config["fingerprint"]
     bases: dict[str, nn.Module] = {}
     for path in config["targets"]:
-        kind, shape = fingerprint.get(path, [None, []])
+        kind, shape = (fingerprint.get(path) or [None, []])[:2]  # [class, shape, content hash]
         base = _stand_in(str(kind), list(shape))
         if base is None:
             return None

@@ -23,7 +23,9 @@ Optional, with the default :func:`register` fills in when a method does not defi
   modules because it only adds to their output (QLoRA);
 * ``make_shared(bases, generator) -> nn.Module | None`` (None): state shared by every layer of one
   adapter (VB-LoRA's bank), created once per adapter, counted by ``shared_parameter_count(bases)``
-  and ``shared_stored_bytes(bases)`` (0);
+  and ``shared_stored_bytes(bases)`` (0); :func:`deltatune.inject` moves it (as each layer) to the
+  device of the modules it serves before ``wrap`` sees it. A value a layer caches from tensors is
+  keyed on all of them (:class:`deltatune._cache.Memo`: storage, version, dtype, device);
 * ``default_targets(model) -> targets | None`` (None: no preference): where the method goes when no
   targets are given (a bottleneck adapter after each attention and FFN output; prompt tuning on the
   transformer body);
@@ -234,6 +236,12 @@ HOOK_DEFAULTS: dict[str, Any] = {
 def hooks(method: Method) -> Registered:
     """``method`` seen with every optional hook (a registered class has them all, see :func:`register`)."""
     if REGISTRY.get(str(getattr(type(method), "name", ""))) is not type(method):
+        given: object = method
+        if isinstance(given, type) and any(given is cls for cls in REGISTRY.values()):
+            raise ValueError(
+                f"method: got the class {given.__name__}, not a config; pass an instance: "
+                f"{given.__name__}() or {given.__name__}(field=value, ...)"
+            )
         raise ValueError(
             f"method must be a registered deltatune method config (one of {sorted(REGISTRY)}), "
             f"got {type(method).__name__}"

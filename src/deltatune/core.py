@@ -5,6 +5,10 @@ adapted module becomes, and the attachment that tracks a model's adapters, are i
 :mod:`deltatune.wrapper`. This module owns the verbs and re-exports the names of both, so
 ``deltatune.core.X`` keeps working for everything that lived here before the split.
 
+Every verb is all-or-nothing: it makes all its checks before the first change, and a verb that
+changes the model in several steps runs them inside :func:`all_or_nothing`, so that a verb that
+raises leaves the modules, the active adapters and every ``requires_grad`` flag as they were.
+
 Example:
     >>> import torch
     >>> from torch import nn
@@ -79,6 +83,7 @@ __all__ = [
     "ReplacingLayer",
     "Switch",
     "adapter_state",
+    "all_or_nothing",
     "attachment_of",
     "base_modules",
     "check",
@@ -215,6 +220,8 @@ def inject(
 
     bases = {p: modules[p] for p in paths}
     shared = spec.make_shared(bases, _generator(seed, "<shared>"))
+    if shared is not None:  # (on the device of the modules it serves, before the layers reach it)
+        shared = _to_device_of(shared, *bases.values())
     layers: dict[str, nn.Module] = {}
     for path in paths:
         base = bases[path]
@@ -222,42 +229,45 @@ def inject(
         layers[path] = _to_device_of(layer, base)
     copies = {sp: _to_device_of(ModuleCopy(modules[sp]), modules[sp]) for sp in save_paths}
 
-    # Nothing has been modified so far: every check above can fail without leaving a trace.
-    if created:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        model.__dict__[ATTACHMENT_ATTR] = att
-    # New modules take the training mode of the module they adapt: an adapter injected into (or
-    # loaded onto) a model in eval mode must not run its dropout.
-    for path, layer in {**layers, **copies}.items():
-        wrapper = att.wrappers.get(path)
-        if wrapper is None:
-            wrapper = Adapted(modules[path], att.switch).train(modules[path].training)
-            set_submodule(model, path, wrapper)
-            att.wrappers[path] = wrapper
-        wrapper.adapters[name] = layer.train(modules[path].training)
-    if shared is not None:
-        att.wrappers[paths[0]].shared[name] = shared.train(bases[paths[0]].training)
-    trainable = [p for m in [*layers.values(), *copies.values()] for p in m.parameters() if p.requires_grad]
-    if shared is not None:
-        trainable += [p for p in shared.parameters() if p.requires_grad]
-    trainable = list({id(p): p for p in trainable}.values())
-    att.adapters[name] = AdapterInfo(
-        name=name,
-        method=method,
-        targets=tuple(paths),
-        overrides=override_map,
-        modules_to_save=tuple(save_paths),
-        seed=seed,
-        configs=configs,
-        trainable=trainable,
-        shared=shared,
-    )
-    if activate:
-        att.set_active(name)
-    else:
-        for p in trainable:
-            p.requires_grad_(False)
+    # Nothing has been modified so far: every check above can fail without leaving a trace, and
+    # should a step below fail, all_or_nothing puts the model back as it was.
+    with all_or_nothing(model):
+        if created:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            model.__dict__[ATTACHMENT_ATTR] = att
+        # New modules take the training mode of the module they adapt: an adapter injected into (or
+        # loaded onto) a model in eval mode must not run its dropout.
+        for path, layer in {**layers, **copies}.items():
+            wrapper = att.wrappers.get(path)
+            if wrapper is None:
+                wrapper = Adapted(modules[path], att.switch).train(modules[path].training)
+                set_submodule(model, path, wrapper)
+                att.wrappers[path] = wrapper
+            wrapper.adapters[name] = layer.train(modules[path].training)
+        if shared is not None:
+            att.wrappers[paths[0]].shared[name] = shared.train(bases[paths[0]].training)
+        held = [*layers.values(), *copies.values()]
+        trainable = [p for m in held for p in m.parameters() if p.requires_grad]
+        if shared is not None:
+            trainable += [p for p in shared.parameters() if p.requires_grad]
+        trainable = list({id(p): p for p in trainable}.values())
+        att.adapters[name] = AdapterInfo(
+            name=name,
+            method=method,
+            targets=tuple(paths),
+            overrides=override_map,
+            modules_to_save=tuple(save_paths),
+            seed=seed,
+            configs=configs,
+            trainable=trainable,
+            shared=shared,
+        )
+        if activate:
+            att.set_active(name)
+        else:
+            for p in trainable:
+                p.requires_grad_(False)
     return att
 
 
@@ -268,11 +278,99 @@ def default_targets(method: Method, model: nn.Module) -> _targets.TargetSpec:
     return _targets.ALL_LINEAR if declared is None else declared
 
 
-def _to_device_of(layer: nn.Module, base: nn.Module) -> nn.Module:
-    ref = next(iter(base.parameters()), None)
-    if ref is not None and ref.device.type != "meta":
+def _to_device_of(layer: nn.Module, *bases: nn.Module) -> nn.Module:
+    """``layer`` (or an adapter's shared state) moved to the device of the first of ``bases`` that
+    has parameters: a GPU, or ``meta`` for a weightless model; left where it is if none has any."""
+    ref = next((p for base in bases for p in base.parameters()), None)
+    if ref is not None:
         layer.to(device=ref.device)
     return layer
+
+
+@dataclass
+class _Snapshot:
+    """What a verb may change on a model, by reference (no tensor is copied): each module's children,
+    parameters, buffers and training mode, each parameter's ``requires_grad``, and the attachment
+    (its switch, adapters, wrappers and each adapter's record)."""
+
+    attachment: Attachment | None
+    modules: list[tuple[nn.Module, list[tuple[dict[str, Any], dict[str, Any]]], bool]]
+    flags: list[tuple[nn.Parameter, bool]]
+    switch: tuple[tuple[str, ...], bool, list[str | None] | None]
+    adapters: dict[str, AdapterInfo]
+    records: dict[str, dict[str, Any]]
+    wrappers: dict[str, Adapted]
+    requires_grad: dict[int, tuple[nn.Parameter, bool]]
+
+
+def _snapshot(model: nn.Module) -> _Snapshot:
+    att = model.__dict__.get(ATTACHMENT_ATTR)
+    att = att if isinstance(att, Attachment) else None
+    # (each module's dicts of children, parameters and buffers: the dict itself and its contents)
+    modules = [
+        (m, [(d, dict(d)) for d in (m._modules, m._parameters, m._buffers)], m.training)
+        for m in model.modules()
+    ]
+    flags = [(p, p.requires_grad) for m in model.modules() for p in m._parameters.values() if p is not None]
+    records = {
+        n: {k: (v.copy() if isinstance(v, dict | list) else v) for k, v in vars(info).items()}
+        for n, info in (att.adapters.items() if att is not None else ())
+    }
+    switch = att.switch if att is not None else Switch()
+    return _Snapshot(
+        attachment=att,
+        modules=modules,
+        flags=flags,
+        switch=(switch.active, switch.enabled, switch.routing),
+        adapters=dict(att.adapters) if att is not None else {},
+        records=records,
+        wrappers=dict(att.wrappers) if att is not None else {},
+        requires_grad=dict(att.requires_grad) if att is not None else {},
+    )
+
+
+def _restore(model: nn.Module, saved: _Snapshot) -> None:
+    for module, dicts, training in saved.modules:
+        for attr, (held, contents) in zip(("_modules", "_parameters", "_buffers"), dicts, strict=True):
+            held.clear()
+            held.update(contents)
+            module.__dict__[attr] = held
+        module.training = training
+    for p, flag in saved.flags:
+        if p.requires_grad != flag:
+            p.requires_grad_(flag)
+    att = saved.attachment
+    if att is None:
+        model.__dict__.pop(ATTACHMENT_ATTR, None)
+        return
+    model.__dict__[ATTACHMENT_ATTR] = att
+    # The switch is shared by every wrapper: restored in place, as are the attachment's dicts.
+    att.switch.active, att.switch.enabled, att.switch.routing = saved.switch
+    att.adapters.clear()
+    att.adapters.update(saved.adapters)
+    for n, record in saved.records.items():
+        vars(saved.adapters[n]).update(record)
+    att.wrappers.clear()
+    att.wrappers.update(saved.wrappers)
+    att.requires_grad.clear()
+    att.requires_grad.update(saved.requires_grad)
+
+
+@contextlib.contextmanager
+def all_or_nothing(model: nn.Module) -> Iterator[nn.Module]:
+    """Run a verb's steps as one: if the block raises, the model's modules, parameters, buffers,
+    training modes, ``requires_grad`` flags and adapters (which exist, which are active) are put
+    back as they were on entry, and the exception propagates.
+
+    Nothing is copied (references only), so it is cheap; but a tensor changed *in place* is not
+    undone: a verb does its in-place writes last, after every step that can fail.
+    """
+    saved = _snapshot(model)
+    try:
+        yield model
+    except BaseException:
+        _restore(model, saved)
+        raise
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
@@ -284,18 +382,19 @@ def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``; wrappers left empty give their base module back."""
     att = attachment_of(model)
     info = att.info(name)
-    for path in [*info.targets, *info.modules_to_save]:
-        wrapper = att.wrappers[path]
-        del wrapper.adapters[name]
-        if name in wrapper.shared:
-            del wrapper.shared[name]
-        if len(wrapper.adapters) == 0:
-            set_submodule(model, path, wrapper.base)
-            del att.wrappers[path]
-    del att.adapters[name]
-    att.switch.active = tuple(n for n in att.switch.active if n != name)
-    if not att.adapters:
-        _detach(model, att)
+    with all_or_nothing(model):
+        for path in [*info.targets, *info.modules_to_save]:
+            wrapper = att.wrappers[path]
+            del wrapper.adapters[name]
+            if name in wrapper.shared:
+                del wrapper.shared[name]
+            if len(wrapper.adapters) == 0:
+                set_submodule(model, path, wrapper.base)
+                del att.wrappers[path]
+        del att.adapters[name]
+        att.switch.active = tuple(n for n in att.switch.active if n != name)
+        if not att.adapters:
+            _detach(model, att)
 
 
 def _detach(model: nn.Module, att: Attachment) -> None:
@@ -307,9 +406,10 @@ def _detach(model: nn.Module, att: Attachment) -> None:
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter and put the original modules back (the same objects)."""
     att = attachment_of(model)
-    for path, wrapper in att.wrappers.items():
-        set_submodule(model, path, wrapper.base)
-    _detach(model, att)
+    with all_or_nothing(model):
+        for path, wrapper in att.wrappers.items():
+            set_submodule(model, path, wrapper.base)
+        _detach(model, att)
     return model
 
 
@@ -378,6 +478,7 @@ def merge(
                 f"{type(info.method).__name__} (adapter {n!r}) is not mergeable: its computation "
                 "cannot be folded into the weights; use unload() or keep the adapter attached"
             )
+    # Every merged module is built before the first one is put in place.
     replacements: dict[str, nn.Module] = {}
     for path, wrapper in att.wrappers.items():
         module = wrapper.base
@@ -385,9 +486,10 @@ def merge(
             if n in wrapper.adapters:
                 module = _merged_module(wrapper.adapters[n], module, path, dequantize)
         replacements[path] = module
-    for path, module in replacements.items():
-        set_submodule(model, path, module)
-    _detach(model, att)
+    with all_or_nothing(model):
+        for path, module in replacements.items():
+            set_submodule(model, path, module)
+        _detach(model, att)
     return model
 
 
@@ -485,7 +587,8 @@ def _refresh_trainable(att: Attachment, name: str) -> None:
 
 
 def check_state(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], where: str) -> None:
-    """Raise naming every missing, extra and mis-shaped tensor."""
+    """Raise naming every missing, extra and mis-shaped tensor, and every tensor holding NaN or ±inf
+    (an adapter with a non-finite value makes every output it touches non-finite)."""
     missing = sorted(set(expected) - set(found))
     extra = sorted(set(found) - set(expected))
     shapes = sorted(
@@ -500,8 +603,24 @@ def check_state(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.
         problems.append(f"unexpected tensors {few(extra)}")
     if shapes:
         problems.append(f"mismatched shapes {few(shapes)}")
+    non_finite = sorted(_non_finite(k, t) for k, t in found.items() if not _all_finite(t))
+    if non_finite:
+        problems.append(f"non-finite values (expected finite numbers) in tensors {few(non_finite)}")
     if problems:
         raise ValueError(f"{where}: " + "; ".join(problems))
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    if not (t.is_floating_point() or t.is_complex()) or t.device.type == "meta":
+        return True
+    return bool(torch.isfinite(t).all())
+
+
+def _non_finite(key: str, t: torch.Tensor) -> str:
+    """``key (3 NaN, 1 inf of 64 values)``."""
+    nan = int(torch.isnan(t).sum())
+    inf = int(torch.isinf(t).sum())
+    return f"{key} ({nan} NaN, {inf} inf of {t.numel()} values)"
 
 
 def few(items: list[str], n: int = 6) -> str:
@@ -578,8 +697,6 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str) -> Attach
         ]
         configs[path], layers[path] = cls.combine_layers(parts)  # type: ignore[attr-defined]
     method = configs[paths[0]]
-    for path, layer in layers.items():
-        att.wrappers[path].adapters[name] = layer
     overrides = {
         p: {
             f.name: getattr(c, f.name)
@@ -590,16 +707,19 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str) -> Attach
         if c != method
     }
     trainable = [p for layer in layers.values() for p in layer.parameters()]
-    att.adapters[name] = AdapterInfo(
-        name=name,
-        method=method,
-        targets=tuple(paths),
-        overrides=overrides,
-        modules_to_save=(),
-        seed=infos[0].seed,
-        configs=configs,
-        trainable=trainable,
-    )
     for p in trainable:
         p.requires_grad_(False)
+    with all_or_nothing(model):
+        for path, layer in layers.items():
+            att.wrappers[path].adapters[name] = layer
+        att.adapters[name] = AdapterInfo(
+            name=name,
+            method=method,
+            targets=tuple(paths),
+            overrides=overrides,
+            modules_to_save=(),
+            seed=infos[0].seed,
+            configs=configs,
+            trainable=trainable,
+        )
     return att

@@ -29,6 +29,12 @@ class Check:
         """A value that this check refuses (used by the invariant suite)."""
         return object()
 
+    def accepts_non_finite(self) -> bool:
+        """Whether NaN and ±inf pass this check (only a field that opts in: ``Float(finite=False)``).
+
+        The invariant suite gives every other field NaN, inf and -inf and expects them refused."""
+        return False
+
 
 @dataclass(frozen=True)
 class Int(Check):
@@ -58,28 +64,42 @@ class Int(Check):
 
 @dataclass(frozen=True)
 class Float(Check):
-    """A real number in an interval; ``low_open``/``high_open`` exclude the end points."""
+    """A real number in an interval; ``low_open``/``high_open`` exclude the end points.
+
+    NaN and ±inf are refused (a non-finite scale or probability makes every output non-finite)
+    unless the field opts in with ``finite=False``; NaN is never accepted.
+    """
 
     low: float = -math.inf
     high: float = math.inf
     low_open: bool = False
     high_open: bool = False
+    finite: bool = True
 
     def ok(self, value: Any) -> bool:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or math.isnan(value):
+            return False
+        if self.finite and not math.isfinite(value):
             return False
         above = value > self.low if self.low_open else value >= self.low
         below = value < self.high if self.high_open else value <= self.high
         return above and below
 
     def describe(self) -> str:
+        bounded = math.isfinite(self.low) and math.isfinite(self.high)
+        number = "a finite number" if self.finite and not bounded else "a number"
+        if self.high == math.inf and self.low == -math.inf:
+            return number
         if self.high == math.inf:
-            return f"a number {'>' if self.low_open else '>='} {self.low:g}"
+            return f"{number} {'>' if self.low_open else '>='} {self.low:g}"
         if self.low == -math.inf:
-            return f"a number {'<' if self.high_open else '<='} {self.high:g}"
+            return f"{number} {'<' if self.high_open else '<='} {self.high:g}"
         lo = "(" if self.low_open else "["
         hi = ")" if self.high_open else "]"
-        return f"a number in {lo}{self.low:g}, {self.high:g}{hi}"
+        return f"{number} in {lo}{self.low:g}, {self.high:g}{hi}"
+
+    def accepts_non_finite(self) -> bool:
+        return not self.finite
 
     def counterexample(self) -> Any:
         if self.low != -math.inf:

@@ -1,9 +1,11 @@
 """Adapter files: ``adapter_config.json`` + ``adapter.safetensors`` (PEFT's format: :mod:`deltatune.peft`).
 
 Only JSON and safetensors are ever read: nothing is unpickled. Writes go to a temporary folder that
-is renamed into place, so a crash never leaves a half-written adapter. Loading checks the format
-version, the method and its fields, the base model's fingerprint (class and shape of every adapted
-module), and every tensor's name and shape, and names whatever is missing, extra or mismatched.
+is swapped whole for the old one (:func:`write_folder`), so a crash leaves the old adapter or the new
+one, never a half-written or mixed one. Loading checks the format version, the method and its
+fields, the base model's fingerprint (class, weight shape and a sampled hash of the weight of every
+adapted module: another base is refused unless ``load(..., strict_base=False)``), and every tensor's
+name and shape, and names whatever is missing, extra or mismatched.
 
 The config also records where the adapter came from, so that ``deltatune eval ADAPTER`` and
 ``deltatune merge ADAPTER --out DIR`` need no ``--model``/``--task`` (format 2; each key may be
@@ -39,14 +41,18 @@ Example:
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 import stat
+import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -77,18 +83,88 @@ TASK_FIELDS: dict[str, str] = {
 }
 
 
-def fingerprint(model: nn.Module, paths: list[str] | tuple[str, ...]) -> dict[str, list[Any]]:
-    """path -> [class name, weight shape] of each module (seen through deltatune wrappers)."""
+#: How many evenly spaced values of an adapted module's weight the fingerprint hashes.
+CONTENT_SAMPLE = 64
+
+
+def content_hash(weight: Any) -> str | None:
+    """A cheap hash of a weight's content: :data:`CONTENT_SAMPLE` evenly spaced values of the
+    flattened weight (flat positions ``i * (numel // k)``, ``k = min(64, numel)``), rounded to
+    bfloat16 on the CPU and hashed as little-endian float32 bytes (SHA-256, first 16 hex digits).
+
+    The same on every device; the same for a float64, float32 or bfloat16 copy of a base (a float16
+    copy rounds differently and differs). None where there is no plain float weight to sample: a
+    quantised weight (NF4: QPiSSA quantises a residual, not the base), a meta tensor, none at all.
+    """
+    return _content_hashes([_content_sample(weight)])[0]
+
+
+def _content_sample(weight: Any) -> torch.Tensor | None:
+    """The sampled values of :func:`content_hash`, on the weight's device (None: nothing to hash)."""
+    if not isinstance(weight, torch.Tensor):
+        return None
+    data = weight.data if isinstance(weight, nn.Parameter) else weight
+    if type(data) is not torch.Tensor or not data.dtype.is_floating_point or data.device.type == "meta":
+        return None
+    n = data.numel()
+    if n == 0:
+        return None
+    k = min(CONTENT_SAMPLE, n)
+    with torch.no_grad():
+        if data.is_contiguous():  # a strided view: no index tensor, no copy of the weight
+            return data.detach().as_strided((k,), (n // k,)).to(torch.float32)
+        flat = torch.arange(k, device=data.device) * (n // k)
+        return data.detach()[torch.unravel_index(flat, data.shape)].to(torch.float32)
+
+
+def _content_hashes(samples: list[torch.Tensor | None]) -> list[str | None]:
+    """Hash samples all at once: one transfer per device, one rounding."""
+    present = [s for s in samples if s is not None]
+    if not present:
+        return [None] * len(samples)
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for each in present:
+        by_device.setdefault(each.device, []).append(each)
+    moved = {
+        d: torch.cat(group).cpu().to(torch.bfloat16).to(torch.float32).numpy().astype("<f4").tobytes()
+        for d, group in by_device.items()
+    }
+    offsets = dict.fromkeys(moved, 0)
+    out: list[str | None] = []
+    for sample in samples:
+        if sample is None:
+            out.append(None)
+            continue
+        start = offsets[sample.device]
+        offsets[sample.device] = end = start + 4 * sample.numel()
+        out.append(hashlib.sha256(moved[sample.device][start:end]).hexdigest()[:16])
+    return out
+
+
+def fingerprint(
+    model: nn.Module, paths: list[str] | tuple[str, ...], *, content: Collection[str] = ()
+) -> dict[str, list[Any]]:
+    """path -> [class name, weight shape, content hash] of each module (seen through deltatune
+    wrappers). The hash (:func:`content_hash`) is taken for the paths in ``content``, else None.
+
+    The wrappers never change the base weight (PiSSA-family initialisers keep their frozen part
+    beside it), so the hash is of the base the adapter was trained on."""
     modules = core.base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
+    wanted = set(content)
     out: dict[str, list[Any]] = {}
+    samples: dict[str, torch.Tensor | None] = {}
     for path in paths:
         module = modules.get(path)
         if module is None:
-            out[path] = ["<missing>", []]
+            out[path] = ["<missing>", [], None]
             continue
         weight = getattr(module, "weight", None)
         shape = list(weight.shape) if isinstance(weight, torch.Tensor) else []
-        out[path] = [type(module).__name__, shape]
+        out[path] = [type(module).__name__, shape, None]
+        if path in wanted:
+            samples[path] = _content_sample(weight)
+    for path, digest in zip(samples, _content_hashes(list(samples.values())), strict=True):
+        out[path][2] = digest
     return out
 
 
@@ -121,36 +197,150 @@ def normal_permissions(path: str | os.PathLike[str]) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def write_folder(folder: str | os.PathLike[str], write: Callable[[Path], None]) -> Path:
-    """Let ``write(tmp)`` fill a temporary sibling folder, then move its contents into ``folder``.
+def write_folder(folder: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+    """Let ``write(tmp)`` fill a temporary sibling folder, then swap it for ``folder`` whole.
 
-    A new ``folder`` appears complete or not at all; in an existing one only the entries ``write``
-    produced are replaced (others are kept). Everything written gets :func:`normal_permissions`,
-    except that a replaced file keeps the mode it had.
+    ``folder`` holds the old contents or the new ones at every moment, whatever kills the process
+    (on Linux the two folders are exchanged in one ``renameat2(RENAME_EXCHANGE)``; elsewhere the old
+    folder is renamed away and the new one in, which leaves a moment without ``folder``). Entries of
+    an existing ``folder`` that ``write`` did not produce are carried over (hard links, else copies).
+    Everything written gets :func:`normal_permissions`, except that a replaced file, and the folder
+    itself, keep the mode they had. Files are flushed to disk before the swap.
+
+    A process killed mid-way leaves at most a hidden ``.<name>.*`` sibling (the new contents not yet
+    swapped in, or the old ones not yet deleted), never a mixed ``folder``.
     """
     folder = Path(folder).resolve()
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder} exists and is not a folder")
+    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):  # a swap would not need it
+        raise PermissionError(errno.EACCES, "the folder is read-only; nothing was written", str(folder))
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
         write(tmp)
         normal_permissions(tmp)
-        if folder.exists():
-            for entry in sorted(tmp.iterdir()):
-                target = folder / entry.name
-                if target.is_dir() and not target.is_symlink():
-                    shutil.rmtree(target)
-                elif target.is_file() and entry.is_file():
-                    entry.chmod(stat.S_IMODE(target.stat().st_mode))
-                os.replace(entry, target)
-            shutil.rmtree(tmp)
-        else:
+        _sync_tree(tmp)
+        if not folder.exists():
             os.replace(tmp, folder)
+        else:
+            _carry_over(folder, tmp)
+            tmp.chmod(stat.S_IMODE(folder.stat().st_mode))
+            if not _exchange(tmp, folder):
+                aside = tmp.with_name(tmp.name + ".old")
+                os.rename(folder, aside)
+                try:
+                    os.rename(tmp, folder)
+                except BaseException:
+                    os.rename(aside, folder)
+                    raise
+                tmp = aside
+            shutil.rmtree(tmp, ignore_errors=True)  # the old contents
+        _sync_dir(folder.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux ``renameat2`` with ``RENAME_EXCHANGE``). False where the
+    system or the file system cannot; an ``OSError`` for any other failure."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # no libc, or a libc before glibc 2.28
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    renameat2.restype = ctypes.c_int
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _carry_over(old: Path, new: Path) -> None:
+    """Give ``new`` the entries of ``old`` it lacks (hard links, else copies), and each file it
+    replaces the mode that file had."""
+    for entry in sorted(old.iterdir()):
+        target = new / entry.name
+        if target.exists() or target.is_symlink():
+            if target.is_file() and entry.is_file() and not entry.is_symlink():
+                target.chmod(stat.S_IMODE(entry.stat().st_mode))
+        elif entry.is_symlink():
+            os.symlink(os.readlink(entry), target)
+        elif entry.is_dir():
+            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(str(entry), str(target))
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+    return dst
+
+
+def _sync_tree(root: Path) -> None:
+    """Flush every file under ``root`` (and the folders) to disk: a swap must not outrun its data."""
+    for p in [*(root.rglob("*") if root.is_dir() else ()), root]:
+        if p.is_symlink():
+            continue
+        if p.is_dir():
+            _sync_dir(p)
+        elif p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+
+
+def _sync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # not possible everywhere (Windows)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_file(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+    """Let ``write(tmp)`` write a temporary sibling of ``path`` (same suffix, so writers that go by
+    it, such as matplotlib, see the right one), flush it, then rename it over ``path``: ``path`` is
+    the old file or the new one, never a part. A new file gets :func:`normal_permissions`, a replaced
+    one keeps its mode. The writer of every file the harness writes (metrics.json, curves.png,
+    trained.safetensors)."""
+    path = Path(path).resolve()
+    if path.is_dir():
+        raise ValueError(f"{path} exists and is a folder")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        if path.is_file():
+            tmp.chmod(stat.S_IMODE(path.stat().st_mode))
+        else:
+            normal_permissions(tmp)
+        _sync_tree(tmp)
+        os.replace(tmp, path)
+        _sync_dir(path.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
 
 
 def write_files(folder: Path, files: Mapping[str, Callable[[Path], None]]) -> None:
@@ -235,7 +425,9 @@ def save(
         "overrides": {k: {f: to_jsonable(v) for f, v in vals.items()} for k, vals in overrides.items()},
         "modules_to_save": list(info.modules_to_save),
         "seed": info.seed,
-        "fingerprint": fingerprint(model, [*info.targets, *info.modules_to_save]),
+        # Content hashes of the adapted modules only: a module trained in full is stored whole, so
+        # the base's values there (e.g. a freshly initialised task head) do not matter.
+        "fingerprint": fingerprint(model, [*info.targets, *info.modules_to_save], content=info.targets),
         **recorded,
     }
     state = core.adapter_state(model, name)
@@ -368,6 +560,10 @@ def _stored_configs(info: core.AdapterInfo) -> tuple[Any, dict[str, dict[str, An
 def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check ``adapter_config.json`` (format version, required keys)."""
     path = Path(folder) / CONFIG_NAME
+    if not Path(folder).exists():
+        raise ValueError(
+            f"{folder}: does not exist (so no {CONFIG_NAME}); expected a deltatune adapter folder"
+        )
     if not path.is_file():
         raise ValueError(f"{folder}: no {CONFIG_NAME} (is this a deltatune adapter folder?)")
     try:
@@ -426,8 +622,18 @@ def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
 
 
-def _check_fingerprint(model: nn.Module, expected: Mapping[str, Any], where: str) -> None:
-    here = fingerprint(model, list(expected))
+def _check_fingerprint(
+    model: nn.Module, expected: Mapping[str, Any], where: str, *, strict_base: bool = True
+) -> None:
+    """Refuse a model whose adapted modules differ in class or weight shape from the fingerprint,
+    or (``strict_base``) in content, where the file records a content hash (format-2 files saved
+    before content hashes were recorded, and PEFT imports, have none)."""
+    hashes = {
+        p: e[2]
+        for p, e in expected.items()
+        if isinstance(e, list) and len(e) > 2 and isinstance(e[2], str) and strict_base
+    }
+    here = fingerprint(model, list(expected), content=hashes)
     bad = [
         f"{p}: adapter has {expected[p][0]}{tuple(expected[p][1])}, model has {here[p][0]}{tuple(here[p][1])}"
         for p in expected
@@ -435,6 +641,14 @@ def _check_fingerprint(model: nn.Module, expected: Mapping[str, Any], where: str
     ]
     if bad:
         raise ValueError(f"{where} was made for a different base model: {core.few(bad, 4)}")
+    differ = [p for p, h in hashes.items() if here[p][2] is not None and here[p][2] != h]
+    if differ:
+        raise ValueError(
+            f"{where} was saved on another base model: the weights of {core.few(differ, 4)} differ from "
+            "the ones it was trained on (another checkpoint or fine-tune of the same architecture, or "
+            "the base in float16). Load the base it was trained on, or pass strict_base=False "
+            "(deltatune eval/merge --no-strict-base) to load it anyway"
+        )
 
 
 def load(
@@ -444,12 +658,16 @@ def load(
     name: str | None = None,
     trainable: bool = False,
     activate: bool = True,
+    strict_base: bool = True,
 ) -> core.Attachment:
     """Inject the adapter saved in ``folder`` into ``model`` and load its tensors.
 
     Args:
         name: the adapter's name on this model (default: the name it was saved under).
         trainable: leave the loaded adapter's parameters trainable (default: frozen, for inference).
+        strict_base: refuse a base whose adapted weights differ from the ones the adapter was saved
+            on (a sampled hash, :func:`content_hash`). False: load it anyway (class and shapes must
+            still match).
 
     Raises:
         ValueError: wrong format, unknown method or field, different base model, missing, extra
@@ -458,7 +676,7 @@ def load(
     config = read_config(folder)
     where = str(Path(folder))
     method = core.method_from_config(config["method"], config["config"])
-    _check_fingerprint(model, config["fingerprint"], where)
+    _check_fingerprint(model, config["fingerprint"], where, strict_base=strict_base)
     tensors = read_tensors(Path(folder) / WEIGHTS_NAME)
     name = name if name is not None else str(config.get("adapter_name", "default"))
     return inject_filled(
@@ -489,14 +707,12 @@ def inject_filled(
     name: str,
     **inject_args: Any,
 ) -> core.Attachment:
-    """Inject, then fill the adapter with ``tensors``; on any failure remove it again."""
-    att = core.inject(model, method, name=name, **inject_args)
-    try:
+    """Inject, then fill the adapter with ``tensors``; on any failure the model is put back as it
+    was (the previously active adapters, every ``requires_grad`` flag: :func:`core.all_or_nothing`)."""
+    with core.all_or_nothing(model):
+        att = core.inject(model, method, name=name, **inject_args)
         core.load_adapter_state(model, name, tensors, where)
-    except BaseException:
-        core.delete_adapter(model, name)
-        raise
-    if not trainable:
-        for p in att.adapters[name].trainable:
-            p.requires_grad_(False)
+        if not trainable:
+            for p in att.adapters[name].trainable:
+                p.requires_grad_(False)
     return att

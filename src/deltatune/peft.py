@@ -47,8 +47,9 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar, Protocol, cast
+from typing import Any, ClassVar, Literal, Protocol, cast
 
 import torch
 from torch import nn
@@ -58,6 +59,88 @@ from .targets import name_matches
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
+
+
+@dataclass(frozen=True)
+class PeftField:
+    """How :func:`import_peft` treats one field of PEFT's ``adapter_config.json``.
+
+    A method that reads PEFT's format may declare ``peft_fields: ClassVar[Mapping[str, PeftField]]``,
+    one entry per field of PEFT's config class (a test walks it against the installed PEFT);
+    :func:`import_peft` then checks every field of the file against it before anything else, and
+    refuses fields the table does not know (a newer PEFT) unless ``unknown_fields="ignore"``.
+
+    Attributes:
+        handling: "supported" (read as it is, or without effect on the imported adapter),
+            "converted" (translated into deltatune's form), or "refused" (only the values in
+            ``accepts`` import; any other raises, naming the field and ``why``).
+        why: what the field means here, or why other values are refused.
+        expected: what a valid value is, in words (used in the error messages).
+        types: the JSON types a value may have (``bool`` is never taken for ``int``); None (JSON
+            null) always passes unless ``required``.
+        accepts: the only values that import (None: any value of ``types``).
+        required: the field must be present and not null.
+    """
+
+    handling: Literal["supported", "converted", "refused"]
+    why: str
+    expected: str = "any value"
+    types: tuple[type, ...] = (object,)
+    accepts: tuple[Any, ...] | None = None
+    required: bool = False
+
+
+# PeftConfig's own fields (every PEFT config has them): handled here, for every method.
+PEFT_BASE_FIELDS: dict[str, PeftField] = {
+    "peft_type": PeftField(
+        "supported", "chooses the method (peft_methods())", "a string", (str,), required=True
+    ),
+    "task_type": PeftField("supported", "PEFT's task; no effect on the tensors", "a string", (str,)),
+    "auto_mapping": PeftField("supported", "PEFT's base-class bookkeeping; no effect", "an object", (dict,)),
+    "peft_version": PeftField("supported", "the PEFT version that saved it; no effect", "a string", (str,)),
+    "base_model_name_or_path": PeftField("supported", "informative only", "a string", (str,)),
+    "revision": PeftField("supported", "the base model's revision; informative only", "a string", (str,)),
+    "inference_mode": PeftField("supported", "see import_peft's trainable=", "true or false", (bool,)),
+}
+
+
+def check_peft_config(
+    config: Mapping[str, Any],
+    table: Mapping[str, PeftField],
+    where: str,
+    *,
+    unknown_fields: Literal["refuse", "ignore"] = "refuse",
+) -> None:
+    """Check every field of PEFT's ``config`` against a method's table (and :data:`PEFT_BASE_FIELDS`).
+
+    Raises:
+        ValueError: a required field missing, a value of the wrong type or refused (naming the
+            field and what would import), or fields the table does not know (unless ignored).
+    """
+    fields = {**PEFT_BASE_FIELDS, **table}
+    unknown = sorted(set(config) - set(fields))
+    if unknown and unknown_fields != "ignore":
+        raise ValueError(
+            f"{where}: field(s) {core.few(unknown)} unknown to deltatune's import (saved by a newer "
+            "PEFT?); what they change cannot be checked, so the adapter is refused; pass "
+            "unknown_fields='ignore' to import it without them"
+        )
+    for key, field in fields.items():
+        value = config.get(key)
+        if value is None:
+            if field.required:
+                raise ValueError(f"{where}: field {key!r} is missing; expected {field.expected}")
+            continue
+        wrong_type = not isinstance(value, field.types) or (
+            isinstance(value, bool) and bool not in field.types
+        )
+        if wrong_type:
+            raise ValueError(f"{where}: field {key!r} is {value!r}; expected {field.expected}")
+        if field.accepts is not None and value not in field.accepts:
+            raise ValueError(
+                f"{where}: {key}={value!r} is not supported by import_peft ({field.why}); "
+                f"expected {field.expected}"
+            )
 
 
 class PeftMapping(Protocol):
@@ -90,7 +173,12 @@ def peft_methods() -> dict[str, type[PeftMapping]]:
 
 
 def import_peft(
-    model: nn.Module, folder: str | os.PathLike[str], *, name: str = "default", trainable: bool = False
+    model: nn.Module,
+    folder: str | os.PathLike[str],
+    *,
+    name: str = "default",
+    trainable: bool = False,
+    unknown_fields: Literal["refuse", "ignore"] = "refuse",
 ) -> core.Attachment:
     """Load an adapter saved by PEFT (``adapter_config.json`` + ``adapter_model.safetensors``).
 
@@ -100,6 +188,8 @@ def import_peft(
     Args:
         name: the adapter's name on this model.
         trainable: leave the loaded adapter's parameters trainable (default: frozen, for inference).
+        unknown_fields: "refuse" (default) a config field that the method's ``peft_fields`` table
+            does not list (a newer PEFT's), or "ignore" it.
 
     Raises:
         ValueError: no PEFT files, an unsupported ``peft_type`` or option (named), tensors for
@@ -108,25 +198,41 @@ def import_peft(
     """
     folder = Path(folder)
     cfg_path = folder / PEFT_CONFIG_NAME
+    if unknown_fields not in ("refuse", "ignore"):
+        raise ValueError(f"import_peft: unknown_fields={unknown_fields!r}; expected 'refuse' or 'ignore'")
+    if not folder.exists():
+        raise ValueError(
+            f"{folder}: does not exist (so no {PEFT_CONFIG_NAME}); expected a PEFT adapter folder"
+        )
     if not cfg_path.is_file():
         raise ValueError(f"{folder}: no {PEFT_CONFIG_NAME}")
     try:
         config = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
-        raise ValueError(f"{cfg_path}: not valid JSON ({e})") from e
+        raise ValueError(f"{cfg_path}: not valid JSON ({e}); expected PEFT's adapter config") from e
     if not isinstance(config, dict):
-        raise ValueError(f"{cfg_path}: expected a JSON object")
+        raise ValueError(
+            f"{cfg_path}: a JSON {type(config).__name__}; expected a JSON object (PEFT's adapter config)"
+        )
     methods = peft_methods()
     kind = config.get("peft_type")
+    if kind is None and config.get("library") == "deltatune":
+        raise ValueError(
+            f"{cfg_path}: a deltatune adapter, not a PEFT one (no peft_type); load it with deltatune.load"
+        )
     if kind not in methods:
         raise ValueError(f"{cfg_path}: peft_type {kind!r} is not supported; supported: {sorted(methods)}")
     cls = methods[kind]
+    table = cast("Mapping[str, PeftField] | None", getattr(cls, "peft_fields", None))
+    if table is not None:
+        check_peft_config(config, table, str(cfg_path), unknown_fields=unknown_fields)
     weights = folder / PEFT_WEIGHTS_NAME
     if not weights.is_file():
         raise ValueError(f"{folder}: no {PEFT_WEIGHTS_NAME} (only safetensors adapters are read)")
     tensors = io.read_tensors(weights)
     modules = core.base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
     saved, save_paths, rest = _modules_to_save(modules, config, tensors, cls.peft_prefix)
+    _check_foreign_heads(model, modules, config, rest, cls.peft_prefix, weights)
     try:
         method, targets, overrides, state = cls.from_peft(config, rest, model)
     except ValueError as e:
@@ -148,6 +254,30 @@ def import_peft(
         overrides=overrides,
         modules_to_save=save_paths,
     )
+
+
+def _check_foreign_heads(
+    model: nn.Module,
+    modules: Mapping[str, nn.Module],
+    config: Mapping[str, Any],
+    rest: Mapping[str, torch.Tensor],
+    prefix: str,
+    weights: Path,
+) -> None:
+    """A ``modules_to_save`` tensor whose module the model lacks (a task head on a bare model)."""
+    absent = [
+        n for n in config.get("modules_to_save") or [] if not any(p and name_matches(p, n) for p in modules)
+    ]
+    for key in rest:
+        local = key[len(prefix) :] if key.startswith(prefix) else key
+        for save in absent:
+            if f".{save}." in f".{local}":
+                raise ValueError(
+                    f"{weights}: tensor {key!r} belongs to modules_to_save {save!r}, which "
+                    f"{type(model).__name__} does not have (task_type {config.get('task_type')!r}); "
+                    "load the model with that task's head (e.g. AutoModelForSequenceClassification "
+                    "for SEQ_CLS) and import onto it"
+                )
 
 
 def _modules_to_save(

@@ -247,9 +247,13 @@ def quantize(
                     "weight; quantise right after inject (QPiSSA quantises the initial residual)"
                 )
         plan.append((path, module, wrapper, residual[0] if residual else None))
+    # Every quantised module (and QPiSSA's refitted factors) is computed before the first change.
+    Factors = tuple[torch.Tensor, torch.Tensor]
+    built: list[tuple[str, core.Adapted | None, Any, Factors | None, NF4Linear]] = []
     for path, module, wrapper, layer in plan:
         weight = module.weight.detach()
-        if layer is not None and wrapper is not None and att is not None:
+        factors = None
+        if layer is not None:
             assert layer.frozen_A is not None and layer.frozen_B is not None
             W_res, A, B = qpissa_factors(
                 weight,
@@ -260,23 +264,31 @@ def quantize(
                 block_size=block_size,
                 scaler_block_size=scaler_block_size,
             )
-            layer.set_factors(A.to(layer.lora_A.dtype), B.to(layer.lora_B.dtype), frozen_copy=False)
-            layer.frozen_A = layer.frozen_B = None
+            factors = (A.to(layer.lora_A.dtype), B.to(layer.lora_B.dtype))
             weight = W_res.to(weight.dtype)
-            # From now on the adapter is relative to the quantised residual: it saves as its rank-r
-            # factors (to reload: inject the same PiSSA config, quantize() with the same iterations,
-            # then deltatune.core.load_adapter_state the saved tensors). _residual_layers guarantees the layer
-            # is the wrapper's only adapter.
-            info = att.adapters[next(iter(wrapper.adapters))]
-            info.configs[path] = dataclasses.replace(info.configs[path], save_mode="native")
-            info.method = dataclasses.replace(info.method, save_mode="native")
         new = NF4Linear.from_weight(
             weight, module.bias, block_size=block_size, scaler_block_size=scaler_block_size
         )
-        if wrapper is not None:
-            wrapper.base = new
-        else:
-            core.set_submodule(model, path, new)
+        built.append((path, wrapper, layer, factors, new))
+    with core.all_or_nothing(model):
+        for path, wrapper, _, _, new in built:
+            if wrapper is not None:
+                wrapper.base = new
+            else:
+                core.set_submodule(model, path, new)
+        # The in-place writes (which all_or_nothing cannot undo) come last.
+        for path, wrapper, layer, factors, _ in built:
+            if factors is None or wrapper is None or att is None:
+                continue
+            # From now on the adapter is relative to the quantised residual: it saves as its rank-r
+            # factors (to reload: inject the same PiSSA config, quantize() with the same iterations,
+            # then deltatune.core.load_adapter_state the saved tensors). _residual_layers guarantees the
+            # layer is the wrapper's only adapter.
+            info = att.adapters[next(iter(wrapper.adapters))]
+            info.configs[path] = dataclasses.replace(info.configs[path], save_mode="native")
+            info.method = dataclasses.replace(info.method, save_mode="native")
+            layer.set_factors(*factors, frozen_copy=False)
+            layer.frozen_A = layer.frozen_B = None
     return [p for p, *_ in plan]
 
 

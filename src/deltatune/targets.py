@@ -161,10 +161,13 @@ def _matches(path: str, module: nn.Module, spec: object, heads: set[str]) -> boo
         if spec.layers and layer_index(path) not in spec.layers:
             return False
         return not any(name_matches(path, n) for n in spec.exclude)
-    raise ValueError(
-        f"targets: cannot use {spec!r} ({type(spec).__name__}); give a module name, a regex, "
-        "a module class, a Target or 'all-linear'"
-    )
+    raise ValueError(f"targets: cannot use {spec!r} ({type(spec).__name__}); {_TARGETS_ARE}")
+
+
+_TARGETS_ARE = (
+    "targets may be a module name or dotted suffix (str), a regex (re.compile(...)), a module class, "
+    "a Target, 'all-linear', or a list of these"
+)
 
 
 def _as_list(spec: TargetSpec) -> list[object]:
@@ -175,7 +178,7 @@ def _as_list(spec: TargetSpec) -> list[object]:
         if not items:
             raise ValueError("targets must name at least one module, got an empty list")
         return items
-    raise ValueError(f"targets: cannot use {spec!r}")
+    raise ValueError(f"targets: cannot use {spec!r} ({type(spec).__name__}); {_TARGETS_ARE}")
 
 
 def resolve(
@@ -196,7 +199,13 @@ def resolve(
     for item in _as_list(spec):
         hits = {p for p, m in modules.items() if _matches(p, m, item, heads)}
         if not hits:
-            raise ValueError(f"target {_show(item)} matched no module; {_suggest(item, modules)}")
+            hint = ""
+            if isinstance(item, str) and any(c in item for c in "*+?[](){}|^$\\"):
+                hint = (
+                    "; a plain string matches a module name or dotted suffix, not a regular "
+                    f"expression: for one, pass re.compile({item!r})"
+                )
+            raise ValueError(f"target {_show(item)} matched no module{hint}; {_suggest(item, modules)}")
         chosen |= hits
     return [p for p in modules if p in chosen]
 

@@ -47,6 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._cache import Memo
 from ..core import Attachment, check, merged_linear, register
 from ..fields import Bool, Float, Int, OneOf, param
 from ..targets import module_kind
@@ -334,24 +335,20 @@ class IntrinsicLayer(nn.Module):
         self.register_buffer("perm", perm.to(device), persistent=False)
         self.register_buffer("gauss", gauss.to(device), persistent=False)
         object.__setattr__(self, "_shared", shared)  # owned by the attachment, saved once
-        self._cache: tuple[tuple[int, ...], torch.Tensor] | None = None
+        # P θ under no_grad, valid while θ, λ and the blocks are unchanged (deltatune._cache).
+        self._cache: Memo[torch.Tensor] = Memo()
 
     def _flat(self) -> torch.Tensor:
         """This module's slice of P θ (weight values, then bias values)."""
         shared = self._shared
-        lam = shared.lambdas
-        key = (
-            shared.theta._version,
-            shared.theta.data_ptr(),
-            -1 if lam is None else lam._version,
-            self.gauss.data_ptr(),
-        )
-        if not torch.is_grad_enabled() and self._cache is not None and self._cache[0] == key:
-            return self._cache[1]
+        sources = (shared.theta, shared.lambdas, self.signs, self.perm, self.gauss)
+        cached = self._cache.get(*sources) if not torch.is_grad_enabled() else None
+        if cached is not None:
+            return cached
         flat = fastfood(shared.vector(self.path), self.signs, self.perm, self.gauss)
         flat = flat[: self.weight_rows + self.bias_rows]
         if not torch.is_grad_enabled():
-            self._cache = (key, flat)
+            self._cache.put(flat, *sources)
         return flat
 
     def delta_weight(self) -> torch.Tensor:

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..core import Attachment, adapter_state, check, register
 from ..fields import Bool, Float, Instance, Int, OneOf, component, param
+from ..peft import PeftField
 from ..targets import module_kind, shape_of
 
 
@@ -267,6 +268,93 @@ class LoRA:
     peft_type: ClassVar[str] = "LORA"
     peft_prefix: ClassVar[str] = "base_model.model."
 
+    # Every field of PEFT's LoraConfig (PeftConfig's own: deltatune.peft.PEFT_BASE_FIELDS); checked by
+    # import_peft before from_peft runs. A test walks it against the installed PEFT.
+    peft_fields: ClassVar[Mapping[str, PeftField]] = {
+        "r": PeftField("converted", "rank", "a positive integer", (int,)),
+        "lora_alpha": PeftField("converted", "alpha", "a positive number", (int, float)),
+        "lora_dropout": PeftField("converted", "dropout", "a number in [0, 1)", (int, float)),
+        "use_rslora": PeftField("converted", "rank_stabilized", "true or false", (bool,)),
+        "rank_pattern": PeftField(
+            "converted", "ranks per module are read off the tensor shapes", "an object", (dict,)
+        ),
+        "alpha_pattern": PeftField("converted", "per-module alpha overrides", "an object", (dict,)),
+        "target_modules": PeftField(
+            "converted",
+            "the targets are the modules with tensors in the file",
+            "a list or string",
+            (list, str),
+        ),
+        "exclude_modules": PeftField("converted", "as target_modules", "a list or string", (list, str)),
+        "layers_to_transform": PeftField("converted", "as target_modules", "a list or integer", (list, int)),
+        "layers_pattern": PeftField("converted", "as target_modules", "a list or string", (list, str)),
+        "fan_in_fan_out": PeftField(
+            "supported", "the layout follows the module (GPT-2's Conv1D)", "true or false", (bool,)
+        ),
+        "modules_to_save": PeftField(
+            "supported", "deltatune's modules_to_save (deltatune.peft)", "a list", (list,)
+        ),
+        "init_lora_weights": PeftField(
+            "refused",
+            "'pissa', 'pissa_niter_N', 'olora', 'corda', 'loftq' and 'lora_ga' factors saved unconverted "
+            "are relative to PEFT's modified (residual) base weight, which deltatune does not have; save "
+            "them with PEFT's path_initial_model_for_weight_conversion, which writes the plain LoRA form "
+            "(and init_lora_weights=true)",
+            "true, false, 'gaussian', 'eva', 'orthogonal' or 'mica' (inits that leave the base weight "
+            "untouched)",
+            (bool, str),
+            (True, False, "gaussian", "eva", "orthogonal", "mica"),
+        ),
+        "loftq_config": PeftField(
+            "supported", "init-time only (init 'loftq' is refused)", "an object", (dict,)
+        ),
+        "eva_config": PeftField(
+            "supported", "init-time only: EVA leaves the base untouched", "an object", (dict,)
+        ),
+        "corda_config": PeftField(
+            "supported", "init-time only (init 'corda' is refused)", "an object", (dict,)
+        ),
+        "lora_ga_config": PeftField(
+            "supported", "init-time only (init 'lora_ga' is refused)", "an object", (dict,)
+        ),
+        "velora_config": PeftField(
+            "supported", "changes only the backward pass (compressed activations)", "an object", (dict,)
+        ),
+        "runtime_config": PeftField("supported", "runtime-only, never saved by PEFT", "an object", (dict,)),
+        "megatron_core": PeftField("supported", "no effect without megatron_config", "a string", (str,)),
+        "qalora_group_size": PeftField("supported", "no effect without use_qalora", "an integer", (int,)),
+        "bias": PeftField("refused", "deltatune's LoRA trains no biases", "'none'", (str,), ("none",)),
+        "lora_bias": PeftField(
+            "refused", "a bias on lora_B is not LoRA's update", "false", (bool,), (False,)
+        ),
+        "use_dora": PeftField(
+            "refused", "DoRA's magnitude vector is not LoRA's update", "false", (bool,), (False,)
+        ),
+        "use_qalora": PeftField("refused", "QA-LoRA pools the input group-wise", "false", (bool,), (False,)),
+        "ensure_weight_tying": PeftField(
+            "refused", "deltatune does not tie the adapters of tied layers", "false", (bool,), (False,)
+        ),
+        "layer_replication": PeftField(
+            "refused", "PEFT stacks copies of base layers that the model does not have", "null", (list,), ()
+        ),
+        "megatron_config": PeftField("refused", "Megatron parallel layers", "null", (dict,), ()),
+        "trainable_token_indices": PeftField(
+            "refused", "PEFT's trainable-token deltas are not imported", "null", (list, dict), ()
+        ),
+        "alora_invocation_tokens": PeftField(
+            "refused", "aLoRA applies the update only after the invocation tokens", "null", (list,), ()
+        ),
+        "monteclora_config": PeftField("refused", "MonteCLoRA samples its update", "null", (dict,), ()),
+        "target_parameters": PeftField(
+            "refused", "LoRA on bare parameters (MoE experts) is not imported", "null", (list, str), ()
+        ),
+        "use_bdlora": PeftField("refused", "block-diagonal factors (BD-LoRA)", "null", (dict, bool), ()),
+        "arrow_config": PeftField("refused", "Arrow routes among several adapters", "null", (dict,), ()),
+        "kasa_config": PeftField(
+            "refused", "KaSA adds a learnt diagonal and truncates the base", "null", (dict,), ()
+        ),
+    }
+
     @classmethod
     def from_peft(
         cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
@@ -274,9 +362,6 @@ class LoRA:
         """PEFT's LoRA: the targets are the modules that have tensors in the file (so PEFT's
         suffix/regex rules never need re-implementing); ranks per module from the tensor shapes,
         alphas from ``alpha_pattern``."""
-        for key, default in _PEFT_REFUSED.items():
-            if config.get(key, default) not in (default, None):
-                raise ValueError(f"{key}={config[key]!r} is not supported by import_peft")
         factors: dict[str, dict[str, torch.Tensor]] = {}  # path -> {"lora_A": ..., "lora_B": ...}
         for key, value in tensors.items():
             suffix = next((s for s in _PEFT_NAMES if key.endswith(s)), None)
@@ -285,12 +370,12 @@ class LoRA:
             factors.setdefault(key[len(cls.peft_prefix) : -len(suffix)], {})[_PEFT_NAMES[suffix]] = value
         if not factors:
             raise ValueError("holds no LoRA tensors")
-        rank, alpha = int(config.get("r", 8)), float(config.get("lora_alpha", 8))
+        rank, alpha = int(_peft_get(config, "r", 8)), float(_peft_get(config, "lora_alpha", 8))
         method = cls(
             rank=rank,
             alpha=alpha,
-            dropout=float(config.get("lora_dropout", 0.0)),
-            rank_stabilized=bool(config.get("use_rslora", False)),
+            dropout=float(_peft_get(config, "lora_dropout", 0.0)),
+            rank_stabilized=bool(_peft_get(config, "use_rslora", False)),
         )
         overrides: dict[str, dict[str, Any]] = {}
         for path, pair in factors.items():
@@ -350,7 +435,7 @@ class LoRA:
         return config, tensors
 
 
-# PEFT's tensor suffixes -> the layer's state keys; PEFT options with the only value LoRA supports.
+# PEFT's tensor suffixes -> the layer's state keys.
 _PEFT_NAMES = {
     ".lora_A.weight": "lora_A",
     ".lora_B.weight": "lora_B",
@@ -358,7 +443,12 @@ _PEFT_NAMES = {
     ".lora_embedding_B": "lora_B",
 }
 _PEFT_LINEAR = ("lora_A.weight", "lora_B.weight")
-_PEFT_REFUSED: dict[str, Any] = {"use_dora": False, "bias": "none", "lora_bias": False, "use_qalora": False}
+
+
+def _peft_get(config: Mapping[str, Any], key: str, default: Any) -> Any:
+    """A field of PEFT's config; its default when absent or null."""
+    value = config.get(key)
+    return default if value is None else value
 
 
 class LoRALayer(nn.Module):

@@ -40,7 +40,6 @@ Example:
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -178,13 +177,7 @@ class CorDA(WeightInit):
     def from_weight(
         self, weight: torch.Tensor, rank: int, scale: float, *, generator: torch.Generator, path: str
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        covariances = _read_covariances(self.covariance)
-        if path not in covariances:
-            raise ValueError(
-                f"CorDA: {self.covariance!r} has no covariance for {path!r} (it has "
-                f"{sorted(covariances)[:4]}...); collect it for the same targets"
-            )
-        C = covariances[path].to(device=weight.device, dtype=torch.float64)
+        C = _read_covariance(self.covariance, path).to(device=weight.device, dtype=torch.float64)
         if C.shape != (weight.shape[1], weight.shape[1]):
             raise ValueError(
                 f"CorDA: the covariance of {path!r} is {tuple(C.shape)}, but the module has "
@@ -201,19 +194,24 @@ class CorDA(WeightInit):
         return A.float(), B.float()
 
 
-@functools.lru_cache(maxsize=4)
-def _cached_covariances(path: str, mtime: float) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+def _read_covariance(path: str, module: str) -> torch.Tensor:
+    """The covariance of ``module``, read from the file each time (only that tensor): no cache, so
+    a rewritten file is never answered from an old copy (a modification time can stay the same)."""
+    from safetensors import safe_open
 
-    return load_file(path)
-
-
-def _read_covariances(path: str) -> dict[str, torch.Tensor]:
     if not os.path.isfile(path):
         raise ValueError(
             f"CorDA.covariance: no file {path!r}; write it with deltatune.collect_covariance(..., path=...)"
         )
-    return _cached_covariances(path, os.path.getmtime(path))
+    with safe_open(path, framework="pt") as f:
+        keys = sorted(f.keys())
+        if module not in keys:
+            raise ValueError(
+                f"CorDA: {path!r} has no covariance for {module!r} (it has {keys[:4]}...); "
+                "collect it for the same targets"
+            )
+        out: torch.Tensor = f.get_tensor(module)
+    return out
 
 
 def collect_covariance(

@@ -40,7 +40,7 @@ from torch import nn
 
 from .. import virtual
 from ..core import Attachment, adapter_state, check, register
-from ..fields import Instance, Int, component, param
+from ..fields import Float, Instance, Int, component, param, validate
 
 
 class PromptInit:
@@ -57,11 +57,10 @@ class PromptInit:
 class RandomUniform(PromptInit):
     """P ~ U(-bound, bound) (the paper's random init uses bound 0.5)."""
 
-    bound: float = 0.5
+    bound: float = param(0.5, Float(0.0, low_open=True), "prompts start uniform in [-bound, bound]")
 
     def __post_init__(self) -> None:
-        if isinstance(self.bound, bool) or not isinstance(self.bound, (int, float)) or not self.bound > 0:
-            raise ValueError(f"RandomUniform.bound must be a number > 0, got {self.bound!r}")
+        validate(self)
 
     def initialise(
         self, prompts: torch.Tensor, embedding: nn.Embedding, *, generator: torch.Generator

@@ -25,7 +25,8 @@ Design notes:
   mixture and the logits train from there. Until the logits change, the stored weights are used as
   they are (exactness).
 * Under ``torch.no_grad``/``inference_mode`` the materialised A and B are cached and reused until a
-  logit or the bank changes (tracked with tensor version counters).
+  logit or the bank changes: written in place (version counters), re-assigned through ``.data``
+  (``vector_to_parameters``), cast or moved (storage, dtype, device; see :mod:`deltatune._cache`).
 
 Example:
     >>> import torch
@@ -50,8 +51,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._cache import Memo
 from ..core import SHARED_ATTR, Attachment, adapter_state, check, register
 from ..fields import Float, Int, OneOf, param
+from ..peft import PeftField
 from ..targets import module_kind, shape_of
 
 
@@ -232,14 +235,51 @@ class VBLoRA:
     peft_type: ClassVar[str] = "VBLORA"
     peft_prefix: ClassVar[str] = "base_model.model."
 
+    # Every field of PEFT's VBLoRAConfig (PeftConfig's own: deltatune.peft.PEFT_BASE_FIELDS); checked
+    # by import_peft before from_peft runs. A test walks it against the installed PEFT.
+    peft_fields: ClassVar[Mapping[str, PeftField]] = {
+        "r": PeftField("converted", "rank", "a positive integer (the rank r)", (int,), required=True),
+        "num_vectors": PeftField(
+            "converted", "num_vectors", "an integer >= 2 (the vectors in the bank)", (int,), required=True
+        ),
+        "vector_length": PeftField(
+            "converted",
+            "vector_length",
+            "a positive integer (the bank vectors' length)",
+            (int,),
+            required=True,
+        ),
+        "topk": PeftField("converted", "topk", "a positive integer", (int,)),
+        "vblora_dropout": PeftField("converted", "dropout", "a number in [0, 1)", (int, float)),
+        "init_logits_std": PeftField("converted", "logits_std", "a positive number", (int, float)),
+        "init_vector_bank_bound": PeftField("converted", "bank_bound", "a positive number", (int, float)),
+        "save_only_topk_weights": PeftField(
+            "converted", "save_mode, read off the tensors (top-k or logits)", "true or false", (bool,)
+        ),
+        "target_modules": PeftField(
+            "converted",
+            "the targets are the modules with tensors in the file",
+            "a list or string",
+            (list, str),
+        ),
+        "exclude_modules": PeftField("converted", "as target_modules", "a list or string", (list, str)),
+        "layers_to_transform": PeftField("converted", "as target_modules", "a list or integer", (list, int)),
+        "layers_pattern": PeftField("converted", "as target_modules", "a list or string", (list, str)),
+        "fan_in_fan_out": PeftField(
+            "supported", "the layout follows the module (GPT-2's Conv1D)", "true or false", (bool,)
+        ),
+        "modules_to_save": PeftField(
+            "supported", "deltatune's modules_to_save (deltatune.peft)", "a list", (list,)
+        ),
+        "bias": PeftField("refused", "deltatune's VB-LoRA trains no biases", "'none'", (str,), ("none",)),
+    }
+
     @classmethod
     def from_peft(
         cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
     ) -> tuple[VBLoRA, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
         """PEFT's VB-LoRA: the bank, and per module its logits or PEFT's top-k form (which loads as
         trainable logits here; PEFT's own loader refuses to train it)."""
-        if config.get("bias", "none") not in ("none", None):
-            raise ValueError(f"bias={config['bias']!r} is not supported by import_peft")
         state: dict[str, torch.Tensor] = {}
         targets: dict[str, None] = {}
         for key, value in tensors.items():
@@ -258,10 +298,10 @@ class VBLoRA:
             rank=int(config["r"]),
             num_vectors=int(config["num_vectors"]),
             vector_length=int(config["vector_length"]),
-            topk=int(config.get("topk", 2)),
-            logits_std=float(config.get("init_logits_std", 0.1)),
-            bank_bound=float(config.get("init_vector_bank_bound", 0.02)),
-            dropout=float(config.get("vblora_dropout", 0.0)),
+            topk=int(_peft_get(config, "topk", 2)),
+            logits_std=float(_peft_get(config, "init_logits_std", 0.1)),
+            bank_bound=float(_peft_get(config, "init_vector_bank_bound", 0.02)),
+            dropout=float(_peft_get(config, "vblora_dropout", 0.0)),
             save_mode="topk" if any(k.endswith(".topk_indices_A") for k in state) else "logits",
         )
         return method, list(targets), {}, state
@@ -307,6 +347,12 @@ _PEFT_NAMES = {
 _PEFT_BANK = "base_model.vblora_vector_bank"
 
 
+def _peft_get(config: Mapping[str, Any], key: str, default: Any) -> Any:
+    """A field of PEFT's config; its default when absent or null."""
+    value = config.get(key)
+    return default if value is None else value
+
+
 class VBLoRALayer(nn.Module):
     """Logits of one adapted module; the bank is reached through the shared module, not owned."""
 
@@ -337,8 +383,11 @@ class VBLoRALayer(nn.Module):
         self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # Not a submodule: the bank belongs to the attachment and must be saved and counted once.
         object.__setattr__(self, "_shared", shared)
-        self._cache: tuple[tuple[int, ...], torch.Tensor, torch.Tensor] | None = None
-        self._fixed: dict[str, tuple[int, torch.Tensor, torch.Tensor]] = {}
+        # Cached values, each valid while the tensors it came from are unchanged (storage, version,
+        # dtype, device: deltatune._cache): the factors built under no_grad, and per factor the
+        # stored top-k mixture (indices, weights) a loaded file gave, until its logits change.
+        self._cache: Memo[tuple[torch.Tensor, torch.Tensor]] = Memo()
+        self._fixed: dict[str, Memo[tuple[torch.Tensor, torch.Tensor]]] = {"A": Memo(), "B": Memo()}
 
     @property
     def bank(self) -> torch.Tensor:
@@ -346,29 +395,30 @@ class VBLoRALayer(nn.Module):
 
     def _mix(self, which: str) -> torch.Tensor:
         logits: torch.Tensor = getattr(self, f"logits_{which}")
-        fixed = self._fixed.get(which)
-        if fixed is not None and fixed[0] == logits._version:
-            # Loaded from a top-k file and not trained since: the stored mixture, exactly, with the
-            # gradient of the softmax of the (rebuilt) logits, so that training starts from here.
-            _, indices, stored = fixed
-            indices = indices.to(logits.device)
+        fixed = self._fixed[which].get(logits)
+        if fixed is not None:
+            # Loaded from a top-k file and not changed since (not trained, re-assigned, cast or
+            # moved): the stored mixture, exactly, with the gradient of the softmax of the (rebuilt)
+            # logits, so that training starts from here.
+            indices, stored = fixed
             soft = mixture_weights(logits.gather(-1, indices))
-            weights = stored.to(logits.device) + (soft - soft.detach())
+            weights = stored + (soft - soft.detach())
             return admix(weights, indices, self.bank)
-        self._fixed.pop(which, None)
+        self._fixed[which].clear()
         top, indices = logits.topk(self.config.topk, dim=-1)
         return admix(mixture_weights(top), indices, self.bank)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """A (r, in) and B (out, r), materialised from the bank."""
-        key = (self.logits_A._version, self.logits_B._version, self.bank._version, id(self.bank))
-        if not torch.is_grad_enabled() and self._cache is not None and self._cache[0] == key:
-            return self._cache[1], self._cache[2]
+        sources = (self.logits_A, self.logits_B, self.bank)
+        cached = self._cache.get(*sources) if not torch.is_grad_enabled() else None
+        if cached is not None:
+            return cached
         r = self.logits_A.shape[0]
         A = self._mix("A").reshape(r, -1)  # (r, in/b, b) -> (r, in)
         B = self._mix("B").transpose(1, 2).reshape(-1, r)  # (out/b, r, b) -> (out/b, b, r) -> (out, r)
         if not torch.is_grad_enabled():
-            self._cache = (key, A, B)
+            self._cache.put((A, B), *sources)
         return A, B
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
@@ -396,9 +446,9 @@ class VBLoRALayer(nn.Module):
         dtype = index_dtype(self.config.num_vectors)
         for which in ("A", "B"):
             logits: torch.Tensor = getattr(self, f"logits_{which}")
-            fixed = self._fixed.get(which)
-            if fixed is not None and fixed[0] == logits._version:
-                indices, weights = fixed[1], fixed[2]
+            fixed = self._fixed[which].get(logits)
+            if fixed is not None:
+                indices, weights = fixed
             else:
                 top, indices = logits.detach().topk(self.config.topk, dim=-1)
                 weights = mixture_weights(top)
@@ -412,7 +462,9 @@ class VBLoRALayer(nn.Module):
             with torch.no_grad():
                 self.logits_A.copy_(state["logits_A"])
                 self.logits_B.copy_(state["logits_B"])
-            self._fixed.clear()
+            for memo in self._fixed.values():
+                memo.clear()
+            self._cache.clear()
             return
         h, k = self.config.num_vectors, self.config.topk
         for which in ("A", "B"):
@@ -437,8 +489,10 @@ class VBLoRALayer(nn.Module):
             with torch.no_grad():
                 logits.copy_(floor.expand_as(logits))
                 logits.scatter_(-1, indices, chosen.to(logits.dtype))
-            self._fixed[which] = (logits._version, indices.to(logits.device), weights.to(logits.device))
-        self._cache = None
+            self._fixed[which].put(
+                (indices.to(logits.device), weights.to(logits.device, logits.dtype)), logits
+            )
+        self._cache.clear()
 
     def extra_repr(self) -> str:
         return (

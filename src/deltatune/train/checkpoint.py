@@ -10,16 +10,14 @@ of another config is refused (:func:`check_out_folder`) unless the caller overwr
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..io import normal_permissions, read_tensors
+from ..io import read_tensors, write_folder
 from .config import RUN_NEUTRAL, TrainConfig
 
 __all__ = [
@@ -66,8 +64,8 @@ def save_checkpoint(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     history: dict[str, Any],
 ) -> None:
-    """Write ``folder`` (``state.safetensors`` + ``state.json``) atomically: into a temporary folder,
-    then renamed; the previous checkpoint stays as ``<folder>.old`` until the new one is in place."""
+    """Write ``folder`` (``state.safetensors`` + ``state.json``) atomically, through
+    :func:`deltatune.io.write_folder`: ``folder`` holds the previous checkpoint or the new one."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
@@ -95,20 +93,12 @@ def save_checkpoint(
         "scheduler": scheduler.state_dict(),
         "history": history,
     }
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".checkpoint.", dir=folder.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         save_file(tensors, str(tmp / "state.safetensors"))
         (tmp / "state.json").write_text(json.dumps(state, indent=1, default=_json_default))
-        normal_permissions(tmp)  # mkdtemp's 0o700, safetensors' 0o600
-        old = folder.with_name(folder.name + ".old")
-        if folder.exists():
-            os.replace(folder, old)
-        os.replace(tmp, folder)
-        shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_folder(folder, write)
 
 
 def _json_default(value: Any) -> Any:
@@ -229,5 +219,10 @@ def remove_run(out: Path) -> None:
             shutil.rmtree(path)
         elif path.exists() or path.is_symlink():
             path.unlink()
-    for tmp in out.glob(".checkpoint.*"):  # left by a run killed while writing a checkpoint
-        shutil.rmtree(tmp, ignore_errors=True)
+    for name in RUN_FILES:  # the temporary siblings a run killed while writing leaves
+        stem, suffix = Path(name).stem, Path(name).suffix
+        for tmp in out.glob(f".{stem}.*{suffix}" if suffix else f".{name}.*"):
+            if tmp.is_dir() and not tmp.is_symlink():
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)

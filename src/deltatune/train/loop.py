@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from .. import core
-from ..io import normal_permissions, save
+from ..io import save, tensors_writer, write_file
 from .batches import Collator, autocast, batch_positions, count_of, device_of, loss_sum, prompt_of, to_device
 from .checkpoint import check_out_folder, has_checkpoint, load_checkpoint, remove_run, save_checkpoint
 from .config import TrainConfig
@@ -400,22 +400,16 @@ def _store(model: nn.Module, cfg: TrainConfig, task: Task, out: Path, base_model
     if core.has_adapters(model):
         save(model, out / "adapter", base_model=base_model, task=task_record(cfg, task))
         return core.parameter_report(model).stored_bytes
-    from safetensors.torch import save_file
-
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "trained.safetensors"))
-    normal_permissions(out / "trained.safetensors")  # safetensors >= 0.8 writes it 0o600
+    write_file(out / "trained.safetensors", tensors_writer(tensors))
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
 def _write_record(record: dict[str, Any], out: Path) -> None:
     """``metrics.json``, and ``curves.png`` where matplotlib is installed."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(record, indent=1))
+    write_file(out / "metrics.json", lambda path: path.write_text(json.dumps(record, indent=1)))
     try:
         from .plot import plot_curves
-
-        plot_curves(record, out / "curves.png")
     except ImportError:
-        pass
+        return
+    write_file(out / "curves.png", lambda path: plot_curves(record, path))
