@@ -113,16 +113,13 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Collection, Mapping
-from typing import TYPE_CHECKING, Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
+from typing import Any, ClassVar, Protocol, TypeVar, cast, runtime_checkable
 
 import torch
 from torch import nn
 
 from . import targets as _targets
 from .fields import validate
-
-if TYPE_CHECKING:  # (wrapper imports this module)
-    from .wrapper import Attachment
 
 
 @runtime_checkable
@@ -172,7 +169,9 @@ class Registered(Method, Protocol):
     def fit_to(self, bases: Mapping[str, nn.Module], given: Collection[str]) -> Method: ...
 
     def parameter_groups(
-        self, attachment: Attachment, name: str
+        self,
+        attachment: Any,
+        name: str,  # a deltatune.wrapper.Attachment (wrapper sits above this module)
     ) -> dict[str, tuple[list[nn.Parameter], float]] | None: ...
 
     def stored_method(self) -> Method: ...
