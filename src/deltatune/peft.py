@@ -91,6 +91,27 @@ class PeftField:
 
 
 # PeftConfig's own fields (every PEFT config has them): handled here, for every method.
+#: The fields of PEFT's layer tuners (LoRA, VB-LoRA, ...) that say where an adapter goes: converted
+#: (the targets are read off the file's tensors) or supported as they are.
+PEFT_TUNER_FIELDS: dict[str, PeftField] = {
+    "target_modules": PeftField(
+        "converted",
+        "the targets are the modules with tensors in the file",
+        "a list or string",
+        (list, str),
+    ),
+    "exclude_modules": PeftField("converted", "as target_modules", "a list or string", (list, str)),
+    "layers_to_transform": PeftField("converted", "as target_modules", "a list or integer", (list, int)),
+    "layers_pattern": PeftField("converted", "as target_modules", "a list or string", (list, str)),
+    "fan_in_fan_out": PeftField(
+        "supported", "the layout follows the module (GPT-2's Conv1D)", "true or false", (bool,)
+    ),
+    "modules_to_save": PeftField(
+        "supported", "deltatune's modules_to_save (deltatune.peft)", "a list", (list,)
+    ),
+}
+
+
 PEFT_BASE_FIELDS: dict[str, PeftField] = {
     "peft_type": PeftField(
         "supported", "chooses the method (peft_methods())", "a string", (str,), required=True

@@ -36,7 +36,7 @@ from torch import nn
 
 from ..core import Attachment, adapter_state, check, register
 from ..fields import Bool, Float, Instance, Int, OneOf, component, param
-from ..peft import PeftField
+from ..peft import PEFT_TUNER_FIELDS, PeftField
 from ..targets import module_kind, shape_of
 
 
@@ -279,21 +279,7 @@ class LoRA:
             "converted", "ranks per module are read off the tensor shapes", "an object", (dict,)
         ),
         "alpha_pattern": PeftField("converted", "per-module alpha overrides", "an object", (dict,)),
-        "target_modules": PeftField(
-            "converted",
-            "the targets are the modules with tensors in the file",
-            "a list or string",
-            (list, str),
-        ),
-        "exclude_modules": PeftField("converted", "as target_modules", "a list or string", (list, str)),
-        "layers_to_transform": PeftField("converted", "as target_modules", "a list or integer", (list, int)),
-        "layers_pattern": PeftField("converted", "as target_modules", "a list or string", (list, str)),
-        "fan_in_fan_out": PeftField(
-            "supported", "the layout follows the module (GPT-2's Conv1D)", "true or false", (bool,)
-        ),
-        "modules_to_save": PeftField(
-            "supported", "deltatune's modules_to_save (deltatune.peft)", "a list", (list,)
-        ),
+        **PEFT_TUNER_FIELDS,  # where the adapter goes: shared by PEFT's layer tuners
         "init_lora_weights": PeftField(
             "refused",
             "'pissa', 'pissa_niter_N', 'olora', 'corda', 'loftq' and 'lora_ga' factors saved unconverted "

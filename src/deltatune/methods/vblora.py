@@ -54,7 +54,7 @@ from torch import nn
 from .._cache import Memo
 from ..core import SHARED_ATTR, Attachment, adapter_state, check, register
 from ..fields import Float, Int, OneOf, param
-from ..peft import PeftField
+from ..peft import PEFT_TUNER_FIELDS, PeftField
 from ..targets import module_kind, shape_of
 
 
@@ -256,21 +256,7 @@ class VBLoRA:
         "save_only_topk_weights": PeftField(
             "converted", "save_mode, read off the tensors (top-k or logits)", "true or false", (bool,)
         ),
-        "target_modules": PeftField(
-            "converted",
-            "the targets are the modules with tensors in the file",
-            "a list or string",
-            (list, str),
-        ),
-        "exclude_modules": PeftField("converted", "as target_modules", "a list or string", (list, str)),
-        "layers_to_transform": PeftField("converted", "as target_modules", "a list or integer", (list, int)),
-        "layers_pattern": PeftField("converted", "as target_modules", "a list or string", (list, str)),
-        "fan_in_fan_out": PeftField(
-            "supported", "the layout follows the module (GPT-2's Conv1D)", "true or false", (bool,)
-        ),
-        "modules_to_save": PeftField(
-            "supported", "deltatune's modules_to_save (deltatune.peft)", "a list", (list,)
-        ),
+        **PEFT_TUNER_FIELDS,  # where the adapter goes: shared by PEFT's layer tuners
         "bias": PeftField("refused", "deltatune's VB-LoRA trains no biases", "'none'", (str,), ("none",)),
     }
 
