@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,8 @@ import torch
 from torch import nn
 
 import deltatune as dt
+
+ROOT = Path(__file__).resolve().parents[1]
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
@@ -195,7 +198,11 @@ def test_every_peft_config_field_is_in_the_table(peft_type: str, tmp_path: Path)
     fields = {f.name for f in dataclasses.fields(config_class)}
     # A new PEFT release that adds a field fails here, loudly: decide what it means, then add it.
     assert fields - set(table) - set(PEFT_BASE_FIELDS) == set(), "fields missing from the table"
-    assert set(table) - fields == set(), "table entries PEFT no longer has"
+    # The table also covers fields of PEFT releases newer than the oldest one supported (0.18 lacks
+    # several): entries beyond the installed release's fields are checked on the locked release.
+    locked = re.search(r"^peft==(\S+)$", (ROOT / "constraints" / "lock.txt").read_text(), re.M)
+    if locked is not None and peft.__version__ == locked.group(1):
+        assert set(table) - fields == set(), "table entries PEFT no longer has"
     assert set(PEFT_BASE_FIELDS) <= fields
     assert {f.handling for f in table.values()} <= {"supported", "converted", "refused"}
     # PEFT's own file of a default config passes the check ...
