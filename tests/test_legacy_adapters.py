@@ -22,14 +22,17 @@ ROOT = Path(__file__).resolve().parent / "data" / "legacy"
 CASES = sorted(p.parent for p in ROOT.glob("format-*/*/case.json"))
 
 
-def test_every_registered_method_has_a_saved_adapter_of_each_format() -> None:
+def test_each_format_holds_the_methods_of_its_time() -> None:
+    """Format 1 (cf6e6eb) and format 2 hold one adapter per method registered when they were written
+    (twelve cases: the nine methods and three of LoRA's initialiser variants); a method added later gets its
+    case when the next file format is frozen (tests/data/legacy/make.py)."""
     for fmt in ("format-1", "format-2"):
         saved = {
             json.loads((c / "case.json").read_text())["method"].split("[")[0]
             for c in CASES
             if c.parent.name == fmt
         }
-        assert saved == set(dt.REGISTRY), f"{fmt}: {sorted(set(dt.REGISTRY) ^ saved)}"
+        assert len(saved) == 9 and saved <= set(dt.REGISTRY), f"{fmt}: {sorted(saved - set(dt.REGISTRY))}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.parent.name}-{c.name}" for c in CASES])
