@@ -216,7 +216,12 @@ LOADS: list[tuple[str, Callable[[Path], Path], type[Exception], list[str]]] = [
         ValueError,
         ["999"],
     ),
-    ("method-unknown", _edit_config(lambda c: c.update(method="dora")), ValueError, ["dora", "lora"]),
+    (
+        "method-unknown",
+        _edit_config(lambda c: c.update(method="no_such_method")),
+        ValueError,
+        ["no_such_method", "lora"],
+    ),
     (
         "config-field-bad",
         _edit_config(lambda c: c["config"].update(rank=0)),
@@ -377,7 +382,7 @@ IMPORTS: list[tuple[str, Callable[[Path], Path], type[Exception], list[str]]] = 
         ValueError,
         ["layer_replication", "null"],
     ),
-    ("use-dora", _peft_folder(_peft_lora(use_dora=True)), ValueError, ["use_dora=True", "false"]),
+    ("use-dora", _peft_folder(_peft_lora(use_dora=True)), ValueError, ["use_dora=True", "magnitude"]),
     ("bias-all", _peft_folder(_peft_lora(bias="all")), ValueError, ["bias='all'", "'none'"]),
     ("lora-bias", _peft_folder(_peft_lora(lora_bias=True)), ValueError, ["lora_bias=True"]),
     (

@@ -9,7 +9,9 @@ files are read: nothing is unpickled.
 A method takes part in PEFT's format by declaring, in its own file, these four hooks (all or none):
 
 * ``peft_type: ClassVar[str]``: the ``peft_type`` it reads and writes (``"LORA"``,
-  ``"PROMPT_TUNING"``, ...); one registered method per type.
+  ``"PROMPT_TUNING"``, ...); one registered method per type reads it. A method that only writes a
+  type another reads (DoRA: PEFT's LoRA with ``use_dora``) sets ``peft_reads = False``; the
+  reader's ``from_peft`` hands such files on.
 * ``peft_prefix: ClassVar[str]``: how PEFT's tensor names of this type spell the base model's
   modules: ``"base_model.model."`` for PEFT's tuners (LoRA, VB-LoRA), ``"base_model."`` for its
   prompt-learning methods. Used here for the ``modules_to_save`` copies, and by the method's names.
@@ -185,7 +187,7 @@ def peft_methods() -> dict[str, type[PeftMapping]]:
     out: dict[str, type[PeftMapping]] = {}
     for cls in core.REGISTRY.values():  # every registered class has every hook (core.hooks)
         kind = cls.peft_type  # None (register's default): the method has no PEFT mapping
-        if kind is None:
+        if kind is None or not getattr(cls, "peft_reads", True):  # written by it, read by another
             continue
         if kind in out:
             raise ValueError(f"{out[kind].__name__} and {cls.__name__} both declare peft_type {kind!r}")
@@ -357,13 +359,13 @@ def export_peft(
     name = adapter if adapter is not None else (att.active[0] if att.active else next(iter(att.adapters)))
     info = att.info(name)
     methods = peft_methods()
-    mapping: object = info.method
-    kind = str(core.hooks(info.method).peft_type)
-    if methods.get(kind) is not type(mapping):
+    kind = core.hooks(info.method).peft_type
+    if kind not in methods:
         raise ValueError(
-            f"export_peft: {name!r} is {type(mapping).__name__}, which has no mapping to PEFT's format; "
-            f"these have one: {sorted(m.__name__ for m in methods.values())}"
+            f"export_peft: {name!r} is {type(info.method).__name__}, which has no mapping to PEFT's "
+            f"format; these have one: {sorted(m.__name__ for m in methods.values())}"
         )
+    mapping = cast("PeftMapping", info.method)  # it declares peft_type: it has the four hooks
     try:
         config, tensors = mapping.to_peft(att, name)
     except ValueError as e:

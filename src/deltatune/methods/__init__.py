@@ -9,14 +9,18 @@ import pkgutil as _pkgutil
 
 from .adapter import Adapter, AdapterLayer
 from .bitfit import BitFit, BitFitLayer
+from .dora import DoRA
 from .intrinsic import IntrinsicDimension, IntrinsicLayer, IntrinsicVector
 from .lora import Gaussian, KaimingUniform, LoRA, LoRAInit, LoRALayer
+from .lora_fa import LoRAFA
 from .p_tuning import EncodedPrompt, PromptEncoder, PTuning
 from .partial import BlockCopy, Partial
 from .pissa import CorDA, MiLoRA, PiSSA, collect_covariance, randomized_svd
 from .prefix_tuning import Prefixes, PrefixMLP, PrefixTuning
 from .prompt_tuning import FromText, PromptInit, PromptTuning, RandomUniform, SampledVocab, VirtualTokens
+from .tied_lora import TiedLoRA
 from .vblora import VBLoRA, VBLoRALayer, VectorBank
+from .vera import VeRA
 
 __all__ = [
     "Adapter",
@@ -25,6 +29,7 @@ __all__ = [
     "BitFitLayer",
     "BlockCopy",
     "CorDA",
+    "DoRA",
     "EncodedPrompt",
     "FromText",
     "Gaussian",
@@ -33,6 +38,7 @@ __all__ = [
     "IntrinsicVector",
     "KaimingUniform",
     "LoRA",
+    "LoRAFA",
     "LoRAInit",
     "LoRALayer",
     "MiLoRA",
@@ -47,8 +53,10 @@ __all__ = [
     "PromptTuning",
     "RandomUniform",
     "SampledVocab",
+    "TiedLoRA",
     "VBLoRA",
     "VBLoRALayer",
+    "VeRA",
     "VectorBank",
     "VirtualTokens",
     "collect_covariance",

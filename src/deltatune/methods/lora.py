@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import Attachment, adapter_state, check, register
+from ..core import REGISTRY, Attachment, adapter_state, check, register
 from ..fields import Bool, Float, Instance, Int, OneOf, component, param
 from ..peft import PEFT_TUNER_FIELDS, PeftField
 from ..targets import module_kind, shape_of
@@ -314,7 +314,7 @@ class LoRA:
             "refused", "a bias on lora_B is not LoRA's update", "false", (bool,), (False,)
         ),
         "use_dora": PeftField(
-            "refused", "DoRA's magnitude vector is not LoRA's update", "false", (bool,), (False,)
+            "converted", "true imports as deltatune's DoRA (methods/dora.py)", "true or false", (bool,)
         ),
         "use_qalora": PeftField("refused", "QA-LoRA pools the input group-wise", "false", (bool,), (False,)),
         "ensure_weight_tying": PeftField(
@@ -344,10 +344,15 @@ class LoRA:
     @classmethod
     def from_peft(
         cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
-    ) -> tuple[LoRA, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+    ) -> tuple[Any, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
         """PEFT's LoRA: the targets are the modules that have tensors in the file (so PEFT's
         suffix/regex rules never need re-implementing); ranks per module from the tensor shapes,
-        alphas from ``alpha_pattern``."""
+        alphas from ``alpha_pattern``. A file with ``use_dora`` is DoRA's (methods/dora.py)."""
+        if config.get("use_dora"):
+            dora: Any = REGISTRY["dora"]  # PEFT's DoRA is LoRA with use_dora (methods/dora.py)
+            out: tuple[Any, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]
+            out = dora.from_peft(config, tensors, model)
+            return out
         factors: dict[str, dict[str, torch.Tensor]] = {}  # path -> {"lora_A": ..., "lora_B": ...}
         for key, value in tensors.items():
             suffix = next((s for s in _PEFT_NAMES if key.endswith(s)), None)

@@ -1,0 +1,249 @@
+"""DoRA: Weight-Decomposed Low-Rank Adaptation (Liu et al. 2024), arXiv:2402.09353.
+
+    W' = m ⊙ (W0 + s · B A) / ‖W0 + s · B A‖,    y = W' x + b
+
+with the norm taken per output row of the ``(out, in)`` weight (PEFT's convention), ``m`` (out,)
+trainable and initialised to the row norms ``‖W0‖``, and the norm treated as a constant in the
+backward pass (the paper's section 4.3; PEFT's ``weight_norm.detach()``). A and B are LoRA's, with
+LoRA's fields and initialisers (B = 0, so W' = W0 at init). The layer computes the module's output
+itself from one low-rank forward (the fused kernel of :mod:`deltatune.lowrank` where it applies):
+
+    y0 = W0 x + b + s · B A x,    k = m / ‖W0 + s B A‖,    y = y0 + (k − 1) ⊙ (y0 − b)
+
+which is PEFT's ``result + (k − 1) ⊙ base_result + k ⊙ s · lora(x)``. The row norms never form
+``B A``: ‖W0 + sBA‖² = ‖W0‖² + 2s·rowsum(B ⊙ W0Aᵀ) + s²·rowsum(B AAᵀ ⊙ B). With dropout active
+(training) the update reads the dropped-out input, as in PEFT.
+
+PEFT stores DoRA as ``peft_type="LORA"`` with ``use_dora=True`` plus ``lora_magnitude_vector``
+tensors: :meth:`LoRA.from_peft` hands such files to :meth:`DoRA.from_peft`; DoRA writes them with
+its own :meth:`DoRA.to_peft` (``peft_reads = False``: LoRA reads the type, see :mod:`deltatune.peft`).
+
+Closed forms, per adapted ``nn.Linear`` (in_features, out_features):
+
+    trainable = r · (in + out) + out        stored bytes = 4 · trainable   (float32 tensors)
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from deltatune import inject
+    >>> from deltatune.methods.dora import DoRA
+    >>> net = nn.Sequential(nn.Linear(16, 16))
+    >>> att = inject(net, DoRA(rank=4), targets=["0"])
+    >>> att.closed_form("default")
+    (144, 576)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .._cache import Memo
+from ..core import Attachment, adapter_state, check, merged_linear, register
+from ..fields import Bool, Float, Instance, Int, param
+from ..lowrank import fusable, lowrank_linear
+from ..targets import module_kind, shape_of
+from .lora import Gaussian, KaimingUniform, LoRA, LoRAInit, adapter_dtype
+
+_MAGNITUDE = ".lora_magnitude_vector"  # PEFT's name of m
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class DoRA:
+    """LoRA's direction update with a learned per-row magnitude.
+
+    Fields (paper defaults in brackets):
+        rank, alpha, dropout, rank_stabilized: as LoRA's (:class:`deltatune.methods.lora.LoRA`).
+        init: initialiser of A and B, KaimingUniform() or Gaussian() [KaimingUniform()].
+    """
+
+    rank: int = param(8, Int(min=1), "rank r of the direction update B A")
+    alpha: float = param(8.0, Float(low=0.0, low_open=True), "scale numerator: update is (alpha/r) B A")
+    dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
+    rank_stabilized: bool = param(False, Bool(), "rsLoRA: scale by alpha/sqrt(r) instead of alpha/r")
+    init: LoRAInit = param(KaimingUniform(), Instance((KaimingUniform, Gaussian)), "initialiser of A and B")  # noqa: RUF009 - a frozen, immutable default
+
+    name: ClassVar[str] = "dora"
+    mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True
+    weight_space: ClassVar[bool] = False  # the update is not additive in W: merged(base), not delta_weight
+    supports_mixed_batch: ClassVar[bool] = False  # computes the module's output itself
+    combinable: ClassVar[bool] = False
+    layer_types: ClassVar[tuple[str, ...]] = ("linear",)
+    small_example: ClassVar[dict[str, Any]] = {"rank": 4}
+    variants: ClassVar[dict[str, dict[str, Any]]] = {
+        "gaussian": {"fields": {"rank": 2, "init": {"type": "gaussian"}}}
+    }
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rank_stabilized else self.rank)
+
+    def wrap(
+        self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
+    ) -> DoRALayer:
+        if type(base) is not nn.Linear:
+            kind = module_kind(base) or type(base).__name__
+            raise ValueError(
+                f"DoRA: {path!r} is {type(base).__name__} ({kind}); DoRA adapts only nn.Linear modules"
+            )
+        layer = DoRALayer(self, base.in_features, base.out_features, adapter_dtype(base))
+        self.init.initialise(layer.lora_A.data, layer.lora_B.data, kind="linear", generator=generator)
+        with torch.no_grad():
+            layer.magnitude.copy_(layer.row_norm(base.weight))  # = ‖W0‖, computed as forward does
+        return layer
+
+    def parameter_count(self, base: nn.Module) -> int:
+        in_features, out_features = shape_of(base)
+        return self.rank * (in_features + out_features) + out_features
+
+    def stored_bytes(self, base: nn.Module) -> int:
+        return self.parameter_count(base) * adapter_dtype(base).itemsize
+
+    # -- PEFT's format: LoRA's files with use_dora=true (LoRA reads the type and hands them here) --
+    peft_type: ClassVar[str] = "LORA"
+    peft_prefix: ClassVar[str] = LoRA.peft_prefix
+    peft_reads: ClassVar[bool] = False  # import_peft reads "LORA" with LoRA, which dispatches here
+
+    @classmethod
+    def from_peft(
+        cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
+    ) -> tuple[DoRA, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+        """PEFT's LoRA with ``use_dora``: LoRA's translation plus each module's magnitude vector."""
+        magnitudes = {
+            k[len(cls.peft_prefix) : -len(_MAGNITUDE)]: v
+            for k, v in tensors.items()
+            if k.endswith(_MAGNITUDE)
+        }
+        embedded = sorted(k for k in tensors if ".lora_embedding_" in k)
+        if embedded:
+            raise ValueError(
+                f"DoRA on embeddings ({embedded[0]!r}) is not supported; DoRA adapts nn.Linear only"
+            )
+        rest = {k: v for k, v in tensors.items() if not k.endswith(_MAGNITUDE)}
+        lora, targets, overrides, state = LoRA.from_peft({**config, "use_dora": False}, rest, model)
+        missing = sorted(set(targets) - set(magnitudes))
+        extra = sorted(set(magnitudes) - set(targets))
+        if missing or extra:
+            raise ValueError(
+                "use_dora=True needs one lora_magnitude_vector per adapted module; "
+                + (f"missing for {missing}" if missing else f"found without LoRA factors for {extra}")
+            )
+        method = cls(
+            rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, rank_stabilized=lora.rank_stabilized
+        )
+        state = {**state, **{f"{path}.magnitude": m for path, m in magnitudes.items()}}
+        return method, targets, overrides, state
+
+    def to_peft(self, attachment: Attachment, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """PEFT's LoRA config with ``use_dora=true``; per-module ranks and alphas as patterns."""
+        info = attachment.info(name)
+        state = adapter_state(attachment.model, name)
+        tensors: dict[str, torch.Tensor] = {}
+        rank_pattern: dict[str, int] = {}
+        alpha_pattern: dict[str, float] = {}
+        for path in info.targets:
+            cfg = info.configs[path]
+            assert isinstance(cfg, DoRA)
+            if cfg.rank_stabilized != self.rank_stabilized:
+                raise ValueError(f"{path!r} overrides rank_stabilized, which PEFT cannot express")
+            for key, peft_key in (
+                ("lora_A", "lora_A.weight"),
+                ("lora_B", "lora_B.weight"),
+                ("magnitude", _MAGNITUDE[1:]),
+            ):
+                tensors[f"{self.peft_prefix}{path}.{peft_key}"] = state[f"{path}.{key}"]
+            if cfg.rank != self.rank:
+                rank_pattern["^" + re.escape(path) + "$"] = cfg.rank
+            if cfg.alpha != self.alpha:
+                alpha_pattern["^" + re.escape(path) + "$"] = cfg.alpha
+        config = {
+            "r": self.rank,
+            "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout,
+            "use_rslora": self.rank_stabilized,
+            "rank_pattern": rank_pattern,
+            "alpha_pattern": alpha_pattern,
+            "init_lora_weights": True,
+            "use_dora": True,
+            "target_modules": sorted(info.targets),
+            "fan_in_fan_out": False,
+            "bias": "none",
+        }
+        return config, tensors
+
+
+class DoRALayer(nn.Module):
+    """DoRA's tensors for one ``nn.Linear``; it computes the module's output (a replacing layer)."""
+
+    additive: ClassVar[bool] = False
+
+    def __init__(self, config: DoRA, in_features: int, out_features: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.config = config
+        self.scale = config.scale
+        self.lora_A = nn.Parameter(torch.zeros(config.rank, in_features, dtype=dtype))  # (r, in)
+        self.lora_B = nn.Parameter(torch.zeros(out_features, config.rank, dtype=dtype))  # (out, r)
+        self.magnitude = nn.Parameter(torch.ones(out_features, dtype=dtype))  # m, (out,)
+        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self._norm: Memo[torch.Tensor] = Memo()
+
+    def row_norm(self, weight: torch.Tensor) -> torch.Tensor:
+        """‖W0 + s B A‖ per output row, a constant for autograd (cached while W0, A, B are unchanged)."""
+        A, B = self.lora_A, self.lora_B
+        cached = self._norm.get(weight, A, B)
+        if cached is not None:
+            return cached
+        with torch.no_grad():
+            W = weight.detach().to(A.dtype)
+            s = self.scale
+            sq = W.square().sum(1)
+            sq = sq + (2 * s) * (B * (W @ A.t())).sum(1) + (s * s) * ((B @ (A @ A.t())) * B).sum(1)
+            norm = sq.clamp_min(0).sqrt().clamp_min(torch.finfo(A.dtype).tiny)
+        return self._norm.put(norm, weight, A, B)
+
+    def magnitude_scale(self, base: nn.Linear) -> torch.Tensor:
+        """k = m / ‖W0 + s B A‖ (the norm detached)."""
+        return self.magnitude / self.row_norm(base.weight)
+
+    def forward(self, base: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        assert isinstance(base, nn.Linear)
+        k = self.magnitude_scale(base)
+        A, B = self.lora_A, self.lora_B
+        if self.training and not isinstance(self.dropout, nn.Identity):
+            # PEFT: base(x) + (k − 1) ⊙ W0 xd + k ⊙ s B A xd with xd = dropout(x).
+            xd = self.dropout(x)
+            base_out: torch.Tensor = base(x)
+            w0x = F.linear(xd, base.weight).to(A.dtype)
+            lora = F.linear(F.linear(xd.to(A.dtype), A) * self.scale, B)
+            return base_out + ((k - 1) * w0x + k * lora).to(base_out.dtype)
+        if fusable(base, x) and A.dtype == x.dtype:
+            y = lowrank_linear(base, x, A, B, self.scale)
+        else:
+            y0 = base(x)
+            y = y0 + F.linear(F.linear(x.to(A.dtype), A) * self.scale, B).to(y0.dtype)
+        centred = y if base.bias is None else y - base.bias
+        return y + ((k - 1) * centred).to(y.dtype)
+
+    def merged(self, base: nn.Module) -> nn.Module:
+        """A plain Linear with weight W' = k ⊙ (W0 + s B A)."""
+        assert isinstance(base, nn.Linear)
+        with torch.no_grad():
+            W = base.weight.detach().to(self.lora_A.dtype)
+            new = self.magnitude_scale(base)[:, None] * (W + self.scale * (self.lora_B @ self.lora_A))
+            out: nn.Module = merged_linear(base, new - W)
+        return out
+
+    def extra_repr(self) -> str:
+        return f"rank={self.lora_A.shape[0]}, scale={self.scale:g}"

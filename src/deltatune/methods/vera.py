@@ -1,0 +1,342 @@
+"""VeRA: Vector-based Random Matrix Adaptation (Kopiczko, Blankevoort, Asano; ICLR 2024),
+arXiv:2310.11454.
+
+    y = W0 x + Λ_b B Λ_d A dropout(x),    A: (r, in),  B: (out, r),  Λ_d = diag(d),  Λ_b = diag(b)
+
+A and B are frozen random matrices shared by every adapted module of one adapter: one pair, sized
+to the largest adapted dimensions, of which each module takes the slice it needs
+(``A[:, :in]``, ``B[:out, :]``, as PEFT). They are drawn Kaiming-uniform (PEFT's
+``_kaiming_init``: bound sqrt(6 / fan_in)) from a CPU ``torch.Generator`` seeded with
+``projection_prng_key`` (A first, then B), so they are regenerated rather than saved, and are the
+same as PEFT's for the same key. Per module only ``d`` (length r, starts at ``d_initial``) and
+``b`` (length out, starts at 0, so the model starts as the base) are trained.
+
+Closed forms, per adapted module with (in, out) = (in_features, out_features):
+
+    trainable = r + out        stored bytes = 4 · (r + out)   (float32 vectors)
+
+The shared pair is neither trainable nor stored, unless ``save_projection`` is set (then it adds
+4 · r · (in_max + out_max) bytes, once per adapter; PEFT's files written with its default
+``save_projection=True`` import this way, using the file's projections as they are).
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> from deltatune import inject
+    >>> from deltatune.methods.vera import VeRA
+    >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    >>> att = inject(net, VeRA(rank=4), targets=["0", "2"])
+    >>> att.closed_form("default")  # (4 + 32) + (4 + 8) vectors; the shared pair is regenerated
+    (48, 192)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import SHARED_ATTR, Attachment, adapter_state, check, register
+from ..fields import Bool, Float, Int, param
+from ..peft import PEFT_TUNER_FIELDS, PeftField
+from ..targets import module_kind, shape_of
+from .lora import adapter_dtype
+
+_KINDS = ("linear", "conv1d")
+
+
+def kaiming_uniform(shape: tuple[int, int], generator: torch.Generator) -> torch.Tensor:
+    """PEFT's VeRA init: U(−b, b) with b = sqrt(3) · sqrt(2) / sqrt(fan_in), fan_in = shape[1]."""
+    bound = math.sqrt(3.0) * math.sqrt(2.0) / math.sqrt(shape[1])
+    return torch.empty(shape).uniform_(-bound, bound, generator=generator)
+
+
+def projections(rank: int, in_max: int, out_max: int, key: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The shared (A, B) that ``key`` gives, as PEFT draws them: A (r, in_max), then B (out_max, r)."""
+    generator = torch.Generator(device="cpu").manual_seed(key)
+    A = kaiming_uniform((rank, in_max), generator)
+    B = kaiming_uniform((out_max, rank), generator)
+    return A, B
+
+
+def _largest(bases: Mapping[str, nn.Module]) -> tuple[int, int]:
+    """(largest in_features, largest out_features) of the modules VeRA adapts."""
+    shapes = [shape_of(b) for b in bases.values() if module_kind(b) in _KINDS]
+    if not shapes:
+        raise ValueError("VeRA: none of the targeted modules is a linear or Conv1D module")
+    return max(i for i, _ in shapes), max(o for _, o in shapes)
+
+
+def _dtype(bases: Mapping[str, nn.Module]) -> torch.dtype:
+    dtype = torch.float32
+    for base in bases.values():
+        dtype = torch.promote_types(dtype, adapter_dtype(base))
+    return dtype
+
+
+class Projections(nn.Module):
+    """The frozen random pair of one adapter, shared by all its layers (buffers, never trained).
+
+    The buffers are in the saved state only when ``save_projection`` is set; otherwise they are
+    regenerated from ``projection_prng_key`` by every inject and load."""
+
+    vera_A: torch.Tensor  # noqa: N815 - PEFT's name
+    vera_B: torch.Tensor  # noqa: N815 - PEFT's name
+
+    def __init__(self, config: VeRA, in_max: int, out_max: int, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.rank = config.rank
+        self.key = config.projection_prng_key
+        self.saved = config.save_projection
+        A, B = projections(config.rank, in_max, out_max, config.projection_prng_key)
+        self.register_buffer("vera_A", A.to(dtype), persistent=config.save_projection)
+        self.register_buffer("vera_B", B.to(dtype), persistent=config.save_projection)
+
+    def extra_repr(self) -> str:
+        return (
+            f"A={tuple(self.vera_A.shape)}, B={tuple(self.vera_B.shape)}, key={self.key}, saved={self.saved}"
+        )
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class VeRA:
+    """Trainable scaling vectors d and b around one frozen random pair A, B shared by all modules.
+
+    Fields (PEFT's defaults in brackets):
+        rank: r, the shared projections' rank [256; the paper uses 256 to 1024].
+        d_initial: the value every entry of d starts at [0.1; the paper finds small values best].
+        dropout: dropout on the adapter's input [0.0].
+        projection_prng_key: seed of the shared A and B [0].
+        save_projection: also store A and B (the file then reloads without regenerating them)
+            [False here: only the vectors are stored; PEFT's default is True].
+    """
+
+    rank: int = param(256, Int(min=1), "rank r of the shared random projections")
+    d_initial: float = param(
+        0.1, Float(), "initial value of every entry of d (0 would leave d and b without gradients)"
+    )
+    dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
+    projection_prng_key: int = param(0, Int(min=0), "seed of the shared random A and B")
+    save_projection: bool = param(False, Bool(), "also store the shared A and B in the adapter file")
+
+    name: ClassVar[str] = "vera"
+    mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True  # b = 0
+    weight_space: ClassVar[bool] = True
+    supports_mixed_batch: ClassVar[bool] = True
+    quantized_base: ClassVar[bool] = True  # only adds to the base output: 4-bit bases work
+    combinable: ClassVar[bool] = False
+    layer_types: ClassVar[tuple[str, ...]] = _KINDS
+    random_init: ClassVar[bool] = False  # A, B come from projection_prng_key; d, b are constants
+    small_example: ClassVar[dict[str, Any]] = {"rank": 4}
+    variants: ClassVar[dict[str, dict[str, Any]]] = {
+        "saved-projection": {"fields": {"rank": 3, "save_projection": True}},
+    }
+
+    def __post_init__(self) -> None:
+        check(self)
+
+    # -- shared state -----------------------------------------------------------------------------
+    def make_shared(self, bases: Mapping[str, nn.Module], generator: torch.Generator) -> Projections:
+        in_max, out_max = _largest(bases)
+        return Projections(self, in_max, out_max, _dtype(bases))
+
+    def shared_parameter_count(self, bases: Mapping[str, nn.Module]) -> int:
+        return 0  # frozen
+
+    def shared_stored_bytes(self, bases: Mapping[str, nn.Module]) -> int:
+        if not self.save_projection:
+            return 0
+        in_max, out_max = _largest(bases)
+        return self.rank * (in_max + out_max) * _dtype(bases).itemsize
+
+    # -- per module -------------------------------------------------------------------------------
+    def parameter_count(self, base: nn.Module) -> int:
+        _, out_features = shape_of(base)
+        return self.rank + out_features
+
+    def stored_bytes(self, base: nn.Module) -> int:
+        return self.parameter_count(base) * adapter_dtype(base).itemsize
+
+    def wrap(
+        self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
+    ) -> VeRALayer:
+        kind = module_kind(base)
+        if kind not in _KINDS:
+            raise ValueError(f"VeRA: {path!r} is {type(base).__name__}, not a linear or Conv1D module")
+        if not isinstance(shared, Projections):
+            raise ValueError(f"VeRA: {path!r} got no shared projections")
+        for field, mine, theirs in (
+            ("rank", self.rank, shared.rank),
+            ("projection_prng_key", self.projection_prng_key, shared.key),
+            ("save_projection", self.save_projection, shared.saved),
+        ):
+            if mine != theirs:
+                raise ValueError(
+                    f"VeRA: {path!r} overrides {field} ({mine} vs the adapter's {theirs}); the random "
+                    f"projections are shared by every module, so {field} must be the same everywhere"
+                )
+        in_features, out_features = shape_of(base)
+        A, B = shared.vera_A, shared.vera_B
+        if in_features > A.shape[1] or out_features > B.shape[0] or A.shape[0] < self.rank:
+            raise ValueError(
+                f"VeRA: {path!r} needs a slice of ({self.rank}, {in_features}) of the shared A and "
+                f"({out_features}, {self.rank}) of B, which are {tuple(A.shape)} and {tuple(B.shape)}"
+            )
+        return VeRALayer(self, kind, in_features, out_features, adapter_dtype(base), shared)
+
+    # -- PEFT's format (the hooks: deltatune.peft) -----------------------------------------------
+    peft_type: ClassVar[str] = "VERA"
+    peft_prefix: ClassVar[str] = "base_model.model."
+
+    # Every field of PEFT's VeraConfig (PeftConfig's own: deltatune.peft.PEFT_BASE_FIELDS).
+    peft_fields: ClassVar[Mapping[str, PeftField]] = {
+        "r": PeftField("converted", "rank", "a positive integer", (int,)),
+        "d_initial": PeftField("converted", "d_initial (init-time only)", "a number", (int, float)),
+        "vera_dropout": PeftField("converted", "dropout", "a number in [0, 1)", (int, float)),
+        "projection_prng_key": PeftField(
+            "converted", "projection_prng_key", "a non-negative integer", (int,)
+        ),
+        "save_projection": PeftField(
+            "converted",
+            "save_projection, read off the tensors: projections in the file are used as they are",
+            "true or false",
+            (bool,),
+        ),
+        "init_weights": PeftField(
+            "supported", "init-time only: the file holds the vectors", "true or false", (bool,)
+        ),
+        # where the adapter goes: shared by PEFT's layer tuners (VeraConfig has no exclude_modules)
+        **{k: f for k, f in PEFT_TUNER_FIELDS.items() if k != "exclude_modules"},
+        "bias": PeftField("refused", "deltatune's VeRA trains no biases", "'none'", (str,), ("none",)),
+    }
+
+    @classmethod
+    def from_peft(
+        cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
+    ) -> tuple[VeRA, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
+        """PEFT's VeRA: per module its two vectors, and the shared pair when the file holds it."""
+        state: dict[str, torch.Tensor] = {}
+        targets: dict[str, None] = {}
+        for key, value in tensors.items():
+            if key in _PEFT_PROJECTIONS:
+                state[f"{SHARED_ATTR}.{_PEFT_PROJECTIONS[key]}"] = value
+                continue
+            suffix = next((s for s in _PEFT_NAMES if key.endswith(s)), None)
+            if suffix is None or not key.startswith(cls.peft_prefix):
+                raise ValueError(f"unexpected tensor {key!r}: neither VeRA's nor in modules_to_save")
+            path = key[len(cls.peft_prefix) : -len(suffix)]
+            state[f"{path}.{_PEFT_NAMES[suffix]}"] = value
+            targets[path] = None
+        if not targets:
+            raise ValueError("holds no VeRA tensors")
+        held = sorted(k for k in state if k.startswith(SHARED_ATTR + "."))
+        if held and len(held) != 2:
+            raise ValueError(f"holds only {held[0].split('.')[-1]} of the shared pair vera_A, vera_B")
+        if config.get("save_projection") and not held:
+            raise ValueError("save_projection is true but the file holds no vera_A / vera_B")
+        method = cls(
+            rank=int(_peft_get(config, "r", 256)),
+            d_initial=float(_peft_get(config, "d_initial", 0.1)),
+            dropout=float(_peft_get(config, "vera_dropout", 0.0)),
+            projection_prng_key=int(_peft_get(config, "projection_prng_key", 0)),
+            save_projection=bool(held),
+        )
+        return method, list(targets), {}, state
+
+    def to_peft(self, attachment: Attachment, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+        """PEFT's VeRA config and tensors, with the shared pair (``save_projection=True``: PEFT then
+        loads the very projections used here)."""
+        info = attachment.info(name)
+        if any(cfg != self for cfg in info.configs.values()):
+            raise ValueError("PEFT's VeRA has no per-module overrides; this adapter has some")
+        shared = attachment.shared(name)
+        if not isinstance(shared, Projections):
+            raise ValueError(f"adapter {name!r} has no VeRA projections")
+        theirs = {ours: suffix for suffix, ours in _PEFT_NAMES.items()}
+        tensors: dict[str, torch.Tensor] = {}
+        for key, value in adapter_state(attachment.model, name).items():
+            path, _, leaf = key.rpartition(".")
+            if path in info.targets:
+                tensors[f"{self.peft_prefix}{path}{theirs[leaf]}"] = value
+        for peft_key, ours in _PEFT_PROJECTIONS.items():
+            tensors[peft_key] = getattr(shared, ours).detach().contiguous()
+        config = {
+            "r": self.rank,
+            "d_initial": self.d_initial,
+            "vera_dropout": self.dropout,
+            "projection_prng_key": self.projection_prng_key,
+            "save_projection": True,
+            "init_weights": True,
+            "target_modules": sorted(info.targets),
+            "fan_in_fan_out": any(module_kind(attachment.wrappers[p].base) == "conv1d" for p in info.targets),
+            "bias": "none",
+        }
+        return config, tensors
+
+
+# PEFT's tensor names -> ours.
+_PEFT_NAMES = {".vera_lambda_b": "lambda_b", ".vera_lambda_d": "lambda_d"}
+_PEFT_PROJECTIONS = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
+
+
+def _peft_get(config: Mapping[str, Any], key: str, default: Any) -> Any:
+    """A field of PEFT's config; its default when absent or null."""
+    value = config.get(key)
+    return default if value is None else value
+
+
+class VeRALayer(nn.Module):
+    """The vectors d and b of one module; the shared pair is reached through ``shared``, not owned."""
+
+    additive: ClassVar[bool] = True
+    _shared: Projections
+
+    def __init__(
+        self,
+        config: VeRA,
+        kind: str,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype,
+        shared: Projections,
+    ) -> None:
+        super().__init__()
+        self.config = config
+        self.kind = kind
+        self.in_features = in_features
+        self.out_features = out_features
+        self.lambda_b = nn.Parameter(torch.zeros(out_features, dtype=dtype))
+        self.lambda_d = nn.Parameter(torch.full((config.rank,), config.d_initial, dtype=dtype))
+        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        # Not a submodule: the pair belongs to the attachment (moved, and saved if at all, once).
+        object.__setattr__(self, "_shared", shared)
+
+    def projections(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """This module's slices of the shared pair: A[:r, :in], B[:out, :r]."""
+        r = self.lambda_d.shape[0]
+        return self._shared.vera_A[:r, : self.in_features], self._shared.vera_B[: self.out_features, :r]
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        A, B = self.projections()
+        h = F.linear(self.dropout(x.to(self.lambda_d.dtype)), A.to(self.lambda_d.dtype))  # (..., r)
+        return self.lambda_b * F.linear(self.lambda_d * h, B.to(self.lambda_b.dtype))  # (..., out)
+
+    def delta_weight(self) -> torch.Tensor:
+        """Λ_b B Λ_d A in the layout of the base weight: (out, in) for Linear, transposed for Conv1D."""
+        A, B = self.projections()
+        delta = (self.lambda_b[:, None] * B.to(self.lambda_b.dtype)) @ (
+            self.lambda_d[:, None] * A.to(self.lambda_d.dtype)
+        )
+        return delta if self.kind == "linear" else delta.t()
+
+    def extra_repr(self) -> str:
+        return (
+            f"kind={self.kind}, rank={self.lambda_d.shape[0]}, in={self.in_features}, out={self.out_features}"
+        )
