@@ -93,6 +93,12 @@ class PeftField:
 
 
 # PeftConfig's own fields (every PEFT config has them): handled here, for every method.
+def peft_get(config: Mapping[str, Any], key: str, default: Any) -> Any:
+    """A field of PEFT's config; its default when absent or null."""
+    value = config.get(key)
+    return default if value is None else value
+
+
 #: The fields of PEFT's layer tuners (LoRA, VB-LoRA, ...) that say where an adapter goes: converted
 #: (the targets are read off the file's tensors) or supported as they are.
 PEFT_TUNER_FIELDS: dict[str, PeftField] = {

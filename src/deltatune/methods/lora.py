@@ -36,7 +36,7 @@ from torch import nn
 
 from ..core import REGISTRY, Attachment, adapter_state, check, register
 from ..fields import Bool, Float, Instance, Int, OneOf, component, param
-from ..peft import PEFT_TUNER_FIELDS, PeftField
+from ..peft import PEFT_TUNER_FIELDS, PeftField, peft_get
 from ..targets import module_kind, shape_of
 
 
@@ -361,12 +361,12 @@ class LoRA:
             factors.setdefault(key[len(cls.peft_prefix) : -len(suffix)], {})[_PEFT_NAMES[suffix]] = value
         if not factors:
             raise ValueError("holds no LoRA tensors")
-        rank, alpha = int(_peft_get(config, "r", 8)), float(_peft_get(config, "lora_alpha", 8))
+        rank, alpha = int(peft_get(config, "r", 8)), float(peft_get(config, "lora_alpha", 8))
         method = cls(
             rank=rank,
             alpha=alpha,
-            dropout=float(_peft_get(config, "lora_dropout", 0.0)),
-            rank_stabilized=bool(_peft_get(config, "use_rslora", False)),
+            dropout=float(peft_get(config, "lora_dropout", 0.0)),
+            rank_stabilized=bool(peft_get(config, "use_rslora", False)),
         )
         overrides: dict[str, dict[str, Any]] = {}
         for path, pair in factors.items():
@@ -434,12 +434,6 @@ _PEFT_NAMES = {
     ".lora_embedding_B": "lora_B",
 }
 _PEFT_LINEAR = ("lora_A.weight", "lora_B.weight")
-
-
-def _peft_get(config: Mapping[str, Any], key: str, default: Any) -> Any:
-    """A field of PEFT's config; its default when absent or null."""
-    value = config.get(key)
-    return default if value is None else value
 
 
 class LoRALayer(nn.Module):

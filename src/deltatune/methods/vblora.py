@@ -54,7 +54,7 @@ from torch import nn
 from .._cache import Memo
 from ..core import SHARED_ATTR, Attachment, adapter_state, check, register
 from ..fields import Float, Int, OneOf, param
-from ..peft import PEFT_TUNER_FIELDS, PeftField
+from ..peft import PEFT_TUNER_FIELDS, PeftField, peft_get
 from ..targets import module_kind, shape_of
 
 
@@ -284,10 +284,10 @@ class VBLoRA:
             rank=int(config["r"]),
             num_vectors=int(config["num_vectors"]),
             vector_length=int(config["vector_length"]),
-            topk=int(_peft_get(config, "topk", 2)),
-            logits_std=float(_peft_get(config, "init_logits_std", 0.1)),
-            bank_bound=float(_peft_get(config, "init_vector_bank_bound", 0.02)),
-            dropout=float(_peft_get(config, "vblora_dropout", 0.0)),
+            topk=int(peft_get(config, "topk", 2)),
+            logits_std=float(peft_get(config, "init_logits_std", 0.1)),
+            bank_bound=float(peft_get(config, "init_vector_bank_bound", 0.02)),
+            dropout=float(peft_get(config, "vblora_dropout", 0.0)),
             save_mode="topk" if any(k.endswith(".topk_indices_A") for k in state) else "logits",
         )
         return method, list(targets), {}, state
@@ -331,12 +331,6 @@ _PEFT_NAMES = {
     ".vblora_logits_B": "logits_B",
 }
 _PEFT_BANK = "base_model.vblora_vector_bank"
-
-
-def _peft_get(config: Mapping[str, Any], key: str, default: Any) -> Any:
-    """A field of PEFT's config; its default when absent or null."""
-    value = config.get(key)
-    return default if value is None else value
 
 
 class VBLoRALayer(nn.Module):

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..core import SHARED_ATTR, Attachment, adapter_state, check, register
 from ..fields import Bool, Float, Int, param
-from ..peft import PEFT_TUNER_FIELDS, PeftField
+from ..peft import PEFT_TUNER_FIELDS, PeftField, peft_get
 from ..targets import module_kind, shape_of
 from .lora import adapter_dtype
 
@@ -242,10 +242,10 @@ class VeRA:
         if config.get("save_projection") and not held:
             raise ValueError("save_projection is true but the file holds no vera_A / vera_B")
         method = cls(
-            rank=int(_peft_get(config, "r", 256)),
-            d_initial=float(_peft_get(config, "d_initial", 0.1)),
-            dropout=float(_peft_get(config, "vera_dropout", 0.0)),
-            projection_prng_key=int(_peft_get(config, "projection_prng_key", 0)),
+            rank=int(peft_get(config, "r", 256)),
+            d_initial=float(peft_get(config, "d_initial", 0.1)),
+            dropout=float(peft_get(config, "vera_dropout", 0.0)),
+            projection_prng_key=int(peft_get(config, "projection_prng_key", 0)),
             save_projection=bool(held),
         )
         return method, list(targets), {}, state
@@ -284,12 +284,6 @@ class VeRA:
 # PEFT's tensor names -> ours.
 _PEFT_NAMES = {".vera_lambda_b": "lambda_b", ".vera_lambda_d": "lambda_d"}
 _PEFT_PROJECTIONS = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
-
-
-def _peft_get(config: Mapping[str, Any], key: str, default: Any) -> Any:
-    """A field of PEFT's config; its default when absent or null."""
-    value = config.get(key)
-    return default if value is None else value
 
 
 class VeRALayer(nn.Module):
