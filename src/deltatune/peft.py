@@ -49,7 +49,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal, Protocol, cast
 
@@ -57,69 +56,14 @@ import torch
 from torch import nn
 
 from . import core, io
+from .interop import PeftField
 from .targets import name_matches
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"
 
 
-@dataclass(frozen=True)
-class PeftField:
-    """How :func:`import_peft` treats one field of PEFT's ``adapter_config.json``.
-
-    A method that reads PEFT's format may declare ``peft_fields: ClassVar[Mapping[str, PeftField]]``,
-    one entry per field of PEFT's config class (a test walks it against the installed PEFT);
-    :func:`import_peft` then checks every field of the file against it before anything else, and
-    refuses fields the table does not know (a newer PEFT) unless ``unknown_fields="ignore"``.
-
-    Attributes:
-        handling: "supported" (read as it is, or without effect on the imported adapter),
-            "converted" (translated into deltatune's form), or "refused" (only the values in
-            ``accepts`` import; any other raises, naming the field and ``why``).
-        why: what the field means here, or why other values are refused.
-        expected: what a valid value is, in words (used in the error messages).
-        types: the JSON types a value may have (``bool`` is never taken for ``int``); None (JSON
-            null) always passes unless ``required``.
-        accepts: the only values that import (None: any value of ``types``).
-        required: the field must be present and not null.
-    """
-
-    handling: Literal["supported", "converted", "refused"]
-    why: str
-    expected: str = "any value"
-    types: tuple[type, ...] = (object,)
-    accepts: tuple[Any, ...] | None = None
-    required: bool = False
-
-
 # PeftConfig's own fields (every PEFT config has them): handled here, for every method.
-def peft_get(config: Mapping[str, Any], key: str, default: Any) -> Any:
-    """A field of PEFT's config; its default when absent or null."""
-    value = config.get(key)
-    return default if value is None else value
-
-
-#: The fields of PEFT's layer tuners (LoRA, VB-LoRA, ...) that say where an adapter goes: converted
-#: (the targets are read off the file's tensors) or supported as they are.
-PEFT_TUNER_FIELDS: dict[str, PeftField] = {
-    "target_modules": PeftField(
-        "converted",
-        "the targets are the modules with tensors in the file",
-        "a list or string",
-        (list, str),
-    ),
-    "exclude_modules": PeftField("converted", "as target_modules", "a list or string", (list, str)),
-    "layers_to_transform": PeftField("converted", "as target_modules", "a list or integer", (list, int)),
-    "layers_pattern": PeftField("converted", "as target_modules", "a list or string", (list, str)),
-    "fan_in_fan_out": PeftField(
-        "supported", "the layout follows the module (GPT-2's Conv1D)", "true or false", (bool,)
-    ),
-    "modules_to_save": PeftField(
-        "supported", "deltatune's modules_to_save (deltatune.peft)", "a list", (list,)
-    ),
-}
-
-
 PEFT_BASE_FIELDS: dict[str, PeftField] = {
     "peft_type": PeftField(
         "supported", "chooses the method (peft_methods())", "a string", (str,), required=True

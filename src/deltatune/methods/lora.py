@@ -36,7 +36,7 @@ from torch import nn
 
 from ..core import REGISTRY, Attachment, adapter_state, check, register
 from ..fields import Bool, Float, Instance, Int, OneOf, component, param
-from ..peft import PEFT_TUNER_FIELDS, PeftField, peft_get
+from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
 from ..targets import module_kind, shape_of
 
 

@@ -54,7 +54,7 @@ from torch import nn
 from .._cache import Memo
 from ..core import SHARED_ATTR, Attachment, adapter_state, check, register
 from ..fields import Float, Int, OneOf, param
-from ..peft import PEFT_TUNER_FIELDS, PeftField, peft_get
+from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
 from ..targets import module_kind, shape_of
 
 

@@ -43,7 +43,7 @@ from torch import nn
 
 from ..core import SHARED_ATTR, Attachment, adapter_state, check, register
 from ..fields import Bool, Float, Int, param
-from ..peft import PEFT_TUNER_FIELDS, PeftField, peft_get
+from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
 from ..targets import module_kind, shape_of
 from .lora import adapter_dtype
 
