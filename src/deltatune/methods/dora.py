@@ -36,7 +36,6 @@ Example:
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -50,7 +49,7 @@ from ..core import Attachment, adapter_state, check, merged_linear, register
 from ..fields import Bool, Float, Instance, Int, param
 from ..lowrank import fusable, lowrank_linear
 from ..targets import module_kind, shape_of
-from .lora import Gaussian, KaimingUniform, LoRA, LoRAInit, adapter_dtype
+from .lora import Gaussian, KaimingUniform, LoRA, LoRAInit, adapter_dtype, peft_lora_config
 
 _MAGNITUDE = ".lora_magnitude_vector"  # PEFT's name of m
 
@@ -151,8 +150,7 @@ class DoRA:
         info = attachment.info(name)
         state = adapter_state(attachment.model, name)
         tensors: dict[str, torch.Tensor] = {}
-        rank_pattern: dict[str, int] = {}
-        alpha_pattern: dict[str, float] = {}
+        configs: dict[str, DoRA] = {}
         for path in info.targets:
             cfg = info.configs[path]
             assert isinstance(cfg, DoRA)
@@ -164,24 +162,8 @@ class DoRA:
                 ("magnitude", _MAGNITUDE[1:]),
             ):
                 tensors[f"{self.peft_prefix}{path}.{peft_key}"] = state[f"{path}.{key}"]
-            if cfg.rank != self.rank:
-                rank_pattern["^" + re.escape(path) + "$"] = cfg.rank
-            if cfg.alpha != self.alpha:
-                alpha_pattern["^" + re.escape(path) + "$"] = cfg.alpha
-        config = {
-            "r": self.rank,
-            "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout,
-            "use_rslora": self.rank_stabilized,
-            "rank_pattern": rank_pattern,
-            "alpha_pattern": alpha_pattern,
-            "init_lora_weights": True,
-            "use_dora": True,
-            "target_modules": sorted(info.targets),
-            "fan_in_fan_out": False,
-            "bias": "none",
-        }
-        return config, tensors
+            configs[path] = cfg
+        return peft_lora_config(self, configs, use_dora=True, fan_in_fan_out=False), tensors
 
 
 class DoRALayer(nn.Module):

@@ -387,8 +387,7 @@ class LoRA:
         stored = self.stored_method()
         state = adapter_state(attachment.model, name)
         tensors: dict[str, torch.Tensor] = {}
-        rank_pattern: dict[str, int] = {}
-        alpha_pattern: dict[str, float] = {}
+        configs: dict[str, LoRA] = {}
         kinds = {path: module_kind(attachment.wrappers[path].base) for path in info.targets}
         for path in info.targets:
             cfg = cast(LoRA, info.configs[path]).stored_method()
@@ -406,24 +405,37 @@ class LoRA:
             a, b = ("lora_embedding_A", "lora_embedding_B") if kinds[path] == "embedding" else _PEFT_LINEAR
             tensors[f"{self.peft_prefix}{path}.{a}"] = state[f"{path}.lora_A"]
             tensors[f"{self.peft_prefix}{path}.{b}"] = state[f"{path}.lora_B"]
-            if cfg.rank != stored.rank:
-                rank_pattern["^" + re.escape(path) + "$"] = cfg.rank
-            if cfg.alpha != stored.alpha:
-                alpha_pattern["^" + re.escape(path) + "$"] = cfg.alpha
-        config = {
-            "r": stored.rank,
-            "lora_alpha": stored.alpha,
-            "lora_dropout": stored.dropout,
-            "use_rslora": stored.rank_stabilized,
-            "rank_pattern": rank_pattern,
-            "alpha_pattern": alpha_pattern,
-            "init_lora_weights": True,
-            "use_dora": False,
-            "target_modules": sorted(info.targets),
-            "fan_in_fan_out": any(kind == "conv1d" for kind in kinds.values()),
-            "bias": "none",
-        }
-        return config, tensors
+            configs[path] = cfg
+        fan_in_fan_out = any(kind == "conv1d" for kind in kinds.values())
+        return peft_lora_config(stored, configs, use_dora=False, fan_in_fan_out=fan_in_fan_out), tensors
+
+
+def peft_lora_config(
+    method: Any, configs: Mapping[str, Any], *, use_dora: bool, fan_in_fan_out: bool
+) -> dict[str, Any]:
+    """PEFT's ``LoraConfig`` for an adapter of ``method`` (LoRA or DoRA) whose per-module configs
+    are ``configs`` (path -> config): ranks and alphas that differ from the method's become
+    ``rank_pattern`` / ``alpha_pattern`` entries anchored on the whole path."""
+    rank_pattern: dict[str, int] = {}
+    alpha_pattern: dict[str, float] = {}
+    for path, cfg in configs.items():
+        if cfg.rank != method.rank:
+            rank_pattern["^" + re.escape(path) + "$"] = cfg.rank
+        if cfg.alpha != method.alpha:
+            alpha_pattern["^" + re.escape(path) + "$"] = cfg.alpha
+    return {
+        "r": method.rank,
+        "lora_alpha": method.alpha,
+        "lora_dropout": method.dropout,
+        "use_rslora": method.rank_stabilized,
+        "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern,
+        "init_lora_weights": True,
+        "use_dora": use_dora,
+        "target_modules": sorted(configs),
+        "fan_in_fan_out": fan_in_fan_out,
+        "bias": "none",
+    }
 
 
 # PEFT's tensor suffixes -> the layer's state keys.
