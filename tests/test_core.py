@@ -271,7 +271,7 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     def boom(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("deltatune.io.save_file", boom)
+    monkeypatch.setattr("deltatune.files.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         dt.save(model, tmp_path / "a")
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before

@@ -19,7 +19,8 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.io import read_config, read_tensors, write_file, write_folder
+from deltatune.files import write_file, write_folder
+from deltatune.io import read_config, read_tensors
 
 KILLS = 20
 
@@ -118,7 +119,7 @@ counts["save_ms"] = round(span * 1000, 1)
 
 # Then deterministically: a child killed right before its n-th rename, exchange or delete.
 import shutil
-import deltatune.io as dio
+import deltatune.files as dio
 counts["injected"] = counts["injected_mixed"] = 0
 for n in range(1, 9):
     target = 1 - current

@@ -18,7 +18,8 @@ from torch import nn
 
 from .core import CAPABILITIES, closed_form, merge, method_from_config
 from .fields import to_jsonable
-from .io import CONFIG_NAME, WEIGHTS_NAME, load, read_config, read_tensors, write_folder
+from .files import write_folder
+from .io import CONFIG_NAME, WEIGHTS_NAME, load, read_config, read_tensors
 
 __all__ = ["adapter_info", "add_parsers", "run_eval", "run_info", "run_merge"]
 

@@ -1,7 +1,7 @@
 """Adapter files: ``adapter_config.json`` + ``adapter.safetensors`` (PEFT's format: :mod:`deltatune.peft`).
 
 Only JSON and safetensors are ever read: nothing is unpickled. Writes go to a temporary folder that
-is swapped whole for the old one (:func:`write_folder`), so a crash leaves the old adapter or the new
+is swapped whole for the old one (:func:`deltatune.files.write_folder`), so a crash leaves the old adapter or the new
 one, never a half-written or mixed one. Loading checks the format version, the method and its
 fields, the base model's fingerprint (class, weight shape and a sampled hash of the weight of every
 adapted module: another base is refused unless ``load(..., strict_base=False)``), and every tensor's
@@ -41,28 +41,23 @@ Example:
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import errno
 import hashlib
 import json
 import os
 import re
-import shutil
-import stat
-import sys
-import tempfile
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
 from . import core
 from .fields import from_jsonable, to_jsonable
+from .files import json_writer, tensors_writer, write_files
 
 # 2 adds the optional base_model, head and task records; format-1 files (without them) still load.
 FORMAT_VERSION = 2
@@ -166,215 +161,6 @@ def fingerprint(
     for path, digest in zip(samples, _content_hashes(list(samples.values())), strict=True):
         out[path][2] = digest
     return out
-
-
-def _umask() -> int:
-    """The process umask. Linux reports it in /proc; elsewhere it can only be read by setting it."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError, IndexError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def normal_permissions(path: str | os.PathLike[str]) -> None:
-    """Give ``path`` (and, for a folder, everything under it) the mode a plain ``open()`` or
-    ``mkdir()`` would have given it: ``0o666 & ~umask`` for files, ``0o777 & ~umask`` for folders.
-
-    Writers that go through temporary files create them private (``tempfile.mkdtemp``: 0o700;
-    safetensors >= 0.8: 0o600, https://github.com/safetensors/safetensors/issues/782), and a rename
-    keeps that mode: other users could not read a saved adapter or a merged model.
-    """
-    mask = _umask()
-    root = Path(path)
-    for p in [root, *(root.rglob("*") if root.is_dir() and not root.is_symlink() else ())]:
-        if p.is_symlink():
-            continue
-        p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
-
-
-def write_folder(folder: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
-    """Let ``write(tmp)`` fill a temporary sibling folder, then swap it for ``folder`` whole.
-
-    ``folder`` holds the old contents or the new ones at every moment, whatever kills the process
-    (on Linux the two folders are exchanged in one ``renameat2(RENAME_EXCHANGE)``; elsewhere the old
-    folder is renamed away and the new one in, which leaves a moment without ``folder``). Entries of
-    an existing ``folder`` that ``write`` did not produce are carried over (hard links, else copies).
-    Everything written gets :func:`normal_permissions`, except that a replaced file, and the folder
-    itself, keep the mode they had. Files are flushed to disk before the swap.
-
-    A process killed mid-way leaves at most a hidden ``.<name>.*`` sibling (the new contents not yet
-    swapped in, or the old ones not yet deleted), never a mixed ``folder``.
-    """
-    folder = Path(folder).resolve()
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder} exists and is not a folder")
-    if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):  # a swap would not need it
-        raise PermissionError(errno.EACCES, "the folder is read-only; nothing was written", str(folder))
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
-        write(tmp)
-        normal_permissions(tmp)
-        _sync_tree(tmp)
-        if not folder.exists():
-            os.replace(tmp, folder)
-        else:
-            _carry_over(folder, tmp)
-            tmp.chmod(stat.S_IMODE(folder.stat().st_mode))
-            if not _exchange(tmp, folder):
-                aside = tmp.with_name(tmp.name + ".old")
-                os.rename(folder, aside)
-                try:
-                    os.rename(tmp, folder)
-                except BaseException:
-                    os.rename(aside, folder)
-                    raise
-                tmp = aside
-            shutil.rmtree(tmp, ignore_errors=True)  # the old contents
-        _sync_dir(folder.parent)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return folder
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap two paths in one step (Linux ``renameat2`` with ``RENAME_EXCHANGE``). False where the
-    system or the file system cannot; an ``OSError`` for any other failure."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
-    except (OSError, AttributeError):  # no libc, or a libc before glibc 2.28
-        return False
-    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    renameat2.restype = ctypes.c_int
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
-
-
-def _carry_over(old: Path, new: Path) -> None:
-    """Give ``new`` the entries of ``old`` it lacks (hard links, else copies), and each file it
-    replaces the mode that file had."""
-    for entry in sorted(old.iterdir()):
-        target = new / entry.name
-        if target.exists() or target.is_symlink():
-            if target.is_file() and entry.is_file() and not entry.is_symlink():
-                target.chmod(stat.S_IMODE(entry.stat().st_mode))
-        elif entry.is_symlink():
-            os.symlink(os.readlink(entry), target)
-        elif entry.is_dir():
-            shutil.copytree(entry, target, symlinks=True, copy_function=_link_or_copy)
-        else:
-            _link_or_copy(str(entry), str(target))
-
-
-def _link_or_copy(src: str, dst: str) -> str:
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-    return dst
-
-
-def _sync_tree(root: Path) -> None:
-    """Flush every file under ``root`` (and the folders) to disk: a swap must not outrun its data."""
-    for p in [*(root.rglob("*") if root.is_dir() else ()), root]:
-        if p.is_symlink():
-            continue
-        if p.is_dir():
-            _sync_dir(p)
-        elif p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-
-
-def _sync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # not possible everywhere (Windows)
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_file(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
-    """Let ``write(tmp)`` write a temporary sibling of ``path`` (same suffix, so writers that go by
-    it, such as matplotlib, see the right one), flush it, then rename it over ``path``: ``path`` is
-    the old file or the new one, never a part. A new file gets :func:`normal_permissions`, a replaced
-    one keeps its mode. The writer of every file the harness writes (metrics.json, curves.png,
-    trained.safetensors)."""
-    path = Path(path).resolve()
-    if path.is_dir():
-        raise ValueError(f"{path} exists and is a folder")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    tmp = Path(name)
-    try:
-        write(tmp)
-        if path.is_file():
-            tmp.chmod(stat.S_IMODE(path.stat().st_mode))
-        else:
-            normal_permissions(tmp)
-        _sync_tree(tmp)
-        os.replace(tmp, path)
-        _sync_dir(path.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return path
-
-
-def write_files(folder: Path, files: Mapping[str, Callable[[Path], None]]) -> None:
-    """Write ``files`` (name -> writer(path), e.g. :func:`json_writer`) into ``folder`` all at once."""
-
-    def write(tmp: Path) -> None:
-        for name, writer in files.items():
-            writer(tmp / name)
-
-    if folder.exists() and not folder.is_dir():
-        raise ValueError(f"{folder.resolve()} exists and is not a folder")
-    write_folder(folder, write)
-
-
-def json_writer(data: Mapping[str, Any]) -> Callable[[Path], None]:
-    """A writer of ``data`` as sorted, indented JSON (for :func:`write_files`)."""
-
-    def write(path: Path) -> None:
-        path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-    return write
-
-
-def tensors_writer(
-    tensors: Mapping[str, torch.Tensor], metadata: dict[str, str] | None = None
-) -> Callable[[Path], None]:
-    """A writer of ``tensors`` as a safetensors file (for :func:`write_files`)."""
-
-    def write(path: Path) -> None:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata
-        )
-
-    return write
 
 
 def save(

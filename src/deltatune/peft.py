@@ -55,7 +55,7 @@ from typing import Any, ClassVar, Literal, Protocol, cast
 import torch
 from torch import nn
 
-from . import core, io
+from . import core, files, io
 from .interop import PeftField
 from .targets import name_matches
 
@@ -341,11 +341,11 @@ def export_peft(
         "inference_mode": True,
     }
     folder = Path(folder)
-    io.write_files(
+    files.write_files(
         folder,
         {
-            PEFT_CONFIG_NAME: io.json_writer(config),
-            PEFT_WEIGHTS_NAME: io.tensors_writer(tensors, metadata={"format": "pt"}),
+            PEFT_CONFIG_NAME: files.json_writer(config),
+            PEFT_WEIGHTS_NAME: files.tensors_writer(tensors, metadata={"format": "pt"}),
         },
     )
     return folder

@@ -17,7 +17,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import read_tensors, write_folder
+from ..files import write_folder
+from ..io import read_tensors
 from .config import RUN_NEUTRAL, TrainConfig
 
 __all__ = [
@@ -65,7 +66,7 @@ def save_checkpoint(
     history: dict[str, Any],
 ) -> None:
     """Write ``folder`` (``state.safetensors`` + ``state.json``) atomically, through
-    :func:`deltatune.io.write_folder`: ``folder`` holds the previous checkpoint or the new one."""
+    :func:`deltatune.files.write_folder`: ``folder`` holds the previous checkpoint or the new one."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}

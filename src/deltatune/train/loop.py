@@ -32,7 +32,8 @@ import torch
 from torch import nn
 
 from .. import core
-from ..io import save, tensors_writer, write_file
+from ..files import tensors_writer, write_file
+from ..io import save
 from .batches import Collator, autocast, batch_positions, count_of, device_of, loss_sum, prompt_of, to_device
 from .checkpoint import check_out_folder, has_checkpoint, load_checkpoint, remove_run, save_checkpoint
 from .config import TrainConfig

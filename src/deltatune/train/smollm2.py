@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..io import normal_permissions
+from ..files import normal_permissions
 from .progress import quiet_transformers
 
 __all__ = [
