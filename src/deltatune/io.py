@@ -3,9 +3,9 @@
 Only JSON and safetensors are ever read: nothing is unpickled. Writes go to a temporary folder that
 is swapped whole for the old one (:func:`deltatune.files.write_folder`), so a crash leaves the old
 adapter or the new one, never a half-written or mixed one. Loading checks the format version, the
-method and its fields, the base model's fingerprint (class, weight shape and a sampled hash of the weight of every
-adapted module: another base is refused unless ``load(..., strict_base=False)``), and every tensor's
-name and shape, and names whatever is missing, extra or mismatched.
+method and its fields, the base model's fingerprint (class, weight shape and a sampled hash of the
+weight of every adapted module: another base is refused unless ``load(..., strict_base=False)``),
+and every tensor's name and shape, and names whatever is missing, extra or mismatched.
 
 The config also records where the adapter came from, so that ``deltatune eval ADAPTER`` and
 ``deltatune merge ADAPTER --out DIR`` need no ``--model``/``--task`` (format 2; each key may be
