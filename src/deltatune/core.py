@@ -61,6 +61,7 @@ from .wrapper import (
     Attachment,
     ModuleCopy,
     Switch,
+    all_or_nothing,
     attachment_of,
     base_modules,
     has_adapters,
@@ -285,92 +286,6 @@ def _to_device_of(layer: nn.Module, *bases: nn.Module) -> nn.Module:
     if ref is not None:
         layer.to(device=ref.device)
     return layer
-
-
-@dataclass
-class _Snapshot:
-    """What a verb may change on a model, by reference (no tensor is copied): each module's children,
-    parameters, buffers and training mode, each parameter's ``requires_grad``, and the attachment
-    (its switch, adapters, wrappers and each adapter's record)."""
-
-    attachment: Attachment | None
-    modules: list[tuple[nn.Module, list[tuple[dict[str, Any], dict[str, Any]]], bool]]
-    flags: list[tuple[nn.Parameter, bool]]
-    switch: tuple[tuple[str, ...], bool, list[str | None] | None]
-    adapters: dict[str, AdapterInfo]
-    records: dict[str, dict[str, Any]]
-    wrappers: dict[str, Adapted]
-    requires_grad: dict[int, tuple[nn.Parameter, bool]]
-
-
-def _snapshot(model: nn.Module) -> _Snapshot:
-    att = model.__dict__.get(ATTACHMENT_ATTR)
-    att = att if isinstance(att, Attachment) else None
-    # (each module's dicts of children, parameters and buffers: the dict itself and its contents)
-    modules = [
-        (m, [(d, dict(d)) for d in (m._modules, m._parameters, m._buffers)], m.training)
-        for m in model.modules()
-    ]
-    flags = [(p, p.requires_grad) for m in model.modules() for p in m._parameters.values() if p is not None]
-    records = {
-        n: {k: (v.copy() if isinstance(v, dict | list) else v) for k, v in vars(info).items()}
-        for n, info in (att.adapters.items() if att is not None else ())
-    }
-    switch = att.switch if att is not None else Switch()
-    return _Snapshot(
-        attachment=att,
-        modules=modules,
-        flags=flags,
-        switch=(switch.active, switch.enabled, switch.routing),
-        adapters=dict(att.adapters) if att is not None else {},
-        records=records,
-        wrappers=dict(att.wrappers) if att is not None else {},
-        requires_grad=dict(att.requires_grad) if att is not None else {},
-    )
-
-
-def _restore(model: nn.Module, saved: _Snapshot) -> None:
-    for module, dicts, training in saved.modules:
-        for attr, (held, contents) in zip(("_modules", "_parameters", "_buffers"), dicts, strict=True):
-            held.clear()
-            held.update(contents)
-            module.__dict__[attr] = held
-        module.training = training
-    for p, flag in saved.flags:
-        if p.requires_grad != flag:
-            p.requires_grad_(flag)
-    att = saved.attachment
-    if att is None:
-        model.__dict__.pop(ATTACHMENT_ATTR, None)
-        return
-    model.__dict__[ATTACHMENT_ATTR] = att
-    # The switch is shared by every wrapper: restored in place, as are the attachment's dicts.
-    att.switch.active, att.switch.enabled, att.switch.routing = saved.switch
-    att.adapters.clear()
-    att.adapters.update(saved.adapters)
-    for n, record in saved.records.items():
-        vars(saved.adapters[n]).update(record)
-    att.wrappers.clear()
-    att.wrappers.update(saved.wrappers)
-    att.requires_grad.clear()
-    att.requires_grad.update(saved.requires_grad)
-
-
-@contextlib.contextmanager
-def all_or_nothing(model: nn.Module) -> Iterator[nn.Module]:
-    """Run a verb's steps as one: if the block raises, the model's modules, parameters, buffers,
-    training modes, ``requires_grad`` flags and adapters (which exist, which are active) are put
-    back as they were on entry, and the exception propagates.
-
-    Nothing is copied (references only), so it is cheap; but a tensor changed *in place* is not
-    undone: a verb does its in-place writes last, after every step that can fail.
-    """
-    saved = _snapshot(model)
-    try:
-        yield model
-    except BaseException:
-        _restore(model, saved)
-        raise
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
