@@ -7,6 +7,7 @@ Each row runs as its own ``deltatune train`` process, so its peak memory (RSS on
     .venv/bin/python benchmarks/compare.py --preset cpu      # ~35 min on 2 CPU cores
     .venv/bin/python benchmarks/compare.py --preset gpu      # bigger budgets, SmolLM2; needs a GPU
     .venv/bin/python benchmarks/compare.py --preset smoke    # 2 minutes, to check the plumbing
+    .venv/bin/python benchmarks/compare.py --preset lora-family --seeds 0 1 2 --jobs 2   # ~2 h
 
 Times are wall-clock seconds of the training steps on a shared machine whose speed drifts by
 ±30 % between runs: read them as rough costs, not as ratios (benchmarks/lora_vs_peft.py measures
@@ -23,6 +24,7 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,24 @@ E2E_BUDGET = {"steps": 20, "batch_size": 8, "eval_limit": 24, "max_new_tokens": 
 E2E_LORA = Row("LoRA r=8 (q_proj, v_proj)", "lora", {"rank": 8, "alpha": 16}, {"lr": 2e-3})
 E2E_PROMPT = Row(PROMPT.label, PROMPT.method, PROMPT.fields, {"lr": 3e-2})
 E2E_PREFIX = Row("prefix tuning (n=10, MLP h=512)", "prefix_tuning", {}, {"lr": 1e-3})
+
+
+# The LoRA family, part 1 (issue 15): every row on query/value at LoRA's budget and lr (1e-3, head
+# 1e-3), alpha = 2r. VeRA at lr 1e-2 for its vectors (Kopiczko et al. tune 4e-3 to 1e-2 for RoBERTa),
+# rank 128: 12 x (128 + 384) x 4 = 24,576 adapter bytes, 12x fewer than LoRA r=8.
+def lora_rank(method: str, label: str, rank: int, **fields: Any) -> Row:
+    return Row(f"{label} r={rank}", method, {"rank": rank, "alpha": 2 * rank, **fields}, {"lr": 1e-3})
+
+
+LORA_FAMILY = [
+    *(lora_rank("lora", "LoRA", r) for r in (2, 4, 8)),
+    *(lora_rank("dora", "DoRA", r) for r in (2, 4, 8)),
+    Row("VeRA r=128", "vera", {"rank": 128}, {"lr": 1e-2, "head_lr": 1e-3}),
+    Row("Tied-LoRA r=8 (ABuv)", "tied_lora", {"rank": 8, "alpha": 16}, {"lr": 1e-3}),
+    Row("LoRA-FA r=8", "lora_fa", {"rank": 8, "alpha": 16}, {"lr": 1e-3}),
+    Row("LoRA+ r=8 (ratio 16)", "lora", {"rank": 8, "alpha": 16}, {"lr": 1e-3, "loraplus_ratio": 16}),
+    lora_rank("lora", "rsLoRA", 8, rank_stabilized=True),
+]
 
 
 def intrinsic(d: int, structure: str = "said") -> Row:
@@ -166,6 +186,17 @@ PRESETS: dict[str, dict[str, Any]] = {
             }
         ],
     },
+    # Three seeds (--seeds 0 1 2 --jobs 2): DoRA against LoRA at r = 2, 4, 8; VeRA and Tied-LoRA with
+    # fewer stored bytes; LoRA-FA's memory; LoRA+ in steps to LoRA's final loss (lora_family.py).
+    "lora-family": {
+        "model": "minilm",
+        "tasks": {
+            "sst2": {"steps": 150, "batch_size": 32, "max_length": 64},
+            "mrpc": {"steps": 150, "batch_size": 16, "max_length": 128},
+        },
+        "rows": LORA_FAMILY,
+        "after": "lora_family",
+    },
     "cpu": {
         "model": "minilm",
         "tasks": {
@@ -209,10 +240,18 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 
 def run_row(
-    model: str, task: str, budget: dict[str, Any], row: Row, out: Path, seed: int, reuse: bool = False
+    model: str,
+    task: str,
+    budget: dict[str, Any],
+    row: Row,
+    out: Path,
+    seed: int,
+    reuse: bool = False,
+    threads: int | None = None,
+    seed_in_name: bool = False,
 ) -> dict[str, Any]:
     slug = re.sub(r"[^a-z0-9]+", "_", row.label.lower()).strip("_")
-    run_dir = out / "runs" / f"{model}-{task}-{slug}"
+    run_dir = out / "runs" / (f"{model}-{task}-{slug}" + (f"-seed{seed}" if seed_in_name else ""))
     config = {
         "model": model,
         "task": task,
@@ -243,7 +282,8 @@ def run_row(
     ]
     started = time.time()
     if not reused:  # --reuse: a finished run of exactly this config is taken as it is
-        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env={**os.environ})
+        env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+        proc = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env)
         if proc.returncode != 0:
             raise RuntimeError(f"{row.label} on {task} failed:\n{proc.stderr[-3000:]}")
     record = json.loads((run_dir / "metrics.json").read_text())
@@ -264,14 +304,60 @@ def run_row(
         "batch_size": budget["batch_size"],
         "lr": row.options.get("lr"),
         "fields": row.fields,
+        "options": row.options,
+        "seed": seed,
         "wall_seconds": record.get("wall_seconds") if reused else round(time.time() - started, 1),
         "run": str(run_dir.relative_to(out)),
     }
 
 
-def markdown(rows: list[dict[str, Any]], command: str) -> str:
+def spread(values: list[float]) -> tuple[float, float]:
+    """Mean and sample standard deviation (0 for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+
+
+def seeds_markdown(rows: list[dict[str, Any]], command: str) -> str:
+    """One line per (task, method): the metric's mean ± sample std over seeds, and each seed's value."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["task"], r["method"]), []).append(r)
     lines = [
-        f"Made by `{command}` (seed 0; same data order and step budget for every row of a task).",
+        f"Made by `{command}`: mean ± sample standard deviation over the seeds (same data order per "
+        "seed and the same step budget for every row of a task); train s is the median, peak MiB the max.",
+        "",
+        "| task | method | trainable params | stored bytes | metric | mean ± std | seeds | train s "
+        "| peak MiB |",
+        "|---|---|---:|---:|---|---:|---|---:|---:|",
+    ]
+    for (task, method), rs in groups.items():
+        rs = sorted(rs, key=lambda r: r["seed"])
+        mean, std = spread([r["metric"] for r in rs])
+        times = sorted(r["train_seconds"] for r in rs)
+        cells = [
+            task,
+            method,
+            f"{rs[0]['trainable_parameters']:,}",
+            f"{rs[0]['stored_bytes']:,}",
+            rs[0]["main_metric"],
+            f"{mean:.2f} ± {std:.2f}",
+            " / ".join(f"{r['metric']:.2f}" for r in rs)
+            + f" (seeds {', '.join(str(r['seed']) for r in rs)})",
+            f"{times[len(times) // 2]:.0f}",
+            f"{max(r['peak_memory_MiB'] for r in rs):,}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown(rows: list[dict[str, Any]], command: str) -> str:
+    if len({r.get("seed", 0) for r in rows}) > 1:
+        return seeds_markdown(rows, command)
+    lines = [
+        f"Made by `{command}` (seed {rows[0].get('seed', 0) if rows else 0}; same data order and step "
+        "budget for every row of a task).",
         "",
         "| task | model | method | trainable params | stored bytes | metric | value | train s | peak MiB |",
         "|---|---|---|---:|---:|---|---:|---:|---:|",
@@ -323,7 +409,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
     parser.add_argument("--out", help="results folder (default benchmarks/results/<preset>)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run per seed of every row")
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="runs at a time, each with cores/JOBS threads (peak memory stays per run; times do not compare "
+        "across job counts)",
+    )
     parser.add_argument("--only", nargs="+", help="run only rows whose label contains one of these words")
     parser.add_argument(
         "--reuse",
@@ -340,25 +433,37 @@ def main(argv: list[str] | None = None) -> int:
 
         if not torch.cuda.is_available():
             parser.error("--preset gpu needs a GPU (torch.cuda.is_available() is False)")
+    jobs = [
+        (group["model"], task, budget, row, seed)
+        for group in groups
+        for row in group["rows"]
+        for task, budget in group["tasks"].items()
+        for seed in args.seeds
+        if not args.only or any(w.lower() in row.label.lower() for w in args.only)
+    ]
+    threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     results: list[dict[str, Any]] = []
-    for group in groups:
-        for task, budget in group["tasks"].items():
-            for row in group["rows"]:
-                if args.only and not any(w.lower() in row.label.lower() for w in args.only):
-                    continue
-                print(f"{task}: {row.label} ...", flush=True)
-                result = run_row(group["model"], task, budget, row, out, args.seed, args.reuse)
-                print(
-                    f"  {result['main_metric']} {result['metric']:.2f}, {result['stored_bytes']:,} bytes, "
-                    f"{result['train_seconds']:.0f} s",
-                    flush=True,
-                )
-                results.append(result)
-                (out / "results.json").write_text(json.dumps(results, indent=1))
+
+    def one(job: tuple[str, str, dict[str, Any], Row, int]) -> dict[str, Any]:
+        model, task, budget, row, seed = job
+        print(f"{task}: {row.label} (seed {seed}) ...", flush=True)
+        return run_row(model, task, budget, row, out, seed, args.reuse, threads, len(args.seeds) > 1)
+
+    with ThreadPoolExecutor(max_workers=args.jobs) as pool:
+        for result in pool.map(one, jobs):
+            print(
+                f"  {result['task']}: {result['method']} (seed {result['seed']}): {result['main_metric']} "
+                f"{result['metric']:.2f}, {result['stored_bytes']:,} bytes, {result['train_seconds']:.0f} s",
+                flush=True,
+            )
+            results.append(result)
+            (out / "results.json").write_text(json.dumps(results, indent=1))
     command = (
         "python benchmarks/compare.py --preset "
         + args.preset
         + (f" --only {' '.join(args.only)}" if args.only else "")
+        + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else "")
+        + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
         + (" --reuse" if args.reuse else "")
     )
     (out / "results.md").write_text(markdown(results, command))

@@ -2,7 +2,9 @@
 
 Rows (``--rows``): ``floor`` (frozen base, backward through activations only, no weight gradients),
 ``lora`` / ``peft-lora`` (rank ``--rank``), ``vblora`` / ``peft-vblora`` (rank ``--vb-rank``, h=256,
-b=64, k=2), every linear layer of the blocks adapted.
+b=64, k=2), ``dora`` / ``peft-dora`` (DoRA at rank ``--rank``; goal: DoRA <= 1.10x our LoRA),
+``lora-fa`` (LoRA-FA at rank ``--rank``: A frozen, so autograd saves A x (r values per token) instead
+of each layer's input x), every linear layer of the blocks adapted.
 
 The configurations run interleaved in one process (one step of each in turn, ``--rounds`` rounds)
 and the script reports the median of the per-round ratios, because this machine's speed drifts by
@@ -14,6 +16,8 @@ the blocks adapted. ``--small`` uses a 4-layer model for a quick look.
 
     .venv/bin/python benchmarks/speed.py --rounds 5                       # all rows, ~15 min on 2 cores
     .venv/bin/python benchmarks/speed.py --rows floor lora peft-lora --small  # a quick look
+    .venv/bin/python benchmarks/speed.py --rows floor lora dora peft-dora lora-fa --rounds 7 \\
+        --json benchmarks/results/speed/lora-family.json                  # issue 15's rows
 """
 
 from __future__ import annotations
@@ -96,7 +100,7 @@ class Run:
         return total
 
 
-ROWS = ("floor", "lora", "peft-lora", "vblora", "peft-vblora")
+ROWS = ("floor", "lora", "peft-lora", "vblora", "peft-vblora", "dora", "peft-dora", "lora-fa")
 
 
 def make_run(name: str, args: argparse.Namespace) -> Run:
@@ -110,11 +114,19 @@ def make_run(name: str, args: argparse.Namespace) -> Run:
     if name == "lora":
         dt.inject(model, dt.LoRA(rank=args.rank, alpha=2 * args.rank), targets=TARGETS)
         return Run(name, model, dt.trainable_parameters(model))
+    if name == "dora":
+        dt.inject(model, dt.DoRA(rank=args.rank, alpha=2 * args.rank), targets=TARGETS)
+        return Run(name, model, dt.trainable_parameters(model))
+    if name == "lora-fa":
+        dt.inject(model, dt.LoRAFA(rank=args.rank, alpha=2 * args.rank), targets=TARGETS)
+        return Run(name, model, dt.trainable_parameters(model))
     if name == "vblora":
         dt.inject(model, dt.VBLoRA(rank=args.vb_rank, num_vectors=256, vector_length=64), targets=TARGETS)
         return Run(name, model, dt.trainable_parameters(model))
-    if name == "peft-lora":
-        config: Any = peft.LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS)
+    if name in ("peft-lora", "peft-dora"):
+        config: Any = peft.LoraConfig(
+            r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, use_dora=name == "peft-dora"
+        )
     else:
         config = peft.VBLoRAConfig(
             r=args.vb_rank, num_vectors=256, vector_length=64, topk=2, target_modules=TARGETS
@@ -166,7 +178,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = [r.name for r in runs]
     pairs = [(n, "floor") for n in names if n != "floor" and "floor" in names]
     pairs += [(n, f"peft-{n}") for n in names if f"peft-{n}" in names]
-    pairs += [("vblora", "lora")] if {"vblora", "lora"} <= set(names) else []
+    pairs += [(n, "lora") for n in ("vblora", "dora", "lora-fa") if {n, "lora"} <= set(names)]
     result: dict[str, Any] = {
         "model": "Llama 4x576 (small)" if args.small else "SmolLM2-135M-shaped Llama (30x576)",
         "lora_rank": args.rank,

@@ -229,6 +229,28 @@ def test_only_adapter_trains(cls: type, toy: Toy) -> None:
 
 
 @pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_training_after_an_inference_mode_forward(cls: type, toy: Toy) -> None:
+    """Evaluating under torch.inference_mode between steps (as a training loop's eval does) leaves
+    nothing behind that autograd would refuse, and the gradients equal those without it."""
+    grads = []
+    for evaluate_first in (False, True):
+        model, _ = injected(cls, toy)
+        perturb(model)
+        if evaluate_first:
+            model.eval()
+            with torch.inference_mode():
+                model(x_for(toy, 1))
+        model.train()
+        torch.manual_seed(0)  # dropout, where a method has it, draws the same masks
+        model(x_for(toy)).float().pow(2).mean().backward()
+        grads.append([p.grad for p in dt.trainable_parameters(model)])
+    for a, b in zip(*grads, strict=True):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert torch.allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
 def test_merge(cls: type, toy: Toy) -> None:
     x = x_for(toy)
     model, _ = injected(cls, toy)

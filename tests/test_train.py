@@ -239,6 +239,9 @@ def test_full_and_head_only_baselines(tiny_bert: str, tmp_path: Path) -> None:
         ({"steps": 0}, "TrainConfig.steps must be an integer >= 1"),
         ({"schedule": "exp"}, "TrainConfig.schedule must be linear, cosine or constant"),
         ({"method": "full", "method_fields": {"rank": 2}}, "method 'full' takes no fields"),
+        ({"loraplus_ratio": 0}, r"TrainConfig.loraplus_ratio \(LoRA\+: B's learning rate / A's\) must be"),
+        ({"loraplus_ratio": True}, r"TrainConfig.loraplus_ratio .* must be a finite number > 0, got True"),
+        ({"method": "head", "method_fields": {}, "loraplus_ratio": 16}, "method 'head' has no low-rank"),
     ],
 )
 def test_bad_options(options: dict[str, object], message: str, tmp_path: Path) -> None:
@@ -481,3 +484,43 @@ def test_sigkill_then_resume_gives_the_same_adapter_bit_for_bit(tiny_bert: str, 
     record = json.loads((killed / "metrics.json").read_text())
     assert [s for s, _ in record["history"]["loss"]] == list(range(1, 31))
     print(f"killed at checkpoint step {step} of 30")
+
+
+def test_loraplus_ratio_gives_b_factors_ratio_times_the_lr(tiny_bert: str, tmp_path: Path) -> None:
+    """--loraplus-ratio: lora_B (and 1-D adapter tensors) at lr x ratio, A at lr, the head at head_lr."""
+    from deltatune.train.models import load_model
+    from deltatune.train.prepare import prepare
+    from deltatune.train.tasks import get_task
+
+    task = get_task("sst2")
+    for method in ("lora", "dora"):
+        cfg = config(tiny_bert, tmp_path, method=method, lr=1e-3, head_lr=5e-3, loraplus_ratio=16)
+        model, _ = load_model(cfg.model, task.kind, task.num_labels, seed=0)
+        groups, _ = prepare(model, cfg, task)
+        names = {id(p): n for n, p in model.named_parameters()}
+        by_group = {g["name"]: (g["lr"], sorted(names[id(p)] for p in g["params"])) for g in groups}
+        assert set(by_group) == {"A", "B", "head"}
+        assert by_group["A"][0] == 1e-3 and by_group["B"][0] == 16e-3 and by_group["head"][0] == 5e-3
+        assert all(n.endswith("lora_A") for n in by_group["A"][1])
+        assert any(n.endswith("lora_B") for n in by_group["B"][1])
+        assert all(n.endswith(("lora_B", "magnitude")) for n in by_group["B"][1]), by_group["B"][1]
+        assert all("classifier" in n for n in by_group["head"][1])
+        trained = sum(len(params) for _, params in by_group.values())
+        assert trained == sum(p.requires_grad for p in model.parameters())
+    record = train(config(tiny_bert, tmp_path / "run", loraplus_ratio=16, checkpoint_every=0), progress=False)
+    assert record["config"]["loraplus_ratio"] == 16
+
+
+@pytest.mark.parametrize(
+    ("method", "fields", "message"),
+    [
+        ("vera", {"rank": 4}, "method 'vera' trains no lora_B factors"),
+        ("vblora", {"rank": 2, "num_vectors": 8, "vector_length": 8}, "method 'vblora' declares its own"),
+    ],
+)
+def test_loraplus_ratio_on_a_method_without_b_factors_is_refused(
+    tiny_bert: str, tmp_path: Path, method: str, fields: dict[str, object], message: str
+) -> None:
+    cfg = config(tiny_bert, tmp_path, method=method, method_fields=fields, loraplus_ratio=16)
+    with pytest.raises(ValueError, match=message):
+        train(cfg, progress=False)

@@ -43,17 +43,23 @@ class Memo(Generic[T]):
     """One cached value and the :func:`signature` of the tensors it was computed from."""
 
     def __init__(self) -> None:
-        self._entry: tuple[tuple[Any, ...], tuple[torch.Tensor, ...], T] | None = None
+        self._entry: tuple[tuple[Any, ...], tuple[torch.Tensor, ...], T, bool] | None = None
 
     def get(self, *sources: torch.Tensor | None) -> T | None:
-        """The value, if it was put with these very tensors, unchanged since; else None."""
+        """The value, if it was put with these very tensors, unchanged since; else None.
+
+        A value put under ``torch.inference_mode`` is only returned under it: autograd refuses
+        inference tensors, so a training forward after an inference one computes afresh.
+        """
         if self._entry is None or self._entry[0] != signature(*sources):
+            return None
+        if self._entry[3] and not torch.is_inference_mode_enabled():
             return None
         return self._entry[2]
 
     def put(self, value: T, *sources: torch.Tensor | None) -> T:
         held = tuple(t.detach() for t in sources if t is not None)  # (keeps their storage alive)
-        self._entry = (signature(*sources), held, value)
+        self._entry = (signature(*sources), held, value, torch.is_inference_mode_enabled())
         return value
 
     def clear(self) -> None:

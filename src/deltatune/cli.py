@@ -174,6 +174,8 @@ TRAIN_HELP: dict[str, str] = {
     "grad_accum": "micro-batches per optimizer step: the global batch is BATCH_SIZE x GRAD_ACCUM",
     "lr": "peak learning rate",
     "head_lr": "learning rate of the task head (default: LR)",
+    "loraplus_ratio": "LoRA+ (Hayou et al. 2024): B factors (lora_B) and the adapter's vectors train at "
+    "LR x this (the paper suggests 16; default: no LoRA+)",
     "weight_decay": "AdamW weight decay",
     "warmup_ratio": "fraction of the steps with a linear warmup, in [0, 1)",
     "schedule": "learning rate after the warmup: one of {schedules}",
@@ -193,7 +195,14 @@ TRAIN_HELP: dict[str, str] = {
     "data_dir": "folder of the data sets (default: $DELTATUNE_DATA, else ../shared/datasets)",
     "resume": "continue from the checkpoint in --out (a run of the same config)",
 }
-_NO_DEFAULT_SHOWN = ("out", "head_lr", "train_limit", "eval_limit", "data_dir")  # their help says it
+_NO_DEFAULT_SHOWN = (
+    "out",
+    "head_lr",
+    "loraplus_ratio",
+    "train_limit",
+    "eval_limit",
+    "data_dir",
+)  # their help says it
 
 
 def _train_parser(method: str | None) -> argparse.ArgumentParser:
@@ -223,7 +232,13 @@ def _train_parser(method: str | None) -> argparse.ArgumentParser:
         "precisions": ", ".join(PRECISIONS),
     }
     defaults = TrainConfig()
-    types: dict[str, Any] = {"head_lr": float, "train_limit": int, "eval_limit": int, "data_dir": str}
+    types: dict[str, Any] = {
+        "head_lr": float,
+        "loraplus_ratio": float,
+        "train_limit": int,
+        "eval_limit": int,
+        "data_dir": str,
+    }
     for f in dataclasses.fields(TrainConfig):
         if f.name == "method_fields":
             continue  # the method's own flags, below

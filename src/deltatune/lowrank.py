@@ -4,10 +4,12 @@ Written the plain way (``F.linear(x, W, b) + F.linear(F.linear(x, A), B)``), aut
 adds two full-size tensors that the fused form avoids: the ``(..., out)`` update is accumulated into
 the base output inside the GEMM (``addmm_`` with beta = 1), and in the backward pass the update's
 input gradient is accumulated into the base's input gradient the same way. The weight gradient of
-the frozen ``W`` is never formed. LoRA, PiSSA and VB-LoRA layers (any layer whose update is
-``s · B A x``) run through it when their module is a plain ``nn.Linear`` and nothing else intervenes
-(no hooks on the base, no autocast, no dropout on the adapter input while training, one dtype);
-otherwise the wrapper uses the plain form, which computes the same function.
+the frozen ``W`` is never formed, and the input ``x`` is kept for the backward pass only when A
+trains (a frozen A, as in LoRA-FA, needs just the rank-r ``h = A x`` for B's gradient). LoRA,
+PiSSA, DoRA, LoRA-FA and VB-LoRA layers (any layer whose update is ``s · B A x``) run through it
+when their module is a plain ``nn.Linear`` and nothing else intervenes (no hooks on the base, no
+autocast, no dropout on the adapter input while training, one dtype); otherwise the wrapper uses
+the plain form, which computes the same function.
 
 Measured on 2 CPU cores (``benchmarks/speed.py``): the training step of an adapted SmolLM2-shaped
 model drops from about 1.12x to about 1.06x the frozen-base floor (see the README's speed table).
@@ -37,7 +39,10 @@ class _LowRankLinear(torch.autograd.Function):
         h = x2 @ A.t()  # (M, r)
         out = F.linear(x2, weight, bias)  # (M, out)
         out.addmm_(h, B.t(), alpha=scale)
-        ctx.save_for_backward(x2, h, weight, A, B)
+        # Keep only what the gradients asked for need: x for A's (not with A frozen, as in LoRA-FA,
+        # which is that method's memory saving), h for B's.
+        need = ctx.needs_input_grad
+        ctx.save_for_backward(x2 if need[3] else None, h if need[4] else None, weight, A, B)
         ctx.scale = scale
         ctx.x_shape = x.shape
         return out.view(*x.shape[:-1], out.shape[-1])

@@ -4,9 +4,9 @@
 
 Only B trains, so the backward pass needs ``h = A x`` (r values per token) for B's gradient and
 never the adapter's in-wide input ``x``: with A a buffer (no gradient), autograd saves ``h``, not
-``x``. The fused kernel of :mod:`deltatune.lowrank` always saves ``x``, so the layer offers it its
-factors only when no graph is recorded (inference); while training it runs the plain form. Dropout
-on the adapter input (off by default) saves its in-wide mask, as in any LoRA.
+``x``, in the fused kernel of :mod:`deltatune.lowrank` (which keeps ``x`` only for a trainable A) as
+in the plain form. Dropout on the adapter input (off by default) saves its in-wide mask, as in any
+LoRA.
 
 A is drawn like LoRA's (Kaiming-uniform, from the per-module seed) and *stored* in the adapter file
 next to B, so that a saved adapter loads without the seed that made it (regenerating A from the
@@ -117,9 +117,3 @@ class LoRAFALayer(LoRALayer):
         frozen = self.lora_A.detach()
         del self.lora_A
         self.register_buffer("lora_A", frozen)  # (r, in), persistent: saved with B
-
-    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """The fused kernel saves the in-wide input for A's gradient; use it only without a graph."""
-        if torch.is_grad_enabled():
-            return None
-        return super().lowrank_factors()

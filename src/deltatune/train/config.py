@@ -54,6 +54,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     head_lr: float | None = None
+    loraplus_ratio: float | None = None
     weight_decay: float = 0.0
     warmup_ratio: float = 0.06
     schedule: str = "linear"
@@ -85,6 +86,18 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
         if self.head_lr is not None and not self.head_lr > 0:
             raise ValueError(f"TrainConfig.head_lr must be > 0, got {self.head_lr}")
+        if self.loraplus_ratio is not None:
+            ratio = self.loraplus_ratio
+            if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < float("inf"):
+                raise ValueError(
+                    "TrainConfig.loraplus_ratio (LoRA+: B's learning rate / A's) must be a finite "
+                    f"number > 0, got {ratio!r}"
+                )
+            if self.method in (FULL, HEAD_ONLY):
+                raise ValueError(
+                    f"TrainConfig.loraplus_ratio: method {self.method!r} has no low-rank factors; "
+                    "LoRA+ needs an adapter with lora_B factors (lora, dora, lora_fa, ...)"
+                )
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"TrainConfig.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.schedule not in SCHEDULES:

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from .. import core
+from ..loraplus import parameter_groups
 from ..targets import ALL_LINEAR, HEAD_NAMES, TargetSpec, resolve
 from .config import FULL, HEAD_ONLY, TrainConfig
 from .tasks import Task
@@ -48,6 +49,30 @@ def harness_targets(method: core.Method, model: nn.Module) -> TargetSpec:
 def head_paths(model: nn.Module) -> list[str]:
     """The task heads among the model's children (a classifier, a regression score; not ``lm_head``)."""
     return [name for name, _ in model.named_children() if name in HEAD_NAMES and name != "lm_head"]
+
+
+def loraplus_groups(
+    model: nn.Module, cfg: TrainConfig, head_ids: set[int], method_declares_groups: bool
+) -> list[dict[str, Any]]:
+    """LoRA+'s groups (:func:`deltatune.parameter_groups`) of the adapter's parameters; the head apart.
+
+    The head (trained in full, at ``head_lr``) is not part of LoRA+'s split. A method that declares its
+    own groups, or one without ``lora_B`` factors, is refused: LoRA+ would be silently meaningless.
+    """
+    if method_declares_groups:
+        raise ValueError(
+            f"TrainConfig.loraplus_ratio: method {cfg.method!r} declares its own parameter groups "
+            "(learning-rate ratios of its own); drop loraplus_ratio or use those"
+        )
+    if not any(n.rpartition(".")[2] == "lora_B" for n, p in model.named_parameters() if p.requires_grad):
+        raise ValueError(
+            f"TrainConfig.loraplus_ratio: method {cfg.method!r} trains no lora_B factors; LoRA+ applies to "
+            "LoRA-type adapters (lora, dora, lora_fa)"
+        )
+    groups = parameter_groups(model, cfg.lr, loraplus_ratio=cfg.loraplus_ratio, weight_decay=cfg.weight_decay)
+    for g in groups:
+        g["params"] = [p for p in g["params"] if id(p) not in head_ids]
+    return [g for g in groups if g["params"]]
 
 
 def prepare(model: nn.Module, cfg: TrainConfig, task: Task) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -93,7 +118,9 @@ def prepare(model: nn.Module, cfg: TrainConfig, task: Task) -> tuple[list[dict[s
     copy_ids = {id(p) for path in info.modules_to_save for p in att.layers("default")[path].parameters()}
     declared = core.hooks(method).parameter_groups(att, "default")
     groups = []
-    if declared is not None:
+    if cfg.loraplus_ratio is not None:
+        groups = loraplus_groups(model, cfg, copy_ids, declared is not None)
+    elif declared is not None:
         # A method may split its parameters into groups with their own learning-rate multipliers.
         for name, (params, scale) in declared.items():
             groups.append({"params": params, "lr": cfg.lr * scale, "name": name})
