@@ -83,7 +83,13 @@ def _autocast(device_type: str) -> bool:
 
 
 def lowrank_linear(
-    base: nn.Linear, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
+    base: nn.Linear,
+    x: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    scale: float,
+    *,
+    bias: bool = True,
 ) -> torch.Tensor:
     """``base(x) + scale · (x Aᵀ) Bᵀ`` for a frozen ``nn.Linear`` ``base`` (see :func:`fusable`).
 
@@ -92,11 +98,14 @@ def lowrank_linear(
         x: input ``(..., in)``, same dtype as the weight.
         A: ``(r, in)``; B: ``(out, r)``; both in the weight's dtype; may require grad.
         scale: the update's scalar factor.
+        bias: add ``base.bias`` (False: ``x Wᵀ + scale · (x Aᵀ) Bᵀ``, for a caller that rescales the
+            product before adding the bias, as DoRA does).
     """
+    b = base.bias if bias else None
     if not torch.is_grad_enabled() or not (x.requires_grad or A.requires_grad or B.requires_grad):
         x2 = x.reshape(-1, x.shape[-1])
-        y = F.linear(x2, base.weight, base.bias)
+        y = F.linear(x2, base.weight, b)
         y.addmm_(x2 @ A.t(), B.t(), alpha=scale)
         return y.view(*x.shape[:-1], y.shape[-1])
-    out: torch.Tensor = _LowRankLinear.apply(x, base.weight, base.bias, A, B, scale)
+    out: torch.Tensor = _LowRankLinear.apply(x, base.weight, b, A, B, scale)
     return out

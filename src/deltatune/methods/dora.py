@@ -180,6 +180,7 @@ class DoRALayer(nn.Module):
         self.magnitude = nn.Parameter(torch.ones(out_features, dtype=dtype))  # m, (out,)
         self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         self._norm: Memo[torch.Tensor] = Memo()
+        self._base_sq: Memo[torch.Tensor] = Memo()
 
     def row_norm(self, weight: torch.Tensor) -> torch.Tensor:
         """‖W0 + s B A‖ per output row, a constant for autograd (cached while W0, A, B are unchanged)."""
@@ -190,7 +191,9 @@ class DoRALayer(nn.Module):
         with torch.no_grad():
             W = weight.detach().to(A.dtype)
             s = self.scale
-            sq = W.square().sum(1)
+            sq = self._base_sq.get(weight)  # ‖W0‖² per row: W0 is frozen, A and B change every step
+            if sq is None:
+                sq = self._base_sq.put(W.square().sum(1), weight)
             sq = sq + (2 * s) * (B * (W @ A.t())).sum(1) + (s * s) * ((B @ (A @ A.t())) * B).sum(1)
             norm = sq.clamp_min(0).sqrt().clamp_min(torch.finfo(A.dtype).tiny)
         return self._norm.put(norm, weight, A, B)
@@ -211,10 +214,13 @@ class DoRALayer(nn.Module):
             lora = F.linear(F.linear(xd.to(A.dtype), A) * self.scale, B)
             return base_out + ((k - 1) * w0x + k * lora).to(base_out.dtype)
         if fusable(base, x) and A.dtype == x.dtype:
-            y = lowrank_linear(base, x, A, B, self.scale)
-        else:
-            y0 = base(x)
-            y = y0 + F.linear(F.linear(x.to(A.dtype), A) * self.scale, B).to(y0.dtype)
+            # y = k ⊙ (W0 x + s B A x) + b: one fused GEMM without the bias, one pass for k and b.
+            centred_out = lowrank_linear(base, x, A, B, self.scale, bias=False)
+            if base.bias is None:
+                return centred_out * k
+            return torch.addcmul(base.bias, centred_out, k)
+        y0 = base(x)
+        y = y0 + F.linear(F.linear(x.to(A.dtype), A) * self.scale, B).to(y0.dtype)
         centred = y if base.bias is None else y - base.bias
         return y + ((k - 1) * centred).to(y.dtype)
 
