@@ -48,6 +48,7 @@ from .methods import (
     collect_covariance,
 )
 from .peft import export_peft, import_peft
+from .stepping import lr_factor, needs_step_hooks, on_step, regularization
 from .targets import ALL_LINEAR, Target
 
 __version__ = "0.1.0"
@@ -88,9 +89,14 @@ __all__ = [
     "import_peft",
     "inject",
     "load",
+    "lr_factor",
     "merge",
+    "needs_step_hooks",
+    "on_step",
+    "parameter_groups",
     "parameter_report",
     "register",
+    "regularization",
     "route",
     "save",
     "set_active",

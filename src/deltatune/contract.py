@@ -39,6 +39,18 @@ Optional, with the default :func:`register` fills in when a method does not defi
   group): optimizer groups with their own learning rates (VB-LoRA's logits, SAID's scales);
 * ``combine_layers(parts) -> (method, layer)`` (a classmethod; only for ``combinable`` methods): the
   exact weighted combination of several adapters' layers on one module;
+* training-process hooks, for methods that act between optimizer steps (AdaLoRA's rank budget,
+  ReLoRA's restarts, Delta-LoRA's weight updates); :mod:`deltatune.stepping` calls them for every
+  active adapter, from the harness, a plain loop or the ``Trainer`` callback:
+  ``for_steps(total, given) -> method`` (itself): a copy fitted to a run of ``total`` optimizer
+  steps for the fields not in ``given``, or a ``ValueError`` naming a field that does not fit the
+  run (a schedule longer than it); ``regularizer(attachment, name) -> Tensor | None`` (None): a
+  term added to the training loss before ``backward``; ``on_step(attachment, name, step,
+  optimizer)`` (nothing): called after ``optimizer.step()`` and before the gradients are cleared,
+  ``step`` counting optimizer steps from 1; ``lr_factor(step) -> float`` (1.0): a factor on the
+  learning rate at scheduler step ``step`` (from 0), composed with the run's own schedule. State a
+  method keeps between steps lives in its layers' (or shared module's) persistent buffers, so that
+  a checkpoint holds it;
 * ``stored_method() -> method`` (itself): the configuration written to ``adapter_config.json``
   when the saved form differs from the training form (PiSSA saves a plain LoRA);
 * ``peft_type`` (None: no PEFT counterpart), with ``peft_prefix``, ``from_peft`` and ``to_peft``:
@@ -176,6 +188,14 @@ class Registered(Method, Protocol):
 
     def stored_method(self) -> Method: ...
 
+    def for_steps(self, total: int, given: Collection[str]) -> Method: ...
+
+    def regularizer(self, attachment: Any, name: str) -> torch.Tensor | None: ...
+
+    def on_step(self, attachment: Any, name: str, step: int, optimizer: Any) -> None: ...
+
+    def lr_factor(self, step: int) -> float: ...
+
     peft_type: ClassVar[str | None]
 
 
@@ -211,6 +231,22 @@ def _itself(self: Any) -> Any:
     return self
 
 
+def _any_length(self: Any, total: int, given: Collection[str]) -> Any:
+    return self
+
+
+def _no_regularizer(self: Any, attachment: Any, name: str) -> None:
+    return None
+
+
+def _nothing_between_steps(self: Any, attachment: Any, name: str, step: int, optimizer: Any) -> None:
+    return None
+
+
+def _constant_lr(self: Any, step: int) -> float:
+    return 1.0
+
+
 #: The optional hooks and the default each registered class gets when it does not define one.
 HOOK_DEFAULTS: dict[str, Any] = {
     "model_level": False,
@@ -228,6 +264,10 @@ HOOK_DEFAULTS: dict[str, Any] = {
     "fit_to": _as_written,
     "parameter_groups": _one_group,
     "stored_method": _itself,
+    "for_steps": _any_length,
+    "regularizer": _no_regularizer,
+    "on_step": _nothing_between_steps,
+    "lr_factor": _constant_lr,
     "peft_type": None,
 }
 

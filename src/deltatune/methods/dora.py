@@ -218,8 +218,9 @@ class DoRALayer(nn.Module):
             centred_out = lowrank_linear(base, x, A, B, self.scale, bias=False)
             if base.bias is None:
                 return centred_out * k
-            return torch.addcmul(base.bias, centred_out, k)
-        y0 = base(x)
+            out: torch.Tensor = torch.addcmul(base.bias, centred_out, k)
+            return out
+        y0: torch.Tensor = base(x)
         y = y0 + F.linear(F.linear(x.to(A.dtype), A) * self.scale, B).to(y0.dtype)
         centred = y if base.bias is None else y - base.bias
         return y + ((k - 1) * centred).to(y.dtype)

@@ -19,6 +19,7 @@ from torch import nn
 
 from ..files import write_folder
 from ..io import read_tensors
+from ..stepping import load_step_state, step_state
 from .config import RUN_NEUTRAL, TrainConfig
 
 __all__ = [
@@ -64,12 +65,20 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     history: dict[str, Any],
+    *,
+    model: nn.Module | None = None,
 ) -> None:
     """Write ``folder`` (``state.safetensors`` + ``state.json``) atomically, through
-    :func:`deltatune.files.write_folder`: ``folder`` holds the previous checkpoint or the new one."""
+    :func:`deltatune.files.write_folder`: ``folder`` holds the previous checkpoint or the new one.
+
+    With ``model``, the between-step state of its adapters (:func:`deltatune.stepping.step_state`:
+    AdaLoRA's importance averages, ReLoRA's folded updates, ...) is saved too."""
     from safetensors.torch import save_file
 
     tensors: dict[str, torch.Tensor] = {}
+    if model is not None:
+        for key, value in step_state(model).items():
+            tensors[f"step.{key}"] = value.detach().cpu().contiguous()
     for i, p in enumerate(params):
         tensors[f"param.{i}"] = p.detach().cpu().contiguous()
     opt_state = optimizer.state_dict()
@@ -120,9 +129,12 @@ def load_checkpoint(
     names: list[str],
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
+    *,
+    model: nn.Module | None = None,
 ) -> tuple[int, dict[str, Any]]:
-    """Restore a checkpoint into ``params``, ``optimizer`` and ``scheduler`` (and the torch RNG); return
-    the step it was written at and the run's history so far.
+    """Restore a checkpoint into ``params``, ``optimizer`` and ``scheduler`` (and the torch RNG, and
+    with ``model`` its adapters' between-step state); return the step it was written at and the
+    run's history so far.
 
     Raises:
         ValueError: no checkpoint in ``folder``, an unsupported version, or one from another model,
@@ -154,6 +166,12 @@ def load_checkpoint(
             f"{folder}: the checkpoint's parameters do not match this model's trainable parameters"
         )
     tensors = read_tensors(folder / "state.safetensors")
+    if model is not None:
+        step_tensors = {k[len("step.") :]: v for k, v in tensors.items() if k.startswith("step.")}
+        try:
+            load_step_state(model, step_tensors)
+        except ValueError as e:
+            raise ValueError(f"{folder}: {e}") from e
     with torch.no_grad():
         for i, p in enumerate(params):
             p.copy_(tensors[f"param.{i}"])

@@ -34,6 +34,7 @@ from torch import nn
 from .. import core
 from ..files import tensors_writer, write_file
 from ..io import save
+from ..stepping import lr_factor, needs_step_hooks, on_step, regularization
 from .batches import Collator, autocast, batch_positions, count_of, device_of, loss_sum, prompt_of, to_device
 from .checkpoint import check_out_folder, has_checkpoint, load_checkpoint, remove_run, save_checkpoint
 from .config import TrainConfig
@@ -125,6 +126,7 @@ def step(
     max_grad_norm: float = 0.0,
     precision: str = "fp32",
     world: World = World(),
+    number: int | None = None,
 ) -> float:
     """One optimizer step over ``micro_batches`` (gradient accumulation); returns the step's loss.
 
@@ -142,6 +144,9 @@ def step(
         optimizer: an optimizer over the trainable parameters; ``scheduler`` steps after it.
         precision: ``"fp32"``, or ``"bf16"`` autocast.
         world: this process's rank and the number of processes (:func:`init_world`).
+        number: which optimizer step this is (from 1). Needed when an adapter acts between steps
+            (:mod:`deltatune.stepping`): its regularizer joins the loss of the last micro-batch and
+            its ``on_step`` runs after ``optimizer.step()``, before the gradients are cleared.
 
     Returns:
         The loss of the step: summed over all micro-batches of all processes, divided by their count.
@@ -169,6 +174,13 @@ def step(
         True
     """
     device = device_of(model)
+    inner = getattr(model, "module", model)  # DistributedDataParallel's wrapped model
+    hooked = needs_step_hooks(inner)
+    if hooked and number is None:
+        raise ValueError(
+            "step(): this model's adapter acts between optimizer steps (deltatune.stepping); "
+            "pass number= (the optimizer step, counted from 1)"
+        )
     batches = [to_device(dict(b), device) for b in micro_batches]
     denominator = _all_reduce_sum(float(sum(count_of(b, kind) for b in batches)), world)
     loss_value = 0.0
@@ -178,6 +190,9 @@ def step(
         try:
             with sync, autocast(precision):
                 loss = loss_sum(model, batch, kind) * (world.size / denominator)
+                task_loss = loss.detach()
+                if hooked and last:  # a data-independent term: once per step
+                    loss = loss + regularization(inner).to(loss.device)
                 loss.backward()
         except RuntimeError as e:
             if isinstance(e, torch.OutOfMemoryError) or "can't allocate memory" in str(e):
@@ -187,11 +202,14 @@ def step(
                     f"and raise --grad-accum to keep the global batch ({size * len(batches) * world.size})"
                 ) from e
             raise
-        loss_value += float(loss.detach()) / world.size
+        loss_value += float(task_loss) / world.size
     if max_grad_norm > 0:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
+    if hooked:
+        assert number is not None
+        on_step(inner, number, optimizer)
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
@@ -262,7 +280,11 @@ def train(
     names_by_id = {id(p): n for n, p in model.named_parameters()}
     names = [names_by_id.get(id(p), f"param{i}") for i, p in enumerate(trainable)]
     optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    schedule = lr_lambda(cfg)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda s: schedule(s) * lr_factor(model, s),  # an adapter's own factor (ReLoRA)
+    )
     runner = _distributed(model, world)
 
     def evaluate_now() -> dict[str, float]:
@@ -272,7 +294,7 @@ def train(
     done = 0
     ckpt = out / "checkpoint"
     if cfg.resume and not overwrite and has_checkpoint(ckpt):
-        done, history = load_checkpoint(ckpt, cfg, trainable, names, optimizer, scheduler)
+        done, history = load_checkpoint(ckpt, cfg, trainable, names, optimizer, scheduler, model=model)
     if cfg.eval_before and done == 0 and world.main:
         history["before"] = evaluate_now()
         history["eval"].append([0, history["before"]])
@@ -294,6 +316,7 @@ def train(
             max_grad_norm=cfg.max_grad_norm,
             precision=cfg.precision,
             world=world,
+            number=done + 1,
         )
         done += 1
         history["loss"].append([done, loss])
@@ -306,7 +329,7 @@ def train(
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and world.main:
             history["train_seconds"] = history.get("train_seconds", 0.0) + train_seconds
             train_seconds = 0.0
-            save_checkpoint(ckpt, done, cfg, trainable, names, optimizer, scheduler, history)
+            save_checkpoint(ckpt, done, cfg, trainable, names, optimizer, scheduler, history, model=model)
     bar.close()
     history["train_seconds"] = history.get("train_seconds", 0.0) + train_seconds
     record: dict[str, Any] = {}

@@ -109,6 +109,9 @@ def prepare(model: nn.Module, cfg: TrainConfig, task: Task) -> tuple[list[dict[s
     chosen = core.hooks(method).fit_to(
         {p: model.get_submodule(p) for p in resolve(model, targets)}, set(cfg.method_fields)
     )
+    # ... and to the run's length (a method with a schedule of its own: AdaLoRA's budget, ReLoRA's
+    # restarts), or refuses fields that do not fit it, naming them.
+    chosen = core.hooks(chosen).for_steps(cfg.steps, set(cfg.method_fields))
     before = core.method_fields(method)
     fitted = {k: v for k, v in core.method_fields(chosen).items() if v != before[k]}
     method = chosen

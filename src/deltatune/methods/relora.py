@@ -1,0 +1,386 @@
+"""ReLoRA: High-Rank Training Through Low-Rank Updates (Lialin et al. 2023), arXiv:2307.05695.
+
+LoRA whose factors are folded away and restarted every ``restart_every`` optimizer steps, so that
+the total update is a sum of rank-r updates and grows beyond rank r:
+
+    y = W0 x + Σ_{i ≤ k} s · B_i A_i x + s · B A x,        s = alpha / r (alpha / sqrt(r): rsLoRA)
+
+At a restart (``on_step`` at a step that ``restart_every`` divides, after ``optimizer.step()``):
+
+1. fold: the current ``s · B A`` joins the accumulated update (B_{k+1}, A_{k+1} = B, A);
+2. restart: A is drawn again (LoRA's Kaiming-uniform, from a generator seeded by the layer's seed and
+   the step, so a run is reproducible and a resumed one continues identically), B = 0, so the output
+   does not jump;
+3. optimizer reset: in every optimizer state tensor of A and B shaped like them (Adam's ``exp_avg``
+   and ``exp_avg_sq``, SGD's ``momentum_buffer``) all but the largest ``optimizer_keep`` fraction by
+   magnitude are set to zero (the paper prunes 99 %);
+4. jagged schedule: :meth:`ReLoRA.lr_factor` multiplies the run's own schedule (cosine in the
+   paper) by a linear re-warm-up over ``rewarmup_steps`` after each restart.
+
+The paper merges each fold into W. Here the base weight is never modified (``unload`` gives back the
+base exactly), so the accumulated update lives in the layer's persistent buffers, in one of two forms
+decided once from the config (the form that the saved file is smaller in):
+
+* low-rank (``restarts · r · (in + out) <= in · out``): stacked factors ``folded_A = [A_1; ...; A_k]``
+  (k·r, in) and ``folded_B = [B_1 | ... | B_k]`` (out, k·r), unscaled (s is the same for every
+  fold, so no rounding is added). The forward pass concatenates them with the trained factors,
+  ``[A; folded_A]`` and ``[B | folded_B]``, so the fused kernel of :mod:`deltatune.lowrank` still
+  applies (rank (k+1)·r);
+* dense (otherwise): ``folded_W = Σ s · B_i A_i`` (out, in), added as one more ``F.linear``.
+
+In memory the buffers grow with k (no compute is spent on restarts that have not happened). The
+saved file has one size fixed by the config, so that it loads into a freshly injected model:
+``restarts`` (the number of restarts the adapter has room for; :meth:`ReLoRA.for_steps` sets it to
+``total // restart_every``) rows of factors, those not yet used zero, plus the count ``folds`` done.
+
+Closed forms, per adapted Linear/Conv1D with (in, out) = (in_features, out_features), R = restarts:
+
+    trainable = r · (in + out)
+    stored bytes = 4 · (r · (in + out) + F) + 8,   F = R · r · (in + out) if that is <= in · out else in · out
+
+(float32 factors; 8 bytes: the int64 count of folds). :func:`effective_rank` measures the rank of
+the total update (``delta_weight()``), to check that it grows beyond r. PEFT has no ReLoRA.
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> import deltatune as dt
+    >>> from deltatune.methods.relora import ReLoRA, effective_rank
+    >>> net = nn.Sequential(nn.Linear(16, 16))
+    >>> att = dt.inject(net, ReLoRA(rank=2, restart_every=3, restarts=3, rewarmup_steps=1), targets=["0"])
+    >>> att.closed_form("default")  # 2·32 trained; 4·(64 + 3·64) + 8 bytes stored
+    (64, 1032)
+    >>> opt = torch.optim.AdamW(dt.trainable_parameters(net), lr=1e-2)
+    >>> x, y = torch.randn(32, 16), torch.randn(32, 16)
+    >>> for step in range(1, 10):
+    ...     (net(x) - y).square().mean().backward()
+    ...     opt.step(); dt.on_step(net, step, opt); opt.zero_grad()
+    >>> effective_rank(att.layers("default")["0"])  # three folds of rank 2
+    6
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Collection
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..core import check, register
+from ..fields import Bool, Float, Int, param
+from ..targets import module_kind, shape_of
+from .lora import KaimingUniform, LoRA, LoRALayer, adapter_dtype
+
+__all__ = ["ReLoRA", "ReLoRALayer", "effective_rank", "prune_optimizer_state"]
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class ReLoRA:
+    """LoRA with periodic restarts: fold ``s · B A`` into an accumulated update, restart A and B.
+
+    Fields (paper defaults in brackets):
+        rank: r, the rank of each update [8, as LoRA; the paper uses 128 on 250M-1.3B models].
+        alpha: scaling numerator; the update is scaled by alpha/r [8, as LoRA].
+        dropout: dropout on the input of the trained factors (not of the folded update) [0.0].
+        rank_stabilized: rsLoRA scaling alpha/sqrt(r) instead of alpha/r [False].
+        restart_every: optimizer steps between restarts [5000, the paper's reset frequency].
+        restarts: how many restarts the adapter has room for (sets the saved file's size);
+            0: fitted by :meth:`for_steps` to ``total // restart_every`` [0].
+        rewarmup_steps: steps of linear learning-rate re-warm-up after each restart; 0: none [50].
+        optimizer_keep: fraction of each optimizer state tensor of A and B kept (the largest
+            magnitudes) at a restart [0.01: the paper prunes 99 %].
+    """
+
+    rank: int = param(8, Int(min=1), "rank r of each update B A")
+    alpha: float = param(8.0, Float(low=0.0, low_open=True), "scale numerator: update is (alpha/r) B A")
+    dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
+    rank_stabilized: bool = param(False, Bool(), "rsLoRA: scale by alpha/sqrt(r) instead of alpha/r")
+    restart_every: int = param(5000, Int(min=1), "optimizer steps between two restarts")
+    restarts: int = param(
+        0, Int(min=0), "restarts the adapter has room for (0: fitted by for_steps to total // restart_every)"
+    )
+    rewarmup_steps: int = param(50, Int(min=0), "steps of linear learning-rate re-warm-up after a restart")
+    optimizer_keep: float = param(
+        0.01, Float(0.0, 1.0, low_open=True), "fraction of A's and B's optimizer state kept at a restart"
+    )
+
+    name: ClassVar[str] = "relora"
+    mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True
+    weight_space: ClassVar[bool] = True
+    supports_mixed_batch: ClassVar[bool] = True
+    quantized_base: ClassVar[bool] = True  # only adds to the base output
+    combinable: ClassVar[bool] = False
+    # Not embeddings: LoRA's embedding init (A = 0, B normal) would restart with a jump.
+    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
+    small_example: ClassVar[dict[str, Any]] = {
+        "rank": 2,
+        "restart_every": 2,
+        "restarts": 2,
+        "rewarmup_steps": 1,
+    }
+
+    def __post_init__(self) -> None:
+        check(self)
+        if self.rewarmup_steps >= self.restart_every:
+            raise ValueError(
+                f"ReLoRA.rewarmup_steps must be < restart_every = {self.restart_every}, "
+                f"got {self.rewarmup_steps}"
+            )
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / (math.sqrt(self.rank) if self.rank_stabilized else self.rank)
+
+    def as_lora(self) -> LoRA:
+        """The LoRA configuration of the trained factors (what the layer is built from)."""
+        return LoRA(
+            rank=self.rank, alpha=self.alpha, dropout=self.dropout, rank_stabilized=self.rank_stabilized
+        )
+
+    def dense(self, base: nn.Module) -> bool:
+        """Whether the accumulated update is kept as one (out, in) matrix (smaller than the factors)."""
+        in_features, out_features = shape_of(base)
+        return self.restarts * self.rank * (in_features + out_features) > in_features * out_features
+
+    def wrap(
+        self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
+    ) -> ReLoRALayer:
+        kind = module_kind(base)
+        if kind not in self.layer_types:
+            raise ValueError(f"ReLoRA: {path!r} is {type(base).__name__}, not a linear/Conv1D module")
+        in_features, out_features = shape_of(base)
+        layer = ReLoRALayer(
+            self, kind, in_features, out_features, adapter_dtype(base), base, self.dense(base)
+        )
+        KaimingUniform().initialise(layer.lora_A.data, layer.lora_B.data, kind=kind, generator=generator)
+        # The seed of every restart's draw (with the step): from the per-module generator, after A.
+        layer.seed.fill_(int(torch.randint(0, 2**62, (), generator=generator)))
+        return layer
+
+    def parameter_count(self, base: nn.Module) -> int:
+        in_features, out_features = shape_of(base)
+        return self.rank * (in_features + out_features)
+
+    def stored_bytes(self, base: nn.Module) -> int:
+        in_features, out_features = shape_of(base)
+        folded = (
+            in_features * out_features if self.dense(base) else self.restarts * self.parameter_count(base)
+        )
+        return (self.parameter_count(base) + folded) * adapter_dtype(base).itemsize + 8
+
+    # -- the training-process hooks (deltatune.stepping) -----------------------------------------
+    def for_steps(self, total: int, given: Collection[str]) -> ReLoRA:
+        """Room for every restart of a ``total``-step run; refuses a run no longer than a period."""
+        if self.restart_every >= total:
+            raise ValueError(
+                f"ReLoRA.restart_every must be < the run's {total} optimizer steps (else it never "
+                f"restarts: plain LoRA), got {self.restart_every}; e.g. restart_every={max(1, total // 4)}"
+            )
+        needed = total // self.restart_every
+        if "restarts" not in given:
+            return dataclasses.replace(self, restarts=needed)
+        if self.restarts < needed:
+            raise ValueError(
+                f"ReLoRA.restarts must be >= {needed} for a run of {total} steps restarting every "
+                f"{self.restart_every}, got {self.restarts}"
+            )
+        return self
+
+    def on_step(self, attachment: Any, name: str, step: int, optimizer: Any) -> None:
+        """At every multiple of ``restart_every``: fold, restart and prune the optimizer state."""
+        due: list[ReLoRALayer] = []
+        for path, layer in attachment.layers(name).items():
+            if not isinstance(layer, ReLoRALayer):
+                raise ValueError(f"ReLoRA.on_step: {path!r} holds {type(layer).__name__}, not a ReLoRA layer")
+            if step % layer.restart_every == 0:
+                due.append(layer)
+                if layer.folds >= layer.capacity:
+                    # Checked for every layer before any changes: a refused step leaves no trace.
+                    raise ValueError(
+                        f"ReLoRA.restarts = {layer.capacity} leaves no room on {path!r} for the restart "
+                        f"at step {step}; fit the method to the run (hooks(method).for_steps(total, given), "
+                        "as deltatune train does) or set restarts"
+                    )
+        for layer in due:
+            layer.restart(step)
+            if optimizer is not None:
+                prune_optimizer_state(optimizer, [layer.lora_A, layer.lora_B], layer.optimizer_keep)
+
+    def lr_factor(self, step: int) -> float:
+        """1 until the first restart; then ``min(1, (t + 1) / rewarmup_steps)``, t steps after it."""
+        if self.rewarmup_steps == 0 or step < self.restart_every:
+            return 1.0
+        since = step % self.restart_every  # scheduler step `step` drives optimizer step step + 1
+        return min(1.0, (since + 1) / self.rewarmup_steps)
+
+
+def prune_optimizer_state(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], keep: float) -> None:
+    """Zero all but the largest ``keep`` fraction (by magnitude) of every optimizer state tensor of
+    ``params`` that has a parameter's shape (Adam's moments, SGD's momentum); step counts stay."""
+    for p in params:
+        for value in optimizer.state.get(p, {}).values():
+            if not isinstance(value, torch.Tensor) or value.shape != p.shape or not value.is_floating_point():
+                continue
+            kept = math.ceil(keep * value.numel())
+            if kept >= value.numel():
+                continue
+            flat = value.view(-1)
+            mask = torch.zeros_like(flat, dtype=torch.bool)
+            mask[flat.abs().topk(kept, sorted=False).indices] = True
+            flat.masked_fill_(~mask, 0.0)
+
+
+def effective_rank(layer: nn.Module, *, rtol: float = 1e-4) -> int:
+    """The numerical rank of the layer's total update ``delta_weight()``: the number of its singular
+    values above ``rtol`` times the largest (computed in float64; 0 for a zero update).
+
+    Example:
+        >>> from torch import nn
+        >>> import deltatune as dt
+        >>> net = nn.Sequential(nn.Linear(8, 8))
+        >>> att = dt.inject(net, dt.LoRA(rank=2), targets=["0"])
+        >>> effective_rank(att.layers("default")["0"])  # B = 0 at init
+        0
+    """
+    delta = getattr(layer, "delta_weight", None)
+    if delta is None:
+        raise ValueError(f"effective_rank: {type(layer).__name__} has no delta_weight()")
+    with torch.no_grad():
+        s = torch.linalg.svdvals(delta().detach().double())
+    if s.numel() == 0 or float(s[0]) == 0.0:
+        return 0
+    return int((s > rtol * s[0]).sum())
+
+
+class ReLoRALayer(LoRALayer):
+    """A LoRA layer plus the accumulated update of its restarts (see the module docstring)."""
+
+    def __init__(
+        self,
+        config: ReLoRA,
+        kind: str,
+        in_features: int,
+        out_features: int,
+        dtype: torch.dtype,
+        base: nn.Module | None,
+        dense: bool,
+    ) -> None:
+        super().__init__(config.as_lora(), kind, in_features, out_features, dtype, base)
+        self.restart_every = config.restart_every
+        self.capacity = config.restarts
+        self.optimizer_keep = config.optimizer_keep
+        self.dense = dense
+        # Accumulated update; the unused form stays empty. Persistent: the checkpoint's step state.
+        self.folded_A: torch.Tensor
+        self.folded_B: torch.Tensor
+        self.folded_W: torch.Tensor
+        self.register_buffer("folded_A", torch.zeros(0, in_features, dtype=dtype))  # (k·r, in)
+        self.register_buffer("folded_B", torch.zeros(out_features, 0, dtype=dtype))  # (out, k·r)
+        self.register_buffer("folded_W", torch.zeros(0, in_features, dtype=dtype))  # (out, in) once used
+        self.folds_done: torch.Tensor
+        self.seed: torch.Tensor
+        self.register_buffer("folds_done", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("seed", torch.zeros((), dtype=torch.int64))  # not in the file (io.load reseeds)
+
+    @property
+    def folds(self) -> int:
+        """Restarts done so far."""
+        return int(self.folds_done)
+
+    def effective_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) with ``s · B A`` = the trained update plus the stacked folds (low-rank form)."""
+        if self.folded_A.shape[0] == 0:
+            return self.lora_A, self.lora_B
+        return torch.cat([self.lora_A, self.folded_A]), torch.cat([self.lora_B, self.folded_B], dim=1)
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.lora_A.dtype)
+        if isinstance(self.dropout, nn.Identity):
+            A, B = self.effective_factors()
+            out = F.linear(F.linear(x, A) * self.scale, B)  # (..., out)
+        else:  # dropout acts on the trained factors' input only: the folds are part of the weight
+            out = F.linear(F.linear(self.dropout(x), self.lora_A) * self.scale, self.lora_B)
+            if self.folded_A.shape[0]:
+                out = out + F.linear(F.linear(x, self.folded_A) * self.scale, self.folded_B)
+        if self.folded_W.shape[0]:
+            out = out + F.linear(x, self.folded_W)
+        return out
+
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        if self.folded_W.shape[0]:
+            return None  # a dense fold: not a low-rank update
+        return super().lowrank_factors()
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = super().delta_weight()
+        if self.folded_W.shape[0]:
+            delta = delta + (self.folded_W if self.kind == "linear" else self.folded_W.t())
+        return delta
+
+    def restart(self, step: int) -> None:
+        """Fold ``s · B A`` into the accumulated update; draw A again (seeded by ``step``), B = 0."""
+        with torch.no_grad():
+            if self.dense:
+                update = (self.lora_B @ self.lora_A) * self.scale  # (out, in)
+                self.folded_W = update if self.folded_W.shape[0] == 0 else self.folded_W + update
+            else:
+                self.folded_A = torch.cat([self.folded_A, self.lora_A.detach()])
+                self.folded_B = torch.cat([self.folded_B, self.lora_B.detach()], dim=1)
+            generator = torch.Generator().manual_seed(_mix(int(self.seed), step))
+            A = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype)
+            B = torch.empty(self.lora_B.shape, dtype=self.lora_B.dtype)
+            KaimingUniform().initialise(A, B, kind=self.kind, generator=generator)
+            self.lora_A.copy_(A)
+            self.lora_B.copy_(B)
+            self.folds_done += 1
+
+    def export_state(self) -> dict[str, torch.Tensor]:
+        """The trained factors, the folds padded to ``restarts`` (a size fixed by the config), the count."""
+        out = {
+            "lora_A": self.lora_A.detach(),
+            "lora_B": self.lora_B.detach(),
+            "folds": self.folds_done.detach(),
+        }
+        if self.dense:
+            W = self.folded_W
+            out["folded_W"] = (
+                W if W.shape[0] else self.lora_A.new_zeros(self.lora_B.shape[0], self.lora_A.shape[1])
+            )
+            return out
+        rows = self.capacity * self.lora_A.shape[0] - self.folded_A.shape[0]
+        out["folded_A"] = F.pad(self.folded_A, (0, 0, 0, rows))
+        out["folded_B"] = F.pad(self.folded_B, (0, rows))
+        return out
+
+    def import_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Inverse of :meth:`export_state`: the folds' buffers take the saved count's size."""
+        folds = int(state["folds"])
+        if not 0 <= folds <= self.capacity:
+            raise ValueError(f"ReLoRA: the file holds {folds} folds, more than restarts = {self.capacity}")
+        with torch.no_grad():
+            self.lora_A.copy_(state["lora_A"])
+            self.lora_B.copy_(state["lora_B"])
+            self.folds_done.fill_(folds)
+        like = self.lora_A
+        if self.dense:
+            W = state["folded_W"]
+            self.folded_W = W.to(like) if folds else like.new_zeros(0, like.shape[1])
+        else:
+            rows = folds * like.shape[0]
+            self.folded_A = state["folded_A"][:rows].to(like).clone()
+            self.folded_B = state["folded_B"][:, :rows].to(like).clone()
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, folds={self.folds}/{self.capacity}, dense={self.dense}"
+
+
+def _mix(seed: int, step: int) -> int:
+    """A generator seed from the layer's seed and the step (splitmix64's constant), within int64."""
+    return (seed ^ (step * 0x9E3779B97F4A7C15)) & (2**63 - 1)
