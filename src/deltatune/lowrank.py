@@ -75,6 +75,8 @@ def fusable(base: nn.Module, x: Any) -> bool:
 
 
 def _autocast(device_type: str) -> bool:
+    if device_type == "meta":  # shapes only (deltatune.estimate): no autocast there
+        return False
     try:
         return bool(torch.is_autocast_enabled(device_type))
     except TypeError:  # torch < 2.4 has no device argument

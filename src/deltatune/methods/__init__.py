@@ -7,28 +7,36 @@ Every module of this package is imported when the package is, so a new method re
 import importlib as _importlib
 import pkgutil as _pkgutil
 
+from .adalora import AdaLoRA, AdaLoRALayer
 from .adapter import Adapter, AdapterLayer
 from .bitfit import BitFit, BitFitLayer
+from .delta_lora import DeltaLoRA, DeltaLoRALayer
 from .dora import DoRA
 from .intrinsic import IntrinsicDimension, IntrinsicLayer, IntrinsicVector
 from .lora import Gaussian, KaimingUniform, LoRA, LoRAInit, LoRALayer
+from .lora_drop import LoRADrop
 from .lora_fa import LoRAFA
 from .p_tuning import EncodedPrompt, PromptEncoder, PTuning
 from .partial import BlockCopy, Partial
 from .pissa import CorDA, MiLoRA, PiSSA, collect_covariance, randomized_svd
 from .prefix_tuning import Prefixes, PrefixMLP, PrefixTuning
 from .prompt_tuning import FromText, PromptInit, PromptTuning, RandomUniform, SampledVocab, VirtualTokens
+from .relora import ReLoRA, ReLoRALayer, effective_rank
 from .tied_lora import TiedLoRA
 from .vblora import VBLoRA, VBLoRALayer, VectorBank
 from .vera import VeRA
 
 __all__ = [
+    "AdaLoRA",
+    "AdaLoRALayer",
     "Adapter",
     "AdapterLayer",
     "BitFit",
     "BitFitLayer",
     "BlockCopy",
     "CorDA",
+    "DeltaLoRA",
+    "DeltaLoRALayer",
     "DoRA",
     "EncodedPrompt",
     "FromText",
@@ -38,6 +46,7 @@ __all__ = [
     "IntrinsicVector",
     "KaimingUniform",
     "LoRA",
+    "LoRADrop",
     "LoRAFA",
     "LoRAInit",
     "LoRALayer",
@@ -52,6 +61,8 @@ __all__ = [
     "PromptInit",
     "PromptTuning",
     "RandomUniform",
+    "ReLoRA",
+    "ReLoRALayer",
     "SampledVocab",
     "TiedLoRA",
     "VBLoRA",
@@ -60,6 +71,7 @@ __all__ = [
     "VectorBank",
     "VirtualTokens",
     "collect_covariance",
+    "effective_rank",
     "randomized_svd",
 ]
 

@@ -228,6 +228,8 @@ class AdaLoRA:
         T = self._total()
         t = step - 1
         layers = _layers(attachment, name)
+        if not any(p.requires_grad for la in layers.values() for p in la.parameters()):
+            return  # a frozen adapter (loaded for inference) does not train: nothing to allocate
         last = T - self.tfinal  # the step at which the final budget is set
         if t < last:
             for layer in layers.values():
@@ -242,6 +244,7 @@ class AdaLoRA:
         else:
             for layer in layers.values():
                 layer.apply_mask()
+            _record_kept_ranks(attachment, name, layers)  # (again after a resume from step_state)
 
     def _total(self) -> int:
         if self.total_step is None:
@@ -259,6 +262,9 @@ class AdaLoRA:
         self, attachment: Attachment, name: str, layers: Mapping[str, AdaLoRALayer], budget: int
     ) -> None:
         """Zero the E of the lowest-scoring triplets over all layers, keeping ``budget`` of them."""
+        schedule = attachment.shared(name)
+        if isinstance(schedule, Schedule):
+            schedule.budget.fill_(budget)
         scores = {path: layer.triplet_scores() for path, layer in layers.items()}
         drop = sum(la.rank for la in layers.values()) - budget
         if drop > 0:
@@ -381,12 +387,15 @@ class AdaLoRA:
 
 
 class Schedule(nn.Module):
-    """The adapter-wide configuration (the budget is global): lets ``wrap`` refuse per-module
-    overrides of the schedule. Holds no tensors."""
+    """The adapter-wide part (the budget is global): its configuration, which lets ``wrap`` refuse
+    per-module overrides of the schedule, and ``budget``, the number of singular values the last
+    allocation kept over all layers (0 before the first; recomputed from the step, so not saved)."""
 
     def __init__(self, method: AdaLoRA) -> None:
         super().__init__()
         self.method = method
+        self.budget: torch.Tensor
+        self.register_buffer("budget", torch.zeros((), dtype=torch.long), persistent=False)
 
     def extra_repr(self) -> str:
         return f"target_r={self.method.target_r}, total_step={self.method.total_step}"

@@ -99,6 +99,7 @@ class DoRA:
             )
         layer = DoRALayer(self, base.in_features, base.out_features, adapter_dtype(base))
         self.init.initialise(layer.lora_A.data, layer.lora_B.data, kind="linear", generator=generator)
+        layer.to(device=base.weight.device)  # (the norm reads W0 where it lives: a GPU, or meta)
         with torch.no_grad():
             layer.magnitude.copy_(layer.row_norm(base.weight))  # = ‖W0‖, computed as forward does
         return layer

@@ -77,6 +77,8 @@ class SampledVocab(PromptInit):
         self, prompts: torch.Tensor, embedding: nn.Embedding, *, generator: torch.Generator
     ) -> None:
         ids = torch.randint(0, embedding.num_embeddings, (prompts.shape[0],), generator=generator)
+        if embedding.weight.is_meta:  # shapes only (deltatune.estimate): no values to copy
+            return
         prompts.copy_(embedding.weight.detach()[ids.to(embedding.weight.device)].to(prompts))
 
 

@@ -13,7 +13,8 @@ At a restart (``on_step`` at a step that ``restart_every`` divides, after ``opti
    does not jump;
 3. optimizer reset: in every optimizer state tensor of A and B shaped like them (Adam's ``exp_avg``
    and ``exp_avg_sq``, SGD's ``momentum_buffer``) all but the largest ``optimizer_keep`` fraction by
-   magnitude are set to zero (the paper prunes 99 %);
+   magnitude are set to zero (the paper prunes 99 %; Adam's two moments with one mask, see
+   :func:`prune_optimizer_state`);
 4. jagged schedule: :meth:`ReLoRA.lr_factor` multiplies the run's own schedule (cosine in the
    paper) by a linear re-warm-up over ``rewarmup_steps`` after each restart.
 
@@ -222,19 +223,39 @@ class ReLoRA:
 
 
 def prune_optimizer_state(optimizer: torch.optim.Optimizer, params: list[nn.Parameter], keep: float) -> None:
-    """Zero all but the largest ``keep`` fraction (by magnitude) of every optimizer state tensor of
-    ``params`` that has a parameter's shape (Adam's moments, SGD's momentum); step counts stay."""
+    """Zero all but the largest ``keep`` fraction (by magnitude) of the optimizer state of ``params``:
+    every state tensor shaped like its parameter (Adam's moments, SGD's momentum); step counts stay.
+
+    Adam's two moments are pruned with one mask, that of the largest ``exp_avg_sq``: pruned apart,
+    an entry could keep its first moment and lose its second, and the next step, ``m / (sqrt(v) + eps)``,
+    would be up to 1/sqrt(1 − beta2) ≈ 30 times too large there (a diverging restart on a toy
+    regression). Without ``exp_avg_sq`` each tensor is pruned by its own magnitude.
+    """
     for p in params:
-        for value in optimizer.state.get(p, {}).values():
-            if not isinstance(value, torch.Tensor) or value.shape != p.shape or not value.is_floating_point():
-                continue
-            kept = math.ceil(keep * value.numel())
-            if kept >= value.numel():
-                continue
-            flat = value.view(-1)
-            mask = torch.zeros_like(flat, dtype=torch.bool)
-            mask[flat.abs().topk(kept, sorted=False).indices] = True
-            flat.masked_fill_(~mask, 0.0)
+        state = optimizer.state.get(p, {})
+        tensors = [
+            v
+            for v in state.values()
+            if isinstance(v, torch.Tensor) and v.shape == p.shape and v.is_floating_point()
+        ]
+        shared = state.get("exp_avg_sq")
+        shared_mask = (
+            _top(shared, keep) if isinstance(shared, torch.Tensor) and shared.shape == p.shape else None
+        )
+        for value in tensors:
+            mask = shared_mask if shared_mask is not None else _top(value, keep)
+            if mask is not None:
+                value.masked_fill_(~mask, 0.0)
+
+
+def _top(value: torch.Tensor, keep: float) -> torch.Tensor | None:
+    """The mask of the largest ``keep`` fraction of ``value`` by magnitude (None: all of it)."""
+    kept = math.ceil(keep * value.numel())
+    if kept >= value.numel():
+        return None
+    mask = torch.zeros(value.numel(), dtype=torch.bool, device=value.device)
+    mask[value.reshape(-1).abs().topk(kept, sorted=False).indices] = True
+    return mask.view_as(value)
 
 
 def effective_rank(layer: nn.Module, *, rtol: float = 1e-4) -> int:
