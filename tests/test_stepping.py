@@ -57,11 +57,11 @@ class StepCounter:
         return self if "total" in given else replace(self, total=total)
 
     def regularizer(self, attachment: Any, name: str) -> torch.Tensor:
-        gains = [layer.gain for layer in attachment.layers(name).values()]
+        gains = [layer.gain for layer in attachment.adapter_layers(name).values()]
         return self.weight * sum(g.square().sum() for g in gains)
 
     def on_step(self, attachment: Any, name: str, step: int, optimizer: Any) -> None:
-        for layer in attachment.layers(name).values():
+        for layer in attachment.adapter_layers(name).values():
             assert layer.gain.grad is not None, "on_step runs before the gradients are cleared"
             layer.steps += 1
             assert int(layer.steps) == step

@@ -524,3 +524,39 @@ def test_loraplus_ratio_on_a_method_without_b_factors_is_refused(
     cfg = config(tiny_bert, tmp_path, method=method, method_fields=fields, loraplus_ratio=16)
     with pytest.raises(ValueError, match=message):
         train(cfg, progress=False)
+
+
+STEPPING_METHODS = {
+    "adalora": {"init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 1, "delta_t": 1},
+    "relora": {"rank": 2, "restart_every": 2, "rewarmup_steps": 1},
+    "delta_lora": {"rank": 2, "warmup_steps": 2},
+    "lora_drop": {"rank": 2, "sample_steps": 2, "threshold": 0.5},
+}
+
+
+@pytest.mark.parametrize("method", sorted(STEPPING_METHODS))
+def test_methods_acting_between_steps_train_and_resume_in_the_harness(
+    tiny_bert: str, tmp_path: Path, method: str
+) -> None:
+    """The harness calls the step hooks (their schedules start within 6 steps), keeps their state in
+    the checkpoint (a run interrupted after step 3 resumes to the same adapter), and the saved adapter
+    loads with the same outputs."""
+    fields = STEPPING_METHODS[method]
+    straight = tmp_path / "straight"
+    train(config(tiny_bert, straight, method=method, method_fields=fields), progress=False)
+    resumed = tmp_path / "resumed"
+    cfg = config(tiny_bert, resumed, method=method, method_fields=fields)
+
+    def interrupt(step: int, loss: float) -> None:
+        if step == 5:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, progress=False, callbacks=[interrupt])
+    train(cfg, progress=False)
+    a, b = adapter_tensors(straight), adapter_tensors(resumed)
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+    dt.load(model, straight / "adapter")  # the file after the method's between-step changes

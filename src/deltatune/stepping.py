@@ -129,7 +129,7 @@ def _stateful(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     for att, name, m in _active(model):
         if not any(_overrides(m, hook) for hook in _DEFAULTS):
             continue
-        for path, layer in att.layers(name).items():
+        for path, layer in att.adapter_layers(name).items():
             yield f"{name}:{path}.", layer
         shared = att.shared(name)
         if shared is not None:

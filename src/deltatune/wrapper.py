@@ -181,6 +181,12 @@ class Attachment:
         self.info(name)
         return {p: w.adapters[name] for p, w in self.wrappers.items() if name in w.adapters}
 
+    def adapter_layers(self, name: str) -> dict[str, nn.Module]:
+        """path -> the method's layer at each target of adapter ``name`` (the full copies of its
+        ``modules_to_save`` apart): what a method's between-step hooks act on."""
+        targets = self.info(name).targets
+        return {p: self.wrappers[p].adapters[name] for p in targets if name in self.wrappers[p].adapters}
+
     def closed_form(self, name: str) -> tuple[int, int]:
         """(trainable parameters, stored bytes) of adapter ``name`` from the methods' formulas."""
         info = self.info(name)

@@ -403,7 +403,7 @@ class Schedule(nn.Module):
 
 def _layers(attachment: Attachment, name: str) -> dict[str, AdaLoRALayer]:
     """The adapter's AdaLoRA layers (not its ``modules_to_save`` copies), in model order."""
-    return {p: la for p, la in attachment.layers(name).items() if isinstance(la, AdaLoRALayer)}
+    return {p: la for p, la in attachment.adapter_layers(name).items() if isinstance(la, AdaLoRALayer)}
 
 
 def _record_kept_ranks(attachment: Attachment, name: str, layers: Mapping[str, AdaLoRALayer]) -> None:

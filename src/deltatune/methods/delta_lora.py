@@ -146,7 +146,7 @@ class DeltaLoRA:
 
     def on_step(self, attachment: Any, name: str, step: int, optimizer: Any) -> None:
         """At step K (or the first step after it that a loop reports), snapshot (A_K, B_K)."""
-        for path, layer in attachment.layers(name).items():
+        for path, layer in attachment.adapter_layers(name).items():
             if not isinstance(layer, DeltaLoRALayer):
                 raise ValueError(
                     f"DeltaLoRA.on_step: {path!r} holds {type(layer).__name__}, not a Delta-LoRA layer"

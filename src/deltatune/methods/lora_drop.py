@@ -295,7 +295,7 @@ class LoRADrop:
         others (see the module docstring)."""
         shared = attachment.shared(name)
         layers: dict[str, LoRADropLayer] = {}
-        for path, layer in attachment.layers(name).items():
+        for path, layer in attachment.adapter_layers(name).items():
             if not isinstance(layer, LoRADropLayer):
                 raise ValueError(
                     f"LoRADrop.on_step: {path!r} holds {type(layer).__name__}, not a LoRA-drop layer"

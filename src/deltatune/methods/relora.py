@@ -197,7 +197,7 @@ class ReLoRA:
     def on_step(self, attachment: Any, name: str, step: int, optimizer: Any) -> None:
         """At every multiple of ``restart_every``: fold, restart and prune the optimizer state."""
         due: list[ReLoRALayer] = []
-        for path, layer in attachment.layers(name).items():
+        for path, layer in attachment.adapter_layers(name).items():
             if not isinstance(layer, ReLoRALayer):
                 raise ValueError(f"ReLoRA.on_step: {path!r} holds {type(layer).__name__}, not a ReLoRA layer")
             if step % layer.restart_every == 0:
