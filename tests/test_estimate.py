@@ -8,6 +8,8 @@ meta device) must be within 15 % of it for each configuration, and its FLOPs equ
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -160,3 +162,22 @@ def test_named_shapes_estimate_without_weights() -> None:
 def test_bad_input(call: Any, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         call()
+
+
+def test_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from deltatune.cli import main
+
+    tiny_llama().config.save_pretrained(tmp_path)
+    assert (
+        main(["estimate", "--model", str(tmp_path), "--method", "lora", "--rank", "4", "--batch", "2"]) == 0
+    )
+    out = capsys.readouterr().out
+    assert "| frozen-base floor | 0 |" in out and "| full fine-tuning |" in out and "| lora rank=4 |" in out
+    assert main(["estimate", "--model", str(tmp_path), "--method", "dora", "--json", "--seq", "8"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in rows][:2] == ["frozen-base floor", "full fine-tuning"]
+    assert rows[2]["seq"] == 8 and rows[2]["flops"] > rows[0]["flops"]
+    assert main(["estimate", "--model", "gpt-17"]) == 2
+    assert "unknown model shape 'gpt-17'" in capsys.readouterr().err
+    assert main(["estimate", "--model", str(tmp_path), "--rank", "0"]) == 2
+    assert "LoRA.rank must be an integer >= 1, got 0" in capsys.readouterr().err

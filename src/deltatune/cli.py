@@ -343,6 +343,11 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("methods", help="list the registered methods, their fields and capabilities")
     m.add_argument("--json", action="store_true", help="print JSON instead of a table")
     sub.add_parser("train", help="fine-tune a model on a task (deltatune train --help)", add_help=False)
+    sub.add_parser(
+        "estimate",
+        help="memory and FLOPs of a training step, before running it (deltatune estimate --help)",
+        add_help=False,
+    )
     add_adapter_parsers(sub)
     return parser
 
@@ -354,6 +359,14 @@ def main(argv: list[str] | None = None) -> int:
             return _train(argv[1:])
         except ValueError as e:
             print(f"deltatune train: error: {e}", file=sys.stderr)
+            return 2
+    if argv[:1] == ["estimate"]:
+        from .cli_estimate import run_estimate
+
+        try:
+            return run_estimate(argv[1:], _field_flag)
+        except ValueError as e:
+            print(f"deltatune estimate: error: {e}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
     try:

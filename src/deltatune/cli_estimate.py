@@ -1,0 +1,132 @@
+"""``deltatune estimate``: the memory and FLOPs of one training step, before running it.
+
+    deltatune estimate --model llama-2-7b --method lora --rank 16 --batch 8 --seq 1024 --precision bf16
+
+prints the frozen-base floor, full fine-tuning and the method side by side (see
+:mod:`deltatune.estimate`: a trace on PyTorch's meta device, no weights needed for the named shapes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from .contract import REGISTRY
+from .estimate import FLOOR, FULL, HEAD, SHAPES, Estimate, estimate, meta_model
+
+__all__ = ["run_estimate"]
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _parser(
+    method: str | None, field_flag: Callable[[type, Any], dict[str, Any] | None]
+) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deltatune estimate",
+        description="Memory and FLOPs of one training step of a method, against the frozen-base floor and "
+        "full fine-tuning, from the model's shapes (nothing runs on real tensors). A method's fields become "
+        "flags once --method is given.",
+    )
+    p.add_argument(
+        "--model",
+        default="minilm",
+        help=f"a model shape ({', '.join(sorted(SHAPES))}) or a local folder holding a config.json "
+        "(default minilm)",
+    )
+    p.add_argument(
+        "--method",
+        default="lora",
+        choices=[*sorted(REGISTRY), FULL, HEAD],
+        metavar="METHOD",
+        help=f"a registered method ({', '.join(sorted(REGISTRY))}), {FULL} or {HEAD} (default lora)",
+    )
+    p.add_argument(
+        "--targets", nargs="+", metavar="MODULE", help="modules to adapt (default: as deltatune.inject)"
+    )
+    p.add_argument("--batch", type=int, default=8, help="examples per step (default 8)")
+    p.add_argument("--seq", type=int, default=512, help="tokens per example (default 512)")
+    p.add_argument(
+        "--precision",
+        choices=sorted(PRECISIONS),
+        default="fp32",
+        help="dtype of the base model's weights (adapters stay float32) (default fp32)",
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    if method in REGISTRY:
+        cls = REGISTRY[method]
+        group = p.add_argument_group(f"{method} fields ({cls.__name__}; see deltatune methods)")
+        for f in dataclasses.fields(cls):
+            kw = field_flag(cls, f)
+            if kw is not None:
+                group.add_argument("--" + f.name.replace("_", "-"), **kw)
+    return p
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.2f}"
+
+
+def table(rows: list[Estimate]) -> str:
+    """The rows as a Markdown table, FLOPs relative to the first row (the floor)."""
+    floor = rows[0]
+    lines = [
+        f"one training step at {floor.batch} x {floor.seq} tokens "
+        "(GiB; AdamW state in the parameters' dtype)",
+        "",
+        "| configuration | trainable params | stored MiB | weights | gradients | optimizer | activations "
+        "| total | GFLOPs/step | FLOPs / floor |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        cells = [
+            r.label,
+            f"{r.trainable_parameters:,}",
+            f"{r.stored_bytes / 2**20:.2f}",
+            _gib(r.weight_bytes),
+            _gib(r.gradient_bytes),
+            _gib(r.optimizer_bytes),
+            _gib(r.activation_bytes),
+            _gib(r.total_bytes),
+            f"{r.flops / 1e9:.1f}",
+            f"{r.flops / floor.flops:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run_estimate(argv: list[str], field_flag: Callable[[type, Any], dict[str, Any] | None]) -> int:
+    probe = argparse.ArgumentParser(add_help=False)
+    probe.add_argument("--method")
+    known, _ = probe.parse_known_args(argv)
+    args = _parser(known.method or "lora", field_flag).parse_args(argv)
+    fields = {
+        k[len("field__") :]: v for k, v in vars(args).items() if k.startswith("field__") and v is not None
+    }
+    model = meta_model(args.model, dtype=PRECISIONS[args.precision])
+    if args.method in REGISTRY:
+        from .core import method_from_config
+
+        method: Any = method_from_config(args.method, fields)
+        label = f"{args.method} " + " ".join(f"{k}={v}" for k, v in fields.items())
+    else:
+        method, label = args.method, args.method
+    rows = [
+        estimate(model, FLOOR, batch=args.batch, seq=args.seq, label="frozen-base floor"),
+        estimate(model, FULL, batch=args.batch, seq=args.seq, label="full fine-tuning"),
+    ]
+    if method != FULL:
+        rows.append(
+            estimate(model, method, targets=args.targets, batch=args.batch, seq=args.seq, label=label.strip())
+        )
+    if args.json:
+        print(json.dumps([r.to_dict() for r in rows], indent=1))
+    else:
+        print(f"{args.model} ({args.precision})")
+        print(table(rows))
+    return 0
