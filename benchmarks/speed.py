@@ -135,6 +135,32 @@ def make_run(name: str, args: argparse.Namespace) -> Run:
     return Run(name, wrapped, [p for p in wrapped.parameters() if p.requires_grad])
 
 
+def method_of(name: str, args: argparse.Namespace) -> Any:
+    """The deltatune config of a row (None for PEFT's rows and the floor)."""
+    return {
+        "lora": dt.LoRA(rank=args.rank, alpha=2 * args.rank),
+        "dora": dt.DoRA(rank=args.rank, alpha=2 * args.rank),
+        "lora-fa": dt.LoRAFA(rank=args.rank, alpha=2 * args.rank),
+        "vblora": dt.VBLoRA(rank=args.vb_rank, num_vectors=256, vector_length=64),
+    }.get(name)
+
+
+def flop_limits(names: list[str], args: argparse.Namespace) -> dict[str, float]:
+    """Each row's FLOPs over the floor's (deltatune.estimate): the ratio it would reach at the floor's
+    arithmetic speed; PEFT's rows have the same arithmetic as ours."""
+    from deltatune.estimate import estimate
+
+    model = build(args.small)
+    floor = estimate(model, "floor", batch=args.batch, seq=args.seq)
+    out = {}
+    for name in names:
+        method = method_of(name.removeprefix("peft-"), args)
+        if method is not None:
+            row = estimate(model, method, targets=TARGETS, batch=args.batch, seq=args.seq)
+            out[f"{name}/floor"] = round(row.flops / floor.flops, 4)
+    return out
+
+
 def median_ratio(times: dict[str, list[float]], a: str, b: str) -> float:
     return statistics.median(x / y for x, y in zip(times[a], times[b], strict=True))
 
@@ -189,6 +215,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "eval_forward_ratio": {f"{a}/{b}": round(median_ratio(evals, a, b), 4) for a, b in pairs},
         "train_step_seconds_median": {k: round(statistics.median(v), 3) for k, v in train.items()},
         "saved_activation_MiB": {k: round(v / 2**20, 1) for k, v in saved.items()},
+        # Beside each measured ratio to the floor: the ratio its FLOPs allow (deltatune.estimate).
+        "flop_limit_ratio": flop_limits(names, args),
         "torch": torch.__version__,
         "peft": peft.__version__,
     }
