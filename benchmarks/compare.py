@@ -418,6 +418,7 @@ def main(argv: list[str] | None = None) -> int:
         "across job counts)",
     )
     parser.add_argument("--only", nargs="+", help="run only rows whose label contains one of these words")
+    parser.add_argument("--skip", nargs="+", help="leave out rows whose label starts with one of these words")
     parser.add_argument(
         "--reuse",
         action="store_true",
@@ -440,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
         for task, budget in group["tasks"].items()
         for seed in args.seeds
         if not args.only or any(w.lower() in row.label.lower() for w in args.only)
+        if not args.skip or not any(row.label.lower().startswith(w.lower()) for w in args.skip)
     ]
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     results: list[dict[str, Any]] = []
@@ -462,6 +464,7 @@ def main(argv: list[str] | None = None) -> int:
         "python benchmarks/compare.py --preset "
         + args.preset
         + (f" --only {' '.join(args.only)}" if args.only else "")
+        + (f" --skip {' '.join(args.skip)}" if args.skip else "")
         + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else "")
         + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
         + (" --reuse" if args.reuse else "")
