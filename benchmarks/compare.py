@@ -97,6 +97,35 @@ LORA_FAMILY = [
 ]
 
 
+# The LoRA family, part 2 (issue 16): rank refinement, co-updating and pruning against LoRA on
+# query/value at LoRA's budget. AdaLoRA starts at r=6 and ends at an average r=4 (LoRA r=4's final
+# parameter count), budget falling from step 15 to step 120 every 5 steps (the paper's tinit, tfinal
+# and ΔT, scaled to 150 steps); Delta-LoRA's W update starts after 15 steps with the paper's λ=2;
+# LoRA-drop samples 15 steps (a tenth of the run) and keeps 90 % of the importance.
+LORA_FAMILY_2 = [
+    lora_rank("lora", "LoRA", 4),
+    Row(
+        "AdaLoRA r 6 -> 4",
+        "adalora",
+        {"init_r": 6, "target_r": 4, "alpha": 8, "tinit": 15, "tfinal": 30, "delta_t": 5},
+        {"lr": 1e-3},
+    ),
+    lora_rank("lora", "LoRA", 8),
+    lora_rank("delta_lora", "Delta-LoRA", 8, lam=2.0, warmup_steps=15),
+    lora_rank("lora_drop", "LoRA-drop", 8, sample_steps=15, threshold=0.9),
+]
+# ReLoRA against LoRA at equal steps on SmolLM2 (E2E): restarts every 10 of 40 steps.
+RELORA_E2E = [
+    Row("LoRA r=8 (q_proj, v_proj)", "lora", {"rank": 8, "alpha": 16}, {"lr": 2e-3}),
+    Row(
+        "ReLoRA r=8, restart every 10 (q_proj, v_proj)",
+        "relora",
+        {"rank": 8, "alpha": 16, "restart_every": 10, "rewarmup_steps": 2},
+        {"lr": 2e-3},
+    ),
+]
+
+
 def intrinsic(d: int, structure: str = "said") -> Row:
     """Intrinsic-dimension row: all linear layers (weights and biases) projected from d values.
 
@@ -196,6 +225,21 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "rows": LORA_FAMILY,
         "after": "lora_family",
+    },
+    "lora-family-2": {
+        "model": "minilm",
+        "tasks": {
+            "sst2": {"steps": 150, "batch_size": 32, "max_length": 64},
+            "mrpc": {"steps": 150, "batch_size": 16, "max_length": 128},
+        },
+        "rows": LORA_FAMILY_2,
+        "extra": [
+            {
+                "model": "smollm2",
+                "tasks": {"e2e": {**E2E_BUDGET, "steps": 40}},
+                "rows": RELORA_E2E,
+            }
+        ],
     },
     "cpu": {
         "model": "minilm",
