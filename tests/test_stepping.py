@@ -251,3 +251,20 @@ def test_for_steps_fits_or_refuses() -> None:
     with pytest.raises(ValueError, match="StepCounter.total 200 is longer than the run"):
         dt.core.hooks(StepCounter(total=200)).for_steps(100, {"total"})
     assert dt.core.hooks(dt.LoRA()).for_steps(5, set()) == dt.LoRA()  # no schedule: itself
+
+
+def test_a_module_structure_chosen_in_training_is_saved_and_loaded(tmp_path: Path) -> None:
+    """Attachment.set_module_fields records a per-module field as an exact-path override (saved and
+    re-created by load); freeze retires parameters from training."""
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    att = dt.inject(model, dt.LoRA(rank=2), targets=["0", "1"])
+    att.set_module_fields("default", "1", {"rank": 1})
+    assert att.info("default").overrides == {r"^1$": {"rank": 1}}
+    att.set_module_fields("default", "1", {"rank": 2})  # back to the adapter's value: no override left
+    assert att.info("default").overrides == {}
+    with pytest.raises(ValueError, match="set_module_fields: '2' is not a target of adapter 'default'"):
+        att.set_module_fields("default", "2", {"rank": 1})
+    layer = att.adapter_layers("default")["0"]
+    att.freeze("default", [layer.lora_A])
+    assert not layer.lora_A.requires_grad
+    assert all(p is not layer.lora_A for p in dt.trainable_parameters(model))

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from collections.abc import Iterator, Sequence
+import dataclasses
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -186,6 +188,34 @@ class Attachment:
         ``modules_to_save`` apart): what a method's between-step hooks act on."""
         targets = self.info(name).targets
         return {p: self.wrappers[p].adapters[name] for p in targets if name in self.wrappers[p].adapters}
+
+    def set_module_fields(self, name: str, path: str, fields: Mapping[str, Any]) -> None:
+        """Record that the module at ``path`` of adapter ``name`` now has these method fields (a
+        structure its training chose: AdaLoRA's kept rank, LoRA-drop's dropped module), as an
+        exact-path override: a save writes it, and a load re-creates the module that way. A field set
+        to its adapter-wide value drops out of the override."""
+        info = self.info(name)
+        if path not in info.targets:
+            raise ValueError(f"set_module_fields: {path!r} is not a target of adapter {name!r}")
+        config = dataclasses.replace(info.configs[path], **fields)
+        base = dataclasses.asdict(info.method)
+        key = "^" + re.escape(path) + "$"
+        entry = {**info.overrides.get(key, {}), **fields}
+        entry = {k: v for k, v in entry.items() if v != base.get(k)}
+        overrides = {k: v for k, v in info.overrides.items() if k != key}
+        if entry:
+            overrides[key] = entry
+        info.overrides = overrides
+        info.configs[path] = config
+
+    def freeze(self, name: str, params: Sequence[nn.Parameter]) -> None:
+        """Stop training ``params`` of adapter ``name`` (a part its training retired): no gradient,
+        and no longer among its trainable parameters."""
+        ids = {id(p) for p in params}
+        info = self.info(name)
+        for p in params:
+            p.requires_grad_(False)
+        info.trainable = [p for p in info.trainable if id(p) not in ids]
 
     def closed_form(self, name: str) -> tuple[int, int]:
         """(trainable parameters, stored bytes) of adapter ``name`` from the methods' formulas."""

@@ -407,26 +407,15 @@ def _layers(attachment: Attachment, name: str) -> dict[str, AdaLoRALayer]:
 
 
 def _record_kept_ranks(attachment: Attachment, name: str, layers: Mapping[str, AdaLoRALayer]) -> None:
-    """Write each masked layer's surviving rank into the adapter's per-module configs (and so into
-    the overrides a save records), so that the saved form holds only those triplets."""
-    info = attachment.info(name)
-    overrides = dict(info.overrides)
+    """Record each masked layer's surviving rank as its module's ``kept_rank`` (the core keeps it as an
+    exact-path override), so that a save holds only those triplets and a load re-creates them."""
     for path, layer in layers.items():
         kept = int(layer.rank_mask.sum())
         value = None if kept == layer.rank else kept
         if layer.config.kept_rank == value:
             continue
-        key = "^" + re.escape(path) + "$"
-        entry = {k: v for k, v in overrides.get(key, {}).items() if k != "kept_rank"}
-        if value is not None:
-            entry["kept_rank"] = value
-        if entry:
-            overrides[key] = entry
-        else:
-            overrides.pop(key, None)
+        attachment.set_module_fields(name, path, {"kept_rank": value})
         layer.config = dataclasses.replace(layer.config, kept_rank=value)
-        info.configs[path] = layer.config
-    info.overrides = overrides
 
 
 class AdaLoRALayer(nn.Module):

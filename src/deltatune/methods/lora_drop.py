@@ -70,7 +70,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -167,11 +166,6 @@ class DropShared(nn.Module):
 def _flag(memo: Memo[bool], t: torch.Tensor) -> bool:
     cached = memo.get(t)
     return memo.put(bool(t), t) if cached is None else cached
-
-
-def _key(path: str) -> str:
-    """The override key that matches exactly ``path`` (a dotted suffix could match others)."""
-    return "^" + re.escape(path) + "$"
 
 
 @register
@@ -341,26 +335,18 @@ class LoRADrop:
 
 
 def _record(attachment: Any, name: str, layers: Mapping[str, LoRADropLayer]) -> None:
-    """Write the decision into the adapter's description: per-module ``dropped`` overrides (what the
-    saved config records, so that a load re-creates the structure) and its trainable parameters."""
+    """Record the decision with the core: each dropped module's ``dropped`` field (kept as an
+    exact-path override, so that a load re-creates the structure), and its own factors retired."""
     info = attachment.info(name)
     newly = [
         p
         for p, layer in layers.items()
         if layer.is_dropped and not getattr(info.configs[p], "dropped", False)
     ]
-    if not newly:
-        return
-    info.overrides = {**info.overrides, **{_key(p): {"dropped": True} for p in newly}}
-    frozen: set[int] = set()
     for p in newly:
-        info.configs[p] = dataclasses.replace(info.configs[p], dropped=True)
+        attachment.set_module_fields(name, p, {"dropped": True})
         layer = layers[p]
-        frozen |= {id(t) for t in (layer.lora_A, layer.lora_B) if t is not None}
-        for t in (layer.lora_A, layer.lora_B):
-            if t is not None:
-                t.requires_grad_(False)
-    info.trainable = [t for t in info.trainable if id(t) not in frozen]
+        attachment.freeze(name, [t for t in (layer.lora_A, layer.lora_B) if isinstance(t, nn.Parameter)])
 
 
 class LoRADropLayer(nn.Module):
