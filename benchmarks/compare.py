@@ -283,17 +283,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def run_row(
-    model: str,
-    task: str,
-    budget: dict[str, Any],
-    row: Row,
-    out: Path,
-    seed: int,
-    reuse: bool = False,
-    threads: int | None = None,
-    seed_in_name: bool = False,
-) -> dict[str, Any]:
+def run_config(
+    model: str, task: str, budget: dict[str, Any], row: Row, out: Path, seed: int, seed_in_name: bool
+) -> tuple[Path, dict[str, Any]]:
+    """The run folder and the ``deltatune train`` config of one row, task and seed."""
     slug = re.sub(r"[^a-z0-9]+", "_", row.label.lower()).strip("_")
     run_dir = out / "runs" / (f"{model}-{task}-{slug}" + (f"-seed{seed}" if seed_in_name else ""))
     config = {
@@ -308,10 +301,36 @@ def run_row(
         **budget,
         **row.options,
     }
-    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir, config
+
+
+def finished(
+    model: str, task: str, budget: dict[str, Any], row: Row, out: Path, seed: int, seed_in_name: bool
+) -> bool:
+    """Whether the run folder holds a finished run of exactly this config."""
+    run_dir, config = run_config(model, task, budget, row, out, seed, seed_in_name)
     previous = run_dir / "config.json"
-    finished = (run_dir / "metrics.json").exists() and previous.exists()
-    reused = reuse and finished and json.loads(previous.read_text()) == config
+    return (
+        (run_dir / "metrics.json").exists()
+        and previous.exists()
+        and json.loads(previous.read_text()) == config
+    )
+
+
+def run_row(
+    model: str,
+    task: str,
+    budget: dict[str, Any],
+    row: Row,
+    out: Path,
+    seed: int,
+    reuse: bool = False,
+    threads: int | None = None,
+    seed_in_name: bool = False,
+) -> dict[str, Any]:
+    run_dir, config = run_config(model, task, budget, row, out, seed, seed_in_name)
+    reused = reuse and finished(model, task, budget, row, out, seed, seed_in_name)
+    run_dir.mkdir(parents=True, exist_ok=True)
     if not reused:
         (run_dir / "metrics.json").unlink(missing_ok=True)
     (run_dir / "config.json").write_text(json.dumps(config, indent=1))
@@ -463,6 +482,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--only", nargs="+", help="run only rows whose label contains one of these words")
     parser.add_argument("--skip", nargs="+", help="leave out rows whose label starts with one of these words")
+    parser.add_argument("--tasks", nargs="+", help="run only these tasks of the preset")
+    parser.add_argument(
+        "--finished-only",
+        action="store_true",
+        help="with --reuse: tabulate the finished runs of these configs, run nothing (lists the rest)",
+    )
     parser.add_argument(
         "--reuse",
         action="store_true",
@@ -486,7 +511,14 @@ def main(argv: list[str] | None = None) -> int:
         for seed in args.seeds
         if not args.only or any(w.lower() in row.label.lower() for w in args.only)
         if not args.skip or not any(row.label.lower().startswith(w.lower()) for w in args.skip)
+        if not args.tasks or task in args.tasks
     ]
+    if args.finished_only:
+        done = [j for j in jobs if finished(j[0], j[1], j[2], j[3], out, j[4], len(args.seeds) > 1)]
+        for job in jobs:
+            if job not in done:
+                print(f"not run: {job[1]}: {job[3].label} (seed {job[4]})")
+        jobs = done
     threads = max(1, (os.cpu_count() or 1) // args.jobs) if args.jobs > 1 else None
     results: list[dict[str, Any]] = []
 
@@ -509,6 +541,7 @@ def main(argv: list[str] | None = None) -> int:
         + args.preset
         + (f" --only {' '.join(args.only)}" if args.only else "")
         + (f" --skip {' '.join(args.skip)}" if args.skip else "")
+        + (f" --tasks {' '.join(args.tasks)}" if args.tasks else "")
         + (f" --seeds {' '.join(map(str, args.seeds))}" if args.seeds != [0] else "")
         + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
         + (" --reuse" if args.reuse else "")
