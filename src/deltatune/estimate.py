@@ -33,9 +33,10 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -253,8 +254,37 @@ def estimate(
     )
 
 
+class _MetaAutocast(torch.autocast):
+    """``torch.autocast`` that takes ``device_type="meta"`` as the CPU (transformers < 5.5 opens a
+    disabled autocast region on the input's device in rotary embeddings; meta has no autocast)."""
+
+    def __init__(self, device_type: str, *args: Any, **kwargs: Any) -> None:
+        super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def _autocast_on_meta() -> Iterator[None]:
+    original, enabled = torch.autocast, torch.is_autocast_enabled
+
+    def is_enabled(*args: Any) -> bool:
+        return False if args and args[0] == "meta" else bool(enabled(*args))
+
+    torch.autocast = _MetaAutocast  # type: ignore[misc]
+    torch.is_autocast_enabled = is_enabled  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.autocast = original  # type: ignore[misc]
+        torch.is_autocast_enabled = enabled
+
+
 def _trace(net: nn.Module, ids: torch.Tensor, labels: torch.Tensor, floor: bool) -> tuple[int, int, int]:
     """(saved activation bytes, forward FLOPs, backward FLOPs) of one step, on the meta device."""
+    with _autocast_on_meta():
+        return _trace_step(net, ids, labels, floor)
+
+
+def _trace_step(net: nn.Module, ids: torch.Tensor, labels: torch.Tensor, floor: bool) -> tuple[int, int, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
     weights = {t.untyped_storage()._cdata for t in [*net.parameters(), *net.buffers()]}
