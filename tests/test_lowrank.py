@@ -92,3 +92,57 @@ def test_the_wrapper_uses_the_kernel_and_falls_back_with_dropout(monkeypatch: py
     drop.eval()
     drop(torch.randn(3, 8))
     assert len(calls) == 3  # dropout is off in eval mode
+
+
+def test_float32_factors_on_a_bf16_input_keep_the_input_not_a_float32_copy() -> None:
+    """LoRA with float32 factors on a bf16 base: the same outputs and gradients as the plain autograd
+    form, and autograd keeps the bf16 input (shared by q, k and v) instead of one float32 copy each."""
+    import copy
+
+    import deltatune as dt
+    import deltatune.methods.lora as lora_module
+
+    torch.manual_seed(0)
+    base = nn.ModuleDict({n: nn.Linear(16, 16) for n in ("q", "k", "v")}).to(torch.bfloat16)
+
+    class Attn(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.p = copy.deepcopy(base)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.p["q"](x) + self.p["k"](x) + self.p["v"](x)
+
+    def run(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], int]:
+        saved: dict[int, int] = {}
+        weights = {t.untyped_storage().data_ptr() for t in model.parameters()}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            if t.untyped_storage().data_ptr() not in weights:
+                saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            y = model(x)
+        y.float().square().sum().backward()
+        return y, [p.grad for p in dt.trainable_parameters(model)], sum(saved.values())
+
+    model = Attn()
+    dt.inject(model, dt.LoRA(rank=2), targets=["q", "k", "v"])
+    with torch.no_grad():
+        for p in dt.trainable_parameters(model):
+            p.normal_(std=0.1)
+    plain = copy.deepcopy(model)
+    x = torch.randn(4, 8, 16, dtype=torch.bfloat16)
+    y, grads, kept = run(model, x)
+    original = lora_module.mixed_lowrank
+    try:  # the plain autograd form, for reference
+        lora_module.mixed_lowrank = lambda x, A, B, s: F.linear(F.linear(x.to(A.dtype), A) * s, B)
+        y_ref, grads_ref, kept_ref = run(plain, x)
+    finally:
+        lora_module.mixed_lowrank = original
+    assert torch.equal(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
+    tokens, width = 4 * 8, 16
+    assert kept_ref - kept == 3 * tokens * width * 4 - tokens * width * 2  # 3 float32 copies -> 1 bf16 x

@@ -111,3 +111,48 @@ def lowrank_linear(
         return y.view(*x.shape[:-1], y.shape[-1])
     out: torch.Tensor = _LowRankLinear.apply(x, base.weight, b, A, B, scale)
     return out
+
+
+class _MixedLowRank(torch.autograd.Function):
+    """``s · (x Aᵀ) Bᵀ`` in the factors' dtype for an input of a lower precision (float32 adapters on
+    a bf16 base), keeping ``x`` for A's gradient in its own dtype: autograd's plain form keeps the
+    float32 copy ``x.to(A.dtype)``, once per adapted layer (q, k and v each a copy of one input),
+    twice the bytes of a bf16 activation that several layers share. The arithmetic is the plain
+    form's: ``x`` is widened to float32 in the forward and again in the backward pass."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float
+    ) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1])
+        h = x2.to(A.dtype) @ A.t()  # (M, r)
+        need = ctx.needs_input_grad
+        ctx.save_for_backward(x2 if need[1] else None, h if need[2] else None, A, B)
+        ctx.scale = scale
+        ctx.x_shape = x.shape
+        ctx.x_dtype = x.dtype
+        out = (h * scale) @ B.t()
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        x2, h, A, B = ctx.saved_tensors
+        scale: float = ctx.scale
+        g = grad.reshape(-1, grad.shape[-1]).to(A.dtype)  # (M, out)
+        gh = (g @ B).mul_(scale)  # (M, r)
+        gx = gA = gB = None
+        if ctx.needs_input_grad[0]:
+            gx = (gh @ A).to(ctx.x_dtype).view(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            gA = gh.t() @ x2.to(A.dtype)  # (r, in): x widened again, only for this product
+        if ctx.needs_input_grad[2]:
+            gB = (g.t() @ h).mul_(scale)  # (out, r)
+        return gx, gA, gB, None
+
+
+def mixed_lowrank(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """``scale · (x Aᵀ) Bᵀ`` in A's dtype, for ``x`` of another floating dtype (:class:`_MixedLowRank`)."""
+    if not torch.is_grad_enabled() or not (x.requires_grad or A.requires_grad or B.requires_grad):
+        return F.linear(F.linear(x.to(A.dtype), A) * scale, B)
+    out: torch.Tensor = _MixedLowRank.apply(x, A, B, scale)
+    return out

@@ -37,6 +37,7 @@ from torch import nn
 from ..core import REGISTRY, Attachment, adapter_state, check, register
 from ..fields import Bool, Float, Instance, Int, OneOf, component, param
 from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
+from ..lowrank import mixed_lowrank
 from ..targets import module_kind, shape_of
 
 
@@ -506,6 +507,9 @@ class LoRALayer(nn.Module):
         A, B = self.effective_factors()
         if self.kind == "embedding":
             h = F.embedding(x, A.t(), **self.embedding_kwargs)  # (..., r)
+        elif x.dtype != A.dtype and x.is_floating_point() and not self._dropout_active():
+            # float32 factors on a lower-precision input: keep x, not a float32 copy, for A's gradient
+            return mixed_lowrank(x, A, B, self.scale)
         else:
             h = F.linear(self.dropout(x.to(A.dtype)), A)  # (..., r)
         # Scaling the rank-r activations is cheaper than scaling the (..., out) result.
@@ -531,9 +535,12 @@ class LoRALayer(nn.Module):
             return
         self.load_state_dict({"lora_A": A, "lora_B": B}, strict=True)
 
+    def _dropout_active(self) -> bool:
+        return self.training and not isinstance(self.dropout, nn.Identity)
+
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(A, B, s) for the fused kernel of :mod:`deltatune.lowrank`; None while dropout is active."""
-        if self.kind != "linear" or (self.training and not isinstance(self.dropout, nn.Identity)):
+        if self.kind != "linear" or self._dropout_active():
             return None
         A, B = self.effective_factors()
         return A, B, self.scale
