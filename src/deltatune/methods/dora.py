@@ -47,7 +47,7 @@ from torch import nn
 from .._cache import Memo
 from ..core import Attachment, adapter_state, check, merged_linear, register
 from ..fields import Bool, Float, Instance, Int, param
-from ..lowrank import fusable, lowrank_linear
+from ..lowrank import fusable, lowrank_linear, mixed_lowrank
 from ..targets import module_kind, shape_of
 from .lora import Gaussian, KaimingUniform, LoRA, LoRAInit, adapter_dtype, peft_lora_config
 
@@ -222,7 +222,10 @@ class DoRALayer(nn.Module):
             out: torch.Tensor = torch.addcmul(base.bias, centred_out, k)
             return out
         y0: torch.Tensor = base(x)
-        y = y0 + F.linear(F.linear(x.to(A.dtype), A) * self.scale, B).to(y0.dtype)
+        if x.dtype != A.dtype and x.is_floating_point():  # (float32 factors: keep x, not a float32 copy)
+            y = y0 + mixed_lowrank(x, A, B, self.scale).to(y0.dtype)
+        else:
+            y = y0 + F.linear(F.linear(x.to(A.dtype), A) * self.scale, B).to(y0.dtype)
         centred = y if base.bias is None else y - base.bias
         return y + ((k - 1) * centred).to(y.dtype)
 
