@@ -283,7 +283,10 @@ def _train_args(model: str, **flags: object) -> list[str]:
 
 
 def test_sigint_leaves_a_usable_checkpoint(tiny_bert: str, tmp_path: Path) -> None:
-    args = _train_args(tiny_bert, steps=40, train_limit=96, checkpoint_every=2, out=tmp_path)
+    # Long enough that SIGINT, sent once the first checkpoint exists, arrives before the run ends
+    # (40 steps of this tiny model could all finish in the polling gap on a fast machine).
+    steps = 300
+    args = _train_args(tiny_bert, steps=steps, train_limit=96, checkpoint_every=2, out=tmp_path)
     proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.time() + 120
     state = tmp_path / "checkpoint" / "state.json"
@@ -294,11 +297,11 @@ def test_sigint_leaves_a_usable_checkpoint(tiny_bert: str, tmp_path: Path) -> No
     proc.wait(timeout=60)
     assert proc.returncode != 0
     step = json.loads(state.read_text())["step"]
-    assert 2 <= step < 40
+    assert 2 <= step < steps
     done = subprocess.run(_cli(*args), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     record = json.loads((tmp_path / "metrics.json").read_text())
-    assert [s for s, _ in record["history"]["loss"]] == list(range(1, 41))
+    assert [s for s, _ in record["history"]["loss"]] == list(range(1, steps + 1))
 
 
 def test_two_processes_equal_one(tiny_bert: str, tmp_path: Path) -> None:
