@@ -283,11 +283,16 @@ def _train_args(model: str, **flags: object) -> list[str]:
 
 
 def test_sigint_leaves_a_usable_checkpoint(tiny_bert: str, tmp_path: Path) -> None:
-    # Long enough that SIGINT, sent once the first checkpoint exists, arrives before the run ends
-    # (40 steps of this tiny model could all finish in the polling gap on a fast machine).
-    steps = 300
+    steps = 100  # long enough that SIGINT, sent at the first checkpoint, arrives before the end
     args = _train_args(tiny_bert, steps=steps, train_limit=96, checkpoint_every=2, out=tmp_path)
-    proc = subprocess.Popen(_cli(*args), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # A shell without job control starts background commands with SIGINT ignored, and Python then
+    # never raises KeyboardInterrupt: give the child the default disposition, as a terminal would.
+    proc = subprocess.Popen(
+        _cli(*args),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
     deadline = time.time() + 120
     state = tmp_path / "checkpoint" / "state.json"
     while not state.exists() and time.time() < deadline and proc.poll() is None:
