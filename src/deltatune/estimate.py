@@ -231,14 +231,14 @@ def estimate(
         stored = att.closed_form("default")[1]
         name = type(method).__name__
     trainable = [p for p in net.parameters() if p.requires_grad]
+    gradients = sum(p.numel() * p.element_size() for p in trainable)
     if method in (FULL, HEAD):
-        stored = sum(p.numel() * p.element_size() for p in trainable)
+        stored = gradients  # what trains is what is stored
     net.train()
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     labels = torch.zeros(batch, dtype=torch.long, device="meta") if classifier else ids
     activation_bytes, forward_flops, backward_flops = _trace(net, ids, labels, floor=method == FLOOR)
     weights = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
-    gradients = sum(p.numel() * p.element_size() for p in trainable)
     return Estimate(
         label=label or name,
         batch=batch,

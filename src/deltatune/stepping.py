@@ -42,8 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import contract
-from .contract import hooks
+from .contract import HOOK_DEFAULTS, hooks
 from .wrapper import SHARED_ATTR, Attachment, attachment_of, has_adapters
 
 __all__ = [
@@ -55,11 +54,8 @@ __all__ = [
     "step_state",
 ]
 
-_DEFAULTS = {
-    "regularizer": contract._no_regularizer,
-    "on_step": contract._nothing_between_steps,
-    "lr_factor": contract._constant_lr,
-}
+#: The hooks that act during training (their defaults, which do nothing, are the contract's).
+_STEP_HOOKS = ("regularizer", "on_step", "lr_factor")
 
 
 def _attachments(model: nn.Module) -> list[Attachment]:
@@ -83,12 +79,12 @@ def _active(model: nn.Module) -> Iterator[tuple[Attachment, str, Any]]:
 
 
 def _overrides(method: Any, hook: str) -> bool:
-    return getattr(type(method), hook) is not _DEFAULTS[hook]
+    return getattr(type(method), hook) is not HOOK_DEFAULTS[hook]
 
 
 def needs_step_hooks(model: nn.Module) -> bool:
     """Whether an active adapter of ``model`` acts between steps (a regularizer, on_step or lr_factor)."""
-    return any(_overrides(m, hook) for _, _, m in _active(model) for hook in _DEFAULTS)
+    return any(_overrides(m, hook) for _, _, m in _active(model) for hook in _STEP_HOOKS)
 
 
 def regularization(model: nn.Module) -> torch.Tensor:
@@ -127,7 +123,7 @@ def _stateful(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(checkpoint key prefix, module) of every layer and shared module of adapters that act between
     steps."""
     for att, name, m in _active(model):
-        if not any(_overrides(m, hook) for hook in _DEFAULTS):
+        if not any(_overrides(m, hook) for hook in _STEP_HOOKS):
             continue
         for path, layer in att.adapter_layers(name).items():
             yield f"{name}:{path}.", layer

@@ -49,7 +49,7 @@ from ..core import Attachment, adapter_state, check, merged_linear, register
 from ..fields import Bool, Float, Instance, Int, param
 from ..lowrank import fusable, lowrank_linear, mixed_lowrank
 from ..targets import module_kind, shape_of
-from .lora import Gaussian, KaimingUniform, LoRA, LoRAInit, adapter_dtype, peft_lora_config
+from .lora import Gaussian, KaimingUniform, LoRA, LoRAInit, adapter_dtype, dropout_active, peft_lora_config
 
 _MAGNITUDE = ".lora_magnitude_vector"  # PEFT's name of m
 
@@ -207,7 +207,7 @@ class DoRALayer(nn.Module):
         assert isinstance(base, nn.Linear)
         k = self.magnitude_scale(base)
         A, B = self.lora_A, self.lora_B
-        if self.training and not isinstance(self.dropout, nn.Identity):
+        if dropout_active(self):
             # PEFT: base(x) + (k − 1) ⊙ W0 xd + k ⊙ s B A xd with xd = dropout(x).
             xd = self.dropout(x)
             base_out: torch.Tensor = base(x)

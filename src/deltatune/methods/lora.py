@@ -449,6 +449,18 @@ _PEFT_NAMES = {
 _PEFT_LINEAR = ("lora_A.weight", "lora_B.weight")
 
 
+def dropout_active(layer: nn.Module) -> bool:
+    """Whether a layer's input dropout acts now (training with p > 0): then the fused kernel, which
+    reads the undropped input, cannot serve it."""
+    return layer.training and not isinstance(layer.dropout, nn.Identity)
+
+
+def in_weight_layout(delta: torch.Tensor, kind: str) -> torch.Tensor:
+    """An ``(out, in)`` update in the layout of the base module's weight: as it is for Linear,
+    transposed for GPT-2's Conv1D (``(in, out)``)."""
+    return delta if kind == "linear" else delta.t()
+
+
 class LoRALayer(nn.Module):
     """The trainable part of one LoRA-adapted module; the base module is passed in, never owned."""
 
@@ -507,7 +519,7 @@ class LoRALayer(nn.Module):
         A, B = self.effective_factors()
         if self.kind == "embedding":
             h = F.embedding(x, A.t(), **self.embedding_kwargs)  # (..., r)
-        elif x.dtype != A.dtype and x.is_floating_point() and not self._dropout_active():
+        elif x.dtype != A.dtype and x.is_floating_point() and not dropout_active(self):
             # float32 factors on a lower-precision input: keep x, not a float32 copy, for A's gradient
             return mixed_lowrank(x, A, B, self.scale)
         else:
@@ -535,12 +547,9 @@ class LoRALayer(nn.Module):
             return
         self.load_state_dict({"lora_A": A, "lora_B": B}, strict=True)
 
-    def _dropout_active(self) -> bool:
-        return self.training and not isinstance(self.dropout, nn.Identity)
-
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(A, B, s) for the fused kernel of :mod:`deltatune.lowrank`; None while dropout is active."""
-        if self.kind != "linear" or self._dropout_active():
+        if self.kind != "linear" or dropout_active(self):
             return None
         A, B = self.effective_factors()
         return A, B, self.scale
@@ -548,8 +557,7 @@ class LoRALayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """s · B A in the layout of the base weight: (out, in) for Linear, transposed otherwise."""
         A, B = self.effective_factors()
-        delta = (B @ A) * self.scale  # (out, in)
-        return delta if self.kind == "linear" else delta.t()
+        return in_weight_layout((B @ A) * self.scale, self.kind)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, rank={self.lora_A.shape[0]}, scale={self.scale:g}"

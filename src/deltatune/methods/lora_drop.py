@@ -82,7 +82,7 @@ from .._cache import Memo
 from ..core import check, register
 from ..fields import Bool, Float, Int, param
 from ..targets import module_kind, shape_of
-from .lora import KaimingUniform, adapter_dtype
+from .lora import KaimingUniform, adapter_dtype, dropout_active, in_weight_layout
 
 __all__ = ["DropPair", "DropShared", "LoRADrop", "LoRADropLayer", "group_of", "kept_by_importance"]
 
@@ -426,7 +426,7 @@ class LoRADropLayer(nn.Module):
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(A, B, s) for the fused kernel of :mod:`deltatune.lowrank`; None while dropout is active or
         while the importance is collected (then ``delta`` must run)."""
-        if self.kind != "linear" or (self.training and not isinstance(self.dropout, nn.Identity)):
+        if self.kind != "linear" or dropout_active(self):
             return None
         if self.collecting():
             return None
@@ -436,8 +436,7 @@ class LoRADropLayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """s · B A (the update in use) in the layout of the base weight: (out, in), transposed for Conv1D."""
         A, B = self.factors()
-        delta = (B @ A) * self.scale
-        return delta if self.kind == "linear" else delta.t()
+        return in_weight_layout((B @ A) * self.scale, self.kind)
 
     def restart(self) -> None:
         """Fresh factors (A Kaiming-uniform from the layer's seed, B = 0): the kept module's new start."""

@@ -58,7 +58,7 @@ from torch import nn
 from ..core import check, register
 from ..fields import Float, Int, OneOf, param
 from ..targets import module_kind, shape_of
-from .lora import adapter_dtype
+from .lora import adapter_dtype, dropout_active, in_weight_layout
 
 #: The trainable subsets offered (letters in the order A, B, u, v): B trains, or v does.
 TRAIN_OPTIONS: tuple[str, ...] = (
@@ -296,7 +296,7 @@ class TiedLoRALayer(nn.Module):
 
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(Λu A, Λv B, s) for the fused kernel of :mod:`deltatune.lowrank`; None while dropout is active."""
-        if self.kind != "linear" or (self.training and not isinstance(self.dropout, nn.Identity)):
+        if self.kind != "linear" or dropout_active(self):
             return None
         A, B = self.scaled_factors()
         return A, B, self.scale
@@ -304,8 +304,7 @@ class TiedLoRALayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         """s · Λv B Λu A in the layout of the base weight: (out, in) for Linear, transposed for Conv1D."""
         A, B = self.scaled_factors()
-        delta = (B @ A) * self.scale
-        return delta if self.kind == "linear" else delta.t()
+        return in_weight_layout((B @ A) * self.scale, self.kind)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, rank={self.config.rank}, train={self.config.train}, scale={self.scale:g}"

@@ -56,6 +56,7 @@ from ..core import SHARED_ATTR, Attachment, adapter_state, check, register
 from ..fields import Float, Int, OneOf, param
 from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
 from ..targets import module_kind, shape_of
+from .lora import dropout_active, in_weight_layout
 
 
 def index_dtype(num_vectors: int) -> torch.dtype:
@@ -408,7 +409,7 @@ class VBLoRALayer(nn.Module):
 
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(A, B, 1) for the fused kernel of :mod:`deltatune.lowrank`; None while dropout is active."""
-        if self.kind != "linear" or (self.training and not isinstance(self.dropout, nn.Identity)):
+        if self.kind != "linear" or dropout_active(self):
             return None
         A, B = self.factors()
         return A, B, 1.0
@@ -416,7 +417,7 @@ class VBLoRALayer(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         A, B = self.factors()
         delta = B @ A  # (out, in)
-        return delta if self.kind == "linear" else delta.t()
+        return in_weight_layout(delta, self.kind)
 
     # -- storage --------------------------------------------------------------------------------
     def export_state(self) -> dict[str, torch.Tensor]:

@@ -45,7 +45,7 @@ from ..core import SHARED_ATTR, Attachment, adapter_state, check, register
 from ..fields import Bool, Float, Int, param
 from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
 from ..targets import module_kind, shape_of
-from .lora import adapter_dtype
+from .lora import adapter_dtype, in_weight_layout
 
 _KINDS = ("linear", "conv1d")
 
@@ -328,7 +328,7 @@ class VeRALayer(nn.Module):
         delta = (self.lambda_b[:, None] * B.to(self.lambda_b.dtype)) @ (
             self.lambda_d[:, None] * A.to(self.lambda_d.dtype)
         )
-        return delta if self.kind == "linear" else delta.t()
+        return in_weight_layout(delta, self.kind)
 
     def extra_repr(self) -> str:
         return (
