@@ -3,7 +3,10 @@
 >>> from deltatune import LoRA, inject, merge, unload, disabled, save, load
 """
 
-from . import _quiet  # noqa: F401  (filters two import-time messages of torchao; see _quiet)
+from . import (
+    _quiet,  # noqa: F401  (filters two import-time messages of torchao; see _quiet)
+    continual,
+)
 from .core import (
     REGISTRY,
     Adapted,
@@ -18,6 +21,7 @@ from .core import (
     inject,
     merge,
     parameter_report,
+    reconfigure,
     register,
     route,
     set_active,
@@ -29,6 +33,7 @@ from .loraplus import parameter_groups as parameter_groups  # LoRA+ and plain op
 from .methods import (
     AdaLoRA,
     Adapter,
+    AMLoRA,
     BitFit,
     CorDA,
     DeltaLoRA,
@@ -40,6 +45,7 @@ from .methods import (
     LoRADrop,
     LoRAFA,
     MiLoRA,
+    OLoRA,
     Partial,
     PiSSA,
     PrefixTuning,
@@ -60,6 +66,7 @@ __version__ = "0.1.0"
 __all__ = [
     "ALL_LINEAR",
     "REGISTRY",
+    "AMLoRA",
     "AdaLoRA",
     "Adapted",
     "Adapter",
@@ -75,6 +82,7 @@ __all__ = [
     "LoRADrop",
     "LoRAFA",
     "MiLoRA",
+    "OLoRA",
     "PTuning",
     "ParameterReport",
     "Partial",
@@ -90,6 +98,7 @@ __all__ = [
     "attachment_of",
     "collect_covariance",
     "combine",
+    "continual",
     "delete_adapter",
     "disabled",
     "export_peft",
@@ -103,6 +112,7 @@ __all__ = [
     "on_step",
     "parameter_groups",
     "parameter_report",
+    "reconfigure",
     "register",
     "regularization",
     "route",

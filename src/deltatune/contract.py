@@ -20,7 +20,9 @@ Optional, with the default :func:`register` fills in when a method does not defi
 
 * ``model_level = False``: the method acts on a whole transformers body (embeddings, masks, KV
   cache) rather than on single layers; ``quantized_base = False``: it works on 4-bit (NF4) base
-  modules because it only adds to their output (QLoRA);
+  modules because it only adds to their output (QLoRA); ``task_sequence = False``: the method learns
+  tasks one after another in one adapter, with a ``tasks`` field naming them, oldest first, of which
+  only the last trains (O-LoRA, AM-LoRA; grown by :func:`deltatune.continual.add_task`);
 * ``make_shared(bases, generator) -> nn.Module | None`` (None): state shared by every layer of one
   adapter (VB-LoRA's bank), created once per adapter, counted by ``shared_parameter_count(bases)``
   and ``shared_stored_bytes(bases)`` (0); :func:`deltatune.inject` moves it (as each layer) to the
@@ -45,7 +47,8 @@ Optional, with the default :func:`register` fills in when a method does not defi
   ``for_steps(total, given) -> method`` (itself): a copy fitted to a run of ``total`` optimizer
   steps for the fields not in ``given``, or a ``ValueError`` naming a field that does not fit the
   run (a schedule longer than it); ``regularizer(attachment, name) -> Tensor | None`` (None): a
-  term added to the training loss before ``backward``; ``on_step(attachment, name, step,
+  term added to the training loss before ``backward``, after the forward pass of the step's last
+  micro-batch (a term may read that pass: AM-LoRA's gate sparsity); ``on_step(attachment, name, step,
   optimizer)`` (nothing): called after ``optimizer.step()`` and before the gradients are cleared,
   ``step`` counting optimizer steps from 1; ``lr_factor(step) -> float`` (1.0): a factor on the
   learning rate at scheduler step ``step`` (from 0), composed with the run's own schedule. State a
@@ -162,6 +165,7 @@ class Registered(Method, Protocol):
 
     model_level: ClassVar[bool]
     quantized_base: ClassVar[bool]
+    task_sequence: ClassVar[bool]
     small_example: ClassVar[dict[str, Any]]
     variants: ClassVar[dict[str, dict[str, Any]]]
     near_identity_at_init: ClassVar[bool]
@@ -251,6 +255,7 @@ def _constant_lr(self: Any, step: int) -> float:
 HOOK_DEFAULTS: dict[str, Any] = {
     "model_level": False,
     "quantized_base": False,
+    "task_sequence": False,
     "small_example": {},
     "variants": {},
     "near_identity_at_init": True,

@@ -105,6 +105,7 @@ __all__ = [
     "method_fields",
     "method_from_config",
     "parameter_report",
+    "reconfigure",
     "register",
     "route",
     "set_active",
@@ -269,6 +270,65 @@ def inject(
         else:
             for p in trainable:
                 p.requires_grad_(False)
+    return att
+
+
+def reconfigure(model: nn.Module, name: str, method: Method) -> Attachment:
+    """Re-create adapter ``name`` with another config of its method, on the same targets, overrides
+    and seed, keeping every tensor whose name and shape still fit; the others start as the method
+    initialises them (a continual adapter grown by one task keeps the earlier tasks' tensors).
+
+    The adapter keeps its name, its place among the active adapters and its full module copies; its
+    layers are new modules, so build a new optimizer afterwards.
+    """
+    att = attachment_of(model)
+    info = att.info(name)
+    spec = hooks(method)
+    if type(method) is not type(info.method):
+        raise ValueError(
+            f"reconfigure: adapter {name!r} is {type(info.method).__name__}; it cannot become "
+            f"{type(method).__name__} (inject a new adapter instead)"
+        )
+    configs = {p: config_for(method, p, info.overrides) for p in info.targets}
+    bases = {p: att.wrappers[p].base for p in info.targets}
+    shared = spec.make_shared(bases, _generator(info.seed, "<shared>"))
+    if shared is not None:
+        shared = _to_device_of(shared, *bases.values())
+    layers = {
+        p: _to_device_of(
+            configs[p].wrap(bases[p], shared, path=p, generator=_generator(info.seed, p)), bases[p]
+        )
+        for p in info.targets
+    }
+    old = adapter_state(model, name)
+    owners: dict[str, nn.Module] = dict(layers)
+    if shared is not None:
+        owners[SHARED_ATTR] = shared
+    for owner, module in owners.items():
+        fresh = export_state(module) if owner != SHARED_ATTR else module.state_dict()
+        kept = {
+            k: (old[f"{owner}.{k}"] if f"{owner}.{k}" in old and old[f"{owner}.{k}"].shape == v.shape else v)
+            for k, v in fresh.items()
+        }
+        if owner == SHARED_ATTR:
+            module.load_state_dict(kept, strict=True)
+        else:
+            import_state(module, kept)
+    trainable = [p for m in owners.values() for p in m.parameters() if p.requires_grad]
+    copies = [p for sp in info.modules_to_save for p in att.wrappers[sp].adapters[name].parameters()]
+    with all_or_nothing(model):
+        for path, layer in layers.items():
+            att.wrappers[path].adapters[name] = layer.train(bases[path].training)
+        if shared is not None:
+            att.wrappers[info.targets[0]].shared[name] = shared.train(bases[info.targets[0]].training)
+        elif name in att.wrappers[info.targets[0]].shared:
+            del att.wrappers[info.targets[0]].shared[name]
+        info.method = method
+        info.configs = configs
+        info.shared = shared
+        info.trainable = list({id(p): p for p in [*trainable, *copies]}.values())
+        for p in info.trainable:
+            p.requires_grad_(name in att.active)
     return att
 
 

@@ -152,6 +152,26 @@ class Text(Check):
 
 
 @dataclass(frozen=True)
+class Names(Check):
+    """A non-empty tuple of distinct names made of letters, digits and ``_`` (not starting with a
+    digit): the keys a layer stores per name (a continual adapter's tasks)."""
+
+    def ok(self, value: Any) -> bool:
+        return (
+            isinstance(value, tuple)
+            and len(value) > 0
+            and all(isinstance(v, str) and v.isidentifier() for v in value)
+            and len(set(value)) == len(value)
+        )
+
+    def describe(self) -> str:
+        return "a non-empty tuple of distinct names (letters, digits and _, not starting with a digit)"
+
+    def counterexample(self) -> Any:
+        return ("same", "same")
+
+
+@dataclass(frozen=True)
 class Instance(Check):
     """An instance of one of ``types`` (used for initialiser objects)."""
 
@@ -262,4 +282,6 @@ def from_jsonable(value: Any, where: str, fits: Instance | None = None) -> Any:
                 f"{where}: unknown field(s) {unknown} for {cls.__name__}; known: {sorted(names)}"
             )
         return cls(**kwargs)
+    if isinstance(value, list):  # (to_jsonable writes a tuple as a list)
+        return tuple(from_jsonable(v, f"{where}[{i}]") for i, v in enumerate(value))
     return value

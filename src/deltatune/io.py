@@ -408,7 +408,7 @@ def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
         raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
 
 
-def _check_fingerprint(
+def check_fingerprint(
     model: nn.Module, expected: Mapping[str, Any], where: str, *, strict_base: bool = True
 ) -> None:
     """Refuse a model whose adapted modules differ in class or weight shape from the fingerprint,
@@ -462,7 +462,7 @@ def load(
     config = read_config(folder)
     where = str(Path(folder))
     method = core.method_from_config(config["method"], config["config"])
-    _check_fingerprint(model, config["fingerprint"], where, strict_base=strict_base)
+    check_fingerprint(model, config["fingerprint"], where, strict_base=strict_base)
     tensors = read_tensors(Path(folder) / WEIGHTS_NAME)
     name = name if name is not None else str(config.get("adapter_name", "default"))
     return inject_filled(

@@ -89,7 +89,8 @@ def needs_step_hooks(model: nn.Module) -> bool:
 
 def regularization(model: nn.Module) -> torch.Tensor:
     """The sum of the active adapters' loss terms (a 0-dim zero when they have none): add it to the
-    training loss before ``backward`` (once per optimizer step is enough: it does not depend on data)."""
+    training loss before ``backward``, once per optimizer step, after the forward pass of the step's
+    last micro-batch (a term may read that pass, as AM-LoRA's gate sparsity does)."""
     terms: list[torch.Tensor] = [
         t for att, name, m in _active(model) if (t := m.regularizer(att, name)) is not None
     ]

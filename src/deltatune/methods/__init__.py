@@ -9,6 +9,7 @@ import pkgutil as _pkgutil
 
 from .adalora import AdaLoRA, AdaLoRALayer
 from .adapter import Adapter, AdapterLayer
+from .amlora import AMLoRA, AMLoRALayer
 from .bitfit import BitFit, BitFitLayer
 from .delta_lora import DeltaLoRA, DeltaLoRALayer
 from .dora import DoRA
@@ -16,6 +17,7 @@ from .intrinsic import IntrinsicDimension, IntrinsicLayer, IntrinsicVector
 from .lora import Gaussian, KaimingUniform, LoRA, LoRAInit, LoRALayer
 from .lora_drop import LoRADrop
 from .lora_fa import LoRAFA
+from .olora import OLoRA, OLoRALayer
 from .p_tuning import EncodedPrompt, PromptEncoder, PTuning
 from .partial import BlockCopy, Partial
 from .pissa import CorDA, MiLoRA, PiSSA, collect_covariance, randomized_svd
@@ -27,6 +29,8 @@ from .vblora import VBLoRA, VBLoRALayer, VectorBank
 from .vera import VeRA
 
 __all__ = [
+    "AMLoRA",
+    "AMLoRALayer",
     "AdaLoRA",
     "AdaLoRALayer",
     "Adapter",
@@ -51,6 +55,8 @@ __all__ = [
     "LoRAInit",
     "LoRALayer",
     "MiLoRA",
+    "OLoRA",
+    "OLoRALayer",
     "PTuning",
     "Partial",
     "PiSSA",

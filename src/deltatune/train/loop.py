@@ -191,7 +191,7 @@ def step(
             with sync, autocast(precision):
                 loss = loss_sum(model, batch, kind) * (world.size / denominator)
                 task_loss = loss.detach()
-                if hooked and last:  # a data-independent term: once per step
+                if hooked and last:  # once per step, after the last forward (stepping.regularization)
                     loss = loss + regularization(inner).to(loss.device)
                 loss.backward()
         except RuntimeError as e:

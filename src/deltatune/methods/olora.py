@@ -1,0 +1,169 @@
+"""O-LoRA: Orthogonal Subspace Learning for Language Model Continual Learning (Wang et al. 2023),
+arXiv:2310.14152.
+
+Tasks are learnt one after another (:mod:`deltatune.continual`). Task t trains a new LoRA while the
+LoRAs of the earlier tasks stay frozen and active; at inference all of them are summed, so no task id
+is needed:
+
+    y = W0 x + Σ_{i ≤ t} s · B_i A_i x,        s = alpha / r
+
+The loss of task t adds, over every adapted module,
+
+    orthogonality · Σ_{i < t} ‖A_i A_tᵀ‖²_F  +  l2 · (‖A_t‖²_F + ‖B_t‖²_F)
+
+The first term pushes the row space of the new A_t (the input directions the new task writes
+through) away from those of the earlier tasks, so that learning task t changes little of what the
+earlier LoRAs see; the second keeps the new update small. The paper's λ1 = ``orthogonality`` (0.5
+in its scripts) and λ2 = ``l2`` (0 there). Its released code sums absolute entries of A_i A_tᵀ; this
+follows the squared Frobenius norm of the paper's equation.
+
+The summed update is a LoRA of rank t·r, so it merges (``delta_weight``) and runs through the fused
+low-rank kernel. PEFT has no O-LoRA.
+
+Closed forms, per adapted Linear/Conv1D with (in, out) = (in_features, out_features), t tasks:
+
+    trainable = r · (in + out)  (the newest task)      stored bytes = 4 · t · r · (in + out)
+
+Example:
+    >>> import torch
+    >>> from torch import nn
+    >>> import deltatune as dt
+    >>> net = nn.Sequential(nn.Linear(16, 16))
+    >>> att = dt.continual.start(net, dt.OLoRA(rank=2), "first", targets=["0"])
+    >>> att = dt.continual.add_task(net, "second")
+    >>> att.closed_form("continual")  # one task's pair trains, two are stored
+    (64, 512)
+    >>> float(dt.regularization(net)) > 0  # the new A against the first task's
+    True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..core import check, register
+from ..fields import Float, Int, Names, param
+from ..lowrank import mixed_lowrank
+from ..targets import shape_of
+from .lora import adapter_dtype, dropout_active
+from .task_loras import TaskLoRAs
+
+
+def tasks_field(default: tuple[str, ...] = ("task",)) -> Any:
+    """The ``tasks`` field of a continual method (its names, in the order they were learnt)."""
+    return param(default, Names(), "the tasks learnt so far, oldest first; the last one trains")
+
+
+def as_tuple(config: Any) -> None:
+    """Accept a list of task names (``tasks=["a", "b"]``) as the tuple the frozen config holds."""
+    if isinstance(config.tasks, list):
+        object.__setattr__(config, "tasks", tuple(config.tasks))
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class OLoRA:
+    """One LoRA per task, the earlier ones frozen, the new one kept orthogonal to them.
+
+    Fields (paper defaults in brackets):
+        rank: r of every task's LoRA [8].
+        alpha: scale numerator, s = alpha / r [8, as LoRA].
+        dropout: dropout on the adapter input [0.0].
+        tasks: the task names, oldest first; the last one trains (:func:`deltatune.continual.add_task`
+            appends one).
+        orthogonality: λ1, weight of Σ_{i<t} ‖A_i A_tᵀ‖² [0.5].
+        l2: λ2, weight of the new task's ‖θ_t‖² [0.0].
+    """
+
+    rank: int = param(8, Int(min=1), "rank r of each task's LoRA")
+    alpha: float = param(8.0, Float(low=0.0, low_open=True), "scale numerator: each update is (alpha/r) B A")
+    dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
+    tasks: tuple[str, ...] = tasks_field()
+    orthogonality: float = param(0.5, Float(low=0.0), "λ1: weight of Σ_{i<t} ‖A_i A_tᵀ‖² in the loss")
+    l2: float = param(0.0, Float(low=0.0), "λ2: weight of the new task's ‖A_t‖² + ‖B_t‖² in the loss")
+
+    name: ClassVar[str] = "olora"
+    mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True
+    weight_space: ClassVar[bool] = True
+    supports_mixed_batch: ClassVar[bool] = True
+    quantized_base: ClassVar[bool] = True
+    combinable: ClassVar[bool] = False
+    task_sequence: ClassVar[bool] = True
+    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
+    small_example: ClassVar[dict[str, Any]] = {"rank": 2}
+    variants: ClassVar[dict[str, dict[str, Any]]] = {
+        "three-tasks": {"fields": {"rank": 2, "tasks": ["a", "b", "c"], "l2": 0.1}},
+    }
+
+    def __post_init__(self) -> None:
+        as_tuple(self)
+        check(self)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    def wrap(
+        self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
+    ) -> OLoRALayer:
+        return OLoRALayer(
+            TaskLoRAs(self.tasks, self.rank, self.scale, self.dropout, base, generator, path, "OLoRA")
+        )
+
+    def parameter_count(self, base: nn.Module) -> int:
+        in_features, out_features = shape_of(base)
+        return self.rank * (in_features + out_features)
+
+    def stored_bytes(self, base: nn.Module) -> int:
+        return len(self.tasks) * self.parameter_count(base) * adapter_dtype(base).itemsize
+
+    def regularizer(self, attachment: Any, name: str) -> torch.Tensor | None:
+        """λ1 · Σ_modules Σ_{i<t} ‖A_i A_tᵀ‖²_F + λ2 · Σ_modules ‖θ_t‖²; None while the newest task
+        does not train (a loaded, frozen sequence) or both weights are 0."""
+        terms: list[torch.Tensor] = []
+        for layer in attachment.adapter_layers(name).values():
+            loras: TaskLoRAs = layer.loras
+            A_t = loras.lora_A[loras.newest]
+            if not A_t.requires_grad:
+                continue
+            if self.orthogonality > 0:
+                for task in loras.tasks[:-1]:
+                    terms.append(self.orthogonality * (loras.lora_A[task] @ A_t.T).square().sum())
+            if self.l2 > 0:
+                B_t = loras.lora_B[loras.newest]
+                terms.append(self.l2 * (A_t.square().sum() + B_t.square().sum()))
+        if not terms:
+            return None
+        return torch.stack(terms).sum()
+
+
+class OLoRALayer(nn.Module):
+    """O-LoRA on one module: the sum of every task's LoRA."""
+
+    additive: ClassVar[bool] = True
+
+    def __init__(self, loras: TaskLoRAs) -> None:
+        super().__init__()
+        self.loras = loras
+
+    def delta(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point() and x.dtype != self.loras.dtype and not dropout_active(self.loras):
+            # float32 factors on a lower-precision input: keep x, not a float32 copy (lowrank.py)
+            A, B = self.loras.stacked()
+            return mixed_lowrank(x, A, B, self.loras.scale)
+        return self.loras.summed(x)
+
+    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """(A, B, s) of the summed update, rank t·r (the fused kernel; None while dropout acts)."""
+        if not self.loras.fusable():
+            return None
+        A, B = self.loras.stacked()
+        return A, B, self.loras.scale
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.loras.delta_weight()

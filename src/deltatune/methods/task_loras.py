@@ -1,0 +1,97 @@
+"""One LoRA per task on one module: the part that O-LoRA and AM-LoRA share (continual learning).
+
+A continual adapter learns tasks one after another (:mod:`deltatune.continual`). On each adapted
+module it holds one pair of LoRA factors per task, keyed by the task's name:
+
+    A_i: (r, in),  B_i: (out, r),   h_i(x) = s · B_i A_i x,   s = alpha / r
+
+Only the newest task's pair trains; the earlier tasks' pairs are frozen when the layer is built
+(``requires_grad=False``), so an adapter re-created with one more task (``continual.add_task``)
+trains exactly the new task. Every pair starts as LoRA's does (A Kaiming-uniform, B = 0), drawn in
+task order from the module's generator, so a task's initial factors do not depend on how many tasks
+come after it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..targets import module_kind, shape_of
+from .lora import adapter_dtype, dropout_active, in_weight_layout
+
+
+class TaskLoRAs(nn.Module):
+    """The per-task factors of one module (``lora_A[task]``, ``lora_B[task]``); the newest trains."""
+
+    def __init__(
+        self,
+        tasks: Sequence[str],
+        rank: int,
+        scale: float,
+        dropout: float,
+        base: nn.Module,
+        generator: torch.Generator,
+        path: str,
+        method: str,
+    ) -> None:
+        super().__init__()
+        kind = module_kind(base)
+        if kind not in ("linear", "conv1d"):
+            raise ValueError(f"{method}: {path!r} is {type(base).__name__}, not a Linear or Conv1D module")
+        self.kind = kind
+        self.tasks = tuple(tasks)
+        self.scale = scale
+        in_features, out_features = shape_of(base)
+        dtype = adapter_dtype(base)
+        self.lora_A = nn.ParameterDict()
+        self.lora_B = nn.ParameterDict()
+        bound = 1.0 / math.sqrt(in_features)
+        for i, task in enumerate(self.tasks):
+            A = torch.empty(rank, in_features, dtype=dtype).uniform_(-bound, bound, generator=generator)
+            B = torch.zeros(out_features, rank, dtype=dtype)
+            newest = i == len(self.tasks) - 1
+            self.lora_A[task] = nn.Parameter(A, requires_grad=newest)
+            self.lora_B[task] = nn.Parameter(B, requires_grad=newest)
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lora_A[self.newest].dtype
+
+    @property
+    def newest(self) -> str:
+        return self.tasks[-1]
+
+    def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[A_1; ...; A_t]`` (t·r, in) and ``[B_1 | ... | B_t]`` (out, t·r): Σ_i s B_i A_i = s B A."""
+        A = torch.cat([self.lora_A[t] for t in self.tasks])
+        B = torch.cat([self.lora_B[t] for t in self.tasks], dim=1)
+        return A, B
+
+    def each(self, x: torch.Tensor) -> torch.Tensor:
+        """Every task's output ``h_i(x)``, stacked on a new next-to-last axis: (..., t, out)."""
+        x = self.dropout(x.to(self.dtype))
+        outs = [F.linear(F.linear(x, self.lora_A[t]) * self.scale, self.lora_B[t]) for t in self.tasks]
+        return torch.stack(outs, dim=-2)
+
+    def summed(self, x: torch.Tensor) -> torch.Tensor:
+        """``Σ_i h_i(x)`` in one pair of matmuls (rank t·r)."""
+        A, B = self.stacked()
+        h = F.linear(self.dropout(x.to(A.dtype)), A)
+        return F.linear(h * self.scale, B)
+
+    def fusable(self) -> bool:
+        return self.kind == "linear" and not dropout_active(self)
+
+    def delta_weight(self) -> torch.Tensor:
+        """``s · Σ_i B_i A_i`` in the layout of the base weight."""
+        A, B = self.stacked()
+        return in_weight_layout((B @ A) * self.scale, self.kind)
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, tasks={list(self.tasks)}, scale={self.scale:g}"
