@@ -43,6 +43,7 @@ from torch import nn
 from . import core
 from .io import WEIGHTS_NAME, check_fingerprint, read_config, read_tensors
 from .io import load as _load
+from .methods.task_loras import TaskLoRAs
 
 __all__ = ["DEFAULT_NAME", "add_task", "load", "start", "task_names"]
 
@@ -129,10 +130,17 @@ def add_task(
     if factors is not None:
         with torch.no_grad():
             for path, (A, B) in factors.items():
-                loras = att.wrappers[path].adapters[name].loras
+                loras = _loras(att, name, path)
                 loras.lora_A[task].copy_(A)
                 loras.lora_B[task].copy_(B)
     return att
+
+
+def _loras(att: core.Attachment, name: str, path: str) -> TaskLoRAs:
+    """The per-task factors of sequence ``name`` at ``path``."""
+    loras = att.wrappers[path].adapters[name].loras
+    assert isinstance(loras, TaskLoRAs)  # (every task_sequence method keeps them as ``loras``)
+    return loras
 
 
 def _task_from_folder(
@@ -151,7 +159,7 @@ def _task_from_folder(
             f"continual.add_task: {where} holds a {config['method']!r} adapter; a sequence of "
             f"{type(grown).__name__} takes a plain LoRA as a new task (one sequence, one method)"
         )
-    lora = core.method_from_config("lora", config["config"])
+    lora: Any = core.method_from_config("lora", config["config"])
     targets = list(att.info(name).targets)
     if (
         sorted(config["targets"]) != sorted(targets)
@@ -175,7 +183,7 @@ def _task_from_folder(
         )
     check_fingerprint(model, config["fingerprint"], where, strict_base=strict_base)
     tensors = read_tensors(Path(folder) / WEIGHTS_NAME)
-    newest = {p: att.wrappers[p].adapters[name].loras for p in targets}
+    newest = {p: _loras(att, name, p) for p in targets}
     expected = {
         f"{p}.lora_{m}": tuple(getattr(loras, f"lora_{m}")[loras.newest].shape)
         for p, loras in newest.items()

@@ -61,7 +61,8 @@ class TaskLoRAs(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lora_A[self.newest].dtype
+        dtype: torch.dtype = self.lora_A[self.newest].dtype
+        return dtype
 
     @property
     def newest(self) -> str:
