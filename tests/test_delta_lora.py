@@ -216,18 +216,30 @@ def test_for_steps_refuses_a_warm_up_as_long_as_the_run() -> None:
     assert st.lr_factor(_net(DeltaLoRA())[0], 7) == 1.0
 
 
-def test_refuses_a_4_bit_base() -> None:
+def test_refuses_a_4_bit_base_in_either_order() -> None:
+    """inject on a quantised base, and quantize() after inject: both refuse, saying why."""
     pytest.importorskip("torchao")
     from deltatune.quant import quantize
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Linear(128, 128))
-    quantize(net)
-    with pytest.raises(ValueError, match="'0'.*(4-bit|quantised)"):
+    net = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128))
+    quantize(net, targets=["0"])
+    with pytest.raises(
+        ValueError,
+        match=r"DeltaLoRA: '0' has a quantised weight \(NF4Linear\); Delta-LoRA "
+        r"updates W itself .* cannot be done in 4 bits: use LoRA \(QLoRA\)",
+    ):
         dt.inject(net, DeltaLoRA(rank=2), targets=["0"])
-    # wrap refuses on its own too (the message says why: W cannot be updated in 4 bits)
-    with pytest.raises(ValueError, match="'0'.*cannot be done in 4 bits"):
-        DeltaLoRA(rank=2).wrap(net[0], None, path="0", generator=torch.Generator())
+    dt.inject(net, DeltaLoRA(rank=2), targets=["1"])
+    x = torch.randn(2, 128)
+    before = net(x)
+    with pytest.raises(
+        ValueError,
+        match=r"quantize: '1' carries adapter 'default' \(DeltaLoRA\); Delta-LoRA "
+        r"updates W itself .* cannot be done in 4 bits",
+    ):
+        quantize(net, targets=["1"])
+    assert type(dt.attachment_of(net).wrappers["1"].base) is nn.Linear and torch.equal(net(x), before)
 
 
 @pytest.mark.parametrize("fields", [{"lam": -1.0}, {"warmup_steps": -1}, {"rank": 0}, {"lam": float("nan")}])

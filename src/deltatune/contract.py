@@ -20,7 +20,9 @@ Optional, with the default :func:`register` fills in when a method does not defi
 
 * ``model_level = False``: the method acts on a whole transformers body (embeddings, masks, KV
   cache) rather than on single layers; ``quantized_base = False``: it works on 4-bit (NF4) base
-  modules because it only adds to their output (QLoRA); ``task_sequence = False``: the method learns
+  modules because it only adds to their output (QLoRA), and ``float_base_reason = ""`` says why a
+  method that does not needs the float weight (the refusals of :func:`deltatune.inject` and
+  :func:`deltatune.quant.quantize` quote it); ``task_sequence = False``: the method learns
   tasks one after another in one adapter, with a ``tasks`` field naming them, oldest first, of which
   only the last trains (O-LoRA, AM-LoRA; grown by :func:`deltatune.continual.add_task`);
 * ``make_shared(bases, generator) -> nn.Module | None`` (None): state shared by every layer of one
@@ -165,6 +167,7 @@ class Registered(Method, Protocol):
 
     model_level: ClassVar[bool]
     quantized_base: ClassVar[bool]
+    float_base_reason: ClassVar[str]
     task_sequence: ClassVar[bool]
     small_example: ClassVar[dict[str, Any]]
     variants: ClassVar[dict[str, dict[str, Any]]]
@@ -255,6 +258,7 @@ def _constant_lr(self: Any, step: int) -> float:
 HOOK_DEFAULTS: dict[str, Any] = {
     "model_level": False,
     "quantized_base": False,
+    "float_base_reason": "",
     "task_sequence": False,
     "small_example": {},
     "variants": {},

@@ -207,10 +207,16 @@ def inject(
                 f"{type(method).__name__} adapts {', '.join(method.layer_types)} modules only"
             )
         if getattr(modules[path], "quantized", False) and not spec.quantized_base:
+            cls = type(method).__name__
             raise ValueError(
-                f"{type(method).__name__}: {path!r} has a quantised weight ({type(modules[path]).__name__}); "
-                f"{type(method).__name__} needs the float weight: adapt it before quantising, or use a "
-                "method that only adds to the base output (LoRA, VB-LoRA)"
+                f"{cls}: {path!r} has a quantised weight ({type(modules[path]).__name__}); "
+                + (
+                    f"{spec.float_base_reason}: use LoRA (QLoRA) on a quantised base, or {cls} on the "
+                    "float model"
+                    if spec.float_base_reason
+                    else f"{cls} needs the float weight: adapt it before quantising, or use a method that "
+                    "only adds to the base output (LoRA, VB-LoRA)"
+                )
             )
     for sp in save_paths:
         clash = [p for p in paths if p == sp or p.startswith(sp + ".") or sp.startswith(p + ".")]

@@ -150,6 +150,21 @@ def nf4_roundtrip(
     return out
 
 
+def _check_adapters_take_4_bits(att: core.Attachment, wrapper: core.Adapted, path: str) -> None:
+    """Refuse to quantise the base of a module whose adapter needs the float weight (Delta-LoRA
+    updates it, DoRA normalises it, ...): inject refuses that order, so quantize refuses the other."""
+    for name in wrapper.adapters:
+        info = att.adapters[name]
+        spec = core.hooks(info.method)
+        if path in info.targets and not spec.quantized_base:
+            cls = type(info.method).__name__
+            why = spec.float_base_reason or f"{cls} needs the float weight of the module it adapts"
+            raise ValueError(
+                f"quantize: {path!r} carries adapter {name!r} ({cls}); {why}: quantise only modules "
+                f"without it (targets=...), or use LoRA (QLoRA) on a quantised base"
+            )
+
+
 def _residual_layers(wrapper: core.Adapted, path: str) -> list[LoRALayer]:
     """The wrapper's LoRA layers that hold a frozen part taken out of the weight (the PiSSA family of
     initialisers): QPiSSA quantises what remains of the weight once that part is taken out."""
@@ -238,6 +253,8 @@ def quantize(
             )
         scaler_blocks(module.weight.numel(), block_size, scaler_block_size, repr(path))
         wrapper = att.wrappers.get(path) if att is not None else None
+        if wrapper is not None and att is not None:
+            _check_adapters_take_4_bits(att, wrapper, path)
         residual = _residual_layers(wrapper, path) if wrapper is not None else []
         for layer in residual:
             assert layer.frozen_A is not None and layer.frozen_B is not None  # (why it was chosen)

@@ -91,8 +91,12 @@ class DeltaLoRA:
     identity_at_init: ClassVar[bool] = True
     weight_space: ClassVar[bool] = True
     supports_mixed_batch: ClassVar[bool] = True
-    # W is updated in the paper: a 4-bit base cannot take the update (refused, see wrap).
+    # W is updated in the paper: a 4-bit base cannot take the update (refused by inject and quantize).
     quantized_base: ClassVar[bool] = False
+    float_base_reason: ClassVar[str] = (
+        "Delta-LoRA updates W itself (W += λ·(the step's change of s·B A) every step), which cannot be "
+        "done in 4 bits"
+    )
     combinable: ClassVar[bool] = False
     layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
     small_example: ClassVar[dict[str, Any]] = {"rank": 2, "warmup_steps": 0}
@@ -114,12 +118,6 @@ class DeltaLoRA:
         kind = module_kind(base)
         if kind not in self.layer_types:
             raise ValueError(f"DeltaLoRA: {path!r} is {type(base).__name__}, not a linear/Conv1D module")
-        if getattr(base, "quantized", False):
-            raise ValueError(
-                f"DeltaLoRA: {path!r} has a 4-bit (NF4) weight; Delta-LoRA updates W itself "
-                "(W += λ·s·(B A change) every step), which cannot be done in 4 bits: use LoRA (QLoRA) "
-                "on a quantised base, or Delta-LoRA on the float model"
-            )
         in_features, out_features = shape_of(base)
         layer = DeltaLoRALayer(self, kind, in_features, out_features, adapter_dtype(base), base)
         KaimingUniform().initialise(layer.lora_A.data, layer.lora_B.data, kind=kind, generator=generator)
