@@ -136,6 +136,10 @@ def test_combination_is_exact() -> None:
     dt.combine(model, {"a": 1.0, "b": 1.0}, name="sum")
     dt.set_active(model, "sum")
     assert torch.allclose(model(x), both, atol=1e-5)
+    for weight in (float("nan"), float("inf"), "1", True):
+        with pytest.raises(ValueError, match=r"combine: weights must be finite numbers, got \{'b': "):
+            dt.combine(model, {"a": 1.0, "b": weight}, name="bad")  # type: ignore[dict-item]
+    assert "bad" not in att.adapters
 
 
 def test_combined_adapter_saves_and_loads(tmp_path: object) -> None:

@@ -7,6 +7,7 @@ from . import (
     _quiet,  # noqa: F401  (filters two import-time messages of torchao; see _quiet)
     continual,
 )
+from .compose import combine, reconfigure
 from .core import (
     REGISTRY,
     Adapted,
@@ -14,14 +15,12 @@ from .core import (
     ParameterReport,
     adapter_state,
     attachment_of,
-    combine,
     delete_adapter,
     disabled,
     has_adapters,
     inject,
     merge,
     parameter_report,
-    reconfigure,
     register,
     route,
     set_active,

@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from . import core
+from .compose import reconfigure
 from .io import WEIGHTS_NAME, check_fingerprint, read_config, read_tensors
 from .io import load as _load
 from .methods.task_loras import TaskLoRAs
@@ -126,7 +127,7 @@ def add_task(
         )
     grown = dataclasses.replace(method if method is not None else current, tasks=(*tasks, task))
     factors = _task_from_folder(model, att, name, grown, from_folder, strict_base) if from_folder else None
-    core.reconfigure(model, name, grown)
+    reconfigure(model, name, grown)
     if factors is not None:
         with torch.no_grad():
             for path, (A, B) in factors.items():

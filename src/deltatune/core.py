@@ -1,9 +1,10 @@
-"""The lifecycle verbs: inject, merge, unload, disabled, route, combine, set_active, ...
+"""The lifecycle verbs: inject, merge, unload, disabled, route, set_active, ...
 
 What a method must provide is in :mod:`deltatune.contract` (read it first); the wrapper that every
 adapted module becomes, and the attachment that tracks a model's adapters, are in
 :mod:`deltatune.wrapper`. This module owns the verbs and re-exports the names of both, so
-``deltatune.core.X`` keeps working for everything that lived here before the split.
+``deltatune.core.X`` keeps working for everything that lived here before the split; the verbs that
+make adapters out of adapters (``combine``, ``reconfigure``) are in :mod:`deltatune.compose`.
 
 Every verb is all-or-nothing: it makes all its checks before the first change, and a verb that
 changes the model in several steps runs them inside :func:`all_or_nothing`, so that a verb that
@@ -88,9 +89,9 @@ __all__ = [
     "attachment_of",
     "base_modules",
     "check",
+    "check_adapter_name",
     "check_state",
     "closed_form",
-    "combine",
     "config_for",
     "default_targets",
     "delete_adapter",
@@ -104,12 +105,13 @@ __all__ = [
     "merged_linear",
     "method_fields",
     "method_from_config",
+    "module_generator",
     "parameter_report",
-    "reconfigure",
     "register",
     "route",
     "set_active",
     "set_submodule",
+    "to_device_of",
     "trainable_parameters",
     "unload",
 ]
@@ -117,12 +119,18 @@ __all__ = [
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 
 
+def check_adapter_name(name: object) -> None:
+    """Refuse an adapter name that is not letters, digits, '_' or '-' (it becomes a module key)."""
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
+        raise ValueError(f"adapter name must be letters, digits, '_' or '-', got {name!r}")
+
+
 def _seed_for(seed: int, path: str) -> int:
     # A stable per-module seed: the same (seed, path) always gives the same init, across processes.
     return (seed * 1_000_003 + zlib.crc32(path.encode())) % (2**63)
 
 
-def _generator(seed: int, path: str) -> torch.Generator:
+def module_generator(seed: int, path: str) -> torch.Generator:
     gen = torch.Generator(device="cpu")
     gen.manual_seed(_seed_for(seed, path))
     return gen
@@ -181,8 +189,7 @@ def inject(
         ValueError: unregistered method, bad target, unsupported module type, name in use, ...
     """
     spec = hooks(method)  # refuses an unregistered method; every optional hook, own or default
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValueError(f"adapter name must be letters, digits, '_' or '-', got {name!r}")
+    check_adapter_name(name)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise ValueError(f"seed must be an integer, got {seed!r}")
     created = not has_adapters(model)
@@ -227,15 +234,15 @@ def inject(
     configs = {p: config_for(method, p, override_map) for p in paths}
 
     bases = {p: modules[p] for p in paths}
-    shared = spec.make_shared(bases, _generator(seed, "<shared>"))
+    shared = spec.make_shared(bases, module_generator(seed, "<shared>"))
     if shared is not None:  # (on the device of the modules it serves, before the layers reach it)
-        shared = _to_device_of(shared, *bases.values())
+        shared = to_device_of(shared, *bases.values())
     layers: dict[str, nn.Module] = {}
     for path in paths:
         base = bases[path]
-        layer = configs[path].wrap(base, shared, path=path, generator=_generator(seed, path))
-        layers[path] = _to_device_of(layer, base)
-    copies = {sp: _to_device_of(ModuleCopy(modules[sp]), modules[sp]) for sp in save_paths}
+        layer = configs[path].wrap(base, shared, path=path, generator=module_generator(seed, path))
+        layers[path] = to_device_of(layer, base)
+    copies = {sp: to_device_of(ModuleCopy(modules[sp]), modules[sp]) for sp in save_paths}
 
     # Nothing has been modified so far: every check above can fail without leaving a trace, and
     # should a step below fail, all_or_nothing puts the model back as it was.
@@ -279,65 +286,6 @@ def inject(
     return att
 
 
-def reconfigure(model: nn.Module, name: str, method: Method) -> Attachment:
-    """Re-create adapter ``name`` with another config of its method, on the same targets, overrides
-    and seed, keeping every tensor whose name and shape still fit; the others start as the method
-    initialises them (a continual adapter grown by one task keeps the earlier tasks' tensors).
-
-    The adapter keeps its name, its place among the active adapters and its full module copies; its
-    layers are new modules, so build a new optimizer afterwards.
-    """
-    att = attachment_of(model)
-    info = att.info(name)
-    spec = hooks(method)
-    if type(method) is not type(info.method):
-        raise ValueError(
-            f"reconfigure: adapter {name!r} is {type(info.method).__name__}; it cannot become "
-            f"{type(method).__name__} (inject a new adapter instead)"
-        )
-    configs = {p: config_for(method, p, info.overrides) for p in info.targets}
-    bases = {p: att.wrappers[p].base for p in info.targets}
-    shared = spec.make_shared(bases, _generator(info.seed, "<shared>"))
-    if shared is not None:
-        shared = _to_device_of(shared, *bases.values())
-    layers = {
-        p: _to_device_of(
-            configs[p].wrap(bases[p], shared, path=p, generator=_generator(info.seed, p)), bases[p]
-        )
-        for p in info.targets
-    }
-    old = adapter_state(model, name)
-    owners: dict[str, nn.Module] = dict(layers)
-    if shared is not None:
-        owners[SHARED_ATTR] = shared
-    for owner, module in owners.items():
-        fresh = export_state(module) if owner != SHARED_ATTR else module.state_dict()
-        kept = {
-            k: (old[f"{owner}.{k}"] if f"{owner}.{k}" in old and old[f"{owner}.{k}"].shape == v.shape else v)
-            for k, v in fresh.items()
-        }
-        if owner == SHARED_ATTR:
-            module.load_state_dict(kept, strict=True)
-        else:
-            import_state(module, kept)
-    trainable = [p for m in owners.values() for p in m.parameters() if p.requires_grad]
-    copies = [p for sp in info.modules_to_save for p in att.wrappers[sp].adapters[name].parameters()]
-    with all_or_nothing(model):
-        for path, layer in layers.items():
-            att.wrappers[path].adapters[name] = layer.train(bases[path].training)
-        if shared is not None:
-            att.wrappers[info.targets[0]].shared[name] = shared.train(bases[info.targets[0]].training)
-        elif name in att.wrappers[info.targets[0]].shared:
-            del att.wrappers[info.targets[0]].shared[name]
-        info.method = method
-        info.configs = configs
-        info.shared = shared
-        info.trainable = list({id(p): p for p in [*trainable, *copies]}.values())
-        for p in info.trainable:
-            p.requires_grad_(name in att.active)
-    return att
-
-
 def default_targets(method: Method, model: nn.Module) -> _targets.TargetSpec:
     """Where ``method`` goes on ``model`` when no targets are given: its ``default_targets(model)``
     where it has a preference, else ``"all-linear"``."""
@@ -345,7 +293,7 @@ def default_targets(method: Method, model: nn.Module) -> _targets.TargetSpec:
     return _targets.ALL_LINEAR if declared is None else declared
 
 
-def _to_device_of(layer: nn.Module, *bases: nn.Module) -> nn.Module:
+def to_device_of(layer: nn.Module, *bases: nn.Module) -> nn.Module:
     """``layer`` (or an adapter's shared state) moved to the device of the first of ``bases`` that
     has parameters: a GPU, or ``meta`` for a weightless model; left where it is if none has any."""
     ref = next((p for base in bases for p in base.parameters()), None)
@@ -643,64 +591,3 @@ def parameter_report(model: nn.Module, adapter: str | None = None) -> ParameterR
     stored = sum(t.numel() for t in state.values())
     stored_bytes = sum(t.numel() * t.element_size() for t in state.values())
     return ParameterReport(name, trainable, total, stored, stored_bytes)
-
-
-def combine(model: nn.Module, weights: Mapping[str, float], name: str) -> Attachment:
-    """Add adapter ``name`` equal to ``sum_i weights[i] * adapter_i``, exactly.
-
-    For LoRA this concatenates the factors (rank = sum of ranks), so the combined update is exact,
-    not an SVD approximation.
-    """
-    att = attachment_of(model)
-    if not weights:
-        raise ValueError("combine: weights must name at least one adapter")
-    infos = [att.info(n) for n in weights]
-    kinds = {type(i.method) for i in infos}
-    if len(kinds) != 1:
-        raise ValueError(f"combine: adapters must use one method, got {sorted(k.__name__ for k in kinds)}")
-    cls = kinds.pop()
-    if not cls.combinable:
-        raise ValueError(f"combine: {cls.__name__} adapters cannot be combined exactly")
-    if any(i.modules_to_save for i in infos):
-        raise ValueError("combine: adapters with modules_to_save cannot be combined (their copies differ)")
-    if name in att.adapters:
-        raise ValueError(f"adapter {name!r} already exists on this model")
-    if not isinstance(name, str) or not _NAME_RE.fullmatch(name):
-        raise ValueError(f"adapter name must be letters, digits, '_' or '-', got {name!r}")
-    paths = [p for p in att.wrappers if any(p in i.targets for i in infos)]
-    configs: dict[str, Any] = {}
-    layers: dict[str, nn.Module] = {}
-    for path in paths:
-        parts = [
-            (att.wrappers[path].adapters[i.name], float(weights[i.name]))
-            for i in infos
-            if i.name in att.wrappers[path].adapters
-        ]
-        configs[path], layers[path] = cls.combine_layers(parts)  # type: ignore[attr-defined]
-    method = configs[paths[0]]
-    overrides = {
-        p: {
-            f.name: getattr(c, f.name)
-            for f in dataclasses.fields(c)
-            if getattr(method, f.name) != getattr(c, f.name)
-        }
-        for p, c in configs.items()
-        if c != method
-    }
-    trainable = [p for layer in layers.values() for p in layer.parameters()]
-    for p in trainable:
-        p.requires_grad_(False)
-    with all_or_nothing(model):
-        for path, layer in layers.items():
-            att.wrappers[path].adapters[name] = layer
-        att.adapters[name] = AdapterInfo(
-            name=name,
-            method=method,
-            targets=tuple(paths),
-            overrides=overrides,
-            modules_to_save=(),
-            seed=infos[0].seed,
-            configs=configs,
-            trainable=trainable,
-        )
-    return att
