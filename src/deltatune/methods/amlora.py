@@ -57,8 +57,7 @@ from ..core import check, register
 from ..fields import Float, Int, param
 from ..targets import shape_of
 from .lora import adapter_dtype
-from .olora import as_tuple, tasks_field
-from .task_loras import TaskLoRAs
+from .task_loras import TaskLoRAs, as_tuple, tasks_field
 
 
 @register

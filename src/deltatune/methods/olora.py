@@ -46,22 +46,11 @@ import torch
 from torch import nn
 
 from ..core import check, register
-from ..fields import Float, Int, Names, param
+from ..fields import Float, Int, param
 from ..lowrank import mixed_lowrank
 from ..targets import shape_of
 from .lora import adapter_dtype, dropout_active
-from .task_loras import TaskLoRAs
-
-
-def tasks_field(default: tuple[str, ...] = ("task",)) -> Any:
-    """The ``tasks`` field of a continual method (its names, in the order they were learnt)."""
-    return param(default, Names(), "the tasks learnt so far, oldest first; the last one trains")
-
-
-def as_tuple(config: Any) -> None:
-    """Accept a list of task names (``tasks=["a", "b"]``) as the tuple the frozen config holds."""
-    if isinstance(config.tasks, list):
-        object.__setattr__(config, "tasks", tuple(config.tasks))
+from .task_loras import TaskLoRAs, as_tuple, tasks_field
 
 
 @register

@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..fields import Names, param
 from ..targets import module_kind, shape_of
 from .lora import adapter_dtype, dropout_active, in_weight_layout
 
@@ -96,3 +98,14 @@ class TaskLoRAs(nn.Module):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, tasks={list(self.tasks)}, scale={self.scale:g}"
+
+
+def tasks_field(default: tuple[str, ...] = ("task",)) -> Any:
+    """The ``tasks`` field of a continual method (its names, in the order they were learnt)."""
+    return param(default, Names(), "the tasks learnt so far, oldest first; the last one trains")
+
+
+def as_tuple(config: Any) -> None:
+    """Accept a list of task names (``tasks=["a", "b"]``) as the tuple the frozen config holds."""
+    if isinstance(config.tasks, list):
+        object.__setattr__(config, "tasks", tuple(config.tasks))
