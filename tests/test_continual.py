@@ -237,7 +237,7 @@ def test_bad_input_is_refused_naming_the_field_or_the_cause(tmp_path: Path) -> N
         dt.OLoRA(l2=-1.0)
     with pytest.raises(ValueError, match=r"AMLoRA.sparsity must be"):
         dt.AMLoRA(sparsity=-0.1)
-    with pytest.raises(ValueError, match=r"OLoRA.tasks must be a non-empty tuple of distinct names"):
+    with pytest.raises(ValueError, match=r"OLoRA.tasks must be a non-empty tuple of distinct identifiers"):
         dt.OLoRA(tasks=("a", "a"))
     model = net()
     with pytest.raises(ValueError, match="LoRA does not learn a sequence of tasks; use a method that does"):

@@ -165,7 +165,7 @@ class Names(Check):
         )
 
     def describe(self) -> str:
-        return "a non-empty tuple of distinct names (letters, digits and _, not starting with a digit)"
+        return "a non-empty tuple of distinct identifiers"
 
     def counterexample(self) -> Any:
         return ("same", "same")
