@@ -229,3 +229,28 @@ def test_write_file_keeps_the_suffix_for_writers_that_go_by_it(tmp_path: Path) -
     mask = os.umask(0)
     os.umask(mask)
     assert stat.S_IMODE((tmp_path / "curves.png").stat().st_mode) == 0o666 & ~mask
+
+
+def test_the_next_write_deletes_what_a_killed_write_left(tmp_path: Path) -> None:
+    """Temporary siblings carry their writer's pid: those of a process that no longer runs go at the
+    next write of the same folder or file; a running writer's stay."""
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = tmp_path / "adapter"
+    stale_folder = tmp_path / f".adapter.{dead.pid}.k3j2"
+    stale_aside = tmp_path / f".adapter.{dead.pid}.k3j2.old"
+    stale_file = tmp_path / f".metrics.{dead.pid}.x81.json"
+    live = tmp_path / f".adapter.{os.getppid()}.zz9"  # a running process's write in progress
+    other = tmp_path / ".adapter.notapid"  # not ours: left alone
+    for p in (stale_folder, stale_aside, live, other):
+        p.mkdir()
+        (p / "adapter.safetensors").write_bytes(b"partial")
+    stale_file.write_text("{")
+    write_folder(folder, lambda tmp: (tmp / "a.txt").write_text("a"))
+    assert not stale_folder.exists() and not stale_aside.exists()
+    assert live.exists() and other.exists() and stale_file.exists()
+    write_file(tmp_path / "metrics.json", lambda p: p.write_text("{}"))
+    assert not stale_file.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [".adapter.notapid", live.name, "adapter", "metrics.json"]
+    )

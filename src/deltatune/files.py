@@ -66,8 +66,9 @@ def write_folder(folder: str | os.PathLike[str], write: Callable[[Path], object]
     Everything written gets :func:`normal_permissions`, except that a replaced file, and the folder
     itself, keep the mode they had. Files are flushed to disk before the swap.
 
-    A process killed mid-way leaves at most a hidden ``.<name>.*`` sibling (the new contents not yet
-    swapped in, or the old ones not yet deleted), never a mixed ``folder``.
+    A process killed mid-way leaves at most a hidden ``.<name>.<pid>.*`` sibling (the new contents not
+    yet swapped in, or the old ones not yet deleted), never a mixed ``folder``; the next write of
+    ``folder`` deletes the siblings of processes that no longer run (:func:`remove_leftovers`).
     """
     folder = Path(folder).resolve()
     if folder.exists() and not folder.is_dir():
@@ -75,7 +76,8 @@ def write_folder(folder: str | os.PathLike[str], write: Callable[[Path], object]
     if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):  # a swap would not need it
         raise PermissionError(errno.EACCES, "the folder is read-only; nothing was written", str(folder))
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    remove_leftovers(folder.parent, f".{folder.name}.")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.{os.getpid()}.", dir=folder.parent))
     try:
         write(tmp)
         normal_permissions(tmp)
@@ -100,6 +102,42 @@ def write_folder(folder: str | os.PathLike[str], write: Callable[[Path], object]
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return folder
+
+
+def remove_leftovers(parent: Path, prefix: str) -> list[Path]:
+    """Delete the temporary siblings ``<prefix><pid>.*`` in ``parent`` that a killed write left: those
+    whose process ``pid`` no longer runs (a running writer's, or one whose pid is unknown, stay).
+    Returns what was deleted."""
+    removed: list[Path] = []
+    try:
+        entries = list(parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        if not entry.name.startswith(prefix):
+            continue
+        pid = entry.name[len(prefix) :].split(".", 1)[0]
+        if not pid.isdigit() or _running(int(pid)):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether a process ``pid`` exists (one of another user counts: it may be writing)."""
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, OSError):
+        return True
+    return True
 
 
 def _exchange(a: Path, b: Path) -> bool:
@@ -184,7 +222,8 @@ def write_file(path: str | os.PathLike[str], write: Callable[[Path], object]) ->
     if path.is_dir():
         raise ValueError(f"{path} exists and is a folder")
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    remove_leftovers(path.parent, f".{path.stem}.")
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.{os.getpid()}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
