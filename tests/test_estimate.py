@@ -136,6 +136,19 @@ def test_floor_full_and_adapter_order() -> None:
     assert isinstance(lora.to_dict()["total_bytes"], int)
 
 
+def test_concurrent_estimates_agree_and_leave_torch_as_it_was() -> None:
+    """The meta-device autocast patch is shared by overlapping traces and undone by the last one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    autocast, enabled = torch.autocast, torch.is_autocast_enabled
+    model = tiny_llama()
+    alone = estimate(model, dt.LoRA(rank=4), batch=BATCH, seq=SEQ)
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        results = list(pool.map(lambda _: estimate(model, dt.LoRA(rank=4), batch=BATCH, seq=SEQ), range(3)))
+    assert all(r == alone for r in results)
+    assert torch.autocast is autocast and torch.is_autocast_enabled is enabled
+
+
 def test_named_shapes_estimate_without_weights() -> None:
     model = meta_model("smollm2-135m")
     assert all(p.device.type == "meta" for p in model.parameters())

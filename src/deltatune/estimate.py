@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -262,20 +263,36 @@ class _MetaAutocast(torch.autocast):
         super().__init__("cpu" if device_type == "meta" else device_type, *args, **kwargs)
 
 
+_PATCH_LOCK = threading.Lock()
+_PATCH_DEPTH = [0]  # traces under way (threads may overlap): the last one out restores torch
+
+
 @contextlib.contextmanager
 def _autocast_on_meta() -> Iterator[None]:
-    original, enabled = torch.autocast, torch.is_autocast_enabled
+    """Within the block, ``torch.autocast("meta", ...)`` works and ``is_autocast_enabled("meta")`` is
+    False. Other devices behave as before (the patch delegates to them), so a thread that runs a
+    model on the CPU or a GPU meanwhile is not affected; concurrent traces share one patch."""
+    with _PATCH_LOCK:
+        if _PATCH_DEPTH[0] == 0:
+            _ORIGINAL[:] = [torch.autocast, torch.is_autocast_enabled]
+            enabled = _ORIGINAL[1]
 
-    def is_enabled(*args: Any) -> bool:
-        return False if args and args[0] == "meta" else bool(enabled(*args))
+            def is_enabled(*args: Any) -> bool:
+                return False if args and args[0] == "meta" else bool(enabled(*args))
 
-    torch.autocast = _MetaAutocast  # type: ignore[misc]
-    torch.is_autocast_enabled = is_enabled  # type: ignore[assignment]
+            torch.autocast = _MetaAutocast  # type: ignore[misc]
+            torch.is_autocast_enabled = is_enabled  # type: ignore[assignment]
+        _PATCH_DEPTH[0] += 1
     try:
         yield
     finally:
-        torch.autocast = original  # type: ignore[misc]
-        torch.is_autocast_enabled = enabled
+        with _PATCH_LOCK:
+            _PATCH_DEPTH[0] -= 1
+            if _PATCH_DEPTH[0] == 0:
+                torch.autocast, torch.is_autocast_enabled = _ORIGINAL  # type: ignore[misc]
+
+
+_ORIGINAL: list[Any] = []
 
 
 def _trace(net: nn.Module, ids: torch.Tensor, labels: torch.Tensor, floor: bool) -> tuple[int, int, int]:
