@@ -159,6 +159,30 @@ def test_route_checks_batch_size() -> None:
         pass
 
 
+def test_route_builds_its_row_table_once_per_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The row indices of each adapter reach the device once per route() block, not once per wrapper
+    and forward (a blocking host-to-device copy each on a GPU)."""
+    model = blocks()
+    dt.inject(model, LoRA(rank=2), targets=["q_proj", "v_proj"], name="a")
+    dt.inject(model, LoRA(rank=2), targets=["q_proj", "v_proj"], name="b")
+    made: list[object] = []
+    original = torch.tensor
+
+    def counting(*args: object, **kwargs: object) -> torch.Tensor:
+        made.append(args[0])
+        return original(*args, **kwargs)  # type: ignore[arg-type]
+
+    x = torch.randn(4, 5, 16)
+    with dt.route(model, ["a", "b", None, "a"]):
+        monkeypatch.setattr(torch, "tensor", counting)
+        first = model(x)
+        model(x)
+        monkeypatch.setattr(torch, "tensor", original)
+    assert made == [[0, 3], [1]]  # one table per adapter, for every wrapper and both forwards
+    wrappers = sum(isinstance(m, dt.Adapted) for m in model.modules())
+    assert wrappers > 2 and first.shape == x.shape
+
+
 def test_merge_selected_adapter_drops_the_others() -> None:
     model = TOYS[0].build()
     dt.inject(model, LoRA(), targets=["fc1"], name="a")

@@ -470,6 +470,10 @@ def test_mixed_batch_routing(cls: type, toy: Toy) -> None:
         [{"default": by_default, "other": by_other, None: by_base}[n][i] for i, n in enumerate(names)]
     )
     assert close(mixed, expected)
+    with dt.route(model, names), torch.no_grad():  # serving: each adapter's rows added in place
+        assert close(model(x), expected)
+    with dt.route(model, ["other"] * x.shape[0]):  # one adapter for every row: no gather
+        assert close(model(x), by_other)
 
 
 @pytest.mark.parametrize(("cls", "toy"), CASES)

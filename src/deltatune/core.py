@@ -61,6 +61,7 @@ from .wrapper import (
     AdapterInfo,
     Attachment,
     ModuleCopy,
+    Routing,
     Switch,
     all_or_nothing,
     attachment_of,
@@ -447,7 +448,7 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
         if info.modules_to_save:
             raise ValueError(f"route(): adapter {n!r} has modules_to_save, which cannot be mixed per example")
     previous = att.switch.routing
-    att.switch.routing = list(names)
+    att.switch.routing = Routing(names)
     try:
         yield model
     finally:

@@ -28,13 +28,42 @@ ATTACHMENT_ATTR = "_deltatune_attachment"
 SHARED_ATTR = "deltatune_shared"
 
 
+class Routing:
+    """The per-example adapter table of one :func:`deltatune.route` block: built once, shared by every
+    wrapper (the row indices go to each device once per block, not once per wrapper and forward)."""
+
+    def __init__(self, names: Sequence[str | None]) -> None:
+        self.names = list(names)
+        self.rows: dict[str, list[int]] = {}  # adapter -> the rows (examples) that use it
+        for i, name in enumerate(self.names):
+            if name is not None:
+                self.rows.setdefault(name, []).append(i)
+        self._indices: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def covers_all(self, name: str) -> bool:
+        """Whether every row uses adapter ``name`` (then no gather is needed)."""
+        return len(self.rows[name]) == len(self.names)
+
+    def indices(self, name: str, device: torch.device) -> torch.Tensor:
+        """The rows of adapter ``name`` as a long tensor on ``device`` (made once per device)."""
+        key = (name, device)
+        found = self._indices.get(key)
+        if found is None:
+            found = torch.tensor(self.rows[name], dtype=torch.long).to(device)
+            self._indices[key] = found
+        return found
+
+
 @dataclass
 class Switch:
     """Mutable state shared by every wrapper of one model: which adapters run, and how."""
 
     active: tuple[str, ...] = ()
     enabled: bool = True
-    routing: list[str | None] | None = None
+    routing: Routing | None = None
 
 
 class ModuleCopy(nn.Module):
@@ -104,23 +133,34 @@ class Adapted(nn.Module):
             out = out + layer.delta(_delta_source(layer, x, base_out)).to(out.dtype)
         return out
 
-    def _routed(self, routing: list[str | None], *args: Any, **kwargs: Any) -> Any:
+    def _routed(self, routing: Routing, *args: Any, **kwargs: Any) -> Any:
         out = self.base(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         if x.shape[0] != len(routing):
             raise ValueError(
                 f"route(): {len(routing)} adapter names given for a batch of {x.shape[0]} examples"
             )
+        here = [name for name in routing.rows if name in self.adapters]
+        # Serving (no autograd): add each adapter's rows into the base output in place, instead of
+        # copying the whole output once per adapter; only into a fresh tensor (not the input, not a
+        # view) that no layer reads as its input.
+        in_place = (
+            not torch.is_grad_enabled()
+            and out is not x
+            and out._base is None
+            and not any(reads_output(self.adapters[n]) for n in here)
+        )
         base_out = out
-        for name in dict.fromkeys(n for n in routing if n is not None):
-            if name not in self.adapters:
-                continue
-            rows = torch.tensor(
-                [i for i, n in enumerate(routing) if n == name], device=x.device, dtype=torch.long
-            )
+        for name in here:
             layer: Any = self.adapters[name]
-            delta = layer.delta(_delta_source(layer, x, base_out).index_select(0, rows))
-            out = out.index_add(0, rows, delta.to(out.dtype))
+            source = _delta_source(layer, x, base_out)
+            if routing.covers_all(name):
+                delta = layer.delta(source).to(out.dtype)
+                out = out.add_(delta) if in_place else out + delta
+                continue
+            rows = routing.indices(name, x.device)
+            delta = layer.delta(source.index_select(0, rows)).to(out.dtype)
+            out = out.index_add_(0, rows, delta) if in_place else out.index_add(0, rows, delta)
         return out
 
     def __getattr__(self, name: str) -> Any:
@@ -298,7 +338,7 @@ class _Snapshot:
     attachment: Attachment | None
     modules: list[tuple[nn.Module, list[tuple[dict[str, Any], dict[str, Any]]], bool]]
     flags: list[tuple[nn.Parameter, bool]]
-    switch: tuple[tuple[str, ...], bool, list[str | None] | None]
+    switch: tuple[tuple[str, ...], bool, Routing | None]
     adapters: dict[str, AdapterInfo]
     records: dict[str, dict[str, Any]]
     wrappers: dict[str, Adapted]
