@@ -26,7 +26,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from speed import TARGETS, build  # type: ignore[import-not-found]
+from speed import TARGETS, build
 from torch import nn
 
 import deltatune as dt
@@ -54,13 +54,13 @@ def ours(args: argparse.Namespace) -> nn.Module:
     return model.eval()
 
 
-def peft_model(args: argparse.Namespace) -> nn.Module:
+def peft_model(args: argparse.Namespace) -> Any:
     import peft
 
     config = peft.LoraConfig(
         r=args.rank, lora_alpha=2 * args.rank, target_modules=TARGETS, init_lora_weights=False
     )
-    model = peft.get_peft_model(build(small=args.small), config, adapter_name="a0")
+    model: Any = peft.get_peft_model(build(small=args.small), config, adapter_name="a0")
     for i in range(1, args.adapters):
         model.add_adapter(f"a{i}", config)
     return model.eval()
