@@ -50,7 +50,8 @@ def ours(args: argparse.Namespace) -> nn.Module:
         dt.inject(model, dt.LoRA(rank=args.rank, alpha=2 * args.rank), targets=TARGETS, name=f"a{i}", seed=i)
         with torch.no_grad():  # trained-looking adapters (B = 0 at init would add zeros)
             for layer in dt.attachment_of(model).layers(f"a{i}").values():
-                layer.lora_B.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(i))
+                factor: Any = layer.lora_B
+                factor.normal_(0.0, 0.02, generator=torch.Generator().manual_seed(i))
     return model.eval()
 
 
