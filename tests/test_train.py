@@ -309,8 +309,10 @@ def test_sigint_leaves_a_usable_checkpoint(tiny_bert: str, tmp_path: Path) -> No
     assert [s for s, _ in record["history"]["loss"]] == list(range(1, steps + 1))
 
 
-def test_two_processes_equal_one(tiny_bert: str, tmp_path: Path) -> None:
-    """torchrun with 2 gloo processes, each half of the global batch, gives the 1-process adapter."""
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+def test_two_processes_equal_one(tiny_bert: str, tmp_path: Path, sharding: str) -> None:
+    """torchrun with 2 gloo processes, each half of the global batch, gives the 1-process adapter:
+    replicated (DDP) or sharded block by block (FSDP2: each process holds half of every tensor)."""
     common = _train_args(tiny_bert, steps=4, train_limit=64, eval_limit=8, checkpoint_every=0, rank=4)
     one = subprocess.run(
         _cli(*common, "--out", str(tmp_path / "one")), capture_output=True, text=True, timeout=300
@@ -328,6 +330,7 @@ def test_two_processes_equal_one(tiny_bert: str, tmp_path: Path) -> None:
             "-m",
             "deltatune.cli",
             *common,
+            *(["--fsdp", "true"] if sharding == "fsdp" else []),
             "--out",
             str(tmp_path / "two"),
         ],
@@ -336,12 +339,45 @@ def test_two_processes_equal_one(tiny_bert: str, tmp_path: Path) -> None:
         timeout=300,
         env=env,
     )
-    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.returncode == 0, two.stderr[-8000:]
     a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
-    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["world_size"] == 2
+    records = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
+    assert records[1]["world_size"] == 2 and records[1]["config"]["fsdp"] == (sharding == "fsdp")
+    assert records[1]["stored_bytes"] == records[0]["stored_bytes"]
+    assert records[1]["metrics"]["accuracy"] == records[0]["metrics"]["accuracy"]
+
+
+def test_fsdp_refusals(tiny_bert: str, tmp_path: Path) -> None:
+    """--fsdp without torchrun, with periodic checkpoints, or with a method that edits whole tensors
+    between steps: refused, saying what to do."""
+    import torch.distributed as dist
+
+    from deltatune.train.prepare import prepare
+    from deltatune.train.sharding import shard
+    from deltatune.train.tasks import get_task
+
+    with pytest.raises(ValueError, match="TrainConfig.checkpoint_every: a sharded run"):
+        config(tiny_bert, tmp_path, fsdp=True)
+    with pytest.raises(ValueError, match="sharding needs the processes of a torchrun launch"):
+        train(config(tiny_bert, tmp_path, fsdp=True, checkpoint_every=0), progress=False)
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+    try:
+        cfg = config(tiny_bert, tmp_path, method="adalora", method_fields={"init_r": 4, "target_r": 2})
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+        groups, _ = prepare(model, cfg, get_task("sst2"))
+        with pytest.raises(ValueError, match="AdaLoRA acts between optimizer steps on whole tensors"):
+            shard(model, groups)
+        model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert)
+        groups, _ = prepare(model, config(tiny_bert, tmp_path), get_task("sst2"))
+        sharded = shard(model, groups)
+        ids = {id(p) for p in dt.trainable_parameters(model)}
+        assert ids == {id(p) for g in sharded for p in g["params"] if id(p) in ids}
+        assert all(type(p).__name__ == "DTensor" for p in dt.trainable_parameters(model))
+    finally:
+        dist.destroy_process_group()
 
 
 def test_works_with_the_transformers_trainer(tiny_bert: str, tmp_path: Path) -> None:

@@ -325,9 +325,26 @@ def reads_output(layer: nn.Module) -> bool:
 
 
 def export_state(layer: nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a layer saves: its ``export_state()`` where it defines one, else its state_dict."""
+    """The tensors a layer saves: its ``export_state()`` where it defines one, else what its
+    ``state_dict()`` holds (:func:`module_tensors`)."""
     export = getattr(layer, "export_state", None)
-    out: dict[str, torch.Tensor] = export() if export is not None else layer.state_dict()
+    out: dict[str, torch.Tensor] = export() if export is not None else module_tensors(layer)
+    return out
+
+
+def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()``'s keys and tensors (parameters and persistent buffers, detached), read
+    from the modules themselves: no state-dict hooks run, so the whole parameters of a sharded model
+    gathered for saving (FSDP2, :mod:`deltatune.train.sharding`) are read as they are, not resharded."""
+    out: dict[str, torch.Tensor] = {}
+    for prefix, sub in module.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        for name, param in sub._parameters.items():
+            if param is not None:
+                out[dot + name] = param.detach()
+        for name, buffer in sub._buffers.items():
+            if buffer is not None and name not in sub._non_persistent_buffers_set:
+                out[dot + name] = buffer.detach()
     return out
 
 

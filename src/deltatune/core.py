@@ -52,6 +52,7 @@ from .contract import (
     import_state,
     method_fields,
     method_from_config,
+    module_tensors,
     register,
 )
 from .wrapper import (
@@ -477,7 +478,7 @@ def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
             state[f"{path}.{key}"] = value
     shared = att.shared(name)
     if shared is not None:
-        for key, value in shared.state_dict().items():
+        for key, value in module_tensors(shared).items():
             state[f"{SHARED_ATTR}.{key}"] = value
     return state
 

@@ -268,8 +268,17 @@ def tensors_writer(
     """A writer of ``tensors`` as a safetensors file (for :func:`write_files`)."""
 
     def write(path: Path) -> None:
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(path), metadata=metadata
-        )
+        save_file({k: _plain(v) for k, v in tensors.items()}, str(path), metadata=metadata)
 
     return write
+
+
+def _plain(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous CPU tensor that owns a storage safetensors can read: a view into memory Python
+    cannot reach (FSDP2's gathered parameters) is copied."""
+    out = tensor.detach().contiguous().cpu()
+    try:
+        out.untyped_storage().data_ptr()
+    except RuntimeError:
+        out = out.clone()
+    return out

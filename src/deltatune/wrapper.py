@@ -257,6 +257,17 @@ class Attachment:
             p.requires_grad_(False)
         info.trainable = [p for p in info.trainable if id(p) not in ids]
 
+    def replace_parameters(self, mapping: Mapping[int, nn.Parameter]) -> None:
+        """After a wrapper replaced the model's parameters by new objects (FSDP2's ``fully_shard``
+        turns them into sharded ``DTensor``s), point every adapter's trainable parameters, and the
+        flags ``unload`` restores, at the new ones: ``mapping`` is ``id(old) -> new``."""
+        for info in self.adapters.values():
+            info.trainable = [mapping.get(id(p), p) for p in info.trainable]
+        self.requires_grad = {
+            id(mapping.get(pid, p)): (mapping.get(pid, p), flag)
+            for pid, (p, flag) in self.requires_grad.items()
+        }
+
     def closed_form(self, name: str) -> tuple[int, int]:
         """(trainable parameters, stored bytes) of adapter ``name`` from the methods' formulas."""
         info = self.info(name)

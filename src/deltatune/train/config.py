@@ -69,6 +69,7 @@ class TrainConfig:
     checkpoint_every: int = 50
     seed: int = 0
     precision: str = "fp32"
+    fsdp: bool = False
     out: str = "runs/run"
     data_dir: str | None = None
     resume: bool = True
@@ -109,6 +110,13 @@ class TrainConfig:
         if self.max_grad_norm < 0:
             raise ValueError(
                 f"TrainConfig.max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}"
+            )
+        if not isinstance(self.fsdp, bool):
+            raise ValueError(f"TrainConfig.fsdp must be true or false, got {self.fsdp!r}")
+        if self.fsdp and self.checkpoint_every:
+            raise ValueError(
+                "TrainConfig.checkpoint_every: a sharded run (fsdp) writes no periodic checkpoints yet; "
+                "pass --checkpoint-every 0 (the adapter is still saved at the end)"
             )
         if self.method in (FULL, HEAD_ONLY) and self.method_fields:
             raise ValueError(f"TrainConfig.method_fields: method {self.method!r} takes no fields")

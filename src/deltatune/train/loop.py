@@ -43,6 +43,7 @@ from .evaluation import evaluate
 from .models import load_model
 from .prepare import prepare
 from .progress import Progress
+from .sharding import on_first, shard
 from .tasks import Task, get_task, load_split
 
 __all__ = [
@@ -186,7 +187,12 @@ def step(
     loss_value = 0.0
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
-        sync = model.no_sync() if (world.size > 1 and not last) else nullcontext()  # type: ignore[operator]
+        set_sync = getattr(model, "set_requires_gradient_sync", None)  # FSDP2
+        if set_sync is not None and world.size > 1:
+            set_sync(last)  # reduce-scatter the gradients once, after the last micro-batch
+        sync = (
+            model.no_sync() if (world.size > 1 and not last and set_sync is None) else nullcontext()  # type: ignore[operator]
+        )
         try:
             with sync, autocast(precision):
                 loss = loss_sum(model, batch, kind) * (world.size / denominator)
@@ -276,6 +282,8 @@ def train(
     if overwrite and world.main:
         remove_run(out)
     model.train()
+    if cfg.fsdp:
+        groups = shard(model, groups)
     trainable = [p for g in groups for p in g["params"]]
     names_by_id = {id(p): n for n, p in model.named_parameters()}
     names = [names_by_id.get(id(p), f"param{i}") for i, p in enumerate(trainable)]
@@ -285,17 +293,22 @@ def train(
         optimizer,
         lambda s: schedule(s) * lr_factor(model, s),  # an adapter's own factor (ReLoRA)
     )
-    runner = _distributed(model, world)
+    runner = model if cfg.fsdp else _distributed(model, world)
 
-    def evaluate_now() -> dict[str, float]:
-        return evaluate(model, tokenizer, task, eval_examples, cfg, progress)
+    def evaluate_now() -> dict[str, float] | None:
+        """The eval metrics on the first process (None elsewhere); every process must call it."""
+
+        def run() -> dict[str, float]:
+            return evaluate(model, tokenizer, task, eval_examples, cfg, progress)
+
+        return on_first(model, cfg.fsdp, world.main, run)
 
     history: dict[str, Any] = {"loss": [], "eval": []}
     done = 0
     ckpt = out / "checkpoint"
     if cfg.resume and not overwrite and has_checkpoint(ckpt):
         done, history = load_checkpoint(ckpt, cfg, trainable, names, optimizer, scheduler, model=model)
-    if cfg.eval_before and done == 0 and world.main:
+    if cfg.eval_before and done == 0:
         history["before"] = evaluate_now()
         history["eval"].append([0, history["before"]])
         model.train()
@@ -324,7 +337,7 @@ def train(
         bar.update(1, loss=f"{loss:.4f}")
         for callback in callbacks:
             callback(done, loss)
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps and world.main:
+        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             history["eval"].append([done, evaluate_now()])
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and world.main:
             history["train_seconds"] = history.get("train_seconds", 0.0) + train_seconds
@@ -332,12 +345,15 @@ def train(
             save_checkpoint(ckpt, done, cfg, trainable, names, optimizer, scheduler, history, model=model)
     bar.close()
     history["train_seconds"] = history.get("train_seconds", 0.0) + train_seconds
-    record: dict[str, Any] = {}
-    if world.main:
-        history["eval"].append([done, evaluate_now()])
+    history["eval"].append([done, evaluate_now()])
+
+    def finish() -> dict[str, Any]:
         stored_bytes = _store(model, cfg, task, out, base_model)
         record = _record(cfg, task, model, facts, history, stored_bytes, started, world)
         _write_record(record, out)
+        return record
+
+    record: dict[str, Any] = on_first(model, cfg.fsdp, world.main, finish) or {}
     if world.size > 1:
         import torch.distributed as dist
 
