@@ -57,6 +57,7 @@ from .methods import (
     collect_covariance,
 )
 from .peft import export_peft, import_peft
+from .regional import compile
 from .stepping import lr_factor, needs_step_hooks, on_step, regularization
 from .targets import ALL_LINEAR, Target
 
@@ -97,6 +98,7 @@ __all__ = [
     "attachment_of",
     "collect_covariance",
     "combine",
+    "compile",
     "continual",
     "delete_adapter",
     "disabled",

@@ -5,7 +5,8 @@ writes: an optimizer step, ``copy_``), dtype, device, shape and strides. ``p.dat
 ``torch.nn.utils.vector_to_parameters`` and ``module.half()`` / ``.to(device)`` do) gives a
 parameter new storage without touching its version counter: the storage address catches it. The
 entry holds the old tensors' storage, so that the allocator cannot hand the same address to their
-replacement while the entry lives.
+replacement while the entry lives. Code traced by ``torch.compile`` neither reads nor fills the
+cache (it recomputes the value inside the graph): data pointers cannot be guarded on.
 
 Example:
     >>> import torch
@@ -51,6 +52,8 @@ class Memo(Generic[T]):
         A value put under ``torch.inference_mode`` is only returned under it: autograd refuses
         inference tensors, so a training forward after an inference one computes afresh.
         """
+        if torch.compiler.is_compiling():  # traced code recomputes: no data-pointer guards
+            return None
         if self._entry is None or self._entry[0] != signature(*sources):
             return None
         if self._entry[3] and not torch.is_inference_mode_enabled():
@@ -58,6 +61,8 @@ class Memo(Generic[T]):
         return self._entry[2]
 
     def put(self, value: T, *sources: torch.Tensor | None) -> T:
+        if torch.compiler.is_compiling():
+            return value
         held = tuple(t.detach() for t in sources if t is not None)  # (keeps their storage alive)
         self._entry = (signature(*sources), held, value, torch.is_inference_mode_enabled())
         return value

@@ -192,6 +192,8 @@ TRAIN_HELP: dict[str, str] = {
     "precision": "one of {precisions}: float32, or bfloat16 autocast",
     "fsdp": "under torchrun, shard the model block by block with FSDP2 instead of replicating it "
     "(DDP); needs --checkpoint-every 0",
+    "compile": "torch.compile each transformer block (regional; deltatune.compile): the first steps "
+    "compile, the others run faster",
     "out": "folder for adapter/, metrics.json, curves.png and checkpoint/ (default: runs/TASK-METHOD); "
     "one holding a run of another config is refused unless --overwrite",
     "data_dir": "folder of the data sets (default: $DELTATUNE_DATA, else ../shared/datasets)",

@@ -70,6 +70,7 @@ class TrainConfig:
     seed: int = 0
     precision: str = "fp32"
     fsdp: bool = False
+    compile: bool = False
     out: str = "runs/run"
     data_dir: str | None = None
     resume: bool = True
@@ -111,8 +112,9 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}"
             )
-        if not isinstance(self.fsdp, bool):
-            raise ValueError(f"TrainConfig.fsdp must be true or false, got {self.fsdp!r}")
+        for name in ("fsdp", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.fsdp and self.checkpoint_every:
             raise ValueError(
                 "TrainConfig.checkpoint_every: a sharded run (fsdp) writes no periodic checkpoints yet; "

@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import core
+from .. import core, regional
 from ..files import tensors_writer, write_file
 from ..io import save
 from ..stepping import lr_factor, needs_step_hooks, on_step, regularization
@@ -284,6 +284,8 @@ def train(
     model.train()
     if cfg.fsdp:
         groups = shard(model, groups)
+    if cfg.compile:
+        regional.compile(model)
     trainable = [p for g in groups for p in g["params"]]
     names_by_id = {id(p): n for n, p in model.named_parameters()}
     names = [names_by_id.get(id(p), f"param{i}") for i, p in enumerate(trainable)]
