@@ -344,3 +344,37 @@ def test_deepcopy_of_an_adapted_model_is_independent() -> None:
     dt.unload(model)
     assert torch.equal(model(x), base)
     assert dt.has_adapters(twin) and len(dt.trainable_parameters(twin)) == 2
+
+
+def test_adapters_swap_in_and_out_while_serving(tmp_path: Path) -> None:
+    """Hot-swap: a saved adapter is loaded into a model that serves others, routed in the next batch,
+    and another is deleted; the outputs of the rest do not move and nothing is re-injected."""
+    model = blocks()
+    dt.inject(model, LoRA(rank=2), targets=["q_proj", "v_proj"], name="a", seed=1)
+    dt.inject(model, LoRA(rank=2), targets=["q_proj", "v_proj"], name="b", seed=2)
+    with torch.no_grad():
+        for i, name in enumerate(("a", "b")):
+            for layer in attachment_of(model).layers(name).values():
+                layer.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(i))
+    trained = blocks()
+    dt.inject(trained, LoRA(rank=4), targets=["q_proj"], name="c", seed=3)
+    with torch.no_grad():
+        for layer in attachment_of(trained).layers("c").values():
+            layer.lora_B.normal_(0, 0.1, generator=torch.Generator().manual_seed(5))
+    dt.save(trained, tmp_path / "c")
+    x = torch.randn(3, 5, 16)
+    model.eval()
+    wrappers = {p: w for p, w in attachment_of(model).wrappers.items()}
+    with torch.no_grad():
+        with dt.route(model, ["a", "b", "a"]):
+            before = model(x)
+        dt.load(model, tmp_path / "c", activate=False)
+        with dt.route(model, ["a", "b", "c"]):
+            after = model(x)
+        expected_c = trained.eval()(x[2:3])
+        dt.delete_adapter(model, "b")
+        with dt.route(model, ["a", "c", "a"]):
+            later = model(x)
+    assert torch.equal(after[:2], before[:2]) and torch.allclose(after[2:], expected_c, atol=1e-6)
+    assert torch.equal(later[0], before[0]) and torch.equal(later[2], before[2])
+    assert all(attachment_of(model).wrappers[p] is w for p, w in wrappers.items())

@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from torch import nn
 import deltatune as dt
 from deltatune.core import REGISTRY, Adapted, attachment_of, hooks, merged_linear
 from deltatune.fields import Check, from_jsonable
-from deltatune.targets import module_kind
+from deltatune.targets import module_kind, shape_of
 from toy_models import TOYS, Toy
 
 METHODS = sorted(REGISTRY.items())
@@ -497,6 +498,51 @@ def test_low_precision_base_keeps_fp32_adapter(cls: type, toy: Toy) -> None:
     perturb(model)
     model(x).float().sum().backward()
     assert all(p.grad is not None for p in dt.trainable_parameters(model))
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_bf16_activations_stay_bf16(cls: type, toy: Toy) -> None:
+    """The precision policy (deltatune.lowrank): on a bf16 model the adapter path computes in bf16,
+    casting its small float32 tensors, never the activations: autograd keeps no float32 tensor as
+    large as an activation (beyond the model's own tensors), and the output is within bf16 rounding
+    of the same adapter computed in float32 ("adapter" policy)."""
+    if cls.model_level:
+        pytest.skip("the layer runs the whole body, whose own float32 steps (RMSNorm) are the model's")
+    model = toy.build().to(torch.bfloat16)
+    paths = supported_targets(cls, model)
+    if not paths:
+        pytest.skip("no supported module")
+    x = x_for(toy)
+    x = x.to(torch.bfloat16) if x.is_floating_point() else x
+    dt.inject(model, example(cls), targets=paths)
+    perturb(model)
+    # The rank-r intermediate of a layer fed token ids (an embedding) computes in the adapter's dtype:
+    # the policy follows a floating input; only tensors as wide as an adapted module count.
+    bases = [attachment_of(model).wrappers[p].base for p in paths]
+    kinds = ("linear", "conv1d", "embedding")
+    widths = [min(shape_of(m)) for b in bases for m in b.modules() if module_kind(m) in kinds]
+    narrowest = min(widths, default=0)
+    # An activation: a tensor laid out by the input's examples and positions (its leading dims are the
+    # input's, or their product), not a parameter-shaped one (SAID's ΔW is computed in float32).
+    lead = tuple(x.shape[:-1]) if x.is_floating_point() else tuple(x.shape)
+    tokens = math.prod(lead)
+    wide: list[tuple[int, ...]] = []
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        shaped = t.dim() >= 2 and (tuple(t.shape[: len(lead)]) == lead or t.shape[0] == tokens)
+        shaped = shaped and t.shape[-1] >= narrowest
+        if t.dtype == torch.float32 and shaped:
+            wide.append(tuple(t.shape))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = model(x)
+    assert out.dtype == torch.bfloat16
+    assert not wide, f"float32 activations kept for backward: {wide[:4]}"
+    with dt.adapter_precision_as("adapter"):
+        reference = model(x).float()
+    error = float((out.float() - reference).abs().max())
+    assert error <= 0.02 * float(reference.abs().max()) + 0.02, error
 
 
 @pytest.mark.parametrize(("cls", "toy"), CASES)

@@ -29,6 +29,7 @@ from .core import (
 )
 from .io import load, save
 from .loraplus import parameter_groups as parameter_groups  # LoRA+ and plain optimizer groups
+from .lowrank import adapter_precision, adapter_precision_as, set_adapter_precision
 from .methods import (
     AdaLoRA,
     Adapter,
@@ -94,6 +95,8 @@ __all__ = [
     "TiedLoRA",
     "VBLoRA",
     "VeRA",
+    "adapter_precision",
+    "adapter_precision_as",
     "adapter_state",
     "attachment_of",
     "collect_covariance",
@@ -119,6 +122,7 @@ __all__ = [
     "route",
     "save",
     "set_active",
+    "set_adapter_precision",
     "trainable_parameters",
     "unload",
 ]

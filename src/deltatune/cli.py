@@ -190,6 +190,8 @@ TRAIN_HELP: dict[str, str] = {
     "checkpoint_every": "write a resumable checkpoint every N steps (0: never)",
     "seed": "seeds the data order and the head and adapter initialisation",
     "precision": "one of {precisions}: float32, or bfloat16 autocast",
+    "adapter_precision": "the dtype the adapters compute in: input (the activations', e.g. bf16; the "
+    "float32 factors are cast) or adapter (float32)",
     "fsdp": "under torchrun, shard the model block by block with FSDP2 instead of replicating it "
     "(DDP); needs --checkpoint-every 0",
     "compile": "torch.compile each transformer block (regional; deltatune.compile): the first steps "
@@ -210,7 +212,7 @@ _NO_DEFAULT_SHOWN = (
 
 
 def _train_parser(method: str | None) -> argparse.ArgumentParser:
-    from .train.config import FULL, HEAD_ONLY, PRECISIONS, SCHEDULES, TrainConfig
+    from .train.config import ADAPTER_PRECISIONS, FULL, HEAD_ONLY, PRECISIONS, SCHEDULES, TrainConfig
     from .train.models import ALIASES
     from .train.tasks import TASKS
 
@@ -227,6 +229,7 @@ def _train_parser(method: str | None) -> argparse.ArgumentParser:
         "method": (*sorted(REGISTRY), FULL, HEAD_ONLY),
         "schedule": SCHEDULES,
         "precision": PRECISIONS,
+        "adapter_precision": ADAPTER_PRECISIONS,
     }
     names = {
         "aliases": ", ".join(ALIASES),

@@ -17,6 +17,8 @@ model drops from about 1.12x to about 1.06x the frozen-base floor (see the READM
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -111,6 +113,63 @@ def lowrank_linear(
         return y.view(*x.shape[:-1], y.shape[-1])
     out: torch.Tensor = _LowRankLinear.apply(x, base.weight, b, A, B, scale)
     return out
+
+
+# -- precision: in which dtype the adapter path computes ----------------------------------------
+
+#: "input" (default): an adapter computes in its input's dtype (bf16 activations stay bf16; the small
+#: float32 factors are cast, never the activations). "adapter": in the adapter's own dtype (float32),
+#: the input widened inside the low-rank product (:func:`mixed_lowrank` keeps it narrow for backward).
+PRECISIONS = ("input", "adapter")
+_PRECISION = ["input"]
+
+
+def adapter_precision() -> str:
+    """The current policy: ``"input"`` or ``"adapter"`` (see :data:`PRECISIONS`)."""
+    return _PRECISION[0]
+
+
+def set_adapter_precision(mode: str) -> None:
+    """Set the policy for every adapter of this process (``deltatune.set_adapter_precision``)."""
+    if mode not in PRECISIONS:
+        raise ValueError(f"adapter precision must be one of {', '.join(PRECISIONS)}, got {mode!r}")
+    _PRECISION[0] = mode
+
+
+@contextlib.contextmanager
+def adapter_precision_as(mode: str) -> Iterator[None]:
+    """Within the block the policy is ``mode``; the previous one returns on exit."""
+    previous = _PRECISION[0]
+    set_adapter_precision(mode)
+    try:
+        yield
+    finally:
+        _PRECISION[0] = previous
+
+
+def compute_dtype(x: torch.Tensor, reference: torch.Tensor) -> torch.dtype:
+    """The dtype an adapter computes in for input ``x``: ``x``'s under the "input" policy (when it is a
+    floating dtype), else ``reference``'s (the adapter's parameters)."""
+    if _PRECISION[0] == "input" and x.is_floating_point():
+        return x.dtype
+    return reference.dtype
+
+
+def lowrank_delta(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scale: float, dropout: nn.Module | None = None
+) -> torch.Tensor:
+    """``scale · B A dropout(x)`` under the precision policy: in ``x``'s dtype with A and B cast (the
+    "input" policy), or in A's dtype with ``x`` kept narrow for the backward pass ("adapter")."""
+    dtype = compute_dtype(x, A)
+    active = dropout is not None and dropout.training and not isinstance(dropout, nn.Identity)
+    if dtype != x.dtype and not active:
+        return mixed_lowrank(x, A, B, scale)
+    h = x.to(dtype)
+    if dropout is not None:
+        h = dropout(h)
+    h = F.linear(h, A.to(dtype))  # (..., r)
+    # Scaling the rank-r activations is cheaper than scaling the (..., out) result.
+    return F.linear(h * scale, B.to(dtype))  # (..., out)
 
 
 class _MixedLowRank(torch.autograd.Function):

@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .contract import Method, closed_form, lowrank_factors, reads_output
-from .lowrank import fusable, lowrank_linear
+from .lowrank import compute_dtype, fusable, lowrank_linear
 
 ATTACHMENT_ATTR = "_deltatune_attachment"
 SHARED_ATTR = "deltatune_shared"
@@ -122,10 +122,14 @@ class Adapted(nn.Module):
             # set_active() guarantees a replacing layer is alone on its module.
             return replacing[0](self.base, *args, **kwargs)
         if len(layers) == 1 and len(args) == 1 and not kwargs and fusable(self.base, args[0]):
-            # A lone low-rank update on a plain frozen Linear: one fused kernel (see lowrank.py).
+            # A lone low-rank update on a plain frozen Linear: one fused kernel (see lowrank.py), in
+            # the input's dtype under the default precision policy (the factors cast, not x).
             parts = lowrank_factors(layers[0])
-            if parts is not None and parts[0].dtype == args[0].dtype:
-                return lowrank_linear(self.base, args[0], *parts)  # type: ignore[arg-type]
+            if parts is not None:
+                A, B, scale = parts
+                x = args[0]
+                if compute_dtype(x, A) == x.dtype:
+                    return lowrank_linear(self.base, x, A.to(x.dtype), B.to(x.dtype), scale)  # type: ignore[arg-type]
         out = self.base(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         base_out = out

@@ -76,6 +76,7 @@ from torch import nn
 from ..core import Attachment, adapter_state, check, register
 from ..fields import Float, Int, param
 from ..interop import PeftField, peft_get
+from ..lowrank import compute_dtype
 from ..targets import module_kind, shape_of
 from .adapter import IntOrNone
 from .lora import LoRA, adapter_dtype
@@ -452,7 +453,8 @@ class AdaLoRALayer(nn.Module):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """(alpha / (r0 + 1e-5)) · P Λ Q x, computed in PEFT's order."""
         A, E, B = self.lora_A, self.lora_E, self.lora_B
-        h: torch.Tensor = self.dropout(x.to(A.dtype)) @ (A * E).T @ B.T  # (..., out)
+        dtype = compute_dtype(x, A)
+        h: torch.Tensor = self.dropout(x.to(dtype)) @ (A * E).to(dtype).T @ B.to(dtype).T  # (..., out)
         return h * self.scaling / (self.ranknum + 1e-5)
 
     def delta_weight(self) -> torch.Tensor:

@@ -42,6 +42,7 @@ from torch import nn
 from .. import anatomy
 from ..core import check, register
 from ..fields import Float, Int, OneOf, param
+from ..lowrank import compute_dtype
 from ..targets import module_kind, shape_of
 
 NONLINEARITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
@@ -213,8 +214,11 @@ class AdapterLayer(nn.Module):
                 f"Adapter at {self.path!r}: the module's {self.reads} is a {type(h).__name__}, not a tensor; "
                 "place the adapter on a module whose input and output are tensors"
             )
-        z = NONLINEARITIES[self.nonlinearity](F.linear(h.to(self.down.dtype), self.down, self.down_bias))
-        return F.linear(z, self.up, self.up_bias) * self.scaling  # (..., d)
+        dtype = compute_dtype(h, self.down)
+        down_bias = None if self.down_bias is None else self.down_bias.to(dtype)
+        z = NONLINEARITIES[self.nonlinearity](F.linear(h.to(dtype), self.down.to(dtype), down_bias))
+        up_bias = None if self.up_bias is None else self.up_bias.to(dtype)
+        return F.linear(z, self.up.to(dtype), up_bias) * self.scaling  # (..., d)
 
     def extra_repr(self) -> str:
         return f"d={self.up.shape[0]}, m={self.down.shape[0]}, reads={self.reads}, scaling={self.scaling:g}"

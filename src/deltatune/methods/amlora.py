@@ -167,10 +167,11 @@ class AMLoRALayer(nn.Module):
 
     def gates(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
         """g: (..., t), each task's gate for each token, from the input x and the task outputs h."""
-        q = F.linear(x.to(self.query.dtype), self.query)  # (..., d)
-        k = F.linear(h, self.key)  # (..., t, d)
+        dtype = h.dtype  # (the compute dtype: lowrank.compute_dtype)
+        q = F.linear(x.to(dtype), self.query.to(dtype))  # (..., d)
+        k = F.linear(h, self.key.to(dtype))  # (..., t, d)
         scores = (k * q.unsqueeze(-2)).sum(-1) / math.sqrt(self.query.shape[0])
-        bias = torch.stack([self.gate_bias[t] for t in self.loras.tasks])  # (t,)
+        bias = torch.stack([self.gate_bias[t] for t in self.loras.tasks]).to(dtype)  # (t,)
         return torch.sigmoid(scores + bias)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:

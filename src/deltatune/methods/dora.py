@@ -47,7 +47,7 @@ from torch import nn
 from .._cache import Memo
 from ..core import Attachment, adapter_state, check, merged_linear, register
 from ..fields import Bool, Float, Instance, Int, param
-from ..lowrank import fusable, lowrank_linear, mixed_lowrank
+from ..lowrank import compute_dtype, fusable, lowrank_delta, lowrank_linear
 from ..targets import module_kind, shape_of
 from .lora import Gaussian, KaimingUniform, LoRA, LoRAInit, adapter_dtype, dropout_active, peft_lora_config
 
@@ -207,27 +207,28 @@ class DoRALayer(nn.Module):
         assert isinstance(base, nn.Linear)
         k = self.magnitude_scale(base)
         A, B = self.lora_A, self.lora_B
+        dtype = compute_dtype(x, A)  # (the precision policy, lowrank.py: x's dtype by default)
         if dropout_active(self):
             # PEFT: base(x) + (k − 1) ⊙ W0 xd + k ⊙ s B A xd with xd = dropout(x).
             xd = self.dropout(x)
             base_out: torch.Tensor = base(x)
-            w0x = F.linear(xd, base.weight).to(A.dtype)
-            lora = F.linear(F.linear(xd.to(A.dtype), A) * self.scale, B)
-            return base_out + ((k - 1) * w0x + k * lora).to(base_out.dtype)
+            w0x = F.linear(xd, base.weight).to(dtype)
+            lora = F.linear(F.linear(xd.to(dtype), A.to(dtype)) * self.scale, B.to(dtype))
+            kd = k.to(dtype)
+            return base_out + ((kd - 1) * w0x + kd * lora).to(base_out.dtype)
         if fusable(base, x) and A.dtype == x.dtype:
             # y = k ⊙ (W0 x + s B A x) + b: one fused GEMM without the bias, one pass for k and b.
+            # (float32 only: in bf16 the bias added apart rounds otherwise than base(x), and the
+            # model would not equal the base at init.)
             centred_out = lowrank_linear(base, x, A, B, self.scale, bias=False)
             if base.bias is None:
                 return centred_out * k
             out: torch.Tensor = torch.addcmul(base.bias, centred_out, k)
             return out
         y0: torch.Tensor = base(x)
-        if x.dtype != A.dtype and x.is_floating_point():  # (float32 factors: keep x, not a float32 copy)
-            y = y0 + mixed_lowrank(x, A, B, self.scale).to(y0.dtype)
-        else:
-            y = y0 + F.linear(F.linear(x.to(A.dtype), A) * self.scale, B).to(y0.dtype)
+        y = y0 + lowrank_delta(x, A, B, self.scale).to(y0.dtype)
         centred = y if base.bias is None else y - base.bias
-        return y + ((k - 1) * centred).to(y.dtype)
+        return y + ((k.to(y.dtype) - 1) * centred)
 
     def merged(self, base: nn.Module) -> nn.Module:
         """A plain Linear with weight W' = k ⊙ (W0 + s B A)."""

@@ -50,6 +50,7 @@ from torch import nn
 from .._cache import Memo
 from ..core import Attachment, check, merged_linear, register
 from ..fields import Bool, Float, Int, OneOf, param
+from ..lowrank import compute_dtype
 from ..targets import module_kind
 
 # ----------------------------------------------------------------------------------------------
@@ -386,8 +387,9 @@ class IntrinsicLayer(nn.Module):
         return self._compute(x, weight + dw, bias)
 
     def _delta(self, x: torch.Tensor, dw: torch.Tensor, db: torch.Tensor | None) -> torch.Tensor:
-        x = x.to(dw.dtype) if x.is_floating_point() else x
-        return self._compute(x, dw, db)
+        dtype = compute_dtype(x, dw)
+        x = x.to(dtype) if x.is_floating_point() else x
+        return self._compute(x, dw.to(dtype), None if db is None else db.to(dtype))
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """ΔW x + Δb, in float32 (what per-example routing adds to the base's output)."""

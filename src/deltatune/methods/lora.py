@@ -37,7 +37,7 @@ from torch import nn
 from ..core import REGISTRY, Attachment, adapter_state, check, register
 from ..fields import Bool, Float, Instance, Int, OneOf, component, param
 from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
-from ..lowrank import mixed_lowrank
+from ..lowrank import lowrank_delta
 from ..targets import module_kind, shape_of
 
 
@@ -519,13 +519,8 @@ class LoRALayer(nn.Module):
         A, B = self.effective_factors()
         if self.kind == "embedding":
             h = F.embedding(x, A.t(), **self.embedding_kwargs)  # (..., r)
-        elif x.dtype != A.dtype and x.is_floating_point() and not dropout_active(self):
-            # float32 factors on a lower-precision input: keep x, not a float32 copy, for A's gradient
-            return mixed_lowrank(x, A, B, self.scale)
-        else:
-            h = F.linear(self.dropout(x.to(A.dtype)), A)  # (..., r)
-        # Scaling the rank-r activations is cheaper than scaling the (..., out) result.
-        return F.linear(h * self.scale, B)  # (..., out)
+            return F.linear(h * self.scale, B)  # (..., out)
+        return lowrank_delta(x, A, B, self.scale, self.dropout)  # (the precision policy: lowrank.py)
 
     def export_state(self) -> dict[str, torch.Tensor]:
         """What the file stores: the effective factors in "lora" save mode (see LoRA.save_mode)."""

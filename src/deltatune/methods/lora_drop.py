@@ -75,12 +75,12 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._cache import Memo
 from ..core import check, register
 from ..fields import Bool, Float, Int, param
+from ..lowrank import lowrank_delta
 from ..targets import module_kind, shape_of
 from .lora import KaimingUniform, adapter_dtype, dropout_active, in_weight_layout
 
@@ -413,7 +413,7 @@ class LoRADropLayer(nn.Module):
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         """s · B A x for the adapter's input ``x``; while sampling, ‖·‖² joins the importance."""
         A, B = self.factors()
-        out = F.linear(F.linear(self.dropout(x.to(A.dtype)), A) * self.scale, B)  # (..., out)
+        out = lowrank_delta(x, A, B, self.scale, self.dropout)  # (..., out)
         if self.collecting():
             with torch.no_grad():
                 self.importance.add_(out.detach().to(self.importance.dtype).square().sum())

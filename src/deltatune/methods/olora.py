@@ -47,9 +47,8 @@ from torch import nn
 
 from ..core import check, register
 from ..fields import Float, Int, param
-from ..lowrank import mixed_lowrank
 from ..targets import shape_of
-from .lora import adapter_dtype, dropout_active
+from .lora import adapter_dtype
 from .task_loras import TaskLoRAs, as_tuple, tasks_field
 
 
@@ -141,10 +140,6 @@ class OLoRALayer(nn.Module):
         self.loras = loras
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        if x.is_floating_point() and x.dtype != self.loras.dtype and not dropout_active(self.loras):
-            # float32 factors on a lower-precision input: keep x, not a float32 copy (lowrank.py)
-            A, B = self.loras.stacked()
-            return mixed_lowrank(x, A, B, self.loras.scale)
         return self.loras.summed(x)
 
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:

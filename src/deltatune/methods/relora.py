@@ -74,6 +74,7 @@ from torch import nn
 
 from ..core import check, register
 from ..fields import Bool, Float, Int, param
+from ..lowrank import lowrank_delta
 from ..targets import module_kind, shape_of
 from .lora import KaimingUniform, LoRA, LoRALayer, adapter_dtype
 
@@ -322,16 +323,15 @@ class ReLoRALayer(LoRALayer):
         return torch.cat([self.lora_A, self.folded_A]), torch.cat([self.lora_B, self.folded_B], dim=1)
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.lora_A.dtype)
         if isinstance(self.dropout, nn.Identity):
             A, B = self.effective_factors()
-            out = F.linear(F.linear(x, A) * self.scale, B)  # (..., out)
+            out = lowrank_delta(x, A, B, self.scale)  # (..., out)
         else:  # dropout acts on the trained factors' input only: the folds are part of the weight
-            out = F.linear(F.linear(self.dropout(x), self.lora_A) * self.scale, self.lora_B)
+            out = lowrank_delta(x, self.lora_A, self.lora_B, self.scale, self.dropout)
             if self.folded_A.shape[0]:
-                out = out + F.linear(F.linear(x, self.folded_A) * self.scale, self.folded_B)
+                out = out + lowrank_delta(x, self.folded_A, self.folded_B, self.scale)
         if self.folded_W.shape[0]:
-            out = out + F.linear(x, self.folded_W)
+            out = out + F.linear(x.to(out.dtype), self.folded_W.to(out.dtype))
         return out
 
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:

@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..fields import Names, param
+from ..lowrank import compute_dtype, lowrank_delta
 from ..targets import module_kind, shape_of
 from .lora import adapter_dtype, dropout_active, in_weight_layout
 
@@ -78,15 +79,18 @@ class TaskLoRAs(nn.Module):
 
     def each(self, x: torch.Tensor) -> torch.Tensor:
         """Every task's output ``h_i(x)``, stacked on a new next-to-last axis: (..., t, out)."""
-        x = self.dropout(x.to(self.dtype))
-        outs = [F.linear(F.linear(x, self.lora_A[t]) * self.scale, self.lora_B[t]) for t in self.tasks]
+        dtype = compute_dtype(x, self.lora_A[self.newest])
+        x = self.dropout(x.to(dtype))
+        outs = [
+            F.linear(F.linear(x, self.lora_A[t].to(dtype)) * self.scale, self.lora_B[t].to(dtype))
+            for t in self.tasks
+        ]
         return torch.stack(outs, dim=-2)
 
     def summed(self, x: torch.Tensor) -> torch.Tensor:
         """``Σ_i h_i(x)`` in one pair of matmuls (rank t·r)."""
         A, B = self.stacked()
-        h = F.linear(self.dropout(x.to(A.dtype)), A)
-        return F.linear(h * self.scale, B)
+        return lowrank_delta(x, A, B, self.scale, self.dropout)
 
     def fusable(self) -> bool:
         return self.kind == "linear" and not dropout_active(self)

@@ -57,6 +57,7 @@ from torch import nn
 
 from ..core import check, register
 from ..fields import Float, Int, OneOf, param
+from ..lowrank import compute_dtype
 from ..targets import module_kind, shape_of
 from .lora import adapter_dtype, dropout_active, in_weight_layout
 
@@ -289,10 +290,11 @@ class TiedLoRALayer(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.factors()
-        h = F.linear(self.dropout(x.to(A.dtype)), A)  # (..., r)
-        h = h * (self.scale if self.u is None else self.u * self.scale)
-        y = F.linear(h, B)  # (..., out)
-        return y if self.v is None else y * self.v
+        dtype = compute_dtype(x, A)
+        h = F.linear(self.dropout(x.to(dtype)), A.to(dtype))  # (..., r)
+        h = h * (self.scale if self.u is None else (self.u * self.scale).to(dtype))
+        y = F.linear(h, B.to(dtype))  # (..., out)
+        return y if self.v is None else y * self.v.to(dtype)
 
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(Λu A, Λv B, s) for the fused kernel of :mod:`deltatune.lowrank`; None while dropout is active."""

@@ -48,13 +48,13 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .._cache import Memo
 from ..core import SHARED_ATTR, Attachment, adapter_state, check, register
 from ..fields import Float, Int, OneOf, param
 from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
+from ..lowrank import lowrank_delta
 from ..targets import module_kind, shape_of
 from .lora import dropout_active, in_weight_layout
 
@@ -404,8 +404,7 @@ class VBLoRALayer(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.factors()
-        h = F.linear(self.dropout(x.to(A.dtype)), A)  # (..., r)
-        return F.linear(h, B)  # (..., out)
+        return lowrank_delta(x, A, B, 1.0, self.dropout)  # (..., out)
 
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(A, B, 1) for the fused kernel of :mod:`deltatune.lowrank`; None while dropout is active."""

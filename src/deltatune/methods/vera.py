@@ -44,6 +44,7 @@ from torch import nn
 from ..core import SHARED_ATTR, Attachment, adapter_state, check, register
 from ..fields import Bool, Float, Int, param
 from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
+from ..lowrank import compute_dtype
 from ..targets import module_kind, shape_of
 from .lora import adapter_dtype, in_weight_layout
 
@@ -319,8 +320,9 @@ class VeRALayer(nn.Module):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         A, B = self.projections()
-        h = F.linear(self.dropout(x.to(self.lambda_d.dtype)), A.to(self.lambda_d.dtype))  # (..., r)
-        return self.lambda_b * F.linear(self.lambda_d * h, B.to(self.lambda_b.dtype))  # (..., out)
+        dtype = compute_dtype(x, self.lambda_d)
+        h = F.linear(self.dropout(x.to(dtype)), A.to(dtype))  # (..., r)
+        return self.lambda_b.to(dtype) * F.linear(self.lambda_d.to(dtype) * h, B.to(dtype))  # (..., out)
 
     def delta_weight(self) -> torch.Tensor:
         """Λ_b B Λ_d A in the layout of the base weight: (out, in) for Linear, transposed for Conv1D."""

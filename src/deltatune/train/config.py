@@ -22,12 +22,13 @@ from typing import Any
 from .. import core
 from ..fields import to_jsonable
 
-__all__ = ["FULL", "HEAD_ONLY", "PRECISIONS", "RUN_NEUTRAL", "SCHEDULES", "TrainConfig"]
+__all__ = ["ADAPTER_PRECISIONS", "FULL", "HEAD_ONLY", "PRECISIONS", "RUN_NEUTRAL", "SCHEDULES", "TrainConfig"]
 
 FULL = "full"  # pseudo-method: train every parameter
 HEAD_ONLY = "head"  # pseudo-method: train only the task head (a linear probe)
 SCHEDULES = ("linear", "cosine", "constant")  # learning-rate decay after warmup
 PRECISIONS = ("fp32", "bf16")
+ADAPTER_PRECISIONS = ("input", "adapter")  # deltatune.lowrank.PRECISIONS
 # Options that do not change what a run computes: a rerun into the same ``out`` may change them.
 RUN_NEUTRAL = ("out", "resume", "checkpoint_every", "eval_batch_size")
 
@@ -71,6 +72,7 @@ class TrainConfig:
     precision: str = "fp32"
     fsdp: bool = False
     compile: bool = False
+    adapter_precision: str = "input"
     out: str = "runs/run"
     data_dir: str | None = None
     resume: bool = True
@@ -105,6 +107,10 @@ class TrainConfig:
         if self.schedule not in SCHEDULES:
             raise ValueError(
                 f"TrainConfig.schedule must be linear, cosine or constant, got {self.schedule!r}"
+            )
+        if self.adapter_precision not in ADAPTER_PRECISIONS:
+            raise ValueError(
+                f"TrainConfig.adapter_precision must be input or adapter, got {self.adapter_precision!r}"
             )
         if self.precision not in PRECISIONS:
             raise ValueError(f"TrainConfig.precision must be fp32 or bf16, got {self.precision!r}")

@@ -34,6 +34,7 @@ from torch import nn
 from .. import core, regional
 from ..files import tensors_writer, write_file
 from ..io import save
+from ..lowrank import adapter_precision_as
 from ..stepping import lr_factor, needs_step_hooks, on_step, regularization
 from .batches import Collator, autocast, batch_positions, count_of, device_of, loss_sum, prompt_of, to_device
 from .checkpoint import check_out_folder, has_checkpoint, load_checkpoint, remove_run, save_checkpoint
@@ -249,6 +250,18 @@ def train(
         The metrics record that is also written to ``metrics.json`` (empty on processes other than
         the first under ``torchrun``).
     """
+    with adapter_precision_as(cfg.adapter_precision):
+        return _train(cfg, progress, model, tokenizer, callbacks, overwrite)
+
+
+def _train(
+    cfg: TrainConfig,
+    progress: bool,
+    model: nn.Module | None,
+    tokenizer: Any,
+    callbacks: Sequence[Callable[[int, float], None]],
+    overwrite: bool,
+) -> dict[str, Any]:
     world = init_world()
     task = get_task(cfg.task)
     out = Path(cfg.out)
