@@ -660,7 +660,7 @@ def test_a_failed_verb_changes_nothing(cls: type, toy: Toy, tmp_path: Path) -> N
     unchanged(dt.combine, model, {"default": 1.0, "other": 1.0}, "default")
     if cls.combinable:
         with pytest.MonkeyPatch.context() as m:  # fails once the combined layers are in place
-            m.setattr(dt.core, "AdapterInfo", _fail_on_call(dt.core.AdapterInfo, 1))
+            m.setattr(dt.compose, "AdapterInfo", _fail_on_call(dt.compose.AdapterInfo, 1))
             unchanged(dt.combine, model, {"default": 1.0, "other": -0.5}, "c")
 
     # merge, unload, delete_adapter: bad arguments, and a failure at their last step.

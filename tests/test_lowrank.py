@@ -95,12 +95,13 @@ def test_the_wrapper_uses_the_kernel_and_falls_back_with_dropout(monkeypatch: py
 
 
 def test_float32_factors_on_a_bf16_input_keep_the_input_not_a_float32_copy() -> None:
-    """LoRA with float32 factors on a bf16 base: the same outputs and gradients as the plain autograd
-    form, and autograd keeps the bf16 input (shared by q, k and v) instead of one float32 copy each."""
+    """LoRA computing in its float32 factors' dtype on a bf16 base (the "adapter" precision policy):
+    the same outputs and gradients as the plain autograd form, and autograd keeps the bf16 input
+    (shared by q, k and v) instead of one float32 copy each."""
     import copy
 
     import deltatune as dt
-    import deltatune.methods.lora as lora_module
+    import deltatune.lowrank as lora_module
 
     torch.manual_seed(0)
     base = nn.ModuleDict({n: nn.Linear(16, 16) for n in ("q", "k", "v")}).to(torch.bfloat16)
@@ -134,13 +135,14 @@ def test_float32_factors_on_a_bf16_input_keep_the_input_not_a_float32_copy() -> 
             p.normal_(std=0.1)
     plain = copy.deepcopy(model)
     x = torch.randn(4, 8, 16, dtype=torch.bfloat16)
-    y, grads, kept = run(model, x)
-    original = lora_module.mixed_lowrank
-    try:  # the plain autograd form, for reference
-        lora_module.mixed_lowrank = lambda x, A, B, s: F.linear(F.linear(x.to(A.dtype), A) * s, B)
-        y_ref, grads_ref, kept_ref = run(plain, x)
-    finally:
-        lora_module.mixed_lowrank = original
+    with dt.adapter_precision_as("adapter"):
+        y, grads, kept = run(model, x)
+        original = lora_module.mixed_lowrank
+        try:  # the plain autograd form, for reference
+            lora_module.mixed_lowrank = lambda x, A, B, s: F.linear(F.linear(x.to(A.dtype), A) * s, B)
+            y_ref, grads_ref, kept_ref = run(plain, x)
+        finally:
+            lora_module.mixed_lowrank = original
     assert torch.equal(y, y_ref)
     for g, g_ref in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(g, g_ref, rtol=0, atol=0)
