@@ -477,14 +477,20 @@ def test_mixed_batch_routing(cls: type, toy: Toy) -> None:
         assert close(model(x), by_other)
 
 
-@pytest.mark.parametrize(("cls", "toy"), CASES)
-def test_low_precision_base_keeps_fp32_adapter(cls: type, toy: Toy) -> None:
+def bf16_toy(cls: type, toy: Toy) -> tuple[nn.Module, list[str], torch.Tensor]:
+    """The toy in bf16, the modules the method adapts on it (skips where none), and its input in bf16
+    (token ids stay integers)."""
     model = toy.build().to(torch.bfloat16)
     paths = supported_targets(cls, model)
     if not paths:
         pytest.skip("no supported module")
     x = x_for(toy)
-    x = x.to(torch.bfloat16) if x.is_floating_point() else x
+    return model, paths, x.to(torch.bfloat16) if x.is_floating_point() else x
+
+
+@pytest.mark.parametrize(("cls", "toy"), CASES)
+def test_low_precision_base_keeps_fp32_adapter(cls: type, toy: Toy) -> None:
+    model, paths, x = bf16_toy(cls, toy)
     expected = model(x)
     dt.inject(model, example(cls), targets=paths)
     assert all(p.dtype == torch.float32 for p in dt.trainable_parameters(model))
@@ -503,17 +509,12 @@ def test_low_precision_base_keeps_fp32_adapter(cls: type, toy: Toy) -> None:
 @pytest.mark.parametrize(("cls", "toy"), CASES)
 def test_bf16_activations_stay_bf16(cls: type, toy: Toy) -> None:
     """The precision policy (deltatune.lowrank): on a bf16 model the adapter path computes in bf16,
-    casting its small float32 tensors, never the activations: autograd keeps no float32 tensor as
-    large as an activation (beyond the model's own tensors), and the output is within bf16 rounding
-    of the same adapter computed in float32 ("adapter" policy)."""
+    casting its small float32 tensors, never the activations: autograd keeps no float32 activation,
+    and the output is within bf16 rounding of the same adapter computed in float32 ("adapter"
+    policy)."""
     if cls.model_level:
         pytest.skip("the layer runs the whole body, whose own float32 steps (RMSNorm) are the model's")
-    model = toy.build().to(torch.bfloat16)
-    paths = supported_targets(cls, model)
-    if not paths:
-        pytest.skip("no supported module")
-    x = x_for(toy)
-    x = x.to(torch.bfloat16) if x.is_floating_point() else x
+    model, paths, x = bf16_toy(cls, toy)
     dt.inject(model, example(cls), targets=paths)
     perturb(model)
     # The rank-r intermediate of a layer fed token ids (an embedding) computes in the adapter's dtype:

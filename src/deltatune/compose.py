@@ -23,8 +23,8 @@ from typing import Any
 
 from torch import nn
 
-from .contract import Method, config_for, export_state, hooks, import_state
-from .core import adapter_state, check_adapter_name, module_generator, to_device_of
+from .contract import Method, config_for, export_state, import_state, module_tensors
+from .core import adapter_state, build_layers, check_adapter_name
 from .wrapper import SHARED_ATTR, AdapterInfo, Attachment, all_or_nothing, attachment_of
 
 __all__ = ["combine", "reconfigure"]
@@ -40,7 +40,6 @@ def reconfigure(model: nn.Module, name: str, method: Method) -> Attachment:
     """
     att = attachment_of(model)
     info = att.info(name)
-    spec = hooks(method)
     if type(method) is not type(info.method):
         raise ValueError(
             f"reconfigure: adapter {name!r} is {type(info.method).__name__}; it cannot become "
@@ -48,21 +47,13 @@ def reconfigure(model: nn.Module, name: str, method: Method) -> Attachment:
         )
     configs = {p: config_for(method, p, info.overrides) for p in info.targets}
     bases = {p: att.wrappers[p].base for p in info.targets}
-    shared = spec.make_shared(bases, module_generator(info.seed, "<shared>"))
-    if shared is not None:
-        shared = to_device_of(shared, *bases.values())
-    layers = {
-        p: to_device_of(
-            configs[p].wrap(bases[p], shared, path=p, generator=module_generator(info.seed, p)), bases[p]
-        )
-        for p in info.targets
-    }
+    shared, layers = build_layers(method, configs, bases, info.seed)
     old = adapter_state(model, name)
     owners: dict[str, nn.Module] = dict(layers)
     if shared is not None:
         owners[SHARED_ATTR] = shared
-    for owner, module in owners.items():
-        fresh = export_state(module) if owner != SHARED_ATTR else module.state_dict()
+    for owner, module in owners.items():  # (the shared state has no export form: its state_dict)
+        fresh = module_tensors(module) if owner == SHARED_ATTR else export_state(module)
         kept = {
             k: (old[f"{owner}.{k}"] if f"{owner}.{k}" in old and old[f"{owner}.{k}"].shape == v.shape else v)
             for k, v in fresh.items()
@@ -114,11 +105,7 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str) -> Attach
     if name in att.adapters:
         raise ValueError(f"adapter {name!r} already exists on this model")
     check_adapter_name(name)
-    bad = {
-        n: w
-        for n, w in weights.items()
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
-    }
+    bad = {n: w for n, w in weights.items() if not _finite_number(w)}
     if bad:
         raise ValueError(f"combine: weights must be finite numbers, got {bad}")
     paths = [p for p in att.wrappers if any(p in i.targets for i in infos)]

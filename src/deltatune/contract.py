@@ -319,6 +319,15 @@ class ReplacingLayer(Protocol):
     def __call__(self, base: nn.Module, *args: Any, **kwargs: Any) -> Any: ...
 
 
+def float_weight_reason(method: Method) -> str:
+    """Why a method that cannot adapt a 4-bit base (``quantized_base = False``) needs the float
+    weight: its ``float_base_reason``, or the general one. Quoted by both refusals: injecting into a
+    quantised module and quantising an adapted one."""
+    cls = type(method).__name__
+    own: str = hooks(method).float_base_reason
+    return own or f"{cls} needs the float weight of the module it adapts"
+
+
 def reads_output(layer: nn.Module) -> bool:
     """Whether an additive layer's ``delta`` reads the base module's output (not its input)."""
     return getattr(layer, "reads", "input") == "output"

@@ -48,6 +48,7 @@ from .contract import (
     closed_form,
     config_for,
     export_state,
+    float_weight_reason,
     hooks,
     import_state,
     method_fields,
@@ -90,6 +91,7 @@ __all__ = [
     "all_or_nothing",
     "attachment_of",
     "base_modules",
+    "build_layers",
     "check",
     "check_adapter_name",
     "check_state",
@@ -107,13 +109,11 @@ __all__ = [
     "merged_linear",
     "method_fields",
     "method_from_config",
-    "module_generator",
     "parameter_report",
     "register",
     "route",
     "set_active",
     "set_submodule",
-    "to_device_of",
     "trainable_parameters",
     "unload",
 ]
@@ -132,7 +132,7 @@ def _seed_for(seed: int, path: str) -> int:
     return (seed * 1_000_003 + zlib.crc32(path.encode())) % (2**63)
 
 
-def module_generator(seed: int, path: str) -> torch.Generator:
+def _generator(seed: int, path: str) -> torch.Generator:
     gen = torch.Generator(device="cpu")
     gen.manual_seed(_seed_for(seed, path))
     return gen
@@ -219,13 +219,8 @@ def inject(
             cls = type(method).__name__
             raise ValueError(
                 f"{cls}: {path!r} has a quantised weight ({type(modules[path]).__name__}); "
-                + (
-                    f"{spec.float_base_reason}: use LoRA (QLoRA) on a quantised base, or {cls} on the "
-                    "float model"
-                    if spec.float_base_reason
-                    else f"{cls} needs the float weight: adapt it before quantising, or use a method that "
-                    "only adds to the base output (LoRA, VB-LoRA)"
-                )
+                f"{float_weight_reason(method)}: use LoRA (QLoRA) on a quantised base, or {cls} on the "
+                "float model"
             )
     for sp in save_paths:
         clash = [p for p in paths if p == sp or p.startswith(sp + ".") or sp.startswith(p + ".")]
@@ -236,15 +231,8 @@ def inject(
     configs = {p: config_for(method, p, override_map) for p in paths}
 
     bases = {p: modules[p] for p in paths}
-    shared = spec.make_shared(bases, module_generator(seed, "<shared>"))
-    if shared is not None:  # (on the device of the modules it serves, before the layers reach it)
-        shared = to_device_of(shared, *bases.values())
-    layers: dict[str, nn.Module] = {}
-    for path in paths:
-        base = bases[path]
-        layer = configs[path].wrap(base, shared, path=path, generator=module_generator(seed, path))
-        layers[path] = to_device_of(layer, base)
-    copies = {sp: to_device_of(ModuleCopy(modules[sp]), modules[sp]) for sp in save_paths}
+    shared, layers = build_layers(method, configs, bases, seed)
+    copies = {sp: _to_device_of(ModuleCopy(modules[sp]), modules[sp]) for sp in save_paths}
 
     # Nothing has been modified so far: every check above can fail without leaving a trace, and
     # should a step below fail, all_or_nothing puts the model back as it was.
@@ -288,6 +276,25 @@ def inject(
     return att
 
 
+def build_layers(
+    method: Method, configs: Mapping[str, Method], bases: Mapping[str, nn.Module], seed: int
+) -> tuple[nn.Module | None, dict[str, nn.Module]]:
+    """An adapter's new modules, nothing attached yet: its shared state (None for most methods) and
+    one layer per path (``configs[path].wrap``), each seeded by (``seed``, path) and on the device of
+    the module it serves (the shared state before the layers see it). :func:`inject` and
+    :func:`deltatune.compose.reconfigure` build through it."""
+    shared = hooks(method).make_shared(bases, _generator(seed, "<shared>"))
+    if shared is not None:
+        shared = _to_device_of(shared, *bases.values())
+    layers = {
+        path: _to_device_of(
+            configs[path].wrap(base, shared, path=path, generator=_generator(seed, path)), base
+        )
+        for path, base in bases.items()
+    }
+    return shared, layers
+
+
 def default_targets(method: Method, model: nn.Module) -> _targets.TargetSpec:
     """Where ``method`` goes on ``model`` when no targets are given: its ``default_targets(model)``
     where it has a preference, else ``"all-linear"``."""
@@ -295,7 +302,7 @@ def default_targets(method: Method, model: nn.Module) -> _targets.TargetSpec:
     return _targets.ALL_LINEAR if declared is None else declared
 
 
-def to_device_of(layer: nn.Module, *bases: nn.Module) -> nn.Module:
+def _to_device_of(layer: nn.Module, *bases: nn.Module) -> nn.Module:
     """``layer`` (or an adapter's shared state) moved to the device of the first of ``bases`` that
     has parameters: a GPU, or ``meta`` for a weightless model; left where it is if none has any."""
     ref = next((p for base in bases for p in base.parameters()), None)

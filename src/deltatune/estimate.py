@@ -265,6 +265,7 @@ class _MetaAutocast(torch.autocast):
 
 _PATCH_LOCK = threading.Lock()
 _PATCH_DEPTH = [0]  # traces under way (threads may overlap): the last one out restores torch
+_ORIGINAL: list[Any] = []  # torch.autocast and torch.is_autocast_enabled while patched
 
 
 @contextlib.contextmanager
@@ -290,9 +291,6 @@ def _autocast_on_meta() -> Iterator[None]:
             _PATCH_DEPTH[0] -= 1
             if _PATCH_DEPTH[0] == 0:
                 torch.autocast, torch.is_autocast_enabled = _ORIGINAL  # type: ignore[misc]
-
-
-_ORIGINAL: list[Any] = []
 
 
 def _trace(net: nn.Module, ids: torch.Tensor, labels: torch.Tensor, floor: bool) -> tuple[int, int, int]:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from . import core
+from .contract import float_weight_reason
 from .methods.lora import LoRALayer
 from .methods.pissa import split_components
 from .targets import ALL_LINEAR, TargetSpec, resolve
@@ -157,11 +158,10 @@ def _check_adapters_take_4_bits(att: core.Attachment, wrapper: core.Adapted, pat
         info = att.adapters[name]
         spec = core.hooks(info.method)
         if path in info.targets and not spec.quantized_base:
-            cls = type(info.method).__name__
-            why = spec.float_base_reason or f"{cls} needs the float weight of the module it adapts"
             raise ValueError(
-                f"quantize: {path!r} carries adapter {name!r} ({cls}); {why}: quantise only modules "
-                f"without it (targets=...), or use LoRA (QLoRA) on a quantised base"
+                f"quantize: {path!r} carries adapter {name!r} ({type(info.method).__name__}); "
+                f"{float_weight_reason(info.method)}: quantise only modules without it (targets=...), "
+                "or use LoRA (QLoRA) on a quantised base"
             )
 
 

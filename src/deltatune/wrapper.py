@@ -267,10 +267,8 @@ class Attachment:
         flags ``unload`` restores, at the new ones: ``mapping`` is ``id(old) -> new``."""
         for info in self.adapters.values():
             info.trainable = [mapping.get(id(p), p) for p in info.trainable]
-        self.requires_grad = {
-            id(mapping.get(pid, p)): (mapping.get(pid, p), flag)
-            for pid, (p, flag) in self.requires_grad.items()
-        }
+        moved = [(mapping.get(pid, p), flag) for pid, (p, flag) in self.requires_grad.items()]
+        self.requires_grad = {id(p): (p, flag) for p, flag in moved}
 
     def closed_form(self, name: str) -> tuple[int, int]:
         """(trainable parameters, stored bytes) of adapter ``name`` from the methods' formulas."""

@@ -63,11 +63,6 @@ class TaskLoRAs(nn.Module):
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     @property
-    def dtype(self) -> torch.dtype:
-        dtype: torch.dtype = self.lora_A[self.newest].dtype
-        return dtype
-
-    @property
     def newest(self) -> str:
         return self.tasks[-1]
 

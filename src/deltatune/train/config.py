@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import core
 from ..fields import to_jsonable
+from ..lowrank import PRECISIONS as ADAPTER_PRECISIONS  # in which dtype adapters compute
 
 __all__ = ["ADAPTER_PRECISIONS", "FULL", "HEAD_ONLY", "PRECISIONS", "RUN_NEUTRAL", "SCHEDULES", "TrainConfig"]
 
@@ -28,7 +29,6 @@ FULL = "full"  # pseudo-method: train every parameter
 HEAD_ONLY = "head"  # pseudo-method: train only the task head (a linear probe)
 SCHEDULES = ("linear", "cosine", "constant")  # learning-rate decay after warmup
 PRECISIONS = ("fp32", "bf16")
-ADAPTER_PRECISIONS = ("input", "adapter")  # deltatune.lowrank.PRECISIONS
 # Options that do not change what a run computes: a rerun into the same ``out`` may change them.
 RUN_NEUTRAL = ("out", "resume", "checkpoint_every", "eval_batch_size")
 
