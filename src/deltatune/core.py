@@ -445,7 +445,13 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
 
 @contextlib.contextmanager
 def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
-    """Per-example adapters in one batch: example ``i`` uses adapter ``names[i]`` (None: the base)."""
+    """Per-example adapters in one batch: example ``i`` uses adapter ``names[i]`` (None: the base).
+
+    Each example gets what it would get alone. Where two or more low-rank adapters (update ``s · B A
+    x``: LoRA, PiSSA, VB-LoRA, Tied-LoRA, ...) meet on one module, every row's factors are gathered
+    (ranks zero-padded) and two batched products serve them all, with no copy of the activations;
+    other methods, and batches with fewer tokens per example than the rank (a decoding step), gather
+    each adapter's rows instead. The row table is built once per block and device."""
     att = attachment_of(model)
     for n in dict.fromkeys(names):
         if n is None:

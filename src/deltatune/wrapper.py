@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .contract import Method, closed_form, lowrank_factors, reads_output
@@ -38,7 +39,7 @@ class Routing:
         for i, name in enumerate(self.names):
             if name is not None:
                 self.rows.setdefault(name, []).append(i)
-        self._indices: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._indices: dict[tuple[Any, torch.device], torch.Tensor] = {}
 
     def __len__(self) -> int:
         return len(self.names)
@@ -49,11 +50,19 @@ class Routing:
 
     def indices(self, name: str, device: torch.device) -> torch.Tensor:
         """The rows of adapter ``name`` as a long tensor on ``device`` (made once per device)."""
-        key = (name, device)
-        found = self._indices.get(key)
+        return self._table(name, device, lambda: self.rows[name])
+
+    def slots(self, names: tuple[str, ...], device: torch.device) -> torch.Tensor:
+        """For each row, the position of its adapter in ``names``, or ``len(names)`` for a row whose
+        adapter is not among them (a long tensor on ``device``, made once per device and tuple)."""
+        where: dict[str | None, int] = {n: i for i, n in enumerate(names)}
+        return self._table(names, device, lambda: [where.get(n, len(names)) for n in self.names])
+
+    def _table(self, key: Any, device: torch.device, make: Any) -> torch.Tensor:
+        found = self._indices.get((key, device))
         if found is None:
-            found = torch.tensor(self.rows[name], dtype=torch.long).to(device)
-            self._indices[key] = found
+            found = torch.tensor(make(), dtype=torch.long).to(device)
+            self._indices[(key, device)] = found
         return found
 
 
@@ -92,6 +101,61 @@ def _delta_source(layer: nn.Module, x: Any, base_out: Any) -> Any:
     output for a layer that ``reads = "output"`` (e.g. a bottleneck adapter placed after a
     projection: ``y = f(x) + delta(f(x))``)."""
     return base_out if reads_output(layer) else x
+
+
+def _batched_factors(
+    routing: Routing, layers: Mapping[str, nn.Module], x: Any
+) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None:
+    """The low-rank adapters (update ``s · B A x``) among ``layers`` that one batched product serves
+    (:func:`_add_batched`), or None where the per-adapter gather is cheaper: fewer than two of them,
+    or fewer tokens per example than the largest rank (a decoding step), where gathering each row's
+    factors would move more bytes than gathering the rows themselves."""
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
+        return None
+    found: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
+    for name, layer in layers.items():
+        if routing.covers_all(name):
+            return None
+        parts = lowrank_factors(layer)
+        if parts is not None and compute_dtype(x, parts[0]) == x.dtype:
+            found[name] = parts
+    if len(found) < 2:
+        return None
+    tokens = x[0].numel() // x.shape[-1]
+    if tokens < max(A.shape[0] for A, _, _ in found.values()):
+        return None
+    return found
+
+
+def _add_batched(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    routing: Routing,
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
+    in_place: bool,
+) -> torch.Tensor:
+    """``out`` plus each row's own low-rank update, in two batched products for every adapter at once
+    (the segmented-GEMM idea of punica and S-LoRA): row ``i`` gets the factors of its adapter
+    (ranks zero-padded to the largest, the scale folded into B, zeros for a row of another adapter or
+    of the base), gathered by one row table that the block builds once; ``x`` is neither copied nor
+    gathered, and the update accumulates into ``out`` inside the GEMM when serving."""
+    rank = max(A.shape[0] for A, _, _ in factors.values())
+    dtype = x.dtype
+    first_A, first_B, _ = next(iter(factors.values()))
+    As = [F.pad(A.to(dtype), (0, 0, 0, rank - A.shape[0])) for A, _, _ in factors.values()]
+    Bs = [F.pad(B.to(dtype) * s, (0, rank - B.shape[1])) for _, B, s in factors.values()]
+    As.append(first_A.new_zeros(rank, x.shape[-1], dtype=dtype))  # rows of the base or of another adapter
+    Bs.append(first_B.new_zeros(first_B.shape[0], rank, dtype=dtype))
+    slots = routing.slots(tuple(factors), x.device)
+    A_rows = torch.stack(As).index_select(0, slots)  # (batch, r, in)
+    Bt_rows = torch.stack(Bs).transpose(1, 2).index_select(0, slots)  # (batch, r, out)
+    x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
+    h = torch.bmm(x3, A_rows.transpose(1, 2))  # (batch, tokens, r)
+    if in_place and out.dtype == dtype and out.is_contiguous():
+        out.view(x3.shape[0], x3.shape[1], -1).baddbmm_(h, Bt_rows)
+        return out
+    delta = torch.bmm(h, Bt_rows).view(*out.shape)
+    return out + delta.to(out.dtype)
 
 
 class Adapted(nn.Module):
@@ -154,6 +218,10 @@ class Adapted(nn.Module):
             and out._base is None
             and not any(reads_output(self.adapters[n]) for n in here)
         )
+        batched = _batched_factors(routing, {n: self.adapters[n] for n in here}, x)
+        if batched is not None:
+            out = _add_batched(out, x, routing, batched, in_place)
+            here = [n for n in here if n not in batched]
         base_out = out
         for name in here:
             layer: Any = self.adapters[name]
