@@ -11,6 +11,10 @@ the base, because this machine's speed drifts by ±30 % between runs):
 * ``route``: every row its own adapter, ``with dt.route(model, names)``;
 * ``peft-route``: the same adapters in PEFT, ``model(ids, adapter_names=names)``.
 
+With ``--forwards K`` each call runs K forwards, the routed ones in one ``route`` block (as around a
+generation loop, where the block's stacked factors are built once): ``--seq 1 --forwards 16`` is a
+decoding step's shape.
+
 Issue 14's goal on CPU: eight routed adapters at most 1.15× the base, and faster than PEFT's.
 
     .venv/bin/python benchmarks/route.py --rounds 7 --json benchmarks/results/speed/route.json
@@ -76,6 +80,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument(
+        "--forwards",
+        type=int,
+        default=1,
+        help="forwards per call, all in one route() block (a decoding loop: --seq 1 --forwards 16)",
+    )
     parser.add_argument("--small", action="store_true", help="a 4-layer model, for a quick look")
     parser.add_argument("--no-peft", action="store_true")
     parser.add_argument("--repeat", type=int, default=2, help="calls per row and round; the last is timed")
@@ -88,22 +98,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = ours(args)
     rows: dict[str, Callable[[], Any]] = {}
 
+    k = args.forwards
+
     def base() -> Any:
         with dt.disabled(model):
-            return model(ids)
+            return [model(ids) for _ in range(k)]
 
     def one() -> Any:
         dt.set_active(model, "a0")
-        return model(ids)
+        return [model(ids) for _ in range(k)]
 
     def routed() -> Any:
-        with dt.route(model, names):
-            return model(ids)
+        with dt.route(model, names):  # one block for the k forwards, as around a generation loop
+            return [model(ids) for _ in range(k)]
 
     rows = {"base": base, "one": one, "route": routed}
     if not args.no_peft:
         other = peft_model(args)
-        rows["peft-route"] = lambda: other(ids, adapter_names=names)
+        rows["peft-route"] = lambda: [other(ids, adapter_names=names) for _ in range(k)]
     times: dict[str, list[float]] = {k: [] for k in rows}
     with torch.no_grad():
         for fn in rows.values():  # warm-up
@@ -127,6 +139,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rank": args.rank,
         "batch": args.batch,
         "seq": args.seq,
+        "forwards_per_block": args.forwards,
         "rounds": args.rounds,
         "repeat": args.repeat,
         "threads": torch.get_num_threads(),

@@ -219,7 +219,8 @@ def test_route_equals_each_row_alone_in_both_paths(
     monkeypatch.setattr(wrapper_module, "_add_batched", lambda *a: calls.append(1) or batched(*a))
     with torch.set_grad_enabled(grad), dt.route(model, names):
         mixed = model(x)
-    assert len(calls) == (4 if tokens > 1 else 0)  # q and v of both blocks hold two or more LoRAs
+    # q and v of both blocks hold two or more LoRAs; under autograd, one token per row gathers rows
+    assert len(calls) == (0 if grad and tokens == 1 else 4)
     assert torch.allclose(mixed, torch.cat(expected), atol=1e-5)
     if not grad:
         return
@@ -235,6 +236,34 @@ def test_route_equals_each_row_alone_in_both_paths(
     for p, g in zip(params, routed, strict=True):
         assert g is not None and p.grad is not None
         assert torch.allclose(g, p.grad, atol=1e-4)
+
+
+def test_route_keeps_stacked_factors_for_the_block_while_they_are_unchanged(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Serving, a block stacks each module's factors once for all its forwards (a generation loop); an
+    in-place change of a factor inside the block is seen at once; the stacks go with the block."""
+    model = _three_loras().eval()
+    names = ["a0", "a1", "a2", None]
+    x = torch.randn(4, 1, 16)
+    built: list[int] = []
+    stacked = wrapper_module._stacked
+    monkeypatch.setattr(wrapper_module, "_stacked", lambda *a: built.append(1) or stacked(*a))
+    with torch.no_grad(), dt.route(model, names):
+        first = model(x)
+        assert len(built) == 4  # q and v of both blocks
+        assert torch.equal(model(x), first) and len(built) == 4
+        layer = attachment_of(model).layers("a1")["layers.0.v_proj"]
+        layer.lora_B.mul_(2.0)  # type: ignore[operator]
+        changed = model(x)
+        assert len(built) == 5
+        routing = attachment_of(model).switch.routing
+    assert routing is not None and attachment_of(model).switch.routing is None
+    dt.set_active(model, "a1")
+    with torch.no_grad():
+        assert torch.allclose(changed[1], model(x[1:2])[0], atol=1e-6)
+        assert not torch.allclose(changed[1], first[1])
+    assert torch.allclose(changed[0::2], first[0::2], atol=1e-6)
 
 
 def test_route_batched_in_bfloat16_stays_bfloat16() -> None:

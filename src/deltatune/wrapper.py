@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._cache import Memo
 from .contract import Method, closed_form, lowrank_factors, reads_output
 from .lowrank import compute_dtype, fusable, lowrank_linear
 
@@ -40,6 +41,7 @@ class Routing:
             if name is not None:
                 self.rows.setdefault(name, []).append(i)
         self._indices: dict[tuple[Any, torch.device], torch.Tensor] = {}
+        self._memos: dict[int, Memo[Any]] = {}  # id(wrapper) -> its stacked factors (serving)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -57,6 +59,10 @@ class Routing:
         adapter is not among them (a long tensor on ``device``, made once per device and tuple)."""
         where: dict[str | None, int] = {n: i for i, n in enumerate(names)}
         return self._table(names, device, lambda: [where.get(n, len(names)) for n in self.names])
+
+    def memo(self, owner: nn.Module) -> Memo[Any]:
+        """A cache for ``owner`` (a wrapper) that lives as long as this block."""
+        return self._memos.setdefault(id(owner), Memo())
 
     def _table(self, key: Any, device: torch.device, make: Any) -> torch.Tensor:
         found = self._indices.get((key, device))
@@ -107,9 +113,9 @@ def _batched_factors(
     routing: Routing, layers: Mapping[str, nn.Module], x: Any
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]] | None:
     """The low-rank adapters (update ``s · B A x``) among ``layers`` that one batched product serves
-    (:func:`_add_batched`), or None where the per-adapter gather is cheaper: fewer than two of them,
-    or fewer tokens per example than the largest rank (a decoding step), where gathering each row's
-    factors would move more bytes than gathering the rows themselves."""
+    (:func:`_add_batched`), or None where the per-adapter gather serves them better: fewer than two of
+    them, or, under autograd (where the stacked factors are rebuilt on every call), fewer tokens per
+    example than the largest rank (a decoding step)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
         return None
     found: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
@@ -121,10 +127,23 @@ def _batched_factors(
             found[name] = parts
     if len(found) < 2:
         return None
-    tokens = x[0].numel() // x.shape[-1]
-    if tokens < max(A.shape[0] for A, _, _ in found.values()):
+    rank = max(A.shape[0] for A, _, _ in found.values())
+    if torch.is_grad_enabled() and x[0].numel() // x.shape[-1] < rank:
         return None
     return found
+
+
+def _stacked(
+    factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]], dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every adapter's A ``(n + 1, r, in)`` and ``(s B)ᵀ`` ``(n + 1, r, out)`` in ``dtype``, ranks
+    zero-padded to the largest, and a last slot of zeros (a row of the base or of another adapter)."""
+    rank = max(A.shape[0] for A, _, _ in factors.values())
+    As = [F.pad(A.to(dtype), (0, 0, 0, rank - A.shape[0])) for A, _, _ in factors.values()]
+    Bs = [F.pad((B.to(dtype) * s).t(), (0, 0, 0, rank - B.shape[1])) for _, B, s in factors.values()]
+    As.append(torch.zeros_like(As[0]))
+    Bs.append(torch.zeros_like(Bs[0]))
+    return torch.stack(As), torch.stack(Bs)
 
 
 def _add_batched(
@@ -133,22 +152,30 @@ def _add_batched(
     routing: Routing,
     factors: Mapping[str, tuple[torch.Tensor, torch.Tensor, float]],
     in_place: bool,
+    owner: nn.Module,
 ) -> torch.Tensor:
     """``out`` plus each row's own low-rank update, in two batched products for every adapter at once
-    (the segmented-GEMM idea of punica and S-LoRA): row ``i`` gets the factors of its adapter
-    (ranks zero-padded to the largest, the scale folded into B, zeros for a row of another adapter or
-    of the base), gathered by one row table that the block builds once; ``x`` is neither copied nor
-    gathered, and the update accumulates into ``out`` inside the GEMM when serving."""
-    rank = max(A.shape[0] for A, _, _ in factors.values())
+    (the gathered-factor matmul of punica and S-LoRA): row ``i`` gets the factors of its adapter from
+    the stacks of :func:`_stacked`, gathered by one row table that the block builds once; ``x`` is
+    neither copied nor gathered, and when serving the update accumulates into ``out`` inside the GEMM.
+    Without autograd the stacks are kept for the rest of the block (``owner``'s entry in the routing),
+    valid while the factors are unchanged: a block that serves many forwards (a generation loop)
+    builds them once."""
     dtype = x.dtype
-    first_A, first_B, _ = next(iter(factors.values()))
-    As = [F.pad(A.to(dtype), (0, 0, 0, rank - A.shape[0])) for A, _, _ in factors.values()]
-    Bs = [F.pad(B.to(dtype) * s, (0, rank - B.shape[1])) for _, B, s in factors.values()]
-    As.append(first_A.new_zeros(rank, x.shape[-1], dtype=dtype))  # rows of the base or of another adapter
-    Bs.append(first_B.new_zeros(first_B.shape[0], rank, dtype=dtype))
-    slots = routing.slots(tuple(factors), x.device)
-    A_rows = torch.stack(As).index_select(0, slots)  # (batch, r, in)
-    Bt_rows = torch.stack(Bs).transpose(1, 2).index_select(0, slots)  # (batch, r, out)
+    names = tuple(factors)
+    scales = tuple(s for _, _, s in factors.values())
+    sources = [t for A, B, _ in factors.values() for t in (A, B)]
+    memo = routing.memo(owner) if not torch.is_grad_enabled() else None
+    cached = memo.get(*sources) if memo is not None else None
+    if cached is not None and cached[0] == (names, dtype, scales):
+        A_stack, Bt_stack = cached[1], cached[2]
+    else:
+        A_stack, Bt_stack = _stacked(factors, dtype)
+        if memo is not None:
+            memo.put(((names, dtype, scales), A_stack, Bt_stack), *sources)
+    slots = routing.slots(names, x.device)
+    A_rows = A_stack.index_select(0, slots)  # (batch, r, in)
+    Bt_rows = Bt_stack.index_select(0, slots)  # (batch, r, out)
     x3 = x.reshape(x.shape[0], -1, x.shape[-1])  # (batch, tokens, in)
     h = torch.bmm(x3, A_rows.transpose(1, 2))  # (batch, tokens, r)
     if in_place and out.dtype == dtype and out.is_contiguous():
@@ -220,7 +247,7 @@ class Adapted(nn.Module):
         )
         batched = _batched_factors(routing, {n: self.adapters[n] for n in here}, x)
         if batched is not None:
-            out = _add_batched(out, x, routing, batched, in_place)
+            out = _add_batched(out, x, routing, batched, in_place, self)
             here = [n for n in here if n not in batched]
         base_out = out
         for name in here:
