@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .checks import few
 from .core import CAPABILITIES, closed_form, merge, method_from_config
 from .fields import to_jsonable
 from .files import write_folder
@@ -202,9 +203,7 @@ def run_info(args: argparse.Namespace) -> int:
         origin.append(f"task: {info['task']['name']}")
     print("  " + "; ".join(origin))
     print("  fields: " + ", ".join(f"{k}={json.dumps(v)}" for k, v in info["config"].items()))
-    targets = info["targets"]
-    shown = ", ".join(targets[:6]) + (f", ... ({len(targets)} in all)" if len(targets) > 6 else "")
-    print(f"  targets: {shown}")
+    print(f"  targets: {few(info['targets'])}")
     if info["modules_to_save"]:
         print(f"  modules trained in full: {', '.join(info['modules_to_save'])}")
     if info["trainable_parameters"] is not None:

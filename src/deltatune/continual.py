@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import core
+from . import checks, core
 from .compose import reconfigure
 from .io import WEIGHTS_NAME, check_fingerprint, read_config, read_tensors
 from .io import load as _load
@@ -168,8 +168,8 @@ def _task_from_folder(
         or config.get("modules_to_save")
     ):
         raise ValueError(
-            f"continual.add_task: {where} adapts {core.few(sorted(config['targets']))}; the sequence "
-            f"{name!r} adapts {core.few(sorted(targets))} (and a task has no overrides or module copies)"
+            f"continual.add_task: {where} adapts {checks.few(sorted(config['targets']))}; the sequence "
+            f"{name!r} adapts {checks.few(sorted(targets))} (and a task has no overrides or module copies)"
         )
     if hasattr(lora.init, "from_weight"):
         raise ValueError(
@@ -190,7 +190,8 @@ def _task_from_folder(
         for p, loras in newest.items()
         for m in "AB"
     }
-    core.check_state({k: torch.empty(shape, device="meta") for k, shape in expected.items()}, tensors, where)
+    shapes = {k: torch.empty(shape, device="meta") for k, shape in expected.items()}
+    checks.check_state(shapes, tensors, where)
     ratio = lora.scale / grown.scale  # type: ignore[attr-defined]
     return {p: (tensors[f"{p}.lora_A"], tensors[f"{p}.lora_B"] * ratio) for p in targets}
 

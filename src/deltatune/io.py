@@ -55,7 +55,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from . import core
+from . import checks, core
 from .fields import from_jsonable, to_jsonable
 from .files import json_writer, tensors_writer, write_files
 
@@ -426,11 +426,11 @@ def check_fingerprint(
         if [here[p][0], list(here[p][1])] != [expected[p][0], list(expected[p][1])]
     ]
     if bad:
-        raise ValueError(f"{where} was made for a different base model: {core.few(bad, 4)}")
+        raise ValueError(f"{where} was made for a different base model: {checks.few(bad, 4)}")
     differ = [p for p, h in hashes.items() if here[p][2] is not None and here[p][2] != h]
     if differ:
         raise ValueError(
-            f"{where} was saved on another base model: the weights of {core.few(differ, 4)} differ from "
+            f"{where} was saved on another base model: the weights of {checks.few(differ, 4)} differ from "
             "the ones it was trained on (another checkpoint or fine-tune of the same architecture, or "
             "the base in float16). Load the base it was trained on, or pass strict_base=False "
             "(deltatune eval/merge --no-strict-base) to load it anyway"

@@ -55,7 +55,7 @@ from typing import Any, ClassVar, Literal, Protocol, cast
 import torch
 from torch import nn
 
-from . import core, files, io
+from . import checks, core, files, io
 from .interop import PeftField
 from .targets import name_matches
 
@@ -94,7 +94,7 @@ def check_peft_config(
     unknown = sorted(set(config) - set(fields))
     if unknown and unknown_fields != "ignore":
         raise ValueError(
-            f"{where}: field(s) {core.few(unknown)} unknown to deltatune's import (saved by a newer "
+            f"{where}: field(s) {checks.few(unknown)} unknown to deltatune's import (saved by a newer "
             "PEFT?); what they change cannot be checked, so the adapter is refused; pass "
             "unknown_fields='ignore' to import it without them"
         )
@@ -213,7 +213,7 @@ def import_peft(
     missing = sorted(set(targets) - set(modules))
     if missing:
         raise ValueError(
-            f"{weights}: the model has no module(s) {core.few(missing)}; was it saved for another model?"
+            f"{weights}: the model has no module(s) {checks.few(missing)}; was it saved for another model?"
         )
     order = {path: i for i, path in enumerate(modules)}
     return io.inject_filled(
