@@ -449,6 +449,7 @@ def scatter(rows: list[dict[str, Any]], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
     tasks = list(dict.fromkeys(r["task"] for r in rows))
     fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 4.2), dpi=110, squeeze=False)
@@ -462,7 +463,7 @@ def scatter(rows: list[dict[str, Any]], path: Path) -> None:
         ax.set_ylabel(next(r["main_metric"] for r in rows if r["task"] == task))
         ax.set_title(task)
         ax.grid(alpha=0.3)
-    handles = [plt.Line2D([], [], marker="o", linestyle="", color=colors[m], label=m) for m in methods]
+    handles = [Line2D([], [], marker="o", linestyle="", color=colors[m], label=m) for m in methods]
     fig.legend(handles=handles, loc="lower center", ncol=min(4, len(methods)), frameon=False)
     fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path)

@@ -14,7 +14,6 @@ counted).
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -138,4 +137,4 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import statistics
 import time
@@ -88,16 +89,18 @@ SHAPES: dict[str, dict[str, Any]] = {
 TRAIN_ROWS = ("floor", "full", "lora", "lora-fp32", "peft-lora", "peft-lora-bf16", "vblora", "peft-vblora")
 
 
-def base_model(shape: str, device: torch.device) -> nn.Module:
+def base_model(shape: str, device: torch.device) -> Any:
+    """A randomly initialised bf16 Llama of ``shape`` (a transformers model: typed Any)."""
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(max_position_embeddings=4096, **SHAPES[shape]["config"])
-    return transformers.LlamaForCausalLM(cfg).to(device=device, dtype=torch.bfloat16)
+    model: Any = transformers.LlamaForCausalLM(cfg)
+    return model.to(device=device, dtype=torch.bfloat16)
 
 
 class Row:
     """One configuration: its model, optimizer, and whether it is the floor or PEFT's."""
 
-    def __init__(self, name: str, model: nn.Module, params: list[nn.Parameter], floor: bool = False) -> None:
+    def __init__(self, name: str, model: Any, params: list[nn.Parameter], floor: bool = False) -> None:
         self.name = name
         self.model = model.train()
         self.floor = floor
@@ -158,7 +161,7 @@ class Clock:
         fn()
         end.record()
         torch.cuda.synchronize()
-        return begin.elapsed_time(end) / 1000.0
+        return float(begin.elapsed_time(end)) / 1000.0
 
 
 def peak_bytes(fn: Callable[[], Any], device: torch.device) -> int | None:
@@ -196,13 +199,13 @@ def train_table(args: argparse.Namespace, device: torch.device, clock: Clock) ->
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), device=device)
     rows = {name: make_row(name, base) for name in args.rows}
     del base
-    memory = {name: peak_bytes(lambda r=row: r.step(ids), device) for name, row in rows.items()}
-    result = interleaved(
-        {n: (lambda r=row: r.step(ids)) for n, row in rows.items()}, args.rows[0], args.rounds, clock
-    )
+    steps: dict[str, Callable[[], Any]] = {n: functools.partial(row.step, ids) for n, row in rows.items()}
+    memory = {name: peak_bytes(step, device) for name, step in steps.items()}
+    result: dict[str, dict[str, Any]] = interleaved(steps, args.rows[0], args.rounds, clock)
     for name in result:
+        peak = memory[name]
         result[name]["tokens_per_s"] = round(batch * seq / result[name]["seconds"])
-        result[name]["peak_gb"] = None if memory[name] is None else round(memory[name] / 1e9, 2)
+        result[name]["peak_gb"] = None if peak is None else round(peak / 1e9, 2)
     return {"batch": batch, "seq": seq, "rows": result}
 
 
@@ -218,8 +221,8 @@ def eval_table(args: argparse.Namespace, device: torch.device, clock: Clock) -> 
     theirs = peft.get_peft_model(
         copy.deepcopy(base), peft.LoraConfig(r=16, lora_alpha=32, target_modules=TARGETS)
     )
-    fns = {
-        name: (lambda m=m: m(input_ids=ids))
+    fns: dict[str, Callable[[], Any]] = {
+        name: functools.partial(m, input_ids=ids)
         for name, m in [("base", base), ("lora", ours), ("merged", merged), ("peft-lora", theirs)]
     }
     with torch.inference_mode():
@@ -246,7 +249,7 @@ def route_table(args: argparse.Namespace, device: torch.device, clock: Clock) ->
         with dt.route(ours, names):
             return ours(input_ids=ids)
 
-    fns = {
+    fns: dict[str, Callable[[], Any]] = {
         "base": lambda: base(input_ids=ids),
         "route": routed,
         "peft-route": lambda: theirs(input_ids=ids, adapter_names=names),

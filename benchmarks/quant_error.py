@@ -20,6 +20,7 @@ import json
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -45,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every", type=int, default=1, help="every N-th layer (and the last); 1: all")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "pissa"))
     args = parser.parse_args(argv)
+    model: Any
     model, _ = load_model(args.model, "generation")
     errors: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
     for path, module in model.named_modules():

@@ -49,7 +49,7 @@ def timed(fn: Callable[[], Any], repeat: int) -> float:
 
 
 def ours(args: argparse.Namespace) -> nn.Module:
-    model = build(small=args.small)
+    model: nn.Module = build(small=args.small)
     for i in range(args.adapters):
         dt.inject(model, dt.LoRA(rank=args.rank, alpha=2 * args.rank), targets=TARGETS, name=f"a{i}", seed=i)
         with torch.no_grad():  # trained-looking adapters (B = 0 at init would add zeros)

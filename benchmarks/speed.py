@@ -38,7 +38,7 @@ import deltatune as dt
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def build(small: bool) -> nn.Module:
+def build(small: bool) -> Any:
     cfg = transformers.LlamaConfig(
         vocab_size=49152,
         hidden_size=576,
@@ -54,7 +54,7 @@ def build(small: bool) -> nn.Module:
 
 
 class Run:
-    def __init__(self, name: str, model: nn.Module, params: list[nn.Parameter], floor: bool = False) -> None:
+    def __init__(self, name: str, model: Any, params: list[nn.Parameter], floor: bool = False) -> None:
         self.name = name
         self.model = model
         self.params = params

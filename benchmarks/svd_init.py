@@ -34,7 +34,8 @@ def matrix(rows: int, cols: int, seed: int) -> torch.Tensor:
     spectrum = torch.arange(1, k + 1, dtype=torch.float32) ** -0.7
     V = torch.randn(k, cols, generator=g) / cols**0.5
     W = (Q * spectrum) @ V
-    return W + 1e-3 * torch.randn(rows, cols, generator=g) / cols**0.5
+    out: torch.Tensor = W + 1e-3 * torch.randn(rows, cols, generator=g) / cols**0.5
+    return out
 
 
 def error(W: torch.Tensor, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> float:
