@@ -57,6 +57,7 @@ from .contract import (
     module_tensors,
     register,
 )
+from .routing import Routing
 from .wrapper import (
     ATTACHMENT_ATTR,
     SHARED_ATTR,
@@ -64,7 +65,6 @@ from .wrapper import (
     AdapterInfo,
     Attachment,
     ModuleCopy,
-    Routing,
     Switch,
     all_or_nothing,
     attachment_of,
