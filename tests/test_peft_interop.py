@@ -250,3 +250,53 @@ def test_pissa_unconverted_is_refused_and_converted_matches_peft(tmp_path: Path)
     dt.import_peft(fresh, tmp_path / "converted")
     with torch.no_grad():
         assert (fresh(x) - expected).abs().max() <= TOL
+
+
+def tiny_llama() -> nn.Module:
+    cfg = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama-linear", "gpt2-conv1d"])
+def test_route_matches_peft_adapter_names(build: Any, tmp_path: Path) -> None:
+    """Three PEFT LoRAs (ranks 2, 4, 8; random A and B) imported under their names: ``route`` gives
+    PEFT's ``adapter_names`` logits row for row, base rows included (Linear: the batched product;
+    GPT-2's Conv1D: the per-adapter gather)."""
+    linear = build is tiny_llama
+    targets = ["q_proj", "v_proj", "down_proj"] if linear else ["c_attn", "c_fc"]
+    extra = {} if linear else {"fan_in_fan_out": True}
+    names = ["a0", "a1", "a2"]
+    theirs: Any = None
+    for i, rank in enumerate((2, 4, 8)):
+        config = peft.LoraConfig(  # (B random too: init_lora_weights=False)
+            r=rank, lora_alpha=3 * rank, target_modules=targets, init_lora_weights=False, **extra
+        )
+        if theirs is None:
+            theirs = peft.get_peft_model(build(), config, adapter_name=names[i])
+        else:
+            theirs.add_adapter(names[i], config)
+    theirs.eval()
+    theirs.save_pretrained(tmp_path)  # (an adapter not named "default" goes to a sub-folder)
+    ours = build()
+    for name in names:
+        dt.import_peft(ours, tmp_path / name, name=name)
+    rows = ["a1", "a0", "__base__", "a2", "a1", "__base__"]  # PEFT's name for a base row
+    ids = torch.randint(0, 100, (len(rows), 10), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        expected = theirs(input_ids=ids, adapter_names=rows).logits
+        with dt.route(ours, [None if r == "__base__" else r for r in rows]):
+            routed = ours(input_ids=ids).logits
+        with dt.disabled(ours):
+            base = ours(input_ids=ids).logits
+    assert (routed - expected).abs().max() <= TOL
+    assert not torch.allclose(routed[0], base[0], atol=1e-3)  # the adapters matter
+    assert torch.allclose(routed[5], base[5]) and torch.allclose(routed[2], base[2])
