@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
+from toy_models import llama_lm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -253,17 +254,8 @@ def test_pissa_unconverted_is_refused_and_converted_matches_peft(tmp_path: Path)
 
 
 def tiny_llama() -> nn.Module:
-    cfg = transformers.LlamaConfig(
-        vocab_size=100,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg).eval()
+    model: nn.Module = llama_lm(100, 32, seed=0).eval()
+    return model
 
 
 @pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama-linear", "gpt2-conv1d"])

@@ -12,13 +12,12 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
 from deltatune import routing, wrapper
 from deltatune.core import attachment_of
 from deltatune.methods.lora import LoRA
-from toy_models import TOYS
+from toy_models import TOYS, llama_lm
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -27,21 +26,8 @@ def blocks() -> nn.Module:
     return TOYS[1].build()
 
 
-def llama() -> LlamaForCausalLM:
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        config = LlamaConfig(
-            vocab_size=64,
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=64,
-            max_position_embeddings=64,
-        )
-        model = LlamaForCausalLM(config)
-        model.eval()
-        return model
+def llama() -> Any:
+    return llama_lm(64, 32, seed=0).eval()
 
 
 def test_generate_inside_one_route_block_equals_each_row_alone(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -165,22 +166,33 @@ class HFBert(HFLogits):
         super().__init__(BertForSequenceClassification(config))
 
 
+def llama_lm(vocab_size: int = 64, hidden_size: int = D, seed: int | None = None) -> Any:
+    """A transformers LlamaForCausalLM from a config (no download): 2 layers, 4 heads over 2 KV
+    heads, FFN 2 × ``hidden_size``; with ``seed``, its weights drawn from that seed without touching
+    the global generator."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=2 * hidden_size,
+        max_position_embeddings=64,
+    )
+    if seed is None:
+        return LlamaForCausalLM(config)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
+
+
 class HFLlama(HFLogits):
     """LlamaForCausalLM from a config (no download): 2 layers, width D, grouped-query attention."""
 
     def __init__(self) -> None:
-        from transformers import LlamaConfig, LlamaForCausalLM
-
-        config = LlamaConfig(
-            vocab_size=64,
-            hidden_size=D,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            intermediate_size=2 * D,
-            max_position_embeddings=64,
-        )
-        super().__init__(LlamaForCausalLM(config))
+        super().__init__(llama_lm(64, D))
 
 
 @dataclass(frozen=True)
