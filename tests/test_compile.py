@@ -130,3 +130,26 @@ def test_the_harness_compiles_when_asked(tmp_path: Path, monkeypatch: pytest.Mon
         record["config"]["compile"] is True
         and (tmp_path / "run" / "adapter" / "adapter.safetensors").exists()
     )
+
+
+def test_compiled_blocks_serve_routed_adapters_as_eager_does() -> None:
+    """``route`` through ``deltatune.compile``'d blocks (two LoRAs meeting on every module, so the
+    batched product; a base row) gives eager's logits, block after block."""
+    model = llama(2).eval()
+    for i, rank in enumerate((2, 4)):
+        dt.inject(
+            model, dt.LoRA(rank=rank, alpha=2 * rank), targets=["q_proj", "v_proj", "down_proj"], name=f"a{i}"
+        )
+        with torch.no_grad():
+            for layer in dt.attachment_of(model).layers(f"a{i}").values():
+                layer.lora_B.normal_(0.0, 0.5, generator=torch.Generator().manual_seed(i))  # type: ignore[operator]
+    ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(0))
+    names = ["a0", "a1", None]
+    with torch.no_grad(), dt.route(model, names):
+        eager = model(input_ids=ids).logits
+    assert dt.compile(model)
+    with torch.no_grad():
+        for _ in range(2):  # a second block: a fresh row table
+            with dt.route(model, names):
+                compiled = model(input_ids=ids).logits
+            assert torch.allclose(compiled, eager, atol=1e-5)
