@@ -75,10 +75,15 @@ def batched_factors(
     example than the largest rank (a decoding step)."""
     if not isinstance(x, torch.Tensor) or x.dim() < 2 or not x.is_floating_point():
         return None
+    if any(routing.covers_all(name) for name in layers):
+        return None
+    # Decided before any factor is built: a layer's factors may be built per call (VB-LoRA's from its
+    # bank, under autograd), and those of a module that ends up on the per-adapter path are not used.
+    candidates = {n: layer for n, layer in layers.items() if hasattr(layer, "lowrank_factors")}
+    if len(candidates) < 2:
+        return None
     found: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    for name, layer in layers.items():
-        if routing.covers_all(name):
-            return None
+    for name, layer in candidates.items():
         parts = lowrank_factors(layer)
         if parts is not None and compute_dtype(x, parts[0]) == x.dtype:
             found[name] = parts
