@@ -20,7 +20,7 @@ from .checks import few
 from .core import CAPABILITIES, closed_form, merge, method_from_config
 from .fields import to_jsonable
 from .files import write_folder
-from .io import CONFIG_NAME, WEIGHTS_NAME, load, read_config, read_tensors
+from .io import CONFIG_NAME, WEIGHTS_NAME, load, read_adapter, read_config
 
 __all__ = ["adapter_info", "add_parsers", "run_eval", "run_info", "run_merge"]
 
@@ -219,9 +219,8 @@ def run_info(args: argparse.Namespace) -> int:
 def adapter_info(folder: str | Path) -> dict[str, Any]:
     """What an adapter folder holds, without loading a model."""
     folder = Path(folder)
-    config = read_config(folder)
+    config, tensors = read_adapter(folder)
     method = method_from_config(config["method"], config["config"])
-    tensors = read_tensors(folder / WEIGHTS_NAME)
     stored = sum(t.numel() for t in tensors.values())
     stored_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})

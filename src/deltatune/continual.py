@@ -42,8 +42,7 @@ from torch import nn
 
 from . import checks, core
 from .compose import reconfigure
-from .io import WEIGHTS_NAME, check_fingerprint, read_config, read_tensors
-from .io import load as _load
+from .io import WEIGHTS_NAME, check_fingerprint, load_read, read_adapter
 from .methods.task_loras import TaskLoRAs
 
 __all__ = ["DEFAULT_NAME", "add_task", "load", "start", "task_names"]
@@ -154,7 +153,7 @@ def _task_from_folder(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """path -> (A, B) of the plain LoRA saved in ``folder``, B rescaled to the sequence's scale."""
     where = str(Path(folder))
-    config = read_config(folder)
+    config, tensors = read_adapter(folder)
     if config["method"] != "lora":
         raise ValueError(
             f"continual.add_task: {where} holds a {config['method']!r} adapter; a sequence of "
@@ -183,7 +182,6 @@ def _task_from_folder(
             f"{grown.rank}"
         )
     check_fingerprint(model, config["fingerprint"], where, strict_base=strict_base)
-    tensors = read_tensors(Path(folder) / WEIGHTS_NAME)
     newest = {p: _loras(att, name, p) for p in targets}
     expected = {
         f"{p}.lora_{m}": tuple(getattr(loras, f"lora_{m}")[loras.newest].shape)
@@ -211,10 +209,9 @@ def load(
     frozen); :func:`add_task` continues the sequence.
     """
     where = str(Path(folder))
-    config = read_config(folder)
+    config, tensors = read_adapter(folder)  # (one version: what is checked here is what loads)
     method = core.method_from_config(config["method"], config["config"])
     _sequence_method(method, f"continual.load: {where}")
-    tensors = read_tensors(Path(folder) / WEIGHTS_NAME)
     listed: tuple[str, ...] = method.tasks  # type: ignore[attr-defined]
     held = {k.split(".lora_A.", 1)[1] for k in tensors if ".lora_A." in k}
     missing = [t for t in listed if t not in held]
@@ -224,4 +221,4 @@ def load(
             f"LoRA for {missing} (it holds {sorted(held)}): the sequence is incomplete; save it again "
             "from the model that learnt every task"
         )
-    return _load(model, folder, name=name, trainable=trainable, strict_base=strict_base)
+    return load_read(model, config, tensors, where, name=name, trainable=trainable, strict_base=strict_base)

@@ -313,7 +313,10 @@ def _to_device_of(layer: nn.Module, *bases: nn.Module) -> nn.Module:
 
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
-    """Switch which adapter(s) run and train."""
+    """Switch which adapter(s) run and train.
+
+    Model-wide: every thread and task using ``model`` sees the change at once. To serve different
+    adapters to concurrent requests, use :func:`route` (per request), not ``set_active``."""
     attachment_of(model).set_active(names)
 
 
@@ -434,14 +437,12 @@ def merge(
 
 @contextlib.contextmanager
 def disabled(model: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model: inside the block every adapter is off; the previous state returns on exit."""
-    switch = attachment_of(model).switch
-    previous = switch.enabled
-    switch.enabled = False
-    try:
+    """Run the base model: inside the block every adapter is off; the previous state returns on exit.
+
+    The block is the caller's alone: other threads and asyncio tasks running the same model meanwhile
+    keep their adapters (the state is context-local, see :class:`deltatune.wrapper.Switch`)."""
+    with attachment_of(model).switch.scoped(enabled=False):
         yield model
-    finally:
-        switch.enabled = previous
 
 
 @contextlib.contextmanager
@@ -454,7 +455,13 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
     other methods, and under autograd batches with fewer tokens per example than the rank, gather
     each adapter's rows instead. The row table is built once per block and device; when serving (no
     autograd) the stacked factors are kept until the block ends, while unchanged, so a generation loop
-    inside one block stacks them once."""
+    inside one block stacks them once.
+
+    Thread- and task-safe: the plan is context-local (:class:`contextvars.ContextVar`), so threads or
+    asyncio tasks serving one model at once each get their own rows, whatever the others route.
+    Forwards run in a thread started inside the block do not see it (run them through
+    ``contextvars.copy_context().run`` or ``asyncio.to_thread``, which carry it; ``nn.DataParallel``'s
+    replica threads do not: use DDP)."""
     att = attachment_of(model)
     for n in dict.fromkeys(names):
         if n is None:
@@ -464,12 +471,8 @@ def route(model: nn.Module, names: Sequence[str | None]) -> Iterator[nn.Module]:
             raise ValueError(f"{type(info.method).__name__} (adapter {n!r}) does not support route()")
         if info.modules_to_save:
             raise ValueError(f"route(): adapter {n!r} has modules_to_save, which cannot be mixed per example")
-    previous = att.switch.routing
-    att.switch.routing = Routing(names)
-    try:
+    with att.switch.scoped(routing=Routing(names)):
         yield model
-    finally:
-        att.switch.routing = previous
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

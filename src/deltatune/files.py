@@ -2,7 +2,8 @@
 
 :func:`write_folder` lets a writer fill a temporary sibling folder and then swaps it whole for the
 old one (one ``renameat2(RENAME_EXCHANGE)`` on Linux), so a crash leaves the old folder or the new
-one, never a mix; :func:`write_file` does the same for one file. Adapters (:mod:`deltatune.io`,
+one, never a mix; :func:`write_file` does the same for one file, and :func:`read_folder` reads
+several files of a folder as one version of it while writers swap it. Adapters (:mod:`deltatune.io`,
 :mod:`deltatune.peft`) and everything the training harness writes go through them. Files get
 ``0o666 & ~umask`` and folders ``0o777 & ~umask``, not the private modes of temporary files
 (safetensors >= 0.8 writes through a ``0o600`` temporary file; ``tempfile.mkdtemp`` makes ``0o700``
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import io
 import json
 import os
 import shutil
 import stat
 import sys
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -210,6 +212,97 @@ def _sync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+#: How many times :func:`read_folder` starts again when the folder is replaced while it reads.
+READ_ATTEMPTS = 50
+
+
+def read_folder(folder: str | os.PathLike[str], names: Sequence[str]) -> dict[str, bytearray | None]:
+    """The contents of the files ``names`` in ``folder`` (None for one that is not there), all of one
+    version of the folder, however often a writer replaces it meanwhile.
+
+    The writers here never change a folder in place: :func:`write_folder` fills a new one and swaps
+    it in whole. So every file is opened through one open handle of the folder (``dir_fd``): each
+    read sees the folder as it was when it was opened, even if it is swapped out and deleted while
+    it is read (an open file keeps its contents). A file missing from a folder that is no longer the
+    one at ``folder`` (deleted after the swap before it was opened) means "replaced": the read starts
+    again, up to :data:`READ_ATTEMPTS` times. Where the system has no ``dir_fd`` (Windows), the
+    folder's identity (device, inode) is compared before and after instead.
+
+    Raises:
+        ValueError: ``folder`` is replaced on every attempt (a writer saving it in a tight loop).
+        OSError: ``folder`` cannot be opened or read (does not exist, no permission, not a folder).
+    """
+    folder = Path(folder)
+    for _ in range(READ_ATTEMPTS):
+        found = _read_once(folder, names) if os.open in os.supports_dir_fd else _read_by_path(folder, names)
+        if found is not None:
+            return found
+    raise ValueError(
+        f"{folder} was replaced while being read, {READ_ATTEMPTS} times in a row (is a process saving "
+        "it in a loop?); read it again when the writer has finished"
+    )
+
+
+def _identity(st: os.stat_result) -> tuple[int, int]:
+    return st.st_dev, st.st_ino
+
+
+def _read_once(folder: Path, names: Sequence[str]) -> dict[str, bytearray | None] | None:
+    """One attempt through a folder handle; None: the folder was replaced under it."""
+    dir_fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        out: dict[str, bytearray | None] = {}
+        for name in names:
+            try:
+                fd = os.open(name, os.O_RDONLY, dir_fd=dir_fd)
+            except FileNotFoundError:
+                if _replaced(folder, os.fstat(dir_fd)):
+                    return None
+                out[name] = None
+                continue
+            with os.fdopen(fd, "rb") as f:
+                out[name] = _read_all(f)
+        return out
+    finally:
+        os.close(dir_fd)
+
+
+def _read_by_path(folder: Path, names: Sequence[str]) -> dict[str, bytearray | None] | None:
+    """One attempt by path, checked by the folder's identity before and after; None: replaced."""
+    before = folder.stat()
+    out: dict[str, bytearray | None] = {}
+    for name in names:
+        try:
+            with (folder / name).open("rb") as f:
+                out[name] = _read_all(f)
+        except FileNotFoundError:
+            out[name] = None
+    return None if _replaced(folder, before) else out
+
+
+def _read_all(f: io.BufferedReader) -> bytearray:
+    """A file's whole contents in one writable buffer (read into it: no second copy)."""
+    buf = bytearray(os.fstat(f.fileno()).st_size)
+    with memoryview(buf) as view:
+        got = 0
+        while got < len(buf):
+            k = f.readinto(view[got:])
+            if not k:
+                break
+            got += k
+    del buf[got:]
+    buf += f.read()  # (a file that grew since its size was read)
+    return buf
+
+
+def _replaced(folder: Path, held: os.stat_result) -> bool:
+    """Whether ``folder`` now names another folder than the one ``held`` describes."""
+    try:
+        return _identity(folder.stat()) != _identity(held)
+    except FileNotFoundError:  # (between the two renames of a swap where there is no exchange)
+        return True
 
 
 def write_file(path: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:

@@ -51,13 +51,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 from torch import nn
 
-from . import checks, core
+from . import checks, core, tensorfile
 from .fields import from_jsonable, to_jsonable
-from .files import json_writer, tensors_writer, write_files
+from .files import json_writer, read_folder, tensors_writer, write_files
 
 # 2 adds the optional base_model, head and task records; format-1 files (without them) still load.
 FORMAT_VERSION = 2
@@ -345,17 +343,44 @@ def _stored_configs(info: core.AdapterInfo) -> tuple[Any, dict[str, dict[str, An
 
 def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
     """Read and check ``adapter_config.json`` (format version, required keys)."""
-    path = Path(folder) / CONFIG_NAME
+    data = read_files(folder, [CONFIG_NAME], "deltatune adapter")[CONFIG_NAME]
+    return parse_config(data, Path(folder) / CONFIG_NAME)
+
+
+def read_adapter(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checked config and the tensors of the adapter saved in ``folder``, both of one version of
+    it, even while another process saves the folder again (:func:`deltatune.files.read_folder`)."""
+    data = read_files(folder, [CONFIG_NAME, WEIGHTS_NAME], "deltatune adapter")
+    config = parse_config(data[CONFIG_NAME], Path(folder) / CONFIG_NAME)
+    weights = Path(folder) / WEIGHTS_NAME
+    if data[WEIGHTS_NAME] is None:
+        raise ValueError(f"{weights} does not exist")
+    return config, tensorfile.tensors(data[WEIGHTS_NAME], weights)
+
+
+def read_files(folder: str | os.PathLike[str], names: list[str], kind: str) -> dict[str, Any]:
+    """The files ``names`` of one version of ``folder`` (None for those other than the first that
+    are missing): :func:`deltatune.files.read_folder`, with errors that say what was expected."""
     if not Path(folder).exists():
-        raise ValueError(
-            f"{folder}: does not exist (so no {CONFIG_NAME}); expected a deltatune adapter folder"
-        )
-    if not path.is_file():
-        raise ValueError(f"{folder}: no {CONFIG_NAME} (is this a deltatune adapter folder?)")
+        raise ValueError(f"{folder}: does not exist (so no {names[0]}); expected a {kind} folder")
+    if not Path(folder).is_dir():
+        raise ValueError(f"{folder}: not a folder; expected a {kind} folder")
     try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
+        found = read_folder(folder, names)
+    except OSError as e:
+        raise ValueError(f"{folder}: cannot be read ({e.strerror or e})") from e
+    if found[names[0]] is None:
+        raise ValueError(f"{folder}: no {names[0]} (is this a {kind} folder?)")
+    return found
+
+
+def parse_config(data: bytes, path: Path) -> dict[str, Any]:
+    """Check the contents of an ``adapter_config.json`` (read from ``path``)."""
+    try:
+        config = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from e
+    folder = path.parent
     if not isinstance(config, dict):
         raise ValueError(f"{path}: expected a JSON object")
     if "peft_type" in config and "format_version" not in config:
@@ -395,17 +420,11 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Load a safetensors file; a truncated or corrupted file is a ``ValueError`` naming it.
-
-    The tensors are copied out of the file's memory map: with safetensors < 0.8 (whose ``save_file``
-    rewrites a file in place) a mapped tensor would change when the file is rewritten later."""
+    """Load a safetensors file; a truncated or corrupted file is a ``ValueError`` naming it."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"{path} does not exist")
-    try:
-        return {key: tensor.clone() for key, tensor in load_file(str(path)).items()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"{path} is not a readable safetensors file (truncated or corrupted?): {e}") from e
+    return tensorfile.tensors(bytearray(path.read_bytes()), path)
 
 
 def check_fingerprint(
@@ -459,11 +478,28 @@ def load(
         ValueError: wrong format, unknown method or field, different base model, missing, extra
             or mis-shaped tensors, corrupted file. The model is left as it was.
     """
-    config = read_config(folder)
-    where = str(Path(folder))
+    config, tensors = read_adapter(folder)
+    return load_read(
+        model, config, tensors, str(Path(folder)), name=name, trainable=trainable, activate=activate,
+        strict_base=strict_base,
+    )
+
+
+def load_read(
+    model: nn.Module,
+    config: Mapping[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    where: str,
+    *,
+    name: str | None = None,
+    trainable: bool = False,
+    activate: bool = True,
+    strict_base: bool = True,
+) -> core.Attachment:
+    """:func:`load` of an adapter already read (:func:`read_adapter`): for a caller that checks the
+    files before loading them, so that what it checked is what loads."""
     method = core.method_from_config(config["method"], config["config"])
     check_fingerprint(model, config["fingerprint"], where, strict_base=strict_base)
-    tensors = read_tensors(Path(folder) / WEIGHTS_NAME)
     name = name if name is not None else str(config.get("adapter_name", "default"))
     return inject_filled(
         model,
@@ -494,7 +530,21 @@ def inject_filled(
     **inject_args: Any,
 ) -> core.Attachment:
     """Inject, then fill the adapter with ``tensors``; on any failure the model is put back as it
-    was (the previously active adapters, every ``requires_grad`` flag: :func:`core.all_or_nothing`)."""
+    was (the previously active adapters, every ``requires_grad`` flag: :func:`core.all_or_nothing`).
+    First of all, the sizes the config promises are checked against the tensors
+    (:func:`deltatune.checks.check_sizes`): a config cannot make it allocate what the file lacks."""
+    targets = inject_args.get("targets")
+    modules = core.base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
+    if isinstance(targets, list) and targets and all(isinstance(t, str) and t in modules for t in targets):
+        checks.check_sizes(
+            method,
+            {t: modules[t] for t in targets},
+            inject_args.get("overrides") or {},
+            tensors,
+            where,
+            shared_key=core.SHARED_ATTR,
+            skip=inject_args.get("modules_to_save") or (),
+        )
     with core.all_or_nothing(model):
         att = core.inject(model, method, name=name, **inject_args)
         core.load_adapter_state(model, name, tensors, where)

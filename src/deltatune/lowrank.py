@@ -18,7 +18,9 @@ model drops from about 1.12x to about 1.06x the frozen-base floor (see the READM
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Iterator
+from contextvars import ContextVar
 from typing import Any
 
 import torch
@@ -121,36 +123,54 @@ def lowrank_linear(
 #: float32 factors are cast, never the activations). "adapter": in the adapter's own dtype (float32),
 #: the input widened inside the low-rank product (:func:`mixed_lowrank` keeps it narrow for backward).
 PRECISIONS = ("input", "adapter")
-_PRECISION = ["input"]
+_PRECISION = ["input"]  # the process-wide default (set_adapter_precision)
+# The policy of the innermost adapter_precision_as block of this thread or task (None: the default):
+# context-local, so a block in one thread never changes how another thread's forwards compute. While
+# no block is open anywhere the ContextVar is not read (torch.compile cannot trace ContextVar.get).
+_BLOCK: ContextVar[str | None] = ContextVar("deltatune_adapter_precision", default=None)
+_BLOCKS_OPEN = [0]
+_BLOCKS_LOCK = threading.Lock()
 
 
 def adapter_precision() -> str:
     """The current policy: ``"input"`` or ``"adapter"`` (see :data:`PRECISIONS`)."""
-    return _PRECISION[0]
+    return (_BLOCK.get() or _PRECISION[0]) if _BLOCKS_OPEN[0] else _PRECISION[0]
+
+
+def _checked(mode: str) -> str:
+    if mode not in PRECISIONS:
+        raise ValueError(f"adapter precision must be one of {', '.join(PRECISIONS)}, got {mode!r}")
+    return mode
 
 
 def set_adapter_precision(mode: str) -> None:
-    """Set the policy for every adapter of this process (``deltatune.set_adapter_precision``)."""
-    if mode not in PRECISIONS:
-        raise ValueError(f"adapter precision must be one of {', '.join(PRECISIONS)}, got {mode!r}")
-    _PRECISION[0] = mode
+    """Set the default policy for every adapter of this process (``deltatune.set_adapter_precision``);
+    an :func:`adapter_precision_as` block overrides it in its own thread or task."""
+    _PRECISION[0] = _checked(mode)
+
+
+def _count_blocks(step: int) -> None:
+    with _BLOCKS_LOCK:
+        _BLOCKS_OPEN[0] += step
 
 
 @contextlib.contextmanager
 def adapter_precision_as(mode: str) -> Iterator[None]:
-    """Within the block the policy is ``mode``; the previous one returns on exit."""
-    previous = _PRECISION[0]
-    set_adapter_precision(mode)
+    """Within the block the policy is ``mode``; the previous one returns on exit. Context-local:
+    other threads and asyncio tasks keep theirs."""
+    token = _BLOCK.set(_checked(mode))
+    _count_blocks(+1)
     try:
         yield
     finally:
-        _PRECISION[0] = previous
+        _count_blocks(-1)
+        _BLOCK.reset(token)
 
 
 def compute_dtype(x: torch.Tensor, reference: torch.Tensor) -> torch.dtype:
     """The dtype an adapter computes in for input ``x``: ``x``'s under the "input" policy (when it is a
     floating dtype), else ``reference``'s (the adapter's parameters)."""
-    if _PRECISION[0] == "input" and x.is_floating_point():
+    if adapter_precision() == "input" and x.is_floating_point():
         return x.dtype
     return reference.dtype
 

@@ -55,7 +55,7 @@ from typing import Any, ClassVar, Literal, Protocol, cast
 import torch
 from torch import nn
 
-from . import checks, core, files, io
+from . import checks, core, files, io, tensorfile
 from .interop import PeftField
 from .targets import name_matches
 
@@ -173,15 +173,11 @@ def import_peft(
     cfg_path = folder / PEFT_CONFIG_NAME
     if unknown_fields not in ("refuse", "ignore"):
         raise ValueError(f"import_peft: unknown_fields={unknown_fields!r}; expected 'refuse' or 'ignore'")
-    if not folder.exists():
-        raise ValueError(
-            f"{folder}: does not exist (so no {PEFT_CONFIG_NAME}); expected a PEFT adapter folder"
-        )
-    if not cfg_path.is_file():
-        raise ValueError(f"{folder}: no {PEFT_CONFIG_NAME}")
+    # Both files of one version of the folder, even while another process saves it again.
+    found = io.read_files(folder, [PEFT_CONFIG_NAME, PEFT_WEIGHTS_NAME], "PEFT adapter")
     try:
-        config = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
+        config = json.loads(found[PEFT_CONFIG_NAME])
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{cfg_path}: not valid JSON ({e}); expected PEFT's adapter config") from e
     if not isinstance(config, dict):
         raise ValueError(
@@ -200,9 +196,9 @@ def import_peft(
     if table is not None:
         check_peft_config(config, table, str(cfg_path), unknown_fields=unknown_fields)
     weights = folder / PEFT_WEIGHTS_NAME
-    if not weights.is_file():
+    if found[PEFT_WEIGHTS_NAME] is None:
         raise ValueError(f"{folder}: no {PEFT_WEIGHTS_NAME} (only safetensors adapters are read)")
-    tensors = io.read_tensors(weights)
+    tensors = tensorfile.tensors(found[PEFT_WEIGHTS_NAME], weights)
     modules = core.base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
     saved, save_paths, rest = _modules_to_save(modules, config, tensors, cls.peft_prefix)
     _check_foreign_heads(model, modules, config, rest, cls.peft_prefix, weights)

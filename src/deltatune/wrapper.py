@@ -14,7 +14,9 @@ import contextlib
 import copy
 import dataclasses
 import re
+import threading
 from collections.abc import Iterator, Mapping, Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -29,13 +31,71 @@ ATTACHMENT_ATTR = "_deltatune_attachment"
 SHARED_ATTR = "deltatune_shared"
 
 
-@dataclass
 class Switch:
-    """Mutable state shared by every wrapper of one model: which adapters run, and how."""
+    """State shared by every wrapper of one model: which adapters run, and how.
 
-    active: tuple[str, ...] = ()
-    enabled: bool = True
-    routing: Routing | None = None
+    ``active`` belongs to the model (:func:`deltatune.set_active`: every thread and task sees the
+    change). ``enabled`` (:func:`deltatune.disabled`) and ``routing`` (:func:`deltatune.route`) belong
+    to the block that set them: they live in a :class:`contextvars.ContextVar`, so concurrent threads
+    and asyncio tasks serving one model each see their own blocks, never another request's. A thread
+    started inside a block does not see it (threads start with an empty context) unless it runs in a
+    copy of it (``contextvars.copy_context().run``; ``asyncio.to_thread`` copies it)."""
+
+    def __init__(self, active: tuple[str, ...] = ()) -> None:
+        self.active = active
+        # (enabled, routing) of the innermost disabled()/route() block of this context
+        self._local: ContextVar[tuple[bool, Routing | None]] = ContextVar(
+            "deltatune_switch", default=(True, None)
+        )
+        # Whether any thread or task has a block open: while none has, forwards skip the ContextVar
+        # (torch.compile cannot trace ContextVar.get; a compiled forward outside blocks sees a bool).
+        self.scoped_open = False
+        self._open = 0
+        self._lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.state()[0]
+
+    @property
+    def routing(self) -> Routing | None:
+        return self.state()[1]
+
+    def state(self) -> tuple[bool, Routing | None]:
+        """(enabled, routing) as this context sees them: one lookup per forward."""
+        return self._local.get() if self.scoped_open else (True, None)
+
+    @contextlib.contextmanager
+    def scoped(self, *, enabled: bool | None = None, routing: Routing | None = None) -> Iterator[None]:
+        """Within the block, and only in this context: adapters off (``enabled=False``) or routed per
+        example (``routing``); the state before returns on exit."""
+        self._count(+1)  # (before the state is set: a forward in the block always reads it)
+        try:
+            now_enabled, now_routing = self._local.get()
+            token = self._local.set(
+                (now_enabled if enabled is None else enabled, now_routing if routing is None else routing)
+            )
+            try:
+                yield
+            finally:
+                self._local.reset(token)
+        finally:
+            self._count(-1)
+
+    def _count(self, step: int) -> None:
+        with self._lock:
+            self._open += step
+            self.scoped_open = self._open > 0
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> Switch:
+        # A copied model gets a switch of its own (its own blocks), with the same active adapters.
+        return Switch(self.active)
+
+    def __getstate__(self) -> dict[str, Any]:  # (a ContextVar does not pickle: only ``active`` does)
+        return {"active": self.active}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__init__(tuple(state["active"]))  # type: ignore[misc]
 
 
 class ModuleCopy(nn.Module):
@@ -81,10 +141,11 @@ class Adapted(nn.Module):
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         switch = self._switch
-        if not switch.enabled:
+        enabled, routing = switch.state()
+        if not enabled:
             return self.base(*args, **kwargs)
-        if switch.routing is not None:
-            return self._routed(switch.routing, *args, **kwargs)
+        if routing is not None:
+            return self._routed(routing, *args, **kwargs)
         names = [n for n in switch.active if n in self.adapters]
         if not names:
             return self.base(*args, **kwargs)
@@ -255,7 +316,8 @@ class Attachment:
 
     # -- switching ----------------------------------------------------------------------------
     def set_active(self, names: str | Sequence[str]) -> None:
-        """Make ``names`` the adapters that run (and train); the others stay in memory, frozen."""
+        """Make ``names`` the adapters that run (and train); the others stay in memory, frozen.
+        Model-wide (every thread and task sees it); per-request choices go through ``route``."""
         names = (names,) if isinstance(names, str) else tuple(names)
         for n in names:
             self.info(n)
@@ -327,7 +389,7 @@ class _Snapshot:
     attachment: Attachment | None
     modules: list[tuple[nn.Module, list[tuple[dict[str, Any], dict[str, Any]]], bool]]
     flags: list[tuple[nn.Parameter, bool]]
-    switch: tuple[tuple[str, ...], bool, Routing | None]
+    active: tuple[str, ...]
     adapters: dict[str, AdapterInfo]
     records: dict[str, dict[str, Any]]
     wrappers: dict[str, Adapted]
@@ -347,12 +409,12 @@ def _snapshot(model: nn.Module) -> _Snapshot:
         n: {k: (v.copy() if isinstance(v, dict | list) else v) for k, v in vars(info).items()}
         for n, info in (att.adapters.items() if att is not None else ())
     }
-    switch = att.switch if att is not None else Switch()
+    switch = att.switch if att is not None else Switch()  # (enabled, routing: the blocks', not a verb's)
     return _Snapshot(
         attachment=att,
         modules=modules,
         flags=flags,
-        switch=(switch.active, switch.enabled, switch.routing),
+        active=switch.active,
         adapters=dict(att.adapters) if att is not None else {},
         records=records,
         wrappers=dict(att.wrappers) if att is not None else {},
@@ -376,7 +438,7 @@ def _restore(model: nn.Module, saved: _Snapshot) -> None:
         return
     model.__dict__[ATTACHMENT_ATTR] = att
     # The switch is shared by every wrapper: restored in place, as are the attachment's dicts.
-    att.switch.active, att.switch.enabled, att.switch.routing = saved.switch
+    att.switch.active = saved.active
     att.adapters.clear()
     att.adapters.update(saved.adapters)
     for n, record in saved.records.items():

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import tensorfile
 from ..files import write_folder
-from ..io import read_tensors
+from ..io import read_files
 from ..stepping import load_step_state, step_state
 from .config import RUN_NEUTRAL, TrainConfig
 
@@ -140,15 +141,17 @@ def load_checkpoint(
         ValueError: no checkpoint in ``folder``, an unsupported version, or one from another model,
             task, method or data order (the message lists what differs), or other parameters.
     """
-    state_path = folder / "state.json"
-    if not state_path.is_file():
+    if not (folder / "state.json").is_file():
         old = folder.with_name(folder.name + ".old")
         if old.is_dir() and (old / "state.json").is_file():  # killed between the two renames
             folder = old
-            state_path = folder / "state.json"
         else:
             raise ValueError(f"{folder}: no state.json; not a deltatune checkpoint")
-    state = json.loads(state_path.read_text())
+    # Both files of one checkpoint, even while the run writes the next one (files.read_folder).
+    found = read_files(folder, ["state.json", "state.safetensors"], "deltatune checkpoint")
+    if found["state.safetensors"] is None:
+        raise ValueError(f"{folder / 'state.safetensors'} does not exist")
+    state = json.loads(found["state.json"])
     if state.get("checkpoint_version") != CHECKPOINT_VERSION:
         raise ValueError(f"{folder}: checkpoint_version {state.get('checkpoint_version')} is not supported")
     mine = identity(cfg)
@@ -165,7 +168,7 @@ def load_checkpoint(
         raise ValueError(
             f"{folder}: the checkpoint's parameters do not match this model's trainable parameters"
         )
-    tensors = read_tensors(folder / "state.safetensors")
+    tensors = tensorfile.tensors(found["state.safetensors"], folder / "state.safetensors")
     if model is not None:
         step_tensors = {k[len("step.") :]: v for k, v in tensors.items() if k.startswith("step.")}
         try:
