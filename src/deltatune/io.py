@@ -226,8 +226,19 @@ def _portable(name: str) -> str:
     if not isinstance(name, str):
         return name  # check_recorded names the bad value
     looks_like_path = "/" in name or os.sep in name or name.startswith((".", "~"))
+    return _absolute_folder(name) if looks_like_path else name
+
+
+def _absolute_folder(name: str) -> str:
+    """``name`` resolved to an absolute path when it is a folder that can be looked at; as given
+    when it is not a folder (a hub name such as ``org/model``) or cannot be looked at (another
+    user's, an unmounted volume, a name the system refuses): recording where a model came from must
+    never make a save fail."""
     path = Path(name).expanduser()
-    return str(path.resolve()) if looks_like_path and path.is_dir() else name
+    try:
+        return str(path.resolve()) if path.is_dir() else name
+    except (OSError, RuntimeError):  # (RuntimeError: a symlink loop, on Python 3.10 and 3.11)
+        return name
 
 
 def base_model_of(model: nn.Module) -> str | None:
@@ -239,8 +250,7 @@ def base_model_of(model: nn.Module) -> str | None:
     config = getattr(model, "config", None)
     name = getattr(config, "name_or_path", None) or getattr(config, "_name_or_path", None)
     if isinstance(name, str) and name:
-        path = Path(name).expanduser()
-        return str(path.resolve()) if path.is_dir() else name
+        return _absolute_folder(name)
     return None
 
 
@@ -480,7 +490,13 @@ def load(
     """
     config, tensors = read_adapter(folder)
     return load_read(
-        model, config, tensors, str(Path(folder)), name=name, trainable=trainable, activate=activate,
+        model,
+        config,
+        tensors,
+        str(Path(folder)),
+        name=name,
+        trainable=trainable,
+        activate=activate,
         strict_base=strict_base,
     )
 

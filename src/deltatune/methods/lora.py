@@ -34,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..checks import few
 from ..core import REGISTRY, Attachment, adapter_state, check, register
 from ..fields import Bool, Float, Instance, Int, OneOf, component, param
 from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
@@ -370,14 +371,32 @@ class LoRA:
             rank_stabilized=bool(peft_get(config, "use_rslora", False)),
         )
         overrides: dict[str, dict[str, Any]] = {}
+        wrong: list[str] = []
         for path, pair in factors.items():
             r = int(pair["lora_A"].shape[0]) if "lora_A" in pair else int(pair["lora_B"].shape[-1])
+            # The rank PEFT gives the module (r, or a rank_pattern entry that matches it) must be the
+            # tensors': PEFT refuses such a file, and r decides the scale alpha / r.
+            given = {rank} | {
+                int(v)
+                for p, v in (config.get("rank_pattern") or {}).items()
+                if re.match(rf"(.*\.)?({p})$", path)
+            }
+            if r not in given:
+                shapes = ", ".join(f"{k} {tuple(t.shape)}" for k, t in pair.items())
+                wrong.append(
+                    f"{path!r}: the config gives rank {sorted(given)[-1]:,}, the tensors hold {r} ({shapes})"
+                )
             a = alpha
             for pattern, value in (config.get("alpha_pattern") or {}).items():
                 if re.match(rf"(.*\.)?({pattern})$", path):
                     a = float(value)
             if r != rank or a != alpha:
                 overrides[path] = {"rank": r, "alpha": a}
+        if wrong:
+            raise ValueError(
+                f"r / rank_pattern do not match the stored tensors, so nothing was built: {few(wrong, 4)}; "
+                "was adapter_config.json edited, or copied from another save?"
+            )
         state = {f"{path}.{k}": v for path, pair in factors.items() for k, v in pair.items()}
         return method, list(factors), overrides, state
 
