@@ -8,7 +8,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 
 import torch
 from torch import nn
@@ -52,6 +53,15 @@ def expected(model: nn.Module, x: torch.Tensor, plans: Sequence[Sequence[str | N
     return out
 
 
+def together(*work: Callable[[], None]) -> None:
+    """Run each of ``work`` in a thread of its own, all at once, and wait for them."""
+    threads = [threading.Thread(target=w) for w in work]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+
+
 def wrong(got: torch.Tensor, want: torch.Tensor) -> bool:
     return not torch.allclose(got, want, rtol=1e-5, atol=1e-6)
 
@@ -77,11 +87,7 @@ def test_threads_routing_different_plans_get_their_own_rows() -> None:
                     if wrong(model(x), want[k]):
                         errors.append((k, 100 + i))
 
-    threads = [threading.Thread(target=serve, args=(k,)) for k in range(len(PLANS))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    together(*(partial(serve, k) for k in range(len(PLANS))))
     assert errors == [], f"{len(errors)} of 800 forwards got another request's adapters"
     assert dt.attachment_of(model).switch.routing is None and not dt.attachment_of(model).switch.scoped_open
 
@@ -100,11 +106,7 @@ def test_overlapping_blocks_in_two_threads_keep_their_own_plans() -> None:
             got[k] = model(x)
             inside.wait()  # (neither block closes before both forwards ran)
 
-    threads = [threading.Thread(target=serve, args=(k,)) for k in range(2)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    together(partial(serve, 0), partial(serve, 1))
     assert not wrong(got[0], want[0]) and not wrong(got[1], want[1])
 
 
@@ -178,11 +180,7 @@ def test_disabled_in_one_thread_leaves_the_others_adapters_on() -> None:
             got["adapted"] = model(x)
             inside.wait()
 
-    threads = [threading.Thread(target=reference), threading.Thread(target=serve)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    together(reference, serve)
     assert not wrong(got["base"], base) and not wrong(got["adapted"], adapted)
     assert dt.attachment_of(model).switch.enabled
 
@@ -202,11 +200,7 @@ def test_adapter_precision_block_is_its_threads_own() -> None:
         seen["other"] = lowrank.adapter_precision()
         inside.wait()
 
-    threads = [threading.Thread(target=widened), threading.Thread(target=other)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    together(widened, other)
     assert seen == {"block": "adapter", "other": "input"}
     assert lowrank.adapter_precision() == "input"
 
