@@ -81,9 +81,9 @@ def check_sizes(
     (``stored_bytes`` per module with its ``overrides``, ``shared_stored_bytes`` for the shared state
     under ``shared_key``) must equal the bytes of the tensors stored under that module, either as
     stored or with floating tensors counted at the adapter dtype the base gives (float32; float64
-    on a float64 base), so that a file saved from a cast model still loads. ``tensors`` may be
-    weightless (``meta``, read from the file's header). Tensors under ``skip`` (full copies of
-    ``modules_to_save``) and under no module are left to the key check that follows the build.
+    on a float64 base), so that a file saved from a cast model still loads. Tensors under ``skip``
+    (full copies of ``modules_to_save``) and under no module are left to the key check that follows
+    the build.
 
     A mismatch that one integer field of the config explains (``rank`` 8 where the tensors hold 4) is
     refused naming the field; any other mismatch is refused when the config needs more than

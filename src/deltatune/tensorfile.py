@@ -1,5 +1,4 @@
-"""safetensors files read from their bytes: the header alone (shapes and dtypes, nothing allocated)
-or every tensor.
+"""safetensors files read from their bytes: every tensor, each entry of the header checked first.
 
 The format (https://github.com/huggingface/safetensors#format): 8 bytes, the little-endian length
 ``n`` of a JSON header; the header, ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` plus
@@ -88,13 +87,6 @@ def _entries(data: bytes | bytearray, where: Any) -> tuple[int, dict[str, Entry]
             )
         out[name] = (dtype, shape, begin, end)
     return start, out
-
-
-def header(data: bytes | bytearray, where: Any) -> dict[str, torch.Tensor]:
-    """name -> a weightless (``meta``) tensor of each stored tensor's shape and dtype: what a check of
-    sizes needs, read from the header without allocating the tensors."""
-    _, entries = _entries(data, where)
-    return {k: torch.empty(shape, dtype=dtype, device="meta") for k, (dtype, shape, _, _) in entries.items()}
 
 
 def tensors(data: bytearray, where: Any) -> dict[str, torch.Tensor]:
