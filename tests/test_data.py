@@ -270,7 +270,7 @@ def test_missing_columns(tmp_path: Path) -> None:
     assert str(f) in message
     assert "missing column(s) 'sentence1', 'sentence2'; the file has: 'sentence', 'label'" in message
     j = write(tmp_path / "m.jsonl", '{"question": "q", "answer": "a"}\n{"question": "q"}\n')
-    expected = r"m\.jsonl line 2: missing column\(s\) 'answer'; the file has: 'question'"
+    expected = r"m\.jsonl row 2: column 'answer' is missing"
     with pytest.raises(ValueError, match=expected):
         load_file(j, ["question"], "answer", "generation")
 
@@ -287,35 +287,35 @@ def test_unparsable_labels(tmp_path: Path) -> None:
     with pytest.raises(ValueError) as info:
         load_file(f, ["text"], "label", "classification", label_names=["neg", "pos"])
     assert str(info.value) == (
-        f"{f} line 3: cannot parse label 'maybe' in column 'label'; "
+        f"{f} row 2: cannot parse label 'maybe' in column 'label'; "
         "expected one of 'neg', 'pos' or an integer 0..1"
     )
-    with pytest.raises(ValueError, match=r"line 2: cannot parse label '2'.*integer 0\.\.1"):
+    with pytest.raises(ValueError, match=r"row 1: cannot parse label '2'.*integer 0\.\.1"):
         r = write(tmp_path / "r.tsv", "text\tlabel\na\t2\n")
         load_file(r, ["text"], "label", "classification", label_names=["neg", "pos"])
-    with pytest.raises(ValueError, match=r"line 2: cannot parse label '-1'.*non-negative integer"):
+    with pytest.raises(ValueError, match=r"row 1: cannot parse label '-1'.*non-negative integer"):
         load_file(write(tmp_path / "n.tsv", "text\tlabel\na\t-1\n"), ["text"], "label", "classification")
-    expected = r"s\.csv line 3: cannot parse label 'high' in column 'score'; expected a number"
+    expected = r"s\.csv row 2: cannot parse label 'high' in column 'score'; expected a number"
     with pytest.raises(ValueError, match=expected):
         load_file(write(tmp_path / "s.csv", "t,score\na,1.5\nb,high\n"), ["t"], "score", "regression")
     with pytest.raises(ValueError, match="expected a finite number"):
         load_file(write(tmp_path / "nan.csv", "t,score\na,nan\n"), ["t"], "score", "regression")
-    with pytest.raises(ValueError, match=r"line 1: cannot parse label True"):
+    with pytest.raises(ValueError, match=r"row 1: cannot parse label True"):
         load_file(write(tmp_path / "b.jsonl", '{"t": "a", "y": true}\n'), ["t"], "y", "classification")
 
 
 def test_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"data file not found: .*nope\.csv"):
         load_file(tmp_path / "nope.csv", ["t"], "y", "classification")
-    with pytest.raises(ValueError, match=r"unknown file format '\.txt'; use one of \.csv, \.tsv, \.jsonl"):
+    with pytest.raises(ValueError, match=r"unknown file format '\.txt'; use one of \.jsonl, \.json, \.csv, \.tsv, \.parquet"):
         load_file(write(tmp_path / "a.txt", "t\ty\n"), ["t"], "y", "classification")
-    with pytest.raises(ValueError, match=r"w\.tsv line 3: expected 2 fields \(t, y\), found 3"):
+    with pytest.raises(ValueError, match=r"w\.tsv line 3: expected 2 fields, found 3"):
         load_file(write(tmp_path / "w.tsv", "t\ty\na\t1\nb\t1\textra\n"), ["t"], "y", "classification")
     with pytest.raises(ValueError, match=r"j\.jsonl line 2: not valid JSON"):
         load_file(write(tmp_path / "j.jsonl", '{"t": "a", "y": 1}\n{"t": \n'), ["t"], "y", "classification")
     with pytest.raises(ValueError, match=r"line 1: expected a JSON object, got list"):
         load_file(write(tmp_path / "k.jsonl", "[1, 2]\n"), ["t"], "y", "classification")
-    with pytest.raises(ValueError, match=r"line 1: column 't' should be text, got 5"):
+    with pytest.raises(ValueError, match=r"row 1: column 't' should be text, got 5"):
         load_file(write(tmp_path / "x.jsonl", '{"t": 5, "y": 1}\n'), ["t"], "y", "classification")
     with pytest.raises(ValueError, match="kind must be one of classification, regression, generation"):
         load_file(tmp_path / "x.jsonl", ["t"], "y", "ranking")  # type: ignore[arg-type]

@@ -21,15 +21,13 @@ Example:
 
 from __future__ import annotations
 
-import csv
-import json
 import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Any, Literal, get_args, overload
 
 __all__ = [
     "DEFAULT_DATA_DIR",
@@ -42,7 +40,9 @@ __all__ = [
     "data_root",
     "files_loader",
     "infer_label_names",
+    "label_names_of",
     "load_file",
+    "Rows",
 ]
 
 Kind = Literal["classification", "regression", "generation"]
@@ -81,96 +81,20 @@ class Example:
 
 
 #: ``loader(split, data_dir) -> examples``.
-Loader = Callable[[Split, Path], list[Example]]
+Loader = Callable[[Split, Path], Sequence[Example]]
 
 
 # ----------------------------------------------------------------------------------------------------
 # Reading files
 # ----------------------------------------------------------------------------------------------------
 
-Row = tuple[int, Mapping[str, object]]  # (line number, column -> value)
-_Format = Literal["csv", "tsv", "jsonl"]
-_FORMATS: dict[str, _Format] = {".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl"}
-
-
-def _format_of(path: Path) -> _Format:
-    fmt = _FORMATS.get(path.suffix.lower())
-    if fmt is None:
-        raise ValueError(f"{path}: unknown file format {path.suffix!r}; use one of {', '.join(_FORMATS)}")
-    return fmt
-
-
-def _read_rows(
-    path: Path,
-    fmt: _Format,
-    needed: Sequence[str],
-    *,
-    fieldnames: Sequence[str] | None = None,
-) -> list[Row]:
-    """The data rows of ``path`` with their line numbers; checks the columns in ``needed`` exist.
-
-    CSV uses standard quoting; TSV uses none (``csv.QUOTE_NONE``: a tab separates, a quote is a
-    character, as in the GLUE files, whose texts contain unbalanced quotes). ``fieldnames`` names
-    the columns of a file without a header line. A UTF-8 byte-order mark is dropped.
-    """
-    if not path.is_file():
-        raise ValueError(f"data file not found: {path}")
-    rows: list[Row] = []
-    with path.open(encoding="utf-8-sig", newline="") as f:
-        if fmt == "jsonl":
-            for line_no, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} line {line_no}: not valid JSON ({e.msg})") from None
-                if not isinstance(obj, dict):
-                    got = type(obj).__name__
-                    raise ValueError(f"{path} line {line_no}: expected a JSON object, got {got}")
-                _check_columns(path, needed, list(obj), line_no)
-                rows.append((line_no, obj))
-        else:
-            tsv = fmt == "tsv"
-            reader = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(f)
-            columns = list(fieldnames) if fieldnames is not None else next(reader, None)
-            if columns is None:
-                raise ValueError(f"{path}: the file is empty (no header, no examples)")
-            _check_columns(path, needed, columns, None)
-            for values in reader:
-                if not values:  # blank line
-                    continue
-                if len(values) != len(columns):
-                    raise ValueError(
-                        f"{path} line {reader.line_num}: expected {len(columns)} fields "
-                        f"({', '.join(columns)}), found {len(values)}"
-                    )
-                rows.append((reader.line_num, dict(zip(columns, values, strict=True))))
-    if not rows:
-        raise ValueError(f"{path}: the file has no examples")
-    return rows
-
-
-def _check_columns(path: Path, needed: Sequence[str], columns: Sequence[str], line_no: int | None) -> None:
-    missing = [c for c in needed if c not in columns]
-    if missing:
-        where = f"{path}" if line_no is None else f"{path} line {line_no}"
-        raise ValueError(
-            f"{where}: missing column(s) {', '.join(map(repr, missing))}; "
-            f"the file has: {', '.join(map(repr, columns))}"
-        )
-
-
 _INT = re.compile(r"[+-]?\d+")
 
 
-def _parse_label(
-    value: object, kind: Kind, label_names: Sequence[str], path: Path, line_no: int, column: str
-) -> int | float | None:
-    """Class index, float score, or None (generation)."""
+def _parse_label(value: object, kind: Kind, label_names: Sequence[str], where: str, column: str) -> int | float | None:
+    """Class index, float score, or None (generation); ``where`` names the file and row."""
 
     def bad(expected: str) -> ValueError:
-        where = f"{path} line {line_no}"
         return ValueError(f"{where}: cannot parse label {value!r} in column {column!r}; {expected}")
 
     if kind == "regression":
@@ -208,30 +132,89 @@ def _parse_label(
     return index
 
 
-def _text(value: object, path: Path, line_no: int, column: str) -> str:
-    if not isinstance(value, str):
-        raise ValueError(f"{path} line {line_no}: column {column!r} should be text, got {value!r}")
-    return value
+class Rows(Sequence[Example]):
+    """The examples of a memory-mapped table, built on access (the texts stay in the table's pages).
+
+    The labels are parsed, and every text column checked, when the view is made, so a bad row is
+    refused before training starts, naming its file, row and column.
+    """
+
+    def __init__(
+        self,
+        table: Any,
+        path: Path,
+        text_fields: Sequence[str],
+        label_field: str,
+        kind: Kind,
+        label_names: Sequence[str],
+    ) -> None:
+        _check_columns(path, (*text_fields, label_field), table.column_names)
+        for column in text_fields if kind != "generation" else (*text_fields, label_field):
+            _check_text(table, column, path)
+        self.table = table
+        self.text_fields = tuple(text_fields)
+        self.kind = kind
+        self.label_field = label_field
+        values = table.data.column(label_field).to_pylist()
+        self.labels: list[int | float | None] = (
+            [None] * len(values)
+            if kind == "generation"
+            else [
+                _parse_label(v, kind, label_names, f"{path} row {i + 1}", label_field)
+                for i, v in enumerate(values)
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @overload
+    def __getitem__(self, index: int) -> Example: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Example]: ...
+
+    def __getitem__(self, index: int | slice) -> Example | list[Example]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        row = self.table[index]
+        texts = tuple(row[c] for c in self.text_fields)
+        if self.kind == "generation":
+            target = row[self.label_field]
+            return Example(texts, None, target, (target,))
+        return Example(texts, self.labels[index])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Rows({len(self)} examples of {self.kind})"
 
 
-def _to_examples(
-    rows: Iterable[Row],
-    path: Path,
-    text_fields: Sequence[str],
-    label_field: str,
-    kind: Kind,
-    label_names: Sequence[str],
-) -> list[Example]:
-    examples = []
-    for line_no, row in rows:
-        texts = tuple(_text(row[c], path, line_no, c) for c in text_fields)
-        if kind == "generation":
-            target = _text(row[label_field], path, line_no, label_field)
-            examples.append(Example(texts, None, target, (target,)))
-        else:
-            label = _parse_label(row[label_field], kind, label_names, path, line_no, label_field)
-            examples.append(Example(texts, label))
-    return examples
+def _check_columns(path: Path, needed: Sequence[str], columns: Sequence[str]) -> None:
+    missing = [c for c in needed if c not in columns]
+    if missing:
+        raise ValueError(
+            f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
+            f"the file has: {', '.join(map(repr, columns))}"
+        )
+
+
+def _check_text(table: Any, column: str, path: Path) -> None:
+    """Every value of ``column`` is a string: the first row that is not (or is missing) is named."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    data = table.data.column(column)
+    if not (pa.types.is_string(data.type) or pa.types.is_large_string(data.type)):
+        value = data[0].as_py() if len(data) else None
+        raise ValueError(f"{path} row 1: column {column!r} should be text, got {value!r} ({data.type})")
+    if data.null_count:
+        first = pc.index(pc.is_null(data), True).as_py()
+        raise ValueError(f"{path} row {first + 1}: column {column!r} is missing")
 
 
 def _group_refs(examples: Iterable[Example]) -> list[Example]:
@@ -251,12 +234,14 @@ def load_file(
     label_names: Sequence[str] = (),
     group_refs: bool = False,
     fieldnames: Sequence[str] | None = None,
-) -> list[Example]:
-    """Read examples from a ``.csv``, ``.tsv`` (both with a header line) or ``.jsonl`` file.
+) -> Sequence[Example]:
+    """The examples of a ``.csv``, ``.tsv``, ``.jsonl``, ``.json`` or ``.parquet`` file (or a folder of
+    them), read through the ``datasets`` library (:func:`deltatune.train.sources.read_table`: Arrow,
+    memory-mapped, cached) and built on access.
 
     Args:
         path: The file; the format follows the extension. TSV fields are not quoted (a quote is an
-            ordinary character); CSV fields follow the usual CSV quoting.
+            ordinary character); CSV fields follow the usual CSV quoting; CSV/TSV cells are text.
         text_fields: The input columns/keys, in order.
         label_field: The label column (the target text for ``kind="generation"``).
         kind: ``"classification"``: labels are class names from ``label_names`` or integer class
@@ -268,27 +253,41 @@ def load_file(
 
     Raises:
         ValueError: missing file, unknown extension, missing columns, no examples, a row with the
-            wrong number of fields, a label that does not parse (with file and line number).
+            wrong number of fields, a label that does not parse (with file and row).
     """
+    from .sources import FILE_FORMATS, read_table
+
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, not {kind!r}")
     if group_refs and kind != "generation":
         raise ValueError("group_refs only applies to generation (text targets)")
     p = Path(path)
-    fields = tuple(text_fields)
-    rows = _read_rows(p, _format_of(p), (*fields, label_field), fieldnames=fieldnames)
-    examples = _to_examples(rows, p, fields, label_field, kind, tuple(label_names))
-    return _group_refs(examples) if group_refs else examples
+    if not p.exists():
+        raise ValueError(f"data file not found: {p}")
+    if p.is_file() and p.suffix.lower() not in FILE_FORMATS:
+        raise ValueError(f"{p}: unknown file format {p.suffix!r}; use one of {', '.join(FILE_FORMATS)}")
+    table = read_table(p, what="data file", fieldnames=fieldnames)
+    rows = Rows(table, p, tuple(text_fields), label_field, kind, tuple(label_names))
+    return _group_refs(rows) if group_refs else rows
 
 
 def infer_label_names(path: Path, text_fields: Sequence[str], label_field: str) -> tuple[str, ...]:
     """The class names in ``path``'s ``label_field``: ``0..max`` if every label is a non-negative
     integer, else the distinct values in sorted order."""
-    rows = _read_rows(path, _format_of(path), (*text_fields, label_field))
-    values = {str(row[label_field]).strip() for _, row in rows}
-    if all(_INT.fullmatch(v) and int(v) >= 0 for v in values):
-        return tuple(str(i) for i in range(max(int(v) for v in values) + 1))
-    return tuple(sorted(values))
+    from .sources import read_table
+
+    table = read_table(path, what="data file")
+    _check_columns(path, (*text_fields, label_field), table.column_names)
+    return label_names_of(table.data.column(label_field).to_pylist())
+
+
+def label_names_of(values: Iterable[object]) -> tuple[str, ...]:
+    """Class names from the labels seen: ``0..max`` if all are non-negative integers, else the
+    distinct values, sorted."""
+    distinct = {str(v).strip() for v in values}
+    if all(_INT.fullmatch(v) and int(v) >= 0 for v in distinct):
+        return tuple(str(i) for i in range(max(int(v) for v in distinct) + 1))
+    return tuple(sorted(distinct))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -318,7 +317,7 @@ def files_loader(
     """A :data:`Loader` that reads ``data_dir / files[split]`` (a missing file says where the data sets
     go); the built-in tasks are made of these. ``name`` is the task's, for messages."""
 
-    def loader(split: Split, data_dir: Path) -> list[Example]:
+    def loader(split: Split, data_dir: Path) -> Sequence[Example]:
         path = data_dir / files[split]
         if not path.is_file():
             raise ValueError(f"data file for task {name!r} ({split} split) not found: {path}; {_WHERE_DATA}")

@@ -179,7 +179,7 @@ class Task:
         if not metrics:
             raise ValueError(f"task {name!r}: metrics is empty")
 
-        def loader(split: Split, data_dir: Path) -> list[Example]:
+        def loader(split: Split, data_dir: Path) -> Sequence[Example]:
             path = train_path if split == "train" else eval_path
             return load_file(
                 path,
@@ -374,7 +374,7 @@ def load_split(
     data_dir: str | os.PathLike[str] | None = None,
     limit: int | None = None,
     seed: int | None = None,
-) -> list[Example]:
+) -> Sequence[Example]:
     """The examples of one split (``"train"`` or ``"eval"``) of a task.
 
     Args:

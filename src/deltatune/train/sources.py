@@ -1,0 +1,209 @@
+"""Data files into Arrow tables: :func:`read_table`, through the ``datasets`` library.
+
+One reader for the built-in tasks' files and the user's own (``deltatune train --data PATH``):
+``.jsonl`` / ``.json``, ``.csv``, ``.tsv``, ``.parquet``, a folder of such files (one format), a folder
+written by ``Dataset.save_to_disk``, or a hub data set name where there is a network. The table is
+built once into deltatune's cache (``$DELTATUNE_CACHE/datasets``, see
+:func:`deltatune.train.smollm2.default_cache_root`) and memory-mapped from there: a file of any size
+costs its pages, not Python objects, and a second run on an unchanged file reads the cache.
+
+CSV and TSV cells are read as text, exactly as written (no ``NA`` / ``null`` guessing); labels are
+parsed by the caller. TSV is unquoted (a quote is an ordinary character, as in the GLUE files); CSV
+follows the usual quoting. JSON keeps its types.
+
+Bad files are refused with the file, and where it can be found the line, at fault: a missing path, an
+empty file, a header without rows, invalid UTF-8, a JSONL line that is not a JSON object.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .smollm2 import default_cache_root
+
+if TYPE_CHECKING:
+    import datasets
+
+__all__ = ["FILE_FORMATS", "cache_dir", "read_table"]
+
+#: File suffix -> ``datasets`` builder.
+FILE_FORMATS: dict[str, str] = {
+    ".jsonl": "json",
+    ".json": "json",
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".parquet": "parquet",
+}
+
+
+def cache_dir() -> Path:
+    """Where the Arrow tables and the tokenised columns are cached: ``<deltatune cache>/datasets``."""
+    return default_cache_root() / "datasets"
+
+
+def _datasets() -> Any:
+    try:
+        import datasets
+    except ImportError as e:  # pragma: no cover - the [train] extra installs it
+        raise ValueError("reading data needs the datasets library: pip install 'deltatune[train]'") from e
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity_error()
+    return datasets
+
+
+def read_table(
+    path: str | os.PathLike[str],
+    *,
+    what: str = "data",
+    fieldnames: Sequence[str] | None = None,
+) -> datasets.Dataset:
+    """The rows of ``path`` as a memory-mapped ``datasets.Dataset``.
+
+    Args:
+        path: A file (``.jsonl``, ``.json``, ``.csv``, ``.tsv``, ``.parquet``), a folder of files of
+            one of these formats, a ``save_to_disk`` folder, or a hub data set name.
+        what: How the messages name the input (``"--data"``, ``"task sst2 (train split)"``).
+        fieldnames: Column names of a CSV/TSV file without a header line.
+
+    Raises:
+        ValueError: what is wrong, naming the file (and the line where one is at fault).
+    """
+    p = Path(path)
+    if p.is_dir():
+        table = _read_folder(p, what, fieldnames)
+    elif p.is_file():
+        table = _read_files([p], what, fieldnames)
+    else:
+        table = _read_hub(str(path), what)
+    if len(table) == 0:
+        raise ValueError(f"{what} {path}: the file has no examples")
+    return table
+
+
+def _read_folder(folder: Path, what: str, fieldnames: Sequence[str] | None) -> datasets.Dataset:
+    if (folder / "state.json").is_file() and (folder / "dataset_info.json").is_file():
+        ds = _datasets()
+        table = ds.load_from_disk(str(folder))
+        if isinstance(table, ds.DatasetDict):
+            if "train" not in table:
+                raise ValueError(f"{what} {folder}: a DatasetDict without a 'train' split ({list(table)})")
+            table = table["train"]
+        return table
+    files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in FILE_FORMATS)
+    if not files:
+        known = ", ".join(FILE_FORMATS)
+        raise ValueError(f"{what} {folder}: a folder without data files ({known}) or a save_to_disk dataset")
+    suffixes = sorted({f.suffix.lower() for f in files})
+    if len({FILE_FORMATS[s] for s in suffixes}) > 1 or {".csv", ".tsv"} <= set(suffixes):
+        raise ValueError(f"{what} {folder}: files of several formats ({', '.join(suffixes)}); keep one per folder")
+    return _read_files(files, what, fieldnames)
+
+
+def _read_hub(name: str, what: str) -> datasets.Dataset:
+    looks_local = name.startswith((".", "/", "~")) or Path(name).suffix.lower() in FILE_FORMATS
+    if looks_local or name.count("/") > 1:
+        raise ValueError(f"{what} {name}: no such file or folder")
+    ds = _datasets()
+    try:
+        table = ds.load_dataset(name, split="train", cache_dir=str(cache_dir()))
+    except Exception as e:  # the hub client raises many types: offline, unknown name, gated
+        raise ValueError(
+            f"{what} {name}: not a local file or folder, and not loadable as a hub data set "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); offline, give a local "
+            "file (.jsonl, .json, .csv, .tsv, .parquet) or a save_to_disk folder"
+        ) from None
+    return table
+
+
+def _read_files(files: list[Path], what: str, fieldnames: Sequence[str] | None) -> datasets.Dataset:
+    ds = _datasets()
+    builder = FILE_FORMATS[files[0].suffix.lower()]
+    kwargs: dict[str, Any] = {}
+    for f in files:
+        _check_readable(f, what)
+    if builder == "csv":
+        tsv = files[0].suffix.lower() == ".tsv"
+        columns = list(fieldnames) if fieldnames is not None else _header(files[0], tsv, what)
+        for f in files[1:]:
+            if fieldnames is None and _header(f, tsv, what) != columns:
+                raise ValueError(f"{what} {f}: its columns differ from those of {files[0]}")
+        kwargs.update(
+            features=ds.Features({c: ds.Value("string") for c in columns}),
+            keep_default_na=False,
+            na_filter=False,
+            encoding="utf-8-sig",
+        )
+        if fieldnames is not None:
+            kwargs.update(header=None, column_names=list(fieldnames))
+        if tsv:
+            kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+    try:
+        table = ds.load_dataset(
+            builder, data_files=[str(f) for f in files], split="train", cache_dir=str(cache_dir()), **kwargs
+        )
+    except Exception as e:
+        if "corresponds to no data" in str(e):
+            raise ValueError(f"{what} {files[0]}: the file has no examples") from None
+        cause: BaseException = e
+        while cause.__cause__ is not None or cause.__context__ is not None:
+            cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+        for f in files:
+            _diagnose(f, builder, what)
+        fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(cause))
+        if fields:
+            expected, line, found = fields.groups()
+            raise ValueError(f"{what} {files[0]} line {line}: expected {expected} fields, found {found}") from None
+        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+        raise ValueError(f"{what} {', '.join(map(str, files))}: could not be read ({reason})") from None
+    return table
+
+
+def _check_readable(f: Path, what: str) -> None:
+    if f.stat().st_size == 0:
+        raise ValueError(f"{what} {f}: the file is empty")
+
+
+def _header(f: Path, tsv: bool, what: str) -> list[str]:
+    """The first line's column names (the file's encoding checked on the way)."""
+    with f.open(encoding="utf-8-sig", newline="", errors="strict") as handle:
+        try:
+            first = handle.readline()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{what} {f} line 1: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    if not first.strip():
+        raise ValueError(f"{what} {f}: the first line is empty; expected a header line of column names")
+    reader = csv.reader(io.StringIO(first), delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(
+        io.StringIO(first)
+    )
+    columns = next(reader)
+    if len(set(columns)) != len(columns):
+        raise ValueError(f"{what} {f} line 1: repeated column names in the header {columns}")
+    return columns
+
+
+def _diagnose(f: Path, builder: str, what: str) -> None:
+    """Raise the precise reason ``f`` failed to load, if a line-by-line look finds one."""
+    if builder == "parquet":
+        return
+    with f.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                raise ValueError(f"{what} {f} line {number}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+            if builder != "json" or f.suffix.lower() != ".jsonl" or not line.strip():
+                continue
+            try:
+                value = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{what} {f} line {number}: not valid JSON ({e.msg})") from None
+            if not isinstance(value, dict):
+                got = type(value).__name__
+                raise ValueError(f"{what} {f} line {number}: expected a JSON object, got {got}")
