@@ -108,8 +108,8 @@ LOSS_WINDOW = 10  # the training loss of a stage: the mean of its last steps
 class Data:
     task: Task
     stage: Stage
-    train: list[Example]
-    eval: list[Example]
+    train: Sequence[Example]
+    eval: Sequence[Example]
 
 
 def load_data(eval_limit: int | None) -> list[Data]:

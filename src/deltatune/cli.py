@@ -5,6 +5,9 @@
     deltatune eval ADAPTER [--model ...] [--task ...]
     deltatune merge ADAPTER --out DIR [--model ...] [--task ...]
     deltatune info ADAPTER [--json]
+    deltatune train --model smollm2 --data chat.jsonl [--eval-data held.jsonl] ...   your own data
+    deltatune generate RUN_OR_ADAPTER --prompt TEXT | --prompts FILE [--adapter NAME=PATH ...]
+    deltatune chat RUN_OR_ADAPTER [--compare-base]
 
 Method fields are flags of ``train`` once ``--method`` is known (``deltatune train --method lora
 --help`` lists them). ``--config`` reads a YAML or JSON file of the same options; flags override it.
@@ -24,6 +27,8 @@ from typing import Any
 from . import __version__
 from .cli_adapter import add_parsers as add_adapter_parsers
 from .cli_adapter import run_eval, run_info, run_merge
+from .cli_generate import add_parsers as add_generate_parsers
+from .cli_generate import run_chat, run_generate
 from .core import CAPABILITIES, REGISTRY
 from .fields import (
     Bool,
@@ -200,9 +205,36 @@ TRAIN_HELP: dict[str, str] = {
     "one holding a run of another config is refused unless --overwrite",
     "data_dir": "folder of the data sets (default: $DELTATUNE_DATA, else ../shared/datasets)",
     "resume": "continue from the checkpoint in --out (a run of the same config)",
+    "data": "train on your own data instead of --task: a .jsonl, .json, .csv, .tsv or .parquet file, a "
+    "folder of them, a save_to_disk folder, or a hub data set name; the format is detected from the columns "
+    "(messages, prompt + completion, text + label, text)",
+    "eval_data": "held-out data in the same format (default: a seeded --eval-fraction of --data)",
+    "eval_fraction": "with --data and no --eval-data: the share of it held out for evaluation",
+    "data_format": "force the format of --data: one of {data_formats} (default: detected from the columns)",
+    "text_column": "the column holding the text (formats text, classification, regression)",
+    "text_pair_column": "a second text column (sentence pairs; classification, regression)",
+    "label_column": "the column holding the label (class name or index; a number for regression)",
+    "prompt_column": "the prompt column (format prompt_completion)",
+    "completion_column": "the completion column (format prompt_completion)",
+    "messages_column": "the column holding the conversations, lists of {{role, content}} (format messages)",
+    "loss_on": "assistant: the loss covers the assistant turns (messages) or the completion "
+    "(prompt_completion) only; all: every token",
+    "chat_template": "a Jinja chat template file for a model whose tokenizer has none (or to replace it); "
+    "recorded with the adapter for deltatune chat",
+    "eval_generate": "with --data: greedy answers for this many held-out prompts, scored (exact match, "
+    "BLEU, ROUGE-L; answer accuracy for '#### N' answers) and written to OUT/generations.jsonl",
+    "group_by_length": "batch tokenised examples of similar length together (the causal formats of --data): "
+    "less padding, the same examples per epoch",
+    "report_to": "also record the run with {reporters} (optional packages; besides metrics.json and the PNG)",
 }
 _NO_DEFAULT_SHOWN = (
     "out",
+    "data",
+    "eval_data",
+    "data_format",
+    "text_pair_column",
+    "chat_template",
+    "report_to",
     "head_lr",
     "loraplus_ratio",
     "train_limit",
@@ -212,9 +244,18 @@ _NO_DEFAULT_SHOWN = (
 
 
 def _train_parser(method: str | None) -> argparse.ArgumentParser:
-    from .train.config import ADAPTER_PRECISIONS, FULL, HEAD_ONLY, PRECISIONS, SCHEDULES, TrainConfig
+    from .train.config import (
+        ADAPTER_PRECISIONS,
+        FULL,
+        HEAD_ONLY,
+        PRECISIONS,
+        REPORTERS,
+        SCHEDULES,
+        TrainConfig,
+    )
     from .train.models import ALIASES
     from .train.tasks import TASKS
+    from .train.userdata import DATA_FORMATS, LOSS_ON
 
     p = argparse.ArgumentParser(
         prog="deltatune train",
@@ -230,6 +271,8 @@ def _train_parser(method: str | None) -> argparse.ArgumentParser:
         "schedule": SCHEDULES,
         "precision": PRECISIONS,
         "adapter_precision": ADAPTER_PRECISIONS,
+        "data_format": DATA_FORMATS,
+        "loss_on": LOSS_ON,
     }
     names = {
         "aliases": ", ".join(ALIASES),
@@ -237,6 +280,8 @@ def _train_parser(method: str | None) -> argparse.ArgumentParser:
         "methods": ", ".join(sorted(REGISTRY)),
         "schedules": ", ".join(SCHEDULES),
         "precisions": ", ".join(PRECISIONS),
+        "data_formats": ", ".join(DATA_FORMATS),
+        "reporters": " and/or ".join(REPORTERS),
     }
     defaults = TrainConfig()
     types: dict[str, Any] = {
@@ -245,6 +290,10 @@ def _train_parser(method: str | None) -> argparse.ArgumentParser:
         "train_limit": int,
         "eval_limit": int,
         "data_dir": str,
+        "data": str,
+        "eval_data": str,
+        "text_pair_column": str,
+        "chat_template": str,
     }
     for f in dataclasses.fields(TrainConfig):
         if f.name == "method_fields":
@@ -254,6 +303,9 @@ def _train_parser(method: str | None) -> argparse.ArgumentParser:
         text = TRAIN_HELP.get(f.name, "").format(**names)
         if f.name in ("targets", "modules_to_save"):
             p.add_argument(flag, nargs="+", default=None, metavar="MODULE", help=text)
+            continue
+        if f.name == "report_to":
+            p.add_argument(flag, nargs="+", default=None, choices=REPORTERS, dest=f.name, help=text)
             continue
         if f.name not in _NO_DEFAULT_SHOWN:
             text += f" (default {json.dumps(default) if isinstance(default, bool) else default})"
@@ -320,7 +372,8 @@ def _train(argv: list[str]) -> int:
         else:
             options[key] = value
     if "out" not in options:
-        options["out"] = f"runs/{options.get('task', TrainConfig.task)}-{method}"
+        name = Path(options["data"]).stem if options.get("data") else options.get("task", TrainConfig.task)
+        options["out"] = f"runs/{name}-{method}"
     cfg = TrainConfig.from_dict(options)
     record = train(cfg, progress=not args.no_progress, overwrite=args.overwrite)
     if record:
@@ -331,8 +384,20 @@ def _train(argv: list[str]) -> int:
 def _print_record(record: dict[str, Any]) -> None:
     main = record["main_metric"]
     m = record["metrics"]
+    data = record.get("data")
+    if data:
+        for split in ("train", "eval"):
+            c = data.get(split)
+            if c:
+                print(
+                    f"{split}: {c['examples']:,} examples ({c['truncated']} truncated, {c['skipped']} "
+                    f"skipped at --max-length {record['config']['max_length']})"
+                )
+    padding = record["history"].get("padding")
+    if padding:
+        print(f"padding: {padding['waste']:.1%} of the {padding['processed']:,} token positions trained on")
     print(
-        f"{record['config']['method']} on {record['task']}: {main} {m[main]:.2f}  "
+        f"{record['config']['method']} on {record['task']}: {main} {m[main]:.4g}  "
         + "  ".join(f"{k} {v:.4g}" for k, v in m.items() if k != main)
     )
     print(
@@ -340,7 +405,12 @@ def _print_record(record: dict[str, Any]) -> None:
         f"stored {record['stored_bytes']:,} bytes; train {record['train_seconds']:.1f} s; "
         f"peak memory {record['peak_memory_bytes'] / 2**20:.0f} MiB"
     )
-    print(f"wrote {record['config']['out']}/metrics.json, curves.png and the adapter")
+    written = (
+        "metrics.json, curves.png, generations.jsonl"
+        if data and record["config"]["eval_generate"]
+        else ("metrics.json, curves.png")
+    )
+    print(f"wrote {record['config']['out']}/{written} and the adapter")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -356,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     add_adapter_parsers(sub)
+    add_generate_parsers(sub)
     return parser
 
 
@@ -386,6 +457,10 @@ def main(argv: list[str] | None = None) -> int:
             return run_merge(args)
         if args.command == "info":
             return run_info(args)
+        if args.command == "generate":
+            return run_generate(args)
+        if args.command == "chat":
+            return run_chat(args)
     except ValueError as e:
         print(f"deltatune {args.command}: error: {e}", file=sys.stderr)
         return 2

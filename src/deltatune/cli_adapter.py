@@ -83,6 +83,12 @@ def _run_options(adapter: Path, model: str | None, task: str | None, *, need_tas
         except (json.JSONDecodeError, AttributeError):
             run = {}
     model = model or config.get("base_model") or run.get("model")
+    if task is None and recorded.get("data") is not None:
+        raise ValueError(
+            f"{adapter}: trained on your own data ({recorded['data']}, {recorded.get('format')}); its "
+            "held-out loss and answers are in the run's metrics.json and generations.jsonl. Try it with "
+            "deltatune generate / deltatune chat, or pass --task to evaluate it on a built-in task"
+        )
     task = task or recorded.get("name") or run.get("task")
     nothing_else = f"its {CONFIG_NAME} records none and there is no metrics.json of a deltatune run beside it"
     if not model:

@@ -44,61 +44,44 @@ def add_parsers(sub: Any) -> None:
     g = sub.add_parser("generate", help="answer prompts with a saved adapter (or several, per prompt)")
     c = sub.add_parser("chat", help="chat with a saved adapter in the terminal")
     for s in (g, c):
-        s.add_argument(
-            "run_or_adapter",
-            metavar="RUN_OR_ADAPTER",
-            help=f"adapter folder ({CONFIG_NAME} + {WEIGHTS_NAME}), or a deltatune train run folder "
-            "(its adapter/)",
+        add = s.add_argument
+        add(
+            "run_or_adapter", metavar="RUN_OR_ADAPTER", help="adapter folder, or a deltatune train run folder"
         )
-        s.add_argument(
-            "--model",
-            help="base model: an alias, a local folder or a hub name (default: the one the adapter "
-            "records, else the run's metrics.json beside it)",
-        )
-        s.add_argument(
+        add("--model", help="base model (default: the one the adapter records, else the run's metrics.json)")
+        add(
             "--chat-template",
             metavar="FILE",
-            help="a Jinja chat template (default: the one the adapter records, else the tokenizer's)",
+            help="a Jinja chat template (default: the adapter's, else the tokenizer's)",
         )
-        s.add_argument("--system", metavar="TEXT", help="a system turn before the conversation")
-        s.add_argument(
-            "--compare-base",
-            action="store_true",
-            help="also answer with the base model (the adapter disabled)",
+        add("--system", metavar="TEXT", help="a system turn before the conversation")
+        add("--compare-base", action="store_true", help="also answer with the base model (the adapter off)")
+        add("--max-new-tokens", type=int, metavar="N", default=256, help="tokens per answer (default 256)")
+        add(
+            "--temperature",
+            type=float,
+            metavar="T",
+            default=0.0,
+            help="0: greedy (the default); above 0: sample",
         )
-        s.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer (default 256)")
-        s.add_argument(
-            "--temperature", type=float, default=0.0, help="0: greedy (the default); above 0: sample"
-        )
-        s.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (default 1.0: off)")
-        s.add_argument("--seed", type=int, default=0, help="seeds the sampling (default 0)")
-        s.add_argument("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
-        s.add_argument(
-            "--no-strict-base",
-            action="store_true",
-            help="load the adapter even if the base model's weights differ from the ones it was saved on",
-        )
-    g.add_argument("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
-    g.add_argument(
-        "--prompts",
-        metavar="FILE",
-        help='JSON lines: {"prompt": TEXT, "adapter": NAME} each ("adapter" optional; "base" or null: '
-        "no adapter)",
-    )
-    g.add_argument(
+        add("--top-p", type=float, metavar="P", default=1.0, help="nucleus sampling (default 1.0: off)")
+        add("--seed", type=int, metavar="N", default=0, help="seeds the sampling (default 0)")
+        add("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
+        add("--no-strict-base", action="store_true", help="load adapters saved on other weights of the base")
+    add = g.add_argument
+    add("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
+    add("--prompts", metavar="FILE", help='JSON lines {"prompt": TEXT, "adapter": NAME} ("base", null: none)')
+    add(
         "--adapter",
         dest="adapters",
         action="append",
         default=[],
         metavar="NAME=PATH",
-        help="load another adapter under NAME, for the prompts that name it (repeatable); the positional "
-        f"one is named {MAIN}",
+        help=f"load another adapter under NAME, for the prompts that name it (the positional one: {MAIN})",
     )
-    g.add_argument("--raw", action="store_true", help="send the prompt text as is, without a chat template")
-    g.add_argument("--batch-size", type=int, default=8, help="prompts per forward (default 8)")
-    g.add_argument(
-        "--out", metavar="FILE", help="write the answers there as JSON lines instead of printing them"
-    )
+    add("--raw", action="store_true", help="send the prompt text as is, without the chat template")
+    add("--batch-size", type=int, metavar="N", default=8, help="prompts per forward (default 8)")
+    add("--out", metavar="FILE", help="write the answers there as JSON lines instead of printing them")
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -197,7 +180,9 @@ def _load(args: argparse.Namespace, extra: dict[str, Path], *, raw: bool, comman
     return model, tokenizer
 
 
-def _check_sampling(args: argparse.Namespace) -> None:
+def _check_numbers(args: argparse.Namespace) -> None:
+    if getattr(args, "batch_size", 1) < 1:
+        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
     if args.max_new_tokens < 1:
         raise ValueError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.temperature < 0:
@@ -271,7 +256,11 @@ def _read_prompts(path: str, names: set[str]) -> list[tuple[str, str | None]]:
 def _adapters(model: Any, names: Sequence[str | None]) -> Iterator[None]:
     """The adapters of a batch: one for every row (the base where None), or, mixed, per row."""
     if len(set(names)) > 1:
-        with route(model, names):
+        with contextlib.ExitStack() as stack:
+            try:
+                stack.enter_context(route(model, names))
+            except ValueError as e:
+                raise ValueError(f"{e}; give its prompts batches of their own (--batch-size 1)") from e
             yield
     elif names[0] is None:
         with disabled(model):
@@ -298,9 +287,7 @@ def run_generate(args: argparse.Namespace) -> int:
     """``deltatune generate``: the answers to ``--prompt``/``--prompts``, printed (the text of a single
     ``--prompt``; else one JSON object per line: prompt, adapter, output, and base_output with
     ``--compare-base``) or written to ``--out``."""
-    _check_sampling(args)
-    if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be at least 1, got {args.batch_size}")
+    _check_numbers(args)
     if args.raw and args.system is not None:
         raise ValueError("--system needs the chat template: drop --raw, or put the system text in the prompt")
     extra = _extra_adapters(args.adapters)
@@ -320,10 +307,8 @@ def run_generate(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     rows: list[dict[str, Any]] = []
     for start in range(0, len(jobs), args.batch_size):
-        batch, names = (
-            texts[start : start + args.batch_size],
-            [n for _, n in jobs[start : start + args.batch_size]],
-        )
+        end = start + args.batch_size
+        batch, names = texts[start:end], [n for _, n in jobs[start:end]]
         with _adapters(model, names):
             outputs = _answer(model, tokenizer, batch, kw, raw=args.raw)
         if args.compare_base:
@@ -427,7 +412,7 @@ def run_chat(
     default stdout, shows the answers). ``/reset`` clears the conversation (``--system`` stays),
     ``/exit``, ``/quit`` or end of input ends it."""
     out = output if output is not None else sys.stdout
-    _check_sampling(args)
+    _check_numbers(args)
     model, tokenizer = _load(args, {}, raw=False, command="chat")
     positions = _positions(model)
     if positions is not None and args.max_new_tokens >= positions:

@@ -73,6 +73,9 @@ TASK_FIELDS: dict[str, str] = {
     "max_new_tokens": "tokens generated per example when evaluating (an integer >= 1)",
     "eval_limit": "the number of evaluation examples the run used (an integer >= 1; null: all)",
     "eval_seed": "the seed of the shuffle that picked eval_limit examples (null: the first ones)",
+    "data": "a run on the user's own data (deltatune train --data): the file or folder (then no name)",
+    "format": "that data's format: messages, prompt_completion, text, classification or regression",
+    "chat_template": "the chat template its conversations were rendered with, where not the tokenizer's own",
 }
 
 
@@ -320,7 +323,10 @@ def check_recorded(config: Mapping[str, Any], where: str) -> None:
     if extra:
         raise ValueError(f"{where}: unknown task field(s) {extra}; known: {list(TASK_FIELDS)}")
     name = task.get("name")
-    if not (isinstance(name, str) and name.strip()):
+    for key in ("data", "format", "chat_template"):
+        if task.get(key) is not None and not isinstance(task[key], str):
+            raise ValueError(f"{where}: task.{key} must be text or null, got {task[key]!r}")
+    if not (isinstance(name, str) and name.strip()) and task.get("data") is None:
         raise ValueError(f"{where}: task.name must be a task name such as 'sst2', got {name!r}")
     for key, low in (("max_length", 1), ("max_new_tokens", 1), ("eval_limit", 1), ("eval_seed", None)):
         value = task.get(key)

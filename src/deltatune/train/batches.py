@@ -37,6 +37,7 @@ __all__ = [
     "batch_positions",
     "count_of",
     "device_of",
+    "grouped_positions",
     "logits_of",
     "loss_of_logits",
     "loss_sum",
@@ -63,8 +64,55 @@ def batch_positions(step: int, global_batch: int, n: int, seed: int) -> list[int
     return out
 
 
+def grouped_positions(
+    step: int, global_batch: int, lengths: Sequence[int], seed: int, window: int = 64
+) -> list[int]:
+    """:func:`batch_positions` with batches of similar lengths: each epoch's seeded permutation is cut
+    into windows of ``window`` global batches, each window sorted by length (longest first) and cut
+    into global batches, and the batches of the epoch are shuffled (seeded). Every example is still
+    seen once per epoch, and a resumed run sees the same batches; padding shrinks to the spread of
+    lengths within a batch (Hugging Face's ``LengthGroupedSampler`` does the same per epoch)."""
+    n = len(lengths)
+    out: list[int] = []
+    start = step * global_batch
+    while len(out) < global_batch:
+        epoch, offset = divmod(start + len(out), n)
+        order = _grouped_epoch(n, global_batch, lengths, seed, epoch, window)
+        take = min(global_batch - len(out), n - offset)
+        out.extend(order[offset : offset + take])
+    return out
+
+
+_EPOCH_CACHE: dict[tuple[int, int, int, int, int, int], list[int]] = {}
+
+
+def _grouped_epoch(
+    n: int, global_batch: int, lengths: Sequence[int], seed: int, epoch: int, window: int
+) -> list[int]:
+    key = (id(lengths), n, global_batch, seed, epoch, window)
+    cached = _EPOCH_CACHE.get(key)
+    if cached is not None:
+        return cached
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    size = global_batch * window
+    ordered: list[int] = []
+    for w in range(0, n, size):
+        ordered.extend(sorted(perm[w : w + size], key=lambda i: -lengths[i]))
+    batches = [ordered[b : b + global_batch] for b in range(0, n, global_batch)]
+    tail = batches.pop() if len(batches[-1]) < global_batch else None
+    rng = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919)
+    batches = [batches[i] for i in torch.randperm(len(batches), generator=rng).tolist()]
+    order = [i for b in batches for i in b] + (tail or [])
+    _EPOCH_CACHE.clear()  # one epoch at a time is all a run reads
+    _EPOCH_CACHE[key] = order
+    return order
+
+
 def prompt_of(task: Task, example: Example) -> str:
-    """The text a causal LM continues for ``example``: the task's prompt template, else the inputs."""
+    """The text a causal LM continues for ``example``: the rendered prompt of a tokenised example, the
+    task's prompt template, else the inputs."""
+    if example.tokens is not None:
+        return example.texts[0]
     template = PROMPTS.get(task.name)
     if template is None:
         return "\n".join(example.texts) + "\n"
@@ -78,10 +126,15 @@ class Collator:
         self.task = task
         self.tokenizer = tokenizer
         self.max_length = max_length
+        self.tokens = 0  # real tokens collated so far (causal batches): with ``padded``, the padding waste
+        self.padded = 0  # tokens the model processed: batch rows x their width
 
     def __call__(self, examples: Sequence[Example]) -> dict[str, torch.Tensor]:
         if self.task.kind == "generation":
-            return self._causal(examples)
+            batch = self._causal(examples)
+            self.tokens += int(batch["attention_mask"].sum())
+            self.padded += batch["attention_mask"].numel()
+            return batch
         texts = list(zip(*[e.texts for e in examples], strict=True))
         enc = self.tokenizer(
             *[list(t) for t in texts],
@@ -99,6 +152,10 @@ class Collator:
         rows: list[list[int]] = []
         labels: list[list[int]] = []
         for e in examples:
+            if e.tokens is not None:  # the user's data, tokenised and truncated already (userdata)
+                rows.append(list(e.tokens[0]))
+                labels.append(list(e.tokens[1]))
+                continue
             prompt = tok(prompt_of(self.task, e), add_special_tokens=False)["input_ids"]
             target = tok(" " + (e.target or ""), add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
             # Too long: drop the start of the prompt, never the whole target (the loss would be empty).

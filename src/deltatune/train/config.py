@@ -17,20 +17,31 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .. import core
 from ..fields import to_jsonable
 from ..lowrank import PRECISIONS as ADAPTER_PRECISIONS  # in which dtype adapters compute
 
-__all__ = ["ADAPTER_PRECISIONS", "FULL", "HEAD_ONLY", "PRECISIONS", "RUN_NEUTRAL", "SCHEDULES", "TrainConfig"]
+__all__ = [
+    "ADAPTER_PRECISIONS",
+    "FULL",
+    "HEAD_ONLY",
+    "PRECISIONS",
+    "REPORTERS",
+    "RUN_NEUTRAL",
+    "SCHEDULES",
+    "TrainConfig",
+]
 
 FULL = "full"  # pseudo-method: train every parameter
 HEAD_ONLY = "head"  # pseudo-method: train only the task head (a linear probe)
 SCHEDULES = ("linear", "cosine", "constant")  # learning-rate decay after warmup
 PRECISIONS = ("fp32", "bf16")
 # Options that do not change what a run computes: a rerun into the same ``out`` may change them.
-RUN_NEUTRAL = ("out", "resume", "checkpoint_every", "eval_batch_size")
+RUN_NEUTRAL = ("out", "resume", "checkpoint_every", "eval_batch_size", "eval_generate", "report_to")
+REPORTERS = ("tensorboard", "mlflow")
 
 
 @dataclass
@@ -76,6 +87,21 @@ class TrainConfig:
     out: str = "runs/run"
     data_dir: str | None = None
     resume: bool = True
+    data: str | None = None
+    eval_data: str | None = None
+    eval_fraction: float = 0.05
+    data_format: str | None = None
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str = "label"
+    prompt_column: str = "prompt"
+    completion_column: str = "completion"
+    messages_column: str = "messages"
+    loss_on: str = "assistant"
+    chat_template: str | None = None
+    eval_generate: int = 0
+    group_by_length: bool = True
+    report_to: list[str] | None = None
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens")
@@ -126,6 +152,7 @@ class TrainConfig:
                 "TrainConfig.checkpoint_every: a sharded run (fsdp) writes no periodic checkpoints yet; "
                 "pass --checkpoint-every 0 (the adapter is still saved at the end)"
             )
+        self._check_data()
         if self.method in (FULL, HEAD_ONLY) and self.method_fields:
             raise ValueError(f"TrainConfig.method_fields: method {self.method!r} takes no fields")
         if self.method not in (FULL, HEAD_ONLY):
@@ -133,6 +160,46 @@ class TrainConfig:
         # Plain JSON from here on (an initialiser object becomes {"type": ...}): checkpoints,
         # metrics.json and the comparison with a run already in ``out`` all see the same values.
         self.method_fields = {k: to_jsonable(v) for k, v in self.method_fields.items()}
+
+    def _check_data(self) -> None:
+        """The options of a run on the user's data (``data`` and what goes with it)."""
+        from .userdata import DATA_FORMATS, LOSS_ON
+
+        if self.data_format is not None and self.data_format not in DATA_FORMATS:
+            raise ValueError(
+                f"TrainConfig.data_format must be one of {', '.join(DATA_FORMATS)} (or unset: detected from "
+                f"the columns), got {self.data_format!r}"
+            )
+        if self.loss_on not in LOSS_ON:
+            raise ValueError(f"TrainConfig.loss_on must be one of {', '.join(LOSS_ON)}, got {self.loss_on!r}")
+        if not 0 < self.eval_fraction < 1:
+            raise ValueError(f"TrainConfig.eval_fraction must be in (0, 1), got {self.eval_fraction}")
+        if (
+            isinstance(self.eval_generate, bool)
+            or not isinstance(self.eval_generate, int)
+            or self.eval_generate < 0
+        ):
+            raise ValueError(f"TrainConfig.eval_generate must be an integer >= 0, got {self.eval_generate!r}")
+        unknown = [r for r in self.report_to or () if r not in REPORTERS]
+        if unknown:
+            raise ValueError(f"TrainConfig.report_to: unknown {unknown}; use {' or '.join(REPORTERS)}")
+        if self.data is None:
+            given = [
+                name
+                for name in ("eval_data", "data_format", "chat_template", "text_pair_column")
+                if getattr(self, name) is not None
+            ]
+            if self.eval_generate and self.task not in ("e2e", "gsm8k"):
+                given.append("eval_generate")
+            if given:
+                raise ValueError(
+                    f"TrainConfig.{given[0]} applies to a run on your own data; give data (--data PATH) "
+                    f"or drop {', '.join(given)}"
+                )
+        if self.chat_template is not None and not Path(self.chat_template).is_file():
+            raise ValueError(
+                f"TrainConfig.chat_template: no such file {self.chat_template} (a Jinja template file)"
+            )
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

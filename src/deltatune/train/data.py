@@ -25,7 +25,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, get_args, overload
 
@@ -36,13 +36,13 @@ __all__ = [
     "Example",
     "Kind",
     "Loader",
+    "Rows",
     "Split",
     "data_root",
     "files_loader",
     "infer_label_names",
     "label_names_of",
     "load_file",
-    "Rows",
 ]
 
 Kind = Literal["classification", "regression", "generation"]
@@ -72,12 +72,16 @@ class Example:
         target: The text to train on, for generation; ``None`` otherwise.
         refs: All acceptable references, for generation (at least ``(target,)``; for E2E evaluation
             every reference of the meaning representation); empty otherwise.
+        tokens: Already tokenised ``(input_ids, labels)`` (-100 where no loss applies), for the causal
+            formats of the user's data (:mod:`deltatune.train.userdata`); ``texts[0]`` is then the
+            prompt a generation continues.
     """
 
     texts: tuple[str, ...]
     label: int | float | None = None
     target: str | None = None
     refs: tuple[str, ...] = ()
+    tokens: tuple[tuple[int, ...], tuple[int, ...]] | None = field(default=None, repr=False)
 
 
 #: ``loader(split, data_dir) -> examples``.
@@ -91,7 +95,9 @@ Loader = Callable[[Split, Path], Sequence[Example]]
 _INT = re.compile(r"[+-]?\d+")
 
 
-def _parse_label(value: object, kind: Kind, label_names: Sequence[str], where: str, column: str) -> int | float | None:
+def _parse_label(
+    value: object, kind: Kind, label_names: Sequence[str], where: str, column: str
+) -> int | float | None:
     """Class index, float score, or None (generation); ``where`` names the file and row."""
 
     def bad(expected: str) -> ValueError:

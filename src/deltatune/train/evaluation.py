@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import math
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -17,11 +18,6 @@ from .tasks import Task, compute
 __all__ = ["evaluate", "generate"]
 
 
-def _batches(items: Sequence[Example], size: int) -> Iterator[Sequence[Example]]:
-    for i in range(0, len(items), size):
-        yield items[i : i + size]
-
-
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -30,11 +26,15 @@ def evaluate(
     examples: Sequence[Example],
     cfg: TrainConfig,
     progress: bool = True,
+    samples: list[dict[str, str]] | None = None,
 ) -> dict[str, float]:
     """The task's metrics (and the mean loss) on ``examples``, in eval mode (the model's mode is restored).
 
     Classification takes the argmax of the logits, regression the first output, generation the greedy
     continuation of each prompt (:func:`generate`); :func:`deltatune.train.tasks.compute` scores them.
+    Generation also reports the perplexity (``exp`` of the mean token loss). On the user's causal data
+    (a task with ``fmt``) only the first ``cfg.eval_generate`` examples are generated and scored (the
+    loss covers all); their prompts, references and outputs are appended to ``samples`` if given.
     ``cfg`` gives ``max_length``, ``eval_batch_size``, ``max_new_tokens`` and ``precision``.
     """
     was_training = model.training
@@ -42,8 +42,10 @@ def evaluate(
     collate = Collator(task, tokenizer, cfg.max_length)
     total = count = 0.0
     predictions: list[Any] = []
+    generated = len(examples) if task.fmt is None else min(cfg.eval_generate, len(examples))
     bar = Progress(len(examples), "eval", unit="example", enabled=progress, leave=False)
-    for chunk in _batches(examples, cfg.eval_batch_size):
+    for start in range(0, len(examples), cfg.eval_batch_size):
+        chunk = examples[start : start + cfg.eval_batch_size]
         batch = to_device(collate(chunk), device_of(model))
         with autocast(cfg.precision):
             logits = logits_of(model, batch)  # one forward serves the loss and the predictions
@@ -54,13 +56,22 @@ def evaluate(
             predictions.extend(
                 logits.argmax(-1).tolist() if task.kind == "classification" else logits[:, 0].tolist()
             )
-        else:
-            predictions.extend(generate(model, tokenizer, task, chunk, cfg))
+        elif start < generated:
+            predictions.extend(generate(model, tokenizer, task, chunk[: generated - start], cfg))
         bar.update(len(chunk))
     bar.close()
     model.train(was_training)
     metrics = {"loss": total / max(count, 1)}
-    metrics.update(compute(task, predictions, list(examples)))
+    if task.kind == "generation":
+        metrics["perplexity"] = math.exp(min(metrics["loss"], 700.0))
+    scored = list(examples[:generated]) if task.kind == "generation" else list(examples)
+    if task.metrics and scored:
+        metrics.update(compute(task, predictions, scored))
+    if samples is not None and task.kind == "generation":
+        samples.extend(
+            {"prompt": prompt_of(task, e), "reference": e.refs[0] if e.refs else "", "output": out}
+            for e, out in zip(scored, predictions, strict=True)
+        )
     return metrics
 
 

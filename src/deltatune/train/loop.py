@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import random
 import resource
 import sys
 import time
@@ -36,7 +37,17 @@ from ..files import tensors_writer, write_file
 from ..io import save
 from ..lowrank import adapter_precision_as
 from ..stepping import lr_factor, needs_step_hooks, on_step, regularization
-from .batches import Collator, autocast, batch_positions, count_of, device_of, loss_sum, prompt_of, to_device
+from .batches import (
+    Collator,
+    autocast,
+    batch_positions,
+    count_of,
+    device_of,
+    grouped_positions,
+    loss_sum,
+    prompt_of,
+    to_device,
+)
 from .checkpoint import check_out_folder, has_checkpoint, load_checkpoint, remove_run, save_checkpoint
 from .config import TrainConfig
 from .data import Example
@@ -44,8 +55,10 @@ from .evaluation import evaluate
 from .models import load_model
 from .prepare import prepare
 from .progress import Progress
+from .reporting import open_reporters
 from .sharding import on_first, shard
 from .tasks import Task, get_task, load_split
+from .userdata import Columns, SFTRows, UserData, open_data
 
 __all__ = [
     "Collator",
@@ -263,18 +276,20 @@ def _train(
     overwrite: bool,
 ) -> dict[str, Any]:
     world = init_world()
-    task = get_task(cfg.task)
+    source = _open_data(cfg) if cfg.data else None
+    task = source.task if source is not None else get_task(cfg.task)
     out = Path(cfg.out)
     if not overwrite:
         check_out_folder(cfg)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    train_examples = load_split(
-        task, "train", cfg.data_dir, limit=cfg.train_limit, seed=cfg.seed if cfg.train_limit else None
-    )
-    eval_examples = load_split(
-        task, "eval", cfg.data_dir, limit=cfg.eval_limit, seed=cfg.seed if cfg.eval_limit else None
-    )
+    if source is None:
+        train_examples = load_split(
+            task, "train", cfg.data_dir, limit=cfg.train_limit, seed=cfg.seed if cfg.train_limit else None
+        )
+        eval_examples = load_split(
+            task, "eval", cfg.data_dir, limit=cfg.eval_limit, seed=cfg.seed if cfg.eval_limit else None
+        )
     if cfg.batch_size % world.size:
         raise ValueError(
             f"TrainConfig.batch_size {cfg.batch_size} must be divisible by the {world.size} processes"
@@ -286,6 +301,10 @@ def _train(
         model, tokenizer = load_model(cfg.model, task.kind, task.num_labels or None, seed=cfg.seed)
     if tokenizer is None:
         raise ValueError("train(model=...) needs the model's tokenizer too (tokenizer=...)")
+    if cfg.chat_template is not None:
+        tokenizer.chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
+    if source is not None:
+        train_examples, eval_examples = _user_examples(source, tokenizer, cfg, world)
     if torch.cuda.is_available():
         model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     groups, facts = prepare(model, cfg, task)
@@ -310,11 +329,11 @@ def _train(
     )
     runner = model if cfg.fsdp else _distributed(model, world)
 
-    def evaluate_now() -> dict[str, float] | None:
+    def evaluate_now(samples: list[dict[str, str]] | None = None) -> dict[str, float] | None:
         """The eval metrics on the first process (None elsewhere); every process must call it."""
 
         def run() -> dict[str, float]:
-            return evaluate(model, tokenizer, task, eval_examples, cfg, progress)
+            return evaluate(model, tokenizer, task, eval_examples, cfg, progress, samples)
 
         return on_first(model, cfg.fsdp, world.main, run)
 
@@ -323,18 +342,23 @@ def _train(
     ckpt = out / "checkpoint"
     if cfg.resume and not overwrite and has_checkpoint(ckpt):
         done, history = load_checkpoint(ckpt, cfg, trainable, names, optimizer, scheduler, model=model)
+    reporter = open_reporters(cfg, out) if world.main else None
+    samples: dict[str, list[dict[str, str]]] = {"before": [], "after": []}
     if cfg.eval_before and done == 0:
-        history["before"] = evaluate_now()
+        history["before"] = evaluate_now(samples["before"])
         history["eval"].append([0, history["before"]])
+        if reporter is not None and history["before"]:
+            reporter.log(0, history["before"], "eval")
         model.train()
     collate = Collator(task, tokenizer, cfg.max_length)
+    lengths = _lengths(train_examples) if cfg.group_by_length else None
     bar = Progress(
         cfg.steps, f"{cfg.method} {task.name}", unit="step", initial=done, enabled=progress and world.main
     )
     train_seconds = 0.0
     while done < cfg.steps:
         t0 = time.perf_counter()
-        micro = [collate(chunk) for chunk in _micro_batches(train_examples, done, cfg, world)]
+        micro = [collate(chunk) for chunk in _micro_batches(train_examples, done, cfg, world, lengths)]
         loss = step(
             runner,
             micro,
@@ -352,20 +376,41 @@ def _train(
         bar.update(1, loss=f"{loss:.4f}")
         for callback in callbacks:
             callback(done, loss)
+        if reporter is not None:
+            reporter.log(done, {"loss": loss, "lr": scheduler.get_last_lr()[0]}, "train")
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
             history["eval"].append([done, evaluate_now()])
+            if reporter is not None and history["eval"][-1][1]:
+                reporter.log(done, history["eval"][-1][1], "eval")
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and world.main:
             history["train_seconds"] = history.get("train_seconds", 0.0) + train_seconds
             train_seconds = 0.0
             save_checkpoint(ckpt, done, cfg, trainable, names, optimizer, scheduler, history, model=model)
     bar.close()
     history["train_seconds"] = history.get("train_seconds", 0.0) + train_seconds
-    history["eval"].append([done, evaluate_now()])
+    history["eval"].append([done, evaluate_now(samples["after"])])
+    if collate.padded:
+        history["padding"] = {
+            "tokens": collate.tokens,
+            "processed": collate.padded,
+            "waste": round(1 - collate.tokens / collate.padded, 4),
+        }
 
     def finish() -> dict[str, Any]:
-        stored_bytes = _store(model, cfg, task, out, base_model)
+        stored_bytes = _store(model, cfg, task, out, base_model, tokenizer)
         record = _record(cfg, task, model, facts, history, stored_bytes, started, world)
+        if source is not None:
+            record["data"] = {
+                "path": source.path,
+                "format": source.fmt,
+                "eval": source.where["eval"],
+                **source.report,
+            }
+        _write_generations(samples, out)
         _write_record(record, out)
+        if reporter is not None:
+            reporter.log(done, record["metrics"], "eval")
+            reporter.close(record)
         return record
 
     record: dict[str, Any] = on_first(model, cfg.fsdp, world.main, finish) or {}
@@ -376,13 +421,89 @@ def _train(
     return record
 
 
+def _open_data(cfg: TrainConfig) -> UserData:
+    assert cfg.data is not None
+    columns = Columns(
+        text=cfg.text_column,
+        text_pair=cfg.text_pair_column,
+        prompt=cfg.prompt_column,
+        completion=cfg.completion_column,
+        messages=cfg.messages_column,
+        label=cfg.label_column,
+    )
+    return open_data(
+        cfg.data,
+        eval_path=cfg.eval_data,
+        eval_fraction=cfg.eval_fraction,
+        fmt=cfg.data_format,
+        cols=columns,
+        seed=cfg.seed,
+    )
+
+
+def _user_examples(
+    source: UserData, tokenizer: Any, cfg: TrainConfig, world: World
+) -> tuple[Sequence[Example], Sequence[Example]]:
+    """Both splits of the user's data (tokenised where causal), limited as asked; truncation reported."""
+    splits = []
+    for split, limit in (("train", cfg.train_limit), ("eval", cfg.eval_limit)):
+        examples = source.examples(split, tokenizer, cfg.max_length, cfg.loss_on)
+        if limit is not None and limit < len(examples):
+            order = list(range(len(examples)))
+            random.Random(cfg.seed).shuffle(order)
+            examples = [examples[i] for i in order[:limit]]
+        splits.append(examples)
+        counts = source.report.get(split)
+        if counts and world.main and (counts["truncated"] or counts["skipped"]):
+            print(
+                f"{source.where[split]}: {counts['truncated']} of {counts['examples']} examples truncated "
+                f"to --max-length {cfg.max_length} (some tokens to train on cut), {counts['skipped']} "
+                "skipped (no token to train on within it)",
+                file=sys.stderr,
+            )
+    return splits[0], splits[1]
+
+
+def _lengths(examples: Sequence[Example]) -> Sequence[int] | None:
+    """Token counts of tokenised examples (for length grouping); None for others."""
+    if isinstance(examples, SFTRows):
+        return examples.lengths
+    if examples and all(e.tokens is not None for e in examples):
+        return [len(e.tokens[0]) for e in examples if e.tokens is not None]
+    return None
+
+
+def _write_generations(samples: dict[str, list[dict[str, str]]], out: Path) -> None:
+    """``generations.jsonl`` (and ``generations-before.jsonl``): prompt, reference and output per line."""
+    for when, rows in samples.items():
+        if rows:
+            name = "generations.jsonl" if when == "after" else "generations-before.jsonl"
+            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+            write_file(out / name, _text_writer(text))
+
+
+def _text_writer(text: str) -> Callable[[Path], None]:
+    def write(path: Path) -> None:
+        path.write_text(text, encoding="utf-8")
+
+    return write
+
+
 def _micro_batches(
-    examples: Sequence[Example], done: int, cfg: TrainConfig, world: World
+    examples: Sequence[Example],
+    done: int,
+    cfg: TrainConfig,
+    world: World,
+    lengths: Sequence[int] | None = None,
 ) -> list[list[Example]]:
-    """This process's share of the micro-batches of step ``done`` (see :func:`batch_positions`)."""
+    """This process's share of the micro-batches of step ``done`` (see :func:`batch_positions`;
+    :func:`grouped_positions` where the ``lengths`` of tokenised examples are known)."""
     global_batch = cfg.batch_size * cfg.grad_accum
     per_rank = cfg.batch_size // world.size
-    positions = batch_positions(done, global_batch, len(examples), cfg.seed)
+    if lengths is not None:
+        positions = grouped_positions(done, global_batch, lengths, cfg.seed)
+    else:
+        positions = batch_positions(done, global_batch, len(examples), cfg.seed)
     micro = []
     for m in range(cfg.grad_accum):
         chunk = positions[m * cfg.batch_size : (m + 1) * cfg.batch_size]
@@ -435,10 +556,16 @@ def peak_memory_bytes() -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
-def task_record(cfg: TrainConfig, task: Task) -> dict[str, Any]:
+def task_record(cfg: TrainConfig, task: Task, tokenizer: Any = None) -> dict[str, Any]:
     """What an adapter records of its run (``adapter_config.json``'s ``task``, see
     :data:`deltatune.io.TASK_FIELDS`): enough for ``deltatune eval ADAPTER`` to evaluate it on the
-    same examples, the same way."""
+    same examples, the same way. A run on the user's data records the file, its format and the chat
+    template it was rendered with where that was not the tokenizer's own (``deltatune chat`` uses it)."""
+    if task.fmt is not None:
+        data: dict[str, Any] = {"data": cfg.data, "format": task.fmt, "max_length": cfg.max_length}
+        if cfg.chat_template is not None and tokenizer is not None:
+            data["chat_template"] = tokenizer.chat_template
+        return data
     record: dict[str, Any] = {
         "name": task.name,
         "max_length": cfg.max_length,
@@ -450,10 +577,12 @@ def task_record(cfg: TrainConfig, task: Task) -> dict[str, Any]:
     return record
 
 
-def _store(model: nn.Module, cfg: TrainConfig, task: Task, out: Path, base_model: str | None) -> int:
+def _store(
+    model: nn.Module, cfg: TrainConfig, task: Task, out: Path, base_model: str | None, tokenizer: Any = None
+) -> int:
     """Save what the run produced; return its size in bytes (tensor data)."""
     if core.has_adapters(model):
-        save(model, out / "adapter", base_model=base_model, task=task_record(cfg, task))
+        save(model, out / "adapter", base_model=base_model, task=task_record(cfg, task, tokenizer))
         return core.parameter_report(model).stored_bytes
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     write_file(out / "trained.safetensors", tensors_writer(tensors))

@@ -17,6 +17,7 @@ name                   definition
 ``bleu``               corpus BLEU (Papineni et al., ACL 2002) with several references per example, as
                        computed by sacreBLEU (Post, WMT 2018) with its default 13a tokenization
 ``rouge_l``            ROUGE-L F-measure (Lin, 2004), per example against its best reference, averaged
+``exact_match``        share of generated texts equal to one of their references (outer whitespace aside)
 ``answer_accuracy``    GSM8K: share of outputs whose final number equals the reference's (see
                        :func:`extract_answer`)
 =====================  ==================================================================================
@@ -58,6 +59,7 @@ __all__ = [
     "accuracy",
     "answer_accuracy",
     "bleu",
+    "exact_match",
     "extract_answer",
     "f1",
     "matthews",
@@ -244,6 +246,14 @@ def answer_accuracy(predictions: Sequence[str], references: Sequence[str]) -> fl
     return 100.0 * correct / len(predictions)
 
 
+def exact_match(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
+    """Percentage of ``predictions`` equal to one of their references, both stripped of outer whitespace."""
+    _check_texts(predictions, references)
+    pairs = zip(predictions, references, strict=True)
+    hits = sum(p.strip() in {r.strip() for r in refs} for p, refs in pairs)
+    return 100.0 * hits / len(predictions)
+
+
 def _labels(examples: Sequence[Example]) -> list[Any]:
     labels = [ex.label for ex in examples]
     if any(label is None for label in labels):
@@ -271,4 +281,5 @@ METRICS: dict[str, Callable[[Sequence[Any], Sequence[Example]], float]] = {
     "bleu": lambda p, e: bleu(p, _references(e)),
     "rouge_l": lambda p, e: rouge_l(p, _references(e)),
     "answer_accuracy": lambda p, e: answer_accuracy(p, [refs[0] for refs in _references(e)]),
+    "exact_match": lambda p, e: exact_match(p, _references(e)),
 }

@@ -102,7 +102,9 @@ def _read_folder(folder: Path, what: str, fieldnames: Sequence[str] | None) -> d
         raise ValueError(f"{what} {folder}: a folder without data files ({known}) or a save_to_disk dataset")
     suffixes = sorted({f.suffix.lower() for f in files})
     if len({FILE_FORMATS[s] for s in suffixes}) > 1 or {".csv", ".tsv"} <= set(suffixes):
-        raise ValueError(f"{what} {folder}: files of several formats ({', '.join(suffixes)}); keep one per folder")
+        raise ValueError(
+            f"{what} {folder}: files of several formats ({', '.join(suffixes)}); keep one per folder"
+        )
     return _read_files(files, what, fieldnames)
 
 
@@ -159,15 +161,26 @@ def _read_files(files: list[Path], what: str, fieldnames: Sequence[str] | None) 
         fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(cause))
         if fields:
             expected, line, found = fields.groups()
-            raise ValueError(f"{what} {files[0]} line {line}: expected {expected} fields, found {found}") from None
+            raise ValueError(
+                f"{what} {files[0]} line {line}: expected {expected} fields, found {found}"
+            ) from None
         reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
         raise ValueError(f"{what} {', '.join(map(str, files))}: could not be read ({reason})") from None
     return table
 
 
 def _check_readable(f: Path, what: str) -> None:
+    """An empty file is refused; so is a JSONL file whose first line is not an object (the Arrow
+    reader would take a list there for a column of values)."""
     if f.stat().st_size == 0:
         raise ValueError(f"{what} {f}: the file is empty")
+    if f.suffix.lower() != ".jsonl":
+        return
+    with f.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            if raw.strip():
+                _check_line(raw, number, f, what)
+                return
 
 
 def _header(f: Path, tsv: bool, what: str) -> list[str]:
@@ -179,8 +192,10 @@ def _header(f: Path, tsv: bool, what: str) -> list[str]:
             raise ValueError(f"{what} {f} line 1: not valid UTF-8 ({e.reason} at byte {e.start})") from None
     if not first.strip():
         raise ValueError(f"{what} {f}: the first line is empty; expected a header line of column names")
-    reader = csv.reader(io.StringIO(first), delimiter="\t", quoting=csv.QUOTE_NONE) if tsv else csv.reader(
-        io.StringIO(first)
+    reader = (
+        csv.reader(io.StringIO(first), delimiter="\t", quoting=csv.QUOTE_NONE)
+        if tsv
+        else csv.reader(io.StringIO(first))
     )
     columns = next(reader)
     if len(set(columns)) != len(columns):
@@ -192,18 +207,29 @@ def _diagnose(f: Path, builder: str, what: str) -> None:
     """Raise the precise reason ``f`` failed to load, if a line-by-line look finds one."""
     if builder == "parquet":
         return
+    jsonl = f.suffix.lower() == ".jsonl"
     with f.open("rb") as handle:
         for number, raw in enumerate(handle, start=1):
-            try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as e:
-                raise ValueError(f"{what} {f} line {number}: not valid UTF-8 ({e.reason} at byte {e.start})") from None
-            if builder != "json" or f.suffix.lower() != ".jsonl" or not line.strip():
-                continue
-            try:
-                value = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{what} {f} line {number}: not valid JSON ({e.msg})") from None
-            if not isinstance(value, dict):
-                got = type(value).__name__
-                raise ValueError(f"{what} {f} line {number}: expected a JSON object, got {got}")
+            if jsonl and raw.strip():
+                _check_line(raw, number, f, what)
+            else:
+                _decode(raw, number, f, what)
+
+
+def _decode(raw: bytes, number: int, f: Path, what: str) -> str:
+    try:
+        return raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(
+            f"{what} {f} line {number}: not valid UTF-8 ({e.reason} at byte {e.start})"
+        ) from None
+
+
+def _check_line(raw: bytes, number: int, f: Path, what: str) -> None:
+    """One JSONL line: valid UTF-8, valid JSON, an object."""
+    try:
+        value = json.loads(_decode(raw, number, f, what))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{what} {f} line {number}: not valid JSON ({e.msg})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{what} {f} line {number}: expected a JSON object, got {type(value).__name__}")

@@ -97,6 +97,9 @@ class Task:
         main_metric: The one to select checkpoints by; one of ``metrics``.
         loader: ``loader(split, data_dir) -> list[Example]``, ``split`` being ``"train"`` or ``"eval"``.
         description: One line for humans.
+        fmt: For a task on the user's files (:mod:`deltatune.train.userdata`), their format
+            (``messages``, ``prompt_completion``, ``text``, ``classification``, ``regression``); None
+            for the built-in tasks.
     """
 
     name: str
@@ -108,6 +111,7 @@ class Task:
     main_metric: str
     loader: Loader = field(repr=False, compare=False)
     description: str = ""
+    fmt: str | None = None
 
     def __post_init__(self) -> None:
         where = f"task {self.name!r}"
@@ -122,7 +126,7 @@ class Task:
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown:
             raise ValueError(f"{where}: unknown metric(s) {unknown}; known: {', '.join(sorted(METRICS))}")
-        if self.main_metric not in self.metrics:
+        if self.main_metric not in self.metrics and self.main_metric != "loss":
             raise ValueError(f"{where}: main_metric {self.main_metric!r} is not in metrics {self.metrics}")
 
     @property
@@ -138,7 +142,7 @@ class Task:
         data_dir: str | os.PathLike[str] | None = None,
         limit: int | None = None,
         seed: int | None = None,
-    ) -> list[Example]:
+    ) -> Sequence[Example]:
         """Same as :func:`load_split` with this task."""
         return load_split(self, split, data_dir=data_dir, limit=limit, seed=seed)
 

@@ -1,0 +1,488 @@
+"""The user's own data: ``deltatune train --data PATH`` (formats, chat templates, assistant-only loss).
+
+:func:`open_data` reads the training file (and ``--eval-data``, else a seeded ``--eval-fraction`` of
+it) through :func:`deltatune.train.sources.read_table`, detects its format from the columns (or takes
+``--data-format``) and checks every row, naming the file, row and field at fault. The formats, as in
+TRL's ``SFTTrainer``:
+
+=====================  ==============================  =================================================
+format                 columns (flags rename them)     what trains
+=====================  ==============================  =================================================
+``messages``           ``messages``: ``[{role,         the assistant turns (``--loss-on all``: every
+                       content}, ...]``                token); rendered with the tokenizer's chat
+                                                       template (``--chat-template FILE`` supplies one)
+``prompt_completion``  ``prompt``, ``completion``      the completion (and the end-of-text token)
+``text``               ``text``                        every token
+``classification``     ``text`` [+ ``--text-pair-      a task head; classes are the training labels
+                       column``], ``label``
+``regression``         ``text`` [+ pair], ``label``    a one-output head (labels are numbers)
+=====================  ==============================  =================================================
+
+The three causal formats are tokenised once with ``datasets.map`` into a cached Arrow table (input ids,
+labels with -100 where no loss applies, lengths); a second run on the same file, tokenizer and options
+reads that cache. Truncation to ``--max-length`` keeps the start; an example that keeps no token to
+train on is skipped, one that loses some is truncated, and both are counted and reported
+(:attr:`UserData.report`). The assistant spans of a conversation are found by rendering its prefixes
+(``messages[:i]`` with the generation prompt, ``messages[:i+1]``); a template for which these are not
+prefixes of the whole conversation is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, overload
+
+from .data import Example, Rows, label_names_of
+from .sources import read_table
+from .tasks import Task
+
+__all__ = [
+    "CAUSAL_FORMATS",
+    "DATA_FORMATS",
+    "LOSS_ON",
+    "ROLES",
+    "SFTRows",
+    "UserData",
+    "detect_format",
+    "open_data",
+]
+
+DATA_FORMATS = ("text", "prompt_completion", "messages", "classification", "regression")
+CAUSAL_FORMATS = ("text", "prompt_completion", "messages")
+LOSS_ON = ("assistant", "all")
+ROLES = ("system", "user", "assistant", "tool")
+_ENCODING_VERSION = "1"  # bump when the tokenised columns change meaning (invalidates the cache)
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Which column holds what (``--text-column`` and friends)."""
+
+    text: str = "text"
+    text_pair: str | None = None
+    prompt: str = "prompt"
+    completion: str = "completion"
+    messages: str = "messages"
+    label: str = "label"
+
+    def of(self, fmt: str) -> tuple[str, ...]:
+        """The columns format ``fmt`` reads."""
+        if fmt == "messages":
+            return (self.messages,)
+        if fmt == "prompt_completion":
+            return (self.prompt, self.completion)
+        if fmt == "text":
+            return (self.text,)
+        return (self.text, *((self.text_pair,) if self.text_pair else ()), self.label)
+
+
+def detect_format(columns: Sequence[str], cols: Columns, where: str) -> str:
+    """The format the column names call for: messages, prompt/completion, text + label, text."""
+    have = set(columns)
+    found = [
+        fmt
+        for fmt, needed in (
+            ("messages", {cols.messages}),
+            ("prompt_completion", {cols.prompt, cols.completion}),
+            ("classification", {cols.text, cols.label}),
+        )
+        if needed <= have
+    ]
+    if not found and cols.text in have:
+        found = ["text"]
+    if len(found) > 1 and found[0] == "messages":
+        raise ValueError(
+            f"{where}: columns for several formats ({', '.join(found)}) in one file: {sorted(have)}; "
+            "keep one format per file, or choose one with --data-format"
+        )
+    if not found:
+        raise ValueError(
+            f"{where}: cannot tell the format from the columns {sorted(have)}; expected 'messages', "
+            "'prompt' + 'completion', 'text' + 'label' or 'text' (rename with --messages-column, "
+            "--prompt-column, --completion-column, --text-column, --label-column, or set --data-format)"
+        )
+    return found[0]
+
+
+def _first_null(table: Any, column: str) -> int | None:
+    import pyarrow.compute as pc
+
+    data = table.data.column(column)
+    if not data.null_count:
+        return None
+    return int(pc.index(pc.is_null(data), True).as_py())
+
+
+def _check_rows(table: Any, fmt: str, cols: Columns, where: str) -> None:
+    """Every column of ``fmt`` present and filled in every row (a row of another format is named)."""
+    needed = cols.of(fmt)
+    missing = [c for c in needed if c not in table.column_names]
+    if missing:
+        raise ValueError(
+            f"{where}: format {fmt} needs column(s) {', '.join(map(repr, missing))}; the file has "
+            f"{', '.join(map(repr, table.column_names))} (rename with --{missing[0]}-column style flags: "
+            "--text-column, --label-column, --prompt-column, --completion-column, --messages-column)"
+        )
+    for column in needed:
+        row = _first_null(table, column)
+        if row is not None:
+            others = [c for c in table.column_names if c not in needed and table[row][c] is not None]
+            hint = f" (it has {', '.join(map(repr, others))}: mixed formats in one file?)" if others else ""
+            raise ValueError(f"{where} row {row + 1}: field {column!r} is missing{hint}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenising the causal formats
+# ----------------------------------------------------------------------------------------------------
+
+
+def check_conversation(messages: object, where: str, column: str) -> list[dict[str, str]]:
+    """A conversation: a list of ``{role, content}`` with known roles and at least one assistant turn."""
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"{where}: field {column!r} should be a non-empty list of {{role, content}} turns")
+    for i, turn in enumerate(messages):
+        if not isinstance(turn, dict) or not isinstance(turn.get("role"), str):
+            raise ValueError(f"{where}: {column}[{i}] should be an object with 'role' and 'content'")
+        if turn["role"] not in ROLES:
+            raise ValueError(
+                f"{where}: {column}[{i}] has unknown role {turn['role']!r}; use one of {', '.join(ROLES)}"
+            )
+        if not isinstance(turn.get("content"), str):
+            raise ValueError(f"{where}: {column}[{i}].content should be text, got {turn.get('content')!r}")
+    if not any(t["role"] == "assistant" for t in messages):
+        raise ValueError(f"{where}: {column!r} has no assistant turn (nothing to train on)")
+    return [{"role": t["role"], "content": t["content"]} for t in messages]
+
+
+def _render(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool) -> str:
+    text: str = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=generation_prompt
+    )
+    return text
+
+
+def assistant_spans(
+    tokenizer: Any, messages: list[dict[str, str]], where: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans of its assistant turns (end-of-turn included)."""
+    full = _render(tokenizer, messages, False)
+    spans = []
+    for i, turn in enumerate(messages):
+        if turn["role"] != "assistant":
+            continue
+        start = len(_render(tokenizer, messages[:i], True)) if i else 0
+        end_text = _render(tokenizer, messages[: i + 1], False)
+        if not full.startswith(end_text) or start > len(end_text):
+            raise ValueError(
+                f"{where}: the chat template does not render a conversation's turns as prefixes of the whole "
+                "conversation, so the assistant turns cannot be located; give --chat-template FILE with one "
+                "that does, or use --loss-on all"
+            )
+        spans.append((start, len(end_text)))
+    return full, spans
+
+
+@dataclass
+class Encoder:
+    """Turns rows of one causal format into ``input_ids``, ``labels``, ``length``, ``status`` (0 whole,
+    1 truncated, 2 skipped) and, for evaluation, ``prompt`` and ``reference`` (``datasets.map``)."""
+
+    tokenizer: Any
+    fmt: str
+    cols: Columns
+    max_length: int
+    loss_on: str
+    where: str
+
+    def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
+        out: dict[str, list[Any]] = {
+            k: [] for k in ("input_ids", "labels", "length", "status", "prompt", "reference")
+        }
+        n = len(indices)
+        for j in range(n):
+            where = f"{self.where} row {indices[j] + 1}"
+            ids, labels, prompt, reference = self._one({k: v[j] for k, v in batch.items()}, where)
+            status = 0
+            if len(ids) > self.max_length:
+                kept = labels[: self.max_length]
+                status = 2 if all(x == -100 for x in kept) else 1
+                ids, labels = ids[: self.max_length], kept
+            out["input_ids"].append(ids)
+            out["labels"].append(labels)
+            out["length"].append(len(ids))
+            out["status"].append(status)
+            out["prompt"].append(prompt)
+            out["reference"].append(reference)
+        return out
+
+    def _one(self, row: dict[str, Any], where: str) -> tuple[list[int], list[int], str, str]:
+        tok = self.tokenizer
+        eos = tok.eos_token_id
+        if self.fmt == "text":
+            text = _text(row, self.cols.text, where)
+            ids = [*tok(text)["input_ids"], eos]
+            return ids, list(ids), "", ""
+        if self.fmt == "prompt_completion":
+            prompt = _text(row, self.cols.prompt, where)
+            completion = _text(row, self.cols.completion, where)
+            p = list(tok(prompt)["input_ids"])
+            c = [*tok(completion, add_special_tokens=False)["input_ids"], eos]
+            labels = (p if self.loss_on == "all" else [-100] * len(p)) + c
+            return p + c, labels, prompt, completion
+        messages = check_conversation(row[self.cols.messages], where, self.cols.messages)
+        full, spans = assistant_spans(tok, messages, where)
+        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        if self.loss_on == "all":
+            labels = list(ids)
+        else:
+            labels = [
+                t if any(s <= a < e for s, e in spans) else -100
+                for t, (a, _) in zip(ids, enc["offset_mapping"], strict=True)
+            ]
+        last = max(i for i, t in enumerate(messages) if t["role"] == "assistant")
+        return ids, labels, _render(tok, messages[:last], True), messages[last]["content"]
+
+
+def _text(row: dict[str, Any], column: str, where: str) -> str:
+    value = row[column]
+    if not isinstance(value, str):
+        raise ValueError(f"{where}: field {column!r} should be text, got {value!r}")
+    return value
+
+
+def tokenizer_fingerprint(tokenizer: Any) -> str:
+    """What the tokenised cache depends on of a tokenizer: its vocabulary, rules and chat template."""
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
+    h.update(repr((tokenizer.chat_template, tokenizer.eos_token_id, type(tokenizer).__name__)).encode())
+    return h.hexdigest()[:16]
+
+
+class SFTRows(Sequence[Example]):
+    """Tokenised examples of a causal format, built on access from the cached table."""
+
+    def __init__(self, table: Any) -> None:
+        self.table = table
+        self.lengths: list[int] = table.data.column("length").to_pylist()
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    @overload
+    def __getitem__(self, index: int) -> Example: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Example]: ...
+
+    def __getitem__(self, index: int | slice) -> Example | list[Example]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        row = self.table[index]
+        ref = row["reference"]
+        return Example(
+            (row["prompt"],), None, ref, (ref,), tokens=(tuple(row["input_ids"]), tuple(row["labels"]))
+        )
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run's data
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class UserData:
+    """A run's data from the user's files: its format, a :class:`~deltatune.train.tasks.Task` (kind,
+    labels, metrics), and the two tables (train, eval) before tokenisation."""
+
+    path: str
+    fmt: str
+    task: Task
+    cols: Columns
+    tables: dict[str, Any]
+    where: dict[str, str]
+    report: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    @property
+    def causal(self) -> bool:
+        return self.fmt in CAUSAL_FORMATS
+
+    def examples(self, split: str, tokenizer: Any, max_length: int, loss_on: str) -> Sequence[Example]:
+        """The examples of ``split`` (``"train"`` or ``"eval"``): rows (classification, regression) or
+        tokenised rows (the causal formats), with the truncation counts in :attr:`report`."""
+        table = self.tables[split]
+        if not self.causal:
+            return Rows(
+                table,
+                Path(self.where[split]),
+                self.cols.of(self.fmt)[:-1],
+                self.cols.label,
+                self.task.kind,
+                self.task.label_names,
+            )
+        if tokenizer.eos_token_id is None:
+            raise ValueError(
+                f"{self.path}: the tokenizer has no end-of-text token; the causal formats need one"
+            )
+        if self.fmt == "messages" and not getattr(tokenizer, "chat_template", None):
+            raise ValueError(
+                f"{self.path}: messages data needs a chat template and this model's tokenizer has none; give "
+                "one with --chat-template FILE (a Jinja template, as in tokenizer_config.json)"
+            )
+        if self.fmt == "messages" and loss_on != "all" and not getattr(tokenizer, "is_fast", False):
+            raise ValueError(
+                f"{self.path}: assistant-only loss needs a fast tokenizer (offsets); use --loss-on all"
+            )
+        encoder = Encoder(tokenizer, self.fmt, self.cols, max_length, loss_on, self.where[split])
+        key = "|".join(
+            (
+                _ENCODING_VERSION,
+                table._fingerprint,
+                tokenizer_fingerprint(tokenizer),
+                self.fmt,
+                repr(self.cols),
+                str(max_length),
+                loss_on,
+            )
+        )
+        encoded = table.map(
+            encoder,
+            batched=True,
+            with_indices=True,
+            remove_columns=table.column_names,
+            new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
+            desc=f"tokenising {split}",
+        )
+        status = encoded.data.column("status").to_pylist()
+        counts = {"examples": len(status), "truncated": status.count(1), "skipped": status.count(2)}
+        self.report[split] = counts
+        if counts["skipped"] == counts["examples"]:
+            raise ValueError(
+                f"{self.where[split]}: every example is longer than --max-length {max_length} before its "
+                "first token to train on (the prompt alone fills it); raise --max-length"
+            )
+        if counts["skipped"]:
+            encoded = encoded.filter(
+                lambda s: s != 2, input_columns="status", new_fingerprint=encoded._fingerprint[:24] + "skip2"
+            )
+        return SFTRows(encoded)
+
+
+def _seeded_split(table: Any, fraction: float, seed: int, where: str) -> tuple[Any, Any]:
+    n = len(table)
+    held = max(1, math.floor(n * fraction))
+    if n - held < 1:
+        raise ValueError(
+            f"{where}: {n} example(s) cannot be split into training and held-out ones (--eval-fraction "
+            f"{fraction}); add examples or give --eval-data"
+        )
+    order = list(range(n))
+    random.Random(seed).shuffle(order)
+    return table.select(sorted(order[held:])), table.select(sorted(order[:held]))
+
+
+def open_data(
+    path: str,
+    *,
+    eval_path: str | None = None,
+    eval_fraction: float = 0.05,
+    fmt: str | None = None,
+    cols: Columns = Columns(),
+    seed: int = 0,
+) -> UserData:
+    """Read, detect and check a run's data (see the module docstring); tokenising comes later
+    (:meth:`UserData.examples`), once the model's tokenizer is known."""
+    if fmt is not None and fmt not in DATA_FORMATS:
+        raise ValueError(f"--data-format must be one of {', '.join(DATA_FORMATS)}, not {fmt!r}")
+    train = read_table(path, what="--data")
+    where = {"train": str(path)}
+    detected = detect_format(train.column_names, cols, f"--data {path}")
+    if fmt is None:
+        fmt = detected
+        if fmt == "classification" and _numeric_scores(train, cols.label):
+            fmt = "regression"
+    _check_rows(train, fmt, cols, f"--data {path}")
+    if eval_path is not None:
+        held = read_table(eval_path, what="--eval-data")
+        where["eval"] = str(eval_path)
+        other = detect_format(held.column_names, cols, f"--eval-data {eval_path}")
+        if fmt in CAUSAL_FORMATS and other != fmt and other in CAUSAL_FORMATS:
+            raise ValueError(
+                f"--eval-data {eval_path}: format {other}, but --data {path} is {fmt}; use one format"
+            )
+        _check_rows(held, fmt, cols, f"--eval-data {eval_path}")
+    else:
+        train, held = _seeded_split(train, eval_fraction, seed, f"--data {path}")
+        where["eval"] = f"{path} (held-out {eval_fraction:g})"
+    task = _task_for(Path(path).stem or "data", fmt, cols, train, held, where)
+    return UserData(str(path), fmt, task, cols, {"train": train, "eval": held}, where)
+
+
+def _numeric_scores(table: Any, column: str) -> bool:
+    """Whether a label column holds non-integer numbers (a regression target)."""
+    import pyarrow as pa
+
+    data = table.data.column(column)
+    if pa.types.is_floating(data.type):
+        return any(v is not None and not float(v).is_integer() for v in data.to_pylist())
+    return False
+
+
+def _task_for(name: str, fmt: str, cols: Columns, train: Any, held: Any, where: dict[str, str]) -> Task:
+    texts = cols.of(fmt)[:-1] if fmt in ("classification", "regression") else ("prompt",)
+    if fmt == "classification":
+        names = label_names_of(train.data.column(cols.label).to_pylist())
+        if len(names) < 2:
+            raise ValueError(
+                f"--data {where['train']}: one label ({names[0]!r}) in column {cols.label!r}; a classifier "
+                "needs two or more"
+            )
+        known = set(names)
+        for i, value in enumerate(held.data.column(cols.label).to_pylist()):
+            if str(value).strip() not in known:
+                raise ValueError(
+                    f"{where['eval']} row {i + 1}: label {value!r} in field {cols.label!r} is not among the "
+                    f"training labels ({', '.join(names[:20])})"
+                )
+        metrics: tuple[str, ...] = ("accuracy", "f1", "matthews") if len(names) == 2 else ("accuracy",)
+        return Task(
+            name, "classification", texts, cols.label, names, metrics, "accuracy", _no_loader, fmt=fmt
+        )
+    if fmt == "regression":
+        return Task(
+            name, "regression", texts, cols.label, (), ("pearson", "spearman"), "pearson", _no_loader, fmt=fmt
+        )
+    metrics = ("exact_match", "bleu", "rouge_l")
+    if fmt != "text" and _all_answers(held, fmt, cols):
+        metrics = ("answer_accuracy", *metrics)
+    if fmt == "text":
+        metrics = ()
+    return Task(name, "generation", texts, "reference", (), metrics, "loss", _no_loader, fmt=fmt)
+
+
+def _all_answers(held: Any, fmt: str, cols: Columns) -> bool:
+    """Whether every held-out reference ends with GSM8K's ``#### <answer>`` (answer accuracy then applies)."""
+    if fmt == "prompt_completion":
+        refs = held.data.column(cols.completion).to_pylist()
+    else:
+        refs = [
+            next(
+                (
+                    t.get("content")
+                    for t in reversed(m or [])
+                    if isinstance(t, dict) and t.get("role") == "assistant"
+                ),
+                None,
+            )
+            for m in held.data.column(cols.messages).to_pylist()
+        ]
+    return bool(refs) and all(isinstance(r, str) and "####" in r for r in refs)
+
+
+def _no_loader(split: str, data_dir: Path) -> Sequence[Example]:
+    raise ValueError("this task's examples come from --data (UserData.examples), not from a data folder")
