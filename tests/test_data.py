@@ -307,7 +307,8 @@ def test_unparsable_labels(tmp_path: Path) -> None:
 def test_malformed_files(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"data file not found: .*nope\.csv"):
         load_file(tmp_path / "nope.csv", ["t"], "y", "classification")
-    with pytest.raises(ValueError, match=r"unknown file format '\.txt'; use one of \.jsonl, \.json, \.csv, \.tsv, \.parquet"):
+    known = r"\.jsonl, \.json, \.csv, \.tsv, \.parquet"
+    with pytest.raises(ValueError, match=rf"unknown file format '\.txt'; use one of {known}"):
         load_file(write(tmp_path / "a.txt", "t\ty\n"), ["t"], "y", "classification")
     with pytest.raises(ValueError, match=r"w\.tsv line 3: expected 2 fields, found 3"):
         load_file(write(tmp_path / "w.tsv", "t\ty\na\t1\nb\t1\textra\n"), ["t"], "y", "classification")

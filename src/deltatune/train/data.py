@@ -153,20 +153,24 @@ class Rows(Sequence[Example]):
         label_field: str,
         kind: Kind,
         label_names: Sequence[str],
+        origin: Sequence[int] | None = None,
     ) -> None:
+        from .sources import column
+
         _check_columns(path, (*text_fields, label_field), table.column_names)
-        for column in text_fields if kind != "generation" else (*text_fields, label_field):
-            _check_text(table, column, path)
+        row = (lambda i: i + 1) if origin is None else (lambda i: int(origin[i]) + 1)
+        for name in text_fields if kind != "generation" else (*text_fields, label_field):
+            _check_text(table, name, path, row)
         self.table = table
         self.text_fields = tuple(text_fields)
         self.kind = kind
         self.label_field = label_field
-        values = table.data.column(label_field).to_pylist()
+        values = column(table, label_field).to_pylist()
         self.labels: list[int | float | None] = (
             [None] * len(values)
             if kind == "generation"
             else [
-                _parse_label(v, kind, label_names, f"{path} row {i + 1}", label_field)
+                _parse_label(v, kind, label_names, f"{path} row {row(i)}", label_field)
                 for i, v in enumerate(values)
             ]
         )
@@ -209,18 +213,21 @@ def _check_columns(path: Path, needed: Sequence[str], columns: Sequence[str]) ->
         )
 
 
-def _check_text(table: Any, column: str, path: Path) -> None:
-    """Every value of ``column`` is a string: the first row that is not (or is missing) is named."""
+def _check_text(table: Any, name: str, path: Path, row: Callable[[int], int]) -> None:
+    """Every value of column ``name`` is a string: the first row that is not (or is missing) is named
+    (``row`` turns a table index into the file's row number)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    data = table.data.column(column)
+    from .sources import column
+
+    data = column(table, name)
     if not (pa.types.is_string(data.type) or pa.types.is_large_string(data.type)):
         value = data[0].as_py() if len(data) else None
-        raise ValueError(f"{path} row 1: column {column!r} should be text, got {value!r} ({data.type})")
+        raise ValueError(f"{path} row {row(0)}: column {name!r} should be text, got {value!r} ({data.type})")
     if data.null_count:
         first = pc.index(pc.is_null(data), True).as_py()
-        raise ValueError(f"{path} row {first + 1}: column {column!r} is missing")
+        raise ValueError(f"{path} row {row(first)}: column {name!r} is missing")
 
 
 def _group_refs(examples: Iterable[Example]) -> list[Example]:
@@ -280,11 +287,11 @@ def load_file(
 def infer_label_names(path: Path, text_fields: Sequence[str], label_field: str) -> tuple[str, ...]:
     """The class names in ``path``'s ``label_field``: ``0..max`` if every label is a non-negative
     integer, else the distinct values in sorted order."""
-    from .sources import read_table
+    from .sources import column, read_table
 
     table = read_table(path, what="data file")
     _check_columns(path, (*text_fields, label_field), table.column_names)
-    return label_names_of(table.data.column(label_field).to_pylist())
+    return label_names_of(column(table, label_field).to_pylist())
 
 
 def label_names_of(values: Iterable[object]) -> tuple[str, ...]:

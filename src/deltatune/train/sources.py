@@ -31,7 +31,7 @@ from .smollm2 import default_cache_root
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["FILE_FORMATS", "cache_dir", "read_table"]
+__all__ = ["FILE_FORMATS", "cache_dir", "column", "read_table"]
 
 #: File suffix -> ``datasets`` builder.
 FILE_FORMATS: dict[str, str] = {
@@ -46,6 +46,12 @@ FILE_FORMATS: dict[str, str] = {
 def cache_dir() -> Path:
     """Where the Arrow tables and the tokenised columns are cached: ``<deltatune cache>/datasets``."""
     return default_cache_root() / "datasets"
+
+
+def column(table: datasets.Dataset, name: str) -> Any:
+    """A column of ``table`` as a ``pyarrow.ChunkedArray``, in the table's row order (a ``select`` or
+    ``filter`` is an index over the file's rows; ``table.data`` would ignore it)."""
+    return table.with_format("arrow")[name]
 
 
 def _datasets() -> Any:
@@ -185,11 +191,8 @@ def _check_readable(f: Path, what: str) -> None:
 
 def _header(f: Path, tsv: bool, what: str) -> list[str]:
     """The first line's column names (the file's encoding checked on the way)."""
-    with f.open(encoding="utf-8-sig", newline="", errors="strict") as handle:
-        try:
-            first = handle.readline()
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{what} {f} line 1: not valid UTF-8 ({e.reason} at byte {e.start})") from None
+    with f.open("rb") as handle:
+        first = _decode(handle.readline(), 1, f, what)
     if not first.strip():
         raise ValueError(f"{what} {f}: the first line is empty; expected a header line of column names")
     reader = (

@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any, overload
 
 from .data import Example, Rows, label_names_of
-from .sources import read_table
+from .sources import column, read_table
 from .tasks import Task
 
 __all__ = [
@@ -81,9 +81,10 @@ class Columns:
         return (self.text, *((self.text_pair,) if self.text_pair else ()), self.label)
 
 
-def detect_format(columns: Sequence[str], cols: Columns, where: str) -> str:
-    """The format the column names call for: messages, prompt/completion, text + label, text."""
-    have = set(columns)
+def detect_format(table: Any, cols: Columns, where: str) -> str:
+    """The format the columns call for: messages, prompt/completion, text + label, text. Columns of
+    two formats (a JSONL file whose rows differ) name the first row of the second."""
+    have = set(table.column_names)
     found = [
         fmt
         for fmt, needed in (
@@ -95,7 +96,15 @@ def detect_format(columns: Sequence[str], cols: Columns, where: str) -> str:
     ]
     if not found and cols.text in have:
         found = ["text"]
-    if len(found) > 1 and found[0] == "messages":
+    if len(found) > 1:
+        for fmt in found:
+            row = next((r for r in map(lambda c: _first_null(table, c), cols.of(fmt)) if r is not None), None)
+            if row is not None:
+                other = next(f for f in found if f != fmt)
+                raise ValueError(
+                    f"{where} row {row + 1}: no {' + '.join(map(repr, cols.of(fmt)))} where other rows have "
+                    f"them: mixed formats in one file ({fmt} and {other}); keep one format per file"
+                )
         raise ValueError(
             f"{where}: columns for several formats ({', '.join(found)}) in one file: {sorted(have)}; "
             "keep one format per file, or choose one with --data-format"
@@ -109,10 +118,10 @@ def detect_format(columns: Sequence[str], cols: Columns, where: str) -> str:
     return found[0]
 
 
-def _first_null(table: Any, column: str) -> int | None:
+def _first_null(table: Any, name: str) -> int | None:
     import pyarrow.compute as pc
 
-    data = table.data.column(column)
+    data = column(table, name)
     if not data.null_count:
         return None
     return int(pc.index(pc.is_null(data), True).as_py())
@@ -128,12 +137,12 @@ def _check_rows(table: Any, fmt: str, cols: Columns, where: str) -> None:
             f"{', '.join(map(repr, table.column_names))} (rename with --{missing[0]}-column style flags: "
             "--text-column, --label-column, --prompt-column, --completion-column, --messages-column)"
         )
-    for column in needed:
-        row = _first_null(table, column)
+    for name in needed:
+        row = _first_null(table, name)
         if row is not None:
             others = [c for c in table.column_names if c not in needed and table[row][c] is not None]
             hint = f" (it has {', '.join(map(repr, others))}: mixed formats in one file?)" if others else ""
-            raise ValueError(f"{where} row {row + 1}: field {column!r} is missing{hint}")
+            raise ValueError(f"{where} row {row + 1}: field {name!r} is missing{hint}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -198,6 +207,7 @@ class Encoder:
     max_length: int
     loss_on: str
     where: str
+    origin: Sequence[int] | None = None  # the file's row of each table row (after a split)
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
         out: dict[str, list[Any]] = {
@@ -205,7 +215,8 @@ class Encoder:
         }
         n = len(indices)
         for j in range(n):
-            where = f"{self.where} row {indices[j] + 1}"
+            row = indices[j] if self.origin is None else int(self.origin[indices[j]])
+            where = f"{self.where} row {row + 1}"
             ids, labels, prompt, reference = self._one({k: v[j] for k, v in batch.items()}, where)
             status = 0
             if len(ids) > self.max_length:
@@ -270,7 +281,7 @@ class SFTRows(Sequence[Example]):
 
     def __init__(self, table: Any) -> None:
         self.table = table
-        self.lengths: list[int] = table.data.column("length").to_pylist()
+        self.lengths: list[int] = column(table, "length").to_pylist()
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -306,6 +317,7 @@ class UserData:
     cols: Columns
     tables: dict[str, Any]
     where: dict[str, str]
+    origin: dict[str, Sequence[int] | None] = field(default_factory=dict)
     report: dict[str, dict[str, int]] = field(default_factory=dict)
 
     @property
@@ -316,15 +328,12 @@ class UserData:
         """The examples of ``split`` (``"train"`` or ``"eval"``): rows (classification, regression) or
         tokenised rows (the causal formats), with the truncation counts in :attr:`report`."""
         table = self.tables[split]
+        origin = self.origin.get(split)
+        path = Path(self.where[split].split(" (held-out")[0])
         if not self.causal:
-            return Rows(
-                table,
-                Path(self.where[split]),
-                self.cols.of(self.fmt)[:-1],
-                self.cols.label,
-                self.task.kind,
-                self.task.label_names,
-            )
+            texts = self.cols.of(self.fmt)[:-1]
+            kind, names = self.task.kind, self.task.label_names
+            return Rows(table, path, texts, self.cols.label, kind, names, origin)
         if tokenizer.eos_token_id is None:
             raise ValueError(
                 f"{self.path}: the tokenizer has no end-of-text token; the causal formats need one"
@@ -338,7 +347,7 @@ class UserData:
             raise ValueError(
                 f"{self.path}: assistant-only loss needs a fast tokenizer (offsets); use --loss-on all"
             )
-        encoder = Encoder(tokenizer, self.fmt, self.cols, max_length, loss_on, self.where[split])
+        encoder = Encoder(tokenizer, self.fmt, self.cols, max_length, loss_on, str(path), origin)
         key = "|".join(
             (
                 _ENCODING_VERSION,
@@ -358,7 +367,7 @@ class UserData:
             new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
             desc=f"tokenising {split}",
         )
-        status = encoded.data.column("status").to_pylist()
+        status = column(encoded, "status").to_pylist()
         counts = {"examples": len(status), "truncated": status.count(1), "skipped": status.count(2)}
         self.report[split] = counts
         if counts["skipped"] == counts["examples"]:
@@ -373,7 +382,10 @@ class UserData:
         return SFTRows(encoded)
 
 
-def _seeded_split(table: Any, fraction: float, seed: int, where: str) -> tuple[Any, Any]:
+def _seeded_split(
+    table: Any, fraction: float, seed: int, where: str
+) -> tuple[Any, Any, list[int], list[int]]:
+    """A seeded share ``fraction`` of the rows held out; each part keeps the file's row order."""
     n = len(table)
     held = max(1, math.floor(n * fraction))
     if n - held < 1:
@@ -383,7 +395,8 @@ def _seeded_split(table: Any, fraction: float, seed: int, where: str) -> tuple[A
         )
     order = list(range(n))
     random.Random(seed).shuffle(order)
-    return table.select(sorted(order[held:])), table.select(sorted(order[:held]))
+    kept, out = sorted(order[held:]), sorted(order[:held])
+    return table.select(kept), table.select(out), kept, out
 
 
 def open_data(
@@ -401,7 +414,7 @@ def open_data(
         raise ValueError(f"--data-format must be one of {', '.join(DATA_FORMATS)}, not {fmt!r}")
     train = read_table(path, what="--data")
     where = {"train": str(path)}
-    detected = detect_format(train.column_names, cols, f"--data {path}")
+    detected = detect_format(train, cols, f"--data {path}") if fmt is None else fmt
     if fmt is None:
         fmt = detected
         if fmt == "classification" and _numeric_scores(train, cols.label):
@@ -410,43 +423,54 @@ def open_data(
     if eval_path is not None:
         held = read_table(eval_path, what="--eval-data")
         where["eval"] = str(eval_path)
-        other = detect_format(held.column_names, cols, f"--eval-data {eval_path}")
+        other = detect_format(held, cols, f"--eval-data {eval_path}") if fmt is None else fmt
         if fmt in CAUSAL_FORMATS and other != fmt and other in CAUSAL_FORMATS:
             raise ValueError(
                 f"--eval-data {eval_path}: format {other}, but --data {path} is {fmt}; use one format"
             )
         _check_rows(held, fmt, cols, f"--eval-data {eval_path}")
+        origin: dict[str, Sequence[int] | None] = {}
     else:
-        train, held = _seeded_split(train, eval_fraction, seed, f"--data {path}")
+        train, held, kept, out = _seeded_split(train, eval_fraction, seed, f"--data {path}")
         where["eval"] = f"{path} (held-out {eval_fraction:g})"
-    task = _task_for(Path(path).stem or "data", fmt, cols, train, held, where)
-    return UserData(str(path), fmt, task, cols, {"train": train, "eval": held}, where)
+        origin = {"train": kept, "eval": out}
+    task = _task_for(Path(path).stem or "data", fmt, cols, train, held, where, origin.get("eval"))
+    return UserData(str(path), fmt, task, cols, {"train": train, "eval": held}, where, origin)
 
 
-def _numeric_scores(table: Any, column: str) -> bool:
+def _numeric_scores(table: Any, name: str) -> bool:
     """Whether a label column holds non-integer numbers (a regression target)."""
     import pyarrow as pa
 
-    data = table.data.column(column)
+    data = column(table, name)
     if pa.types.is_floating(data.type):
         return any(v is not None and not float(v).is_integer() for v in data.to_pylist())
     return False
 
 
-def _task_for(name: str, fmt: str, cols: Columns, train: Any, held: Any, where: dict[str, str]) -> Task:
+def _task_for(
+    name: str,
+    fmt: str,
+    cols: Columns,
+    train: Any,
+    held: Any,
+    where: dict[str, str],
+    origin: Sequence[int] | None,
+) -> Task:
     texts = cols.of(fmt)[:-1] if fmt in ("classification", "regression") else ("prompt",)
     if fmt == "classification":
-        names = label_names_of(train.data.column(cols.label).to_pylist())
+        names = label_names_of(column(train, cols.label).to_pylist())
         if len(names) < 2:
             raise ValueError(
                 f"--data {where['train']}: one label ({names[0]!r}) in column {cols.label!r}; a classifier "
                 "needs two or more"
             )
         known = set(names)
-        for i, value in enumerate(held.data.column(cols.label).to_pylist()):
+        for i, value in enumerate(column(held, cols.label).to_pylist()):
             if str(value).strip() not in known:
+                row = (i if origin is None else int(origin[i])) + 1
                 raise ValueError(
-                    f"{where['eval']} row {i + 1}: label {value!r} in field {cols.label!r} is not among the "
+                    f"{where['eval']} row {row}: label {value!r} in field {cols.label!r} is not among the "
                     f"training labels ({', '.join(names[:20])})"
                 )
         metrics: tuple[str, ...] = ("accuracy", "f1", "matthews") if len(names) == 2 else ("accuracy",)
@@ -468,7 +492,7 @@ def _task_for(name: str, fmt: str, cols: Columns, train: Any, held: Any, where: 
 def _all_answers(held: Any, fmt: str, cols: Columns) -> bool:
     """Whether every held-out reference ends with GSM8K's ``#### <answer>`` (answer accuracy then applies)."""
     if fmt == "prompt_completion":
-        refs = held.data.column(cols.completion).to_pylist()
+        refs = column(held, cols.completion).to_pylist()
     else:
         refs = [
             next(
@@ -479,7 +503,7 @@ def _all_answers(held: Any, fmt: str, cols: Columns) -> bool:
                 ),
                 None,
             )
-            for m in held.data.column(cols.messages).to_pylist()
+            for m in column(held, cols.messages).to_pylist()
         ]
     return bool(refs) and all(isinstance(r, str) and "####" in r for r in refs)
 
