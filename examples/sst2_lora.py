@@ -32,7 +32,6 @@ A test can call ``main([...])``, which returns the measured numbers as a dict.
 from __future__ import annotations
 
 import argparse
-import csv
 import os
 import random
 import sys
@@ -56,6 +55,7 @@ from transformers import (
 )
 
 from deltatune import LoRA, inject, load, parameter_report, save
+from deltatune.train.data import load_file
 from deltatune.train.progress import Progress
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -113,14 +113,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 
 def read_sst2(path: Path) -> list[Example]:
-    """Read one SST-2 TSV file into (sentence, label) pairs."""
-    with path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if reader.fieldnames is None or not {"sentence", "label"} <= set(reader.fieldnames):
-            raise SystemExit(
-                f"error: {path} has columns {reader.fieldnames}; expected 'sentence' and 'label'"
-            )
-        return [(row["sentence"], int(row["label"])) for row in reader]
+    """Read one SST-2 TSV file into (sentence, label) pairs, through deltatune's data reader (the
+    ``datasets`` library: Arrow, memory-mapped, cached; a bad row is named with its file and row)."""
+    try:
+        rows = load_file(path, ["sentence"], "label", "classification")
+    except ValueError as e:
+        raise SystemExit(f"error: {e}") from None
+    return [(e.texts[0], int(e.label or 0)) for e in rows]
 
 
 def load_data(data_dir: Path) -> tuple[list[Example], list[Example]]:

@@ -63,7 +63,11 @@ def test_collator_trains_on_the_target_only(tiny_llama: str) -> None:
 
 
 @pytest.mark.parametrize(
-    ("task", "metrics"), [("gsm8k", {"loss", "answer_accuracy"}), ("e2e", {"loss", "bleu", "rouge_l"})]
+    ("task", "metrics"),
+    [
+        ("gsm8k", {"loss", "perplexity", "answer_accuracy"}),
+        ("e2e", {"loss", "perplexity", "bleu", "rouge_l"}),
+    ],
 )
 def test_generation_task_trains_and_evaluates(
     tiny_llama: str, tmp_path: Path, task: str, metrics: set[str]

@@ -98,9 +98,11 @@ def test_messages_train_on_the_assistant_turns_only(tmp_path: Path, tokenizer: A
     assert _decode_trained(tokenizer, ids, labels) == "It is 5.<|im_end|>\nTwo.<|im_end|>\n"
     every = data.examples("train", tokenizer, 512, "all")[0]
     assert every.tokens is not None and every.tokens[1] == every.tokens[0]
-    # what a generation continues, and its reference: the conversation up to the last answer
-    assert example.texts[0].endswith("And 1+1?<|im_end|>\n<|im_start|>assistant\n")
-    assert example.target == "Two."
+    # what a generation continues, and its reference: the conversation up to the last answer (kept
+    # for the held-out examples only)
+    held = data.examples("eval", tokenizer, 512, "assistant")[0]
+    assert held.texts[0].endswith("And 1+1?<|im_end|>\n<|im_start|>assistant\n")
+    assert held.target == "Two." and example.texts == ("",)
 
 
 def test_prompt_completion_masks_the_prompt_and_text_trains_on_all(tmp_path: Path, tokenizer: Any) -> None:

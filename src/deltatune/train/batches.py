@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from contextlib import nullcontext
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -93,16 +94,18 @@ def _grouped_epoch(
     cached = _EPOCH_CACHE.get(key)
     if cached is not None:
         return cached
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).numpy()
+    sizes = np.asarray(lengths)[perm]
     size = global_batch * window
-    ordered: list[int] = []
-    for w in range(0, n, size):
-        ordered.extend(sorted(perm[w : w + size], key=lambda i: -lengths[i]))
-    batches = [ordered[b : b + global_batch] for b in range(0, n, global_batch)]
-    tail = batches.pop() if len(batches[-1]) < global_batch else None
+    ordered = np.concatenate(
+        [perm[w : w + size][np.argsort(-sizes[w : w + size], kind="stable")] for w in range(0, n, size)]
+    )
+    full = n // global_batch
     rng = torch.Generator().manual_seed(seed * 100_003 + epoch + 7_919)
-    batches = [batches[i] for i in torch.randperm(len(batches), generator=rng).tolist()]
-    order = [i for b in batches for i in b] + (tail or [])
+    batches = ordered[: full * global_batch].reshape(full, global_batch)[
+        torch.randperm(full, generator=rng).numpy()
+    ]
+    order = [*batches.reshape(-1).tolist(), *ordered[full * global_batch :].tolist()]
     _EPOCH_CACHE.clear()  # one epoch at a time is all a run reads
     _EPOCH_CACHE[key] = order
     return order

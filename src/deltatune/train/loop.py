@@ -467,7 +467,8 @@ def _user_examples(
 def _lengths(examples: Sequence[Example]) -> Sequence[int] | None:
     """Token counts of tokenised examples (for length grouping); None for others."""
     if isinstance(examples, SFTRows):
-        return examples.lengths
+        lengths: Sequence[int] = examples.lengths
+        return lengths
     if examples and all(e.tokens is not None for e in examples):
         return [len(e.tokens[0]) for e in examples if e.tokens is not None]
     return None

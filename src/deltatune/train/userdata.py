@@ -185,7 +185,7 @@ def assistant_spans(
         if turn["role"] != "assistant":
             continue
         start = len(_render(tokenizer, messages[:i], True)) if i else 0
-        end_text = _render(tokenizer, messages[: i + 1], False)
+        end_text = full if i == len(messages) - 1 else _render(tokenizer, messages[: i + 1], False)
         if not full.startswith(end_text) or start > len(end_text):
             raise ValueError(
                 f"{where}: the chat template does not render a conversation's turns as prefixes of the whole "
@@ -198,8 +198,9 @@ def assistant_spans(
 
 @dataclass
 class Encoder:
-    """Turns rows of one causal format into ``input_ids``, ``labels``, ``length``, ``status`` (0 whole,
-    1 truncated, 2 skipped) and, for evaluation, ``prompt`` and ``reference`` (``datasets.map``)."""
+    """Turns a batch of rows of one causal format into ``input_ids``, ``labels``, ``length``,
+    ``status`` (0 whole, 1 truncated, 2 skipped) and, for evaluation (``keep_text``), ``prompt`` and
+    ``reference`` (a ``datasets.map`` function; one tokenizer call per batch)."""
 
     tokenizer: Any
     fmt: str
@@ -208,60 +209,87 @@ class Encoder:
     loss_on: str
     where: str
     origin: Sequence[int] | None = None  # the file's row of each table row (after a split)
+    keep_text: bool = False
 
     def __call__(self, batch: dict[str, list[Any]], indices: list[int]) -> dict[str, list[Any]]:
-        out: dict[str, list[Any]] = {
-            k: [] for k in ("input_ids", "labels", "length", "status", "prompt", "reference")
-        }
-        n = len(indices)
-        for j in range(n):
-            row = indices[j] if self.origin is None else int(self.origin[indices[j]])
-            where = f"{self.where} row {row + 1}"
-            ids, labels, prompt, reference = self._one({k: v[j] for k, v in batch.items()}, where)
+        rows = [
+            f"{self.where} row {(i if self.origin is None else int(self.origin[i])) + 1}" for i in indices
+        ]
+        ids, labels, prompts, references = self._encode(batch, rows)
+        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "status": []}
+        for row_ids, row_labels in zip(ids, labels, strict=True):
             status = 0
-            if len(ids) > self.max_length:
-                kept = labels[: self.max_length]
+            if len(row_ids) > self.max_length:
+                kept = row_labels[: self.max_length]
                 status = 2 if all(x == -100 for x in kept) else 1
-                ids, labels = ids[: self.max_length], kept
-            out["input_ids"].append(ids)
-            out["labels"].append(labels)
-            out["length"].append(len(ids))
+                row_ids, row_labels = row_ids[: self.max_length], kept
+            out["input_ids"].append(row_ids)
+            out["labels"].append(row_labels)
+            out["length"].append(len(row_ids))
             out["status"].append(status)
-            out["prompt"].append(prompt)
-            out["reference"].append(reference)
+        out["prompt"] = prompts if self.keep_text else [""] * len(ids)
+        out["reference"] = references if self.keep_text else [""] * len(ids)
         return out
 
-    def _one(self, row: dict[str, Any], where: str) -> tuple[list[int], list[int], str, str]:
+    def _encode(
+        self, batch: dict[str, list[Any]], rows: list[str]
+    ) -> tuple[list[list[int]], list[list[int]], list[str], list[str]]:
         tok = self.tokenizer
         eos = tok.eos_token_id
         if self.fmt == "text":
-            text = _text(row, self.cols.text, where)
-            ids = [*tok(text)["input_ids"], eos]
-            return ids, list(ids), "", ""
+            texts = [_text(batch, self.cols.text, j, w) for j, w in enumerate(rows)]
+            ids = [[*x, eos] for x in tok(texts)["input_ids"]]
+            return ids, [list(x) for x in ids], [""] * len(ids), [""] * len(ids)
         if self.fmt == "prompt_completion":
-            prompt = _text(row, self.cols.prompt, where)
-            completion = _text(row, self.cols.completion, where)
-            p = list(tok(prompt)["input_ids"])
-            c = [*tok(completion, add_special_tokens=False)["input_ids"], eos]
-            labels = (p if self.loss_on == "all" else [-100] * len(p)) + c
-            return p + c, labels, prompt, completion
-        messages = check_conversation(row[self.cols.messages], where, self.cols.messages)
-        full, spans = assistant_spans(tok, messages, where)
-        enc = tok(full, add_special_tokens=False, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
+            prompts = [_text(batch, self.cols.prompt, j, w) for j, w in enumerate(rows)]
+            completions = [_text(batch, self.cols.completion, j, w) for j, w in enumerate(rows)]
+            p_ids = tok(prompts)["input_ids"]
+            c_ids = tok(completions, add_special_tokens=False)["input_ids"]
+            ids, labels = [], []
+            for p, c in zip(p_ids, c_ids, strict=True):
+                c = [*c, eos]
+                ids.append([*p, *c])
+                labels.append([*(p if self.loss_on == "all" else [-100] * len(p)), *c])
+            return ids, labels, prompts, completions
+        conversations = [
+            check_conversation(m, w, self.cols.messages)
+            for m, w in zip(batch[self.cols.messages], rows, strict=True)
+        ]
+        rendered = [assistant_spans(tok, m, w) for m, w in zip(conversations, rows, strict=True)]
+        enc = tok(
+            [full for full, _ in rendered],
+            add_special_tokens=False,
+            return_offsets_mapping=self.loss_on != "all",
+        )
+        ids = [list(x) for x in enc["input_ids"]]
         if self.loss_on == "all":
-            labels = list(ids)
+            labels = [list(x) for x in ids]
         else:
             labels = [
-                t if any(s <= a < e for s, e in spans) else -100
-                for t, (a, _) in zip(ids, enc["offset_mapping"], strict=True)
+                _in_spans(row_ids, offsets, spans)
+                for row_ids, offsets, (_, spans) in zip(ids, enc["offset_mapping"], rendered, strict=True)
             ]
-        last = max(i for i, t in enumerate(messages) if t["role"] == "assistant")
-        return ids, labels, _render(tok, messages[:last], True), messages[last]["content"]
+        prompts, references = [], []
+        for m in conversations:
+            last = max(i for i, t in enumerate(m) if t["role"] == "assistant")
+            prompts.append(_render(tok, m[:last], True) if self.keep_text else "")
+            references.append(m[last]["content"])
+        return ids, labels, prompts, references
 
 
-def _text(row: dict[str, Any], column: str, where: str) -> str:
-    value = row[column]
+def _in_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:
+    """``ids`` where a token starts inside one of ``spans`` (character ranges), else -100."""
+    out = []
+    k = 0
+    for t, (a, _) in zip(ids, offsets, strict=True):
+        while k < len(spans) and a >= spans[k][1]:
+            k += 1
+        out.append(t if k < len(spans) and spans[k][0] <= a else -100)
+    return out
+
+
+def _text(batch: dict[str, list[Any]], column: str, j: int, where: str) -> str:
+    value = batch[column][j]
     if not isinstance(value, str):
         raise ValueError(f"{where}: field {column!r} should be text, got {value!r}")
     return value
@@ -281,7 +309,7 @@ class SFTRows(Sequence[Example]):
 
     def __init__(self, table: Any) -> None:
         self.table = table
-        self.lengths: list[int] = column(table, "length").to_pylist()
+        self.lengths: Any = column(table, "length").to_numpy()  # int32, one per example
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -347,10 +375,13 @@ class UserData:
             raise ValueError(
                 f"{self.path}: assistant-only loss needs a fast tokenizer (offsets); use --loss-on all"
             )
-        encoder = Encoder(tokenizer, self.fmt, self.cols, max_length, loss_on, str(path), origin)
+        encoder = Encoder(
+            tokenizer, self.fmt, self.cols, max_length, loss_on, str(path), origin, split == "eval"
+        )
         key = "|".join(
             (
                 _ENCODING_VERSION,
+                split,
                 table._fingerprint,
                 tokenizer_fingerprint(tokenizer),
                 self.fmt,
@@ -364,6 +395,7 @@ class UserData:
             batched=True,
             with_indices=True,
             remove_columns=table.column_names,
+            features=_encoded_features(),
             new_fingerprint=hashlib.sha256(key.encode()).hexdigest()[:32],
             desc=f"tokenising {split}",
         )
@@ -380,6 +412,22 @@ class UserData:
                 lambda s: s != 2, input_columns="status", new_fingerprint=encoded._fingerprint[:24] + "skip2"
             )
         return SFTRows(encoded)
+
+
+def _encoded_features() -> Any:
+    import datasets
+
+    ids = datasets.Sequence(datasets.Value("int32"))
+    return datasets.Features(
+        {
+            "input_ids": ids,
+            "labels": ids,
+            "length": datasets.Value("int32"),
+            "status": datasets.Value("int8"),
+            "prompt": datasets.Value("string"),
+            "reference": datasets.Value("string"),
+        }
+    )
 
 
 def _seeded_split(

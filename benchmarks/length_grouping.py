@@ -1,0 +1,155 @@
+"""Batches by length against plain padded batches, on a length-skewed chat file (issue 25).
+
+A generated chat JSONL where most conversations are short and a few are long (``--long-share`` of
+them, ``--long-chars`` characters of answer) is tokenised once with SmolLM2-135M-Instruct's chat
+template; then LoRA (rank 16, every linear layer of the real SmolLM2-135M-Instruct) trains on it:
+
+1. **throughput**, in one process, alternating step by step: optimizer step ``s`` on the batch that
+   :func:`~deltatune.train.batches.grouped_positions` picks, then on the one plain
+   :func:`~deltatune.train.batches.batch_positions` picks; tokens per second counts the real tokens
+   (not the padding); the figure is the median of the per-round ratios (grouped / plain), because
+   this machine's speed drifts by about ±30 % between runs;
+2. **the same training**: two ``deltatune train`` runs of ``--steps`` steps, ``group_by_length``
+   true and false, same seed: the held-out loss after each, and the training losses (mean of the
+   last half of the steps).
+
+    .venv/bin/python benchmarks/length_grouping.py --json benchmarks/results/data/length_grouping.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import deltatune as dt
+from deltatune.train.batches import Collator, batch_positions, grouped_positions
+from deltatune.train.config import TrainConfig
+from deltatune.train.loop import step, train
+from deltatune.train.models import load_model
+from deltatune.train.userdata import open_data
+
+
+def write_skewed(path: Path, n: int, long_share: float, long_chars: int, seed: int) -> None:
+    """``n`` conversations: short ones (a sum and its answer), and ``long_share`` of long ones."""
+    rng = random.Random(seed)
+    words = ("the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "was", "on", "by")
+    with path.open("w", encoding="utf-8") as f:
+        for _ in range(n):
+            a, b = rng.randint(1, 99), rng.randint(1, 99)
+            answer = f"{a} + {b} = {a + b}."
+            if rng.random() < long_share:
+                text = " ".join(rng.choice(words) for _ in range(long_chars // 4))
+                answer = f"{text} So {answer}"
+            turns = [
+                {"role": "user", "content": f"What is {a} + {b}?"},
+                {"role": "assistant", "content": answer},
+            ]
+            f.write(json.dumps({"messages": turns}) + "\n")
+
+
+def throughput(args: argparse.Namespace, data_file: Path) -> dict[str, Any]:
+    model, tokenizer = load_model("smollm2", "generation")
+    data = open_data(str(data_file), eval_fraction=0.01, seed=0)
+    examples = data.examples("train", tokenizer, args.max_length, "assistant")
+    lengths = [len(e.tokens[0]) for e in examples if e.tokens is not None]
+    dt.inject(model, dt.LoRA(rank=16, alpha=32), targets=["all-linear"], seed=0)
+    model.train()
+    optimizer = torch.optim.AdamW(dt.trainable_parameters(model), lr=1e-4)
+    collate = Collator(data.task, tokenizer, args.max_length)
+    pick = {
+        "grouped": lambda s: grouped_positions(s, args.batch_size, lengths, seed=0),
+        "plain": lambda s: batch_positions(s, args.batch_size, len(examples), seed=0),
+    }
+    rates: dict[str, list[float]] = {k: [] for k in pick}
+    waste: dict[str, list[float]] = {k: [] for k in pick}
+    for r in range(args.rounds + 1):  # round 0 warms up
+        for name, positions in pick.items():
+            batch = collate([examples[i] for i in positions(r)])
+            real = int(batch["attention_mask"].sum())
+            start = time.perf_counter()
+            step(model, [batch], "generation", optimizer)
+            seconds = time.perf_counter() - start
+            if r:
+                rates[name].append(real / seconds)
+                waste[name].append(1 - real / batch["attention_mask"].numel())
+        if r:
+            print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in rates.items()), flush=True)
+    ratios = [g / p for g, p in zip(rates["grouped"], rates["plain"], strict=True)]
+    return {
+        "examples": len(examples),
+        "median_ratio": statistics.median(ratios),
+        "ratios": ratios,
+        "tokens_per_second": {k: statistics.median(v) for k, v in rates.items()},
+        "padding_waste": {k: statistics.mean(v) for k, v in waste.items()},
+    }
+
+
+def same_training(args: argparse.Namespace, data_file: Path, folder: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for grouped in (True, False):
+        cfg = TrainConfig(
+            model="smollm2",
+            data=str(data_file),
+            eval_fraction=0.05,
+            method="lora",
+            method_fields={"rank": 16, "alpha": 32},
+            targets=["all-linear"],
+            steps=args.steps,
+            batch_size=args.batch_size,
+            lr=5e-4,
+            max_length=args.max_length,
+            group_by_length=grouped,
+            checkpoint_every=0,
+            out=str(folder / f"grouped-{grouped}"),
+        )
+        record = train(cfg, progress=False)
+        losses = [loss for _, loss in record["history"]["loss"]]
+        half = losses[len(losses) // 2 :]
+        out["grouped" if grouped else "plain"] = {
+            "heldout_loss": record["metrics"]["loss"],
+            "train_loss_last_half": statistics.mean(half),
+            "train_seconds": record["train_seconds"],
+            "padding_waste": record["history"]["padding"]["waste"],
+        }
+        print(f"group_by_length={grouped}: {out['grouped' if grouped else 'plain']}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--examples", type=int, default=1200)
+    p.add_argument("--long-share", type=float, default=0.1)
+    p.add_argument("--long-chars", type=int, default=1500)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--steps", type=int, default=40, help="steps of each of the two training runs (0: skip)")
+    p.add_argument("--json", help="also write the results here")
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        data_file = Path(tmp) / "skewed.jsonl"
+        write_skewed(data_file, args.examples, args.long_share, args.long_chars, seed=0)
+        result: dict[str, Any] = {"config": vars(args), "throughput": throughput(args, data_file)}
+        if args.steps:
+            result["training"] = same_training(args, data_file, Path(tmp))
+    t = result["throughput"]
+    print(
+        f"grouped / plain tokens per second: {t['median_ratio']:.2f}x (median of {args.rounds} rounds); "
+        f"padding {t['padding_waste']['grouped']:.1%} vs {t['padding_waste']['plain']:.1%}"
+    )
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
