@@ -2,7 +2,9 @@
 
 A generated chat JSONL where most conversations are short and a few are long (``--long-share`` of
 them, ``--long-chars`` characters of answer) is tokenised once with SmolLM2-135M-Instruct's chat
-template; then LoRA (rank 16, every linear layer of the real SmolLM2-135M-Instruct) trains on it:
+template; then LoRA (rank 16, every linear layer) trains on it, on ``--model``: ``small`` (default), a
+4-layer SmolLM2-shaped Llama with random weights (``benchmarks/speed.py``'s ``build``; these CPUs take
+about 30 s per step of 8 long conversations on the real model), or ``smollm2``, the real 30-layer one:
 
 1. **throughput**, in one process, alternating step by step: optimizer step ``s`` on the batch that
    :func:`~deltatune.train.batches.grouped_positions` picks, then on the one plain
@@ -28,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from speed import build
 
 import deltatune as dt
 from deltatune.train.batches import Collator, batch_positions, grouped_positions
@@ -55,8 +58,17 @@ def write_skewed(path: Path, n: int, long_share: float, long_chars: int, seed: i
             f.write(json.dumps({"messages": turns}) + "\n")
 
 
-def throughput(args: argparse.Namespace, data_file: Path) -> dict[str, Any]:
+def model_and_tokenizer(name: str) -> tuple[Any, Any]:
+    """The model ``--model`` names, with SmolLM2-135M-Instruct's tokenizer and chat template."""
     model, tokenizer = load_model("smollm2", "generation")
+    if name == "small":
+        model = build(small=True)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model, tokenizer
+
+
+def throughput(args: argparse.Namespace, data_file: Path) -> dict[str, Any]:
+    model, tokenizer = model_and_tokenizer(args.model)
     data = open_data(str(data_file), eval_fraction=0.01, seed=0)
     examples = data.examples("train", tokenizer, args.max_length, "assistant")
     lengths = [len(e.tokens[0]) for e in examples if e.tokens is not None]
@@ -95,6 +107,7 @@ def throughput(args: argparse.Namespace, data_file: Path) -> dict[str, Any]:
 def same_training(args: argparse.Namespace, data_file: Path, folder: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for grouped in (True, False):
+        model, tokenizer = model_and_tokenizer(args.model)
         cfg = TrainConfig(
             model="smollm2",
             data=str(data_file),
@@ -110,7 +123,7 @@ def same_training(args: argparse.Namespace, data_file: Path, folder: Path) -> di
             checkpoint_every=0,
             out=str(folder / f"grouped-{grouped}"),
         )
-        record = train(cfg, progress=False)
+        record = train(cfg, progress=False, model=model, tokenizer=tokenizer)
         losses = [loss for _, loss in record["history"]["loss"]]
         half = losses[len(losses) // 2 :]
         out["grouped" if grouped else "plain"] = {
@@ -125,6 +138,7 @@ def same_training(args: argparse.Namespace, data_file: Path, folder: Path) -> di
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", choices=("small", "smollm2"), default="small")
     p.add_argument("--examples", type=int, default=1200)
     p.add_argument("--long-share", type=float, default=0.1)
     p.add_argument("--long-chars", type=int, default=1500)

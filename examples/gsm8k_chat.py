@@ -18,7 +18,7 @@ The second demo: the whole "my data in, a model I can talk to" job on the real m
 
 Run it from the repository root::
 
-    .venv/bin/python examples/gsm8k_chat.py                 # about 15 minutes on 2 CPU cores
+    .venv/bin/python examples/gsm8k_chat.py                 # about 12 minutes on 2 CPU cores
     .venv/bin/python examples/gsm8k_chat.py --steps 2 --train-examples 16 --held-examples 4 --generate 2
                                                             # smoke run
 
@@ -45,19 +45,19 @@ from deltatune.train.loop import train
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=120, help="optimizer steps (default 120)")
-    p.add_argument("--batch-size", type=int, default=8, help="conversations per step (default 8)")
+    p.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
+    p.add_argument("--batch-size", type=int, default=4, help="conversations per step (default 4)")
     p.add_argument("--lr", type=float, default=5e-4, help="peak learning rate (default 5e-4)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16; alpha is twice it)")
     p.add_argument(
         "--train-examples", type=int, default=2000, help="GSM8K training problems used (default 2000)"
     )
-    p.add_argument("--held-examples", type=int, default=100, help="held-out test problems (default 100)")
+    p.add_argument("--held-examples", type=int, default=50, help="held-out test problems (default 50)")
     p.add_argument(
-        "--generate", type=int, default=40, help="held-out problems answered greedily (default 40)"
+        "--generate", type=int, default=20, help="held-out problems answered greedily (default 20)"
     )
-    p.add_argument("--max-length", type=int, default=384, help="tokens per conversation (default 384)")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens per answer (default 200)")
+    p.add_argument("--max-length", type=int, default=256, help="tokens per conversation (default 256)")
+    p.add_argument("--max-new-tokens", type=int, default=160, help="tokens per answer (default 160)")
     p.add_argument("--seed", type=int, default=0, help="seeds the data order and the adapter (default 0)")
     p.add_argument("--out", default="runs/gsm8k_chat", help="run folder (default runs/gsm8k_chat)")
     p.add_argument("--data-dir", help="folder of the data sets (default: ../shared/datasets)")

@@ -138,8 +138,44 @@ def _parse_label(
     return index
 
 
-class Rows(Sequence[Example]):
-    """The examples of a memory-mapped table, built on access (the texts stay in the table's pages).
+class TableExamples(Sequence[Example]):
+    """Examples built on access from the rows of a memory-mapped table (the texts stay in its pages):
+    a subclass says how one row becomes an :class:`Example` (``_example``) and how many there are."""
+
+    table: Any
+
+    def _example(self, index: int, row: dict[str, Any]) -> Example:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return len(self.table)
+
+    @overload
+    def __getitem__(self, index: int) -> Example: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Example]: ...
+
+    def __getitem__(self, index: int | slice) -> Example | list[Example]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"example {index} of {len(self)}")
+        index %= len(self)
+        return self._example(index, self.table[index])
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({len(self)} examples)"
+
+
+class Rows(TableExamples):
+    """The examples of a memory-mapped table of texts and labels, built on access.
 
     The labels are parsed, and every text column checked, when the view is made, so a bad row is
     refused before training starts, naming its file, row and column.
@@ -175,33 +211,12 @@ class Rows(Sequence[Example]):
             ]
         )
 
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    @overload
-    def __getitem__(self, index: int) -> Example: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Example]: ...
-
-    def __getitem__(self, index: int | slice) -> Example | list[Example]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        row = self.table[index]
+    def _example(self, index: int, row: dict[str, Any]) -> Example:
         texts = tuple(row[c] for c in self.text_fields)
         if self.kind == "generation":
             target = row[self.label_field]
             return Example(texts, None, target, (target,))
         return Example(texts, self.labels[index])
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or isinstance(other, str):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]
-
-    def __repr__(self) -> str:
-        return f"Rows({len(self)} examples of {self.kind})"
 
 
 def _check_columns(path: Path, needed: Sequence[str], columns: Sequence[str]) -> None:

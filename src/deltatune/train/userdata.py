@@ -35,9 +35,9 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, overload
+from typing import Any
 
-from .data import Example, Rows, label_names_of
+from .data import Example, Rows, TableExamples, label_names_of
 from .sources import column, read_table
 from .tasks import Task
 
@@ -304,29 +304,17 @@ def tokenizer_fingerprint(tokenizer: Any) -> str:
     return h.hexdigest()[:16]
 
 
-class SFTRows(Sequence[Example]):
+class SFTRows(TableExamples):
     """Tokenised examples of a causal format, built on access from the cached table."""
 
     def __init__(self, table: Any) -> None:
         self.table = table
         self.lengths: Any = column(table, "length").to_numpy()  # int32, one per example
 
-    def __len__(self) -> int:
-        return len(self.lengths)
-
-    @overload
-    def __getitem__(self, index: int) -> Example: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Example]: ...
-
-    def __getitem__(self, index: int | slice) -> Example | list[Example]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        row = self.table[index]
+    def _example(self, index: int, row: dict[str, Any]) -> Example:
         ref = row["reference"]
-        return Example(
-            (row["prompt"],), None, ref, (ref,), tokens=(tuple(row["input_ids"]), tuple(row["labels"]))
-        )
+        tokens = (tuple(row["input_ids"]), tuple(row["labels"]))
+        return Example((row["prompt"],), None, ref, (ref,), tokens=tokens)
 
 
 # ----------------------------------------------------------------------------------------------------
