@@ -142,6 +142,7 @@ def step(
     precision: str = "fp32",
     world: World = World(),
     number: int | None = None,
+    denominator: float | None = None,
 ) -> float:
     """One optimizer step over ``micro_batches`` (gradient accumulation); returns the step's loss.
 
@@ -162,6 +163,10 @@ def step(
         number: which optimizer step this is (from 1). Needed when an adapter acts between steps
             (:mod:`deltatune.stepping`): its regularizer joins the loss of the last micro-batch and
             its ``on_step`` runs after ``optimizer.step()``, before the gradients are cleared.
+        denominator: divide the step's summed loss by this instead of the count of its examples or
+            target tokens. A fixed expected count (``deltatune train --data``: the global batch times
+            the mean target tokens per example) weighs every token the same whatever the makeup of
+            the batch, so that batches grouped by length optimise what mixed batches do.
 
     Returns:
         The loss of the step: summed over all micro-batches of all processes, divided by their count.
@@ -197,7 +202,8 @@ def step(
             "pass number= (the optimizer step, counted from 1)"
         )
     batches = [to_device(dict(b), device) for b in micro_batches]
-    denominator = _all_reduce_sum(float(sum(count_of(b, kind) for b in batches)), world)
+    if denominator is None:
+        denominator = _all_reduce_sum(float(sum(count_of(b, kind) for b in batches)), world)
     loss_value = 0.0
     for i, batch in enumerate(batches):
         last = i == len(batches) - 1
@@ -352,6 +358,7 @@ def _train(
         model.train()
     collate = Collator(task, tokenizer, cfg.max_length)
     lengths = _lengths(train_examples) if cfg.group_by_length else None
+    per_step = _expected_targets(train_examples, cfg) if source is not None else None
     bar = Progress(
         cfg.steps, f"{cfg.method} {task.name}", unit="step", initial=done, enabled=progress and world.main
     )
@@ -369,6 +376,7 @@ def _train(
             precision=cfg.precision,
             world=world,
             number=done + 1,
+            denominator=per_step,
         )
         done += 1
         history["loss"].append([done, loss])
@@ -472,6 +480,18 @@ def _lengths(examples: Sequence[Example]) -> Sequence[int] | None:
     if examples and all(e.tokens is not None for e in examples):
         return [len(e.tokens[0]) for e in examples if e.tokens is not None]
     return None
+
+
+def _expected_targets(examples: Sequence[Example], cfg: TrainConfig) -> float | None:
+    """The target tokens a global batch holds on average (tokenised examples; None for others): the
+    fixed count a step's loss is divided by (see :func:`step`)."""
+    if isinstance(examples, SFTRows):
+        mean = float(examples.targets.mean())
+    elif examples and all(e.tokens is not None for e in examples):
+        mean = sum(sum(1 for x in e.tokens[1][1:] if x != -100) for e in examples if e.tokens) / len(examples)
+    else:
+        return None
+    return max(mean, 1.0) * cfg.batch_size * cfg.grad_accum
 
 
 def _write_generations(samples: dict[str, list[dict[str, str]]], out: Path) -> None:

@@ -56,7 +56,7 @@ DATA_FORMATS = ("text", "prompt_completion", "messages", "classification", "regr
 CAUSAL_FORMATS = ("text", "prompt_completion", "messages")
 LOSS_ON = ("assistant", "all")
 ROLES = ("system", "user", "assistant", "tool")
-_ENCODING_VERSION = "1"  # bump when the tokenised columns change meaning (invalidates the cache)
+_ENCODING_VERSION = "2"  # bump when the tokenised columns change meaning (invalidates the cache)
 
 
 @dataclass(frozen=True)
@@ -216,7 +216,7 @@ class Encoder:
             f"{self.where} row {(i if self.origin is None else int(self.origin[i])) + 1}" for i in indices
         ]
         ids, labels, prompts, references = self._encode(batch, rows)
-        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "status": []}
+        out: dict[str, list[Any]] = {"input_ids": [], "labels": [], "length": [], "status": [], "targets": []}
         for row_ids, row_labels in zip(ids, labels, strict=True):
             status = 0
             if len(row_ids) > self.max_length:
@@ -227,6 +227,7 @@ class Encoder:
             out["labels"].append(row_labels)
             out["length"].append(len(row_ids))
             out["status"].append(status)
+            out["targets"].append(sum(1 for x in row_labels[1:] if x != -100))  # tokens the loss predicts
         out["prompt"] = prompts if self.keep_text else [""] * len(ids)
         out["reference"] = references if self.keep_text else [""] * len(ids)
         return out
@@ -310,6 +311,7 @@ class SFTRows(TableExamples):
     def __init__(self, table: Any) -> None:
         self.table = table
         self.lengths: Any = column(table, "length").to_numpy()  # int32, one per example
+        self.targets: Any = column(table, "targets").to_numpy()  # tokens the loss predicts, per example
 
     def _example(self, index: int, row: dict[str, Any]) -> Example:
         ref = row["reference"]
@@ -412,6 +414,7 @@ def _encoded_features() -> Any:
             "labels": ids,
             "length": datasets.Value("int32"),
             "status": datasets.Value("int8"),
+            "targets": datasets.Value("int32"),
             "prompt": datasets.Value("string"),
             "reference": datasets.Value("string"),
         }
