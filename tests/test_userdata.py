@@ -452,3 +452,37 @@ def test_mlflow_reporter_uses_mlflow(tmp_path: Path, tiny: str, monkeypatch: pyt
     monkeypatch.setitem(sys.modules, "mlflow", None)
     with pytest.raises(ValueError, match="needs the mlflow package: pip install mlflow"):
         train(TrainConfig(**{**cfg.to_dict(), "out": str(tmp_path / "run2")}), progress=False)
+
+
+def test_a_fixed_denominator_weighs_every_token_the_same() -> None:
+    """step(denominator=D) divides the summed loss by D: a batch of short examples then moves the
+    weights by its share of the tokens, not by as much as a batch of long ones."""
+    from deltatune.train.loop import step
+
+    torch.manual_seed(0)
+    logits = torch.nn.Parameter(torch.randn(1, 6, 5))
+
+    class Net(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.logits = logits
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+            return types.SimpleNamespace(logits=self.logits.expand(input_ids.shape[0], -1, -1))
+
+    labels = torch.tensor([[-100, 1, 2, -100, -100, -100], [-100, 3, 4, 0, 1, 2]])
+    batch = {
+        "input_ids": torch.zeros(2, 6, dtype=torch.long),
+        "attention_mask": torch.ones(2, 6),
+        "labels": labels,
+    }
+    net = Net()
+    still = torch.optim.SGD(net.parameters(), lr=0.0)  # the weights stay: both steps see the same ones
+    own = step(net, [batch], "generation", still)  # divided by its 7 target tokens
+    fixed = step(net, [batch], "generation", still, denominator=14.0)
+    assert fixed == pytest.approx(own * 7 / 14, rel=1e-5)
+    seen: list[torch.Tensor] = []
+    logits.register_hook(lambda g: seen.append(g.clone()))
+    step(net, [batch], "generation", still)
+    step(net, [batch], "generation", still, denominator=14.0)
+    assert torch.allclose(seen[1], seen[0] * 7 / 14)
