@@ -253,9 +253,9 @@ def _train_parser(method: str | None) -> argparse.ArgumentParser:
         SCHEDULES,
         TrainConfig,
     )
+    from .train.formats import DATA_FORMATS, LOSS_ON
     from .train.models import ALIASES
     from .train.tasks import TASKS
-    from .train.userdata import DATA_FORMATS, LOSS_ON
 
     p = argparse.ArgumentParser(
         prog="deltatune train",

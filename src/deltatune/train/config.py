@@ -163,7 +163,7 @@ class TrainConfig:
 
     def _check_data(self) -> None:
         """The options of a run on the user's data (``data`` and what goes with it)."""
-        from .userdata import DATA_FORMATS, LOSS_ON
+        from .formats import DATA_FORMATS, LOSS_ON
 
         if self.data_format is not None and self.data_format not in DATA_FORMATS:
             raise ValueError(

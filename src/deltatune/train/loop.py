@@ -16,11 +16,8 @@ from here too.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import random
-import resource
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -32,9 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import core, regional
-from ..files import tensors_writer, write_file
-from ..io import save
+from .. import regional
 from ..lowrank import adapter_precision_as
 from ..stepping import lr_factor, needs_step_hooks, on_step, regularization
 from .batches import (
@@ -55,10 +50,11 @@ from .evaluation import evaluate
 from .models import load_model
 from .prepare import prepare
 from .progress import Progress
+from .records import run_record, store, write_generations, write_record
 from .reporting import open_reporters
 from .sharding import on_first, shard
-from .tasks import Task, get_task, load_split
-from .userdata import Columns, SFTRows, UserData, open_data
+from .tasks import get_task, load_split
+from .userdata import expected_targets, lengths_of, open_for, user_examples
 
 __all__ = [
     "Collator",
@@ -282,7 +278,7 @@ def _train(
     overwrite: bool,
 ) -> dict[str, Any]:
     world = init_world()
-    source = _open_data(cfg) if cfg.data else None
+    source = open_for(cfg) if cfg.data else None
     task = source.task if source is not None else get_task(cfg.task)
     out = Path(cfg.out)
     if not overwrite:
@@ -310,7 +306,7 @@ def _train(
     if cfg.chat_template is not None:
         tokenizer.chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
     if source is not None:
-        train_examples, eval_examples = _user_examples(source, tokenizer, cfg, world)
+        train_examples, eval_examples = user_examples(source, tokenizer, cfg, world.main)
     if torch.cuda.is_available():
         model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
     groups, facts = prepare(model, cfg, task)
@@ -357,8 +353,8 @@ def _train(
             reporter.log(0, history["before"], "eval")
         model.train()
     collate = Collator(task, tokenizer, cfg.max_length)
-    lengths = _lengths(train_examples) if cfg.group_by_length else None
-    per_step = _expected_targets(train_examples, cfg) if source is not None else None
+    lengths = lengths_of(train_examples) if cfg.group_by_length else None
+    per_step = expected_targets(train_examples, cfg) if source is not None else None
     bar = Progress(
         cfg.steps, f"{cfg.method} {task.name}", unit="step", initial=done, enabled=progress and world.main
     )
@@ -405,8 +401,8 @@ def _train(
         }
 
     def finish() -> dict[str, Any]:
-        stored_bytes = _store(model, cfg, task, out, base_model, tokenizer)
-        record = _record(cfg, task, model, facts, history, stored_bytes, started, world)
+        stored_bytes = store(model, cfg, task, out, base_model, tokenizer)
+        record = run_record(cfg, task, model, facts, history, stored_bytes, started, world.size)
         if source is not None:
             record["data"] = {
                 "path": source.path,
@@ -414,8 +410,8 @@ def _train(
                 "eval": source.where["eval"],
                 **source.report,
             }
-        _write_generations(samples, out)
-        _write_record(record, out)
+        write_generations(samples, out)
+        write_record(record, out)
         if reporter is not None:
             reporter.log(done, record["metrics"], "eval")
             reporter.close(record)
@@ -427,87 +423,6 @@ def _train(
 
         dist.barrier()
     return record
-
-
-def _open_data(cfg: TrainConfig) -> UserData:
-    assert cfg.data is not None
-    columns = Columns(
-        text=cfg.text_column,
-        text_pair=cfg.text_pair_column,
-        prompt=cfg.prompt_column,
-        completion=cfg.completion_column,
-        messages=cfg.messages_column,
-        label=cfg.label_column,
-    )
-    return open_data(
-        cfg.data,
-        eval_path=cfg.eval_data,
-        eval_fraction=cfg.eval_fraction,
-        fmt=cfg.data_format,
-        cols=columns,
-        seed=cfg.seed,
-    )
-
-
-def _user_examples(
-    source: UserData, tokenizer: Any, cfg: TrainConfig, world: World
-) -> tuple[Sequence[Example], Sequence[Example]]:
-    """Both splits of the user's data (tokenised where causal), limited as asked; truncation reported."""
-    splits = []
-    for split, limit in (("train", cfg.train_limit), ("eval", cfg.eval_limit)):
-        examples = source.examples(split, tokenizer, cfg.max_length, cfg.loss_on)
-        if limit is not None and limit < len(examples):
-            order = list(range(len(examples)))
-            random.Random(cfg.seed).shuffle(order)
-            examples = [examples[i] for i in order[:limit]]
-        splits.append(examples)
-        counts = source.report.get(split)
-        if counts and world.main and (counts["truncated"] or counts["skipped"]):
-            print(
-                f"{source.where[split]}: {counts['truncated']} of {counts['examples']} examples truncated "
-                f"to --max-length {cfg.max_length} (some tokens to train on cut), {counts['skipped']} "
-                "skipped (no token to train on within it)",
-                file=sys.stderr,
-            )
-    return splits[0], splits[1]
-
-
-def _lengths(examples: Sequence[Example]) -> Sequence[int] | None:
-    """Token counts of tokenised examples (for length grouping); None for others."""
-    if isinstance(examples, SFTRows):
-        lengths: Sequence[int] = examples.lengths
-        return lengths
-    if examples and all(e.tokens is not None for e in examples):
-        return [len(e.tokens[0]) for e in examples if e.tokens is not None]
-    return None
-
-
-def _expected_targets(examples: Sequence[Example], cfg: TrainConfig) -> float | None:
-    """The target tokens a global batch holds on average (tokenised examples; None for others): the
-    fixed count a step's loss is divided by (see :func:`step`)."""
-    if isinstance(examples, SFTRows):
-        mean = float(examples.targets.mean())
-    elif examples and all(e.tokens is not None for e in examples):
-        mean = sum(sum(1 for x in e.tokens[1][1:] if x != -100) for e in examples if e.tokens) / len(examples)
-    else:
-        return None
-    return max(mean, 1.0) * cfg.batch_size * cfg.grad_accum
-
-
-def _write_generations(samples: dict[str, list[dict[str, str]]], out: Path) -> None:
-    """``generations.jsonl`` (and ``generations-before.jsonl``): prompt, reference and output per line."""
-    for when, rows in samples.items():
-        if rows:
-            name = "generations.jsonl" if when == "after" else "generations-before.jsonl"
-            text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-            write_file(out / name, _text_writer(text))
-
-
-def _text_writer(text: str) -> Callable[[Path], None]:
-    def write(path: Path) -> None:
-        path.write_text(text, encoding="utf-8")
-
-    return write
 
 
 def _micro_batches(
@@ -539,82 +454,3 @@ def _distributed(model: nn.Module, world: World) -> nn.Module:
         return model
     device = device_of(model)
     return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
-
-
-def _record(
-    cfg: TrainConfig,
-    task: Task,
-    model: nn.Module,
-    facts: dict[str, Any],
-    history: dict[str, Any],
-    stored_bytes: int,
-    started: float,
-    world: World,
-) -> dict[str, Any]:
-    """The run's ``metrics.json``: its config, final and initial metrics, sizes, times and history."""
-    return {
-        "config": cfg.to_dict(),
-        "task": task.name,
-        "main_metric": task.main_metric,
-        "metrics": history["eval"][-1][1],
-        "before": history.get("before"),
-        "trainable_parameters": facts["trainable"],
-        "total_parameters": sum(p.numel() for p in model.parameters()),
-        "stored_bytes": stored_bytes,
-        "train_seconds": round(history["train_seconds"], 2),
-        "wall_seconds": round(time.perf_counter() - started, 2),
-        "peak_memory_bytes": peak_memory_bytes(),
-        "world_size": world.size,
-        "history": history,
-    }
-
-
-def peak_memory_bytes() -> int:
-    """The GPU's peak allocation where there is one, else the process's peak resident memory."""
-    if torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    # ru_maxrss is in KiB on Linux.
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
-def task_record(cfg: TrainConfig, task: Task, tokenizer: Any = None) -> dict[str, Any]:
-    """What an adapter records of its run (``adapter_config.json``'s ``task``, see
-    :data:`deltatune.io.TASK_FIELDS`): enough for ``deltatune eval ADAPTER`` to evaluate it on the
-    same examples, the same way. A run on the user's data records the file, its format and the chat
-    template it was rendered with where that was not the tokenizer's own (``deltatune chat`` uses it)."""
-    if task.fmt is not None:
-        data: dict[str, Any] = {"data": cfg.data, "format": task.fmt, "max_length": cfg.max_length}
-        if cfg.chat_template is not None and tokenizer is not None:
-            data["chat_template"] = tokenizer.chat_template
-        return data
-    record: dict[str, Any] = {
-        "name": task.name,
-        "max_length": cfg.max_length,
-        "eval_limit": cfg.eval_limit,
-        "eval_seed": cfg.seed,  # load_split shuffles with it only when there is a limit
-    }
-    if task.kind == "generation":
-        record["max_new_tokens"] = cfg.max_new_tokens
-    return record
-
-
-def _store(
-    model: nn.Module, cfg: TrainConfig, task: Task, out: Path, base_model: str | None, tokenizer: Any = None
-) -> int:
-    """Save what the run produced; return its size in bytes (tensor data)."""
-    if core.has_adapters(model):
-        save(model, out / "adapter", base_model=base_model, task=task_record(cfg, task, tokenizer))
-        return core.parameter_report(model).stored_bytes
-    tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
-    write_file(out / "trained.safetensors", tensors_writer(tensors))
-    return sum(t.numel() * t.element_size() for t in tensors.values())
-
-
-def _write_record(record: dict[str, Any], out: Path) -> None:
-    """``metrics.json``, and ``curves.png`` where matplotlib is installed."""
-    write_file(out / "metrics.json", lambda path: path.write_text(json.dumps(record, indent=1)))
-    try:
-        from .plot import plot_curves
-    except ImportError:
-        return
-    write_file(out / "curves.png", lambda path: plot_curves(record, path))
