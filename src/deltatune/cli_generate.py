@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import torch
-from transformers.generation.streamers import BaseStreamer
 
 from .core import disabled, route, set_active
 from .files import write_file
@@ -334,9 +333,11 @@ def run_generate(args: argparse.Namespace) -> int:
 # -- chat --------------------------------------------------------------------------------------
 
 
-class _Stream(BaseStreamer):  # type: ignore[misc]
-    """Writes an answer to ``output`` as its tokens come: the prompt skipped, special tokens and leading
-    spaces dropped, a trailing incomplete character held back until its bytes are all there."""
+class _Stream:
+    """A streamer for ``generate()`` (its ``put`` / ``end`` protocol; transformers itself is imported
+    only by the commands that load a model): writes an answer to ``output`` as its tokens come, the
+    prompt skipped, special tokens and leading spaces dropped, a trailing incomplete character held
+    back until its bytes are all there."""
 
     def __init__(self, tokenizer: Any, output: TextIO) -> None:
         self.tokenizer, self.output = tokenizer, output
