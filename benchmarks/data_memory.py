@@ -7,7 +7,9 @@ path, not the model, decides the memory), in a fresh data cache. Each run's peak
 its own (``os.wait4``). The big file is then trained on a second time, reading the tokenised cache.
 
 Goal: the big file's peak RSS within 300 MB of the small file's; the second run faster by the time
-the first spent reading and tokenising.
+the first spent reading and tokenising. A third run streams the big file (``--streaming true``, a
+separate 10 kB ``--eval-data``, a fresh cache): it trains without converting or tokenising the file
+first, so its time is the steps' own.
 
     .venv/bin/python benchmarks/data_memory.py --json benchmarks/results/data/data_memory.json
 """
@@ -97,9 +99,9 @@ def tiny_model(folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def run(model: Path, data: Path, out: Path, cache: Path, steps: int) -> dict[str, float]:
+def run(model: Path, data: Path, out: Path, cache: Path, steps: int, *extra: str) -> dict[str, float]:
     """One ``deltatune train`` process: its wall time and its own peak resident memory."""
-    cmd = [sys.executable, "-m", "deltatune.cli", "train", "--model", str(model), "--data", str(data)]
+    cmd = [sys.executable, "-m", "deltatune.cli", "train", "--model", str(model), "--data", str(data), *extra]
     # 128 tokens: nearly every conversation fills it, so both files train on batches of one shape and
     # the logits (4 x 128 x 49,152 floats) cost the same in both runs; what differs is the data path
     cmd += ["--steps", str(steps), "--batch-size", "4", "--max-length", "128", "--eval-fraction", "0.0005"]
@@ -135,9 +137,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             cache = root / f"cache-{name}"
             result[name]["first"] = run(model, data, root / f"run-{name}", cache, args.steps)
             print(f"{name}: {result[name]}", flush=True)
-        result["big"]["again"] = run(
-            model, root / "big.jsonl", root / "run-big", root / "cache-big", args.steps
+        big_file = root / "big.jsonl"
+        result["big"]["again"] = run(model, big_file, root / "run-big", root / "cache-big", args.steps)
+        held = root / "held.jsonl"
+        write_chat(held, 0.01, seed=1)
+        streamed = run(
+            model,
+            big_file,
+            root / "run-stream",
+            root / "cache-stream",
+            args.steps,
+            "--streaming",
+            "true",
+            "--eval-data",
+            str(held),
         )
+        result["big"]["streamed"] = streamed
+        print(f"streamed: {streamed}", flush=True)
         cache_bytes = sum(f.stat().st_size for f in (root / "cache-big").rglob("*") if f.is_file())
         result["big"]["cache_mb"] = round(cache_bytes / 1e6, 1)
         big, small = result["big"], result["small"]
@@ -150,7 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"peak RSS: {small['first']['peak_rss_mb']:.0f} MB on {small['file_mb']} MB, "
         f"{first['peak_rss_mb']:.0f} MB on {big['file_mb']} MB (difference {result['rss_difference_mb']:.0f} "
         f"MB); second run on the big file {again['seconds']:.0f} s instead of {first['seconds']:.0f} s "
-        f"(cache {big['cache_mb']:.0f} MB on disk)"
+        f"(cache {big['cache_mb']:.0f} MB on disk); streamed: {big['streamed']['seconds']:.0f} s, "
+        f"peak RSS {big['streamed']['peak_rss_mb']:.0f} MB"
     )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

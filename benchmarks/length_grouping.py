@@ -37,6 +37,7 @@ from deltatune.train.batches import Collator, batch_positions, grouped_positions
 from deltatune.train.config import TrainConfig
 from deltatune.train.loop import step, train
 from deltatune.train.models import load_model
+from deltatune.train.streaming import StreamedExamples
 from deltatune.train.userdata import open_data
 
 
@@ -71,6 +72,7 @@ def throughput(args: argparse.Namespace, data_file: Path) -> dict[str, Any]:
     model, tokenizer = model_and_tokenizer(args.model)
     data = open_data(str(data_file), eval_fraction=0.01, seed=0)
     examples = data.examples("train", tokenizer, args.max_length, "assistant")
+    assert not isinstance(examples, StreamedExamples)
     lengths = [len(e.tokens[0]) for e in examples if e.tokens is not None]
     dt.inject(model, dt.LoRA(rank=16, alpha=32), targets=["all-linear"], seed=0)
     model.train()
