@@ -486,3 +486,98 @@ def test_a_fixed_denominator_weighs_every_token_the_same() -> None:
     step(net, [batch], "generation", still)
     step(net, [batch], "generation", still, denominator=14.0)
     assert torch.allclose(seen[1], seen[0] * 7 / 14)
+
+
+# ----------------------------------------------------------------------------------------------------
+# --streaming
+# ----------------------------------------------------------------------------------------------------
+
+
+def _stream_examples(path: Path, held: Path, tokenizer: Any) -> Any:
+    from deltatune.train.streaming import StreamedExamples
+
+    data = open_data(str(path), eval_path=str(held), streaming=True)
+    examples = data.examples("train", tokenizer, 128, "assistant")
+    assert isinstance(examples, StreamedExamples)
+    return examples
+
+
+def test_streamed_examples_are_the_cached_ones_each_once_per_epoch(tmp_path: Path, tokenizer: Any) -> None:
+    rows = [chat(f"q{i}", "a" * (i % 17 + 1)) for i in range(2500)]  # more than one read of 1000 rows
+    path, held = jsonl(tmp_path / "c.jsonl", rows), jsonl(tmp_path / "h.jsonl", rows[:3])
+    cached = open_data(str(path), eval_path=str(held)).examples("train", tokenizer, 128, "assistant")
+    want = sorted(tuple(e.tokens[0]) for e in cached if e.tokens)
+    stream = _stream_examples(path, held, tokenizer)
+    for group in (False, True):
+        batches = stream.batches(0, 10, group)
+        epoch = [tuple(e.tokens[0]) for _ in range(250) for e in next(batches)]
+        assert sorted(epoch) == want  # every example once in the first 250 batches of 10
+    again = stream.batches(0, 10, True)
+    first = [next(again) for _ in range(30)]
+    resumed = stream.batches(25, 10, True)
+    assert [next(resumed) for _ in range(5)] == first[25:]  # resuming at step 25 sees what it would have
+    assert stream.report == {"examples": 2500, "truncated": 0, "skipped": 0}
+    full = sum(sum(x != -100 for x in e.tokens[1][1:]) for e in cached if e.tokens) / 2500
+    assert stream.mean_targets == pytest.approx(full, rel=0.05)  # from the first buffer of 2000
+
+
+def test_streaming_run_and_its_errors(tmp_path: Path, tiny: str, tokenizer: Any) -> None:
+    rows = chats(40)
+    path, held = jsonl(tmp_path / "c.jsonl", rows), jsonl(tmp_path / "h.jsonl", rows[:4])
+    cfg = TrainConfig(
+        model=tiny,
+        data=str(path),
+        eval_data=str(held),
+        streaming=True,
+        method="lora",
+        targets=["all-linear"],
+        steps=3,
+        batch_size=4,
+        checkpoint_every=0,
+        out=str(tmp_path / "run"),
+    )
+    record = train(cfg, progress=False)
+    assert record["data"]["train"]["examples"] >= 12 and "perplexity" in record["metrics"]
+    assert (tmp_path / "run" / "adapter" / "adapter.safetensors").is_file()
+    with pytest.raises(ValueError, match=r"TrainConfig.streaming .* needs data and eval_data"):
+        TrainConfig(data=str(path), streaming=True)
+    labelled = jsonl(tmp_path / "l.jsonl", [{"text": "a", "label": "x"}, {"text": "b", "label": "y"}] * 3)
+    with pytest.raises(ValueError, match=r"--streaming trains the causal formats"):
+        open_data(str(labelled), eval_path=str(labelled), streaming=True)
+    late = rows * 30 + [{"messages": [{"role": "robot", "content": "x"}]}]  # row 1201: past the first read
+    bad = _stream_examples(jsonl(tmp_path / "late.jsonl", late), held, tokenizer)
+    with pytest.raises(ValueError, match=r"late\.jsonl row 1201: messages\[0\] has unknown role 'robot'"):
+        list(next(bad.batches(0, 2000, False)))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("".join(json.dumps(r) + "\n" for r in rows * 30) + "{not json\n")
+    with pytest.raises(ValueError, match=r"broken\.jsonl line 1201: not valid JSON"):
+        list(next(_stream_examples(broken, held, tokenizer).batches(0, 2000, False)))
+
+
+def test_held_out_file_of_another_format_and_the_default_out(
+    tmp_path: Path, tiny: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train_file = jsonl(tmp_path / "chats.jsonl", chats(6))
+    other = jsonl(tmp_path / "pc.jsonl", [{"prompt": "p", "completion": "c"}] * 2)
+    with pytest.raises(
+        ValueError, match=r"--eval-data .*pc\.jsonl: format prompt_completion, but --data .* is messages"
+    ):
+        open_data(str(train_file), eval_path=str(other))
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--model", tiny, "--data", str(train_file), "--eval-fraction", "0.5", "--steps", "1"]
+    assert (
+        main(
+            [
+                *args,
+                "--batch-size",
+                "2",
+                "--targets",
+                "all-linear",
+                "--checkpoint-every",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    assert (tmp_path / "runs" / "chats-lora" / "adapter" / "adapter_config.json").is_file()
