@@ -1,10 +1,11 @@
 """Batches by length against plain padded batches, on a length-skewed chat file (issue 25).
 
-A generated chat JSONL where most conversations are short and a few are long (``--long-share`` of
-them, ``--long-chars`` characters of answer) is tokenised once with SmolLM2-135M-Instruct's chat
-template; then LoRA (rank 16, every linear layer) trains on it, on ``--model``: ``small`` (default), a
-4-layer SmolLM2-shaped Llama with random weights (``benchmarks/speed.py``'s ``build``; these CPUs take
-about 30 s per step of 8 long conversations on the real model), or ``smollm2``, the real 30-layer one:
+A generated chat JSONL whose answer lengths are log-normal (median ``--median-words`` words, spread
+``--sigma``: most conversations short, a long tail, as in real chat data) is tokenised once with
+SmolLM2-135M-Instruct's chat template; then LoRA (rank 16, every linear layer) trains on it, on
+``--model``: ``small`` (default), a 4-layer SmolLM2-shaped Llama with random weights
+(``benchmarks/speed.py``'s ``build``; these CPUs take about 30 s per step of 8 long conversations on
+the real model), or ``smollm2``, the real 30-layer one:
 
 1. **throughput**, in one process, alternating step by step: optimizer step ``s`` on the batch that
    :func:`~deltatune.train.batches.grouped_positions` picks, then on the one plain
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
 import statistics
 import tempfile
@@ -41,17 +43,17 @@ from deltatune.train.streaming import StreamedExamples
 from deltatune.train.userdata import open_data
 
 
-def write_skewed(path: Path, n: int, long_share: float, long_chars: int, seed: int) -> None:
-    """``n`` conversations: short ones (a sum and its answer), and ``long_share`` of long ones."""
+def write_skewed(path: Path, n: int, median_words: int, sigma: float, seed: int) -> None:
+    """``n`` conversations whose answers are ``median_words`` words long at the median, log-normally
+    spread (``sigma``; capped at 600 words): most short, a long tail, as in real chat data."""
     rng = random.Random(seed)
     words = ("the", "of", "and", "to", "in", "is", "that", "for", "it", "as", "with", "was", "on", "by")
     with path.open("w", encoding="utf-8") as f:
         for _ in range(n):
             a, b = rng.randint(1, 99), rng.randint(1, 99)
-            answer = f"{a} + {b} = {a + b}."
-            if rng.random() < long_share:
-                text = " ".join(rng.choice(words) for _ in range(long_chars // 4))
-                answer = f"{text} So {answer}"
+            count = min(600, int(rng.lognormvariate(math.log(median_words), sigma)))
+            text = " ".join(rng.choice(words) for _ in range(count))
+            answer = f"{text} So {a} + {b} = {a + b}."
             turns = [
                 {"role": "user", "content": f"What is {a} + {b}?"},
                 {"role": "assistant", "content": answer},
@@ -142,8 +144,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=("small", "smollm2"), default="small")
     p.add_argument("--examples", type=int, default=1200)
-    p.add_argument("--long-share", type=float, default=0.1)
-    p.add_argument("--long-chars", type=int, default=1500)
+    p.add_argument("--median-words", type=int, default=30, help="answer length at the median (words)")
+    p.add_argument("--sigma", type=float, default=1.0, help="log-normal spread of the answer lengths")
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rounds", type=int, default=8)
@@ -152,7 +154,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         data_file = Path(tmp) / "skewed.jsonl"
-        write_skewed(data_file, args.examples, args.long_share, args.long_chars, seed=0)
+        write_skewed(data_file, args.examples, args.median_words, args.sigma, seed=0)
         result: dict[str, Any] = {"config": vars(args), "throughput": throughput(args, data_file)}
         if args.steps:
             result["training"] = same_training(args, data_file, Path(tmp))
