@@ -225,6 +225,8 @@ TRAIN_HELP: dict[str, str] = {
     "BLEU, ROUGE-L; answer accuracy for '#### N' answers) and written to OUT/generations.jsonl",
     "group_by_length": "batch tokenised examples of similar length together (the causal formats of --data): "
     "less padding, the same examples per epoch",
+    "streaming": "with --data and --eval-data: read and tokenise the training file while training (the "
+    "first step starts at once and nothing is cached; the format is told from the first rows)",
     "report_to": "also record the run with {reporters} (optional packages; besides metrics.json and the PNG)",
 }
 _NO_DEFAULT_SHOWN = (

@@ -102,6 +102,7 @@ class TrainConfig:
     eval_generate: int = 0
     group_by_length: bool = True
     report_to: list[str] | None = None
+    streaming: bool = False
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens")
@@ -144,7 +145,7 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}"
             )
-        for name in ("fsdp", "compile"):
+        for name in ("fsdp", "compile", "streaming", "group_by_length"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.fsdp and self.checkpoint_every:
@@ -196,6 +197,11 @@ class TrainConfig:
                     f"TrainConfig.{given[0]} applies to a run on your own data; give data (--data PATH) "
                     f"or drop {', '.join(given)}"
                 )
+        if self.streaming and (self.data is None or self.eval_data is None):
+            raise ValueError(
+                "TrainConfig.streaming reads --data while training; it needs data and eval_data (a held-out "
+                "part of a stream would take a pass over it first)"
+            )
         if self.chat_template is not None and not Path(self.chat_template).is_file():
             raise ValueError(
                 f"TrainConfig.chat_template: no such file {self.chat_template} (a Jinja template file)"

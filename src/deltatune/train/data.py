@@ -81,7 +81,7 @@ class Example:
     label: int | float | None = None
     target: str | None = None
     refs: tuple[str, ...] = ()
-    tokens: tuple[tuple[int, ...], tuple[int, ...]] | None = field(default=None, repr=False)
+    tokens: tuple[Sequence[int], Sequence[int]] | None = field(default=None, repr=False)
 
 
 #: ``loader(split, data_dir) -> examples``.

@@ -20,7 +20,7 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +53,7 @@ from .progress import Progress
 from .records import run_record, store, write_generations, write_record
 from .reporting import open_reporters
 from .sharding import on_first, shard
+from .streaming import StreamedExamples
 from .tasks import get_task, load_split
 from .userdata import expected_targets, lengths_of, open_for, user_examples
 
@@ -285,6 +286,7 @@ def _train(
         check_out_folder(cfg)
     started = time.perf_counter()
     torch.manual_seed(cfg.seed)
+    train_examples: Sequence[Example] | StreamedExamples
     if source is None:
         train_examples = load_split(
             task, "train", cfg.data_dir, limit=cfg.train_limit, seed=cfg.seed if cfg.train_limit else None
@@ -355,13 +357,21 @@ def _train(
     collate = Collator(task, tokenizer, cfg.max_length)
     lengths = lengths_of(train_examples) if cfg.group_by_length else None
     per_step = expected_targets(train_examples, cfg) if source is not None else None
+    global_batch = cfg.batch_size * cfg.grad_accum
+    feed: Sequence[Example] | Iterator[list[Example]] = (
+        train_examples.batches(done, global_batch, cfg.group_by_length)
+        if isinstance(train_examples, StreamedExamples)
+        else train_examples
+    )
     bar = Progress(
         cfg.steps, f"{cfg.method} {task.name}", unit="step", initial=done, enabled=progress and world.main
     )
     train_seconds = 0.0
     while done < cfg.steps:
         t0 = time.perf_counter()
-        micro = [collate(chunk) for chunk in _micro_batches(train_examples, done, cfg, world, lengths)]
+        micro = [collate(chunk) for chunk in _micro_batches(feed, done, cfg, world, lengths)]
+        if per_step is None and isinstance(train_examples, StreamedExamples):
+            per_step = expected_targets(train_examples, cfg)  # known now: the first window is read
         loss = step(
             runner,
             micro,
@@ -403,6 +413,8 @@ def _train(
     def finish() -> dict[str, Any]:
         stored_bytes = store(model, cfg, task, out, base_model, tokenizer)
         record = run_record(cfg, task, model, facts, history, stored_bytes, started, world.size)
+        if isinstance(train_examples, StreamedExamples) and source is not None:
+            source.report["train"] = dict(train_examples.report)
         if source is not None:
             record["data"] = {
                 "path": source.path,
@@ -426,25 +438,30 @@ def _train(
 
 
 def _micro_batches(
-    examples: Sequence[Example],
+    examples: Sequence[Example] | Iterator[list[Example]],
     done: int,
     cfg: TrainConfig,
     world: World,
     lengths: Sequence[int] | None = None,
 ) -> list[list[Example]]:
-    """This process's share of the micro-batches of step ``done`` (see :func:`batch_positions`;
-    :func:`grouped_positions` where the ``lengths`` of tokenised examples are known)."""
+    """This process's share of the micro-batches of step ``done``: the global batch is the next one of
+    a stream's batches (``examples`` an iterator: ``--streaming``), else the examples at
+    :func:`batch_positions` (:func:`grouped_positions` where the ``lengths`` of tokenised examples are
+    known)."""
     global_batch = cfg.batch_size * cfg.grad_accum
     per_rank = cfg.batch_size // world.size
-    if lengths is not None:
-        positions = grouped_positions(done, global_batch, lengths, cfg.seed)
+    if isinstance(examples, Iterator):
+        chosen = next(examples)
     else:
-        positions = batch_positions(done, global_batch, len(examples), cfg.seed)
+        if lengths is not None:
+            positions = grouped_positions(done, global_batch, lengths, cfg.seed)
+        else:
+            positions = batch_positions(done, global_batch, len(examples), cfg.seed)
+        chosen = [examples[i] for i in positions]
     micro = []
     for m in range(cfg.grad_accum):
-        chunk = positions[m * cfg.batch_size : (m + 1) * cfg.batch_size]
-        mine = chunk[world.rank * per_rank : (world.rank + 1) * per_rank]
-        micro.append([examples[i] for i in mine])
+        chunk = chosen[m * cfg.batch_size : (m + 1) * cfg.batch_size]
+        micro.append(chunk[world.rank * per_rank : (world.rank + 1) * per_rank])
     return micro
 
 

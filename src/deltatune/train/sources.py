@@ -31,7 +31,7 @@ from .smollm2 import default_cache_root
 if TYPE_CHECKING:
     import datasets
 
-__all__ = ["FILE_FORMATS", "cache_dir", "column", "read_table"]
+__all__ = ["FILE_FORMATS", "cache_dir", "column", "explain", "read_table", "stream_table"]
 
 #: File suffix -> ``datasets`` builder.
 FILE_FORMATS: dict[str, str] = {
@@ -102,6 +102,11 @@ def _read_folder(folder: Path, what: str, fieldnames: Sequence[str] | None) -> d
                 raise ValueError(f"{what} {folder}: a DatasetDict without a 'train' split ({list(table)})")
             table = table["train"]
         return table
+    return _read_files(_folder_files(folder, what), what, fieldnames)
+
+
+def _folder_files(folder: Path, what: str) -> list[Path]:
+    """The data files of a folder, all of one format."""
     files = sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in FILE_FORMATS)
     if not files:
         known = ", ".join(FILE_FORMATS)
@@ -111,16 +116,16 @@ def _read_folder(folder: Path, what: str, fieldnames: Sequence[str] | None) -> d
         raise ValueError(
             f"{what} {folder}: files of several formats ({', '.join(suffixes)}); keep one per folder"
         )
-    return _read_files(files, what, fieldnames)
+    return files
 
 
-def _read_hub(name: str, what: str) -> datasets.Dataset:
+def _read_hub(name: str, what: str, streaming: bool = False) -> Any:
     looks_local = name.startswith((".", "/", "~")) or Path(name).suffix.lower() in FILE_FORMATS
     if looks_local or name.count("/") > 1:
         raise ValueError(f"{what} {name}: no such file or folder")
     ds = _datasets()
     try:
-        table = ds.load_dataset(name, split="train", cache_dir=str(cache_dir()))
+        table = ds.load_dataset(name, split="train", cache_dir=str(cache_dir()), streaming=streaming)
     except Exception as e:  # the hub client raises many types: offline, unknown name, gated
         raise ValueError(
             f"{what} {name}: not a local file or folder, and not loadable as a hub data set "
@@ -131,6 +136,21 @@ def _read_hub(name: str, what: str) -> datasets.Dataset:
 
 
 def _read_files(files: list[Path], what: str, fieldnames: Sequence[str] | None) -> datasets.Dataset:
+    ds = _datasets()
+    builder, kwargs = _builder_args(files, what, fieldnames)
+    try:
+        table = ds.load_dataset(
+            builder, data_files=[str(f) for f in files], split="train", cache_dir=str(cache_dir()), **kwargs
+        )
+    except Exception as e:
+        raise explain(e, files, what) from None
+    return table
+
+
+def _builder_args(
+    files: list[Path], what: str, fieldnames: Sequence[str] | None
+) -> tuple[str, dict[str, Any]]:
+    """The ``datasets`` builder for ``files`` and its options (CSV/TSV cells as text, unquoted TSV)."""
     ds = _datasets()
     builder = FILE_FORMATS[files[0].suffix.lower()]
     kwargs: dict[str, Any] = {}
@@ -152,27 +172,50 @@ def _read_files(files: list[Path], what: str, fieldnames: Sequence[str] | None) 
             kwargs.update(header=None, column_names=list(fieldnames))
         if tsv:
             kwargs.update(delimiter="\t", quoting=csv.QUOTE_NONE)
+    return builder, kwargs
+
+
+def explain(error: Exception, files: Sequence[Path], what: str) -> ValueError:
+    """The error to raise for ``files`` that failed to load with ``error``: the file and line at fault
+    where a line-by-line look finds them (invalid UTF-8, a line that is not a JSON object, a row with
+    the wrong number of fields), else the reader's reason."""
+    if "corresponds to no data" in str(error):
+        return ValueError(f"{what} {files[0]}: the file has no examples")
+    cause: BaseException = error
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
     try:
-        table = ds.load_dataset(
-            builder, data_files=[str(f) for f in files], split="train", cache_dir=str(cache_dir()), **kwargs
-        )
-    except Exception as e:
-        if "corresponds to no data" in str(e):
-            raise ValueError(f"{what} {files[0]}: the file has no examples") from None
-        cause: BaseException = e
-        while cause.__cause__ is not None or cause.__context__ is not None:
-            cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
         for f in files:
-            _diagnose(f, builder, what)
-        fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(cause))
-        if fields:
-            expected, line, found = fields.groups()
-            raise ValueError(
-                f"{what} {files[0]} line {line}: expected {expected} fields, found {found}"
-            ) from None
-        reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
-        raise ValueError(f"{what} {', '.join(map(str, files))}: could not be read ({reason})") from None
-    return table
+            _diagnose(f, FILE_FORMATS.get(f.suffix.lower(), ""), what)
+    except ValueError as found:
+        return found
+    fields = re.search(r"Expected (\d+) fields in line (\d+), saw (\d+)", str(cause))
+    if fields:
+        expected, line, found_ = fields.groups()
+        return ValueError(f"{what} {files[0]} line {line}: expected {expected} fields, found {found_}")
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return ValueError(f"{what} {', '.join(map(str, files))}: could not be read ({reason})")
+
+
+def stream_table(path: str | os.PathLike[str], *, what: str = "data") -> tuple[Any, list[Path]]:
+    """The rows of ``path`` as a ``datasets.IterableDataset`` read as it is iterated (nothing is
+    converted first), and the files it reads (empty for a ``save_to_disk`` folder or a hub name;
+    :func:`explain` turns a failure while iterating into a clear error)."""
+    ds = _datasets()
+    p = Path(path)
+    if p.is_dir() and (p / "state.json").is_file():
+        return _read_folder(p, what, None).to_iterable_dataset(), []
+    if p.is_dir():
+        files = _folder_files(p, what)
+    elif p.is_file():
+        files = [p]
+    else:
+        return _read_hub(str(path), what, streaming=True), []
+    builder, kwargs = _builder_args(files, what, None)
+    stream = ds.load_dataset(
+        builder, data_files=[str(f) for f in files], split="train", streaming=True, **kwargs
+    )
+    return stream, files
 
 
 def _check_readable(f: Path, what: str) -> None:

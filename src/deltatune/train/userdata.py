@@ -35,6 +35,7 @@ import random
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +53,8 @@ from .formats import (
     encoded_features,
     tokenizer_fingerprint,
 )
-from .sources import column, read_table
+from .sources import column, explain, read_table, stream_table
+from .streaming import StreamedExamples
 from .tasks import Task
 
 __all__ = [
@@ -98,12 +100,18 @@ class UserData:
     where: dict[str, str]
     origin: dict[str, Sequence[int] | None] = field(default_factory=dict)
     report: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: ``--streaming``: the training rows as a ``datasets.IterableDataset`` and the files it reads
+    #: (``tables["train"]`` then holds only the first rows, which the format was told from).
+    stream: tuple[Any, list[Path]] | None = None
+    seed: int = 0
 
     @property
     def causal(self) -> bool:
         return self.fmt in CAUSAL_FORMATS
 
-    def examples(self, split: str, tokenizer: Any, max_length: int, loss_on: str) -> Sequence[Example]:
+    def examples(
+        self, split: str, tokenizer: Any, max_length: int, loss_on: str
+    ) -> Sequence[Example] | StreamedExamples:
         """The examples of ``split`` (``"train"`` or ``"eval"``): rows (classification, regression) or
         tokenised rows (the causal formats), with the truncation counts in :attr:`report`."""
         table = self.tables[split]
@@ -129,6 +137,8 @@ class UserData:
         encoder = Encoder(
             tokenizer, self.fmt, self.cols, max_length, loss_on, str(path), origin, split == "eval"
         )
+        if split == "train" and self.stream is not None:
+            return StreamedExamples(self.stream[0], self.stream[1], encoder, seed=self.seed)
         key = "|".join(
             (
                 ENCODING_VERSION,
@@ -190,24 +200,39 @@ def open_data(
     fmt: str | None = None,
     cols: Columns | None = None,
     seed: int = 0,
+    streaming: bool = False,
 ) -> UserData:
     """Read, detect and check a run's data (see the module docstring); tokenising comes later
     (:meth:`UserData.examples`), once the model's tokenizer is known."""
     cols = cols or Columns()
     if fmt is not None and fmt not in DATA_FORMATS:
         raise ValueError(f"--data-format must be one of {', '.join(DATA_FORMATS)}, not {fmt!r}")
-    train = read_table(path, what="--data")
+    forced = fmt
+    stream = None
+    if streaming:
+        if eval_path is None:
+            raise ValueError(
+                "--streaming needs --eval-data: holding out part of a stream would take a pass over it first"
+            )
+        stream = stream_table(path, what="--data")
+        train = _first_rows(stream, path)
+    else:
+        train = read_table(path, what="--data")
     where = {"train": str(path)}
-    detected = detect_format(train, cols, f"--data {path}") if fmt is None else fmt
     if fmt is None:
-        fmt = detected
+        fmt = detect_format(train, cols, f"--data {path}")
         if fmt == "classification" and _numeric_scores(train, cols.label):
             fmt = "regression"
+    if streaming and fmt not in CAUSAL_FORMATS:
+        raise ValueError(
+            f"--data {path}: --streaming trains the causal formats ({', '.join(CAUSAL_FORMATS)}); this is "
+            f"{fmt}, whose classes need a pass over the file: drop --streaming"
+        )
     check_rows(train, fmt, cols, f"--data {path}")
     if eval_path is not None:
         held = read_table(eval_path, what="--eval-data")
         where["eval"] = str(eval_path)
-        other = detect_format(held, cols, f"--eval-data {eval_path}") if fmt is None else fmt
+        other = detect_format(held, cols, f"--eval-data {eval_path}") if forced is None else fmt
         if fmt in CAUSAL_FORMATS and other != fmt and other in CAUSAL_FORMATS:
             raise ValueError(
                 f"--eval-data {eval_path}: format {other}, but --data {path} is {fmt}; use one format"
@@ -219,7 +244,22 @@ def open_data(
         where["eval"] = f"{path} (held-out {eval_fraction:g})"
         origin = {"train": kept, "eval": out}
     task = _task_for(Path(path).stem or "data", fmt, cols, train, held, where, origin.get("eval"))
-    return UserData(str(path), fmt, task, cols, {"train": train, "eval": held}, where, origin)
+    tables = {"train": train, "eval": held}
+    return UserData(str(path), fmt, task, cols, tables, where, origin, stream=stream, seed=seed)
+
+
+def _first_rows(stream: tuple[Any, list[Path]], path: str, n: int = 1000) -> Any:
+    """The first ``n`` rows of a stream as a table (the format is told, and checked, from them)."""
+    import datasets
+
+    rows, files = stream
+    try:
+        head = list(islice(iter(rows), n))
+    except Exception as e:
+        raise explain(e, files, "--data") from None
+    if not head:
+        raise ValueError(f"--data {path}: the file has no examples")
+    return datasets.Dataset.from_list(head)
 
 
 def _numeric_scores(table: Any, name: str) -> bool:
@@ -314,6 +354,7 @@ def open_for(cfg: TrainConfig) -> UserData:
     )
     return open_data(
         cfg.data,
+        streaming=cfg.streaming,
         eval_path=cfg.eval_data,
         eval_fraction=cfg.eval_fraction,
         fmt=cfg.data_format,
@@ -324,11 +365,16 @@ def open_for(cfg: TrainConfig) -> UserData:
 
 def user_examples(
     source: UserData, tokenizer: Any, cfg: TrainConfig, main: bool = True
-) -> tuple[Sequence[Example], Sequence[Example]]:
-    """Both splits of the user's data (tokenised where causal), limited as asked; truncation reported."""
-    splits = []
+) -> tuple[Sequence[Example] | StreamedExamples, Sequence[Example]]:
+    """Both splits of the user's data (tokenised where causal), limited as asked; truncation reported
+    (a stream's training split: at the end of the run, from the rows it read)."""
+    splits: list[Sequence[Example] | StreamedExamples] = []
     for split, limit in (("train", cfg.train_limit), ("eval", cfg.eval_limit)):
         examples = source.examples(split, tokenizer, cfg.max_length, cfg.loss_on)
+        if isinstance(examples, StreamedExamples):
+            examples.limit = limit  # the first rows of the stream
+            splits.append(examples)
+            continue
         if limit is not None and limit < len(examples):
             order = list(range(len(examples)))
             random.Random(cfg.seed).shuffle(order)
@@ -342,11 +388,15 @@ def user_examples(
                 "skipped (no token to train on within it)",
                 file=sys.stderr,
             )
-    return splits[0], splits[1]
+    held = splits[1]
+    assert not isinstance(held, StreamedExamples)
+    return splits[0], held
 
 
-def lengths_of(examples: Sequence[Example]) -> Sequence[int] | None:
+def lengths_of(examples: Sequence[Example] | StreamedExamples) -> Sequence[int] | None:
     """Token counts of tokenised examples (for length grouping); None for others."""
+    if isinstance(examples, StreamedExamples):
+        return None  # the stream groups its own windows
     if isinstance(examples, SFTRows):
         lengths: Sequence[int] = examples.lengths
         return lengths
@@ -355,9 +405,13 @@ def lengths_of(examples: Sequence[Example]) -> Sequence[int] | None:
     return None
 
 
-def expected_targets(examples: Sequence[Example], cfg: TrainConfig) -> float | None:
+def expected_targets(examples: Sequence[Example] | StreamedExamples, cfg: TrainConfig) -> float | None:
     """The target tokens a global batch holds on average (tokenised examples; None for others): the
     fixed count a step's loss is divided by (see :func:`step`)."""
+    if isinstance(examples, StreamedExamples):
+        if examples.mean_targets is None:
+            return None  # known once the first window is read (the loop asks again then)
+        return float(examples.mean_targets * cfg.batch_size * cfg.grad_accum)
     if isinstance(examples, SFTRows):
         mean = float(examples.targets.mean())  # numpy
     elif examples and all(e.tokens is not None for e in examples):
