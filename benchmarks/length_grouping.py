@@ -7,11 +7,12 @@ SmolLM2-135M-Instruct's chat template; then LoRA (rank 16, every linear layer) t
 (``benchmarks/speed.py``'s ``build``; these CPUs take about 30 s per step of 8 long conversations on
 the real model), or ``smollm2``, the real 30-layer one:
 
-1. **throughput**, in one process, alternating step by step: optimizer step ``s`` on the batch that
-   :func:`~deltatune.train.batches.grouped_positions` picks, then on the one plain
-   :func:`~deltatune.train.batches.batch_positions` picks; tokens per second counts the real tokens
-   (not the padding); the figure is the median of the per-round ratios (grouped / plain), because
-   this machine's speed drifts by about ±30 % between runs;
+1. **throughput**, in one process, alternating round by round: ``--steps-per-round`` optimizer steps
+   on the batches :func:`~deltatune.train.batches.grouped_positions` picks, then as many on the
+   batches plain :func:`~deltatune.train.batches.batch_positions` picks (the same step numbers);
+   tokens per second counts the real tokens (not the padding) over a round's steps (a single grouped
+   batch is all short or all long, so one step alone says little); the figure is the median of the
+   per-round ratios (grouped / plain), because this machine's speed drifts by about ±30 % between runs;
 2. **the same training**: two ``deltatune train`` runs of ``--steps`` steps, ``group_by_length``
    true and false, same seed: the held-out loss after each, and the training losses (mean of the
    last half of the steps).
@@ -86,16 +87,21 @@ def throughput(args: argparse.Namespace, data_file: Path) -> dict[str, Any]:
     }
     rates: dict[str, list[float]] = {k: [] for k in pick}
     waste: dict[str, list[float]] = {k: [] for k in pick}
+    k = args.steps_per_round
     for r in range(args.rounds + 1):  # round 0 warms up
         for name, positions in pick.items():
-            batch = collate([examples[i] for i in positions(r)])
-            real = int(batch["attention_mask"].sum())
-            start = time.perf_counter()
-            step(model, [batch], "generation", optimizer)
-            seconds = time.perf_counter() - start
+            real = padded = 0
+            seconds = 0.0
+            for s in range(r * k, (r + 1) * k):
+                batch = collate([examples[i] for i in positions(s)])
+                real += int(batch["attention_mask"].sum())
+                padded += batch["attention_mask"].numel()
+                start = time.perf_counter()
+                step(model, [batch], "generation", optimizer)
+                seconds += time.perf_counter() - start
             if r:
                 rates[name].append(real / seconds)
-                waste[name].append(1 - real / batch["attention_mask"].numel())
+                waste[name].append(1 - real / padded)
         if r:
             print(f"round {r}: " + ", ".join(f"{k} {v[-1]:.0f} tok/s" for k, v in rates.items()), flush=True)
     ratios = [g / p for g, p in zip(rates["grouped"], rates["plain"], strict=True)]
@@ -149,6 +155,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--rounds", type=int, default=8)
+    p.add_argument("--steps-per-round", type=int, default=6, help="consecutive steps of each side per round")
     p.add_argument("--steps", type=int, default=40, help="steps of each of the two training runs (0: skip)")
     p.add_argument("--json", help="also write the results here")
     args = p.parse_args(argv)
