@@ -14,8 +14,7 @@ the real model), or ``smollm2``, the real 30-layer one:
    batch is all short or all long, so one step alone says little); the figure is the median of the
    per-round ratios (grouped / plain), because this machine's speed drifts by about ±30 % between runs;
 2. **the same training**: two ``deltatune train`` runs of ``--steps`` steps, ``group_by_length``
-   true and false, same seed: the held-out loss after each, and the training losses (mean of the
-   last half of the steps).
+   true and false, same seed: the held-out loss every quarter of the run (the curve) and at the end.
 
     .venv/bin/python benchmarks/length_grouping.py --json benchmarks/results/data/length_grouping.json
 """
@@ -130,6 +129,7 @@ def same_training(args: argparse.Namespace, data_file: Path, folder: Path) -> di
             lr=5e-4,
             max_length=args.max_length,
             group_by_length=grouped,
+            eval_every=max(1, args.steps // 4),
             checkpoint_every=0,
             out=str(folder / f"grouped-{grouped}"),
         )
@@ -138,6 +138,7 @@ def same_training(args: argparse.Namespace, data_file: Path, folder: Path) -> di
         half = losses[len(losses) // 2 :]
         out["grouped" if grouped else "plain"] = {
             "heldout_loss": record["metrics"]["loss"],
+            "heldout_curve": [[step, m["loss"]] for step, m in record["history"]["eval"]],
             "train_loss_last_half": statistics.mean(half),
             "train_seconds": record["train_seconds"],
             "padding_waste": record["history"]["padding"]["waste"],
