@@ -581,3 +581,9 @@ def test_held_out_file_of_another_format_and_the_default_out(
         == 0
     )
     assert (tmp_path / "runs" / "chats-lora" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_an_encoder_is_refused_for_chat_data(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    data = jsonl(tmp_path / "c.jsonl", chats(5))
+    assert main(["train", "--data", str(data), "--steps", "1", "--out", str(tmp_path / "run")]) == 2
+    assert "model minilm is an encoder" in capsys.readouterr().err and not (tmp_path / "run").exists()

@@ -115,6 +115,12 @@ def load_model(
         raise ValueError(f"num_labels does not apply to kind='generation'; got {num_labels}")
     if dtype is None:
         dtype = torch.float32
+    if kind == "generation" and name_or_path == "minilm":
+        raise ValueError(
+            "model minilm is an encoder (classification and regression only); for generation, or --data "
+            "in a causal format (messages, prompt_completion, text), pass --model smollm2 or a causal LM "
+            "folder or hub name"
+        )
 
     source, hub = _resolve(name_or_path, cache_dir)
     model_cls, tok_cls = _auto_classes(kind)
