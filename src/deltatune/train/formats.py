@@ -27,6 +27,7 @@ __all__ = [
     "check_rows",
     "detect_format",
     "encoded_features",
+    "targets_of",
     "tokenizer_fingerprint",
 ]
 
@@ -205,7 +206,7 @@ class Encoder:
             out["labels"].append(row_labels)
             out["length"].append(len(row_ids))
             out["status"].append(status)
-            out["targets"].append(sum(1 for x in row_labels[1:] if x != -100))  # tokens the loss predicts
+            out["targets"].append(targets_of(row_labels))
         out["prompt"] = prompts if self.keep_text else [""] * len(ids)
         out["reference"] = references if self.keep_text else [""] * len(ids)
         return out
@@ -254,6 +255,12 @@ class Encoder:
             prompts.append(_render(tok, m[:last], True) if self.keep_text else "")
             references.append(m[last]["content"])
         return ids, labels, prompts, references
+
+
+def targets_of(labels: Sequence[int]) -> int:
+    """The tokens the loss predicts in a row of ``labels``: those after the first that are not -100
+    (position t predicts token t+1, as :func:`deltatune.train.batches.count_of` counts a batch)."""
+    return sum(1 for x in labels[1:] if x != -100)
 
 
 def _in_spans(ids: list[int], offsets: list[tuple[int, int]], spans: list[tuple[int, int]]) -> list[int]:

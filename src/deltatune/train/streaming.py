@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from .data import Example
-from .formats import Encoder
+from .formats import Encoder, targets_of
 from .sources import explain
 
 __all__ = ["StreamedExamples"]
@@ -105,7 +105,7 @@ class StreamedExamples:
 
     def _estimate(self, pool: list[Example]) -> None:
         if self.mean_targets is None and pool:
-            counts = [sum(1 for x in e.tokens[1][1:] if x != -100) for e in pool if e.tokens]
+            counts = [targets_of(e.tokens[1]) for e in pool if e.tokens]
             self.mean_targets = max(sum(counts) / len(counts), 1.0)
 
     def batches(

@@ -51,6 +51,7 @@ from .formats import (
     check_rows,
     detect_format,
     encoded_features,
+    targets_of,
     tokenizer_fingerprint,
 )
 from .sources import column, explain, read_table, stream_table
@@ -415,7 +416,7 @@ def expected_targets(examples: Sequence[Example] | StreamedExamples, cfg: TrainC
     if isinstance(examples, SFTRows):
         mean = float(examples.targets.mean())  # numpy
     elif examples and all(e.tokens is not None for e in examples):
-        mean = sum(sum(1 for x in e.tokens[1][1:] if x != -100) for e in examples if e.tokens) / len(examples)
+        mean = sum(targets_of(e.tokens[1]) for e in examples if e.tokens) / len(examples)
     else:
         return None
     return float(max(mean, 1.0) * cfg.batch_size * cfg.grad_accum)
