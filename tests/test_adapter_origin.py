@@ -269,7 +269,7 @@ def test_a_harness_adapter_evaluates_and_merges_without_flags(
         assert {p.name: mode(p) for p in path.iterdir()} == {p.name: 0o644 for p in path.iterdir()}
     (out / "metrics.json").unlink()  # only the adapter folder tells where it came from
 
-    assert main(["eval", str(adapter), "--no-progress"]) == 0
+    assert main(["eval", str(adapter), "--no-progress", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["task"] == "sst2" and evaluated["examples"] == 24
     assert evaluated["accuracy"] == pytest.approx(record["metrics"]["accuracy"])

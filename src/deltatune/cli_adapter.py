@@ -22,7 +22,7 @@ from .fields import to_jsonable
 from .files import write_folder
 from .io import CONFIG_NAME, WEIGHTS_NAME, load, read_adapter, read_config
 
-__all__ = ["adapter_info", "add_parsers", "run_eval", "run_info", "run_merge"]
+__all__ = ["adapter_info", "add_parsers", "metrics_line", "run_eval", "run_info", "run_merge"]
 
 
 def add_parsers(sub: Any) -> None:
@@ -44,15 +44,72 @@ def add_parsers(sub: Any) -> None:
             action="store_true",
             help="load the adapter even if the base model's weights differ from the ones it was saved on",
         )
+        add_quantize_flag(s)
         if name == "eval":
-            s.add_argument("--limit", type=int, help="evaluate on this many examples")
-            s.add_argument("--data-dir")
-            s.add_argument("--no-progress", action="store_true")
+            s.add_argument(
+                "--limit",
+                type=int,
+                metavar="N",
+                help="evaluate on a seeded sample of N examples of the task's evaluation split (the same "
+                "N examples every time; default: the examples the run was evaluated on, else all)",
+            )
+            s.add_argument(
+                "--data-dir",
+                metavar="DIR",
+                help="folder of the data sets (default: the run's, else $DELTATUNE_DATA, else "
+                "../shared/datasets)",
+            )
+            s.add_argument(
+                "--no-progress",
+                action="store_true",
+                help="no progress output (else a bar on a terminal, a plain line every few seconds in a log)",
+            )
+            s.add_argument(
+                "--json",
+                action="store_true",
+                help="print the metrics as JSON (for scripts) instead of a line",
+            )
         else:
             s.add_argument("--out", required=True, help="folder for the merged model")
     i = sub.add_parser("info", help="what an adapter stores")
-    i.add_argument("adapter")
-    i.add_argument("--json", action="store_true")
+    i.add_argument("adapter", help="adapter folder (adapter_config.json + adapter.safetensors)")
+    i.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of text")
+
+
+def add_quantize_flag(parser: argparse.ArgumentParser) -> None:
+    """``--quantize {nf4,none}``: the base's precision for the commands that load adapters."""
+    parser.add_argument(
+        "--quantize",
+        choices=("nf4", "none"),
+        help="nf4: the base's linear layers in 4 bits (NormalFloat); none: the base in its own "
+        "precision (default: as the adapter was trained, 4-bit where it records a 4-bit base)",
+    )
+
+
+def load_adapters(
+    model: nn.Module, folders: dict[str, Path], quantize: str | None, *, strict_base: bool, active: str
+) -> bool:
+    """Load each adapter of ``folders`` (name -> folder) onto ``model``, ``active`` activated, on the
+    base precision ``quantize`` asks for; returns whether the base is 4-bit now.
+
+    ``quantize`` None: 4-bit if an adapter records a 4-bit base (rebuilding it exactly: its recorded
+    modules, block sizes, QPiSSA residual), else as the base loads. ``"nf4"``: 4-bit in any case
+    (the linear layers no adapter records are quantised after loading). ``"none"``: in the base's own
+    precision (a QLoRA adapter on the float weights; a QPiSSA adapter is refused: it needs its residual).
+    """
+    from .quant import quantize as quantize_base
+    from .quantized_base import RECORD_KEY, float_linear_paths
+
+    recorded = {name: RECORD_KEY in read_config(folder) for name, folder in folders.items()}
+    four = quantize == "nf4" or (quantize is None and any(recorded.values()))
+    for name, folder in folders.items():
+        wants = four if recorded[name] else None
+        load(model, folder, name=name, activate=name == active, strict_base=strict_base, quantize=wants)
+    if four:
+        rest = float_linear_paths(model)
+        if rest:
+            quantize_base(model, rest)
+    return four
 
 
 @dataclasses.dataclass
@@ -116,7 +173,9 @@ def _run_options(adapter: Path, model: str | None, task: str | None, *, need_tas
     return _Run(model, task, head, options)
 
 
-def _load_adapted(adapter: Path, run: _Run, *, strict_base: bool = True) -> tuple[Any, Any, Any]:
+def _load_adapted(
+    adapter: Path, run: _Run, *, strict_base: bool = True, quantize: str | None = None
+) -> tuple[Any, Any, Any]:
     """The base model (with the head the task or the adapter calls for) with the adapter loaded."""
     from .train.models import load_model
     from .train.tasks import get_task
@@ -137,13 +196,15 @@ def _load_adapted(adapter: Path, run: _Run, *, strict_base: bool = True) -> tupl
     else:  # _run_options refuses this case with the full message
         raise ValueError(f"{adapter}: pass --task")
     model, tokenizer = load_model(run.model, kind, labels if kind == "classification" else None)
-    load(model, adapter, strict_base=strict_base)
+    if torch.cuda.is_available():
+        model.to("cuda")  # quantised there, if it is, and evaluated there
+    load_adapters(model, {"default": adapter}, quantize, strict_base=strict_base, active="default")
     return model, tokenizer, task
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    """``deltatune eval``: the task's metrics of the adapter, as JSON, on the examples its run was
-    evaluated on (unless ``--limit``)."""
+    """``deltatune eval``: the task's metrics of the adapter on the examples its run was evaluated on
+    (unless ``--limit``), as a line (:func:`metrics_line`) or as JSON (``--json``)."""
     from .train.config import TrainConfig
     from .train.evaluation import evaluate
     from .train.tasks import load_split
@@ -151,7 +212,7 @@ def run_eval(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter)
     run = _run_options(adapter, args.model, args.task, need_task=True)
     strict_base = not getattr(args, "no_strict_base", False)
-    model, tokenizer, task = _load_adapted(adapter, run, strict_base=strict_base)
+    model, tokenizer, task = _load_adapted(adapter, run, strict_base=strict_base, quantize=args.quantize)
     saved = run.options
     # By default, the examples the run itself was evaluated on, prepared the same way.
     limit = args.limit if args.limit is not None else saved.get("eval_limit")
@@ -166,12 +227,33 @@ def run_eval(args: argparse.Namespace) -> int:
     data_dir = args.data_dir or saved.get("data_dir")
     examples = load_split(task, "eval", data_dir, limit=limit, seed=seed if limit else None)
     metrics = evaluate(model, tokenizer, task, examples, cfg, progress=not args.no_progress)
-    print(
-        json.dumps(
-            {"adapter": str(adapter), "task": task.name, "examples": len(examples), **metrics}, indent=2
+    if args.json:
+        print(
+            json.dumps(
+                {"adapter": str(adapter), "task": task.name, "examples": len(examples), **metrics}, indent=2
+            )
         )
-    )
+    else:
+        print(metrics_line(task.name, task.main_metric, metrics, len(examples), str(adapter)))
     return 0
+
+
+#: Metrics in percent (the harness scores them 0-100); the others are printed as they are.
+PERCENT = ("accuracy", "f1", "exact_match", "answer_accuracy")
+
+
+def metrics_line(task: str, main: str, metrics: dict[str, float], examples: int, where: str) -> str:
+    """``sst2: accuracy 82.80 % (f1 83.1 %, ...) on 872 examples of runs/x/adapter``: the main
+    metric first, four significant figures at most, percentages marked."""
+
+    def said(name: str) -> str:
+        value = metrics[name]
+        return f"{name} {value:.2f} %" if name in PERCENT else f"{name} {value:.4g}"
+
+    others = [said(k) for k in metrics if k != main]
+    first = said(main) if main in metrics else ""
+    rest = f" ({', '.join(others)})" if others and first else ", ".join(others)
+    return f"{task}: {first}{rest} on {examples:,} examples ({where})"
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -180,8 +262,12 @@ def run_merge(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter)
     run = _run_options(adapter, args.model, args.task, need_task=False)
     strict_base = not getattr(args, "no_strict_base", False)
-    model, tokenizer, _ = _load_adapted(adapter, run, strict_base=strict_base)
-    merge(model)
+    model, tokenizer, _ = _load_adapted(adapter, run, strict_base=strict_base, quantize=args.quantize)
+    merge(model, dequantize=True)  # a 4-bit base: into its dequantised weights (what it trained on)
+    from .quantized_base import dequantize
+
+    four = dequantize(model)  # the 4-bit modules no adapter touched
+    model.to("cpu")
 
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
@@ -190,7 +276,13 @@ def run_merge(args: argparse.Namespace) -> int:
     # Through a temporary folder: a failed save leaves no half model, and the files get the usual
     # permissions (safetensors >= 0.8 writes model.safetensors 0o600 otherwise).
     out = write_folder(args.out, write)
-    print(f"wrote the merged model to {out} (no deltatune needed to load it)")
+    note = (
+        f"; the adapter merged into the 4-bit base it was trained on, dequantised ({len(four)} more linear "
+        "layers dequantised; --quantize none merges into the base's own weights)"
+        if four
+        else ""
+    )
+    print(f"wrote the merged model to {out} (no deltatune needed to load it){note}")
     return 0
 
 

@@ -16,12 +16,14 @@ from typing import Any
 
 import torch
 
+from .cli_hints import canonical_method
 from .contract import REGISTRY
 from .estimate import FLOOR, FULL, HEAD, SHAPES, Estimate, estimate, meta_model
 
 __all__ = ["run_estimate"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+QUANTIZE = ("nf4",)
 
 
 def _parser(
@@ -30,8 +32,10 @@ def _parser(
     p = argparse.ArgumentParser(
         prog="deltatune estimate",
         description="Memory and FLOPs of one training step of a method, against the frozen-base floor and "
-        "full fine-tuning, from the model's shapes (nothing runs on real tensors). A method's fields become "
-        "flags once --method is given.",
+        "full fine-tuning, from the model's shapes (nothing runs on real tensors). The frozen-base floor: "
+        "the base model with every weight frozen and no adapter, the backward pass going through the "
+        "activations only; no method can cost less, so each row's FLOPs are given relative to it. A "
+        "method's fields become flags once --method is given.",
     )
     p.add_argument(
         "--model",
@@ -42,7 +46,6 @@ def _parser(
     p.add_argument(
         "--method",
         default="lora",
-        choices=[*sorted(REGISTRY), FULL, HEAD],
         metavar="METHOD",
         help=f"a registered method ({', '.join(sorted(REGISTRY))}), {FULL} or {HEAD} (default lora)",
     )
@@ -56,6 +59,12 @@ def _parser(
         choices=sorted(PRECISIONS),
         default="fp32",
         help="dtype of the base model's weights (adapters stay float32) (default fp32)",
+    )
+    p.add_argument(
+        "--quantize",
+        choices=QUANTIZE,
+        help="the frozen base's linear layers in 4 bits (nf4: QLoRA, QPiSSA; about 4.13 bits a value) on "
+        "every row but full fine-tuning (default: the base at --precision)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     if method in REGISTRY:
@@ -104,7 +113,9 @@ def run_estimate(argv: list[str], field_flag: Callable[[type, Any], dict[str, An
     probe = argparse.ArgumentParser(add_help=False)
     probe.add_argument("--method")
     known, _ = probe.parse_known_args(argv)
-    args = _parser(known.method or "lora", field_flag).parse_args(argv)
+    method_name = canonical_method(known.method or "lora", (*REGISTRY, FULL, HEAD))
+    args = _parser(method_name, field_flag).parse_args(argv)
+    args.method = method_name
     fields = {
         k[len("field__") :]: v for k, v in vars(args).items() if k.startswith("field__") and v is not None
     }
@@ -116,17 +127,26 @@ def run_estimate(argv: list[str], field_flag: Callable[[type, Any], dict[str, An
         label = f"{args.method} " + " ".join(f"{k}={v}" for k, v in fields.items())
     else:
         method, label = args.method, args.method
+    if args.quantize and method == FULL:
+        raise ValueError("--quantize: full fine-tuning trains every weight, which a 4-bit base freezes")
+    shape = {"batch": args.batch, "seq": args.seq}
+    four = {"quantize": args.quantize}
+    suffix = f" ({args.quantize} base)" if args.quantize else ""
     rows = [
-        estimate(model, FLOOR, batch=args.batch, seq=args.seq, label="frozen-base floor"),
-        estimate(model, FULL, batch=args.batch, seq=args.seq, label="full fine-tuning"),
+        estimate(model, FLOOR, **shape, **four, label="frozen-base floor" + suffix),
+        estimate(model, FULL, **shape, label="full fine-tuning"),
     ]
     if method != FULL:
         rows.append(
-            estimate(model, method, targets=args.targets, batch=args.batch, seq=args.seq, label=label.strip())
+            estimate(model, method, targets=args.targets, **shape, **four, label=label.strip() + suffix)
         )
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=1))
     else:
         print(f"{args.model} ({args.precision})")
         print(table(rows))
+        print(
+            "frozen-base floor: every weight frozen, no adapter; the backward pass goes through the "
+            "activations only, so no method costs less"
+        )
     return 0

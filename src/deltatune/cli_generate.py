@@ -26,9 +26,10 @@ from typing import Any, TextIO
 
 import torch
 
+from .cli_adapter import add_quantize_flag, load_adapters
 from .core import disabled, route, set_active
 from .files import write_file
-from .io import CONFIG_NAME, WEIGHTS_NAME, load, read_config
+from .io import CONFIG_NAME, WEIGHTS_NAME, read_config
 
 __all__ = ["add_parsers", "run_chat", "run_generate"]
 
@@ -67,6 +68,7 @@ def add_parsers(sub: Any) -> None:
         add("--seed", type=int, metavar="N", default=0, help="seeds the sampling (default 0)")
         add("--device", help="e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)")
         add("--no-strict-base", action="store_true", help="load adapters saved on other weights of the base")
+        add_quantize_flag(s)
     add = g.add_argument
     add("--prompt", action="append", default=[], metavar="TEXT", help="a prompt (repeatable)")
     add("--prompts", metavar="FILE", help='JSON lines {"prompt": TEXT, "adapter": NAME} ("base", null: none)')
@@ -171,11 +173,11 @@ def _load(args: argparse.Namespace, extra: dict[str, Path], *, raw: bool, comman
         raise ValueError(
             f"the tokenizer of {model_name} has no chat template and the adapter records none: pass {fixes}"
         )
-    strict = not args.no_strict_base
-    for name, folder in folders.items():
-        load(model, folder, name=name, activate=name == MAIN, strict_base=strict)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    model.to(device).eval()
+    model.to(device)  # first: a 4-bit base is quantised where it runs
+    strict = not args.no_strict_base
+    load_adapters(model, folders, args.quantize, strict_base=strict, active=MAIN)
+    model.eval()
     return model, tokenizer
 
 

@@ -42,7 +42,8 @@ from torch import nn
 
 from . import checks, core
 from .compose import reconfigure
-from .io import WEIGHTS_NAME, check_fingerprint, load_read, read_adapter
+from .fingerprint import check_fingerprint
+from .io import WEIGHTS_NAME, load_read, read_adapter
 from .methods.task_loras import TaskLoRAs
 
 __all__ = ["DEFAULT_NAME", "add_task", "load", "start", "task_names"]

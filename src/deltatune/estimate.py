@@ -191,6 +191,7 @@ def estimate(
     batch: int,
     seq: int,
     label: str | None = None,
+    quantize: str | None = None,
 ) -> Estimate:
     """The cost of one training step of ``method`` on ``model`` at ``batch`` x ``seq`` tokens.
 
@@ -202,6 +203,8 @@ def estimate(
             layer, as :func:`deltatune.inject`); a classifier's head trains in full with it.
         batch, seq: examples per step and tokens per example.
         label: the row's name (default: the method's).
+        quantize: ``"nf4"``: the frozen base's linear layers (all but the heads) are counted at what
+            :class:`deltatune.quant.NF4Linear` stores (:func:`deltatune.quant.nf4_bytes`); QLoRA.
 
     Raises:
         ValueError: ``batch`` or ``seq`` below 1, an unknown method name, or what ``inject`` refuses
@@ -240,6 +243,8 @@ def estimate(
     labels = torch.zeros(batch, dtype=torch.long, device="meta") if classifier else ids
     activation_bytes, forward_flops, backward_flops = _trace(net, ids, labels, floor=method == FLOOR)
     weights = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
+    if quantize is not None:
+        weights -= _saved_by_quantizing(net, quantize)
     return Estimate(
         label=label or name,
         batch=batch,
@@ -253,6 +258,26 @@ def estimate(
         forward_flops=forward_flops,
         backward_flops=backward_flops,
     )
+
+
+def _saved_by_quantizing(net: nn.Module, quantize: str) -> int:
+    """The bytes a 4-bit base saves: each frozen linear weight (all but the heads) at its dtype's
+    size less what NF4 stores of it (the scales included)."""
+    from .quant import nf4_bytes
+    from .quantized_base import float_linear_paths
+
+    if quantize != "nf4":
+        raise ValueError(f"estimate: quantize must be 'nf4' or None, got {quantize!r}")
+    modules = dict(net.named_modules())
+    saved = 0
+    for path in float_linear_paths(net):
+        weight = getattr(modules[path], "weight", None)
+        if weight is None:  # a wrapper's path: its base holds the weight
+            weight = modules[path + ".base"].weight
+        if weight.requires_grad:
+            raise ValueError(f"estimate: quantize: {path!r} trains, and a 4-bit weight cannot")
+        saved += weight.numel() * weight.element_size() - nf4_bytes(weight.numel())
+    return saved
 
 
 class _MetaAutocast(torch.autocast):

@@ -42,20 +42,20 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from . import checks, core, tensorfile
+from . import checks, core, quantized_base, tensorfile
 from .fields import from_jsonable, to_jsonable
 from .files import json_writer, read_folder, tensors_writer, write_files
+from .fingerprint import check_fingerprint, fingerprint
 
 # 2 adds the optional base_model, head and task records; format-1 files (without them) still load.
 FORMAT_VERSION = 2
@@ -77,91 +77,6 @@ TASK_FIELDS: dict[str, str] = {
     "format": "that data's format: messages, prompt_completion, text, classification or regression",
     "chat_template": "the chat template its conversations were rendered with, where not the tokenizer's own",
 }
-
-
-#: How many evenly spaced values of an adapted module's weight the fingerprint hashes.
-CONTENT_SAMPLE = 64
-
-
-def content_hash(weight: Any) -> str | None:
-    """A cheap hash of a weight's content: :data:`CONTENT_SAMPLE` evenly spaced values of the
-    flattened weight (flat positions ``i * (numel // k)``, ``k = min(64, numel)``), rounded to
-    bfloat16 on the CPU and hashed as little-endian float32 bytes (SHA-256, first 16 hex digits).
-
-    The same on every device; the same for a float64, float32 or bfloat16 copy of a base (a float16
-    copy rounds differently and differs). None where there is no plain float weight to sample: a
-    quantised weight (NF4: QPiSSA quantises a residual, not the base), a meta tensor, none at all.
-    """
-    return _content_hashes([_content_sample(weight)])[0]
-
-
-def _content_sample(weight: Any) -> torch.Tensor | None:
-    """The sampled values of :func:`content_hash`, on the weight's device (None: nothing to hash)."""
-    if not isinstance(weight, torch.Tensor):
-        return None
-    data = weight.data if isinstance(weight, nn.Parameter) else weight
-    if type(data) is not torch.Tensor or not data.dtype.is_floating_point or data.device.type == "meta":
-        return None
-    n = data.numel()
-    if n == 0:
-        return None
-    k = min(CONTENT_SAMPLE, n)
-    with torch.no_grad():
-        if data.is_contiguous():  # a strided view: no index tensor, no copy of the weight
-            return data.detach().as_strided((k,), (n // k,)).to(torch.float32)
-        flat = torch.arange(k, device=data.device) * (n // k)
-        return data.detach()[torch.unravel_index(flat, data.shape)].to(torch.float32)
-
-
-def _content_hashes(samples: list[torch.Tensor | None]) -> list[str | None]:
-    """Hash samples all at once: one transfer per device, one rounding."""
-    present = [s for s in samples if s is not None]
-    if not present:
-        return [None] * len(samples)
-    by_device: dict[torch.device, list[torch.Tensor]] = {}
-    for each in present:
-        by_device.setdefault(each.device, []).append(each)
-    moved = {
-        d: torch.cat(group).cpu().to(torch.bfloat16).to(torch.float32).numpy().astype("<f4").tobytes()
-        for d, group in by_device.items()
-    }
-    offsets = dict.fromkeys(moved, 0)
-    out: list[str | None] = []
-    for sample in samples:
-        if sample is None:
-            out.append(None)
-            continue
-        start = offsets[sample.device]
-        offsets[sample.device] = end = start + 4 * sample.numel()
-        out.append(hashlib.sha256(moved[sample.device][start:end]).hexdigest()[:16])
-    return out
-
-
-def fingerprint(
-    model: nn.Module, paths: list[str] | tuple[str, ...], *, content: Collection[str] = ()
-) -> dict[str, list[Any]]:
-    """path -> [class name, weight shape, content hash] of each module (seen through deltatune
-    wrappers). The hash (:func:`content_hash`) is taken for the paths in ``content``, else None.
-
-    The wrappers never change the base weight (PiSSA-family initialisers keep their frozen part
-    beside it), so the hash is of the base the adapter was trained on."""
-    modules = core.base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
-    wanted = set(content)
-    out: dict[str, list[Any]] = {}
-    samples: dict[str, torch.Tensor | None] = {}
-    for path in paths:
-        module = modules.get(path)
-        if module is None:
-            out[path] = ["<missing>", [], None]
-            continue
-        weight = getattr(module, "weight", None)
-        shape = list(weight.shape) if isinstance(weight, torch.Tensor) else []
-        out[path] = [type(module).__name__, shape, None]
-        if path in wanted:
-            samples[path] = _content_sample(weight)
-    for path, digest in zip(samples, _content_hashes(list(samples.values())), strict=True):
-        out[path][2] = digest
-    return out
 
 
 def save(
@@ -217,6 +132,9 @@ def save(
         "fingerprint": fingerprint(model, [*info.targets, *info.modules_to_save], content=info.targets),
         **recorded,
     }
+    quantized = quantized_base.quantized_record(model)
+    if quantized is not None:  # trained on a 4-bit base: what loading it needs (deltatune.quant)
+        config[quantized_base.RECORD_KEY] = quantized
     state = core.adapter_state(model, name)
     folder = Path(folder)
     write_files(folder, {CONFIG_NAME: json_writer(config), WEIGHTS_NAME: tensors_writer(state)})
@@ -428,10 +346,13 @@ def parse_config(data: bytes, path: Path) -> dict[str, Any]:
         "modules_to_save",
         "seed",
         "fingerprint",
+        quantized_base.RECORD_KEY,
     }
     unknown = sorted(set(config) - known)
     if unknown:
         raise ValueError(f"{path}: unknown key(s) {unknown}")
+    if quantized_base.RECORD_KEY in config:
+        quantized_base.check_record(config[quantized_base.RECORD_KEY], str(path))
     return config
 
 
@@ -443,35 +364,6 @@ def read_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     return tensorfile.tensors(bytearray(path.read_bytes()), path)
 
 
-def check_fingerprint(
-    model: nn.Module, expected: Mapping[str, Any], where: str, *, strict_base: bool = True
-) -> None:
-    """Refuse a model whose adapted modules differ in class or weight shape from the fingerprint,
-    or (``strict_base``) in content, where the file records a content hash (format-2 files saved
-    before content hashes were recorded, and PEFT imports, have none)."""
-    hashes = {
-        p: e[2]
-        for p, e in expected.items()
-        if isinstance(e, list) and len(e) > 2 and isinstance(e[2], str) and strict_base
-    }
-    here = fingerprint(model, list(expected), content=hashes)
-    bad = [
-        f"{p}: adapter has {expected[p][0]}{tuple(expected[p][1])}, model has {here[p][0]}{tuple(here[p][1])}"
-        for p in expected
-        if [here[p][0], list(here[p][1])] != [expected[p][0], list(expected[p][1])]
-    ]
-    if bad:
-        raise ValueError(f"{where} was made for a different base model: {checks.few(bad, 4)}")
-    differ = [p for p, h in hashes.items() if here[p][2] is not None and here[p][2] != h]
-    if differ:
-        raise ValueError(
-            f"{where} was saved on another base model: the weights of {checks.few(differ, 4)} differ from "
-            "the ones it was trained on (another checkpoint or fine-tune of the same architecture, or "
-            "the base in float16). Load the base it was trained on, or pass strict_base=False "
-            "(deltatune eval/merge --no-strict-base) to load it anyway"
-        )
-
-
 def load(
     model: nn.Module,
     folder: str | os.PathLike[str],
@@ -480,6 +372,7 @@ def load(
     trainable: bool = False,
     activate: bool = True,
     strict_base: bool = True,
+    quantize: bool | None = None,
 ) -> core.Attachment:
     """Inject the adapter saved in ``folder`` into ``model`` and load its tensors.
 
@@ -487,8 +380,13 @@ def load(
         name: the adapter's name on this model (default: the name it was saved under).
         trainable: leave the loaded adapter's parameters trainable (default: frozen, for inference).
         strict_base: refuse a base whose adapted weights differ from the ones the adapter was saved
-            on (a sampled hash, :func:`content_hash`). False: load it anyway (class and shapes must
-            still match).
+            on (a sampled hash, :func:`deltatune.fingerprint.content_hash`). False: load it anyway
+            (class and shapes must still match).
+        quantize: for an adapter trained on a 4-bit base (it records ``quantized_base``): True
+            quantises the modules it records, rebuilding the base it was trained on; None quantises
+            only a QPiSSA residual (which its factors are relative to) and loads a QLoRA adapter on
+            the base as given, float or 4-bit; False quantises nothing (a QPiSSA adapter is refused).
+            See :func:`deltatune.quantized_base.load_plan`.
 
     Raises:
         ValueError: wrong format, unknown method or field, different base model, missing, extra
@@ -504,6 +402,7 @@ def load(
         trainable=trainable,
         activate=activate,
         strict_base=strict_base,
+        quantize=quantize,
     )
 
 
@@ -517,17 +416,20 @@ def load_read(
     trainable: bool = False,
     activate: bool = True,
     strict_base: bool = True,
+    quantize: bool | None = None,
 ) -> core.Attachment:
     """:func:`load` of an adapter already read (:func:`read_adapter`): for a caller that checks the
     files before loading them, so that what it checked is what loads."""
     method = core.method_from_config(config["method"], config["config"])
     check_fingerprint(model, config["fingerprint"], where, strict_base=strict_base)
+    plan = quantized_base.load_plan(model, config.get(quantized_base.RECORD_KEY), quantize, where)
     name = name if name is not None else str(config.get("adapter_name", "default"))
     return inject_filled(
         model,
         method,
         tensors,
         where,
+        plan=plan,
         trainable=trainable,
         targets=list(config["targets"]),
         name=name,
@@ -549,6 +451,7 @@ def inject_filled(
     *,
     trainable: bool,
     name: str,
+    plan: quantized_base.LoadPlan | None = None,
     **inject_args: Any,
 ) -> core.Attachment:
     """Inject, then fill the adapter with ``tensors``; on any failure the model is put back as it
@@ -568,7 +471,11 @@ def inject_filled(
             skip=inject_args.get("modules_to_save") or (),
         )
     with core.all_or_nothing(model):
+        if plan is not None:  # a 4-bit base: plain weights first, a QPiSSA residual once initialised
+            plan.quantize_before(model)
         att = core.inject(model, method, name=name, **inject_args)
+        if plan is not None:
+            plan.quantize_after(model)
         core.load_adapter_state(model, name, tensors, where)
         if not trainable:
             for p in att.adapters[name].trainable:

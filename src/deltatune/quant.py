@@ -84,16 +84,42 @@ def _nf4() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
     return to_nf4, linear_nf4
 
 
+@dataclasses.dataclass(frozen=True)
+class NF4Settings:
+    """How a weight was quantised: what re-quantising it the same way takes.
+
+    ``scaler_block_size`` as asked (None: chosen per weight, :func:`scaler_blocks`); ``iterations``
+    the QPiSSA rounds of a residual (None: the plain weight was quantised, QLoRA)."""
+
+    block_size: int = 64
+    scaler_block_size: int | None = None
+    iterations: int | None = None
+
+
 class NF4Linear(nn.Linear):
-    """A frozen linear layer whose weight is stored in NF4 (torchao's ``NF4Tensor``)."""
+    """A frozen linear layer whose weight is stored in NF4 (torchao's ``NF4Tensor``).
+
+    It answers for the float ``nn.Linear`` it was made from: ``source_class`` and ``source_hash``
+    (the content hash of that weight, :func:`deltatune.fingerprint.content_hash`) are what an
+    adapter's fingerprint records, so an adapter saved on it loads on the float base and back."""
 
     quantized: ClassVar[bool] = True
+    source_class: ClassVar[str] = "Linear"
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        *,
+        settings: NF4Settings = NF4Settings(),
+        source_hash: str | None = None,
+    ) -> None:
         nn.Module.__init__(self)
         self.out_features, self.in_features = int(weight.shape[0]), int(weight.shape[1])
         self.weight = nn.Parameter(weight, requires_grad=False)
         self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)  # type: ignore[assignment]
+        self.settings = settings
+        self.source_hash = source_hash
 
     @classmethod
     def from_weight(
@@ -103,12 +129,30 @@ class NF4Linear(nn.Linear):
         *,
         block_size: int = 64,
         scaler_block_size: int | None = None,
+        iterations: int | None = None,
+        source: torch.Tensor | None = None,
     ) -> NF4Linear:
+        """Quantise ``weight``; ``source``: the float weight it stands for (default ``weight``;
+        QPiSSA passes the full weight whose residual ``weight`` is)."""
+        from .fingerprint import content_hash
+
         to_nf4, _ = _nf4()
         scalers = scaler_blocks(
             weight.numel(), block_size, scaler_block_size, f"a {tuple(weight.shape)} weight"
         )
-        return cls(to_nf4(weight.detach(), block_size, scalers), bias)
+        return cls(
+            to_nf4(weight.detach(), block_size, scalers),
+            bias,
+            settings=NF4Settings(block_size, scaler_block_size, iterations),
+            source_hash=content_hash(weight if source is None else source),
+        )
+
+    def storage_bytes(self) -> int:
+        """Bytes the 4-bit weight takes: the packed values, the 8-bit block scalers and their
+        float32 factors, the mean and the 16-value code book (about 4.13 bits per value)."""
+        w = self.weight
+        parts = ("quantized_data", "quantized_scalers", "quantization_factor", "scaler_mean", "nf4")
+        return sum(int(t.numel() * t.element_size()) for t in (getattr(w, a) for a in parts))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, linear_nf4 = _nf4()
@@ -119,7 +163,7 @@ class NF4Linear(nn.Linear):
         # The frozen 4-bit weight is shared, not copied: torchao's NF4 copy re-quantises with its
         # default block sizes, which fails for weights quantised with other ones.
         bias = None if self.bias is None else self.bias.detach().clone()
-        out = NF4Linear(self.weight.data, bias)
+        out = NF4Linear(self.weight.data, bias, settings=self.settings, source_hash=self.source_hash)
         memo[id(self)] = out
         return out
 
@@ -139,6 +183,14 @@ class NF4Linear(nn.Linear):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight=nf4"
+
+
+def nf4_bytes(numel: int, block_size: int = 64, scaler_block_size: int | None = None) -> int:
+    """The bytes :meth:`NF4Linear.storage_bytes` gives for a weight of ``numel`` values (for
+    estimates: no tensor needed)."""
+    scalers = scaler_blocks(numel, block_size, scaler_block_size, f"a weight of {numel} values")
+    blocks = numel // block_size
+    return numel // 2 + blocks + 4 * (blocks // scalers) + 4 + 4 * 16
 
 
 def nf4_roundtrip(
@@ -264,6 +316,12 @@ def quantize(
                     "weight; quantise right after inject (QPiSSA quantises the initial residual)"
                 )
         plan.append((path, module, wrapper, residual[0] if residual else None))
+    if iterations > 1 and not any(layer is not None for *_, layer in plan):
+        raise ValueError(
+            f"quantize: iterations={iterations} refits an adapter initialised from the weight (PiSSA, "
+            "MiLoRA, CorDA: QPiSSA), but none of the modules to quantise carries one; inject such an "
+            "adapter first, or pass iterations=1 (QLoRA)"
+        )
     # Every quantised module (and QPiSSA's refitted factors) is computed before the first change.
     Factors = tuple[torch.Tensor, torch.Tensor]
     built: list[tuple[str, core.Adapted | None, Any, Factors | None, NF4Linear]] = []
@@ -284,7 +342,12 @@ def quantize(
             factors = (A.to(layer.lora_A.dtype), B.to(layer.lora_B.dtype))
             weight = W_res.to(weight.dtype)
         new = NF4Linear.from_weight(
-            weight, module.bias, block_size=block_size, scaler_block_size=scaler_block_size
+            weight,
+            module.bias,
+            block_size=block_size,
+            scaler_block_size=scaler_block_size,
+            iterations=iterations if layer is not None else None,
+            source=module.weight,
         )
         built.append((path, wrapper, layer, factors, new))
     with core.all_or_nothing(model):
@@ -320,4 +383,12 @@ def quantization_error(model_weight: torch.Tensor, module: nn.Module, delta: tor
     return float((W - approx).norm() / W.norm())
 
 
-__all__ = ["NF4Linear", "nf4_roundtrip", "qpissa_factors", "quantization_error", "quantize"]
+__all__ = [
+    "NF4Linear",
+    "NF4Settings",
+    "nf4_bytes",
+    "nf4_roundtrip",
+    "qpissa_factors",
+    "quantization_error",
+    "quantize",
+]

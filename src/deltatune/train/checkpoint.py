@@ -27,6 +27,7 @@ __all__ = [
     "CHECKPOINT_VERSION",
     "RUN_FILES",
     "check_out_folder",
+    "checkpoint_step",
     "has_checkpoint",
     "identity",
     "load_checkpoint",
@@ -121,6 +122,16 @@ def _json_default(value: Any) -> Any:
 def has_checkpoint(folder: Path) -> bool:
     """Whether ``folder`` (or the ``<folder>.old`` a run killed between two renames leaves) exists."""
     return folder.exists() or folder.with_name(folder.name + ".old").exists()
+
+
+def checkpoint_step(folder: Path) -> int | None:
+    """The step the checkpoint in ``folder`` was written at (None: none there, or unreadable)."""
+    for each in (folder, folder.with_name(folder.name + ".old")):
+        try:
+            return int(json.loads((each / "state.json").read_text())["step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+    return None
 
 
 def load_checkpoint(

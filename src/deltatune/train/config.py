@@ -29,6 +29,7 @@ __all__ = [
     "FULL",
     "HEAD_ONLY",
     "PRECISIONS",
+    "QUANTIZE",
     "REPORTERS",
     "RUN_NEUTRAL",
     "SCHEDULES",
@@ -42,6 +43,8 @@ PRECISIONS = ("fp32", "bf16")
 # Options that do not change what a run computes: a rerun into the same ``out`` may change them.
 RUN_NEUTRAL = ("out", "resume", "checkpoint_every", "eval_batch_size", "eval_generate", "report_to")
 REPORTERS = ("tensorboard", "mlflow")
+QUANTIZE = ("nf4",)  # 4-bit frozen bases (deltatune.quant): QLoRA, and QPiSSA with a weight-derived init
+FLOAT32_MAX = 3.4028234663852886e38  # the optimizer computes in float32: a larger rate cannot be applied
 
 
 @dataclass
@@ -103,6 +106,8 @@ class TrainConfig:
     group_by_length: bool = True
     report_to: list[str] | None = None
     streaming: bool = False
+    quantize: str | None = None
+    quantize_iterations: int = 1
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "grad_accum", "max_length", "eval_batch_size", "max_new_tokens")
@@ -113,10 +118,13 @@ class TrainConfig:
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0 (0 = never), got {getattr(self, name)}")
-        if not self.lr > 0:
-            raise ValueError(f"TrainConfig.lr must be > 0, got {self.lr}")
-        if self.head_lr is not None and not self.head_lr > 0:
-            raise ValueError(f"TrainConfig.head_lr must be > 0, got {self.head_lr}")
+        for name in ("lr", "head_lr"):
+            value = getattr(self, name)
+            if value is not None and not 0 < value <= FLOAT32_MAX:
+                raise ValueError(
+                    f"TrainConfig.{name} must be a number > 0 that float32 holds (at most 3.4e38), "
+                    f"got {value}"
+                )
         if self.loraplus_ratio is not None:
             ratio = self.loraplus_ratio
             if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 < ratio < float("inf"):
@@ -154,6 +162,7 @@ class TrainConfig:
                 "pass --checkpoint-every 0 (the adapter is still saved at the end)"
             )
         self._check_data()
+        self._check_quantize()
         if self.method in (FULL, HEAD_ONLY) and self.method_fields:
             raise ValueError(f"TrainConfig.method_fields: method {self.method!r} takes no fields")
         if self.method not in (FULL, HEAD_ONLY):
@@ -161,6 +170,27 @@ class TrainConfig:
         # Plain JSON from here on (an initialiser object becomes {"type": ...}): checkpoints,
         # metrics.json and the comparison with a run already in ``out`` all see the same values.
         self.method_fields = {k: to_jsonable(v) for k, v in self.method_fields.items()}
+
+    def _check_quantize(self) -> None:
+        """A 4-bit base (``quantize``) and QPiSSA's refits (``quantize_iterations``)."""
+        if self.quantize is not None and self.quantize not in QUANTIZE:
+            raise ValueError(
+                f"TrainConfig.quantize must be {' or '.join(QUANTIZE)} (or unset: the base as it loads), "
+                f"got {self.quantize!r}"
+            )
+        rounds = self.quantize_iterations
+        if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
+            raise ValueError(f"TrainConfig.quantize_iterations must be an integer >= 1, got {rounds!r}")
+        if rounds > 1 and self.quantize is None:
+            raise ValueError(
+                "TrainConfig.quantize_iterations refits a weight-derived initialisation to a 4-bit base "
+                "(QPiSSA); give quantize (--quantize nf4) or drop it"
+            )
+        if self.quantize is not None and self.method == FULL:
+            raise ValueError(
+                "TrainConfig.quantize: full fine-tuning trains every weight, which a 4-bit base freezes; "
+                "use an adapter (--method lora: QLoRA) or drop --quantize"
+            )
 
     def _check_data(self) -> None:
         """The options of a run on the user's data (``data`` and what goes with it)."""

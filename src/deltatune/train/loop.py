@@ -43,9 +43,17 @@ from .batches import (
     prompt_of,
     to_device,
 )
-from .checkpoint import check_out_folder, has_checkpoint, load_checkpoint, remove_run, save_checkpoint
+from .checkpoint import (
+    check_out_folder,
+    checkpoint_step,
+    has_checkpoint,
+    load_checkpoint,
+    remove_run,
+    save_checkpoint,
+)
 from .config import TrainConfig
 from .data import Example
+from .divergence import DivergedError, check_step, check_weights, grads_bad
 from .evaluation import evaluate
 from .models import load_model
 from .prepare import prepare
@@ -170,6 +178,8 @@ def step(
 
     Raises:
         ValueError: a micro-batch does not fit in memory (the message says what to change).
+        DivergedError: the loss or a gradient is not finite on some process (every process raises it;
+            the update is not applied).
 
     Example:
         >>> import types, torch
@@ -226,8 +236,13 @@ def step(
                 ) from e
             raise
         loss_value += float(task_loss) / world.size
+    loss_value = _all_reduce_sum(loss_value, world)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    bad = _all_reduce_sum(grads_bad(params), world)
+    if bad or not math.isfinite(loss_value):
+        optimizer.zero_grad(set_to_none=True)
+        check_step(number or 0, loss_value, float(optimizer.param_groups[0]["lr"]), bad)
     if max_grad_norm > 0:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
         torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
     optimizer.step()
     if hooked:
@@ -236,7 +251,7 @@ def step(
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return _all_reduce_sum(loss_value, world)
+    return loss_value
 
 
 # -- the run -----------------------------------------------------------------------------------
@@ -363,43 +378,58 @@ def _train(
         if isinstance(train_examples, StreamedExamples)
         else train_examples
     )
+    train_seconds = 0.0
     bar = Progress(
         cfg.steps, f"{cfg.method} {task.name}", unit="step", initial=done, enabled=progress and world.main
     )
-    train_seconds = 0.0
-    while done < cfg.steps:
-        t0 = time.perf_counter()
-        micro = [collate(chunk) for chunk in _micro_batches(feed, done, cfg, world, lengths)]
-        if per_step is None and isinstance(train_examples, StreamedExamples):
-            per_step = expected_targets(train_examples, cfg)  # known now: the first window is read
-        loss = step(
-            runner,
-            micro,
-            task.kind,
-            optimizer,
-            scheduler,
-            max_grad_norm=cfg.max_grad_norm,
-            precision=cfg.precision,
-            world=world,
-            number=done + 1,
-            denominator=per_step,
-        )
-        done += 1
-        history["loss"].append([done, loss])
-        train_seconds += time.perf_counter() - t0
-        bar.update(1, loss=f"{loss:.4f}")
-        for callback in callbacks:
-            callback(done, loss)
+
+    def run_steps() -> None:
+        """Steps from ``done`` to ``cfg.steps``, with the evaluations and checkpoints between them."""
+        nonlocal done, per_step, train_seconds
+        while done < cfg.steps:
+            t0 = time.perf_counter()
+            micro = [collate(chunk) for chunk in _micro_batches(feed, done, cfg, world, lengths)]
+            if per_step is None and isinstance(train_examples, StreamedExamples):
+                per_step = expected_targets(train_examples, cfg)  # known now: the first window is read
+            loss = step(
+                runner,
+                micro,
+                task.kind,
+                optimizer,
+                scheduler,
+                max_grad_norm=cfg.max_grad_norm,
+                precision=cfg.precision,
+                world=world,
+                number=done + 1,
+                denominator=per_step,
+            )
+            done += 1
+            history["loss"].append([done, loss])
+            train_seconds += time.perf_counter() - t0
+            bar.update(1, loss=f"{loss:.4f}")
+            for callback in callbacks:
+                callback(done, loss)
+            if reporter is not None:
+                reporter.log(done, {"loss": loss, "lr": scheduler.get_last_lr()[0]}, "train")
+            if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
+                check_weights(trainable, names, done, "evaluated or saved")
+                history["eval"].append([done, evaluate_now()])
+                if reporter is not None and history["eval"][-1][1]:
+                    reporter.log(done, history["eval"][-1][1], "eval")
+            if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and world.main:
+                check_weights(trainable, names, done, "saved")
+                history["train_seconds"] = history.get("train_seconds", 0.0) + train_seconds
+                train_seconds = 0.0
+                save_checkpoint(ckpt, done, cfg, trainable, names, optimizer, scheduler, history, model=model)
+        check_weights(trainable, names, done, "evaluated or saved")
+
+    try:
+        run_steps()
+    except DivergedError as e:
+        bar.close()
         if reporter is not None:
-            reporter.log(done, {"loss": loss, "lr": scheduler.get_last_lr()[0]}, "train")
-        if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-            history["eval"].append([done, evaluate_now()])
-            if reporter is not None and history["eval"][-1][1]:
-                reporter.log(done, history["eval"][-1][1], "eval")
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and world.main:
-            history["train_seconds"] = history.get("train_seconds", 0.0) + train_seconds
-            train_seconds = 0.0
-            save_checkpoint(ckpt, done, cfg, trainable, names, optimizer, scheduler, history, model=model)
+            reporter.close(None)
+        raise DivergedError(f"{e}. {_after_divergence(cfg, ckpt, world)}", e.step) from None
     bar.close()
     history["train_seconds"] = history.get("train_seconds", 0.0) + train_seconds
     history["eval"].append([done, evaluate_now(samples["after"])])
@@ -435,6 +465,22 @@ def _train(
 
         dist.barrier()
     return record
+
+
+def _after_divergence(cfg: TrainConfig, ckpt: Path, world: World) -> str:
+    """What is left of a diverged run and what to change."""
+    written = checkpoint_step(ckpt) if world.main else None
+    kept = (
+        f"The last finite checkpoint is {ckpt} (step {written}); no adapter was written"
+        if written is not None
+        else "No adapter and no checkpoint were written"
+        + (f" (--checkpoint-every {cfg.checkpoint_every})" if cfg.checkpoint_every else "")
+    )
+    clip = "clip the gradients (--max-grad-norm 1.0), " if not cfg.max_grad_norm else ""
+    return (
+        f"{kept}. Lower --lr (now {cfg.lr:g}), {clip}or warm up longer (--warmup-ratio, now "
+        f"{cfg.warmup_ratio:g}), and run again with --overwrite"
+    )
 
 
 def _micro_batches(

@@ -100,8 +100,10 @@ def prepare(model: nn.Module, cfg: TrainConfig, task: Task) -> tuple[list[dict[s
         head = [p for h in heads for p in model.get_submodule(h).parameters()]
         for p in head:
             p.requires_grad_(True)
+        quantized = _quantize_base(model, cfg)
         return [{"params": head, "lr": cfg.head_lr or cfg.lr, "name": "head"}], {
-            "trainable": sum(p.numel() for p in head)
+            "trainable": sum(p.numel() for p in head),
+            **quantized,
         }
     method = core.method_from_config(cfg.method, cfg.method_fields)
     targets = cfg.targets or harness_targets(method, model)
@@ -134,4 +136,19 @@ def prepare(model: nn.Module, cfg: TrainConfig, task: Task) -> tuple[list[dict[s
     if head:
         groups.append({"params": head, "lr": cfg.head_lr or cfg.lr, "name": "head"})
     facts = {"trainable": sum(p.numel() for p in info.trainable), "targets": list(info.targets)}
-    return groups, {**facts, "fitted": fitted}
+    return groups, {**facts, "fitted": fitted, **_quantize_base(model, cfg)}
+
+
+def _quantize_base(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
+    """``cfg.quantize``: every linear layer of the base but the heads in NF4, after the method is
+    applied (QLoRA; an adapter initialised from the weight keeps its part in float and the base
+    holds the 4-bit residual, refitted ``cfg.quantize_iterations`` times: QPiSSA). The fact for
+    the report: how many modules, and the bytes of the model's weights before."""
+    if cfg.quantize is None:
+        return {}
+    from ..quant import quantize  # torchao: the quant extra
+    from ..quantized_base import weight_bytes
+
+    before = weight_bytes(model)
+    paths = quantize(model, iterations=cfg.quantize_iterations)
+    return {"quantized": {"format": cfg.quantize, "modules": len(paths), "weight_bytes_before": before}}

@@ -16,6 +16,7 @@ from torch import nn
 from .. import core
 from ..files import tensors_writer, write_file
 from ..io import save
+from ..quantized_base import weight_bytes
 from .config import TrainConfig
 from .tasks import Task
 
@@ -58,6 +59,9 @@ def run_record(
         "trainable_parameters": facts["trainable"],
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "stored_bytes": stored_bytes,
+        # The model's weights in memory (a 4-bit base at what it stores) and, quantised, before.
+        "weight_bytes": weight_bytes(model),
+        **({"quantized": facts["quantized"]} if "quantized" in facts else {}),
         "train_seconds": round(history["train_seconds"], 2),
         "wall_seconds": round(time.perf_counter() - started, 2),
         "peak_memory_bytes": peak_memory_bytes(),
