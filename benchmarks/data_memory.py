@@ -128,6 +128,12 @@ def run(model: Path, data: Path, out: Path, cache: Path, steps: int, *extra: str
     # file's 212 held-out conversations and nothing on the small file's one
     cmd += ["--eval-batch-size", "4", "--out", str(out), "--overwrite"]
     env = {**os.environ, "DELTATUNE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    return measured(cmd, env, str(data))
+
+
+def measured(cmd: list[str], env: dict[str, str], what: str) -> dict[str, float]:
+    """Run ``cmd`` as its own process: its wall time, its peak resident memory (``os.wait4``) and,
+    sampled every 50 ms, the peaks of its anonymous and file-backed resident memory (MB)."""
     start = time.perf_counter()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     peaks = {"RssAnon": 0, "RssFile": 0}
@@ -145,7 +151,7 @@ def run(model: Path, data: Path, out: Path, cache: Path, steps: int, *extra: str
     seconds = time.perf_counter() - start
     reader.join()
     if status:
-        raise SystemExit(f"deltatune train failed on {data}:\n{''.join(output)}")
+        raise SystemExit(f"deltatune train failed on {what}:\n{''.join(output)}")
     return {
         "seconds": round(seconds, 1),
         "peak_rss_mb": round(usage.ru_maxrss / 1024, 1),

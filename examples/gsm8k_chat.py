@@ -61,6 +61,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seeds the data order and the adapter (default 0)")
     p.add_argument("--out", default="runs/gsm8k_chat", help="run folder (default runs/gsm8k_chat)")
     p.add_argument("--data-dir", help="folder of the data sets (default: ../shared/datasets)")
+    p.add_argument(
+        "--quantize",
+        choices=("nf4",),
+        help="nf4: the frozen base's linear layers in 4 bits (QLoRA; the adapter records it, and "
+        "deltatune chat/generate rebuild that base)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress output")
     return p.parse_args(argv)
 
@@ -114,12 +120,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "checkpoint_every": 0,
         "seed": args.seed,
         "out": str(out),
+        "quantize": args.quantize,
     }
     flags = ["--model smollm2", f"--data {train_file}", f"--eval-data {held_file}", "--method lora"]
     flags += [f"--rank {args.rank} --alpha {2 * args.rank} --targets all-linear --steps {args.steps}"]
     flags += [f"--batch-size {args.batch_size} --lr {args.lr} --max-length {args.max_length}"]
     flags += [f"--eval-generate {args.generate} --max-new-tokens {args.max_new_tokens} --eval-before true"]
     flags += [f"--checkpoint-every 0 --seed {args.seed} --out {shlex.quote(str(out))}"]
+    flags += [f"--quantize {args.quantize}"] if args.quantize else []
     print("deltatune train " + " ".join(flags), file=sys.stderr)
     record = train(TrainConfig(**options), progress=not args.no_progress, overwrite=True)
     before, after = record["before"], record["metrics"]
@@ -139,6 +147,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         f"trained {args.steps} steps of {args.batch_size} in {record['train_seconds']:.0f} s; "
         f"{record['trainable_parameters']:,} trainable parameters, adapter {record['stored_bytes']:,} bytes; "
         f"padding {padding.get('waste', 0):.1%} of token positions"
+    )
+    print(
+        f"weights in memory {record['weight_bytes'] / 2**20:.0f} MiB"
+        + (
+            f" (a 4-bit base; {record['quantized']['weight_bytes_before'] / 2**20:.0f} MiB before)"
+            if "quantized" in record
+            else ""
+        )
+        + f"; peak memory {record['peak_memory_bytes'] / 2**20:.0f} MiB"
     )
     print(f"answers beside their references: {out}/generations-before.jsonl, {out}/generations.jsonl")
     print(f"talk to it:  .venv/bin/deltatune chat {out} --compare-base")

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.cli_generate import add_parsers, run_chat, run_generate
+from deltatune.cli_generate import _load, add_parsers, run_chat, run_generate
 from deltatune.io import CONFIG_NAME, TASK_FIELDS
 from deltatune.train.models import load_model
 
@@ -312,3 +312,52 @@ def test_chat_drops_the_oldest_turns(s: Setup, tmp_path: Path) -> None:
     code, out = _chat(s.a, "--model", str(short), lines=[long, long, long, "y" * 200])
     assert code == 0 and "dropped the 1 oldest turn(s)" in out and out.count("assistant> ") == 3
     assert "not sent" in out
+
+
+def test_a_four_bit_adapter_answers_on_the_base_it_was_trained_on(
+    s: Setup, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A QLoRA adapter (saved on an NF4 base) answers on the rebuilt 4-bit base by default, on the
+    float base with --quantize none; a float adapter answers on a 4-bit base with --quantize nf4."""
+    pytest.importorskip("torchao")
+    from deltatune.quant import NF4Linear, quantize
+
+    model, tok = load_model(s.folder, "generation")
+    quantize(model)
+    dt.inject(model, dt.LoRA(rank=4, alpha=8), targets=["all-linear"], seed=1)
+    g = torch.Generator().manual_seed(5)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    folder = tmp_path / "qlora"
+    dt.save(model, folder, base_model=s.folder)
+
+    def oracle(quantized: bool, adapter: str) -> str:
+        """The greedy answer of a model built by hand the way the flag says."""
+        net, _ = load_model(s.folder, "generation")
+        if quantized and adapter == str(folder):
+            dt.load(net, adapter, quantize=True)
+        else:
+            dt.load(net, adapter, quantize=False if adapter == str(folder) else None)
+            if quantized:
+                quantize(net)
+        assert any(isinstance(m, NF4Linear) for m in net.modules()) == quantized
+        other = Setup.__new__(Setup)
+        other.model, other.tok = net.eval(), tok
+        dt.set_active(net, [])
+        return other.greedy(next(iter(dt.attachment_of(net).adapters)), _user("hello"))
+
+    answers: list[str] = []
+    for argv, quantized, adapter in (
+        ((), True, str(folder)),
+        (("--quantize", "none"), False, str(folder)),
+        (("--quantize", "nf4"), True, s.a),
+    ):
+        assert run_generate(_args("generate", adapter, "--prompt", "hello", *argv)) == 0
+        answers.append(capsys.readouterr().out.strip())
+        assert answers[-1] == oracle(quantized, adapter), argv
+        # (the tiny model's greedy answer may not change with 4 bits: the loaded model tells)
+        loaded, _ = _load(_args("generate", adapter, *argv), {}, raw=False, command="generate")
+        assert any(isinstance(m, NF4Linear) for m in loaded.modules()) == quantized, argv
+    assert answers[0] != answers[2]

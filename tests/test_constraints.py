@@ -30,15 +30,26 @@ def _script() -> Any:
     return module
 
 
-def _pins(name: str) -> dict[str, Version]:
+#: The Pythons pyproject.toml declares (requires-python >= 3.10) up to the newest CI tests.
+PYTHONS = ("3.10", "3.11", "3.12", "3.13")
+
+
+def _pins(name: str, python: str = "3.11") -> dict[str, Version]:
+    """The exact pins ``constraints/NAME`` gives on ``python`` (lines with a ``python_version``
+    marker apply where it holds)."""
     pins: dict[str, Version] = {}
     for line in (ROOT / "constraints" / name).read_text().splitlines():
         line = line.split("#", 1)[0].strip()
         if not line:
             continue
-        match = re.fullmatch(r"([A-Za-z0-9_.\-]+)==(\S+)", line)
-        assert match, f"constraints/{name}: {line!r} is not an exact pin (name==version)"
-        pins[re.sub(r"[-_.]+", "-", match.group(1)).lower()] = Version(match.group(2))
+        requirement = Requirement(line)
+        (spec,) = requirement.specifier
+        assert spec.operator == "==", f"constraints/{name}: {line!r} is not an exact pin (name==version)"
+        if requirement.marker is not None and not requirement.marker.evaluate({"python_version": python}):
+            continue
+        key = re.sub(r"[-_.]+", "-", requirement.name).lower()
+        assert key not in pins, f"constraints/{name}: {key} is pinned twice for Python {python}"
+        pins[key] = Version(spec.version)
     return pins
 
 
@@ -50,16 +61,18 @@ def _requirements() -> list[Requirement]:
     return found
 
 
-def test_minimum_pins_the_declared_lower_bounds() -> None:
+@pytest.mark.parametrize("python", PYTHONS)
+def test_minimum_pins_the_declared_lower_bounds(python: str) -> None:
     bounds: dict[str, str] = _script().lower_bounds()
     assert {"transformers", "peft", "torchao", "safetensors"} <= set(bounds)
-    pins = _pins("minimum.txt")
+    pins = _pins("minimum.txt", python)
     wrong = {n: (str(pins.get(n)), v) for n, v in bounds.items() if pins.get(n) != Version(v)}
     assert not wrong, f"constraints/minimum.txt vs pyproject lower bounds (pinned, declared): {wrong}"
 
 
-def test_lock_pins_every_dependency_inside_its_declared_range() -> None:
-    pins = _pins("lock.txt")
+@pytest.mark.parametrize("python", PYTHONS)
+def test_lock_pins_every_dependency_inside_its_declared_range(python: str) -> None:
+    pins = _pins("lock.txt", python)
     for requirement in _requirements():
         name = re.sub(r"[-_.]+", "-", requirement.name).lower()
         assert name in pins, f"constraints/lock.txt does not pin {name}"
@@ -73,3 +86,37 @@ def test_lower_bounds_refuses_a_requirement_without_a_floor(tmp_path: Path) -> N
     bad.write_text('[project]\nname = "x"\ndependencies = ["numpy"]\n')
     with pytest.raises(ValueError, match="'numpy' is not of the form name>=version"):
         _script().lower_bounds(bad)
+
+
+def test_the_declared_pythons_are_the_ones_ci_installs() -> None:
+    """pyproject's requires-python and classifiers, and .ci/run's lowest and highest Python, agree."""
+    project = _script().tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == f">={PYTHONS[0]}"
+    classifiers = {
+        c.rsplit(" :: ", 1)[1]
+        for c in project["classifiers"]
+        if c.startswith("Programming Language :: Python :: 3.")
+    }
+    assert classifiers == set(PYTHONS)
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f'LOWEST_PYTHON="${{LOWEST_PYTHON:-python{PYTHONS[0]}}}"' in ci
+    assert f'HIGHEST_PYTHON="${{HIGHEST_PYTHON:-python{PYTHONS[-1]}}}"' in ci
+
+
+def test_merged_locks_pin_each_python_once(tmp_path: Path) -> None:
+    spec = importlib.util.spec_from_file_location("merge_locks", ROOT / "scripts" / "merge_locks.py")
+    assert spec is not None and spec.loader is not None
+    merge_locks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(merge_locks)
+    lines = merge_locks.merge(
+        [
+            ("3.11", {"numpy": "2.4.6", "six": "1.0"}),
+            ("3.10", {"numpy": "2.2.6", "six": "1.0", "tomli": "2.5"}),
+        ]
+    )
+    assert lines == [
+        'numpy==2.4.6 ; python_version > "3.10"',
+        'numpy==2.2.6 ; python_version == "3.10"',
+        "six==1.0",
+        'tomli==2.5 ; python_version == "3.10"',
+    ]

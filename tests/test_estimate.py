@@ -194,3 +194,26 @@ def test_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     assert "unknown model shape 'gpt-17'" in capsys.readouterr().err
     assert main(["estimate", "--model", str(tmp_path), "--rank", "0"]) == 2
     assert "LoRA.rank must be an integer >= 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("shape", sorted(SHAPES))
+def test_a_four_bit_base_is_counted_at_what_nf4_stores(shape: str) -> None:
+    """estimate(..., quantize="nf4") gives the weight bytes of the model really quantised (every
+    linear layer but the heads in NF4, the scales included), with LoRA on top and without."""
+    pytest.importorskip("torchao")
+    from deltatune.quant import quantize
+    from deltatune.quantized_base import weight_bytes
+
+    for method in ("floor", dt.LoRA(rank=4)):
+        model = SHAPES[shape]()
+        est = estimate(model, method, batch=BATCH, seq=SEQ, quantize="nf4")
+        plain = estimate(model, method, batch=BATCH, seq=SEQ)
+        real = copy.deepcopy(model)
+        if not isinstance(method, str):
+            dt.inject(real, method, modules_to_save=[n for n in ("classifier",) if hasattr(real, n)])
+        quantize(real)
+        assert est.weight_bytes == weight_bytes(real), method
+        assert est.weight_bytes < plain.weight_bytes
+        assert (est.activation_bytes, est.flops) == (plain.activation_bytes, plain.flops)
+    with pytest.raises(ValueError, match="quantize must be 'nf4' or None"):
+        estimate(SHAPES[shape](), "floor", batch=BATCH, seq=SEQ, quantize="int4")

@@ -705,3 +705,77 @@ def test_step_refuses_a_non_finite_gradient_before_the_update() -> None:
     assert e.value.step == 3
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
     assert all(p.grad is None for p in net.parameters())
+
+
+@pytest.mark.parametrize("init", ["kaiming_uniform", "pissa"])
+def test_four_bit_base_trains_evaluates_and_merges_from_the_command_line(
+    init: str, tiny_bert: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--quantize nf4: QLoRA (a random init) and QPiSSA (pissa, refitted once more). The adapter
+    records its 4-bit base; eval rebuilds it and gives the run's own metrics; merge writes a float
+    model that computes what the 4-bit adapted model computes."""
+    from deltatune.cli import main
+    from deltatune.quant import NF4Linear
+    from deltatune.train.models import load_model
+
+    pytest.importorskip("torchao")
+    out = tmp_path / "run"
+    qpissa = init == "pissa"
+    args = ["train", "--model", tiny_bert, "--task", "sst2", "--steps", "4", "--batch-size", "8"]
+    args += ["--train-limit", "64", "--eval-limit", "16", "--max-length", "32", "--no-progress"]
+    args += ["--quantize", "nf4", "--init", init, "--out", str(out), "--targets", "query", "value"]
+    args += ["--quantize-iterations", "2"] if qpissa else []
+    assert main(args) == 0
+    capsys.readouterr()
+    record = json.loads((out / "metrics.json").read_text())
+    # Every linear layer but the classifier: q, k, v, attention output, intermediate, output per layer
+    # (2 layers), and the pooler.
+    assert record["quantized"] == {"format": "nf4", "modules": 13, "weight_bytes_before": record["quantized"][
+        "weight_bytes_before"
+    ]}
+    assert record["weight_bytes"] < record["quantized"]["weight_bytes_before"]
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    base = config["quantized_base"]
+    assert len(base["modules"]) == 13 and base["block_size"] == 64
+    assert base["iterations"] == (2 if qpissa else 1)
+    assert base["residual"] == (sorted(config["targets"]) if qpissa else [])
+    assert main(["info", str(out / "adapter")]) == 0
+    said = "trained on a 4-bit base: nf4, 13 linear layers, blocks of 64"
+    said += "; QPiSSA residual on 4 of them, 2 rounds" if qpissa else " (eval"
+    assert said in capsys.readouterr().out
+
+    assert main(["eval", str(out / "adapter"), "--no-progress", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["accuracy"] == record["metrics"]["accuracy"]
+    assert evaluated["loss"] == pytest.approx(record["metrics"]["loss"], abs=1e-6)
+    code = main(["eval", str(out / "adapter"), "--no-progress", "--quantize", "none"])
+    err = capsys.readouterr().err
+    if qpissa:  # its factors are relative to the 4-bit residual: refused on the float base
+        assert code == 2 and "trained on a 4-bit residual (QPiSSA" in err and "drop --quantize none" in err
+    else:  # QLoRA's adapter loads on the float base as well
+        assert code == 0
+
+    assert main(["merge", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    assert "merged into the 4-bit base it was trained on, dequantised" in capsys.readouterr().out
+    merged = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "merged").eval()
+    adapted, tok = load_model(tiny_bert, "classification", 2)
+    dt.load(adapted, out / "adapter", quantize=True)
+    assert sum(isinstance(m, NF4Linear) for m in adapted.modules()) == 13
+    batch = tok(["a fine film", "dull and long"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        assert torch.allclose(merged(**batch).logits, adapted.eval()(**batch).logits, atol=1e-5)
+
+
+def test_four_bit_options_that_cannot_work_are_refused(tiny_bert: str, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="quantize_iterations refits a weight-derived .* give quantize"):
+        config(tiny_bert, tmp_path, quantize_iterations=3)
+    with pytest.raises(ValueError, match="full fine-tuning trains every weight"):
+        config(tiny_bert, tmp_path, method="full", method_fields={}, quantize="nf4")
+    with pytest.raises(ValueError, match="TrainConfig.quantize must be nf4"):
+        config(tiny_bert, tmp_path, quantize="int4")
+    pytest.importorskip("torchao")
+    with pytest.raises(ValueError, match=r"iterations=3 refits an adapter initialised from the weight"):
+        train(config(tiny_bert, tmp_path / "a", quantize="nf4", quantize_iterations=3), progress=False)
+    with pytest.raises(ValueError, match=r"carries adapter 'default' \(DoRA\).*use LoRA \(QLoRA\)"):
+        train(config(tiny_bert, tmp_path / "b", method="dora", quantize="nf4"), progress=False)
+    assert not (tmp_path / "a" / "adapter").exists() and not (tmp_path / "b" / "adapter").exists()

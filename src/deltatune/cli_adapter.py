@@ -21,6 +21,7 @@ from .core import CAPABILITIES, closed_form, merge, method_from_config
 from .fields import to_jsonable
 from .files import write_folder
 from .io import CONFIG_NAME, WEIGHTS_NAME, load, read_adapter, read_config
+from .quantized_base import RECORD_KEY
 
 __all__ = ["adapter_info", "add_parsers", "metrics_line", "run_eval", "run_info", "run_merge"]
 
@@ -98,7 +99,7 @@ def load_adapters(
     precision (a QLoRA adapter on the float weights; a QPiSSA adapter is refused: it needs its residual).
     """
     from .quant import quantize as quantize_base
-    from .quantized_base import RECORD_KEY, float_linear_paths
+    from .quantized_base import float_linear_paths
 
     recorded = {name: RECORD_KEY in read_config(folder) for name, folder in folders.items()}
     four = quantize == "nf4" or (quantize is None and any(recorded.values()))
@@ -304,6 +305,17 @@ def run_info(args: argparse.Namespace) -> int:
     print(f"  targets: {few(info['targets'])}")
     if info["modules_to_save"]:
         print(f"  modules trained in full: {', '.join(info['modules_to_save'])}")
+    four = info["quantized_base"]
+    if four:
+        residual = (
+            f"; QPiSSA residual on {len(four['residual'])} of them, {four['iterations']} rounds"
+            if four["residual"]
+            else ""
+        )
+        print(
+            f"  trained on a 4-bit base: {four['format']}, {len(four['modules'])} linear layers, blocks of "
+            f"{four['block_size']}{residual} (eval, generate, chat and merge rebuild it)"
+        )
     if info["trainable_parameters"] is not None:
         print(f"  trainable parameters: {info['trainable_parameters']:,}")
     print(
@@ -342,6 +354,7 @@ def adapter_info(folder: str | Path) -> dict[str, Any]:
         "base_model": config.get("base_model"),
         "head": config.get("head"),
         "task": config.get("task"),
+        "quantized_base": config.get(RECORD_KEY),
     }
 
 
