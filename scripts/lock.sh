@@ -39,7 +39,8 @@ version() { "$1" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info
 freeze "$MAIN_PYTHON" "$work/start.txt" "$work/main.txt"
 main_py="$(version "$MAIN_PYTHON")"
 specs=("$main_py=$work/main.txt")
-if command -v "$LOWEST_PYTHON" >/dev/null; then
+if lowest="$(bash scripts/find_python.sh "${LOWEST_PYTHON#python}")"; then
+    LOWEST_PYTHON="$lowest"
     low_py="$(version "$LOWEST_PYTHON")"
     # What the lowest Python resolves for itself, then the main pins minus those it cannot take.
     freeze "$LOWEST_PYTHON" "$work/start.txt" "$work/low-free.txt"

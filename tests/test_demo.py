@@ -72,7 +72,7 @@ def test_the_demo_adapter_evaluates_without_flags(tmp_path: Path, capsys: pytest
     assert config["head"] == {"kind": "classification", "num_labels": 2}
     assert config["task"] == {"name": "sst2", "max_length": 64, "eval_limit": 48, "eval_seed": None}
     capsys.readouterr()
-    assert main(["eval", str(tmp_path), "--no-progress"]) == 0
+    assert main(["eval", str(tmp_path), "--no-progress", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)
     assert evaluated["examples"] == 48
     assert evaluated["accuracy"] == pytest.approx(100 * result["acc_after"])

@@ -147,3 +147,19 @@ def test_bad_input_is_refused() -> None:
         quantize(net(), iterations=0)
     with pytest.raises(ValueError, match="only nn.Linear"):
         quantize(nn.Sequential(nn.Embedding(64, 256)), ["0"])
+
+
+def test_quantize_lets_the_float_weights_go() -> None:
+    """Nothing keeps the float weights alive once their 4-bit copies replace them (the attachment
+    remembers requires_grad flags by weak reference), so their memory is given back."""
+    import gc
+    import weakref
+
+    model = net()
+    dt.inject(model, dt.LoRA(rank=4), targets=["0"])
+    weights = [weakref.ref(model[0].base.weight), weakref.ref(model[2].weight)]
+    quantize(model)
+    gc.collect()
+    assert [w() for w in weights] == [None, None]
+    dt.unload(model)  # the flags of the parameters still there come back; the dropped ones are gone
+    assert isinstance(model[0], NF4Linear) and not any(p.requires_grad for p in model.parameters())

@@ -99,7 +99,7 @@ def load_adapters(
     precision (a QLoRA adapter on the float weights; a QPiSSA adapter is refused: it needs its residual).
     """
     from .quant import quantize as quantize_base
-    from .quantized_base import float_linear_paths
+    from .quantized_base import compact, float_linear_paths
 
     recorded = {name: RECORD_KEY in read_config(folder) for name, folder in folders.items()}
     four = quantize == "nf4" or (quantize is None and any(recorded.values()))
@@ -110,6 +110,7 @@ def load_adapters(
         rest = float_linear_paths(model)
         if rest:
             quantize_base(model, rest)
+        compact(model)
     return four
 
 

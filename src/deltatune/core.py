@@ -340,8 +340,7 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 
 def _detach(model: nn.Module, att: Attachment) -> None:
-    for p, flag in att.requires_grad.values():
-        p.requires_grad_(flag)
+    att.restore_flags()
     del model.__dict__[ATTACHMENT_ATTR]
 
 

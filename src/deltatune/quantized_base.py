@@ -9,9 +9,13 @@ merged-model and memory reports. The quantiser itself is :mod:`deltatune.quant`.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
 from typing import Any
 
+import torch
 from torch import nn
 
 from . import core
@@ -22,6 +26,7 @@ __all__ = [
     "RECORD_KEY",
     "LoadPlan",
     "check_record",
+    "compact",
     "dequantize",
     "float_linear_paths",
     "load_plan",
@@ -50,6 +55,25 @@ def weight_bytes(model: nn.Module) -> int:
     for t in [*model.parameters(), *model.buffers()]:
         total += quantized.get(id(t), t.numel() * t.element_size())
     return total
+
+
+def compact(model: nn.Module) -> None:
+    """After quantising a model on the CPU, give the memory of the float weights back.
+
+    A model loaded from safetensors keeps its weights in one mapping of the checkpoint file; the
+    tensors that stay float (embeddings, norms, heads) hold that whole mapping, and the float copies
+    of the 4-bit weights with it. Copying those tensors into memory of their own lets it go.
+    Quantising also leaves freed blocks in the C heap, which glibc keeps until ``malloc_trim``.
+    GPU tensors are left as they are (their file mapping went when they moved to the GPU).
+    """
+    four = {id(m.weight) for m in model.modules() if isinstance(m, NF4Linear)}
+    with torch.no_grad():
+        for t in [*model.parameters(), *model.buffers()]:
+            if id(t) not in four and t.device.type == "cpu":
+                t.data = t.data.clone()
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def dequantize(model: nn.Module) -> list[str]:

@@ -15,6 +15,7 @@ import copy
 import dataclasses
 import re
 import threading
+import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -241,8 +242,10 @@ class Attachment:
         self.switch = Switch()
         self.adapters: dict[str, AdapterInfo] = {}
         self.wrappers: dict[str, Adapted] = {}
-        self.requires_grad: dict[int, tuple[nn.Parameter, bool]] = {
-            id(p): (p, p.requires_grad) for p in model.parameters()
+        # The flags unload restores, by parameter. Weak references: a parameter the model drops (a
+        # weight quantize() replaced by its 4-bit copy) is freed, not kept alive for its flag.
+        self.requires_grad: dict[int, tuple[weakref.ref[nn.Parameter], bool]] = {
+            id(p): (weakref.ref(p), p.requires_grad) for p in model.parameters()
         }
 
     # -- queries ------------------------------------------------------------------------------
@@ -304,8 +307,19 @@ class Attachment:
         flags ``unload`` restores, at the new ones: ``mapping`` is ``id(old) -> new``."""
         for info in self.adapters.values():
             info.trainable = [mapping.get(id(p), p) for p in info.trainable]
-        moved = [(mapping.get(pid, p), flag) for pid, (p, flag) in self.requires_grad.items()]
-        self.requires_grad = {id(p): (p, flag) for p, flag in moved}
+        moved = [
+            (mapping[pid] if pid in mapping else ref(), flag)
+            for pid, (ref, flag) in self.requires_grad.items()
+        ]
+        self.requires_grad = {id(p): (weakref.ref(p), flag) for p, flag in moved if p is not None}
+
+    def restore_flags(self) -> None:
+        """Give every parameter of the model that is still there the ``requires_grad`` it had before
+        the first inject."""
+        for ref, flag in self.requires_grad.values():
+            p = ref()
+            if p is not None:
+                p.requires_grad_(flag)
 
     def closed_form(self, name: str) -> tuple[int, int]:
         """(trainable parameters, stored bytes) of adapter ``name`` from the methods' formulas."""
@@ -393,7 +407,7 @@ class _Snapshot:
     adapters: dict[str, AdapterInfo]
     records: dict[str, dict[str, Any]]
     wrappers: dict[str, Adapted]
-    requires_grad: dict[int, tuple[nn.Parameter, bool]]
+    requires_grad: dict[int, tuple[weakref.ref[nn.Parameter], bool]]
 
 
 def _snapshot(model: nn.Module) -> _Snapshot:

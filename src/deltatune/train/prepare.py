@@ -147,8 +147,9 @@ def _quantize_base(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
     if cfg.quantize is None:
         return {}
     from ..quant import quantize  # torchao: the quant extra
-    from ..quantized_base import weight_bytes
+    from ..quantized_base import compact, weight_bytes
 
     before = weight_bytes(model)
     paths = quantize(model, iterations=cfg.quantize_iterations)
+    compact(model)  # the float weights' memory back (on the CPU)
     return {"quantized": {"format": cfg.quantize, "modules": len(paths), "weight_bytes_before": before}}
