@@ -4,6 +4,7 @@
 # nothing here until the file is changed.
 #
 #   bash scripts/setup.sh                                   .venv, constraints/lock.txt (the default)
+#   PYTHON=python3.10 VENV=.venv310 bash scripts/setup.sh   the same on another Python (3.10 to 3.13)
 #   VENV=.venv-min CONSTRAINTS=constraints/minimum.txt bash scripts/setup.sh
 #                                                           the lowest versions pyproject.toml declares
 #   VENV=.venv-new CONSTRAINTS= bash scripts/setup.sh       no constraints: today's newest releases
@@ -14,6 +15,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python3}"
+# PYTHON=python3.10 where python3.10 is a pyenv shim of a version not selected: find one that runs.
+if ! "$PYTHON" -c "" 2>/dev/null && [[ "$PYTHON" =~ ^python3\.[0-9]+$ ]]; then
+    PYTHON="$(bash scripts/find_python.sh "${PYTHON#python}")"
+fi
 VENV="${VENV:-.venv}"
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
 CONSTRAINTS="${CONSTRAINTS-constraints/lock.txt}"

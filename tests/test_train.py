@@ -730,9 +730,11 @@ def test_four_bit_base_trains_evaluates_and_merges_from_the_command_line(
     record = json.loads((out / "metrics.json").read_text())
     # Every linear layer but the classifier: q, k, v, attention output, intermediate, output per layer
     # (2 layers), and the pooler.
-    assert record["quantized"] == {"format": "nf4", "modules": 13, "weight_bytes_before": record["quantized"][
-        "weight_bytes_before"
-    ]}
+    assert record["quantized"] == {
+        "format": "nf4",
+        "modules": 13,
+        "weight_bytes_before": record["quantized"]["weight_bytes_before"],
+    }
     assert record["weight_bytes"] < record["quantized"]["weight_bytes_before"]
     config = json.loads((out / "adapter" / "adapter_config.json").read_text())
     base = config["quantized_base"]
