@@ -396,6 +396,13 @@ def test_chat_run_end_to_end(tmp_path: Path, tiny: str, capsys: pytest.CaptureFi
     # deltatune eval knows there is no built-in task to evaluate this on
     assert main(["eval", str(out / "adapter")]) == 2
     assert "trained on your own data" in capsys.readouterr().err
+    # ... and merge writes it out as a plain causal LM (not the default task's classifier)
+    assert main(["merge", str(out / "adapter"), "--out", str(tmp_path / "merged")]) == 0
+    import transformers
+
+    assert type(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")).__name__.endswith(
+        "ForCausalLM"
+    )
 
 
 def test_csv_classification_run(tmp_path: Path) -> None:

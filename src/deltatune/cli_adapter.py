@@ -142,13 +142,14 @@ def _run_options(adapter: Path, model: str | None, task: str | None, *, need_tas
         except (json.JSONDecodeError, AttributeError):
             run = {}
     model = model or config.get("base_model") or run.get("model")
-    if task is None and recorded.get("data") is not None:
+    if task is None and recorded.get("data") is not None and need_task:
         raise ValueError(
             f"{adapter}: trained on your own data ({recorded['data']}, {recorded.get('format')}); its "
             "held-out loss and answers are in the run's metrics.json and generations.jsonl. Try it with "
             "deltatune generate / deltatune chat, or pass --task to evaluate it on a built-in task"
         )
-    task = task or recorded.get("name") or run.get("task")
+    # (a run on the user's data has no task: its metrics.json's task is the unused default)
+    task = task or recorded.get("name") or (None if recorded.get("data") else run.get("task"))
     nothing_else = f"its {CONFIG_NAME} records none and there is no metrics.json of a deltatune run beside it"
     if not model:
         raise ValueError(
