@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.core import load_adapter_state
 from deltatune.io import read_tensors
 from deltatune.methods.lora import LoRALayer
+from deltatune.state import load_adapter_state
 
 pytest.importorskip("torchao")
 from deltatune.quant import NF4Linear, nf4_roundtrip, quantization_error, quantize

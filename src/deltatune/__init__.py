@@ -12,15 +12,12 @@ from .core import (
     REGISTRY,
     Adapted,
     Attachment,
-    ParameterReport,
-    adapter_state,
     attachment_of,
     delete_adapter,
     disabled,
     has_adapters,
     inject,
     merge,
-    parameter_report,
     register,
     route,
     set_active,
@@ -59,6 +56,7 @@ from .methods import (
 )
 from .peft import export_peft, import_peft
 from .regional import compile
+from .state import ParameterReport, adapter_state, parameter_report
 from .stepping import lr_factor, needs_step_hooks, on_step, regularization
 from .targets import ALL_LINEAR, Target
 

@@ -24,7 +24,8 @@ from typing import Any
 from torch import nn
 
 from .contract import Method, config_for, export_state, import_state, module_tensors
-from .core import adapter_state, build_layers, check_adapter_name
+from .core import build_layers, check_adapter_name
+from .state import adapter_state
 from .wrapper import SHARED_ATTR, AdapterInfo, Attachment, all_or_nothing, attachment_of
 
 __all__ = ["combine", "reconfigure"]

@@ -48,13 +48,10 @@ from .contract import (
     check,
     closed_form,
     config_for,
-    export_state,
     float_weight_reason,
     hooks,
-    import_state,
     method_fields,
     method_from_config,
-    module_tensors,
     register,
 )
 from .routing import Routing
@@ -85,10 +82,8 @@ __all__ = [
     "Attachment",
     "Method",
     "ModuleCopy",
-    "ParameterReport",
     "ReplacingLayer",
     "Switch",
-    "adapter_state",
     "all_or_nothing",
     "attachment_of",
     "base_modules",
@@ -105,12 +100,10 @@ __all__ = [
     "has_adapters",
     "hooks",
     "inject",
-    "load_adapter_state",
     "merge",
     "merged_linear",
     "method_fields",
     "method_from_config",
-    "parameter_report",
     "register",
     "route",
     "set_active",
@@ -191,6 +184,47 @@ def inject(
     Raises:
         ValueError: unregistered method, bad target, unsupported module type, name in use, ...
     """
+    plan = _plan(model, method, targets, name, overrides, modules_to_save, seed)
+    shared, layers = build_layers(method, plan.configs, plan.bases, seed)
+    copies = {sp: _to_device_of(ModuleCopy(plan.modules[sp]), plan.modules[sp]) for sp in plan.save_paths}
+    # Nothing has been modified so far: every check can fail without leaving a trace, and should a
+    # step of attaching fail, all_or_nothing puts the model back as it was.
+    with all_or_nothing(model):
+        _attach(model, plan, method, name, shared, layers, copies, seed=seed, activate=activate)
+    return plan.att
+
+
+@dataclass
+class _Plan:
+    """What :func:`inject` checked and will change: the attachment (``created`` if new), the
+    adapted ``paths`` with their ``bases`` and per-path ``configs``, the modules to save, the
+    overrides, and the model's modules as seen through existing wrappers."""
+
+    att: Attachment
+    created: bool
+    paths: list[str]
+    save_paths: list[str]
+    modules: dict[str, nn.Module]
+    configs: dict[str, Method]
+    overrides: dict[str, dict[str, Any]]
+
+    @property
+    def bases(self) -> dict[str, nn.Module]:
+        return {p: self.modules[p] for p in self.paths}
+
+
+def _plan(
+    model: nn.Module,
+    method: Method,
+    targets: _targets.TargetSpec | None,
+    name: str,
+    overrides: Mapping[str, Mapping[str, Any]] | None,
+    modules_to_save: Sequence[str],
+    seed: int,
+) -> _Plan:
+    """:func:`inject`'s checks, all before any change: the method, the name, the seed, the targets
+    (kinds the method adapts, no 4-bit weight for a method that needs the float one), the modules to
+    save (not overlapping the targets), the method's own target check and the overrides."""
     spec = hooks(method)  # refuses an unregistered method; every optional hook, own or default
     check_adapter_name(name)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -209,15 +243,14 @@ def inject(
     paths = _targets.resolve(model, targets, modules)
     save_paths = _targets.resolve(model, list(modules_to_save), modules) if modules_to_save else []
     save_paths = [p for p in save_paths if not any(p.startswith(q + ".") for q in save_paths)]
+    cls = type(method).__name__
     for path in paths:
-        kind = _targets.module_kind(modules[path])
-        if kind not in method.layer_types:
+        if _targets.module_kind(modules[path]) not in method.layer_types:
             raise ValueError(
-                f"{type(method).__name__}: {path!r} is {type(modules[path]).__name__}; "
-                f"{type(method).__name__} adapts {', '.join(method.layer_types)} modules only"
+                f"{cls}: {path!r} is {type(modules[path]).__name__}; "
+                f"{cls} adapts {', '.join(method.layer_types)} modules only"
             )
         if getattr(modules[path], "quantized", False) and not spec.quantized_base:
-            cls = type(method).__name__
             raise ValueError(
                 f"{cls}: {path!r} has a quantised weight ({type(modules[path]).__name__}); "
                 f"{float_weight_reason(method)}: use LoRA (QLoRA) on a quantised base, or {cls} on the "
@@ -230,51 +263,57 @@ def inject(
     spec.check_targets(model, paths)
     _check_overrides(method, override_map, paths)
     configs = {p: config_for(method, p, override_map) for p in paths}
+    return _Plan(att, created, paths, save_paths, modules, configs, override_map)
 
-    bases = {p: modules[p] for p in paths}
-    shared, layers = build_layers(method, configs, bases, seed)
-    copies = {sp: _to_device_of(ModuleCopy(modules[sp]), modules[sp]) for sp in save_paths}
 
-    # Nothing has been modified so far: every check above can fail without leaving a trace, and
-    # should a step below fail, all_or_nothing puts the model back as it was.
-    with all_or_nothing(model):
-        if created:
-            for p in model.parameters():
-                p.requires_grad_(False)
-            model.__dict__[ATTACHMENT_ATTR] = att
-        # New modules take the training mode of the module they adapt: an adapter injected into (or
-        # loaded onto) a model in eval mode must not run its dropout.
-        for path, layer in {**layers, **copies}.items():
-            wrapper = att.wrappers.get(path)
-            if wrapper is None:
-                wrapper = Adapted(modules[path], att.switch).train(modules[path].training)
-                set_submodule(model, path, wrapper)
-                att.wrappers[path] = wrapper
-            wrapper.adapters[name] = layer.train(modules[path].training)
-        if shared is not None:
-            att.wrappers[paths[0]].shared[name] = shared.train(bases[paths[0]].training)
-        held = [*layers.values(), *copies.values()]
-        trainable = [p for m in held for p in m.parameters() if p.requires_grad]
-        if shared is not None:
-            trainable += [p for p in shared.parameters() if p.requires_grad]
-        trainable = list({id(p): p for p in trainable}.values())
-        att.adapters[name] = AdapterInfo(
-            name=name,
-            method=method,
-            targets=tuple(paths),
-            overrides=override_map,
-            modules_to_save=tuple(save_paths),
-            seed=seed,
-            configs=configs,
-            trainable=trainable,
-            shared=shared,
-        )
-        if activate:
-            att.set_active(name)
-        else:
-            for p in trainable:
-                p.requires_grad_(False)
-    return att
+def _attach(
+    model: nn.Module,
+    plan: _Plan,
+    method: Method,
+    name: str,
+    shared: nn.Module | None,
+    layers: Mapping[str, nn.Module],
+    copies: Mapping[str, nn.Module],
+    *,
+    seed: int,
+    activate: bool,
+) -> None:
+    """:func:`inject`'s changes: freeze the model (first adapter), wrap each path (or reuse its
+    wrapper), hang the new layers and copies on the wrappers, record the adapter, activate it."""
+    att, modules = plan.att, plan.modules
+    if plan.created:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.__dict__[ATTACHMENT_ATTR] = att
+    # New modules take the training mode of the module they adapt: an adapter injected into (or
+    # loaded onto) a model in eval mode must not run its dropout.
+    for path, layer in {**layers, **copies}.items():
+        wrapper = att.wrappers.get(path)
+        if wrapper is None:
+            wrapper = Adapted(modules[path], att.switch).train(modules[path].training)
+            set_submodule(model, path, wrapper)
+            att.wrappers[path] = wrapper
+        wrapper.adapters[name] = layer.train(modules[path].training)
+    if shared is not None:
+        att.wrappers[plan.paths[0]].shared[name] = shared.train(modules[plan.paths[0]].training)
+    held = [*layers.values(), *copies.values(), *([shared] if shared is not None else [])]
+    trainable = list({id(p): p for m in held for p in m.parameters() if p.requires_grad}.values())
+    att.adapters[name] = AdapterInfo(
+        name=name,
+        method=method,
+        targets=tuple(plan.paths),
+        overrides=plan.overrides,
+        modules_to_save=tuple(plan.save_paths),
+        seed=seed,
+        configs=plan.configs,
+        trainable=trainable,
+        shared=shared,
+    )
+    if activate:
+        att.set_active(name)
+    else:
+        for p in trainable:
+            p.requires_grad_(False)
 
 
 def build_layers(
@@ -483,88 +522,3 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
             if p.requires_grad:
                 out[id(p)] = p
     return list(out.values())
-
-
-def adapter_state(model: nn.Module, name: str) -> dict[str, torch.Tensor]:
-    """The tensors that make up adapter ``name`` (what :func:`deltatune.save` stores)."""
-    att = attachment_of(model)
-    att.info(name)
-    state: dict[str, torch.Tensor] = {}
-    for path, layer in att.layers(name).items():
-        tensors = export_state(layer)
-        for key, value in tensors.items():
-            state[f"{path}.{key}"] = value
-    shared = att.shared(name)
-    if shared is not None:
-        for key, value in module_tensors(shared).items():
-            state[f"{SHARED_ATTR}.{key}"] = value
-    return state
-
-
-def load_adapter_state(model: nn.Module, name: str, tensors: Mapping[str, torch.Tensor], where: str) -> None:
-    """Copy ``tensors`` (as :func:`adapter_state` writes them) into adapter ``name``: the inverse of
-    :func:`adapter_state`. Every missing, extra or mis-shaped tensor is named (``where``: the file
-    or folder, for the message); each layer's ``import_state`` takes its part (``load_state_dict``
-    where it has none), and the adapter's trainable parameters are listed again afterwards."""
-    att = attachment_of(model)
-    check_state(adapter_state(model, name), tensors, where)
-    by_owner: dict[str, dict[str, torch.Tensor]] = {}
-    owners = {**att.layers(name)}
-    shared = att.shared(name)
-    if shared is not None:
-        owners[SHARED_ATTR] = shared
-    for key, value in tensors.items():
-        owner = max((p for p in owners if key.startswith(p + ".")), key=len)
-        by_owner.setdefault(owner, {})[key[len(owner) + 1 :]] = value
-    for owner, state in by_owner.items():
-        import_state(owners[owner], state)
-    _refresh_trainable(att, name)
-
-
-def _refresh_trainable(att: Attachment, name: str) -> None:
-    """A layer's ``import_state`` may swap its parameters (a training-time reparameterisation, such
-    as prefix tuning's MLP, collapses to the stored plain tensors): list what the layers hold now."""
-    info = att.adapters[name]
-    before = {id(p) for p in info.trainable}
-    held = [*att.layers(name).values(), *([info.shared] if info.shared is not None else [])]
-    current = {id(p): p for m in held for p in m.parameters()}
-    if before <= set(current):
-        return
-    info.trainable = [p for p in current.values() if id(p) in before or p.requires_grad]
-    for p in info.trainable:
-        p.requires_grad_(name in att.active)
-
-
-@dataclass(frozen=True)
-class ParameterReport:
-    """Parameter accounting for one adapter."""
-
-    adapter: str
-    trainable: int
-    total: int
-    stored_parameters: int
-    stored_bytes: int
-
-    @property
-    def trainable_percent(self) -> float:
-        return 100.0 * self.trainable / max(self.total, 1)
-
-    def __str__(self) -> str:
-        return (
-            f"adapter {self.adapter!r}: {self.trainable:,} trainable of {self.total:,} parameters "
-            f"({self.trainable_percent:.3f} %); stores {self.stored_parameters:,} values in "
-            f"{self.stored_bytes:,} bytes"
-        )
-
-
-def parameter_report(model: nn.Module, adapter: str | None = None) -> ParameterReport:
-    """Count an adapter's trainable parameters and the bytes its saved file holds (tensor data)."""
-    att = attachment_of(model)
-    name = adapter if adapter is not None else (att.active[0] if att.active else next(iter(att.adapters)))
-    info = att.info(name)
-    trainable = sum(p.numel() for p in info.trainable)
-    total = sum(p.numel() for p in model.parameters())
-    state = adapter_state(model, name)
-    stored = sum(t.numel() for t in state.values())
-    stored_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    return ParameterReport(name, trainable, total, stored, stored_bytes)

@@ -56,6 +56,7 @@ from . import checks, core, quantized_base, tensorfile
 from .fields import from_jsonable, to_jsonable
 from .files import json_writer, read_folder, tensors_writer, write_files
 from .fingerprint import check_fingerprint, fingerprint
+from .state import adapter_state, load_adapter_state
 
 # 2 adds the optional base_model, head and task records; format-1 files (without them) still load.
 FORMAT_VERSION = 2
@@ -135,7 +136,7 @@ def save(
     quantized = quantized_base.quantized_record(model)
     if quantized is not None:  # trained on a 4-bit base: what loading it needs (deltatune.quant)
         config[quantized_base.RECORD_KEY] = quantized
-    state = core.adapter_state(model, name)
+    state = adapter_state(model, name)
     folder = Path(folder)
     write_files(folder, {CONFIG_NAME: json_writer(config), WEIGHTS_NAME: tensors_writer(state)})
     return folder
@@ -476,7 +477,7 @@ def inject_filled(
         att = core.inject(model, method, name=name, **inject_args)
         if plan is not None:
             plan.quantize_after(model)
-        core.load_adapter_state(model, name, tensors, where)
+        load_adapter_state(model, name, tensors, where)
         if not trainable:
             for p in att.adapters[name].trainable:
                 p.requires_grad_(False)

@@ -19,7 +19,7 @@ A method takes part in PEFT's format by declaring, in its own file, these four h
   ``config`` is PEFT's ``adapter_config.json``; ``tensors`` the file's tensors under PEFT's names,
   the ``modules_to_save`` copies already taken out. Returns the method config, the module paths it
   adapts, per-module field overrides, and the adapter's tensors named as
-  :func:`deltatune.core.adapter_state` names them (``"<path>.<key>"``, ``"deltatune_shared.<key>"``).
+  :func:`deltatune.state.adapter_state` names them (``"<path>.<key>"``, ``"deltatune_shared.<key>"``).
   A PEFT option it cannot represent is a ``ValueError`` naming it (prefixed here with the file).
 * ``to_peft(attachment, name) -> (config, tensors)``: the method's part of PEFT's config and its
   tensors under PEFT's names (without ``modules_to_save`` copies: added here, as are ``peft_type``,
@@ -57,6 +57,7 @@ from torch import nn
 
 from . import checks, core, files, io, tensorfile
 from .interop import PeftField
+from .state import adapter_state
 from .targets import name_matches
 
 PEFT_CONFIG_NAME = "adapter_config.json"
@@ -323,7 +324,7 @@ def export_peft(
             f"{type(model).__name__} names none; pass task_type= ('SEQ_CLS', 'CAUSAL_LM', ...)"
         )
     prefix = mapping.peft_prefix
-    state = core.adapter_state(model, name)
+    state = adapter_state(model, name)
     for path in info.modules_to_save:  # deltatune's "<path>.module.<param>" is PEFT's "<path>.<param>"
         copy = f"{path}.module."
         for key in (k for k in state if k.startswith(copy)):

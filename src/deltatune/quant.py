@@ -362,7 +362,7 @@ def quantize(
                 continue
             # From now on the adapter is relative to the quantised residual: it saves as its rank-r
             # factors (to reload: inject the same PiSSA config, quantize() with the same iterations,
-            # then deltatune.core.load_adapter_state the saved tensors). _residual_layers guarantees the
+            # then deltatune.state.load_adapter_state the saved tensors). _residual_layers guarantees the
             # layer is the wrapper's only adapter.
             info = att.adapters[next(iter(wrapper.adapters))]
             info.configs[path] = dataclasses.replace(info.configs[path], save_mode="native")

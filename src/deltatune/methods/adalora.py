@@ -73,10 +73,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..core import Attachment, adapter_state, check, register
+from ..core import Attachment, check, register
 from ..fields import Float, Int, param
 from ..interop import PeftField, peft_get
 from ..lowrank import compute_dtype
+from ..state import adapter_state
 from ..targets import module_kind, shape_of
 from .adapter import IntOrNone
 from .lora import LoRA, adapter_dtype

@@ -35,10 +35,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import few
-from ..core import REGISTRY, Attachment, adapter_state, check, register
+from ..core import REGISTRY, Attachment, check, register
 from ..fields import Bool, Float, Instance, Int, OneOf, component, param
 from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
 from ..lowrank import lowrank_delta
+from ..state import adapter_state
 from ..targets import module_kind, shape_of
 
 

@@ -43,8 +43,9 @@ import torch
 from torch import nn
 
 from .. import virtual
-from ..core import Attachment, adapter_state, check, register
+from ..core import Attachment, check, register
 from ..fields import Int, OneOf, param
+from ..state import adapter_state
 
 
 @register

@@ -38,8 +38,9 @@ import torch
 from torch import nn
 
 from .. import virtual
-from ..core import Attachment, adapter_state, check, register
+from ..core import Attachment, check, register
 from ..fields import Bool, Int, OneOf, param
+from ..state import adapter_state
 
 _DEFAULT_HIDDEN = 512
 

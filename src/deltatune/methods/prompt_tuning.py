@@ -39,8 +39,9 @@ import torch
 from torch import nn
 
 from .. import virtual
-from ..core import Attachment, adapter_state, check, register
+from ..core import Attachment, check, register
 from ..fields import Float, Instance, Int, component, param, validate
+from ..state import adapter_state
 
 
 class PromptInit:

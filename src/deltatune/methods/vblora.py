@@ -51,10 +51,11 @@ import torch
 from torch import nn
 
 from .._cache import Memo
-from ..core import SHARED_ATTR, Attachment, adapter_state, check, register
+from ..core import SHARED_ATTR, Attachment, check, register
 from ..fields import Float, Int, OneOf, param
 from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
 from ..lowrank import lowrank_delta
+from ..state import adapter_state
 from ..targets import module_kind, shape_of
 from .lora import dropout_active, in_weight_layout
 

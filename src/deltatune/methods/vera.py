@@ -41,10 +41,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import SHARED_ATTR, Attachment, adapter_state, check, register
+from ..core import SHARED_ATTR, Attachment, check, register
 from ..fields import Bool, Float, Int, param
 from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
 from ..lowrank import compute_dtype
+from ..state import adapter_state
 from ..targets import module_kind, shape_of
 from .lora import adapter_dtype, in_weight_layout
 

@@ -17,6 +17,7 @@ from .. import core
 from ..files import tensors_writer, write_file
 from ..io import save
 from ..quantized_base import weight_bytes
+from ..state import parameter_report
 from .config import TrainConfig
 from .tasks import Task
 
@@ -105,7 +106,7 @@ def store(
     """Save what the run produced; return its size in bytes (tensor data)."""
     if core.has_adapters(model):
         save(model, out / "adapter", base_model=base_model, task=task_record(cfg, task, tokenizer))
-        return core.parameter_report(model).stored_bytes
+        return parameter_report(model).stored_bytes
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}
     write_file(out / "trained.safetensors", tensors_writer(tensors))
     return sum(t.numel() * t.element_size() for t in tensors.values())
