@@ -21,8 +21,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from deltatune.core import REGISTRY, Adapted, attachment_of, hooks, merged_linear
+from deltatune.core import REGISTRY, Adapted, attachment_of, hooks
 from deltatune.fields import Check, from_jsonable
+from deltatune.merged import merged_linear
 from deltatune.targets import module_kind, shape_of
 from toy_models import TOYS, Toy
 

@@ -26,7 +26,6 @@ Example:
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import re
 import zlib
@@ -54,6 +53,7 @@ from .contract import (
     method_from_config,
     register,
 )
+from .merged import merged_module
 from .routing import Routing
 from .wrapper import (
     ATTACHMENT_ATTR,
@@ -101,7 +101,6 @@ __all__ = [
     "hooks",
     "inject",
     "merge",
-    "merged_linear",
     "method_fields",
     "method_from_config",
     "register",
@@ -393,42 +392,6 @@ def unload(model: nn.Module) -> nn.Module:
     return model
 
 
-def merged_linear(base: nn.Module, delta: torch.Tensor) -> nn.Module:
-    """A plain copy of ``base`` whose weight is ``base.weight + delta`` (added in float32)."""
-    weight = base.weight
-    if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"cannot merge into {type(base).__name__}: it has no weight tensor")
-    if delta.shape != weight.shape:
-        raise ValueError(f"delta_weight has shape {tuple(delta.shape)}, weight has {tuple(weight.shape)}")
-    new = copy.copy(base)
-    new._parameters = dict(base._parameters)
-    new._buffers = dict(base._buffers)
-    new._modules = dict(base._modules)
-    merged = (weight.detach().float() + delta.detach().float().to(weight.device)).to(weight.dtype)
-    new.weight = nn.Parameter(merged, requires_grad=False)
-    return new
-
-
-def _merged_module(layer: nn.Module, base: nn.Module, path: str, dequantize: bool = False) -> nn.Module:
-    if getattr(base, "quantized", False):
-        # A quantised base (e.g. NF4): re-quantising W + ΔW would lose most of the update.
-        if not dequantize:
-            raise ValueError(
-                f"merge: {path!r} has a quantised base ({type(base).__name__}); merging into it would "
-                "re-quantise and lose the update: call merge(model, dequantize=True) to get a float "
-                "module holding dequantised W + ΔW, or keep the adapter attached"
-            )
-        base = base.dequantize()  # type: ignore[operator]
-    merged = getattr(layer, "merged", None)
-    if merged is not None:
-        out: nn.Module = merged(base)
-        return out
-    delta_weight = getattr(layer, "delta_weight", None)
-    if delta_weight is None:
-        raise ValueError(f"{type(layer).__name__} at {path!r} has neither merged() nor delta_weight()")
-    return merged_linear(base, delta_weight())
-
-
 def merge(
     model: nn.Module, adapters: str | Sequence[str] | None = None, *, dequantize: bool = False
 ) -> nn.Module:
@@ -464,7 +427,7 @@ def merge(
         module = wrapper.base
         for n in names:
             if n in wrapper.adapters:
-                module = _merged_module(wrapper.adapters[n], module, path, dequantize)
+                module = merged_module(wrapper.adapters[n], module, path, dequantize)
         replacements[path] = module
     with all_or_nothing(model):
         for path, module in replacements.items():

@@ -45,9 +45,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._cache import Memo
-from ..core import Attachment, check, merged_linear, register
+from ..core import Attachment, check, register
 from ..fields import Bool, Float, Instance, Int, param
 from ..lowrank import compute_dtype, fusable, lowrank_delta, lowrank_linear
+from ..merged import merged_linear
 from ..state import adapter_state
 from ..targets import module_kind, shape_of
 from .lora import Gaussian, KaimingUniform, LoRA, LoRAInit, adapter_dtype, dropout_active, peft_lora_config

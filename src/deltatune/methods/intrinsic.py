@@ -48,9 +48,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._cache import Memo
-from ..core import Attachment, check, merged_linear, register
+from ..core import Attachment, check, register
 from ..fields import Bool, Float, Int, OneOf, param
 from ..lowrank import compute_dtype
+from ..merged import merged_linear
 from ..targets import module_kind
 
 # ----------------------------------------------------------------------------------------------
