@@ -19,11 +19,11 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
-from .contract import Method, config_for, export_state, import_state, module_tensors
+from .contract import Combinable, Method, config_for, export_state, import_state, module_tensors
 from .core import build_layers, check_adapter_name
 from .state import adapter_state
 from .wrapper import SHARED_ATTR, AdapterInfo, Attachment, all_or_nothing, attachment_of
@@ -118,7 +118,7 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str) -> Attach
             for i in infos
             if i.name in att.wrappers[path].adapters
         ]
-        configs[path], layers[path] = cls.combine_layers(parts)  # type: ignore[attr-defined]
+        configs[path], layers[path] = cast("type[Combinable]", cls).combine_layers(parts)
     method = configs[paths[0]]
     overrides = {
         p: {

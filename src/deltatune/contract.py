@@ -172,6 +172,7 @@ class Registered(Method, Protocol):
     small_example: ClassVar[dict[str, Any]]
     variants: ClassVar[dict[str, dict[str, Any]]]
     near_identity_at_init: ClassVar[bool]
+    peft_type: ClassVar[str | None]  # PEFT's peft_type it reads and writes (deltatune.peft), or None
 
     def make_shared(self, bases: Mapping[str, nn.Module], generator: torch.Generator) -> nn.Module | None: ...
 
@@ -202,6 +203,17 @@ class Registered(Method, Protocol):
     def on_step(self, attachment: Any, name: str, step: int, optimizer: Any) -> None: ...
 
     def lr_factor(self, step: int) -> float: ...
+
+    @property
+    def random_init(self) -> bool: ...
+
+
+class Combinable(Protocol):
+    """A ``combinable`` method's class: :func:`deltatune.combine` builds one layer per module from
+    several adapters' layers there, weighted (``parts``: (layer, weight) pairs), exactly."""
+
+    @classmethod
+    def combine_layers(cls, parts: list[tuple[nn.Module, float]]) -> tuple[Method, nn.Module]: ...
 
     peft_type: ClassVar[str | None]
 
