@@ -9,9 +9,10 @@ files are read: nothing is unpickled.
 A method takes part in PEFT's format by declaring, in its own file, these four hooks (all or none):
 
 * ``peft_type: ClassVar[str]``: the ``peft_type`` it reads and writes (``"LORA"``,
-  ``"PROMPT_TUNING"``, ...); one registered method per type reads it. A method that only writes a
-  type another reads (DoRA: PEFT's LoRA with ``use_dora``) sets ``peft_reads = False``; the
-  reader's ``from_peft`` hands such files on.
+  ``"PROMPT_TUNING"``, ...); one registered method per type reads it. A method that PEFT stores as
+  a variant of another's type (DoRA: PEFT's LoRA with ``use_dora``) also declares
+  ``peft_flag = "use_dora"``: it reads the files of that type whose config sets the flag, the plain
+  method the others (:func:`peft_reader`; the plain method's ``peft_fields`` check both).
 * ``peft_prefix: ClassVar[str]``: how PEFT's tensor names of this type spell the base model's
   modules: ``"base_model.model."`` for PEFT's tuners (LoRA, VB-LoRA), ``"base_model."`` for its
   prompt-learning methods. Used here for the ``modules_to_save`` copies, and by the method's names.
@@ -134,16 +135,26 @@ class PeftMapping(Protocol):
 
 
 def peft_methods() -> dict[str, type[PeftMapping]]:
-    """PEFT's ``peft_type`` -> the registered method that declares it."""
+    """PEFT's ``peft_type`` -> the registered method that reads its plain files (not a variant flag's)."""
     out: dict[str, type[PeftMapping]] = {}
     for cls in core.REGISTRY.values():  # every registered class has every hook (core.hooks)
         kind = cls.peft_type  # None (register's default): the method has no PEFT mapping
-        if kind is None or not getattr(cls, "peft_reads", True):  # written by it, read by another
+        if kind is None or getattr(cls, "peft_flag", None):  # a variant: peft_reader picks it
             continue
         if kind in out:
             raise ValueError(f"{out[kind].__name__} and {cls.__name__} both declare peft_type {kind!r}")
         out[kind] = cast("type[PeftMapping]", cls)
     return out
+
+
+def peft_reader(kind: str, config: Mapping[str, Any]) -> type[PeftMapping]:
+    """The registered method that reads a PEFT file of ``peft_type`` ``kind`` with ``config``: the
+    one declaring a ``peft_flag`` the config sets (DoRA for ``use_dora``), else the plain one."""
+    for cls in core.REGISTRY.values():
+        flag = getattr(cls, "peft_flag", None)
+        if cls.peft_type == kind and flag and config.get(flag):
+            return cast("type[PeftMapping]", cls)
+    return peft_methods()[kind]
 
 
 def import_peft(
@@ -192,8 +203,8 @@ def import_peft(
         )
     if kind not in methods:
         raise ValueError(f"{cfg_path}: peft_type {kind!r} is not supported; supported: {sorted(methods)}")
-    cls = methods[kind]
-    table = cast("Mapping[str, PeftField] | None", getattr(cls, "peft_fields", None))
+    cls = peft_reader(kind, config)
+    table = cast("Mapping[str, PeftField] | None", getattr(methods[kind], "peft_fields", None))
     if table is not None:
         check_peft_config(config, table, str(cfg_path), unknown_fields=unknown_fields)
     weights = folder / PEFT_WEIGHTS_NAME

@@ -15,8 +15,8 @@ which is PEFT's ``result + (k − 1) ⊙ base_result + k ⊙ s · lora(x)``. The
 (training) the update reads the dropped-out input, as in PEFT.
 
 PEFT stores DoRA as ``peft_type="LORA"`` with ``use_dora=True`` plus ``lora_magnitude_vector``
-tensors: :meth:`LoRA.from_peft` hands such files to :meth:`DoRA.from_peft`; DoRA writes them with
-its own :meth:`DoRA.to_peft` (``peft_reads = False``: LoRA reads the type, see :mod:`deltatune.peft`).
+tensors: ``peft_flag = "use_dora"`` makes :func:`deltatune.import_peft` hand such files to
+:meth:`DoRA.from_peft` (see :mod:`deltatune.peft`); DoRA writes them with its own :meth:`DoRA.to_peft`.
 
 Closed forms, per adapted ``nn.Linear`` (in_features, out_features):
 
@@ -116,7 +116,7 @@ class DoRA:
     # -- PEFT's format: LoRA's files with use_dora=true (LoRA reads the type and hands them here) --
     peft_type: ClassVar[str] = "LORA"
     peft_prefix: ClassVar[str] = LoRA.peft_prefix
-    peft_reads: ClassVar[bool] = False  # import_peft reads "LORA" with LoRA, which dispatches here
+    peft_flag: ClassVar[str] = "use_dora"  # PEFT's LORA files with use_dora are DoRA's
 
     @classmethod
     def from_peft(

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checks import few
-from ..core import REGISTRY, Attachment, check, register
+from ..core import Attachment, check, register
 from ..fields import Bool, Float, Instance, Int, OneOf, component, param
 from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
 from ..lowrank import lowrank_delta
@@ -350,12 +350,8 @@ class LoRA:
     ) -> tuple[Any, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
         """PEFT's LoRA: the targets are the modules that have tensors in the file (so PEFT's
         suffix/regex rules never need re-implementing); ranks per module from the tensor shapes,
-        alphas from ``alpha_pattern``. A file with ``use_dora`` is DoRA's (methods/dora.py)."""
-        if config.get("use_dora"):
-            dora: Any = REGISTRY["dora"]  # PEFT's DoRA is LoRA with use_dora (methods/dora.py)
-            out: tuple[Any, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]
-            out = dora.from_peft(config, tensors, model)
-            return out
+        alphas from ``alpha_pattern``. (A file with ``use_dora`` is DoRA's: deltatune.peft hands
+        it to methods/dora.py.)"""
         factors: dict[str, dict[str, torch.Tensor]] = {}  # path -> {"lora_A": ..., "lora_B": ...}
         for key, value in tensors.items():
             suffix = next((s for s in _PEFT_NAMES if key.endswith(s)), None)
