@@ -12,10 +12,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
-__all__ = ["DivergedError", "check_step", "check_weights", "grads_bad"]
+from .checkpoint import checkpoint_step
+from .config import TrainConfig
+
+__all__ = ["DivergedError", "after_divergence", "check_step", "check_weights", "grads_bad"]
 
 
 class DivergedError(ValueError):
@@ -78,4 +82,21 @@ def check_weights(params: Sequence[torch.nn.Parameter], names: Sequence[str], st
         f"training diverged by step {step}: the weights {shown} hold NaN or infinite values; nothing was "
         f"{before}",
         step,
+    )
+
+
+def after_divergence(cfg: TrainConfig, ckpt: Path | None) -> str:
+    """What is left of a diverged run (the checkpoint in ``ckpt``, None on processes that write
+    none) and what to change."""
+    written = checkpoint_step(ckpt) if ckpt is not None else None
+    kept = (
+        f"The last finite checkpoint is {ckpt} (step {written}); no adapter was written"
+        if written is not None
+        else "No adapter and no checkpoint were written"
+        + (f" (--checkpoint-every {cfg.checkpoint_every})" if cfg.checkpoint_every else "")
+    )
+    clip = "clip the gradients (--max-grad-norm 1.0), " if not cfg.max_grad_norm else ""
+    return (
+        f"{kept}. Lower --lr (now {cfg.lr:g}), {clip}or warm up longer (--warmup-ratio, now "
+        f"{cfg.warmup_ratio:g}), and run again with --overwrite"
     )

@@ -45,7 +45,6 @@ from .batches import (
 )
 from .checkpoint import (
     check_out_folder,
-    checkpoint_step,
     has_checkpoint,
     load_checkpoint,
     remove_run,
@@ -53,14 +52,14 @@ from .checkpoint import (
 )
 from .config import TrainConfig
 from .data import Example
-from .divergence import DivergedError, check_step, check_weights, grads_bad
+from .divergence import DivergedError, after_divergence, check_step, check_weights, grads_bad
 from .evaluation import evaluate
 from .models import load_model
 from .prepare import prepare
 from .progress import Progress
 from .records import run_record, store, write_generations, write_record
 from .reporting import open_reporters
-from .sharding import on_first, shard
+from .sharding import on_first, replicated, shard
 from .streaming import StreamedExamples
 from .tasks import get_task, load_split
 from .userdata import expected_targets, lengths_of, open_for, user_examples
@@ -346,7 +345,7 @@ def _train(
         optimizer,
         lambda s: schedule(s) * lr_factor(model, s),  # an adapter's own factor (ReLoRA)
     )
-    runner = model if cfg.fsdp else _distributed(model, world)
+    runner = model if cfg.fsdp else replicated(model, world.size)
 
     def evaluate_now(samples: list[dict[str, str]] | None = None) -> dict[str, float] | None:
         """The eval metrics on the first process (None elsewhere); every process must call it."""
@@ -429,7 +428,7 @@ def _train(
         bar.close()
         if reporter is not None:
             reporter.close(None)
-        raise DivergedError(f"{e}. {_after_divergence(cfg, ckpt, world)}", e.step) from None
+        raise DivergedError(f"{e}. {after_divergence(cfg, ckpt if world.main else None)}", e.step) from None
     bar.close()
     history["train_seconds"] = history.get("train_seconds", 0.0) + train_seconds
     history["eval"].append([done, evaluate_now(samples["after"])])
@@ -467,22 +466,6 @@ def _train(
     return record
 
 
-def _after_divergence(cfg: TrainConfig, ckpt: Path, world: World) -> str:
-    """What is left of a diverged run and what to change."""
-    written = checkpoint_step(ckpt) if world.main else None
-    kept = (
-        f"The last finite checkpoint is {ckpt} (step {written}); no adapter was written"
-        if written is not None
-        else "No adapter and no checkpoint were written"
-        + (f" (--checkpoint-every {cfg.checkpoint_every})" if cfg.checkpoint_every else "")
-    )
-    clip = "clip the gradients (--max-grad-norm 1.0), " if not cfg.max_grad_norm else ""
-    return (
-        f"{kept}. Lower --lr (now {cfg.lr:g}), {clip}or warm up longer (--warmup-ratio, now "
-        f"{cfg.warmup_ratio:g}), and run again with --overwrite"
-    )
-
-
 def _micro_batches(
     examples: Sequence[Example] | Iterator[list[Example]],
     done: int,
@@ -509,11 +492,3 @@ def _micro_batches(
         chunk = chosen[m * cfg.batch_size : (m + 1) * cfg.batch_size]
         micro.append(chunk[world.rank * per_rank : (world.rank + 1) * per_rank])
     return micro
-
-
-def _distributed(model: nn.Module, world: World) -> nn.Module:
-    """``model`` wrapped in ``DistributedDataParallel`` under ``torchrun``, else itself."""
-    if world.size == 1:
-        return model
-    device = device_of(model)
-    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)

@@ -27,10 +27,20 @@ from torch import nn
 
 from .. import anatomy, core
 from ..stepping import needs_step_hooks
+from .batches import device_of
 
-__all__ = ["gathered", "on_first", "shard"]
+__all__ = ["gathered", "on_first", "replicated", "shard"]
 
 T = TypeVar("T")
+
+
+def replicated(model: nn.Module, processes: int) -> nn.Module:
+    """``model`` wrapped in ``DistributedDataParallel`` when ``torchrun`` started several processes,
+    else itself (the other way of spreading a run: :func:`shard`)."""
+    if processes == 1:
+        return model
+    device = device_of(model)
+    return nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
 
 
 def shard(model: nn.Module, groups: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
