@@ -21,6 +21,7 @@ from .core import CAPABILITIES, closed_form, merge, method_from_config
 from .fields import to_jsonable
 from .files import write_folder
 from .io import CONFIG_NAME, WEIGHTS_NAME, load, read_adapter, read_config
+from .quant import FORMATS
 from .quantized_base import RECORD_KEY
 
 __all__ = ["adapter_info", "add_parsers", "metrics_line", "run_eval", "run_info", "run_merge"]
@@ -81,7 +82,7 @@ def add_quantize_flag(parser: argparse.ArgumentParser) -> None:
     """``--quantize {nf4,none}``: the base's precision for the commands that load adapters."""
     parser.add_argument(
         "--quantize",
-        choices=("nf4", "none"),
+        choices=(*FORMATS, "none"),
         help="nf4: the base's linear layers in 4 bits (NormalFloat); none: the base in its own "
         "precision (default: as the adapter was trained, 4-bit where it records a 4-bit base)",
     )
@@ -99,15 +100,15 @@ def load_adapters(
     precision (a QLoRA adapter on the float weights; a QPiSSA adapter is refused: it needs its residual).
     """
     from .quant import quantize as quantize_base
-    from .quantized_base import compact, float_linear_paths
+    from .quantized_base import compact, float_linears
 
     recorded = {name: RECORD_KEY in read_config(folder) for name, folder in folders.items()}
-    four = quantize == "nf4" or (quantize is None and any(recorded.values()))
+    four = quantize in FORMATS or (quantize is None and any(recorded.values()))
     for name, folder in folders.items():
         wants = four if recorded[name] else None
         load(model, folder, name=name, activate=name == active, strict_base=strict_base, quantize=wants)
     if four:
-        rest = float_linear_paths(model)
+        rest = list(float_linears(model))
         if rest:
             quantize_base(model, rest)
         compact(model)
@@ -178,8 +179,9 @@ def _run_options(adapter: Path, model: str | None, task: str | None, *, need_tas
 
 def _load_adapted(
     adapter: Path, run: _Run, *, strict_base: bool = True, quantize: str | None = None
-) -> tuple[Any, Any, Any]:
-    """The base model (with the head the task or the adapter calls for) with the adapter loaded."""
+) -> tuple[Any, Any, Any, bool]:
+    """The base model (with the head the task or the adapter calls for) with the adapter loaded, its
+    tokenizer, the task, and whether the base is 4-bit (:func:`load_adapters`)."""
     from .train.models import load_model
     from .train.tasks import get_task
 
@@ -201,8 +203,8 @@ def _load_adapted(
     model, tokenizer = load_model(run.model, kind, labels if kind == "classification" else None)
     if torch.cuda.is_available():
         model.to("cuda")  # quantised there, if it is, and evaluated there
-    load_adapters(model, {"default": adapter}, quantize, strict_base=strict_base, active="default")
-    return model, tokenizer, task
+    four = load_adapters(model, {"default": adapter}, quantize, strict_base=strict_base, active="default")
+    return model, tokenizer, task, four
 
 
 def run_eval(args: argparse.Namespace) -> int:
@@ -215,7 +217,7 @@ def run_eval(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter)
     run = _run_options(adapter, args.model, args.task, need_task=True)
     strict_base = not getattr(args, "no_strict_base", False)
-    model, tokenizer, task = _load_adapted(adapter, run, strict_base=strict_base, quantize=args.quantize)
+    model, tokenizer, task, _ = _load_adapted(adapter, run, strict_base=strict_base, quantize=args.quantize)
     saved = run.options
     # By default, the examples the run itself was evaluated on, prepared the same way.
     limit = args.limit if args.limit is not None else saved.get("eval_limit")
@@ -265,11 +267,11 @@ def run_merge(args: argparse.Namespace) -> int:
     adapter = Path(args.adapter)
     run = _run_options(adapter, args.model, args.task, need_task=False)
     strict_base = not getattr(args, "no_strict_base", False)
-    model, tokenizer, _ = _load_adapted(adapter, run, strict_base=strict_base, quantize=args.quantize)
+    model, tokenizer, _, four = _load_adapted(adapter, run, strict_base=strict_base, quantize=args.quantize)
     merge(model, dequantize=True)  # a 4-bit base: into its dequantised weights (what it trained on)
     from .quantized_base import dequantize
 
-    four = dequantize(model)  # the 4-bit modules no adapter touched
+    untouched = dequantize(model)  # the 4-bit modules no adapter touched
     model.to("cpu")
 
     def write(folder: Path) -> None:
@@ -280,8 +282,8 @@ def run_merge(args: argparse.Namespace) -> int:
     # permissions (safetensors >= 0.8 writes model.safetensors 0o600 otherwise).
     out = write_folder(args.out, write)
     note = (
-        f"; the adapter merged into the 4-bit base it was trained on, dequantised ({len(four)} more linear "
-        "layers dequantised; --quantize none merges into the base's own weights)"
+        f"; the adapter merged into the 4-bit base it was trained on, dequantised ({len(untouched)} more "
+        "linear layers dequantised; --quantize none merges into the base's own weights)"
         if four
         else ""
     )

@@ -19,11 +19,11 @@ import torch
 from .cli_hints import canonical_method
 from .contract import REGISTRY
 from .estimate import FLOOR, FULL, HEAD, SHAPES, Estimate, estimate, meta_model
+from .quant import FORMATS
 
 __all__ = ["run_estimate"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-QUANTIZE = ("nf4",)
 
 
 def _parser(
@@ -62,7 +62,7 @@ def _parser(
     )
     p.add_argument(
         "--quantize",
-        choices=QUANTIZE,
+        choices=FORMATS,
         help="the frozen base's linear layers in 4 bits (nf4: QLoRA, QPiSSA; about 4.13 bits a value) on "
         "every row but full fine-tuning (default: the base at --precision)",
     )

@@ -263,17 +263,14 @@ def estimate(
 def _saved_by_quantizing(net: nn.Module, quantize: str) -> int:
     """The bytes a 4-bit base saves: each frozen linear weight (all but the heads) at its dtype's
     size less what NF4 stores of it (the scales included)."""
-    from .quant import nf4_bytes
-    from .quantized_base import float_linear_paths
+    from .quant import FORMATS, nf4_bytes
+    from .quantized_base import float_linears
 
-    if quantize != "nf4":
+    if quantize not in FORMATS:
         raise ValueError(f"estimate: quantize must be 'nf4' or None, got {quantize!r}")
-    modules = dict(net.named_modules())
     saved = 0
-    for path in float_linear_paths(net):
-        weight = getattr(modules[path], "weight", None)
-        if weight is None:  # a wrapper's path: its base holds the weight
-            weight = modules[path + ".base"].weight
+    for path, module in float_linears(net).items():
+        weight = module.weight
         if weight.requires_grad:
             raise ValueError(f"estimate: quantize: {path!r} trains, and a 4-bit weight cannot")
         saved += weight.numel() * weight.element_size() - nf4_bytes(weight.numel())

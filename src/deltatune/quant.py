@@ -84,6 +84,9 @@ def _nf4() -> tuple[Callable[..., torch.Tensor], Callable[..., torch.Tensor]]:
     return to_nf4, linear_nf4
 
 
+FORMATS = ("nf4",)  # the 4-bit formats of a frozen base: what --quantize takes
+
+
 @dataclasses.dataclass(frozen=True)
 class NF4Settings:
     """How a weight was quantised: what re-quantising it the same way takes.
@@ -384,6 +387,7 @@ def quantization_error(model_weight: torch.Tensor, module: nn.Module, delta: tor
 
 
 __all__ = [
+    "FORMATS",
     "NF4Linear",
     "NF4Settings",
     "nf4_bytes",

@@ -28,7 +28,7 @@ __all__ = [
     "check_record",
     "compact",
     "dequantize",
-    "float_linear_paths",
+    "float_linears",
     "load_plan",
     "quantized_record",
     "weight_bytes",
@@ -39,12 +39,14 @@ def _paths(paths: list[str]) -> str:
     return ", ".join(repr(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else "")
 
 
-def float_linear_paths(model: nn.Module, targets: TargetSpec = ALL_LINEAR) -> list[str]:
-    """The modules among ``targets`` (default: every linear layer but the heads) that are float
-    ``nn.Linear`` layers still (not quantised yet), seen through adapters."""
+def float_linears(model: nn.Module, targets: TargetSpec = ALL_LINEAR) -> dict[str, nn.Linear]:
+    """path -> module of the modules among ``targets`` (default: every linear layer but the heads)
+    that are float ``nn.Linear`` layers still (not quantised yet), seen through adapters (an adapted
+    path gives its base)."""
     att = core.attachment_of(model) if core.has_adapters(model) else None
     modules = core.base_modules(model, att)
-    return [p for p in resolve(model, targets, modules) if type(modules[p]) is nn.Linear]
+    found = {p: modules[p] for p in resolve(model, targets, modules)}
+    return {p: m for p, m in found.items() if type(m) is nn.Linear}
 
 
 def weight_bytes(model: nn.Module) -> int:

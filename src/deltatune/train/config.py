@@ -22,7 +22,8 @@ from typing import Any
 
 from .. import core
 from ..fields import to_jsonable
-from ..lowrank import PRECISIONS as ADAPTER_PRECISIONS  # in which dtype adapters compute
+from ..lowrank import PRECISIONS as ADAPTER_PRECISIONS
+from ..quant import FORMATS  # in which dtype adapters compute
 
 __all__ = [
     "ADAPTER_PRECISIONS",
@@ -43,7 +44,7 @@ PRECISIONS = ("fp32", "bf16")
 # Options that do not change what a run computes: a rerun into the same ``out`` may change them.
 RUN_NEUTRAL = ("out", "resume", "checkpoint_every", "eval_batch_size", "eval_generate", "report_to")
 REPORTERS = ("tensorboard", "mlflow")
-QUANTIZE = ("nf4",)  # 4-bit frozen bases (deltatune.quant): QLoRA, and QPiSSA with a weight-derived init
+QUANTIZE = FORMATS  # 4-bit frozen bases (deltatune.quant): QLoRA, and QPiSSA with a weight-derived init
 FLOAT32_MAX = 3.4028234663852886e38  # the optimizer computes in float32: a larger rate cannot be applied
 
 
