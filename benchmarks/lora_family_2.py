@@ -8,7 +8,7 @@ Writes into the folder:
   (``target_r``).
 * ``relora_rank.md`` / ``relora_rank.json``: ReLoRA against LoRA at equal steps on SmolLM2: the final
   training loss (mean of the last WINDOW steps), the eval metrics, and the effective rank of each
-  module's total update (``deltatune.methods.relora.effective_rank``: singular values above 1e-4 of
+  module's total update (``deltatune.methods.lowrank.relora.effective_rank``: singular values above 1e-4 of
   the largest), min / mean / max over modules, from the saved adapters loaded onto the model.
 
     .venv/bin/python benchmarks/lora_family_2.py benchmarks/results/lora-family-2
@@ -93,7 +93,7 @@ def relora_ranks(out: Path) -> dict[str, Any]:
     import torch
 
     import deltatune as dt
-    from deltatune.methods.relora import effective_rank
+    from deltatune.methods.lowrank.relora import effective_rank
     from deltatune.train.models import load_model
 
     rows = json.loads((out / "results.json").read_text())

@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from deltatune.methods.pissa import randomized_svd
+from deltatune.methods.lowrank.pissa import randomized_svd
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""AdaLoRA (methods/adalora.py): the SVD-form update, its closed forms, bad input, the step hooks
+"""AdaLoRA (methods/lowrank/adalora.py): the SVD-form update, its closed forms, bad input, the step hooks
 from a plain loop, the pruned saved form, and PEFT as the oracle (same init -> same loss and
 gradients with the regulariser; the same AdamW steps -> the same masks; files both ways)."""
 
@@ -19,7 +19,7 @@ from torch import nn
 
 import deltatune as dt
 import deltatune.stepping as st
-from deltatune.methods.adalora import AdaLoRA, AdaLoRALayer
+from deltatune.methods.lowrank.adalora import AdaLoRA, AdaLoRALayer
 
 peft = pytest.importorskip("peft")
 

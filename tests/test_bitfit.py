@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.methods.bitfit import BitFitLayer
+from deltatune.methods.selective.bitfit import BitFitLayer
 from test_anatomy import INTER, LAYERS, W, tiny_bert, tiny_gpt2, tiny_llama
 
 

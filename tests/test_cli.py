@@ -77,7 +77,7 @@ def test_info_counts_match_the_model_without_loading_it(
     if not {"linear", "conv1d"} <= set(cls.layer_types):
         pytest.skip(f"{cls.__name__} adapts {cls.layer_types}, not this Net's Linear and Conv1D modules")
     model = Net()
-    att = dt.inject(model, cls(**cls.small_example), targets=["a", "c"], modules_to_save=["head"])
+    att = dt.inject(model, cls(**cls.suite.example), targets=["a", "c"], modules_to_save=["head"])
     folder = Path(str(tmp_path))
     dt.save(model, folder)
     assert main(["info", str(folder), "--json"]) == 0
@@ -190,7 +190,7 @@ def test_a_bad_initialiser_lists_only_the_methods_own(capsys: pytest.CaptureFixt
         _train_parser("prompt_tuning").parse_args(["--init", "pissa"])
     assert "it takes: random_uniform, sampled_vocab, from_text" in capsys.readouterr().err
     # The same from a config file or a Python dict.
-    from deltatune.core import method_from_config
+    from deltatune.contract import method_from_config
 
     with pytest.raises(ValueError, match=r"LoRA.init: 'from_text' is a FromText.*it takes: kaiming_uniform"):
         method_from_config("lora", {"init": {"type": "from_text"}})

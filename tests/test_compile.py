@@ -42,7 +42,7 @@ def test_every_layer_method_traces_without_graph_breaks(name: str) -> None:
 
     cls: Any = REGISTRY[name]
     model = llama()
-    method = cls(**hooks(cls()).small_example)
+    method = cls(**cls.suite.example)
     try:
         own = hooks(method).default_targets(model) is not None  # (the bottleneck adapter's placement)
         dt.inject(model, method, targets=None if own else ["q_proj", "v_proj", "up_proj"])

@@ -12,9 +12,9 @@ from torch import nn
 
 import deltatune as dt
 from deltatune import Target
-from deltatune.core import attachment_of
-from deltatune.methods.lora import LoRA
+from deltatune.methods.lowrank.lora import LoRA
 from deltatune.targets import resolve
+from deltatune.wrapper import attachment_of
 from toy_models import TOYS, GPT2Style
 
 transformers = pytest.importorskip("transformers")

@@ -14,9 +14,9 @@ from torch import nn
 
 import deltatune as dt
 import deltatune.stepping as st
-from deltatune.core import hooks
-from deltatune.methods.delta_lora import DeltaLoRA, DeltaLoRALayer
-from deltatune.methods.lora import LoRALayer
+from deltatune.contract import hooks
+from deltatune.methods.lowrank.delta_lora import DeltaLoRA, DeltaLoRALayer
+from deltatune.methods.lowrank.lora import LoRALayer
 
 IN, OUT = 32, 24
 

@@ -1,4 +1,4 @@
-"""DoRA (methods/dora.py): math, closed forms, bad input and parity with PEFT's ``use_dora=True``."""
+"""DoRA (methods/lowrank/dora.py): math, closed forms, bad input and parity with PEFT's ``use_dora=True``."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.methods.dora import DoRA, DoRALayer
+from deltatune.methods.lowrank.dora import DoRA, DoRALayer
 
 peft = pytest.importorskip("peft")
 

@@ -16,7 +16,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.contract import REGISTRY
-from deltatune.fields import COMPONENTS, Check, Float
+from deltatune.contract.fields import COMPONENTS, Check, Float
 
 NON_FINITE = (math.nan, math.inf, -math.inf)
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from deltatune.core import SHARED_ATTR
+from deltatune.contract import SHARED_ATTR
 from deltatune.methods.intrinsic import (
     IntrinsicLayer,
     IntrinsicVector,

@@ -21,10 +21,11 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from deltatune.core import REGISTRY, Adapted, attachment_of, hooks
-from deltatune.fields import Check, from_jsonable
+from deltatune.contract import REGISTRY, hooks
+from deltatune.contract.fields import Check, from_jsonable
 from deltatune.merged import merged_linear
 from deltatune.targets import module_kind, shape_of
+from deltatune.wrapper import Adapted, attachment_of
 from toy_models import TOYS, Toy
 
 METHODS = sorted(REGISTRY.items())
@@ -33,8 +34,8 @@ METHODS = sorted(REGISTRY.items())
 class Variant:
     """A registered method class seen with one of its declared ``variants`` (e.g. another initialiser).
 
-    ``cls.variants`` maps a label to ``{"fields": {...}, **capabilities}``: the fields replace
-    ``small_example`` (JSON form, so initialiser objects are ``{"type": ...}``), the other keys refine
+    ``cls.suite.variants`` maps a label to ``{"fields": {...}, **capabilities}``: the fields replace
+    the suite's ``example`` (JSON form, so initialiser objects are ``{"type": ...}``), the other keys refine
     the class's capabilities for that variant (e.g. ``layer_types``). Everything else reads through.
     """
 
@@ -46,8 +47,11 @@ class Variant:
             # "<calibration>" in its fields becomes a file made from every toy's own inputs.
             text = json.dumps(fields).replace('"<calibration>"', json.dumps(calibration_file()))
             fields = json.loads(text)
-        self.small_example = {k: from_jsonable(v, k) for k, v in fields.items()}
-        self.__dict__.update({k: v for k, v in spec.items() if k not in ("fields", "calibration")})
+        facts = {k: spec[k] for k in ("near_identity_at_init", "random_init") if k in spec}
+        example = {k: from_jsonable(v, k) for k, v in fields.items()}
+        self.suite = dataclasses.replace(cls.suite, example=example, **facts)  # type: ignore[attr-defined]
+        skip = ("fields", "calibration", *facts)
+        self.__dict__.update({k: v for k, v in spec.items() if k not in skip})
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.cls, name)
@@ -82,7 +86,7 @@ def _cases() -> list[Any]:
     out = []
     for name, cls in METHODS:
         kinds: list[tuple[str, Any]] = [(name, cls)]
-        variants = cls.variants
+        variants = cls.suite.variants
         kinds += [(f"{name}[{label}]", Variant(cls, spec)) for label, spec in variants.items()]
         out += [
             pytest.param(c, toy, id=f"{label}-{toy.name}")
@@ -99,8 +103,8 @@ CASES = _cases()
 
 
 def example(cls: type) -> Any:
-    """The method's configuration for tiny models (its declared ``small_example``)."""
-    return cls(**cls.small_example)
+    """The method's configuration for tiny models (its suite's declared ``example``)."""
+    return cls(**cls.suite.example)
 
 
 def supported_targets(cls: type, model: nn.Module) -> list[str]:
@@ -142,7 +146,7 @@ def zero_update(model: nn.Module) -> bool:
     the base's up to rounding.
     """
     layers = dt.attachment_of(model).layers("default").values()
-    return all(not hasattr(la, "delta_weight") or not la.delta_weight().any() for la in layers)
+    return all((d := la.delta_weight()) is None or not d.any() for la in layers)
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:
@@ -180,7 +184,7 @@ def test_identity_at_init(cls: type, toy: Toy) -> None:
     out = model(x)
     if cls.identity_at_init:
         assert torch.equal(out, expected) if zero_update(model) else close(out, expected)
-    elif cls.near_identity_at_init:
+    elif cls.suite.near_identity_at_init:
         # Not exactly the base, but a small step away from it.
         assert (out - expected).abs().max() < 0.1 * expected.abs().max()
     else:
@@ -414,8 +418,8 @@ def test_seeded_init_leaves_global_rng_alone(cls: type, toy: Toy) -> None:
     assert torch.equal(torch.get_rng_state(), rng)
     sa, sb, sc = (dt.adapter_state(m, "default") for m in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    # ``random_init`` (default True): the init draws random numbers, so another seed gives another one.
-    if hooks(example(cls)).random_init:
+    # ``Suite.random_init`` (default True): the init draws random numbers, so another seed gives another.
+    if cls.suite.random_init:
         assert any(not torch.equal(sa[k], sc[k]) for k in sa)
     else:
         assert all(torch.equal(sa[k], sc[k]) for k in sa)
@@ -553,7 +557,7 @@ def test_config_round_trips_through_json(cls: type, toy: Toy, tmp_path: Path) ->
     dt.save(model, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["method"] == cls.name
-    rebuilt = dt.core.method_from_config(config["method"], config["config"])
+    rebuilt = dt.contract.method_from_config(config["method"], config["config"])
     # A method may record itself as another config in the file (``stored_method``).
     assert rebuilt == hooks(example(cls)).stored_method()
     config["config"]["no_such_field"] = 1
@@ -644,7 +648,7 @@ def test_a_failed_verb_changes_nothing(cls: type, toy: Toy, tmp_path: Path) -> N
     unchanged(dt.inject, model, example(cls), targets=paths, name="default")
     unchanged(dt.inject, model, example(cls), targets=["no_such_module"], name="b")
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(dt.core.Attachment, "set_active", _fail_on_call(dt.core.Attachment.set_active, 1))
+        m.setattr(dt.wrapper.Attachment, "set_active", _fail_on_call(dt.wrapper.Attachment.set_active, 1))
         unchanged(dt.inject, model, example(cls), targets=paths, name="b")
 
     # set_active, route, combine: bad arguments.
@@ -694,4 +698,4 @@ def test_a_failed_verb_changes_nothing(cls: type, toy: Toy, tmp_path: Path) -> N
 
 
 def base_modules_of(model: nn.Module) -> dict[str, nn.Module]:
-    return dt.core.base_modules(model, attachment_of(model))
+    return dt.wrapper.base_modules(model, attachment_of(model))

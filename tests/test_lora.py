@@ -10,8 +10,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
-from deltatune.core import attachment_of
-from deltatune.methods.lora import LoRALayer
+from deltatune.methods.lowrank.lora import LoRALayer
+from deltatune.wrapper import attachment_of
 
 
 def net() -> nn.Module:

@@ -15,8 +15,9 @@ from torch import nn
 
 import deltatune as dt
 import deltatune.stepping as st
-from deltatune.core import attachment_of, hooks
-from deltatune.methods.lora_drop import DropShared, LoRADrop, LoRADropLayer, kept_by_importance
+from deltatune.contract import hooks
+from deltatune.methods.lowrank.lora_drop import DropShared, LoRADrop, LoRADropLayer, kept_by_importance
+from deltatune.wrapper import attachment_of
 
 
 class Parallel(nn.Module):

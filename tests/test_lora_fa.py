@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.methods.lora_fa import LoRAFA, LoRAFALayer
+from deltatune.methods.lowrank.lora_fa import LoRAFA, LoRAFALayer
 
 IN, OUT, R, TOKENS = 64, 48, 4, 10
 

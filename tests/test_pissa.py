@@ -10,8 +10,8 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.methods.lora import LoRALayer
-from deltatune.methods.pissa import randomized_svd
+from deltatune.methods.lowrank.lora import LoRALayer
+from deltatune.methods.lowrank.pissa import randomized_svd
 
 torch.set_grad_enabled(True)
 

@@ -23,7 +23,7 @@ from transformers import BertConfig, BertForSequenceClassification, LlamaConfig,
 
 import deltatune as dt
 from deltatune import virtual
-from deltatune.methods.prompt_tuning import FromText, RandomUniform, SampledVocab
+from deltatune.methods.prompts.prompt_tuning import FromText, RandomUniform, SampledVocab
 
 N = 4  # virtual tokens
 

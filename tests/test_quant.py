@@ -10,7 +10,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.io import read_tensors
-from deltatune.methods.lora import LoRALayer
+from deltatune.methods.lowrank.lora import LoRALayer
 from deltatune.state import load_adapter_state
 
 pytest.importorskip("torchao")

@@ -14,8 +14,8 @@ from torch import nn
 
 import deltatune as dt
 import deltatune.stepping as st
-from deltatune.core import hooks
-from deltatune.methods.relora import ReLoRA, ReLoRALayer, effective_rank, prune_optimizer_state
+from deltatune.contract import hooks
+from deltatune.methods.lowrank.relora import ReLoRA, ReLoRALayer, effective_rank, prune_optimizer_state
 
 IN, OUT = 32, 24
 

@@ -20,7 +20,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import deltatune as dt
 from deltatune.contract import HOOK_DEFAULTS, REGISTRY
-from deltatune.core import attachment_of
+from deltatune.wrapper import attachment_of
 
 
 def _net(device: str | None = None) -> nn.Module:
@@ -163,7 +163,7 @@ def test_shared_state_is_created_on_the_device_of_the_modules_it_serves(cls: Any
     """On a model on the meta device (standing in for a GPU): the shared module and every layer
     are on meta, as they would be on cuda:0 for a model on the GPU."""
     model = _net(device="meta")
-    method = cls(**cls.small_example)
+    method = cls(**cls.suite.example)
     att = dt.inject(model, method, targets=["0", "2"])
     shared = att.shared("default")
     assert shared is not None

@@ -19,7 +19,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.contract import REGISTRY, check, register
-from deltatune.fields import Float, Int, param
+from deltatune.contract.fields import Float, Int, param
 
 LRS: list[float] = []  # the learning rate each on_step saw
 
@@ -246,11 +246,11 @@ def test_the_trainer_callback_runs_the_hooks(tmp_path: Path) -> None:
 
 
 def test_for_steps_fits_or_refuses() -> None:
-    fitted = dt.core.hooks(StepCounter()).for_steps(100, set())
+    fitted = dt.contract.hooks(StepCounter()).for_steps(100, set())
     assert fitted.total == 100
     with pytest.raises(ValueError, match="StepCounter.total 200 is longer than the run"):
-        dt.core.hooks(StepCounter(total=200)).for_steps(100, {"total"})
-    assert dt.core.hooks(dt.LoRA()).for_steps(5, set()) == dt.LoRA()  # no schedule: itself
+        dt.contract.hooks(StepCounter(total=200)).for_steps(100, {"total"})
+    assert dt.contract.hooks(dt.LoRA()).for_steps(5, set()) == dt.LoRA()  # no schedule: itself
 
 
 def test_a_module_structure_chosen_in_training_is_saved_and_loaded(tmp_path: Path) -> None:

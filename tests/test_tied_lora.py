@@ -13,8 +13,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from deltatune.core import attachment_of
-from deltatune.methods.tied_lora import TRAIN_OPTIONS, TiedLoRA, TiedLoRALayer
+from deltatune.methods.lowrank.tied_lora import TRAIN_OPTIONS, TiedLoRA, TiedLoRALayer
+from deltatune.wrapper import attachment_of
 
 
 class Block(nn.Module):
@@ -67,9 +67,9 @@ def test_one_pair_per_group_is_shared_by_every_layer_of_it() -> None:
     layers = _layers(model)
     for suffix in ("q_proj", "fc", "out"):
         group = [layers[f"layers.{i}.{suffix}"] for i in range(3)]
-        A0, B0 = group[0].factors()
-        assert all(la.factors()[0] is A0 and la.factors()[1] is B0 for la in group)
-    assert layers["layers.0.q_proj"].factors()[0] is not layers["layers.0.fc"].factors()[0]
+        A0, B0 = group[0].tied()
+        assert all(la.tied()[0] is A0 and la.tied()[1] is B0 for la in group)
+    assert layers["layers.0.q_proj"].tied()[0] is not layers["layers.0.fc"].tied()[0]
     # u and v are per layer: nine of each, never shared.
     assert len({id(la.u) for la in layers.values()}) == len({id(la.v) for la in layers.values()}) == 9
     shared = attachment_of(model).shared("default")
@@ -85,7 +85,7 @@ def test_a_gradient_step_moves_every_tied_layer_together() -> None:
     _perturb(model)  # (B = 0 at init: move away so that A gets a gradient too)
     layers = _layers(model)
     q = [layers[f"layers.{i}.q_proj"] for i in range(3)]
-    A, B = q[0].factors()
+    A, B = q[0].tied()
     before = [la.delta_weight().detach().clone() for la in q]
     x = torch.randn(4, 8, generator=torch.Generator().manual_seed(0))
     model(x).pow(2).mean().backward()
@@ -107,7 +107,7 @@ def test_a_gradient_step_moves_every_tied_layer_together() -> None:
     opt = torch.optim.SGD(dt.trainable_parameters(model), lr=0.5)
     opt.step()
     for la, old in zip(q, before, strict=True):
-        assert la.factors()[0] is A  # still the one tensor, updated in place
+        assert la.tied()[0] is A  # still the one tensor, updated in place
         assert not torch.allclose(la.delta_weight(), old)
         u, v = la.u, la.v
         assert u is not None and v is not None
@@ -127,7 +127,7 @@ def test_forward_is_the_scaled_tied_update_and_merges() -> None:
     assert torch.equal(model(x), base)  # identity at init (B = 0)
     _perturb(model)
     la = _layers(model)["layers.1.fc"]
-    A, B = la.factors()
+    A, B = la.tied()
     assert la.u is not None and la.v is not None
     h = torch.randn(7, 8)
     expected = 2.0 * la.v * ((la.u * (h @ A.t())) @ B.t())
@@ -228,8 +228,8 @@ def test_group_names_that_are_container_attributes() -> None:
     att = dt.inject(model, TiedLoRA(rank=2), targets=["a.keys", "a.items", "b.keys", "b.items"])
     assert att.closed_form("default")[0] == 2 * 2 * (4 + 4) + 4 * (2 + 4)
     layers = _layers(model)
-    assert layers["a.keys"].factors()[0] is layers["b.keys"].factors()[0]
-    assert layers["a.keys"].factors()[0] is not layers["a.items"].factors()[0]
+    assert layers["a.keys"].tied()[0] is layers["b.keys"].tied()[0]
+    assert layers["a.keys"].tied()[0] is not layers["a.items"].tied()[0]
     x = torch.randn(2, 4)
     before = model(x)
     _perturb(model)

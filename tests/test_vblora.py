@@ -11,8 +11,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import deltatune as dt
-from deltatune.core import SHARED_ATTR
-from deltatune.methods.vblora import VBLoRALayer, VectorBank, index_dtype
+from deltatune.contract import SHARED_ATTR
+from deltatune.methods.lowrank.vblora import VBLoRALayer, VectorBank, index_dtype
 
 
 def net() -> nn.Module:
@@ -332,7 +332,7 @@ def test_peft_vblora_files_both_ways(topk_only: bool, tmp_path: Path) -> None:
 
 
 def test_float16_weights_halve_their_bytes_and_report_their_error(tmp_path: Path) -> None:
-    from deltatune.methods.vblora import storage_error
+    from deltatune.methods.lowrank.vblora import storage_error
 
     exact_model, half_model = net(), net()
     exact = dt.inject(exact_model, small(), targets=["0", "2"], seed=4)

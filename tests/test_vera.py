@@ -17,8 +17,8 @@ from torch import nn
 
 import deltatune as dt
 from conftest import require_peft_of_the_lock
-from deltatune.core import SHARED_ATTR
-from deltatune.methods.vera import Projections, VeRA, VeRALayer, projections
+from deltatune.contract import SHARED_ATTR
+from deltatune.methods.lowrank.vera import Projections, VeRA, VeRALayer, projections
 
 
 class Net(nn.Module):
@@ -41,7 +41,7 @@ class Net(nn.Module):
 TARGETS = ["a", "b", "c"]
 
 
-def randomise(att: dt.core.Attachment, seed: int = 1) -> None:
+def randomise(att: dt.wrapper.Attachment, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in att.info("default").trainable:

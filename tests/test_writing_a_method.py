@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 import test_invariants
-from deltatune.contract import REGISTRY, check, register
-from deltatune.fields import Float, param
+from deltatune.contract import REGISTRY, AdditiveLayer, Method, Suite, register
+from deltatune.contract.fields import Float, param
 from toy_models import TOYS
 
 
 @dataclass(frozen=True, kw_only=True)
-class OutputShift:
+class OutputShift(Method):
     """A trainable vector added to a Linear layer's output: y = W x + b + s.
 
     Fields:
@@ -36,14 +36,8 @@ class OutputShift:
     name: ClassVar[str] = "test_output_shift"
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True
-    weight_space: ClassVar[bool] = False
     supports_mixed_batch: ClassVar[bool] = True
-    combinable: ClassVar[bool] = False
-    layer_types: ClassVar[tuple[str, ...]] = ("linear",)
-    random_init: ClassVar[bool] = False  # s starts at `init` whatever the seed
-
-    def __post_init__(self) -> None:
-        check(self)
+    suite: ClassVar[Suite] = Suite(random_init=False)  # s starts at `init` whatever the seed
 
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
@@ -57,8 +51,7 @@ class OutputShift:
         return 4 * int(base.out_features)
 
 
-class Shift(nn.Module):
-    additive: ClassVar[bool] = True
+class Shift(AdditiveLayer):
     reads: ClassVar[str] = "output"  # only its shape matters: the shift does not depend on x
 
     def __init__(self, width: int, init: float, dtype: torch.dtype) -> None:

@@ -8,22 +8,8 @@ from . import (
     continual,
 )
 from .compose import combine, reconfigure
-from .core import (
-    REGISTRY,
-    Adapted,
-    Attachment,
-    attachment_of,
-    delete_adapter,
-    disabled,
-    has_adapters,
-    inject,
-    merge,
-    register,
-    route,
-    set_active,
-    trainable_parameters,
-    unload,
-)
+from .contract import REGISTRY, register
+from .core import delete_adapter, disabled, inject, merge, route, set_active, trainable_parameters, unload
 from .io import load, save
 from .loraplus import parameter_groups as parameter_groups  # LoRA+ and plain optimizer groups
 from .lowrank import adapter_precision, adapter_precision_as, set_adapter_precision
@@ -59,6 +45,7 @@ from .regional import compile
 from .state import ParameterReport, adapter_state, parameter_report
 from .stepping import lr_factor, needs_step_hooks, on_step, regularization
 from .targets import ALL_LINEAR, Target
+from .wrapper import Adapted, Attachment, attachment_of, has_adapters
 
 __version__ = "0.1.0"
 

@@ -181,7 +181,7 @@ class Parts:
 def named_modules(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     """``module.named_modules()`` seen through deltatune wrappers: an adapted module shows as its
     original (``base``) under its own path, and adapter layers are not listed."""
-    from .core import Adapted  # core never imports anatomy; the import is local to keep this light
+    from .wrapper import Adapted  # core never imports anatomy; the import is local to keep this light
 
     out: list[tuple[str, nn.Module]] = []
     skip: list[str] = []

@@ -30,8 +30,8 @@ from .cli_adapter import run_eval, run_info, run_merge
 from .cli_generate import add_parsers as add_generate_parsers
 from .cli_generate import run_chat, run_generate
 from .cli_hints import canonical_method
-from .core import CAPABILITIES, REGISTRY
-from .fields import (
+from .contract import CAPABILITIES, REGISTRY
+from .contract.fields import (
     Bool,
     Float,
     Instance,

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from .checks import few
-from .core import CAPABILITIES, closed_form, merge, method_from_config
-from .fields import to_jsonable
+from .contract import CAPABILITIES, closed_form, method_from_config
+from .contract.fields import to_jsonable
+from .core import merge
 from .files import write_folder
 from .io import CONFIG_NAME, WEIGHTS_NAME, load, read_adapter, read_config
 from .quant import FORMATS

@@ -121,7 +121,7 @@ def run_estimate(argv: list[str], field_flag: Callable[[type, Any], dict[str, An
     }
     model = meta_model(args.model, dtype=PRECISIONS[args.precision])
     if args.method in REGISTRY:
-        from .core import method_from_config
+        from .contract import method_from_config
 
         method: Any = method_from_config(args.method, fields)
         label = f"{args.method} " + " ".join(f"{k}={v}" for k, v in fields.items())

@@ -19,14 +19,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 from torch import nn
 
-from .contract import Combinable, Method, config_for, export_state, import_state, module_tensors
+from .contract import SHARED_ATTR, Method, config_for, export_state, import_state, module_tensors
 from .core import build_layers, check_adapter_name
 from .state import adapter_state
-from .wrapper import SHARED_ATTR, AdapterInfo, Attachment, all_or_nothing, attachment_of
+from .wrapper import AdapterInfo, Attachment, all_or_nothing, attachment_of
 
 __all__ = ["combine", "reconfigure"]
 
@@ -118,7 +118,7 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str) -> Attach
             for i in infos
             if i.name in att.wrappers[path].adapters
         ]
-        configs[path], layers[path] = cast("type[Combinable]", cls).combine_layers(parts)
+        configs[path], layers[path] = cls.combine_layers(parts)
     method = configs[paths[0]]
     overrides = {
         p: {

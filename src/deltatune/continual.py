@@ -35,16 +35,16 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
-from . import checks, core
+from . import checks, contract, core, wrapper
 from .compose import reconfigure
 from .fingerprint import check_fingerprint
 from .io import WEIGHTS_NAME, load_read, read_adapter
-from .methods.task_loras import TaskLoRAs
+from .methods.lowrank.task_loras import TaskLoRAs
 
 __all__ = ["DEFAULT_NAME", "add_task", "load", "start", "task_names"]
 
@@ -53,9 +53,9 @@ DEFAULT_NAME = "continual"
 
 
 def _sequence_method(method: Any, where: str) -> Any:
-    spec = core.hooks(method)
+    spec = contract.hooks(method)
     if not spec.task_sequence:
-        sequences = sorted(n for n, cls in core.REGISTRY.items() if getattr(cls, "task_sequence", False))
+        sequences = sorted(n for n, cls in contract.REGISTRY.items() if getattr(cls, "task_sequence", False))
         raise ValueError(
             f"{where}: {type(method).__name__} does not learn a sequence of tasks; use a method that "
             f"does ({', '.join(sequences)}), e.g. deltatune.OLoRA(rank=8)"
@@ -72,7 +72,7 @@ def start(
     name: str = DEFAULT_NAME,
     seed: int = 0,
     overrides: Any = None,
-) -> core.Attachment:
+) -> wrapper.Attachment:
     """Begin a task sequence on ``model``: inject ``method`` (its ``tasks`` replaced by ``(task,)``)
     as adapter ``name``, active and training the first task."""
     _sequence_method(method, "continual.start")
@@ -82,7 +82,7 @@ def start(
 
 def task_names(model: nn.Module, name: str = DEFAULT_NAME) -> tuple[str, ...]:
     """The tasks of sequence ``name``, oldest first (the last one is the one that trains)."""
-    method = core.attachment_of(model).info(name).method
+    method = wrapper.attachment_of(model).info(name).method
     _sequence_method(method, f"continual.task_names: adapter {name!r}")
     tasks: tuple[str, ...] = method.tasks  # type: ignore[attr-defined]
     return tasks
@@ -96,7 +96,7 @@ def add_task(
     method: Any = None,
     from_folder: str | os.PathLike[str] | None = None,
     strict_base: bool = True,
-) -> core.Attachment:
+) -> wrapper.Attachment:
     """Add the next task to sequence ``name``: the tasks so far are frozen (and stay active), a new
     LoRA for ``task`` trains, with AM-LoRA's mixer. Build a new optimizer afterwards.
 
@@ -112,7 +112,7 @@ def add_task(
         ValueError: not a sequence, a task name in use or not a name, another method, a folder whose
             adapter does not fit. The model is left as it was.
     """
-    att = core.attachment_of(model)
+    att = wrapper.attachment_of(model)
     current = att.info(name).method
     _sequence_method(current, f"continual.add_task: adapter {name!r}")
     tasks: tuple[str, ...] = current.tasks  # type: ignore[attr-defined]
@@ -125,7 +125,9 @@ def add_task(
         raise ValueError(
             f"continual.add_task: sequence {name!r} already has a task {task!r} (tasks: {list(tasks)})"
         )
-    grown = dataclasses.replace(method if method is not None else current, tasks=(*tasks, task))
+    grown: Any = dataclasses.replace(
+        cast(Any, method if method is not None else current), tasks=(*tasks, task)
+    )
     factors = _task_from_folder(model, att, name, grown, from_folder, strict_base) if from_folder else None
     reconfigure(model, name, grown)
     if factors is not None:
@@ -137,7 +139,7 @@ def add_task(
     return att
 
 
-def _loras(att: core.Attachment, name: str, path: str) -> TaskLoRAs:
+def _loras(att: wrapper.Attachment, name: str, path: str) -> TaskLoRAs:
     """The per-task factors of sequence ``name`` at ``path``."""
     loras = att.wrappers[path].adapters[name].loras
     assert isinstance(loras, TaskLoRAs)  # (every task_sequence method keeps them as ``loras``)
@@ -146,7 +148,7 @@ def _loras(att: core.Attachment, name: str, path: str) -> TaskLoRAs:
 
 def _task_from_folder(
     model: nn.Module,
-    att: core.Attachment,
+    att: wrapper.Attachment,
     name: str,
     grown: Any,
     folder: str | os.PathLike[str],
@@ -160,7 +162,7 @@ def _task_from_folder(
             f"continual.add_task: {where} holds a {config['method']!r} adapter; a sequence of "
             f"{type(grown).__name__} takes a plain LoRA as a new task (one sequence, one method)"
         )
-    lora: Any = core.method_from_config("lora", config["config"])
+    lora: Any = contract.method_from_config("lora", config["config"])
     targets = list(att.info(name).targets)
     if (
         sorted(config["targets"]) != sorted(targets)
@@ -202,7 +204,7 @@ def load(
     name: str | None = None,
     trainable: bool = False,
     strict_base: bool = True,
-) -> core.Attachment:
+) -> wrapper.Attachment:
     """Load a saved task sequence (:func:`deltatune.save` of a continual adapter) onto ``model``.
 
     Every task listed in the folder's ``adapter_config.json`` must have its tensors in the file;
@@ -211,7 +213,7 @@ def load(
     """
     where = str(Path(folder))
     config, tensors = read_adapter(folder)  # (one version: what is checked here is what loads)
-    method = core.method_from_config(config["method"], config["config"])
+    method = contract.method_from_config(config["method"], config["config"])
     _sequence_method(method, f"continual.load: {where}")
     listed: tuple[str, ...] = method.tasks  # type: ignore[attr-defined]
     held = {k.split(".lora_A.", 1)[1] for k in tensors if ".lora_A." in k}

@@ -2,9 +2,8 @@
 
 What a method must provide is in :mod:`deltatune.contract` (read it first); the wrapper that every
 adapted module becomes, and the attachment that tracks a model's adapters, are in
-:mod:`deltatune.wrapper`. This module owns the verbs and re-exports the names of both, so
-``deltatune.core.X`` keeps working for everything that lived here before the split; the verbs that
-make adapters out of adapters (``combine``, ``reconfigure``) are in :mod:`deltatune.compose`.
+:mod:`deltatune.wrapper`. This module owns the verbs; the verbs that make adapters out of adapters
+(``combine``, ``reconfigure``) are in :mod:`deltatune.compose`.
 
 Every verb is all-or-nothing: it makes all its checks before the first change, and a verb that
 changes the model in several steps runs them inside :func:`all_or_nothing`, so that a verb that
@@ -37,79 +36,26 @@ import torch
 from torch import nn
 
 from . import targets as _targets
-from .checks import check_state, few
 from .contract import (
-    CAPABILITIES,
-    REGISTRY,
-    AdditiveLayer,
     Method,
-    ReplacingLayer,
-    check,
-    closed_form,
     config_for,
     float_weight_reason,
     hooks,
-    method_fields,
-    method_from_config,
-    register,
 )
 from .merged import merged_module
 from .routing import Routing
 from .wrapper import (
     ATTACHMENT_ATTR,
-    SHARED_ATTR,
     Adapted,
     AdapterInfo,
     Attachment,
     ModuleCopy,
-    Switch,
     all_or_nothing,
     attachment_of,
     base_modules,
     has_adapters,
     set_submodule,
 )
-
-# Names other modules import from here (the core re-exports the contract and the wrapper).
-__all__ = [
-    "ATTACHMENT_ATTR",
-    "CAPABILITIES",
-    "REGISTRY",
-    "SHARED_ATTR",
-    "Adapted",
-    "AdapterInfo",
-    "AdditiveLayer",
-    "Attachment",
-    "Method",
-    "ModuleCopy",
-    "ReplacingLayer",
-    "Switch",
-    "all_or_nothing",
-    "attachment_of",
-    "base_modules",
-    "build_layers",
-    "check",
-    "check_adapter_name",
-    "check_state",
-    "closed_form",
-    "config_for",
-    "default_targets",
-    "delete_adapter",
-    "disabled",
-    "few",
-    "has_adapters",
-    "hooks",
-    "inject",
-    "merge",
-    "method_fields",
-    "method_from_config",
-    "register",
-    "route",
-    "set_active",
-    "set_submodule",
-    "trainable_parameters",
-    "unload",
-]
 
 _NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_\-]*")
 

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import core
+from . import contract, core
 from .targets import TargetSpec
 
 __all__ = ["FLOOR", "FULL", "HEAD", "SHAPES", "Estimate", "estimate", "meta_model", "model_config"]
@@ -185,7 +185,7 @@ def _head_names(model: nn.Module) -> list[str]:
 
 def estimate(
     model: nn.Module,
-    method: core.Method | str,
+    method: contract.Method | str,
     *,
     targets: TargetSpec | None = None,
     batch: int,

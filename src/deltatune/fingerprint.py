@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checks, core
+from . import checks, wrapper
 
 __all__ = ["CONTENT_SAMPLE", "check_fingerprint", "content_hash", "fingerprint"]
 
@@ -87,7 +87,7 @@ def fingerprint(
 
     The wrappers never change the base weight (PiSSA-family initialisers keep their frozen part
     beside it), so the hash is of the base the adapter was trained on."""
-    modules = core.base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
+    modules = wrapper.base_modules(model, model.__dict__.get(wrapper.ATTACHMENT_ATTR))
     wanted = set(content)
     out: dict[str, list[Any]] = {}
     samples: dict[str, torch.Tensor | None] = {}

@@ -52,8 +52,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checks, core, quantized_base, tensorfile
-from .fields import from_jsonable, to_jsonable
+from . import checks, contract, core, quantized_base, tensorfile, wrapper
+from .contract.fields import from_jsonable, to_jsonable
 from .files import json_writer, read_folder, tensors_writer, write_files
 from .fingerprint import check_fingerprint, fingerprint
 from .state import adapter_state, load_adapter_state
@@ -106,7 +106,7 @@ def save(
     Raises:
         ValueError: a bad ``base_model``, ``head`` or ``task``, naming the field.
     """
-    att = core.attachment_of(model)
+    att = wrapper.attachment_of(model)
     name = adapter if adapter is not None else (att.active[0] if att.active else next(iter(att.adapters)))
     info = att.info(name)
     method, overrides = _stored_configs(info)
@@ -123,7 +123,7 @@ def save(
         "library": "deltatune",
         "adapter_name": name,
         "method": type(method).name,
-        "config": core.method_fields(method),
+        "config": contract.method_fields(method),
         "targets": list(info.targets),
         "overrides": {k: {f: to_jsonable(v) for f, v in vals.items()} for k, vals in overrides.items()},
         "modules_to_save": list(info.modules_to_save),
@@ -254,18 +254,18 @@ def check_recorded(config: Mapping[str, Any], where: str) -> None:
             raise ValueError(f"{where}: task.{key} must be {bound} or null, got {value!r}")
 
 
-def _stored_configs(info: core.AdapterInfo) -> tuple[Any, dict[str, dict[str, Any]]]:
+def _stored_configs(info: wrapper.AdapterInfo) -> tuple[Any, dict[str, dict[str, Any]]]:
     """The method config and per-module overrides that the file records.
 
     A method may store itself as another config (``stored_method()``: PiSSA-initialised LoRA saves as
     a plain LoRA of twice the rank); then the overrides are rewritten per module path.
     """
-    method = core.hooks(info.method).stored_method()
+    method = contract.hooks(info.method).stored_method()
     if method == info.method:
         return info.method, info.overrides
     overrides: dict[str, dict[str, Any]] = {}
     for path in info.targets:
-        cfg = core.hooks(info.configs[path]).stored_method()
+        cfg = contract.hooks(info.configs[path]).stored_method()
         diff = {
             f.name: getattr(cfg, f.name)
             for f in dataclasses.fields(cfg)
@@ -374,7 +374,7 @@ def load(
     activate: bool = True,
     strict_base: bool = True,
     quantize: bool | None = None,
-) -> core.Attachment:
+) -> wrapper.Attachment:
     """Inject the adapter saved in ``folder`` into ``model`` and load its tensors.
 
     Args:
@@ -418,10 +418,10 @@ def load_read(
     activate: bool = True,
     strict_base: bool = True,
     quantize: bool | None = None,
-) -> core.Attachment:
+) -> wrapper.Attachment:
     """:func:`load` of an adapter already read (:func:`read_adapter`): for a caller that checks the
     files before loading them, so that what it checked is what loads."""
-    method = core.method_from_config(config["method"], config["config"])
+    method = contract.method_from_config(config["method"], config["config"])
     check_fingerprint(model, config["fingerprint"], where, strict_base=strict_base)
     plan = quantized_base.load_plan(model, config.get(quantized_base.RECORD_KEY), quantize, where)
     name = name if name is not None else str(config.get("adapter_name", "default"))
@@ -454,13 +454,13 @@ def inject_filled(
     name: str,
     plan: quantized_base.LoadPlan | None = None,
     **inject_args: Any,
-) -> core.Attachment:
+) -> wrapper.Attachment:
     """Inject, then fill the adapter with ``tensors``; on any failure the model is put back as it
-    was (the previously active adapters, every ``requires_grad`` flag: :func:`core.all_or_nothing`).
+    was (the previously active adapters, every ``requires_grad`` flag: :func:`wrapper.all_or_nothing`).
     First of all, the sizes the config promises are checked against the tensors
     (:func:`deltatune.checks.check_sizes`): a config cannot make it allocate what the file lacks."""
     targets = inject_args.get("targets")
-    modules = core.base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
+    modules = wrapper.base_modules(model, model.__dict__.get(wrapper.ATTACHMENT_ATTR))
     if isinstance(targets, list) and targets and all(isinstance(t, str) and t in modules for t in targets):
         checks.check_sizes(
             method,
@@ -468,10 +468,10 @@ def inject_filled(
             inject_args.get("overrides") or {},
             tensors,
             where,
-            shared_key=core.SHARED_ATTR,
+            shared_key=contract.SHARED_ATTR,
             skip=inject_args.get("modules_to_save") or (),
         )
-    with core.all_or_nothing(model):
+    with wrapper.all_or_nothing(model):
         if plan is not None:  # a 4-bit base: plain weights first, a QPiSSA residual once initialised
             plan.quantize_before(model)
         att = core.inject(model, method, name=name, **inject_args)

@@ -7,28 +7,11 @@ columns, SAID's projected update) builds its own with :func:`merged_linear`.
 
 from __future__ import annotations
 
-import copy
-
-import torch
 from torch import nn
 
+from .contract.layer import as_layer, merged_linear
+
 __all__ = ["merged_linear", "merged_module"]
-
-
-def merged_linear(base: nn.Module, delta: torch.Tensor) -> nn.Module:
-    """A plain copy of ``base`` whose weight is ``base.weight + delta`` (added in float32)."""
-    weight = base.weight
-    if not isinstance(weight, torch.Tensor):
-        raise ValueError(f"cannot merge into {type(base).__name__}: it has no weight tensor")
-    if delta.shape != weight.shape:
-        raise ValueError(f"delta_weight has shape {tuple(delta.shape)}, weight has {tuple(weight.shape)}")
-    new = copy.copy(base)
-    new._parameters = dict(base._parameters)
-    new._buffers = dict(base._buffers)
-    new._modules = dict(base._modules)
-    merged = (weight.detach().float() + delta.detach().float().to(weight.device)).to(weight.dtype)
-    new.weight = nn.Parameter(merged, requires_grad=False)
-    return new
 
 
 def merged_module(layer: nn.Module, base: nn.Module, path: str, dequantize: bool = False) -> nn.Module:
@@ -43,11 +26,11 @@ def merged_module(layer: nn.Module, base: nn.Module, path: str, dequantize: bool
                 "module holding dequantised W + ΔW, or keep the adapter attached"
             )
         base = base.dequantize()  # type: ignore[operator]
-    merged = getattr(layer, "merged", None)
+    own = as_layer(layer)
+    merged = own.merged(base)
     if merged is not None:
-        out: nn.Module = merged(base)
-        return out
-    delta_weight = getattr(layer, "delta_weight", None)
-    if delta_weight is None:
+        return merged
+    delta = own.delta_weight()
+    if delta is None:
         raise ValueError(f"{type(layer).__name__} at {path!r} has neither merged() nor delta_weight()")
-    return merged_linear(base, delta_weight())
+    return merged_linear(base, delta)

@@ -56,7 +56,7 @@ from typing import Any, ClassVar, Literal, Protocol, cast
 import torch
 from torch import nn
 
-from . import checks, core, files, io, tensorfile
+from . import checks, contract, files, io, tensorfile, wrapper
 from .interop import PeftField
 from .state import adapter_state
 from .targets import name_matches
@@ -130,14 +130,14 @@ class PeftMapping(Protocol):
     ) -> tuple[Any, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]: ...
 
     def to_peft(
-        self, attachment: core.Attachment, name: str
+        self, attachment: wrapper.Attachment, name: str
     ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]: ...
 
 
 def peft_methods() -> dict[str, type[PeftMapping]]:
     """PEFT's ``peft_type`` -> the registered method that reads its plain files (not a variant flag's)."""
     out: dict[str, type[PeftMapping]] = {}
-    for cls in core.REGISTRY.values():  # every registered class has every hook (core.hooks)
+    for cls in contract.REGISTRY.values():  # every registered class has every hook (contract.hooks)
         kind = cls.peft_type  # None (register's default): the method has no PEFT mapping
         if kind is None or getattr(cls, "peft_flag", None):  # a variant: peft_reader picks it
             continue
@@ -150,7 +150,7 @@ def peft_methods() -> dict[str, type[PeftMapping]]:
 def peft_reader(kind: str, config: Mapping[str, Any]) -> type[PeftMapping]:
     """The registered method that reads a PEFT file of ``peft_type`` ``kind`` with ``config``: the
     one declaring a ``peft_flag`` the config sets (DoRA for ``use_dora``), else the plain one."""
-    for cls in core.REGISTRY.values():
+    for cls in contract.REGISTRY.values():
         flag = getattr(cls, "peft_flag", None)
         if cls.peft_type == kind and flag and config.get(flag):
             return cast("type[PeftMapping]", cls)
@@ -164,7 +164,7 @@ def import_peft(
     name: str = "default",
     trainable: bool = False,
     unknown_fields: Literal["refuse", "ignore"] = "refuse",
-) -> core.Attachment:
+) -> wrapper.Attachment:
     """Load an adapter saved by PEFT (``adapter_config.json`` + ``adapter_model.safetensors``).
 
     The registered method that declares the file's ``peft_type`` translates it (see the module
@@ -211,7 +211,7 @@ def import_peft(
     if found[PEFT_WEIGHTS_NAME] is None:
         raise ValueError(f"{folder}: no {PEFT_WEIGHTS_NAME} (only safetensors adapters are read)")
     tensors = tensorfile.tensors(found[PEFT_WEIGHTS_NAME], weights)
-    modules = core.base_modules(model, model.__dict__.get(core.ATTACHMENT_ATTR))
+    modules = wrapper.base_modules(model, model.__dict__.get(wrapper.ATTACHMENT_ATTR))
     saved, save_paths, rest = _modules_to_save(modules, config, tensors, cls.peft_prefix)
     _check_foreign_heads(model, modules, config, rest, cls.peft_prefix, weights)
     try:
@@ -313,11 +313,11 @@ def export_peft(
         ValueError: the method has no PEFT mapping, or uses something PEFT cannot load or would
             compute differently (named).
     """
-    att = core.attachment_of(model)
+    att = wrapper.attachment_of(model)
     name = adapter if adapter is not None else (att.active[0] if att.active else next(iter(att.adapters)))
     info = att.info(name)
     methods = peft_methods()
-    kind = core.hooks(info.method).peft_type
+    kind = contract.hooks(info.method).peft_type
     if kind not in methods:
         raise ValueError(
             f"export_peft: {name!r} is {type(info.method).__name__}, which has no mapping to PEFT's "

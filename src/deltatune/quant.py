@@ -32,11 +32,20 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from . import core
+from . import contract
 from .contract import float_weight_reason
-from .methods.lora import LoRALayer
-from .methods.pissa import split_components
+from .methods.lowrank.lora import LoRALayer
+from .methods.lowrank.pissa import split_components
 from .targets import ALL_LINEAR, TargetSpec, resolve
+from .wrapper import (
+    Adapted,
+    Attachment,
+    all_or_nothing,
+    attachment_of,
+    base_modules,
+    has_adapters,
+    set_submodule,
+)
 
 
 def scaler_blocks(numel: int, block_size: int, scaler_block_size: int | None, where: str) -> int:
@@ -206,12 +215,12 @@ def nf4_roundtrip(
     return out
 
 
-def _check_adapters_take_4_bits(att: core.Attachment, wrapper: core.Adapted, path: str) -> None:
+def _check_adapters_take_4_bits(att: Attachment, wrapper: Adapted, path: str) -> None:
     """Refuse to quantise the base of a module whose adapter needs the float weight (Delta-LoRA
     updates it, DoRA normalises it, ...): inject refuses that order, so quantize refuses the other."""
     for name in wrapper.adapters:
         info = att.adapters[name]
-        spec = core.hooks(info.method)
+        spec = contract.hooks(info.method)
         if path in info.targets and not spec.quantized_base:
             raise ValueError(
                 f"quantize: {path!r} carries adapter {name!r} ({type(info.method).__name__}); "
@@ -220,7 +229,7 @@ def _check_adapters_take_4_bits(att: core.Attachment, wrapper: core.Adapted, pat
             )
 
 
-def _residual_layers(wrapper: core.Adapted, path: str) -> list[LoRALayer]:
+def _residual_layers(wrapper: Adapted, path: str) -> list[LoRALayer]:
     """The wrapper's LoRA layers that hold a frozen part taken out of the weight (the PiSSA family of
     initialisers): QPiSSA quantises what remains of the weight once that part is taken out."""
     layers = [
@@ -293,11 +302,11 @@ def quantize(
     """
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"quantize: iterations must be an integer >= 1, got {iterations!r}")
-    att = core.attachment_of(model) if core.has_adapters(model) else None
-    modules = core.base_modules(model, att)
+    att = attachment_of(model) if has_adapters(model) else None
+    modules = base_modules(model, att)
     paths = resolve(model, targets, modules)
     # (path, module, its wrapper if adapted, the adapter layer whose residual is quantised if any)
-    plan: list[tuple[str, nn.Linear, core.Adapted | None, Any]] = []
+    plan: list[tuple[str, nn.Linear, Adapted | None, Any]] = []
     for path in paths:
         module = modules[path]
         if getattr(module, "quantized", False):
@@ -327,7 +336,7 @@ def quantize(
         )
     # Every quantised module (and QPiSSA's refitted factors) is computed before the first change.
     Factors = tuple[torch.Tensor, torch.Tensor]
-    built: list[tuple[str, core.Adapted | None, Any, Factors | None, NF4Linear]] = []
+    built: list[tuple[str, Adapted | None, Any, Factors | None, NF4Linear]] = []
     for path, module, wrapper, layer in plan:
         weight = module.weight.detach()
         factors = None
@@ -353,12 +362,12 @@ def quantize(
             source=module.weight,
         )
         built.append((path, wrapper, layer, factors, new))
-    with core.all_or_nothing(model):
+    with all_or_nothing(model):
         for path, wrapper, _, _, new in built:
             if wrapper is not None:
                 wrapper.base = new
             else:
-                core.set_submodule(model, path, new)
+                set_submodule(model, path, new)
         # The in-place writes (which all_or_nothing cannot undo) come last.
         for path, wrapper, layer, factors, _ in built:
             if factors is None or wrapper is None or att is None:

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import core
+from . import wrapper
 from .quant import NF4Linear, NF4Settings, quantize
 from .targets import ALL_LINEAR, TargetSpec, resolve
 
@@ -43,8 +43,8 @@ def float_linears(model: nn.Module, targets: TargetSpec = ALL_LINEAR) -> dict[st
     """path -> module of the modules among ``targets`` (default: every linear layer but the heads)
     that are float ``nn.Linear`` layers still (not quantised yet), seen through adapters (an adapted
     path gives its base)."""
-    att = core.attachment_of(model) if core.has_adapters(model) else None
-    modules = core.base_modules(model, att)
+    att = wrapper.attachment_of(model) if wrapper.has_adapters(model) else None
+    modules = wrapper.base_modules(model, att)
     found = {p: modules[p] for p in resolve(model, targets, modules)}
     return {p: m for p, m in found.items() if type(m) is nn.Linear}
 
@@ -86,7 +86,7 @@ def dequantize(model: nn.Module) -> list[str]:
     done = []
     for path, module in list(model.named_modules()):
         if isinstance(module, NF4Linear):
-            core.set_submodule(model, path, module.dequantize())
+            wrapper.set_submodule(model, path, module.dequantize())
             done.append(path)
     return done
 
@@ -102,8 +102,8 @@ def quantized_record(model: nn.Module) -> dict[str, Any] | None:
     "residual": [...], "iterations": T}``: every quantised module, and among them those holding a
     QPiSSA residual (quantised after a weight-derived initialisation, in ``iterations`` rounds).
     """
-    att = core.attachment_of(model) if core.has_adapters(model) else None
-    found = {p: m for p, m in core.base_modules(model, att).items() if isinstance(m, NF4Linear)}
+    att = wrapper.attachment_of(model) if wrapper.has_adapters(model) else None
+    found = {p: m for p, m in wrapper.base_modules(model, att).items() if isinstance(m, NF4Linear)}
     if not found:
         return None
     blocks = {(m.settings.block_size, m.settings.scaler_block_size) for m in found.values()}
@@ -198,8 +198,8 @@ def load_plan(model: nn.Module, record: Any, quantize: bool | None, where: str) 
             "factors are relative to it, so it cannot load on the float base: load it with quantize "
             "left at None or True (deltatune generate/eval: drop --quantize none)"
         )
-    att = core.attachment_of(model) if core.has_adapters(model) else None
-    modules = core.base_modules(model, att)
+    att = wrapper.attachment_of(model) if wrapper.has_adapters(model) else None
+    modules = wrapper.base_modules(model, att)
     missing = [m for m in record["modules"] if m not in modules]
     if missing:
         raise ValueError(f"{where}: the model has no module {_paths(missing)} (recorded as quantised)")

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._cache import Memo
-from .contract import lowrank_factors
+from .contract import LowRankLayer, lowrank_factors
 from .lowrank import compute_dtype
 
 
@@ -79,7 +79,7 @@ def batched_factors(
         return None
     # Decided before any factor is built: a layer's factors may be built per call (VB-LoRA's from its
     # bank, under autograd), and those of a module that ends up on the per-adapter path are not used.
-    candidates = {n: layer for n, layer in layers.items() if hasattr(layer, "lowrank_factors")}
+    candidates = {n: layer for n, layer in layers.items() if isinstance(layer, LowRankLayer)}
     if len(candidates) < 2:
         return None
     found: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}

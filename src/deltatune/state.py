@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .checks import check_state
-from .contract import export_state, import_state, module_tensors
-from .wrapper import SHARED_ATTR, Attachment, attachment_of
+from .contract import SHARED_ATTR, export_state, import_state, module_tensors
+from .wrapper import Attachment, attachment_of
 
 __all__ = ["ParameterReport", "adapter_state", "load_adapter_state", "parameter_report"]
 

@@ -42,8 +42,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .contract import HOOK_DEFAULTS, hooks
-from .wrapper import SHARED_ATTR, Attachment, attachment_of, has_adapters
+from .contract import SHARED_ATTR, Method, hooks
+from .wrapper import Attachment, attachment_of, has_adapters
 
 __all__ = [
     "load_step_state",
@@ -79,7 +79,7 @@ def _active(model: nn.Module) -> Iterator[tuple[Attachment, str, Any]]:
 
 
 def _overrides(method: Any, hook: str) -> bool:
-    return getattr(type(method), hook) is not HOOK_DEFAULTS[hook]
+    return getattr(type(method), hook) is not getattr(Method, hook)
 
 
 def needs_step_hooks(model: nn.Module) -> bool:

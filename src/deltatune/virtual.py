@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .core import ATTACHMENT_ATTR, base_modules
+from .wrapper import ATTACHMENT_ATTR, base_modules
 
 
 def is_body(module: nn.Module) -> bool:

@@ -24,12 +24,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .contract import Method, closed_form, lowrank_factors, reads_output
+from .contract import Method, Wrapped, closed_form, lowrank_factors, reads_output
 from .lowrank import compute_dtype, fusable, lowrank_linear
 from .routing import Routing, add_batched, batched_factors
 
 ATTACHMENT_ATTR = "_deltatune_attachment"
-SHARED_ATTR = "deltatune_shared"
 
 
 class Switch:
@@ -127,7 +126,7 @@ def _delta_source(layer: nn.Module, x: Any, base_out: Any) -> Any:
     return base_out if reads_output(layer) else x
 
 
-class Adapted(nn.Module):
+class Adapted(Wrapped):
     """Holds an original module (``base``, untouched) and one layer per named adapter."""
 
     def __init__(self, base: nn.Module, switch: Switch) -> None:

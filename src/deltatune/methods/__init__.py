@@ -1,4 +1,6 @@
-"""Registered methods: one file each, holding only the method's math.
+"""Registered methods: one file each, holding only the method's math and fields, grouped by family
+(:mod:`.lowrank` on its base, :mod:`.prompts`, :mod:`.selective`; the bottleneck adapter and SAID
+stand alone).
 
 Every module of this package is imported when the package is, so a new method registers by its own
 ``@register`` line alone; the names below are the public API (``deltatune.LoRA``, ...).
@@ -7,26 +9,34 @@ Every module of this package is imported when the package is, so a new method re
 import importlib as _importlib
 import pkgutil as _pkgutil
 
-from .adalora import AdaLoRA, AdaLoRALayer
 from .adapter import Adapter, AdapterLayer
-from .amlora import AMLoRA, AMLoRALayer
-from .bitfit import BitFit, BitFitLayer
-from .delta_lora import DeltaLoRA, DeltaLoRALayer
-from .dora import DoRA
 from .intrinsic import IntrinsicDimension, IntrinsicLayer, IntrinsicVector
-from .lora import Gaussian, KaimingUniform, LoRA, LoRAInit, LoRALayer
-from .lora_drop import LoRADrop
-from .lora_fa import LoRAFA
-from .olora import OLoRA, OLoRALayer
-from .p_tuning import EncodedPrompt, PromptEncoder, PTuning
-from .partial import BlockCopy, Partial
-from .pissa import CorDA, MiLoRA, PiSSA, collect_covariance, randomized_svd
-from .prefix_tuning import Prefixes, PrefixMLP, PrefixTuning
-from .prompt_tuning import FromText, PromptInit, PromptTuning, RandomUniform, SampledVocab, VirtualTokens
-from .relora import ReLoRA, ReLoRALayer, effective_rank
-from .tied_lora import TiedLoRA
-from .vblora import VBLoRA, VBLoRALayer, VectorBank
-from .vera import VeRA
+from .lowrank.adalora import AdaLoRA, AdaLoRALayer
+from .lowrank.amlora import AMLoRA, AMLoRALayer
+from .lowrank.base import Gaussian, KaimingUniform, LoRAInit
+from .lowrank.delta_lora import DeltaLoRA, DeltaLoRALayer
+from .lowrank.dora import DoRA
+from .lowrank.lora import LoRA, LoRALayer
+from .lowrank.lora_drop import LoRADrop
+from .lowrank.lora_fa import LoRAFA
+from .lowrank.olora import OLoRA, OLoRALayer
+from .lowrank.pissa import CorDA, MiLoRA, PiSSA, collect_covariance, randomized_svd
+from .lowrank.relora import ReLoRA, ReLoRALayer, effective_rank
+from .lowrank.tied_lora import TiedLoRA
+from .lowrank.vblora import VBLoRA, VBLoRALayer, VectorBank
+from .lowrank.vera import VeRA
+from .prompts.p_tuning import EncodedPrompt, PromptEncoder, PTuning
+from .prompts.prefix_tuning import Prefixes, PrefixMLP, PrefixTuning
+from .prompts.prompt_tuning import (
+    FromText,
+    PromptInit,
+    PromptTuning,
+    RandomUniform,
+    SampledVocab,
+    VirtualTokens,
+)
+from .selective.bitfit import BitFit, BitFitLayer
+from .selective.partial import BlockCopy, Partial
 
 __all__ = [
     "AMLoRA",
@@ -81,5 +91,5 @@ __all__ = [
     "randomized_svd",
 ]
 
-for _module in _pkgutil.iter_modules(__path__):
-    _importlib.import_module(f"{__name__}.{_module.name}")
+for _module in _pkgutil.walk_packages(__path__, prefix=f"{__name__}."):
+    _importlib.import_module(_module.name)

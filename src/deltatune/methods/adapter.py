@@ -33,15 +33,15 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .. import anatomy
-from ..core import check, register
-from ..fields import Float, Int, OneOf, param
+from ..contract import AdditiveLayer, Method, Suite, register
+from ..contract.fields import Float, IntOrNone, OneOf, param
 from ..lowrank import compute_dtype
 from ..targets import module_kind, shape_of
 
@@ -52,16 +52,6 @@ NONLINEARITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "swish": F.silu,
 }
 DEFAULT_REDUCTION = 16  # Pfeiffer et al. 2020 (and Houlsby et al.'s m = 64 for d = 768 is 12)
-
-
-class IntOrNone(Int):
-    """An integer in range, or None (the field is unset)."""
-
-    def ok(self, value: Any) -> bool:
-        return value is None or super().ok(value)
-
-    def describe(self) -> str:
-        return super().describe() + ", or None"
 
 
 def io_features(module: nn.Module, path: str) -> tuple[int, int]:
@@ -86,7 +76,7 @@ def adapter_float(base: nn.Module) -> torch.dtype:
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class Adapter:
+class Adapter(Method):
     """A bottleneck adapter (down-project, nonlinearity, up-project, residual).
 
     Fields (paper defaults in brackets):
@@ -106,16 +96,13 @@ class Adapter:
     scaling: float = param(1.0, Float(low=0.0, low_open=True), "scale s of the adapter's output")
 
     name: ClassVar[str] = "adapter"
-    mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = True
-    weight_space: ClassVar[bool] = False
     supports_mixed_batch: ClassVar[bool] = True
-    combinable: ClassVar[bool] = False
     layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "block")
-    small_example: ClassVar[dict[str, Any]] = {"bottleneck": 4}
+    suite: ClassVar[Suite] = Suite(example={"bottleneck": 4})
 
     def __post_init__(self) -> None:
-        check(self)
+        super().__post_init__()
         if self.reduction_factor is not None and self.bottleneck is not None:
             raise ValueError(
                 f"Adapter.bottleneck must be None when reduction_factor is given (got reduction_factor="
@@ -190,11 +177,9 @@ class Adapter:
         return self.parameter_count(base) * adapter_float(base).itemsize
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(AdditiveLayer):
     """The trainable bottleneck of one adapter; its ``delta`` reads the base output (sequential) or
     the base input (parallel), as the ``reads`` attribute tells the core."""
-
-    additive: ClassVar[bool] = True
 
     def __init__(self, config: Adapter, d: int, m: int, dtype: torch.dtype, path: str) -> None:
         super().__init__()

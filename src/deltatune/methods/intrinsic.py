@@ -48,10 +48,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._cache import Memo
-from ..core import Attachment, check, register
-from ..fields import Bool, Float, Int, OneOf, param
+from ..contract import AdapterView, Method, ReplacingLayer, Suite, merged_linear, register
+from ..contract.fields import Bool, Float, Int, OneOf, param
 from ..lowrank import compute_dtype
-from ..merged import merged_linear
 from ..targets import module_kind
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +189,7 @@ class IntrinsicVector(nn.Module):
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class IntrinsicDimension:
+class IntrinsicDimension(Method):
     """Train d values and map them into the adapted weights by a fixed random Fastfood projection.
 
     Fields (paper values in brackets):
@@ -217,13 +216,14 @@ class IntrinsicDimension:
     identity_at_init: ClassVar[bool] = True  # θ = 0, so P θ = 0 exactly
     weight_space: ClassVar[bool] = True
     supports_mixed_batch: ClassVar[bool] = True
-    combinable: ClassVar[bool] = False  # adapters with different projections share no θ
-    random_init: ClassVar[bool] = False  # θ = 0, λ = 1 whatever the seed; the seed picks P (not stored)
     layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "embedding")
-    small_example: ClassVar[dict[str, Any]] = {"d": 40}
+    suite: ClassVar[Suite] = Suite(
+        example={"d": 40},
+        random_init=False,  # θ = 0, λ = 1 whatever the seed; the seed picks P (not stored)
+    )
 
     def __post_init__(self) -> None:
-        check(self)
+        super().__post_init__()
         if self.structure == "did" and self.lambda_lr_ratio != 1.0:
             raise ValueError(
                 "IntrinsicDimension.lambda_lr_ratio must be 1.0 with structure='did' (DID has no λ), "
@@ -249,7 +249,7 @@ class IntrinsicDimension:
     def shared_stored_bytes(self, bases: Mapping[str, nn.Module]) -> int:
         return 4 * self.d
 
-    def parameter_groups(self, att: Attachment, name: str) -> dict[str, tuple[list[nn.Parameter], float]]:
+    def parameter_groups(self, att: AdapterView, name: str) -> dict[str, tuple[list[nn.Parameter], float]]:
         """θ_d at the base learning rate, SAID's λs at ``lambda_lr_ratio`` times it."""
         shared = att.shared(name)
         if not isinstance(shared, IntrinsicVector):
@@ -288,7 +288,7 @@ class IntrinsicDimension:
         return IntrinsicLayer(self, kind, base, shared, path, generator)
 
 
-class IntrinsicLayer(nn.Module):
+class IntrinsicLayer(ReplacingLayer):
     """One module's slice of P θ: its random blocks (buffers, never saved) and the math using them.
 
     It replaces the module's computation (one matmul with W + ΔW instead of base + delta: the
@@ -297,7 +297,6 @@ class IntrinsicLayer(nn.Module):
     rounding W + ΔW to bfloat16 would erase the small ΔW.
     """
 
-    additive: ClassVar[bool] = False
     _shared: IntrinsicVector
     signs: torch.Tensor
     perm: torch.Tensor

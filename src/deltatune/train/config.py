@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .. import core
-from ..fields import to_jsonable
+from .. import contract
+from ..contract.fields import to_jsonable
 from ..lowrank import PRECISIONS as ADAPTER_PRECISIONS
 from ..quant import FORMATS  # in which dtype adapters compute
 
@@ -167,7 +167,7 @@ class TrainConfig:
         if self.method in (FULL, HEAD_ONLY) and self.method_fields:
             raise ValueError(f"TrainConfig.method_fields: method {self.method!r} takes no fields")
         if self.method not in (FULL, HEAD_ONLY):
-            core.method_from_config(self.method, self.method_fields)  # unknown method/field -> ValueError
+            contract.method_from_config(self.method, self.method_fields)  # unknown method/field -> ValueError
         # Plain JSON from here on (an initialiser object becomes {"type": ...}): checkpoints,
         # metrics.json and the comparison with a run already in ``out`` all see the same values.
         self.method_fields = {k: to_jsonable(v) for k, v in self.method_fields.items()}

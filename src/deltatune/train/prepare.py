@@ -13,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .. import core
+from .. import contract, core
 from ..loraplus import parameter_groups
 from ..targets import ALL_LINEAR, HEAD_NAMES, TargetSpec, resolve
 from .config import FULL, HEAD_ONLY, TrainConfig
@@ -26,7 +26,7 @@ __all__ = ["QUERY_VALUE", "harness_targets", "head_paths", "prepare"]
 QUERY_VALUE = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("q", "v"))
 
 
-def harness_targets(method: core.Method, model: nn.Module) -> TargetSpec:
+def harness_targets(method: contract.Method, model: nn.Module) -> TargetSpec:
     """Where ``deltatune train`` puts ``method`` on ``model`` when no targets are given.
 
     The method's own placement where it declares one (its ``default_targets`` hook, which
@@ -36,7 +36,7 @@ def harness_targets(method: core.Method, model: nn.Module) -> TargetSpec:
     model has them: LoRA's setting (Hu et al. 2021, §7.1), on which the README's and the benchmarks'
     harness runs were measured (``--targets all-linear`` asks for the core's choice).
     """
-    own: TargetSpec | None = core.hooks(method).default_targets(model)
+    own: TargetSpec | None = contract.hooks(method).default_targets(model)
     if own is not None:
         return own
     leaves = {p.split(".")[-1] for p, _ in model.named_modules()}
@@ -105,23 +105,23 @@ def prepare(model: nn.Module, cfg: TrainConfig, task: Task) -> tuple[list[dict[s
             "trainable": sum(p.numel() for p in head),
             **quantized,
         }
-    method = core.method_from_config(cfg.method, cfg.method_fields)
+    method = contract.method_from_config(cfg.method, cfg.method_fields)
     targets = cfg.targets or harness_targets(method, model)
     # A method may fit the fields the user left at their defaults to this model (its fit_to hook).
-    chosen = core.hooks(method).fit_to(
+    chosen = contract.hooks(method).fit_to(
         {p: model.get_submodule(p) for p in resolve(model, targets)}, set(cfg.method_fields)
     )
     # ... and to the run's length (a method with a schedule of its own: AdaLoRA's budget, ReLoRA's
     # restarts), or refuses fields that do not fit it, naming them.
-    chosen = core.hooks(chosen).for_steps(cfg.steps, set(cfg.method_fields))
-    before = core.method_fields(method)
-    fitted = {k: v for k, v in core.method_fields(chosen).items() if v != before[k]}
+    chosen = contract.hooks(chosen).for_steps(cfg.steps, set(cfg.method_fields))
+    before = contract.method_fields(method)
+    fitted = {k: v for k, v in contract.method_fields(chosen).items() if v != before[k]}
     method = chosen
     saved = cfg.modules_to_save if cfg.modules_to_save is not None else heads
     att = core.inject(model, method, targets=targets, modules_to_save=saved, seed=cfg.seed)
     info = att.info("default")
     copy_ids = {id(p) for path in info.modules_to_save for p in att.layers("default")[path].parameters()}
-    declared = core.hooks(method).parameter_groups(att, "default")
+    declared = contract.hooks(method).parameter_groups(att, "default")
     groups = []
     if cfg.loraplus_ratio is not None:
         groups = loraplus_groups(model, cfg, copy_ids, declared is not None)

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import core
+from .. import wrapper
 from ..files import tensors_writer, write_file
 from ..io import save
 from ..quantized_base import weight_bytes
@@ -104,7 +104,7 @@ def store(
     model: nn.Module, cfg: TrainConfig, task: Task, out: Path, base_model: str | None, tokenizer: Any = None
 ) -> int:
     """Save what the run produced; return its size in bytes (tensor data)."""
-    if core.has_adapters(model):
+    if wrapper.has_adapters(model):
         save(model, out / "adapter", base_model=base_model, task=task_record(cfg, task, tokenizer))
         return parameter_report(model).stored_bytes
     tensors = {n: p.detach().contiguous() for n, p in model.named_parameters() if p.requires_grad}

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from .. import anatomy, core
+from .. import anatomy, wrapper
 from ..stepping import needs_step_hooks
 from .batches import device_of
 
@@ -54,9 +54,10 @@ def shard(model: nn.Module, groups: Sequence[dict[str, Any]]) -> list[dict[str, 
             "TrainConfig.fsdp: sharding needs the processes of a torchrun launch "
             "(torchrun --nproc-per-node N -m deltatune.cli train ... --fsdp true)"
         )
-    if core.has_adapters(model) and needs_step_hooks(model):
+    if wrapper.has_adapters(model) and needs_step_hooks(model):
         names = ", ".join(
-            type(core.attachment_of(model).info(n).method).__name__ for n in core.attachment_of(model).active
+            type(wrapper.attachment_of(model).info(n).method).__name__
+            for n in wrapper.attachment_of(model).active
         )
         raise ValueError(
             f"TrainConfig.fsdp: {names} acts between optimizer steps on whole tensors, which FSDP "
@@ -72,8 +73,8 @@ def shard(model: nn.Module, groups: Sequence[dict[str, Any]]) -> list[dict[str, 
     fully_shard(model)
     after = dict(model.named_parameters(remove_duplicate=False))
     mapping = {pid: after[name] for pid, name in before.items() if name in after}
-    if core.has_adapters(model):
-        core.attachment_of(model).replace_parameters(mapping)
+    if wrapper.has_adapters(model):
+        wrapper.attachment_of(model).replace_parameters(mapping)
     return [{**g, "params": [mapping[id(p)] for p in g["params"]]} for g in groups]
 
 

@@ -21,8 +21,8 @@ import torch
 from safetensors.torch import save_file
 
 import deltatune as dt
-from deltatune.core import REGISTRY
-from deltatune.fields import from_jsonable
+from deltatune.contract import REGISTRY
+from deltatune.contract.fields import from_jsonable
 from deltatune.targets import module_kind
 from toy_models import TOYS
 
@@ -30,7 +30,7 @@ from toy_models import TOYS
 def cases() -> list[tuple[str, type, dict]]:
     out = []
     for name, cls in sorted(REGISTRY.items()):
-        out.append((name, cls, dict(getattr(cls, "small_example", {}))))
+        out.append((name, cls, dict(cls.suite.example)))
         for label, spec in getattr(cls, "variants", {}).items():
             if spec.get("calibration"):
                 continue

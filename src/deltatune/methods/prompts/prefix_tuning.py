@@ -37,17 +37,18 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .. import virtual
-from ..core import Attachment, check, register
-from ..fields import Bool, Int, OneOf, param
-from ..state import adapter_state
+from ... import virtual
+from ...contract import Method, ReplacingLayer, Suite, register
+from ...contract.fields import Bool, Int, OneOf, param
+from ...state import adapter_state
+from ...wrapper import Attachment
 
 _DEFAULT_HIDDEN = 512
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class PrefixTuning:
+class PrefixTuning(Method):
     """Trainable key/value prefixes in every attention layer.
 
     Fields (paper defaults in brackets):
@@ -71,17 +72,14 @@ class PrefixTuning:
 
     name: ClassVar[str] = "prefix_tuning"
     model_level: ClassVar[bool] = True  # acts on the whole body: embeddings, masks, KV cache
-    mergeable: ClassVar[bool] = False
-    identity_at_init: ClassVar[bool] = False
-    near_identity_at_init: ClassVar[bool] = False  # attention mass moves to the prefix at once
-    weight_space: ClassVar[bool] = False
-    supports_mixed_batch: ClassVar[bool] = False
-    combinable: ClassVar[bool] = False
     layer_types: ClassVar[tuple[str, ...]] = ("block",)
-    small_example: ClassVar[dict[str, Any]] = {"num_virtual_tokens": 3, "encoder_hidden_size": 8}
+    suite: ClassVar[Suite] = Suite(
+        example={"num_virtual_tokens": 3, "encoder_hidden_size": 8},
+        near_identity_at_init=False,  # attention mass moves to the prefix at once
+    )
 
     def __post_init__(self) -> None:
-        check(self)
+        super().__post_init__()
         if not self.reparameterize and self.encoder_hidden_size != _DEFAULT_HIDDEN:
             raise ValueError(
                 "PrefixTuning.encoder_hidden_size is the MLP's width and is only used with "
@@ -196,14 +194,12 @@ class PrefixMLP(nn.Module):
         return torch.nn.functional.linear(hidden, self.w2, self.b2)  # (n, L·2·d_kv)
 
 
-class Prefixes(nn.Module):
+class Prefixes(ReplacingLayer):
     """Replacing layer on the body: the per-layer prefixes, plain or from the MLP.
 
     ``export_state`` collapses the MLP to ``{"prefixes": (n, L·2·d_kv)}``; ``import_state`` of such
     a state leaves a plain layer (its prefixes train directly if the adapter is loaded trainable).
     """
-
-    additive: ClassVar[bool] = False
 
     def __init__(
         self,

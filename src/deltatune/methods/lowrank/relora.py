@@ -46,7 +46,7 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> import deltatune as dt
-    >>> from deltatune.methods.relora import ReLoRA, effective_rank
+    >>> from deltatune.methods.lowrank.relora import ReLoRA, effective_rank
     >>> net = nn.Sequential(nn.Linear(16, 16))
     >>> att = dt.inject(net, ReLoRA(rank=2, restart_every=3, restarts=3, rewarmup_steps=1), targets=["0"])
     >>> att.closed_form("default")  # 2·32 trained; 4·(64 + 3·64) + 8 bytes stored
@@ -72,18 +72,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import check, register
-from ..fields import Bool, Float, Int, param
-from ..lowrank import lowrank_delta
-from ..targets import module_kind, shape_of
-from .lora import KaimingUniform, LoRA, LoRALayer, adapter_dtype
+from ...contract import Suite, as_layer, register
+from ...contract.fields import Float, Int, param
+from ...lowrank import lowrank_delta
+from ...targets import shape_of
+from .base import KaimingUniform, ScaledLowRank, adapter_dtype, linear_like, restart_factors
+from .lora import LoRALayer, lora_of
 
 __all__ = ["ReLoRA", "ReLoRALayer", "effective_rank", "prune_optimizer_state"]
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class ReLoRA:
+class ReLoRA(ScaledLowRank):
     """LoRA with periodic restarts: fold ``s · B A`` into an accumulated update, restart A and B.
 
     Fields (paper defaults in brackets):
@@ -99,10 +100,6 @@ class ReLoRA:
             magnitudes) at a restart [0.01: the paper prunes 99 %].
     """
 
-    rank: int = param(8, Int(min=1), "rank r of each update B A")
-    alpha: float = param(8.0, Float(low=0.0, low_open=True), "scale numerator: update is (alpha/r) B A")
-    dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
-    rank_stabilized: bool = param(False, Bool(), "rsLoRA: scale by alpha/sqrt(r) instead of alpha/r")
     restart_every: int = param(5000, Int(min=1), "optimizer steps between two restarts")
     restarts: int = param(
         0, Int(min=0), "restarts the adapter has room for (0: fitted by for_steps to total // restart_every)"
@@ -113,38 +110,19 @@ class ReLoRA:
     )
 
     name: ClassVar[str] = "relora"
-    mergeable: ClassVar[bool] = True
-    identity_at_init: ClassVar[bool] = True
-    weight_space: ClassVar[bool] = True
-    supports_mixed_batch: ClassVar[bool] = True
-    quantized_base: ClassVar[bool] = True  # only adds to the base output
-    combinable: ClassVar[bool] = False
-    # Not embeddings: LoRA's embedding init (A = 0, B normal) would restart with a jump.
-    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
-    small_example: ClassVar[dict[str, Any]] = {
-        "rank": 2,
-        "restart_every": 2,
-        "restarts": 2,
-        "rewarmup_steps": 1,
-    }
+    # (Not embeddings, the base's layer types: LoRA's embedding init (A = 0, B normal) would restart
+    # with a jump.)
+    suite: ClassVar[Suite] = Suite(
+        example={"rank": 2, "restart_every": 2, "restarts": 2, "rewarmup_steps": 1}
+    )
 
     def __post_init__(self) -> None:
-        check(self)
+        super().__post_init__()
         if self.rewarmup_steps >= self.restart_every:
             raise ValueError(
                 f"ReLoRA.rewarmup_steps must be < restart_every = {self.restart_every}, "
                 f"got {self.rewarmup_steps}"
             )
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rank_stabilized else self.rank)
-
-    def as_lora(self) -> LoRA:
-        """The LoRA configuration of the trained factors (what the layer is built from)."""
-        return LoRA(
-            rank=self.rank, alpha=self.alpha, dropout=self.dropout, rank_stabilized=self.rank_stabilized
-        )
 
     def dense(self, base: nn.Module) -> bool:
         """Whether the accumulated update is kept as one (out, in) matrix (smaller than the factors)."""
@@ -154,10 +132,7 @@ class ReLoRA:
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
     ) -> ReLoRALayer:
-        kind = module_kind(base)
-        if kind not in self.layer_types:
-            raise ValueError(f"ReLoRA: {path!r} is {type(base).__name__}, not a linear/Conv1D module")
-        in_features, out_features = shape_of(base)
+        kind, in_features, out_features = linear_like(base, path, "ReLoRA", self.layer_types)
         layer = ReLoRALayer(
             self, kind, in_features, out_features, adapter_dtype(base), base, self.dense(base)
         )
@@ -167,8 +142,7 @@ class ReLoRA:
         return layer
 
     def parameter_count(self, base: nn.Module) -> int:
-        in_features, out_features = shape_of(base)
-        return self.rank * (in_features + out_features)
+        return self.factor_count(base)
 
     def stored_bytes(self, base: nn.Module) -> int:
         in_features, out_features = shape_of(base)
@@ -271,11 +245,11 @@ def effective_rank(layer: nn.Module, *, rtol: float = 1e-4) -> int:
         >>> effective_rank(att.layers("default")["0"])  # B = 0 at init
         0
     """
-    delta = getattr(layer, "delta_weight", None)
+    delta = as_layer(layer).delta_weight()
     if delta is None:
         raise ValueError(f"effective_rank: {type(layer).__name__} has no delta_weight()")
     with torch.no_grad():
-        s = torch.linalg.svdvals(delta().detach().double())
+        s = torch.linalg.svdvals(delta.detach().double())
     if s.numel() == 0 or float(s[0]) == 0.0:
         return 0
     return int((s > rtol * s[0]).sum())
@@ -294,7 +268,7 @@ class ReLoRALayer(LoRALayer):
         base: nn.Module | None,
         dense: bool,
     ) -> None:
-        super().__init__(config.as_lora(), kind, in_features, out_features, dtype, base)
+        super().__init__(lora_of(config), kind, in_features, out_features, dtype, base)
         self.restart_every = config.restart_every
         self.capacity = config.restarts
         self.optimizer_keep = config.optimizer_keep
@@ -316,7 +290,7 @@ class ReLoRALayer(LoRALayer):
         """Restarts done so far."""
         return int(self.folds_done)
 
-    def effective_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) with ``s · B A`` = the trained update plus the stacked folds (low-rank form)."""
         if self.folded_A.shape[0] == 0:
             return self.lora_A, self.lora_B
@@ -324,7 +298,7 @@ class ReLoRALayer(LoRALayer):
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
         if isinstance(self.dropout, nn.Identity):
-            A, B = self.effective_factors()
+            A, B = self.factors()
             out = lowrank_delta(x, A, B, self.scale)  # (..., out)
         else:  # dropout acts on the trained factors' input only: the folds are part of the weight
             out = lowrank_delta(x, self.lora_A, self.lora_B, self.scale, self.dropout)
@@ -354,12 +328,7 @@ class ReLoRALayer(LoRALayer):
             else:
                 self.folded_A = torch.cat([self.folded_A, self.lora_A.detach()])
                 self.folded_B = torch.cat([self.folded_B, self.lora_B.detach()], dim=1)
-            generator = torch.Generator().manual_seed(_mix(int(self.seed), step))
-            A = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype)
-            B = torch.empty(self.lora_B.shape, dtype=self.lora_B.dtype)
-            KaimingUniform().initialise(A, B, kind=self.kind, generator=generator)
-            self.lora_A.copy_(A)
-            self.lora_B.copy_(B)
+            restart_factors(self.lora_A, self.lora_B, kind=self.kind, seed=_mix(int(self.seed), step))
             self.folds_done += 1
 
     def export_state(self) -> dict[str, torch.Tensor]:

@@ -34,7 +34,7 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> import deltatune as dt
-    >>> from deltatune.methods.delta_lora import DeltaLoRA
+    >>> from deltatune.methods.lowrank.delta_lora import DeltaLoRA
     >>> net = nn.Sequential(nn.Linear(16, 16))
     >>> att = dt.inject(net, DeltaLoRA(rank=4, warmup_steps=2), targets=["0"])
     >>> att.closed_form("default")  # 4·32 trained; A, B, A_K, B_K and a flag stored
@@ -50,7 +50,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -58,17 +57,17 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..core import check, register
-from ..fields import Bool, Float, Int, param
-from ..targets import module_kind, shape_of
-from .lora import KaimingUniform, LoRA, LoRALayer, adapter_dtype
+from ...contract import Suite, register
+from ...contract.fields import Float, Int, param
+from .base import KaimingUniform, ScaledLowRank, adapter_dtype, linear_like
+from .lora import LoRALayer, lora_of
 
 __all__ = ["DeltaLoRA", "DeltaLoRALayer"]
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class DeltaLoRA:
+class DeltaLoRA(ScaledLowRank):
     """LoRA whose delta ``B_{t+1} A_{t+1} − B_t A_t`` also updates W (held as a snapshot, see above).
 
     Fields (paper defaults in brackets; as we read the paper's hyper-parameter tables, not re-checked):
@@ -77,48 +76,34 @@ class DeltaLoRA:
         rank_stabilized: rsLoRA scaling alpha/sqrt(r) instead of alpha/r [False].
         lam: λ, the update ratio of W [2].
         warmup_steps: K, optimizer steps of plain LoRA before W starts moving [500].
-    No dropout field: the paper removes dropout from the low-rank branch.
+        dropout: must stay 0: the paper removes dropout from the low-rank branch.
     """
 
-    rank: int = param(8, Int(min=1), "rank r of the update B A")
-    alpha: float = param(8.0, Float(low=0.0, low_open=True), "scale numerator: update is (alpha/r) B A")
-    rank_stabilized: bool = param(False, Bool(), "rsLoRA: scale by alpha/sqrt(r) instead of alpha/r")
     lam: float = param(2.0, Float(low=0.0), "lambda: W moves by lam times the step's change of s·B A")
     warmup_steps: int = param(500, Int(min=0), "K: optimizer steps of plain LoRA before W starts moving")
 
     name: ClassVar[str] = "delta_lora"
-    mergeable: ClassVar[bool] = True
-    identity_at_init: ClassVar[bool] = True
-    weight_space: ClassVar[bool] = True
-    supports_mixed_batch: ClassVar[bool] = True
     # W is updated in the paper: a 4-bit base cannot take the update (refused by inject and quantize).
     quantized_base: ClassVar[bool] = False
     float_base_reason: ClassVar[str] = (
         "Delta-LoRA updates W itself (W += λ·(the step's change of s·B A) every step), which cannot be "
         "done in 4 bits"
     )
-    combinable: ClassVar[bool] = False
-    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
-    small_example: ClassVar[dict[str, Any]] = {"rank": 2, "warmup_steps": 0}
+    suite: ClassVar[Suite] = Suite(example={"rank": 2, "warmup_steps": 0})
 
     def __post_init__(self) -> None:
-        check(self)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rank_stabilized else self.rank)
-
-    def as_lora(self) -> LoRA:
-        """The LoRA configuration of the trained factors (what the layer is built from)."""
-        return LoRA(rank=self.rank, alpha=self.alpha, rank_stabilized=self.rank_stabilized)
+        super().__post_init__()
+        if self.dropout != 0:
+            raise ValueError(
+                f"DeltaLoRA.dropout must be 0, got {self.dropout}: W moves by the change of s·B A, "
+                "which dropout on the branch's input would make noisy (the paper removes it); use "
+                "LoRA for dropout"
+            )
 
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
     ) -> DeltaLoRALayer:
-        kind = module_kind(base)
-        if kind not in self.layer_types:
-            raise ValueError(f"DeltaLoRA: {path!r} is {type(base).__name__}, not a linear/Conv1D module")
-        in_features, out_features = shape_of(base)
+        kind, in_features, out_features = linear_like(base, path, "DeltaLoRA", self.layer_types)
         layer = DeltaLoRALayer(self, kind, in_features, out_features, adapter_dtype(base), base)
         KaimingUniform().initialise(layer.lora_A.data, layer.lora_B.data, kind=kind, generator=generator)
         if self.warmup_steps == 0:
@@ -126,8 +111,7 @@ class DeltaLoRA:
         return layer
 
     def parameter_count(self, base: nn.Module) -> int:
-        in_features, out_features = shape_of(base)
-        return self.rank * (in_features + out_features)
+        return self.factor_count(base)
 
     def stored_bytes(self, base: nn.Module) -> int:
         return 2 * self.parameter_count(base) * adapter_dtype(base).itemsize + 1
@@ -165,7 +149,7 @@ class DeltaLoRALayer(LoRALayer):
         dtype: torch.dtype,
         base: nn.Module | None,
     ) -> None:
-        super().__init__(config.as_lora(), kind, in_features, out_features, dtype, base)
+        super().__init__(lora_of(config), kind, in_features, out_features, dtype, base)
         self.lam = config.lam
         self.warmup_steps = config.warmup_steps
         # Empty until step K (so the forward pass asks no device for a flag); then (r, in), (out, r).

@@ -48,7 +48,7 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> import deltatune as dt
-    >>> from deltatune.methods.adalora import AdaLoRA
+    >>> from deltatune.methods.lowrank.adalora import AdaLoRA
     >>> net = nn.Sequential(nn.Linear(16, 16), nn.Tanh(), nn.Linear(16, 4))
     >>> method = AdaLoRA(init_r=4, target_r=2, tinit=1, tfinal=1).for_steps(6, given=())
     >>> att = dt.inject(net, method, targets=["0", "2"])
@@ -73,14 +73,15 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..core import Attachment, check, register
-from ..fields import Float, Int, param
-from ..interop import PeftField, peft_get
-from ..lowrank import compute_dtype
-from ..state import adapter_state
-from ..targets import module_kind, shape_of
-from .adapter import IntOrNone
-from .lora import LoRA, adapter_dtype
+from ...contract import AdapterView, AdditiveLayer, Method, Suite, dropout_module, register
+from ...contract.fields import Float, Int, IntOrNone, param
+from ...interop import PeftField, peft_get
+from ...lowrank import compute_dtype
+from ...state import adapter_state
+from ...targets import module_kind, shape_of
+from ...wrapper import Attachment
+from .base import adapter_dtype, linear_like
+from .lora import LoRA
 
 _KINDS = ("linear", "conv1d")
 _FACTORS = ("lora_A", "lora_E", "lora_B")  # saved tensors, and PEFT's names
@@ -90,7 +91,7 @@ _GLOBAL = ("target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class AdaLoRA:
+class AdaLoRA(Method):
     """SVD-form low-rank update whose rank budget is reallocated by importance during training.
 
     Fields (PEFT's defaults in brackets; the paper tunes them per task):
@@ -123,17 +124,17 @@ class AdaLoRA:
     total_step: int | None = param(None, IntOrNone(min=1), "optimizer steps of the run (for_steps sets it)")
     kept_rank: int | None = param(None, IntOrNone(min=0), "triplets kept after pruning (the saved form)")
 
+    # (Not a LowRank: its rank is init_r, pruned to kept_rank, and the scale divides by r0 as PEFT's.)
     name: ClassVar[str] = "adalora"
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True
     weight_space: ClassVar[bool] = True
     supports_mixed_batch: ClassVar[bool] = True
-    combinable: ClassVar[bool] = False
     layer_types: ClassVar[tuple[str, ...]] = _KINDS
-    small_example: ClassVar[dict[str, Any]] = {"init_r": 4, "target_r": 2, "total_step": 10}
+    suite: ClassVar[Suite] = Suite(example={"init_r": 4, "target_r": 2, "total_step": 10})
 
     def __post_init__(self) -> None:
-        check(self)
+        super().__post_init__()
         if self.target_r > self.init_r:
             raise ValueError(
                 f"AdaLoRA.target_r must be <= init_r ({self.init_r}): pruning only removes triplets, "
@@ -159,9 +160,7 @@ class AdaLoRA:
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
     ) -> AdaLoRALayer:
-        kind = module_kind(base)
-        if kind not in _KINDS:
-            raise ValueError(f"AdaLoRA: {path!r} is {type(base).__name__}, not a linear or Conv1D module")
+        kind, in_features, out_features = linear_like(base, path, "AdaLoRA", self.layer_types)
         if not isinstance(shared, Schedule):
             raise ValueError(f"AdaLoRA: {path!r} got no shared schedule")
         for field in _GLOBAL:
@@ -171,7 +170,6 @@ class AdaLoRA:
                     f"AdaLoRA: {path!r} overrides {field} ({mine} vs the adapter's {theirs}); the rank "
                     f"budget is allocated over all modules at once, so {field} must be the same everywhere"
                 )
-        in_features, out_features = shape_of(base)
         layer = AdaLoRALayer(self, kind, in_features, out_features, adapter_dtype(base))
         with torch.no_grad():  # E = 0 (the base at init); P, Q ~ N(0, 0.02²) as PEFT
             layer.lora_A.normal_(0.0, 0.02, generator=generator)
@@ -198,7 +196,7 @@ class AdaLoRA:
             )
         return self if steps == self.total_step else dataclasses.replace(self, total_step=steps)
 
-    def regularizer(self, attachment: Any, name: str) -> torch.Tensor | None:
+    def regularizer(self, attachment: AdapterView, name: str) -> torch.Tensor | None:
         """orth_reg_weight · the mean of ‖QQᵀ − I‖_F and ‖PᵀP − I‖_F over the adapter's layers."""
         if self.orth_reg_weight == 0:
             return None
@@ -224,7 +222,7 @@ class AdaLoRA:
         progress = 1 - (t - self.tinit) / (T - self.tfinal - self.tinit)
         return int((initial - final) * (progress**3) + final), t % self.delta_t == 0
 
-    def on_step(self, attachment: Any, name: str, step: int, optimizer: Any) -> None:
+    def on_step(self, attachment: AdapterView, name: str, step: int, optimizer: Any) -> None:
         """Update the importance averages and allocate the budget: PEFT's
         ``update_and_allocate(step − 1)``."""
         T = self._total()
@@ -261,7 +259,7 @@ class AdaLoRA:
         return sum(la.rank for la in layers.values()), self.target_r * len(layers)
 
     def _mask_to_budget(
-        self, attachment: Attachment, name: str, layers: Mapping[str, AdaLoRALayer], budget: int
+        self, attachment: AdapterView, name: str, layers: Mapping[str, AdaLoRALayer], budget: int
     ) -> None:
         """Zero the E of the lowest-scoring triplets over all layers, keeping ``budget`` of them."""
         schedule = attachment.shared(name)
@@ -403,12 +401,12 @@ class Schedule(nn.Module):
         return f"target_r={self.method.target_r}, total_step={self.method.total_step}"
 
 
-def _layers(attachment: Attachment, name: str) -> dict[str, AdaLoRALayer]:
+def _layers(attachment: AdapterView, name: str) -> dict[str, AdaLoRALayer]:
     """The adapter's AdaLoRA layers (not its ``modules_to_save`` copies), in model order."""
     return {p: la for p, la in attachment.adapter_layers(name).items() if isinstance(la, AdaLoRALayer)}
 
 
-def _record_kept_ranks(attachment: Attachment, name: str, layers: Mapping[str, AdaLoRALayer]) -> None:
+def _record_kept_ranks(attachment: AdapterView, name: str, layers: Mapping[str, AdaLoRALayer]) -> None:
     """Record each masked layer's surviving rank as its module's ``kept_rank`` (the core keeps it as an
     exact-path override), so that a save holds only those triplets and a load re-creates them."""
     for path, layer in layers.items():
@@ -420,10 +418,8 @@ def _record_kept_ranks(attachment: Attachment, name: str, layers: Mapping[str, A
         layer.config = dataclasses.replace(layer.config, kept_rank=value)
 
 
-class AdaLoRALayer(nn.Module):
+class AdaLoRALayer(AdditiveLayer):
     """The trainable triplets of one AdaLoRA-adapted module and their importance state."""
-
-    additive: ClassVar[bool] = True
 
     def __init__(
         self, config: AdaLoRA, kind: str, in_features: int, out_features: int, dtype: torch.dtype
@@ -436,7 +432,7 @@ class AdaLoRALayer(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(r, in_features, dtype=dtype))  # Q, (r, in)
         self.lora_E = nn.Parameter(torch.zeros(r, 1, dtype=dtype))  # Λ, (r, 1)
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype))  # P, (out, r)
-        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = dropout_module(config.dropout)
         # r0 as a tensor, divided by as PEFT does (its ranknum + 1e-5), so outputs match to the bit.
         self.ranknum: torch.Tensor
         self.register_buffer("ranknum", torch.full((1,), float(config.init_r), dtype=dtype), persistent=False)

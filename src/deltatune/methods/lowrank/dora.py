@@ -26,7 +26,7 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> from deltatune import inject
-    >>> from deltatune.methods.dora import DoRA
+    >>> from deltatune.methods.lowrank.dora import DoRA
     >>> net = nn.Sequential(nn.Linear(16, 16))
     >>> att = inject(net, DoRA(rank=4), targets=["0"])
     >>> att.closed_form("default")
@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -44,52 +43,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._cache import Memo
-from ..core import Attachment, check, register
-from ..fields import Bool, Float, Instance, Int, param
-from ..lowrank import compute_dtype, fusable, lowrank_delta, lowrank_linear
-from ..merged import merged_linear
-from ..state import adapter_state
-from ..targets import module_kind, shape_of
-from .lora import Gaussian, KaimingUniform, LoRA, LoRAInit, adapter_dtype, dropout_active, peft_lora_config
+from ..._cache import Memo
+from ...contract import ReplacingLayer, Suite, dropout_module, merged_linear, register
+from ...contract.fields import Instance, param
+from ...lowrank import compute_dtype, fusable, lowrank_delta, lowrank_linear
+from ...state import adapter_state
+from ...targets import module_kind, shape_of
+from ...wrapper import Attachment
+from .base import Gaussian, KaimingUniform, LoRAInit, ScaledLowRank, adapter_dtype
+from .lora import LoRA, peft_lora_config
 
 _MAGNITUDE = ".lora_magnitude_vector"  # PEFT's name of m
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class DoRA:
+class DoRA(ScaledLowRank):
     """LoRA's direction update with a learned per-row magnitude.
 
     Fields (paper defaults in brackets):
-        rank, alpha, dropout, rank_stabilized: as LoRA's (:class:`deltatune.methods.lora.LoRA`).
+        rank, alpha, dropout, rank_stabilized: as LoRA's (:class:`deltatune.methods.lowrank.lora.LoRA`).
         init: initialiser of A and B, KaimingUniform() or Gaussian() [KaimingUniform()].
     """
 
-    rank: int = param(8, Int(min=1), "rank r of the direction update B A")
-    alpha: float = param(8.0, Float(low=0.0, low_open=True), "scale numerator: update is (alpha/r) B A")
-    dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
-    rank_stabilized: bool = param(False, Bool(), "rsLoRA: scale by alpha/sqrt(r) instead of alpha/r")
     init: LoRAInit = param(KaimingUniform(), Instance((KaimingUniform, Gaussian)), "initialiser of A and B")  # noqa: RUF009 - a frozen, immutable default
 
     name: ClassVar[str] = "dora"
-    mergeable: ClassVar[bool] = True
-    identity_at_init: ClassVar[bool] = True
     weight_space: ClassVar[bool] = False  # the update is not additive in W: merged(base), not delta_weight
     supports_mixed_batch: ClassVar[bool] = False  # computes the module's output itself
-    combinable: ClassVar[bool] = False
+    quantized_base: ClassVar[bool] = False  # its magnitude is a norm of the float weight
     layer_types: ClassVar[tuple[str, ...]] = ("linear",)
-    small_example: ClassVar[dict[str, Any]] = {"rank": 4}
-    variants: ClassVar[dict[str, dict[str, Any]]] = {
-        "gaussian": {"fields": {"rank": 2, "init": {"type": "gaussian"}}}
-    }
-
-    def __post_init__(self) -> None:
-        check(self)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rank_stabilized else self.rank)
+    suite: ClassVar[Suite] = Suite(
+        example={"rank": 4}, variants={"gaussian": {"fields": {"rank": 2, "init": {"type": "gaussian"}}}}
+    )
 
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
@@ -107,8 +93,7 @@ class DoRA:
         return layer
 
     def parameter_count(self, base: nn.Module) -> int:
-        in_features, out_features = shape_of(base)
-        return self.rank * (in_features + out_features) + out_features
+        return self.factor_count(base) + shape_of(base)[1]
 
     def stored_bytes(self, base: nn.Module) -> int:
         return self.parameter_count(base) * adapter_dtype(base).itemsize
@@ -169,10 +154,8 @@ class DoRA:
         return peft_lora_config(self, configs, use_dora=True, fan_in_fan_out=False), tensors
 
 
-class DoRALayer(nn.Module):
+class DoRALayer(ReplacingLayer):
     """DoRA's tensors for one ``nn.Linear``; it computes the module's output (a replacing layer)."""
-
-    additive: ClassVar[bool] = False
 
     def __init__(self, config: DoRA, in_features: int, out_features: int, dtype: torch.dtype) -> None:
         super().__init__()
@@ -181,7 +164,7 @@ class DoRALayer(nn.Module):
         self.lora_A = nn.Parameter(torch.zeros(config.rank, in_features, dtype=dtype))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.rank, dtype=dtype))  # (out, r)
         self.magnitude = nn.Parameter(torch.ones(out_features, dtype=dtype))  # m, (out,)
-        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
+        self.dropout = dropout_module(config.dropout)
         self._norm: Memo[torch.Tensor] = Memo()
         self._base_sq: Memo[torch.Tensor] = Memo()
 
@@ -205,12 +188,13 @@ class DoRALayer(nn.Module):
         """k = m / ‖W0 + s B A‖ (the norm detached)."""
         return self.magnitude / self.row_norm(base.weight)
 
-    def forward(self, base: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def forward(self, base: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        x: torch.Tensor = args[0]
         assert isinstance(base, nn.Linear)
         k = self.magnitude_scale(base)
         A, B = self.lora_A, self.lora_B
         dtype = compute_dtype(x, A)  # (the precision policy, lowrank.py: x's dtype by default)
-        if dropout_active(self):
+        if self.training and not isinstance(self.dropout, nn.Identity):
             # PEFT: base(x) + (k − 1) ⊙ W0 xd + k ⊙ s B A xd with xd = dropout(x).
             xd = self.dropout(x)
             base_out: torch.Tensor = base(x)

@@ -38,10 +38,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .. import virtual
-from ..core import Attachment, check, register
-from ..fields import Float, Instance, Int, component, param, validate
-from ..state import adapter_state
+from ... import virtual
+from ...contract import Method, ReplacingLayer, Suite, register
+from ...contract.fields import Float, Instance, Int, component, param, validate
+from ...state import adapter_state
+from ...wrapper import Attachment
 
 
 class PromptInit:
@@ -134,7 +135,7 @@ def prompt_dtype(embedding: nn.Embedding) -> torch.dtype:
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class PromptTuning:
+class PromptTuning(Method):
     """Trainable virtual token embeddings prepended to the input.
 
     Fields (paper defaults in brackets):
@@ -152,17 +153,11 @@ class PromptTuning:
 
     name: ClassVar[str] = "prompt_tuning"
     model_level: ClassVar[bool] = True  # acts on the whole body: embeddings, masks, KV cache
-    mergeable: ClassVar[bool] = False
-    identity_at_init: ClassVar[bool] = False
-    near_identity_at_init: ClassVar[bool] = False  # n extra tokens change every output at once
-    weight_space: ClassVar[bool] = False
-    supports_mixed_batch: ClassVar[bool] = False
-    combinable: ClassVar[bool] = False
     layer_types: ClassVar[tuple[str, ...]] = ("block",)
-    small_example: ClassVar[dict[str, Any]] = {"num_virtual_tokens": 3}
-
-    def __post_init__(self) -> None:
-        check(self)
+    suite: ClassVar[Suite] = Suite(
+        example={"num_virtual_tokens": 3},
+        near_identity_at_init=False,  # n extra tokens change every output at once
+    )
 
     # Placed on the transformer body (``bert``, ``model``, ...) and nowhere else.
     default_targets = virtual.body_targets
@@ -208,10 +203,8 @@ class PromptTuning:
         return config, {"prompt_embeddings": adapter_state(attachment.model, name)[f"{path}.prompts"]}
 
 
-class VirtualTokens(nn.Module):
+class VirtualTokens(ReplacingLayer):
     """Replacing layer on the body: runs it with ``prompts`` (n, d) before the input embeddings."""
-
-    additive: ClassVar[bool] = False
 
     def __init__(self, prompts: torch.Tensor, insert_at: int = 0) -> None:
         super().__init__()

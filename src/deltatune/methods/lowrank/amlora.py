@@ -47,22 +47,22 @@ from __future__ import annotations
 import math
 import weakref
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import check, register
-from ..fields import Float, Int, param
-from ..targets import shape_of
-from .lora import adapter_dtype
+from ...contract import AdapterView, AdditiveLayer, Suite, register
+from ...contract.fields import Float, Int, param
+from ...targets import shape_of
+from .base import ScaledLowRank, adapter_dtype
 from .task_loras import TaskLoRAs, as_tuple, tasks_field
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class AMLoRA:
+class AMLoRA(ScaledLowRank):
     """One LoRA per task, mixed per token by a learned, sparsely gated attention over their outputs.
 
     Fields (defaults in brackets):
@@ -75,34 +75,22 @@ class AMLoRA:
         sparsity: λ, weight of the L1 penalty on the gates [0.01].
     """
 
-    rank: int = param(8, Int(min=1), "rank r of each task's LoRA")
-    alpha: float = param(8.0, Float(low=0.0, low_open=True), "scale numerator: each update is (alpha/r) B A")
-    dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
     tasks: tuple[str, ...] = tasks_field()
     attention_dim: int = param(16, Int(min=1), "d: width of the mixer's queries and keys")
     sparsity: float = param(0.01, Float(low=0.0), "λ: weight of the L1 penalty on the mixing gates")
 
     name: ClassVar[str] = "amlora"
-    mergeable: ClassVar[bool] = False
-    identity_at_init: ClassVar[bool] = True
+    mergeable: ClassVar[bool] = False  # the gates depend on the input: no fixed weight update
     weight_space: ClassVar[bool] = False
-    supports_mixed_batch: ClassVar[bool] = True
-    quantized_base: ClassVar[bool] = True
-    combinable: ClassVar[bool] = False
     task_sequence: ClassVar[bool] = True
-    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
-    small_example: ClassVar[dict[str, Any]] = {"rank": 2, "attention_dim": 4}
-    variants: ClassVar[dict[str, dict[str, Any]]] = {
-        "three-tasks": {"fields": {"rank": 2, "attention_dim": 4, "tasks": ["a", "b", "c"]}},
-    }
+    suite: ClassVar[Suite] = Suite(
+        example={"rank": 2, "attention_dim": 4},
+        variants={"three-tasks": {"fields": {"rank": 2, "attention_dim": 4, "tasks": ["a", "b", "c"]}}},
+    )
 
     def __post_init__(self) -> None:
         as_tuple(self)
-        check(self)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+        super().__post_init__()
 
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
@@ -115,15 +103,13 @@ class AMLoRA:
         return self.attention_dim * (in_features + out_features) + len(self.tasks)
 
     def parameter_count(self, base: nn.Module) -> int:
-        in_features, out_features = shape_of(base)
-        return self.rank * (in_features + out_features) + self._mixer_count(base)
+        return self.factor_count(base) + self._mixer_count(base)
 
     def stored_bytes(self, base: nn.Module) -> int:
-        in_features, out_features = shape_of(base)
-        lora = len(self.tasks) * self.rank * (in_features + out_features)
+        lora = len(self.tasks) * self.factor_count(base)
         return (lora + self._mixer_count(base)) * adapter_dtype(base).itemsize
 
-    def regularizer(self, attachment: Any, name: str) -> torch.Tensor | None:
+    def regularizer(self, attachment: AdapterView, name: str) -> torch.Tensor | None:
         """sparsity · the mean, over the modules that ran a training forward since the last call, of
         the mean over tokens of Σ_i g_i (gates are positive: that is their L1 norm)."""
         if self.sparsity == 0:
@@ -131,7 +117,7 @@ class AMLoRA:
         norms = [
             n
             for layer in attachment.adapter_layers(name).values()
-            if (n := layer.take_gate_norm()) is not None
+            if isinstance(layer, AMLoRALayer) and (n := layer.take_gate_norm()) is not None
         ]
         if not norms:
             return None
@@ -143,10 +129,8 @@ class AMLoRA:
 _GATE_NORMS: weakref.WeakKeyDictionary[nn.Module, torch.Tensor] = weakref.WeakKeyDictionary()
 
 
-class AMLoRALayer(nn.Module):
+class AMLoRALayer(AdditiveLayer):
     """AM-LoRA on one module: the task LoRAs and their mixer."""
-
-    additive: ClassVar[bool] = True
 
     def __init__(
         self, loras: TaskLoRAs, attention_dim: int, dtype: torch.dtype, generator: torch.Generator

@@ -23,7 +23,7 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> from deltatune import inject
-    >>> from deltatune.methods.vera import VeRA
+    >>> from deltatune.methods.lowrank.vera import VeRA
     >>> net = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
     >>> att = inject(net, VeRA(rank=4), targets=["0", "2"])
     >>> att.closed_form("default")  # (4 + 32) + (4 + 8) vectors; the shared pair is regenerated
@@ -41,13 +41,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import SHARED_ATTR, Attachment, check, register
-from ..fields import Bool, Float, Int, param
-from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
-from ..lowrank import compute_dtype
-from ..state import adapter_state
-from ..targets import module_kind, shape_of
-from .lora import adapter_dtype, in_weight_layout
+from ...contract import SHARED_ATTR, LowRankLayer, Suite, register
+from ...contract.fields import Bool, Float, Int, param
+from ...interop import PEFT_TUNER_FIELDS, PeftField, peft_get
+from ...lowrank import compute_dtype
+from ...state import adapter_state
+from ...targets import module_kind, shape_of
+from ...wrapper import Attachment
+from .base import LowRank, adapter_dtype, linear_like
 
 _KINDS = ("linear", "conv1d")
 
@@ -107,7 +108,7 @@ class Projections(nn.Module):
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class VeRA:
+class VeRA(LowRank, defaults={"rank": 256}):
     """Trainable scaling vectors d and b around one frozen random pair A, B shared by all modules.
 
     Fields (PEFT's defaults in brackets):
@@ -119,30 +120,18 @@ class VeRA:
             [False here: only the vectors are stored; PEFT's default is True].
     """
 
-    rank: int = param(256, Int(min=1), "rank r of the shared random projections")
     d_initial: float = param(
         0.1, Float(), "initial value of every entry of d (0 would leave d and b without gradients)"
     )
-    dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
     projection_prng_key: int = param(0, Int(min=0), "seed of the shared random A and B")
     save_projection: bool = param(False, Bool(), "also store the shared A and B in the adapter file")
 
-    name: ClassVar[str] = "vera"
-    mergeable: ClassVar[bool] = True
-    identity_at_init: ClassVar[bool] = True  # b = 0
-    weight_space: ClassVar[bool] = True
-    supports_mixed_batch: ClassVar[bool] = True
-    quantized_base: ClassVar[bool] = True  # only adds to the base output: 4-bit bases work
-    combinable: ClassVar[bool] = False
-    layer_types: ClassVar[tuple[str, ...]] = _KINDS
-    random_init: ClassVar[bool] = False  # A, B come from projection_prng_key; d, b are constants
-    small_example: ClassVar[dict[str, Any]] = {"rank": 4}
-    variants: ClassVar[dict[str, dict[str, Any]]] = {
-        "saved-projection": {"fields": {"rank": 3, "save_projection": True}},
-    }
-
-    def __post_init__(self) -> None:
-        check(self)
+    name: ClassVar[str] = "vera"  # (identity at init: b = 0)
+    suite: ClassVar[Suite] = Suite(
+        example={"rank": 4},
+        variants={"saved-projection": {"fields": {"rank": 3, "save_projection": True}}},
+        random_init=False,  # A, B come from projection_prng_key; d, b are constants
+    )
 
     # -- shared state -----------------------------------------------------------------------------
     def make_shared(self, bases: Mapping[str, nn.Module], generator: torch.Generator) -> Projections:
@@ -169,9 +158,7 @@ class VeRA:
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
     ) -> VeRALayer:
-        kind = module_kind(base)
-        if kind not in _KINDS:
-            raise ValueError(f"VeRA: {path!r} is {type(base).__name__}, not a linear or Conv1D module")
+        kind, in_features, out_features = linear_like(base, path, "VeRA", self.layer_types)
         if not isinstance(shared, Projections):
             raise ValueError(f"VeRA: {path!r} got no shared projections")
         for field, mine, theirs in (
@@ -184,7 +171,6 @@ class VeRA:
                     f"VeRA: {path!r} overrides {field} ({mine} vs the adapter's {theirs}); the random "
                     f"projections are shared by every module, so {field} must be the same everywhere"
                 )
-        in_features, out_features = shape_of(base)
         A, B = shared.vera_A, shared.vera_B
         if in_features > A.shape[1] or out_features > B.shape[0] or A.shape[0] < self.rank:
             raise ValueError(
@@ -288,10 +274,9 @@ _PEFT_NAMES = {".vera_lambda_b": "lambda_b", ".vera_lambda_d": "lambda_d"}
 _PEFT_PROJECTIONS = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
 
 
-class VeRALayer(nn.Module):
+class VeRALayer(LowRankLayer):
     """The vectors d and b of one module; the shared pair is reached through ``shared``, not owned."""
 
-    additive: ClassVar[bool] = True
     _shared: Projections
 
     def __init__(
@@ -303,14 +288,12 @@ class VeRALayer(nn.Module):
         dtype: torch.dtype,
         shared: Projections,
     ) -> None:
-        super().__init__()
+        super().__init__(kind, 1.0, config.dropout)
         self.config = config
-        self.kind = kind
         self.in_features = in_features
         self.out_features = out_features
         self.lambda_b = nn.Parameter(torch.zeros(out_features, dtype=dtype))
         self.lambda_d = nn.Parameter(torch.full((config.rank,), config.d_initial, dtype=dtype))
-        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # Not a submodule: the pair belongs to the attachment (moved, and saved if at all, once).
         object.__setattr__(self, "_shared", shared)
 
@@ -320,18 +303,18 @@ class VeRALayer(nn.Module):
         return self._shared.vera_A[:r, : self.in_features], self._shared.vera_B[: self.out_features, :r]
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
+        """Λ_b B Λ_d A x without forming Λ_d A and Λ_b B: the vectors scale the activations."""
         A, B = self.projections()
         dtype = compute_dtype(x, self.lambda_d)
         h = F.linear(self.dropout(x.to(dtype)), A.to(dtype))  # (..., r)
         return self.lambda_b.to(dtype) * F.linear(self.lambda_d.to(dtype) * h, B.to(dtype))  # (..., out)
 
-    def delta_weight(self) -> torch.Tensor:
-        """Λ_b B Λ_d A in the layout of the base weight: (out, in) for Linear, transposed for Conv1D."""
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(Λ_d A, Λ_b B): the update is Λ_b B Λ_d A (scale 1)."""
         A, B = self.projections()
-        delta = (self.lambda_b[:, None] * B.to(self.lambda_b.dtype)) @ (
-            self.lambda_d[:, None] * A.to(self.lambda_d.dtype)
+        return self.lambda_d[:, None] * A.to(self.lambda_d.dtype), self.lambda_b[:, None] * B.to(
+            self.lambda_b.dtype
         )
-        return in_weight_layout(delta, self.kind)
 
     def extra_repr(self) -> str:
         return (

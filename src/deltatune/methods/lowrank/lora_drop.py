@@ -50,7 +50,7 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> import deltatune as dt
-    >>> from deltatune.methods.lora_drop import LoRADrop
+    >>> from deltatune.methods.lowrank.lora_drop import LoRADrop
     >>> _ = torch.manual_seed(0)
     >>> net = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
     >>> att = dt.inject(net, LoRADrop(rank=2, sample_steps=2, threshold=0.5), targets=["0", "1"])
@@ -77,12 +77,12 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._cache import Memo
-from ..core import check, register
-from ..fields import Bool, Float, Int, param
-from ..lowrank import lowrank_delta
-from ..targets import module_kind, shape_of
-from .lora import KaimingUniform, adapter_dtype, dropout_active, in_weight_layout
+from ..._cache import Memo
+from ...contract import LowRankLayer, Suite, register
+from ...contract.fields import Bool, Float, Int, param
+from ...lowrank import lowrank_delta
+from ...targets import shape_of
+from .base import KaimingUniform, ScaledLowRank, adapter_dtype, linear_like, restart_factors
 
 __all__ = ["DropPair", "DropShared", "LoRADrop", "LoRADropLayer", "group_of", "kept_by_importance"]
 
@@ -133,13 +133,7 @@ class DropPair(nn.Module):
     def restart(self) -> None:
         """The pair as it was made (A Kaiming-uniform from its seed, B = 0), whatever the sampling
         phase's zero gradients and weight decay did to it."""
-        generator = torch.Generator().manual_seed(self.seed)
-        A = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype)
-        B = torch.empty(self.lora_B.shape, dtype=self.lora_B.dtype)
-        KaimingUniform().initialise(A, B, kind="linear", generator=generator)
-        with torch.no_grad():
-            self.lora_A.copy_(A)
-            self.lora_B.copy_(B)
+        restart_factors(self.lora_A, self.lora_B, kind="linear", seed=self.seed)
 
     def extra_repr(self) -> str:
         return f"rank={self.lora_A.shape[0]}, in={self.lora_A.shape[1]}, out={self.lora_B.shape[0]}"
@@ -170,7 +164,7 @@ def _flag(memo: Memo[bool], t: torch.Tensor) -> bool:
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class LoRADrop:
+class LoRADrop(ScaledLowRank):
     """LoRA whose least important modules, judged by their output after a sampling phase, share one
     pair of factors per group (see the module docstring for the procedure).
 
@@ -187,9 +181,6 @@ class LoRADrop:
             ``overrides``; the decision records itself so) [False].
     """
 
-    rank: int = param(8, Int(min=1), "rank r of the factors B A")
-    alpha: float = param(8.0, Float(low=0.0, low_open=True), "scale numerator: update is (alpha/r) B A")
-    dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
     sample_steps: int = param(
         0,
         Int(min=0),
@@ -202,21 +193,7 @@ class LoRADrop:
     dropped: bool = param(False, Bool(), "the module uses its group's shared pair (set per module)")
 
     name: ClassVar[str] = "lora_drop"
-    mergeable: ClassVar[bool] = True
-    identity_at_init: ClassVar[bool] = True
-    weight_space: ClassVar[bool] = True
-    supports_mixed_batch: ClassVar[bool] = True
-    quantized_base: ClassVar[bool] = True  # only adds to the base output
-    combinable: ClassVar[bool] = False
-    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
-    small_example: ClassVar[dict[str, Any]] = {"rank": 2, "sample_steps": 2}
-
-    def __post_init__(self) -> None:
-        check(self)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+    suite: ClassVar[Suite] = Suite(example={"rank": 2, "sample_steps": 2})
 
     # -- shared state -----------------------------------------------------------------------------
     def _groups(self, bases: Mapping[str, nn.Module]) -> dict[str, tuple[int, int, torch.dtype]]:
@@ -240,8 +217,7 @@ class LoRADrop:
 
     # -- per module -------------------------------------------------------------------------------
     def parameter_count(self, base: nn.Module) -> int:
-        in_features, out_features = shape_of(base)
-        return 0 if self.dropped else self.rank * (in_features + out_features)
+        return 0 if self.dropped else self.factor_count(base)
 
     def stored_bytes(self, base: nn.Module) -> int:
         return self.parameter_count(base) * adapter_dtype(base).itemsize + 1  # (+ the uint8 marker)
@@ -249,9 +225,7 @@ class LoRADrop:
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
     ) -> LoRADropLayer:
-        kind = module_kind(base)
-        if kind not in self.layer_types:
-            raise ValueError(f"LoRADrop: {path!r} is {type(base).__name__}, not a linear or Conv1D module")
+        kind, in_features, out_features = linear_like(base, path, "LoRADrop", self.layer_types)
         if not isinstance(shared, DropShared) or shared.rank != self.rank:
             raise ValueError(
                 f"LoRADrop: {path!r} overrides rank; a dropped module uses the pair its group shares, "
@@ -262,7 +236,6 @@ class LoRADrop:
             raise ValueError(f"LoRADrop: {path!r} (group {group!r}) has no shared pair")
         pair = shared.pairs[group]
         assert isinstance(pair, DropPair)
-        in_features, out_features = shape_of(base)
         layer = LoRADropLayer(self, kind, in_features, out_features, adapter_dtype(base), pair, shared)
         if layer.lora_A is not None and layer.lora_B is not None:
             KaimingUniform().initialise(layer.lora_A.data, layer.lora_B.data, kind=kind, generator=generator)
@@ -349,10 +322,9 @@ def _record(attachment: Any, name: str, layers: Mapping[str, LoRADropLayer]) -> 
         attachment.freeze(name, [t for t in (layer.lora_A, layer.lora_B) if isinstance(t, nn.Parameter)])
 
 
-class LoRADropLayer(nn.Module):
+class LoRADropLayer(LowRankLayer):
     """One module's LoRA-drop update: its own (A, B) while kept, its group's shared pair once dropped."""
 
-    additive: ClassVar[bool] = True
     lora_A: nn.Parameter | None  # noqa: N815 (the saved names, as LoRA's)
     lora_B: nn.Parameter | None  # noqa: N815
     importance: torch.Tensor
@@ -370,15 +342,12 @@ class LoRADropLayer(nn.Module):
         pair: DropPair,
         shared: DropShared,
     ) -> None:
-        super().__init__()
+        super().__init__(kind, config.scale, config.dropout)
         self.config = config
-        self.kind = kind
-        self.scale = config.scale
         own = not config.dropped
         r = config.rank
         self.lora_A = nn.Parameter(torch.zeros(r, in_features, dtype=dtype)) if own else None  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_features, r, dtype=dtype)) if own else None  # (out, r)
-        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # Persistent (a checkpoint's step state): Σ ‖s·B A x‖² of the sampling phase, and the marker.
         self.register_buffer("importance", torch.zeros((), dtype=torch.float64))
         self.register_buffer("dropped", torch.tensor(0 if own else 1, dtype=torch.uint8))
@@ -426,28 +395,12 @@ class LoRADropLayer(nn.Module):
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
         """(A, B, s) for the fused kernel of :mod:`deltatune.lowrank`; None while dropout is active or
         while the importance is collected (then ``delta`` must run)."""
-        if self.kind != "linear" or dropout_active(self):
-            return None
-        if self.collecting():
-            return None
-        A, B = self.factors()
-        return A, B, self.scale
-
-    def delta_weight(self) -> torch.Tensor:
-        """s · B A (the update in use) in the layout of the base weight: (out, in), transposed for Conv1D."""
-        A, B = self.factors()
-        return in_weight_layout((B @ A) * self.scale, self.kind)
+        return None if self.collecting() else super().lowrank_factors()
 
     def restart(self) -> None:
         """Fresh factors (A Kaiming-uniform from the layer's seed, B = 0): the kept module's new start."""
         assert self.lora_A is not None and self.lora_B is not None
-        generator = torch.Generator().manual_seed(self.seed)
-        A = torch.empty(self.lora_A.shape, dtype=self.lora_A.dtype)
-        B = torch.empty(self.lora_B.shape, dtype=self.lora_B.dtype)
-        KaimingUniform().initialise(A, B, kind=self.kind, generator=generator)
-        with torch.no_grad():
-            self.lora_A.copy_(A)
-            self.lora_B.copy_(B)
+        restart_factors(self.lora_A, self.lora_B, kind=self.kind, seed=self.seed)
 
     def export_state(self) -> dict[str, torch.Tensor]:
         """A kept module: its factors and the marker 0; a dropped one: the marker 1 only."""

@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..fields import Names, param
-from ..lowrank import compute_dtype, lowrank_delta
-from ..targets import module_kind, shape_of
-from .lora import adapter_dtype, dropout_active, in_weight_layout
+from ...contract.fields import Names, param
+from ...lowrank import compute_dtype
+from .base import adapter_dtype, linear_like
 
 
 class TaskLoRAs(nn.Module):
@@ -43,13 +42,10 @@ class TaskLoRAs(nn.Module):
         method: str,
     ) -> None:
         super().__init__()
-        kind = module_kind(base)
-        if kind not in ("linear", "conv1d"):
-            raise ValueError(f"{method}: {path!r} is {type(base).__name__}, not a Linear or Conv1D module")
+        kind, in_features, out_features = linear_like(base, path, method, ("linear", "conv1d"))
         self.kind = kind
         self.tasks = tuple(tasks)
         self.scale = scale
-        in_features, out_features = shape_of(base)
         dtype = adapter_dtype(base)
         self.lora_A = nn.ParameterDict()
         self.lora_B = nn.ParameterDict()
@@ -81,19 +77,6 @@ class TaskLoRAs(nn.Module):
             for t in self.tasks
         ]
         return torch.stack(outs, dim=-2)
-
-    def summed(self, x: torch.Tensor) -> torch.Tensor:
-        """``Σ_i h_i(x)`` in one pair of matmuls (rank t·r)."""
-        A, B = self.stacked()
-        return lowrank_delta(x, A, B, self.scale, self.dropout)
-
-    def fusable(self) -> bool:
-        return self.kind == "linear" and not dropout_active(self)
-
-    def delta_weight(self) -> torch.Tensor:
-        """``s · Σ_i B_i A_i`` in the layout of the base weight."""
-        A, B = self.stacked()
-        return in_weight_layout((B @ A) * self.scale, self.kind)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, tasks={list(self.tasks)}, scale={self.scale:g}"

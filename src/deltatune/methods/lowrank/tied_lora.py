@@ -36,7 +36,7 @@ Example:
     >>> import torch
     >>> from torch import nn
     >>> from deltatune import inject
-    >>> from deltatune.methods.tied_lora import TiedLoRA
+    >>> from deltatune.methods.lowrank.tied_lora import TiedLoRA
     >>> block = lambda: nn.ModuleDict({"q": nn.Linear(8, 8)})
     >>> net = nn.ModuleDict({"a": block(), "b": block()})
     >>> att = inject(net, TiedLoRA(rank=2), targets=["a.q", "b.q"])
@@ -49,17 +49,17 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..core import check, register
-from ..fields import Float, Int, OneOf, param
-from ..lowrank import compute_dtype
-from ..targets import module_kind, shape_of
-from .lora import adapter_dtype, dropout_active, in_weight_layout
+from ...contract import LowRankLayer, Suite, register
+from ...contract.fields import OneOf, param
+from ...lowrank import compute_dtype
+from ...targets import shape_of
+from .base import ScaledLowRank, adapter_dtype, linear_like
 
 #: The trainable subsets offered (letters in the order A, B, u, v): B trains, or v does.
 TRAIN_OPTIONS: tuple[str, ...] = (
@@ -160,7 +160,7 @@ def group_key(container: nn.ModuleDict, group: str) -> str:
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class TiedLoRA:
+class TiedLoRA(ScaledLowRank):
     """LoRA with A and B tied across the modules of a group, and per-module scaling vectors.
 
     Fields (defaults in brackets):
@@ -172,9 +172,6 @@ class TiedLoRA:
             group) ["ABuv"]. See the module docstring for the inits.
     """
 
-    rank: int = param(8, Int(min=1), "rank r of the tied factors A and B")
-    alpha: float = param(8.0, Float(low=0.0, low_open=True), "scale numerator: update is (alpha/r) Λv B Λu A")
-    dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
     train: str = param(
         "ABuv",
         OneOf(TRAIN_OPTIONS),
@@ -182,25 +179,10 @@ class TiedLoRA:
     )
 
     name: ClassVar[str] = "tied_lora"
-    mergeable: ClassVar[bool] = True
-    identity_at_init: ClassVar[bool] = True
-    weight_space: ClassVar[bool] = True
-    supports_mixed_batch: ClassVar[bool] = True
-    quantized_base: ClassVar[bool] = True  # only adds to the base output
-    combinable: ClassVar[bool] = False
-    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
-    small_example: ClassVar[dict[str, Any]] = {"rank": 2}
-    variants: ClassVar[dict[str, dict[str, Any]]] = {
-        "AB": {"fields": {"rank": 2, "train": "AB"}},
-        "uv": {"fields": {"rank": 2, "train": "uv"}},
-    }
-
-    def __post_init__(self) -> None:
-        check(self)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+    suite: ClassVar[Suite] = Suite(
+        example={"rank": 2},
+        variants={"AB": {"fields": {"rank": 2, "train": "AB"}}, "uv": {"fields": {"rank": 2, "train": "uv"}}},
+    )
 
     # -- shared state -----------------------------------------------------------------------------
     def make_shared(self, bases: Mapping[str, nn.Module], generator: torch.Generator) -> TiedShared:
@@ -232,16 +214,13 @@ class TiedLoRA:
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
     ) -> TiedLoRALayer:
-        kind = module_kind(base)
-        if kind not in self.layer_types:
-            raise ValueError(f"TiedLoRA: {path!r} is {type(base).__name__}, not a linear or Conv1D module")
+        kind, in_features, out_features = linear_like(base, path, "TiedLoRA", self.layer_types)
         if not isinstance(shared, TiedShared) or (shared.rank, shared.train_spec) != (self.rank, self.train):
             raise ValueError(
                 f"TiedLoRA: {path!r} overrides rank or train; A and B are shared by the modules of a "
                 "group, so those fields must be the same everywhere"
             )
         factors = shared.group(path)
-        in_features, out_features = shape_of(base)
         if (factors.lora_A.shape[1], factors.lora_B.shape[0]) != (in_features, out_features):
             raise ValueError(  # (only when wrap is given other modules than make_shared saw)
                 f"TiedLoRA: {path!r} has (in, out) = ({in_features}, {out_features}), but its group "
@@ -250,10 +229,9 @@ class TiedLoRA:
         return TiedLoRALayer(self, kind, out_features, factors, adapter_dtype(base))
 
 
-class TiedLoRALayer(nn.Module):
+class TiedLoRALayer(LowRankLayer):
     """The per-module part (u, v) of a Tied-LoRA module; the group's A and B are reached, not owned."""
 
-    additive: ClassVar[bool] = True
     _factors: TiedFactors
     u: torch.Tensor | None
     v: torch.Tensor | None
@@ -261,27 +239,24 @@ class TiedLoRALayer(nn.Module):
     def __init__(
         self, config: TiedLoRA, kind: str, out_features: int, factors: TiedFactors, dtype: torch.dtype
     ) -> None:
-        super().__init__()
+        super().__init__(kind, config.scale, config.dropout)
         self.config = config
-        self.kind = kind
-        self.scale = config.scale
         r = config.rank
         self.u = nn.Parameter(torch.ones(r, dtype=dtype)) if "u" in config.train else None
         v_init = 1.0 if "B" in config.train else 0.0
         self.v = (
             nn.Parameter(torch.full((out_features,), v_init, dtype=dtype)) if "v" in config.train else None
         )
-        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # Not a submodule: the factors belong to the adapter's shared state, saved and counted once.
         object.__setattr__(self, "_factors", factors)
 
-    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def tied(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The group's tied (A, B), the very tensors every module of the group uses."""
         return self._factors.lora_A, self._factors.lora_B
 
-    def scaled_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(Λu A, Λv B): the update is s · (Λv B)(Λu A)."""
-        A, B = self.factors()
+        A, B = self.tied()
         if self.u is not None:
             A = self.u.unsqueeze(1) * A
         if self.v is not None:
@@ -289,24 +264,13 @@ class TiedLoRALayer(nn.Module):
         return A, B
 
     def delta(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.factors()
+        """s · Λv B Λu A x without forming Λu A and Λv B: the vectors scale the activations."""
+        A, B = self.tied()
         dtype = compute_dtype(x, A)
         h = F.linear(self.dropout(x.to(dtype)), A.to(dtype))  # (..., r)
         h = h * (self.scale if self.u is None else (self.u * self.scale).to(dtype))
         y = F.linear(h, B.to(dtype))  # (..., out)
         return y if self.v is None else y * self.v.to(dtype)
-
-    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """(Λu A, Λv B, s) for the fused kernel of :mod:`deltatune.lowrank`; None while dropout is active."""
-        if self.kind != "linear" or dropout_active(self):
-            return None
-        A, B = self.scaled_factors()
-        return A, B, self.scale
-
-    def delta_weight(self) -> torch.Tensor:
-        """s · Λv B Λu A in the layout of the base weight: (out, in) for Linear, transposed for Conv1D."""
-        A, B = self.scaled_factors()
-        return in_weight_layout((B @ A) * self.scale, self.kind)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, rank={self.config.rank}, train={self.config.train}, scale={self.scale:g}"

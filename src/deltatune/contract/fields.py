@@ -63,6 +63,17 @@ class Int(Check):
 
 
 @dataclass(frozen=True)
+class IntOrNone(Int):
+    """An integer in range, or None (the field is unset)."""
+
+    def ok(self, value: Any) -> bool:
+        return value is None or super().ok(value)
+
+    def describe(self) -> str:
+        return super().describe() + ", or None"
+
+
+@dataclass(frozen=True)
 class Float(Check):
     """A real number in an interval; ``low_open``/``high_open`` exclude the end points.
 

@@ -29,15 +29,15 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from .. import anatomy
-from ..core import check, register
-from ..fields import OneOf, param
-from ..targets import module_kind, shape_of
+from ... import anatomy
+from ...contract import AdditiveLayer, Method, Suite, register
+from ...contract.fields import OneOf, param
+from ...targets import module_kind, shape_of
 
 
 def _bias_dtype(base: nn.Module) -> torch.dtype:
@@ -48,7 +48,7 @@ def _bias_dtype(base: nn.Module) -> torch.dtype:
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class BitFit:
+class BitFit(Method):
     """Train only bias terms, as an additive Δb per adapted linear layer.
 
     Fields (paper defaults in brackets):
@@ -62,15 +62,12 @@ class BitFit:
     name: ClassVar[str] = "bitfit"
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True
-    weight_space: ClassVar[bool] = False
     supports_mixed_batch: ClassVar[bool] = True
-    combinable: ClassVar[bool] = False
-    random_init: ClassVar[bool] = False  # Δb starts at zero whatever the seed
     layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
-    small_example: ClassVar[dict[str, Any]] = {}
-
-    def __post_init__(self) -> None:
-        check(self)
+    suite: ClassVar[Suite] = Suite(
+        example={},
+        random_init=False,  # Δb starts at zero whatever the seed
+    )
 
     def accepts(self, module: nn.Module) -> bool:
         """Whether BitFit can adapt ``module``: a linear layer that has a bias."""
@@ -130,10 +127,8 @@ class BitFit:
         return self.parameter_count(base) * _bias_dtype(base).itemsize
 
 
-class BitFitLayer(nn.Module):
+class BitFitLayer(AdditiveLayer):
     """Δb of one layer: added to the base output, folded into the bias on merge."""
-
-    additive: ClassVar[bool] = True
 
     def __init__(self, out_features: int, dtype: torch.dtype) -> None:
         super().__init__()

@@ -42,15 +42,16 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .. import virtual
-from ..core import Attachment, check, register
-from ..fields import Int, OneOf, param
-from ..state import adapter_state
+from ... import virtual
+from ...contract import Method, ReplacingLayer, Suite, register
+from ...contract.fields import Int, OneOf, param
+from ...state import adapter_state
+from ...wrapper import Attachment
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class PTuning:
+class PTuning(Method):
     """Virtual tokens produced by a trainable prompt encoder.
 
     Fields (paper defaults in brackets):
@@ -69,17 +70,11 @@ class PTuning:
 
     name: ClassVar[str] = "p_tuning"
     model_level: ClassVar[bool] = True  # acts on the whole body: embeddings, masks, KV cache
-    mergeable: ClassVar[bool] = False
-    identity_at_init: ClassVar[bool] = False
-    near_identity_at_init: ClassVar[bool] = False  # n extra tokens change every output at once
-    weight_space: ClassVar[bool] = False
-    supports_mixed_batch: ClassVar[bool] = False
-    combinable: ClassVar[bool] = False
     layer_types: ClassVar[tuple[str, ...]] = ("block",)
-    small_example: ClassVar[dict[str, Any]] = {"num_virtual_tokens": 3, "encoder_hidden_size": 4}
-
-    def __post_init__(self) -> None:
-        check(self)
+    suite: ClassVar[Suite] = Suite(
+        example={"num_virtual_tokens": 3, "encoder_hidden_size": 4},
+        near_identity_at_init=False,  # n extra tokens change every output at once
+    )
 
     # Placed on the transformer body (``bert``, ``model``, ...) and nowhere else.
     default_targets = virtual.body_targets
@@ -185,14 +180,12 @@ class PromptEncoder(nn.Module):
         return out
 
 
-class EncodedPrompt(nn.Module):
+class EncodedPrompt(ReplacingLayer):
     """Replacing layer on the body: virtual tokens from the encoder (training) or plain (loaded).
 
     ``export_state`` stores the encoder's output ``{"prompts": (n, d)}``; ``import_state`` of it
     leaves plain virtual tokens.
     """
-
-    additive: ClassVar[bool] = False
 
     def __init__(self, encoder: PromptEncoder, insert_at: int = 0) -> None:
         super().__init__()

@@ -50,14 +50,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .._cache import Memo
-from ..core import SHARED_ATTR, Attachment, check, register
-from ..fields import Float, Int, OneOf, param
-from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
-from ..lowrank import lowrank_delta
-from ..state import adapter_state
-from ..targets import module_kind, shape_of
-from .lora import dropout_active, in_weight_layout
+from ..._cache import Memo
+from ...contract import SHARED_ATTR, AdapterView, LowRankLayer, Suite, register
+from ...contract.fields import Float, Int, OneOf, param
+from ...interop import PEFT_TUNER_FIELDS, PeftField, peft_get
+from ...state import adapter_state
+from ...targets import module_kind, shape_of
+from ...wrapper import Attachment
+from .base import LowRank, linear_like
 
 
 def index_dtype(num_vectors: int) -> torch.dtype:
@@ -97,7 +97,7 @@ class VectorBank(nn.Module):
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class VBLoRA:
+class VBLoRA(LowRank, defaults={"rank": 4}):
     """LoRA factors built from one shared bank of vectors (top-k admixtures).
 
     Fields (paper defaults in brackets):
@@ -118,7 +118,6 @@ class VBLoRA:
             error is reported by :func:`storage_error`) ["float32"].
     """
 
-    rank: int = param(4, Int(min=1), "rank r of ΔW = B A")
     num_vectors: int = param(256, Int(min=2), "h, the number of vectors in the shared bank")
     vector_length: int = param(
         256,
@@ -129,7 +128,6 @@ class VBLoRA:
     topk: int = param(2, Int(min=1), "k, bank vectors mixed per sub-vector (<= num_vectors)")
     logits_std: float = param(0.01, Float(0.0, low_open=True), "std of the normal init of the logits")
     bank_bound: float = param(0.02, Float(0.0, low_open=True), "bank init is uniform in [-bound, bound]")
-    dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
     logits_lr_ratio: float = param(
         10.0, Float(0.0, low_open=True), "logits learning rate / bank learning rate"
     )
@@ -141,17 +139,11 @@ class VBLoRA:
     )
 
     name: ClassVar[str] = "vblora"
-    mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = False  # the bank is never zero, so ΔW is small but not zero
-    weight_space: ClassVar[bool] = True
-    supports_mixed_batch: ClassVar[bool] = True
-    quantized_base: ClassVar[bool] = True  # only adds to the base output: QLoRA-style 4-bit bases work
-    combinable: ClassVar[bool] = False
-    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
-    small_example: ClassVar[dict[str, Any]] = {"rank": 2, "num_vectors": 16, "vector_length": 8}
+    suite: ClassVar[Suite] = Suite(example={"rank": 2, "num_vectors": 16, "vector_length": 8})
 
     def __post_init__(self) -> None:
-        check(self)
+        super().__post_init__()
         if self.topk > self.num_vectors:
             raise ValueError(f"VBLoRA.topk must be <= num_vectors ({self.num_vectors}), got {self.topk}")
 
@@ -198,9 +190,7 @@ class VBLoRA:
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
     ) -> VBLoRALayer:
-        kind = module_kind(base)
-        if kind not in self.layer_types:
-            raise ValueError(f"VBLoRA: {path!r} is {type(base).__name__}, not a linear or Conv1D module")
+        kind, in_features, out_features = linear_like(base, path, "VBLoRA", self.layer_types)
         if not isinstance(shared, VectorBank) or tuple(shared.bank.shape) != (
             self.num_vectors,
             self.vector_length,
@@ -209,7 +199,6 @@ class VBLoRA:
                 f"VBLoRA: {path!r} overrides num_vectors/vector_length; the bank is shared by every module, "
                 "so those fields must be the same everywhere"
             )
-        in_features, out_features = shape_of(base)
         for what, dim in (("in_features", in_features), ("out_features", out_features)):
             if dim % self.vector_length:
                 raise ValueError(
@@ -219,12 +208,12 @@ class VBLoRA:
                 )
         return VBLoRALayer(self, kind, in_features, out_features, shared, path, generator)
 
-    def parameter_groups(self, att: Attachment, name: str) -> dict[str, tuple[list[nn.Parameter], float]]:
+    def parameter_groups(self, att: AdapterView, name: str) -> dict[str, tuple[list[nn.Parameter], float]]:
         """The bank at the base learning rate, the logits at ``logits_lr_ratio`` times it."""
         bank = att.shared(name)
         logits = [
             p
-            for layer in att.layers(name).values()
+            for layer in att.adapter_layers(name).values()
             if isinstance(layer, VBLoRALayer)
             for p in (layer.logits_A, layer.logits_B)
         ]
@@ -335,10 +324,9 @@ _PEFT_NAMES = {
 _PEFT_BANK = "base_model.vblora_vector_bank"
 
 
-class VBLoRALayer(nn.Module):
+class VBLoRALayer(LowRankLayer):
     """Logits of one adapted module; the bank is reached through the shared module, not owned."""
 
-    additive: ClassVar[bool] = True
     _shared: VectorBank
 
     def __init__(
@@ -351,9 +339,8 @@ class VBLoRALayer(nn.Module):
         path: str,
         generator: torch.Generator,
     ) -> None:
-        super().__init__()
+        super().__init__(kind, 1.0, config.dropout)
         self.config = config
-        self.kind = kind
         self.path = path
         b, h, r = config.vector_length, config.num_vectors, config.rank
         self.logits_A = nn.Parameter(
@@ -362,7 +349,6 @@ class VBLoRALayer(nn.Module):
         self.logits_B = nn.Parameter(
             torch.randn(out_features // b, r, h, generator=generator) * config.logits_std
         )
-        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         # Not a submodule: the bank belongs to the attachment and must be saved and counted once.
         object.__setattr__(self, "_shared", shared)
         # Cached values, each valid while the tensors it came from are unchanged (storage, version,
@@ -403,23 +389,6 @@ class VBLoRALayer(nn.Module):
             self._cache.put((A, B), *sources)
         return A, B
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        A, B = self.factors()
-        return lowrank_delta(x, A, B, 1.0, self.dropout)  # (..., out)
-
-    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """(A, B, 1) for the fused kernel of :mod:`deltatune.lowrank`; None while dropout is active."""
-        if self.kind != "linear" or dropout_active(self):
-            return None
-        A, B = self.factors()
-        return A, B, 1.0
-
-    def delta_weight(self) -> torch.Tensor:
-        A, B = self.factors()
-        delta = B @ A  # (out, in)
-        return in_weight_layout(delta, self.kind)
-
-    # -- storage --------------------------------------------------------------------------------
     def export_state(self) -> dict[str, torch.Tensor]:
         if self.config.save_mode == "logits":
             return {"logits_A": self.logits_A.detach(), "logits_B": self.logits_B.detach()}

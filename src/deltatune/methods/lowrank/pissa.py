@@ -49,9 +49,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ..fields import Float, Int, OneOf, Text, component, param, validate
-from ..targets import module_kind, shape_of
-from .lora import LoRAInit
+from ...contract.fields import Float, Int, OneOf, Text, component, param, validate
+from ...targets import module_kind, shape_of
+from .base import LoRAInit
 
 
 def randomized_svd(

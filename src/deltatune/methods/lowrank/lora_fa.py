@@ -19,7 +19,7 @@ Closed forms, per adapted Linear/Conv1D with (in, out) = (in_features, out_featu
 Example:
     >>> from torch import nn
     >>> from deltatune import inject
-    >>> from deltatune.methods.lora_fa import LoRAFA
+    >>> from deltatune.methods.lowrank.lora_fa import LoRAFA
     >>> net = nn.Sequential(nn.Linear(16, 16))
     >>> att = inject(net, LoRAFA(rank=4, alpha=8), targets=["0"])
     >>> att.closed_form("default")
@@ -28,22 +28,21 @@ Example:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..core import check, register
-from ..fields import Bool, Float, Int, param
-from ..targets import module_kind, shape_of
-from .lora import KaimingUniform, LoRA, LoRALayer, adapter_dtype
+from ...contract import Suite, register
+from ...targets import shape_of
+from .base import KaimingUniform, ScaledLowRank, adapter_dtype, linear_like
+from .lora import LoRA, LoRALayer, lora_of
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class LoRAFA:
+class LoRAFA(ScaledLowRank):
     """LoRA with A frozen at its random initialisation; only B trains.
 
     Fields (paper defaults in brackets):
@@ -53,43 +52,16 @@ class LoRAFA:
         rank_stabilized: rsLoRA scaling alpha/sqrt(r) instead of alpha/r [False].
     """
 
-    rank: int = param(8, Int(min=1), "rank r of the update B A")
-    alpha: float = param(8.0, Float(low=0.0, low_open=True), "scale numerator: update is (alpha/r) B A")
-    dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
-    rank_stabilized: bool = param(False, Bool(), "rsLoRA: scale by alpha/sqrt(r) instead of alpha/r")
-
     name: ClassVar[str] = "lora_fa"
-    mergeable: ClassVar[bool] = True
-    identity_at_init: ClassVar[bool] = True
-    weight_space: ClassVar[bool] = True
-    supports_mixed_batch: ClassVar[bool] = True
-    quantized_base: ClassVar[bool] = True  # only adds to the base output
-    combinable: ClassVar[bool] = False
-    # Not embeddings: LoRA's embedding init is A = 0, which frozen would never learn.
-    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
-    small_example: ClassVar[dict[str, Any]] = {"rank": 4}
-
-    def __post_init__(self) -> None:
-        check(self)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rank_stabilized else self.rank)
-
-    def as_lora(self) -> LoRA:
-        """The LoRA configuration with the same factors and scale (what the layer is built from)."""
-        return LoRA(
-            rank=self.rank, alpha=self.alpha, dropout=self.dropout, rank_stabilized=self.rank_stabilized
-        )
+    # (Not embeddings, the base's layer types: LoRA's embedding init is A = 0, which frozen would
+    # never learn.)
+    suite: ClassVar[Suite] = Suite(example={"rank": 4})
 
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
     ) -> LoRAFALayer:
-        kind = module_kind(base)
-        if kind not in self.layer_types:
-            raise ValueError(f"LoRAFA: {path!r} is {type(base).__name__}, not a linear/Conv1D module")
-        in_features, out_features = shape_of(base)
-        layer = LoRAFALayer(self.as_lora(), kind, in_features, out_features, adapter_dtype(base), base)
+        kind, in_features, out_features = linear_like(base, path, "LoRAFA", self.layer_types)
+        layer = LoRAFALayer(lora_of(self), kind, in_features, out_features, adapter_dtype(base), base)
         KaimingUniform().initialise(layer.lora_A, layer.lora_B.data, kind=kind, generator=generator)
         return layer
 
@@ -97,8 +69,7 @@ class LoRAFA:
         return self.rank * shape_of(base)[1]
 
     def stored_bytes(self, base: nn.Module) -> int:
-        in_features, out_features = shape_of(base)
-        return self.rank * (in_features + out_features) * adapter_dtype(base).itemsize
+        return self.factor_count(base) * adapter_dtype(base).itemsize
 
 
 class LoRAFALayer(LoRALayer):

@@ -31,70 +31,21 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from ..checks import few
-from ..core import Attachment, check, register
-from ..fields import Bool, Float, Instance, Int, OneOf, component, param
-from ..interop import PEFT_TUNER_FIELDS, PeftField, peft_get
-from ..lowrank import lowrank_delta
-from ..state import adapter_state
-from ..targets import module_kind, shape_of
-
-
-class LoRAInit:
-    """An initialiser of LoRA factors. Subclasses are frozen dataclasses registered as components."""
-
-    def initialise(
-        self, A: torch.Tensor, B: torch.Tensor, *, kind: str, generator: torch.Generator
-    ) -> None:  # pragma: no cover - interface
-        raise TypeError(f"{type(self).__name__} must implement initialise()")
-
-
-def _embedding_init(A: torch.Tensor, B: torch.Tensor, generator: torch.Generator) -> None:
-    # On embeddings the roles swap (reference code and PEFT): A = 0, B ~ N(0, 1).
-    A.zero_()
-    B.normal_(0.0, 1.0, generator=generator)
-
-
-@component("kaiming_uniform")
-@dataclass(frozen=True)
-class KaimingUniform(LoRAInit):
-    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (PyTorch's Linear init, ``kaiming_uniform_(a=sqrt(5))``), B = 0."""
-
-    def initialise(self, A: torch.Tensor, B: torch.Tensor, *, kind: str, generator: torch.Generator) -> None:
-        if kind == "embedding":
-            _embedding_init(A, B, generator)
-            return
-        bound = 1.0 / math.sqrt(A.shape[1])
-        A.uniform_(-bound, bound, generator=generator)
-        B.zero_()
-
-
-@component("gaussian")
-@dataclass(frozen=True)
-class Gaussian(LoRAInit):
-    """A ~ N(0, 1/r), B = 0 (PEFT's ``init_lora_weights="gaussian"``)."""
-
-    def initialise(self, A: torch.Tensor, B: torch.Tensor, *, kind: str, generator: torch.Generator) -> None:
-        if kind == "embedding":
-            _embedding_init(A, B, generator)
-            return
-        A.normal_(0.0, 1.0 / A.shape[0], generator=generator)
-        B.zero_()
-
-
-def adapter_dtype(base: nn.Module) -> torch.dtype:
-    """Adapters train in float32 on a bf16/fp16 base, and in float64 on a float64 base."""
-    weight = base.weight
-    dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
-    return torch.promote_types(dtype, torch.float32)
+from ...checks import few
+from ...contract import LowRankLayer, Suite, register
+from ...contract.fields import Instance, OneOf, param
+from ...interop import PEFT_TUNER_FIELDS, PeftField, peft_get
+from ...state import adapter_state
+from ...targets import module_kind
+from ...wrapper import Attachment
+from .base import Gaussian, KaimingUniform, LoRAInit, ScaledLowRank, adapter_dtype, linear_like
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class LoRA:
+class LoRA(ScaledLowRank):
     """Low-rank update of a weight.
 
     Fields (paper defaults in brackets):
@@ -103,17 +54,13 @@ class LoRA:
         dropout: dropout on the adapter's input [0.0; the paper uses 0.1 on some GLUE tasks].
         rank_stabilized: rsLoRA scaling alpha/sqrt(r) instead of alpha/r [False].
         init: initialiser of A and B [KaimingUniform()]; PiSSA(), MiLoRA(), CorDA(...) take the
-            factors out of the weight (see :mod:`deltatune.methods.pissa`).
+            factors out of the weight (see :mod:`deltatune.methods.lowrank.pissa`).
         save_mode: for those weight-derived inits, "lora" saves a plain rank-2r LoRA
             ``[B | −B0] [A ; A0]`` on the original weight (loads anywhere, PEFT included); "native"
             saves only the rank-r factors and recomputes the frozen ``A0, B0`` from the base at load
             (half the bytes; needs the same base and init config) ["lora"].
     """
 
-    rank: int = param(8, Int(min=1), "rank r of the update B A")
-    alpha: float = param(8.0, Float(low=0.0, low_open=True), "scale numerator: update is (alpha/r) B A")
-    dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
-    rank_stabilized: bool = param(False, Bool(), "rsLoRA: scale by alpha/sqrt(r) instead of alpha/r")
     init: LoRAInit = param(KaimingUniform(), Instance((LoRAInit,)), "initialiser of A and B")  # noqa: RUF009 - a frozen, immutable default
     save_mode: str = param(
         "lora",
@@ -123,58 +70,43 @@ class LoRA:
     )
 
     name: ClassVar[str] = "lora"
-    mergeable: ClassVar[bool] = True
-    identity_at_init: ClassVar[bool] = True
-    weight_space: ClassVar[bool] = True
-    supports_mixed_batch: ClassVar[bool] = True
-    quantized_base: ClassVar[bool] = True  # only adds to the base output: QLoRA-style 4-bit bases work
     combinable: ClassVar[bool] = True
     layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "embedding")
-    small_example: ClassVar[dict[str, Any]] = {"rank": 4}
-    # Other configurations the invariant suite runs (initialisers in JSON form; see methods/pissa.py).
-    variants: ClassVar[dict[str, dict[str, Any]]] = {
-        "pissa": {
-            "fields": {"rank": 2, "init": {"type": "pissa"}},
-            "layer_types": ("linear", "conv1d"),
-            "quantized_base": False,  # takes the float weight apart (QPiSSA: quantise after inject)
+    # Other configurations the invariant suite runs (initialisers in JSON form; see methods/lowrank/pissa.py).
+    suite: ClassVar[Suite] = Suite(
+        example={"rank": 4},
+        variants={
+            "pissa": {
+                "fields": {"rank": 2, "init": {"type": "pissa"}},
+                "layer_types": ("linear", "conv1d"),
+                "quantized_base": False,  # takes the float weight apart (QPiSSA: quantise after inject)
+                "random_init": False,  # the factors come from the weight's SVD
+            },
+            "pissa-randomized": {
+                "fields": {"rank": 2, "init": {"type": "pissa", "svd": "randomized", "niter": 2}},
+                "layer_types": ("linear", "conv1d"),
+                "quantized_base": False,
+            },
+            "corda": {
+                "fields": {"rank": 2, "init": {"type": "corda", "covariance": "<calibration>"}},
+                "calibration": True,  # the suite supplies input covariances from calibration data
+                "layer_types": ("linear", "conv1d"),
+                "quantized_base": False,
+                "random_init": False,
+            },
+            "milora-native": {
+                "fields": {"rank": 2, "init": {"type": "milora"}, "save_mode": "native"},
+                "layer_types": ("linear", "conv1d"),
+                "quantized_base": False,
+                "random_init": False,
+            },
         },
-        "pissa-randomized": {
-            "fields": {"rank": 2, "init": {"type": "pissa", "svd": "randomized", "niter": 2}},
-            "layer_types": ("linear", "conv1d"),
-            "quantized_base": False,
-        },
-        "corda": {
-            "fields": {"rank": 2, "init": {"type": "corda", "covariance": "<calibration>"}},
-            "calibration": True,  # the suite supplies input covariances from calibration data
-            "layer_types": ("linear", "conv1d"),
-            "quantized_base": False,
-        },
-        "milora-native": {
-            "fields": {"rank": 2, "init": {"type": "milora"}, "save_mode": "native"},
-            "layer_types": ("linear", "conv1d"),
-            "quantized_base": False,
-        },
-    }
-
-    def __post_init__(self) -> None:
-        check(self)
-
-    @property
-    def random_init(self) -> bool:
-        """Whether the init draws random numbers (another seed, another init)."""
-        return bool(getattr(self.init, "random", True))
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / (math.sqrt(self.rank) if self.rank_stabilized else self.rank)
+    )
 
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
     ) -> LoRALayer:
-        kind = module_kind(base)
-        if kind is None:
-            raise ValueError(f"LoRA: {path!r} is {type(base).__name__}, not a linear/Conv1D/embedding module")
-        in_features, out_features = shape_of(base)
+        kind, in_features, out_features = linear_like(base, path, "LoRA", self.layer_types)
         layer = LoRALayer(self, kind, in_features, out_features, adapter_dtype(base), base)
         from_weight = getattr(self.init, "from_weight", None)
         if from_weight is None:
@@ -206,8 +138,7 @@ class LoRA:
         return layer
 
     def parameter_count(self, base: nn.Module) -> int:
-        in_features, out_features = shape_of(base)
-        return self.rank * (in_features + out_features)
+        return self.factor_count(base)
 
     def stored_bytes(self, base: nn.Module) -> int:
         doubled = 2 if self.saves_as_plain_lora else 1
@@ -241,7 +172,7 @@ class LoRA:
                 )
             layers.append(part)
         first = layers[0]
-        factors = [layer.effective_factors() for layer in layers]
+        factors = [layer.factors() for layer in layers]
         rank = sum(int(A.shape[0]) for A, _ in factors)
         config = cls(rank=rank, alpha=float(rank), dropout=first.config.dropout)
         out = LoRALayer(
@@ -317,7 +248,10 @@ class LoRA:
             "refused", "a bias on lora_B is not LoRA's update", "false", (bool,), (False,)
         ),
         "use_dora": PeftField(
-            "converted", "true imports as deltatune's DoRA (methods/dora.py)", "true or false", (bool,)
+            "converted",
+            "true imports as deltatune's DoRA (methods/lowrank/dora.py)",
+            "true or false",
+            (bool,),
         ),
         "use_qalora": PeftField("refused", "QA-LoRA pools the input group-wise", "false", (bool,), (False,)),
         "ensure_weight_tying": PeftField(
@@ -351,7 +285,7 @@ class LoRA:
         """PEFT's LoRA: the targets are the modules that have tensors in the file (so PEFT's
         suffix/regex rules never need re-implementing); ranks per module from the tensor shapes,
         alphas from ``alpha_pattern``. (A file with ``use_dora`` is DoRA's: deltatune.peft hands
-        it to methods/dora.py.)"""
+        it to methods/lowrank/dora.py.)"""
         factors: dict[str, dict[str, torch.Tensor]] = {}  # path -> {"lora_A": ..., "lora_B": ...}
         for key, value in tensors.items():
             suffix = next((s for s in _PEFT_NAMES if key.endswith(s)), None)
@@ -465,22 +399,16 @@ _PEFT_NAMES = {
 _PEFT_LINEAR = ("lora_A.weight", "lora_B.weight")
 
 
-def dropout_active(layer: nn.Module) -> bool:
-    """Whether a layer's input dropout acts now (training with p > 0): then the fused kernel, which
-    reads the undropped input, cannot serve it."""
-    return layer.training and not isinstance(layer.dropout, nn.Identity)
+def lora_of(method: ScaledLowRank) -> LoRA:
+    """The LoRA configuration with ``method``'s rank, alpha, dropout and scaling: what the layers of
+    LoRA-FA, Delta-LoRA and ReLoRA are built from."""
+    return LoRA(
+        rank=method.rank, alpha=method.alpha, dropout=method.dropout, rank_stabilized=method.rank_stabilized
+    )
 
 
-def in_weight_layout(delta: torch.Tensor, kind: str) -> torch.Tensor:
-    """An ``(out, in)`` update in the layout of the base module's weight: as it is for Linear,
-    transposed for GPT-2's Conv1D (``(in, out)``)."""
-    return delta if kind == "linear" else delta.t()
-
-
-class LoRALayer(nn.Module):
+class LoRALayer(LowRankLayer):
     """The trainable part of one LoRA-adapted module; the base module is passed in, never owned."""
-
-    additive: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -492,13 +420,10 @@ class LoRALayer(nn.Module):
         base: nn.Module | None,
         embedding_kwargs: dict[str, Any] | None = None,
     ) -> None:
-        super().__init__()
+        super().__init__(kind, config.scale, config.dropout)
         self.config = config
-        self.kind = kind
-        self.scale = config.scale
         self.lora_A = nn.Parameter(torch.zeros(config.rank, in_features, dtype=dtype))  # (r, in)
         self.lora_B = nn.Parameter(torch.zeros(out_features, config.rank, dtype=dtype))  # (out, r)
-        self.dropout: nn.Module = nn.Dropout(config.dropout) if config.dropout > 0 else nn.Identity()
         if embedding_kwargs is None and isinstance(base, nn.Embedding):
             embedding_kwargs = {
                 "padding_idx": base.padding_idx,
@@ -524,24 +449,16 @@ class LoRALayer(nn.Module):
             self.frozen_A = self.lora_A.detach().clone()
             self.frozen_B = self.lora_B.detach().clone()
 
-    def effective_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) such that the update is s · B A: [A ; A0] and [B | −B0] with a frozen part."""
         if self.frozen_A is None or self.frozen_B is None:
             return self.lora_A, self.lora_B
         return torch.cat([self.lora_A, self.frozen_A]), torch.cat([self.lora_B, -self.frozen_B], dim=1)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        """s · B A x for the adapter's input ``x`` (token ids for an embedding)."""
-        A, B = self.effective_factors()
-        if self.kind == "embedding":
-            h = F.embedding(x, A.t(), **self.embedding_kwargs)  # (..., r)
-            return F.linear(h * self.scale, B)  # (..., out)
-        return lowrank_delta(x, A, B, self.scale, self.dropout)  # (the precision policy: lowrank.py)
-
     def export_state(self) -> dict[str, torch.Tensor]:
         """What the file stores: the effective factors in "lora" save mode (see LoRA.save_mode)."""
         if self.frozen_A is not None and self.config.save_mode == "lora":
-            A, B = self.effective_factors()
+            A, B = self.factors()
             return {"lora_A": A.detach(), "lora_B": B.detach()}
         return {"lora_A": self.lora_A.detach(), "lora_B": self.lora_B.detach()}
 
@@ -557,18 +474,6 @@ class LoRALayer(nn.Module):
                 self.frozen_B.copy_(-B[:, r:])
             return
         self.load_state_dict({"lora_A": A, "lora_B": B}, strict=True)
-
-    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """(A, B, s) for the fused kernel of :mod:`deltatune.lowrank`; None while dropout is active."""
-        if self.kind != "linear" or dropout_active(self):
-            return None
-        A, B = self.effective_factors()
-        return A, B, self.scale
-
-    def delta_weight(self) -> torch.Tensor:
-        """s · B A in the layout of the base weight: (out, in) for Linear, transposed otherwise."""
-        A, B = self.effective_factors()
-        return in_weight_layout((B @ A) * self.scale, self.kind)
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, rank={self.lora_A.shape[0]}, scale={self.scale:g}"

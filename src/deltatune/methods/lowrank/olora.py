@@ -40,21 +40,20 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
-from ..core import check, register
-from ..fields import Float, Int, param
-from ..targets import shape_of
-from .lora import adapter_dtype
+from ...contract import AdapterView, LowRankLayer, Suite, register
+from ...contract.fields import Float, param
+from .base import ScaledLowRank, adapter_dtype
 from .task_loras import TaskLoRAs, as_tuple, tasks_field
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class OLoRA:
+class OLoRA(ScaledLowRank):
     """One LoRA per task, the earlier ones frozen, the new one kept orthogonal to them.
 
     Fields (paper defaults in brackets):
@@ -67,34 +66,20 @@ class OLoRA:
         l2: λ2, weight of the new task's ‖θ_t‖² [0.0].
     """
 
-    rank: int = param(8, Int(min=1), "rank r of each task's LoRA")
-    alpha: float = param(8.0, Float(low=0.0, low_open=True), "scale numerator: each update is (alpha/r) B A")
-    dropout: float = param(0.0, Float(0.0, 1.0, high_open=True), "dropout probability on the adapter input")
     tasks: tuple[str, ...] = tasks_field()
     orthogonality: float = param(0.5, Float(low=0.0), "λ1: weight of Σ_{i<t} ‖A_i A_tᵀ‖² in the loss")
     l2: float = param(0.0, Float(low=0.0), "λ2: weight of the new task's ‖A_t‖² + ‖B_t‖² in the loss")
 
     name: ClassVar[str] = "olora"
-    mergeable: ClassVar[bool] = True
-    identity_at_init: ClassVar[bool] = True
-    weight_space: ClassVar[bool] = True
-    supports_mixed_batch: ClassVar[bool] = True
-    quantized_base: ClassVar[bool] = True
-    combinable: ClassVar[bool] = False
     task_sequence: ClassVar[bool] = True
-    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d")
-    small_example: ClassVar[dict[str, Any]] = {"rank": 2}
-    variants: ClassVar[dict[str, dict[str, Any]]] = {
-        "three-tasks": {"fields": {"rank": 2, "tasks": ["a", "b", "c"], "l2": 0.1}},
-    }
+    suite: ClassVar[Suite] = Suite(
+        example={"rank": 2},
+        variants={"three-tasks": {"fields": {"rank": 2, "tasks": ["a", "b", "c"], "l2": 0.1}}},
+    )
 
     def __post_init__(self) -> None:
         as_tuple(self)
-        check(self)
-
-    @property
-    def scale(self) -> float:
-        return self.alpha / self.rank
+        super().__post_init__()
 
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
@@ -104,18 +89,18 @@ class OLoRA:
         )
 
     def parameter_count(self, base: nn.Module) -> int:
-        in_features, out_features = shape_of(base)
-        return self.rank * (in_features + out_features)
+        return self.factor_count(base)
 
     def stored_bytes(self, base: nn.Module) -> int:
         return len(self.tasks) * self.parameter_count(base) * adapter_dtype(base).itemsize
 
-    def regularizer(self, attachment: Any, name: str) -> torch.Tensor | None:
+    def regularizer(self, attachment: AdapterView, name: str) -> torch.Tensor | None:
         """λ1 · Σ_modules Σ_{i<t} ‖A_i A_tᵀ‖²_F + λ2 · Σ_modules ‖θ_t‖²; None while the newest task
         does not train (a loaded, frozen sequence) or both weights are 0."""
         terms: list[torch.Tensor] = []
         for layer in attachment.adapter_layers(name).values():
-            loras: TaskLoRAs = layer.loras
+            assert isinstance(layer, OLoRALayer)
+            loras = layer.loras
             A_t = loras.lora_A[loras.newest]
             if not A_t.requires_grad:
                 continue
@@ -130,24 +115,13 @@ class OLoRA:
         return torch.stack(terms).sum()
 
 
-class OLoRALayer(nn.Module):
-    """O-LoRA on one module: the sum of every task's LoRA."""
-
-    additive: ClassVar[bool] = True
+class OLoRALayer(LowRankLayer):
+    """O-LoRA on one module: the sum of every task's LoRA, ``s · [B_1 | ...] [A_1; ...]`` (rank t·r)."""
 
     def __init__(self, loras: TaskLoRAs) -> None:
-        super().__init__()
+        super().__init__(loras.kind, loras.scale, 0.0)
         self.loras = loras
+        self.dropout = loras.dropout  # (the one module: no parameters, nothing saved twice)
 
-    def delta(self, x: torch.Tensor) -> torch.Tensor:
-        return self.loras.summed(x)
-
-    def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """(A, B, s) of the summed update, rank t·r (the fused kernel; None while dropout acts)."""
-        if not self.loras.fusable():
-            return None
-        A, B = self.loras.stacked()
-        return A, B, self.loras.scale
-
-    def delta_weight(self) -> torch.Tensor:
-        return self.loras.delta_weight()
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.loras.stacked()

@@ -33,9 +33,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from .. import anatomy
-from ..core import Adapted, check, register
-from ..fields import Int, param
+from ... import anatomy
+from ...contract import Method, ReplacingLayer, Suite, Wrapped, register
+from ...contract.fields import Int, param
 
 
 def _master_dtype(p: torch.Tensor) -> torch.dtype:
@@ -44,7 +44,7 @@ def _master_dtype(p: torch.Tensor) -> torch.dtype:
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class Partial:
+class Partial(Method):
     """Train a full copy of each of the last ``blocks`` blocks.
 
     Fields (defaults in brackets):
@@ -57,15 +57,11 @@ class Partial:
     name: ClassVar[str] = "partial"
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True
-    weight_space: ClassVar[bool] = False
-    supports_mixed_batch: ClassVar[bool] = False
-    combinable: ClassVar[bool] = False
-    random_init: ClassVar[bool] = False  # the copy equals the base: the seed does not matter
     layer_types: ClassVar[tuple[str, ...]] = ("block",)
-    small_example: ClassVar[dict[str, Any]] = {"blocks": 2}
-
-    def __post_init__(self) -> None:
-        check(self)
+    suite: ClassVar[Suite] = Suite(
+        example={"blocks": 2},
+        random_init=False,  # the copy equals the base: the seed does not matter
+    )
 
     def default_targets(self, model: nn.Module) -> list[str]:
         parts = anatomy.describe(model)
@@ -86,7 +82,7 @@ class Partial:
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
     ) -> BlockCopy:
-        inner = [name for name, m in base.named_modules() if isinstance(m, Adapted)]
+        inner = [name for name, m in base.named_modules() if isinstance(m, Wrapped)]
         if inner:
             raise ValueError(
                 f"Partial: {path!r} already contains adapted modules ({inner[:3]}); inject Partial "
@@ -101,10 +97,8 @@ class Partial:
         return sum(p.numel() * _master_dtype(p).itemsize for p in base.parameters())
 
 
-class BlockCopy(nn.Module):
+class BlockCopy(ReplacingLayer):
     """A trainable copy of a block that runs instead of it (a replacing layer)."""
-
-    additive: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()

@@ -1,0 +1,1 @@
+"""Soft prompts: prompt tuning, prefix tuning and P-tuning, acting on a transformers body."""

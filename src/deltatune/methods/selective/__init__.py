@@ -1,0 +1,1 @@
+"""Selective methods: train a part of the model itself (biases, the last blocks)."""
