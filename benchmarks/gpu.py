@@ -12,7 +12,7 @@ Rows (``--rows``):
 * ``full``: full fine-tuning (AdamW over every weight);
 * ``lora``: deltatune LoRA r=16, alpha 32, all 7 projections, defaults (float32 parameters, the
   adapter computing in bf16: ``deltatune.lowrank``'s "input" precision);
-* ``lora-fp32``: the same computing in float32 (``dt.set_adapter_precision("adapter")``);
+* ``lora-fp32``: the same computing in float32 (``dt.adapter_precision_as("adapter")``);
 * ``peft-lora`` / ``peft-lora-bf16``: PEFT's LoRA with its defaults (``autocast_adapter_dtype=True``:
   float32 adapters) and with ``autocast_adapter_dtype=False`` (adapters in bf16);
 * ``vblora`` / ``peft-vblora``: VB-LoRA r=4, 256 vectors of 64, top-2;

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import copy
 import threading
 from collections.abc import Callable, Sequence
 from functools import partial
 
+import pytest
 import torch
 from torch import nn
 
@@ -215,3 +217,24 @@ def test_set_active_is_model_wide() -> None:
     worker.join()
     assert seen == [("a2",)]
     assert "Model-wide" in (dt.set_active.__doc__ or "")
+
+
+def test_adapter_precision_is_a_property_of_the_model_not_of_the_process() -> None:
+    """``set_adapter_precision(model, ...)`` changes that model's adapters only; a block wins over it."""
+    torch.manual_seed(0)
+    a = nn.Sequential(nn.Linear(8, 8)).to(torch.bfloat16)
+    dt.inject(a, dt.LoRA(rank=2), targets=["0"])
+    with torch.no_grad():
+        a[0].adapters["default"].lora_B.normal_()
+    b = copy.deepcopy(a)
+    x = torch.randn(4, 8, dtype=torch.bfloat16)
+    narrow = a(x)
+    dt.set_adapter_precision(a, "adapter")
+    wide = a(x)
+    assert not torch.equal(wide, narrow)  # float32 adapter path on a
+    assert torch.equal(b(x), narrow)  # b keeps the default: nothing global changed
+    with dt.adapter_precision_as("input"):
+        assert torch.equal(a(x), narrow)  # the block wins over the model's setting
+    assert torch.equal(copy.deepcopy(a)(x), wide)  # copies keep it
+    with pytest.raises(ValueError, match="one of input, adapter"):
+        dt.set_adapter_precision(a, "fp32")

@@ -9,10 +9,20 @@ from . import (
 )
 from .compose import combine, reconfigure
 from .contract import REGISTRY, register
-from .core import delete_adapter, disabled, inject, merge, route, set_active, trainable_parameters, unload
+from .core import (
+    delete_adapter,
+    disabled,
+    inject,
+    merge,
+    route,
+    set_active,
+    set_adapter_precision,
+    trainable_parameters,
+    unload,
+)
 from .io import load, save
 from .loraplus import parameter_groups as parameter_groups  # LoRA+ and plain optimizer groups
-from .lowrank import adapter_precision, adapter_precision_as, set_adapter_precision
+from .lowrank import adapter_precision, adapter_precision_as
 from .methods import (
     AdaLoRA,
     Adapter,

@@ -42,6 +42,7 @@ from .contract import (
     float_weight_reason,
     hooks,
 )
+from .lowrank import check_precision
 from .merged import merged_module
 from .routing import Routing
 from .wrapper import (
@@ -431,3 +432,13 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
             if p.requires_grad:
                 out[id(p)] = p
     return list(out.values())
+
+
+def set_adapter_precision(model: nn.Module, mode: str) -> None:
+    """Set the dtype ``model``'s adapters compute in: ``"input"`` (default: the input's dtype, the
+    small factors cast) or ``"adapter"`` (the adapters' own float32, the input widened inside the
+    low-rank product). A property of this model (copies keep it); a
+    :func:`deltatune.adapter_precision_as` block overrides it for the thread or task that opens it."""
+    if not has_adapters(model):
+        raise ValueError("set_adapter_precision: the model has no adapters (inject one first)")
+    attachment_of(model).switch.precision = check_precision(mode)

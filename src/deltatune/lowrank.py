@@ -122,9 +122,10 @@ def lowrank_linear(
 #: "input" (default): an adapter computes in its input's dtype (bf16 activations stay bf16; the small
 #: float32 factors are cast, never the activations). "adapter": in the adapter's own dtype (float32),
 #: the input widened inside the low-rank product (:func:`mixed_lowrank` keeps it narrow for backward).
+#: A model's own policy is a property of the model (:func:`deltatune.set_adapter_precision`); a block
+#: (:func:`adapter_precision_as`) overrides it for the thread or task that opens it. Nothing is global.
 PRECISIONS = ("input", "adapter")
-_PRECISION = ["input"]  # the process-wide default (set_adapter_precision)
-# The policy of the innermost adapter_precision_as block of this thread or task (None: the default):
+# The policy of the innermost adapter_precision_as block of this thread or task (None: none open):
 # context-local, so a block in one thread never changes how another thread's forwards compute. While
 # no block is open anywhere the ContextVar is not read (torch.compile cannot trace ContextVar.get).
 _BLOCK: ContextVar[str | None] = ContextVar("deltatune_adapter_precision", default=None)
@@ -133,20 +134,15 @@ _BLOCKS_LOCK = threading.Lock()
 
 
 def adapter_precision() -> str:
-    """The current policy: ``"input"`` or ``"adapter"`` (see :data:`PRECISIONS`)."""
-    return (_BLOCK.get() or _PRECISION[0]) if _BLOCKS_OPEN[0] else _PRECISION[0]
+    """The policy in force here: the innermost open block's, else ``"input"`` (see :data:`PRECISIONS`)."""
+    return (_BLOCK.get() or "input") if _BLOCKS_OPEN[0] else "input"
 
 
-def _checked(mode: str) -> str:
+def check_precision(mode: str) -> str:
+    """``mode`` if it is one of :data:`PRECISIONS`, else a ``ValueError`` listing them."""
     if mode not in PRECISIONS:
         raise ValueError(f"adapter precision must be one of {', '.join(PRECISIONS)}, got {mode!r}")
     return mode
-
-
-def set_adapter_precision(mode: str) -> None:
-    """Set the default policy for every adapter of this process (``deltatune.set_adapter_precision``);
-    an :func:`adapter_precision_as` block overrides it in its own thread or task."""
-    _PRECISION[0] = _checked(mode)
 
 
 def _count_blocks(step: int) -> None:
@@ -158,13 +154,22 @@ def _count_blocks(step: int) -> None:
 def adapter_precision_as(mode: str) -> Iterator[None]:
     """Within the block the policy is ``mode``; the previous one returns on exit. Context-local:
     other threads and asyncio tasks keep theirs."""
-    token = _BLOCK.set(_checked(mode))
+    token = _BLOCK.set(check_precision(mode))
     _count_blocks(+1)
     try:
         yield
     finally:
         _count_blocks(-1)
         _BLOCK.reset(token)
+
+
+def model_precision(mode: str) -> contextlib.AbstractContextManager[None]:
+    """The context a model's forward runs its adapters in when the model's own policy is ``mode``
+    (:func:`deltatune.set_adapter_precision`): a block of ``mode`` unless one is open here already
+    (a request's block wins over the model's setting); nothing to do for the default "input"."""
+    if mode == "input" or (_BLOCKS_OPEN[0] and _BLOCK.get() is not None):
+        return contextlib.nullcontext()
+    return adapter_precision_as(mode)
 
 
 def compute_dtype(x: torch.Tensor, reference: torch.Tensor) -> torch.dtype:

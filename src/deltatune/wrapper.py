@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .contract import Method, Wrapped, closed_form, lowrank_factors, reads_output
-from .lowrank import compute_dtype, fusable, lowrank_linear
+from .lowrank import compute_dtype, fusable, lowrank_linear, model_precision
 from .routing import Routing, add_batched, batched_factors
 
 ATTACHMENT_ATTR = "_deltatune_attachment"
@@ -41,8 +41,9 @@ class Switch:
     started inside a block does not see it (threads start with an empty context) unless it runs in a
     copy of it (``contextvars.copy_context().run``; ``asyncio.to_thread`` copies it)."""
 
-    def __init__(self, active: tuple[str, ...] = ()) -> None:
+    def __init__(self, active: tuple[str, ...] = (), precision: str = "input") -> None:
         self.active = active
+        self.precision = precision  # the model's adapter compute policy (lowrank.PRECISIONS)
         # (enabled, routing) of the innermost disabled()/route() block of this context
         self._local: ContextVar[tuple[bool, Routing | None]] = ContextVar(
             "deltatune_switch", default=(True, None)
@@ -89,13 +90,13 @@ class Switch:
 
     def __deepcopy__(self, memo: dict[int, Any]) -> Switch:
         # A copied model gets a switch of its own (its own blocks), with the same active adapters.
-        return Switch(self.active)
+        return Switch(self.active, self.precision)
 
-    def __getstate__(self) -> dict[str, Any]:  # (a ContextVar does not pickle: only ``active`` does)
-        return {"active": self.active}
+    def __getstate__(self) -> dict[str, Any]:  # (a ContextVar does not pickle: only the model's state)
+        return {"active": self.active, "precision": self.precision}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(tuple(state["active"]))  # type: ignore[misc]
+        self.__init__(tuple(state["active"]), state.get("precision", "input"))  # type: ignore[misc]
 
 
 class ModuleCopy(nn.Module):
@@ -140,6 +141,12 @@ class Adapted(Wrapped):
         self._switch = switch
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._switch.precision != "input":  # the model's own policy (deltatune.set_adapter_precision)
+            with model_precision(self._switch.precision):
+                return self._forward(*args, **kwargs)
+        return self._forward(*args, **kwargs)
+
+    def _forward(self, *args: Any, **kwargs: Any) -> Any:
         switch = self._switch
         enabled, routing = switch.state()
         if not enabled:
