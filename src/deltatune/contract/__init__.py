@@ -69,7 +69,7 @@ from .layer import (
     module_tensors,
     reads_output,
 )
-from .method import AdapterView, Method, Placement, SharedState, StepHooks, Storage
+from .method import AdapterView, Method, Placement, SharedState, StepHooks, Storage, layers_of
 from .registry import (
     CAPABILITIES,
     REGISTRY,
@@ -108,6 +108,7 @@ __all__ = [
     "hooks",
     "import_state",
     "in_weight_layout",
+    "layers_of",
     "lowrank_factors",
     "merged_linear",
     "method_fields",

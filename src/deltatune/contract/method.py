@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar, Protocol, TypeVar
 
 import torch
 from torch import nn
@@ -46,6 +46,22 @@ class AdapterView(Protocol):
     def set_module_fields(self, name: str, path: str, fields: Mapping[str, Any]) -> None: ...
 
     def freeze(self, name: str, params: list[nn.Parameter]) -> None: ...
+
+
+L = TypeVar("L", bound=nn.Module)
+
+
+def layers_of(attachment: AdapterView, name: str, kind: type[L]) -> dict[str, L]:
+    """path -> adapter ``name``'s layer at each of its targets, each checked to be a ``kind`` (what a
+    method's hooks act on), or a ``ValueError`` naming the module that holds something else."""
+    out: dict[str, L] = {}
+    for path, layer in attachment.adapter_layers(name).items():
+        if not isinstance(layer, kind):
+            raise ValueError(
+                f"adapter {name!r}: {path!r} holds {type(layer).__name__}, not a {kind.__name__}"
+            )
+        out[path] = layer
+    return out
 
 
 class Placement:

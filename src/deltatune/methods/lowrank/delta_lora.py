@@ -57,7 +57,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...contract import Suite, register
+from ...contract import AdapterView, Suite, layers_of, register
 from ...contract.fields import Float, Int, param
 from .base import KaimingUniform, ScaledLowRank, adapter_dtype, linear_like
 from .lora import LoRALayer, lora_of
@@ -126,13 +126,9 @@ class DeltaLoRA(ScaledLowRank):
             )
         return self
 
-    def on_step(self, attachment: Any, name: str, step: int, optimizer: Any) -> None:
+    def on_step(self, attachment: AdapterView, name: str, step: int, optimizer: Any) -> None:
         """At step K (or the first step after it that a loop reports), snapshot (A_K, B_K)."""
-        for path, layer in attachment.adapter_layers(name).items():
-            if not isinstance(layer, DeltaLoRALayer):
-                raise ValueError(
-                    f"DeltaLoRA.on_step: {path!r} holds {type(layer).__name__}, not a Delta-LoRA layer"
-                )
+        for layer in layers_of(attachment, name, DeltaLoRALayer).values():
             if not layer.started and step >= layer.warmup_steps:
                 layer.take_snapshot()
 

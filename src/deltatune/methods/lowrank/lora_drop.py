@@ -78,7 +78,7 @@ import torch
 from torch import nn
 
 from ..._cache import Memo
-from ...contract import LowRankLayer, Suite, register
+from ...contract import AdapterView, LowRankLayer, Suite, layers_of, register
 from ...contract.fields import Bool, Float, Int, param
 from ...lowrank import lowrank_delta
 from ...targets import shape_of
@@ -257,17 +257,12 @@ class LoRADrop(ScaledLowRank):
             )
         return fitted
 
-    def on_step(self, attachment: Any, name: str, step: int, optimizer: Any) -> None:
+    def on_step(self, attachment: AdapterView, name: str, step: int, optimizer: Any) -> None:
         """At step ``sample_steps`` (or the first step after it, once): choose the modules, drop the
         others (see the module docstring)."""
         shared = attachment.shared(name)
         layers: dict[str, LoRADropLayer] = {}
-        for path, layer in attachment.adapter_layers(name).items():
-            if not isinstance(layer, LoRADropLayer):
-                raise ValueError(
-                    f"LoRADrop.on_step: {path!r} holds {type(layer).__name__}, not a LoRA-drop layer"
-                )
-            layers[path] = layer
+        layers.update(layers_of(attachment, name, LoRADropLayer))
         if not isinstance(shared, DropShared):
             raise ValueError(f"LoRADrop.on_step: adapter {name!r} has no LoRA-drop shared state")
         if shared.is_decided:

@@ -45,7 +45,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ...contract import AdapterView, LowRankLayer, Suite, register
+from ...contract import AdapterView, LowRankLayer, Suite, layers_of, register
 from ...contract.fields import Float, param
 from .base import ScaledLowRank, adapter_dtype
 from .task_loras import TaskLoRAs, as_tuple, tasks_field
@@ -98,8 +98,7 @@ class OLoRA(ScaledLowRank):
         """λ1 · Σ_modules Σ_{i<t} ‖A_i A_tᵀ‖²_F + λ2 · Σ_modules ‖θ_t‖²; None while the newest task
         does not train (a loaded, frozen sequence) or both weights are 0."""
         terms: list[torch.Tensor] = []
-        for layer in attachment.adapter_layers(name).values():
-            assert isinstance(layer, OLoRALayer)
+        for layer in layers_of(attachment, name, OLoRALayer).values():
             loras = layer.loras
             A_t = loras.lora_A[loras.newest]
             if not A_t.requires_grad:

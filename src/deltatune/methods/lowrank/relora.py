@@ -72,7 +72,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...contract import Suite, as_layer, register
+from ...contract import AdapterView, Suite, as_layer, layers_of, register
 from ...contract.fields import Float, Int, param
 from ...lowrank import lowrank_delta
 from ...targets import shape_of
@@ -169,12 +169,10 @@ class ReLoRA(ScaledLowRank):
             )
         return self
 
-    def on_step(self, attachment: Any, name: str, step: int, optimizer: Any) -> None:
+    def on_step(self, attachment: AdapterView, name: str, step: int, optimizer: Any) -> None:
         """At every multiple of ``restart_every``: fold, restart and prune the optimizer state."""
         due: list[ReLoRALayer] = []
-        for path, layer in attachment.adapter_layers(name).items():
-            if not isinstance(layer, ReLoRALayer):
-                raise ValueError(f"ReLoRA.on_step: {path!r} holds {type(layer).__name__}, not a ReLoRA layer")
+        for layer in layers_of(attachment, name, ReLoRALayer).values():
             if step % layer.restart_every == 0:
                 due.append(layer)
                 if layer.folds >= layer.capacity:
