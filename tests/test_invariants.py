@@ -23,6 +23,7 @@ from torch import nn
 import deltatune as dt
 from deltatune.core import REGISTRY, Adapted, attachment_of, hooks
 from deltatune.fields import Check, from_jsonable
+from deltatune.formats.peft import peft_type_of
 from deltatune.merged import merged_linear
 from deltatune.targets import module_kind, shape_of
 from toy_models import TOYS, Toy
@@ -630,7 +631,7 @@ def test_a_failed_verb_changes_nothing(cls: type, toy: Toy, tmp_path: Path) -> N
         dt.save(model, folder)
         _spoil(folder, "adapter.safetensors", how)
         unchanged(dt.load, model, folder, name="b")
-        if hooks(example(cls)).peft_type is not None:
+        if peft_type_of(example(cls)) is not None:
             folder = tmp_path / f"peft-{how}"
             try:
                 dt.export_peft(model, folder, task_type="SEQ_CLS")

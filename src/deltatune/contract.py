@@ -58,9 +58,6 @@ Optional, with the default :func:`register` fills in when a method does not defi
   a checkpoint holds it;
 * ``stored_method() -> method`` (itself): the configuration written to ``adapter_config.json``
   when the saved form differs from the training form (PiSSA saves a plain LoRA);
-* ``peft_type`` (None: no PEFT counterpart), with ``peft_prefix``, ``from_peft`` and ``to_peft``:
-  the method's own mapping to and from PEFT's adapter files, documented with the boundary module
-  that calls them, :mod:`deltatune.peft` (which names no method);
 * ``small_example`` ({}): field values that fit tiny models (docs, the CLI, the invariant suite);
   ``variants`` ({}): other configurations the invariant suite runs too (initialisers);
   ``near_identity_at_init`` (True: a method that is not ``identity_at_init`` still starts a small
@@ -68,6 +65,10 @@ Optional, with the default :func:`register` fills in when a method does not defi
   ``random_init`` (True: the seed changes the initial tensors): facts about the method's math that
   the invariant suite checks. They stay in the method's file, not in a table in the tests, so that
   a new method touches only its own file.
+
+A method knows no file format but deltatune's own: PEFT translation lives in
+:mod:`deltatune.formats.peft` (one translator per PEFT type, which imports the methods it reads and
+writes; a method never imports it).
 
 Layers (what ``wrap`` returns) are ``nn.Module``s of one of two kinds, told apart by ``additive``:
 
@@ -172,7 +173,6 @@ class Registered(Method, Protocol):
     small_example: ClassVar[dict[str, Any]]
     variants: ClassVar[dict[str, dict[str, Any]]]
     near_identity_at_init: ClassVar[bool]
-    peft_type: ClassVar[str | None]  # PEFT's peft_type it reads and writes (deltatune.peft), or None
 
     def make_shared(self, bases: Mapping[str, nn.Module], generator: torch.Generator) -> nn.Module | None: ...
 
@@ -214,8 +214,6 @@ class Combinable(Protocol):
 
     @classmethod
     def combine_layers(cls, parts: list[tuple[nn.Module, float]]) -> tuple[Method, nn.Module]: ...
-
-    peft_type: ClassVar[str | None]
 
 
 def _no_shared(self: Any, bases: Mapping[str, nn.Module], generator: torch.Generator) -> None:
@@ -289,7 +287,6 @@ HOOK_DEFAULTS: dict[str, Any] = {
     "regularizer": _no_regularizer,
     "on_step": _nothing_between_steps,
     "lr_factor": _constant_lr,
-    "peft_type": None,
 }
 
 
