@@ -385,11 +385,14 @@ def test_conv1d_matches_peft() -> None:
 
 
 def test_every_peft_config_field_is_in_the_table(tmp_path: Path) -> None:
-    from deltatune.peft import PEFT_BASE_FIELDS, check_peft_config
+    from deltatune.formats.peft import TRANSLATORS
+    from deltatune.formats.peft.fields import PEFT_BASE_FIELDS, check_peft_config
 
+    table = TRANSLATORS["ADALORA"].fields
+    assert table is not None
     fields = {f.name for f in dataclasses.fields(peft.AdaLoraConfig)}
-    assert fields - set(AdaLoRA.peft_fields) - set(PEFT_BASE_FIELDS) == set()
+    assert fields - set(table) - set(PEFT_BASE_FIELDS) == set()
     peft.AdaLoraConfig(target_modules=["a"], total_step=10).save_pretrained(tmp_path)
-    check_peft_config(json.loads((tmp_path / "adapter_config.json").read_text()), AdaLoRA.peft_fields, "x")
+    check_peft_config(json.loads((tmp_path / "adapter_config.json").read_text()), table, "x")
     with pytest.raises(ValueError, match="use_dora"):
-        check_peft_config({"peft_type": "ADALORA", "use_dora": True}, AdaLoRA.peft_fields, "x")
+        check_peft_config({"peft_type": "ADALORA", "use_dora": True}, table, "x")

@@ -34,8 +34,20 @@ def test_register_fills_every_hook_and_keeps_the_methods_own() -> None:
             assert hasattr(cls, hook), f"{cls.__name__}.{hook}"
     lora = hooks(dt.LoRA(rank=2))
     assert lora.default_targets(nn.Linear(2, 2)) is None  # no preference
-    assert lora.quantized_base is True and lora.peft_type == "LORA"  # its own values
+    assert lora.quantized_base is True and lora.small_example == {"rank": 4}  # its own values
     assert hooks(dt.BitFit()).quantized_base is False  # the default
+
+
+def test_methods_know_nothing_of_peft() -> None:
+    """PEFT translation lives in deltatune.formats.peft, which names the methods it writes."""
+    from deltatune.formats.peft import BY_METHOD, TRANSLATORS, peft_type_of
+
+    for cls in REGISTRY.values():
+        assert not [a for a in dir(cls) if a.startswith(("peft_", "from_peft", "to_peft"))], cls.__name__
+    assert set(BY_METHOD) <= set(REGISTRY)
+    assert {t.peft_type for t in BY_METHOD.values()} == set(TRANSLATORS)
+    assert peft_type_of(dt.DoRA()) == peft_type_of(dt.LoRA()) == "LORA"
+    assert peft_type_of(dt.BitFit()) is None
 
 
 def test_hooks_refuses_what_is_not_registered() -> None:

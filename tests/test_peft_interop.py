@@ -192,9 +192,11 @@ def _a_value(types: tuple[type, ...], accepts: tuple[Any, ...] | None) -> Any:
 def test_every_peft_config_field_is_in_the_table(peft_type: str, tmp_path: Path) -> None:
     import dataclasses
 
-    from deltatune.peft import PEFT_BASE_FIELDS, check_peft_config, peft_methods
+    from deltatune.formats.peft import TRANSLATORS
+    from deltatune.formats.peft.fields import PEFT_BASE_FIELDS, check_peft_config
 
-    table = peft_methods()[peft_type].peft_fields  # type: ignore[attr-defined]
+    table = TRANSLATORS[peft_type].fields
+    assert table is not None
     config_class = getattr(peft, PEFT_CONFIG_CLASSES[peft_type])
     fields = {f.name for f in dataclasses.fields(config_class)}
     # A new PEFT release that adds a field fails here, loudly: decide what it means, then add it.

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
+from deltatune.formats.peft import peft_type_of
 from test_prompts import N, batch, bert, llama, peft_prefix_logits
 
 peft = pytest.importorskip("peft")
@@ -119,7 +120,7 @@ def test_our_adapters_load_in_peft_with_our_outputs(model: str, kind: str, tmp_p
     dt.export_peft(ours, tmp_path)
     config = json.loads((tmp_path / "adapter_config.json").read_text())
     assert config["task_type"] == task  # read off the model: PEFT runs prompts only in a task model
-    assert config["peft_type"] == type(OURS[kind]).peft_type
+    assert config["peft_type"] == peft_type_of(OURS[kind])
     theirs = peft.PeftModel.from_pretrained(make(), tmp_path).eval()
     assert torch.allclose(peft_logits(theirs, model, kind), expected, atol=1e-5)
 

@@ -228,9 +228,11 @@ def test_peft_file_projections_are_used_as_they_are(tmp_path: Path) -> None:
 
 def test_every_peft_vera_config_field_is_in_the_table(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
-    from deltatune.peft import PEFT_BASE_FIELDS, check_peft_config
+    from deltatune.formats.peft import TRANSLATORS
+    from deltatune.formats.peft.fields import PEFT_BASE_FIELDS, check_peft_config
 
-    table = VeRA.peft_fields
+    table = TRANSLATORS["VERA"].fields
+    assert table is not None
     fields = {f.name for f in dataclasses.fields(peft.VeraConfig)}
     assert fields - set(table) - set(PEFT_BASE_FIELDS) == set(), "fields missing from the table"
     assert set(table) - fields == set(), "table entries PEFT does not have"

@@ -42,7 +42,7 @@ Example:
 from __future__ import annotations
 
 import inspect
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -349,59 +349,3 @@ def forward_with_prefix(
             "release or model class does not take a prefix this way"
         )
     return out
-
-
-# -- PEFT's prompt-learning files (used by the PEFT mappings of the three methods) -----------------
-
-#: PEFT's task type of a transformers model, by the ending of its class name. PEFT runs a
-#: prompt-learning adapter only inside the PeftModel of its task (a plain PeftModel ignores it).
-PEFT_TASK_TYPES = {
-    "ForSequenceClassification": "SEQ_CLS",
-    "ForCausalLM": "CAUSAL_LM",
-    "ForTokenClassification": "TOKEN_CLS",
-    "ForQuestionAnswering": "QUESTION_ANS",
-}
-
-
-def peft_prompt_config(model: nn.Module, body: nn.Module, n: int, *, key_value: bool) -> dict[str, Any]:
-    """The fields every PEFT prompt-learning config has, for ``n`` virtual tokens on ``body``.
-
-    ``token_dim`` and ``num_attention_heads`` are the hidden size and heads (prompts), or the
-    key/value width and heads (``key_value``: prefixes; PEFT's grouped-query layout). ``task_type``
-    is read off ``model``'s class (None when it has none: the caller must give it).
-    """
-    config = config_of("export_peft", body, "")
-    layers, kv_heads, head_dim = attention_shape("export_peft", config)
-    name = type(model).__name__
-    return {
-        "task_type": next((t for end, t in PEFT_TASK_TYPES.items() if name.endswith(end)), None),
-        "num_virtual_tokens": n,
-        "token_dim": kv_heads * head_dim if key_value else embedding_of(body).embedding_dim,
-        "num_attention_heads": kv_heads if key_value else int(config.num_attention_heads),
-        "num_layers": layers,
-        "num_transformer_submodules": 1,
-    }
-
-
-def peft_prompt_tensor(
-    config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
-) -> tuple[str, torch.Tensor]:
-    """(the path of ``model``'s body, PEFT's ``prompt_embeddings``) of a prompt-learning file.
-
-    PEFT stores the values the model reads: the prompts, or the prefixes of every layer (through an
-    MLP or an LSTM while training, the file holds their output), as one ``prompt_embeddings`` tensor.
-    """
-    if config.get("num_transformer_submodules") not in (1, None):
-        raise ValueError(
-            f"num_transformer_submodules={config['num_transformer_submodules']!r} (an encoder-decoder "
-            "model) is not supported: deltatune's prompts and prefixes go into one transformer body"
-        )
-    extra = sorted(set(tensors) - {"prompt_embeddings"})
-    if extra or "prompt_embeddings" not in tensors:
-        raise ValueError(
-            f"expected one tensor 'prompt_embeddings' (and modules_to_save), found {extra or 'none'}"
-        )
-    bodies = body_paths(model)
-    if not bodies:
-        raise ValueError(f"{type(model).__name__} has no transformers body to put the virtual tokens in")
-    return bodies[0], tensors["prompt_embeddings"]

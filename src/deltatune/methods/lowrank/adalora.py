@@ -39,11 +39,6 @@ when set, else ``init_r``:
 While training the layers keep r0 triplets (pruning only zeroes E), so after the first mask the
 stored size is r · (in + out + 1) with r the surviving rank, which is only known at run time.
 
-PEFT mapping (``peft_type="ADALORA"``): ``lora_A``, ``lora_E``, ``lora_B`` under
-``base_model.model.<path>.``; init_r, target_r, tinit, tfinal, deltaT (here ``delta_t``), beta1, beta2,
-orth_reg_weight, total_step, lora_alpha (``alpha``), lora_dropout (``dropout``); PEFT's
-``rank_pattern`` (a keep-mask per module) is ``kept_rank`` per module.
-
 Example:
     >>> import torch
     >>> from torch import nn
@@ -65,7 +60,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import re
 from collections.abc import Collection, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -75,13 +69,9 @@ from torch import nn
 
 from ...contract import AdapterView, AdditiveLayer, Method, Suite, dropout_module, register
 from ...contract.fields import Float, Int, IntOrNone, param
-from ...interop import PeftField, peft_get
 from ...lowrank import compute_dtype
-from ...state import adapter_state
-from ...targets import module_kind, shape_of
-from ...wrapper import Attachment
+from ...targets import shape_of
 from .base import adapter_dtype, linear_like
-from .lora import LoRA
 
 _KINDS = ("linear", "conv1d")
 _FACTORS = ("lora_A", "lora_E", "lora_B")  # saved tensors, and PEFT's names
@@ -272,118 +262,6 @@ class AdaLoRA(Method):
             for path, layer in layers.items():
                 layer.set_mask(~(scores[path] <= threshold))
         _record_kept_ranks(attachment, name, layers)
-
-    # -- PEFT's format (the hooks: deltatune.peft) -----------------------------------------------
-    peft_type: ClassVar[str] = "ADALORA"
-    peft_prefix: ClassVar[str] = "base_model.model."
-
-    # Every field of PEFT's AdaLoraConfig (LoraConfig's and AdaLoRA's own; PeftConfig's:
-    # deltatune.peft.PEFT_BASE_FIELDS).
-    peft_fields: ClassVar[Mapping[str, PeftField]] = {
-        **LoRA.peft_fields,
-        "r": PeftField("supported", "unused by AdaLoRA (init_r is its rank)", "an integer", (int,)),
-        "lora_alpha": PeftField("converted", "alpha", "a positive number", (int, float)),
-        "lora_dropout": PeftField("converted", "dropout", "a number in [0, 1)", (int, float)),
-        "use_rslora": PeftField(
-            "supported", "unused by AdaLoRA (its scale is alpha/init_r)", "true or false", (bool,)
-        ),
-        "alpha_pattern": PeftField("supported", "unused by AdaLoRA", "an object", (dict,)),
-        "use_dora": PeftField("refused", "PEFT's AdaLoRA refuses DoRA", "false", (bool,), (False,)),
-        "rank_pattern": PeftField(
-            "converted", "the triplets each module kept: kept_rank per module", "an object", (dict,)
-        ),
-        "target_r": PeftField("converted", "target_r", "a positive integer", (int,)),
-        "init_r": PeftField("converted", "init_r", "a positive integer", (int,)),
-        "tinit": PeftField("converted", "tinit", "an integer >= 0", (int,)),
-        "tfinal": PeftField("converted", "tfinal", "an integer >= 0", (int,)),
-        "deltaT": PeftField("converted", "delta_t", "a positive integer", (int,)),
-        "beta1": PeftField("converted", "beta1", "a number in (0, 1)", (int, float)),
-        "beta2": PeftField("converted", "beta2", "a number in (0, 1)", (int, float)),
-        "orth_reg_weight": PeftField("converted", "orth_reg_weight", "a number >= 0", (int, float)),
-        "total_step": PeftField("converted", "total_step", "a positive integer", (int,)),
-    }
-
-    @classmethod
-    def from_peft(
-        cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
-    ) -> tuple[AdaLoRA, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-        """PEFT's AdaLoRA: the targets are the modules with tensors in the file; the kept rank of a
-        pruned module is its tensors' (PEFT slices them by ``rank_pattern`` when saving)."""
-        factors: dict[str, dict[str, torch.Tensor]] = {}
-        for key, value in tensors.items():
-            leaf = key.rpartition(".")[2]
-            if leaf not in _FACTORS or not key.startswith(cls.peft_prefix):
-                raise ValueError(f"unexpected tensor {key!r}: neither AdaLoRA's nor in modules_to_save")
-            factors.setdefault(key[len(cls.peft_prefix) : -len(leaf) - 1], {})[leaf] = value
-        if not factors:
-            raise ValueError("holds no AdaLoRA tensors")
-        for path, found in factors.items():
-            missing = sorted(set(_FACTORS) - set(found))
-            if missing:
-                raise ValueError(f"{path!r} lacks {missing}; AdaLoRA needs lora_A, lora_E and lora_B")
-        method = cls(
-            init_r=int(peft_get(config, "init_r", 12)),
-            target_r=int(peft_get(config, "target_r", 8)),
-            alpha=float(peft_get(config, "lora_alpha", 8)),
-            dropout=float(peft_get(config, "lora_dropout", 0.0)),
-            tinit=int(peft_get(config, "tinit", 0)),
-            tfinal=int(peft_get(config, "tfinal", 0)),
-            delta_t=int(peft_get(config, "deltaT", 1)),
-            beta1=float(peft_get(config, "beta1", 0.85)),
-            beta2=float(peft_get(config, "beta2", 0.85)),
-            orth_reg_weight=float(peft_get(config, "orth_reg_weight", 0.5)),
-            total_step=config.get("total_step"),
-        )
-        overrides: dict[str, dict[str, Any]] = {}
-        for path, found in factors.items():
-            rank = int(found["lora_A"].shape[0])
-            if rank != method.init_r:
-                overrides["^" + re.escape(path) + "$"] = {"kept_rank": rank}
-        state = {f"{path}.{k}": v for path, found in factors.items() for k, v in found.items()}
-        return method, list(factors), overrides, state
-
-    def to_peft(self, attachment: Attachment, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """PEFT's AdaLoraConfig and tensors; a pruned module's kept triplets as a ``rank_pattern``."""
-        info = attachment.info(name)
-        if self.total_step is None:
-            raise ValueError(
-                "AdaLoRA.total_step is None, and PEFT's AdaLoraConfig requires total_step > 0; set it "
-                "(dataclasses.replace) or fit the method with for_steps before exporting"
-            )
-        state = adapter_state(attachment.model, name)
-        tensors: dict[str, torch.Tensor] = {}
-        rank_pattern: dict[str, list[bool]] = {}
-        kinds = set()
-        for path in info.targets:
-            cfg = info.configs[path]
-            assert isinstance(cfg, AdaLoRA)
-            for f in dataclasses.fields(cfg):
-                if f.name != "kept_rank" and getattr(cfg, f.name) != getattr(self, f.name):
-                    raise ValueError(f"{path!r} overrides {f.name}, which PEFT's AdaLoRA cannot express")
-            for key in _FACTORS:
-                tensors[f"{self.peft_prefix}{path}.{key}"] = state[f"{path}.{key}"]
-            kept = int(state[f"{path}.lora_A"].shape[0])
-            rank_pattern[f"{path}.lora_E"] = [True] * kept + [False] * (self.init_r - kept)
-            kinds.add(module_kind(attachment.wrappers[path].base))
-        pruned = any(not all(pattern) for pattern in rank_pattern.values())
-        return {
-            "init_r": self.init_r,
-            "target_r": self.target_r,
-            "lora_alpha": self.alpha,
-            "lora_dropout": self.dropout,
-            "tinit": self.tinit,
-            "tfinal": self.tfinal,
-            "deltaT": self.delta_t,
-            "beta1": self.beta1,
-            "beta2": self.beta2,
-            "orth_reg_weight": self.orth_reg_weight,
-            "total_step": self.total_step,
-            "rank_pattern": rank_pattern if pruned else None,
-            "target_modules": sorted(info.targets),
-            "fan_in_fan_out": "conv1d" in kinds,
-            "init_lora_weights": True,
-            "bias": "none",
-        }, tensors
 
 
 class Schedule(nn.Module):

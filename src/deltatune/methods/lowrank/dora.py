@@ -14,10 +14,6 @@ which is PEFT's ``result + (k − 1) ⊙ base_result + k ⊙ s · lora(x)``. The
 ``B A``: ‖W0 + sBA‖² = ‖W0‖² + 2s·rowsum(B ⊙ W0Aᵀ) + s²·rowsum(B AAᵀ ⊙ B). With dropout active
 (training) the update reads the dropped-out input, as in PEFT.
 
-PEFT stores DoRA as ``peft_type="LORA"`` with ``use_dora=True`` plus ``lora_magnitude_vector``
-tensors: ``peft_flag = "use_dora"`` makes :func:`deltatune.import_peft` hand such files to
-:meth:`DoRA.from_peft` (see :mod:`deltatune.peft`); DoRA writes them with its own :meth:`DoRA.to_peft`.
-
 Closed forms, per adapted ``nn.Linear`` (in_features, out_features):
 
     trainable = r · (in + out) + out        stored bytes = 4 · trainable   (float32 tensors)
@@ -35,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -47,11 +42,8 @@ from ..._cache import Memo
 from ...contract import ReplacingLayer, Suite, dropout_module, merged_linear, register
 from ...contract.fields import Instance, param
 from ...lowrank import compute_dtype, fusable, lowrank_delta, lowrank_linear
-from ...state import adapter_state
 from ...targets import module_kind, shape_of
-from ...wrapper import Attachment
 from .base import Gaussian, KaimingUniform, LoRAInit, ScaledLowRank, adapter_dtype
-from .lora import LoRA, peft_lora_config
 
 _MAGNITUDE = ".lora_magnitude_vector"  # PEFT's name of m
 
@@ -97,61 +89,6 @@ class DoRA(ScaledLowRank):
 
     def stored_bytes(self, base: nn.Module) -> int:
         return self.parameter_count(base) * adapter_dtype(base).itemsize
-
-    # -- PEFT's format: LoRA's files with use_dora=true (LoRA reads the type and hands them here) --
-    peft_type: ClassVar[str] = "LORA"
-    peft_prefix: ClassVar[str] = LoRA.peft_prefix
-    peft_flag: ClassVar[str] = "use_dora"  # PEFT's LORA files with use_dora are DoRA's
-
-    @classmethod
-    def from_peft(
-        cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
-    ) -> tuple[DoRA, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-        """PEFT's LoRA with ``use_dora``: LoRA's translation plus each module's magnitude vector."""
-        magnitudes = {
-            k[len(cls.peft_prefix) : -len(_MAGNITUDE)]: v
-            for k, v in tensors.items()
-            if k.endswith(_MAGNITUDE)
-        }
-        embedded = sorted(k for k in tensors if ".lora_embedding_" in k)
-        if embedded:
-            raise ValueError(
-                f"DoRA on embeddings ({embedded[0]!r}) is not supported; DoRA adapts nn.Linear only"
-            )
-        rest = {k: v for k, v in tensors.items() if not k.endswith(_MAGNITUDE)}
-        lora, targets, overrides, state = LoRA.from_peft({**config, "use_dora": False}, rest, model)
-        missing = sorted(set(targets) - set(magnitudes))
-        extra = sorted(set(magnitudes) - set(targets))
-        if missing or extra:
-            raise ValueError(
-                "use_dora=True needs one lora_magnitude_vector per adapted module; "
-                + (f"missing for {missing}" if missing else f"found without LoRA factors for {extra}")
-            )
-        method = cls(
-            rank=lora.rank, alpha=lora.alpha, dropout=lora.dropout, rank_stabilized=lora.rank_stabilized
-        )
-        state = {**state, **{f"{path}.magnitude": m for path, m in magnitudes.items()}}
-        return method, targets, overrides, state
-
-    def to_peft(self, attachment: Attachment, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """PEFT's LoRA config with ``use_dora=true``; per-module ranks and alphas as patterns."""
-        info = attachment.info(name)
-        state = adapter_state(attachment.model, name)
-        tensors: dict[str, torch.Tensor] = {}
-        configs: dict[str, DoRA] = {}
-        for path in info.targets:
-            cfg = info.configs[path]
-            assert isinstance(cfg, DoRA)
-            if cfg.rank_stabilized != self.rank_stabilized:
-                raise ValueError(f"{path!r} overrides rank_stabilized, which PEFT cannot express")
-            for key, peft_key in (
-                ("lora_A", "lora_A.weight"),
-                ("lora_B", "lora_B.weight"),
-                ("magnitude", _MAGNITUDE[1:]),
-            ):
-                tensors[f"{self.peft_prefix}{path}.{peft_key}"] = state[f"{path}.{key}"]
-            configs[path] = cfg
-        return peft_lora_config(self, configs, use_dora=True, fan_in_fan_out=False), tensors
 
 
 class DoRALayer(ReplacingLayer):

@@ -172,7 +172,7 @@ class ReLoRA(ScaledLowRank):
     def on_step(self, attachment: AdapterView, name: str, step: int, optimizer: Any) -> None:
         """At every multiple of ``restart_every``: fold, restart and prune the optimizer state."""
         due: list[ReLoRALayer] = []
-        for layer in layers_of(attachment, name, ReLoRALayer).values():
+        for path, layer in layers_of(attachment, name, ReLoRALayer).items():
             if step % layer.restart_every == 0:
                 due.append(layer)
                 if layer.folds >= layer.capacity:

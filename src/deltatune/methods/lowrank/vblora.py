@@ -45,16 +45,14 @@ import dataclasses
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import nn
 
 from ..._cache import Memo
-from ...contract import SHARED_ATTR, AdapterView, LowRankLayer, Suite, register
+from ...contract import AdapterView, LowRankLayer, Suite, register
 from ...contract.fields import Float, Int, OneOf, param
-from ...interop import PEFT_TUNER_FIELDS, PeftField, peft_get
-from ...state import adapter_state
 from ...targets import module_kind, shape_of
 from ...wrapper import Attachment
 from .base import LowRank, linear_like
@@ -221,107 +219,6 @@ class VBLoRA(LowRank, defaults={"rank": 4}):
         if bank is not None:
             groups["vector_bank"] = (list(bank.parameters()), 1.0)
         return groups
-
-    # -- PEFT's format (the hooks: deltatune.peft) -----------------------------------------------
-    peft_type: ClassVar[str] = "VBLORA"
-    peft_prefix: ClassVar[str] = "base_model.model."
-
-    # Every field of PEFT's VBLoRAConfig (PeftConfig's own: deltatune.peft.PEFT_BASE_FIELDS); checked
-    # by import_peft before from_peft runs. A test walks it against the installed PEFT.
-    peft_fields: ClassVar[Mapping[str, PeftField]] = {
-        "r": PeftField("converted", "rank", "a positive integer (the rank r)", (int,), required=True),
-        "num_vectors": PeftField(
-            "converted", "num_vectors", "an integer >= 2 (the vectors in the bank)", (int,), required=True
-        ),
-        "vector_length": PeftField(
-            "converted",
-            "vector_length",
-            "a positive integer (the bank vectors' length)",
-            (int,),
-            required=True,
-        ),
-        "topk": PeftField("converted", "topk", "a positive integer", (int,)),
-        "vblora_dropout": PeftField("converted", "dropout", "a number in [0, 1)", (int, float)),
-        "init_logits_std": PeftField("converted", "logits_std", "a positive number", (int, float)),
-        "init_vector_bank_bound": PeftField("converted", "bank_bound", "a positive number", (int, float)),
-        "save_only_topk_weights": PeftField(
-            "converted", "save_mode, read off the tensors (top-k or logits)", "true or false", (bool,)
-        ),
-        **PEFT_TUNER_FIELDS,  # where the adapter goes: shared by PEFT's layer tuners
-        "bias": PeftField("refused", "deltatune's VB-LoRA trains no biases", "'none'", (str,), ("none",)),
-    }
-
-    @classmethod
-    def from_peft(
-        cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
-    ) -> tuple[VBLoRA, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-        """PEFT's VB-LoRA: the bank, and per module its logits or PEFT's top-k form (which loads as
-        trainable logits here; PEFT's own loader refuses to train it)."""
-        state: dict[str, torch.Tensor] = {}
-        targets: dict[str, None] = {}
-        for key, value in tensors.items():
-            if key.startswith(_PEFT_BANK):
-                state[f"{SHARED_ATTR}.bank"] = value
-                continue
-            suffix = next((s for s in _PEFT_NAMES if key.endswith(s)), None)
-            if suffix is None or not key.startswith(cls.peft_prefix):
-                raise ValueError(f"unexpected tensor {key!r}: neither VB-LoRA's nor in modules_to_save")
-            path = key[len(cls.peft_prefix) : -len(suffix)]
-            state[f"{path}.{_PEFT_NAMES[suffix]}"] = value
-            targets[path] = None
-        if not targets:
-            raise ValueError("holds no VB-LoRA tensors")
-        method = cls(
-            rank=int(config["r"]),
-            num_vectors=int(config["num_vectors"]),
-            vector_length=int(config["vector_length"]),
-            topk=int(peft_get(config, "topk", 2)),
-            logits_std=float(peft_get(config, "init_logits_std", 0.1)),
-            bank_bound=float(peft_get(config, "init_vector_bank_bound", 0.02)),
-            dropout=float(peft_get(config, "vblora_dropout", 0.0)),
-            save_mode="topk" if any(k.endswith(".topk_indices_A") for k in state) else "logits",
-        )
-        return method, list(targets), {}, state
-
-    def to_peft(self, attachment: Attachment, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """PEFT's VB-LoRA config and tensors, in the save mode of this config (top-k or logits)."""
-        info = attachment.info(name)
-        if any(cfg != self for cfg in info.configs.values()):
-            raise ValueError("PEFT's VB-LoRA has no per-module overrides; this adapter has some")
-        theirs = {ours: suffix for suffix, ours in _PEFT_NAMES.items()}
-        tensors: dict[str, torch.Tensor] = {}
-        for key, value in adapter_state(attachment.model, name).items():
-            path, _, leaf = key.rpartition(".")
-            if key == f"{SHARED_ATTR}.bank":
-                tensors[_PEFT_BANK] = value
-            elif path in info.targets:
-                tensors[f"{self.peft_prefix}{path}{theirs[leaf]}"] = value
-        config = {
-            "r": self.rank,
-            "num_vectors": self.num_vectors,
-            "vector_length": self.vector_length,
-            "topk": self.topk,
-            "vblora_dropout": self.dropout,
-            "init_logits_std": self.logits_std,
-            "init_vector_bank_bound": self.bank_bound,
-            "save_only_topk_weights": self.save_mode == "topk",
-            "target_modules": sorted(info.targets),
-            "fan_in_fan_out": any(module_kind(attachment.wrappers[p].base) == "conv1d" for p in info.targets),
-            "bias": "none",
-        }
-        return config, tensors
-
-
-# PEFT's tensor suffixes (longest first) -> the layer's state keys; PEFT's name of the bank.
-_PEFT_NAMES = {
-    ".vblora_logits_A_topk_indices": "topk_indices_A",
-    ".vblora_logits_A_topk_weights": "topk_weights_A",
-    ".vblora_logits_B_topk_indices": "topk_indices_B",
-    ".vblora_logits_B_topk_weights": "topk_weights_B",
-    ".vblora_logits_A": "logits_A",
-    ".vblora_logits_B": "logits_B",
-}
-_PEFT_BANK = "base_model.vblora_vector_bank"
 
 
 class VBLoRALayer(LowRankLayer):

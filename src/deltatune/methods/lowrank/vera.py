@@ -35,19 +35,16 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...contract import SHARED_ATTR, LowRankLayer, Suite, register
+from ...contract import LowRankLayer, Suite, register
 from ...contract.fields import Bool, Float, Int, param
-from ...interop import PEFT_TUNER_FIELDS, PeftField, peft_get
 from ...lowrank import compute_dtype
-from ...state import adapter_state
 from ...targets import module_kind, shape_of
-from ...wrapper import Attachment
 from .base import LowRank, adapter_dtype, linear_like
 
 _KINDS = ("linear", "conv1d")
@@ -178,100 +175,6 @@ class VeRA(LowRank, defaults={"rank": 256}):
                 f"({out_features}, {self.rank}) of B, which are {tuple(A.shape)} and {tuple(B.shape)}"
             )
         return VeRALayer(self, kind, in_features, out_features, adapter_dtype(base), shared)
-
-    # -- PEFT's format (the hooks: deltatune.peft) -----------------------------------------------
-    peft_type: ClassVar[str] = "VERA"
-    peft_prefix: ClassVar[str] = "base_model.model."
-
-    # Every field of PEFT's VeraConfig (PeftConfig's own: deltatune.peft.PEFT_BASE_FIELDS).
-    peft_fields: ClassVar[Mapping[str, PeftField]] = {
-        "r": PeftField("converted", "rank", "a positive integer", (int,)),
-        "d_initial": PeftField("converted", "d_initial (init-time only)", "a number", (int, float)),
-        "vera_dropout": PeftField("converted", "dropout", "a number in [0, 1)", (int, float)),
-        "projection_prng_key": PeftField(
-            "converted", "projection_prng_key", "a non-negative integer", (int,)
-        ),
-        "save_projection": PeftField(
-            "converted",
-            "save_projection, read off the tensors: projections in the file are used as they are",
-            "true or false",
-            (bool,),
-        ),
-        "init_weights": PeftField(
-            "supported", "init-time only: the file holds the vectors", "true or false", (bool,)
-        ),
-        # where the adapter goes: shared by PEFT's layer tuners (VeraConfig has no exclude_modules)
-        **{k: f for k, f in PEFT_TUNER_FIELDS.items() if k != "exclude_modules"},
-        "bias": PeftField("refused", "deltatune's VeRA trains no biases", "'none'", (str,), ("none",)),
-    }
-
-    @classmethod
-    def from_peft(
-        cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
-    ) -> tuple[VeRA, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-        """PEFT's VeRA: per module its two vectors, and the shared pair when the file holds it."""
-        state: dict[str, torch.Tensor] = {}
-        targets: dict[str, None] = {}
-        for key, value in tensors.items():
-            if key in _PEFT_PROJECTIONS:
-                state[f"{SHARED_ATTR}.{_PEFT_PROJECTIONS[key]}"] = value
-                continue
-            suffix = next((s for s in _PEFT_NAMES if key.endswith(s)), None)
-            if suffix is None or not key.startswith(cls.peft_prefix):
-                raise ValueError(f"unexpected tensor {key!r}: neither VeRA's nor in modules_to_save")
-            path = key[len(cls.peft_prefix) : -len(suffix)]
-            state[f"{path}.{_PEFT_NAMES[suffix]}"] = value
-            targets[path] = None
-        if not targets:
-            raise ValueError("holds no VeRA tensors")
-        held = sorted(k for k in state if k.startswith(SHARED_ATTR + "."))
-        if held and len(held) != 2:
-            raise ValueError(f"holds only {held[0].split('.')[-1]} of the shared pair vera_A, vera_B")
-        if config.get("save_projection") and not held:
-            raise ValueError("save_projection is true but the file holds no vera_A / vera_B")
-        method = cls(
-            rank=int(peft_get(config, "r", 256)),
-            d_initial=float(peft_get(config, "d_initial", 0.1)),
-            dropout=float(peft_get(config, "vera_dropout", 0.0)),
-            projection_prng_key=int(peft_get(config, "projection_prng_key", 0)),
-            save_projection=bool(held),
-        )
-        return method, list(targets), {}, state
-
-    def to_peft(self, attachment: Attachment, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """PEFT's VeRA config and tensors, with the shared pair (``save_projection=True``: PEFT then
-        loads the very projections used here)."""
-        info = attachment.info(name)
-        if any(cfg != self for cfg in info.configs.values()):
-            raise ValueError("PEFT's VeRA has no per-module overrides; this adapter has some")
-        shared = attachment.shared(name)
-        if not isinstance(shared, Projections):
-            raise ValueError(f"adapter {name!r} has no VeRA projections")
-        theirs = {ours: suffix for suffix, ours in _PEFT_NAMES.items()}
-        tensors: dict[str, torch.Tensor] = {}
-        for key, value in adapter_state(attachment.model, name).items():
-            path, _, leaf = key.rpartition(".")
-            if path in info.targets:
-                tensors[f"{self.peft_prefix}{path}{theirs[leaf]}"] = value
-        for peft_key, ours in _PEFT_PROJECTIONS.items():
-            tensors[peft_key] = getattr(shared, ours).detach().contiguous()
-        config = {
-            "r": self.rank,
-            "d_initial": self.d_initial,
-            "vera_dropout": self.dropout,
-            "projection_prng_key": self.projection_prng_key,
-            "save_projection": True,
-            "init_weights": True,
-            "target_modules": sorted(info.targets),
-            "fan_in_fan_out": any(module_kind(attachment.wrappers[p].base) == "conv1d" for p in info.targets),
-            "bias": "none",
-        }
-        return config, tensors
-
-
-# PEFT's tensor names -> ours.
-_PEFT_NAMES = {".vera_lambda_b": "lambda_b", ".vera_lambda_d": "lambda_d"}
-_PEFT_PROJECTIONS = {"base_model.vera_A": "vera_A", "base_model.vera_B": "vera_B"}
 
 
 class VeRALayer(LowRankLayer):

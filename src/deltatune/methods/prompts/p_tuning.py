@@ -35,7 +35,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -45,8 +44,6 @@ from torch import nn
 from ... import virtual
 from ...contract import Method, ReplacingLayer, Suite, register
 from ...contract.fields import Int, OneOf, param
-from ...state import adapter_state
-from ...wrapper import Attachment
 
 
 @register
@@ -110,41 +107,6 @@ class PTuning(Method):
         emb = virtual.embedding_of(base)
         dtype = torch.promote_types(emb.weight.dtype, torch.float32)
         return self.num_virtual_tokens * emb.embedding_dim * dtype.itemsize
-
-    # -- PEFT's format (the hooks: deltatune.peft) -----------------------------------------------
-    peft_type: ClassVar[str] = "P_TUNING"
-    peft_prefix: ClassVar[str] = "base_model."
-
-    @classmethod
-    def from_peft(
-        cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
-    ) -> tuple[PTuning, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-        """PEFT's P-tuning file holds, like ours, the encoder's output (``prompt_embeddings``, n x d),
-        not the encoder: it loads as plain virtual tokens. ``encoder_num_layers`` and
-        ``encoder_dropout`` describe only that training-time encoder, so they do not matter here."""
-        path, prompts = virtual.peft_prompt_tensor(config, tensors, model)
-        method = cls(
-            num_virtual_tokens=int(config["num_virtual_tokens"]),
-            encoder=str(config.get("encoder_reparameterization_type", "MLP")).lower(),
-            encoder_hidden_size=int(config.get("encoder_hidden_size") or 128),
-        )
-        return method, [path], {}, {f"{path}.prompts": prompts}
-
-    def to_peft(self, attachment: Attachment, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """PEFT's P-tuning config and the encoder's output as ``prompt_embeddings``, which PEFT's
-        loader (``inference_mode``) uses as the prompt."""
-        if self.insert_at != 0:
-            raise ValueError(f"PEFT puts the prompt first; insert_at={self.insert_at} has no PEFT equivalent")
-        path = attachment.info(name).targets[0]
-        body = attachment.wrappers[path].base
-        config = virtual.peft_prompt_config(attachment.model, body, self.num_virtual_tokens, key_value=False)
-        config.update(
-            encoder_reparameterization_type=self.encoder.upper(),
-            encoder_hidden_size=self.encoder_hidden_size,
-            encoder_num_layers=2,
-            encoder_dropout=0.0,
-        )
-        return config, {"prompt_embeddings": adapter_state(attachment.model, name)[f"{path}.prompts"]}
 
 
 class PromptEncoder(nn.Module):

@@ -30,7 +30,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -40,8 +39,6 @@ from torch import nn
 from ... import virtual
 from ...contract import Method, ReplacingLayer, Suite, register
 from ...contract.fields import Bool, Int, OneOf, param
-from ...state import adapter_state
-from ...wrapper import Attachment
 
 _DEFAULT_HIDDEN = 512
 
@@ -130,42 +127,6 @@ class PrefixTuning(Method):
         layers, kv_heads, head_dim, _ = self._shape(base)
         dtype = torch.promote_types(virtual.embedding_of(base).weight.dtype, torch.float32)
         return self.num_virtual_tokens * layers * 2 * kv_heads * head_dim * dtype.itemsize
-
-    # -- PEFT's format (the hooks: deltatune.peft) -----------------------------------------------
-    peft_type: ClassVar[str] = "PREFIX_TUNING"
-    peft_prefix: ClassVar[str] = "base_model."
-
-    @classmethod
-    def from_peft(
-        cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
-    ) -> tuple[PrefixTuning, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-        """PEFT's prefixes (``prompt_embeddings``: n x L·2·d_kv, the MLP's output when PEFT trained
-        through one), with ``positions="after_prefix"``, which reproduces PEFT's outputs."""
-        path, prefixes = virtual.peft_prompt_tensor(config, tensors, model)
-        mlp = bool(config.get("prefix_projection", False))
-        hidden = int(config.get("encoder_hidden_size") or _DEFAULT_HIDDEN) if mlp else _DEFAULT_HIDDEN
-        method = cls(
-            num_virtual_tokens=int(config["num_virtual_tokens"]),
-            reparameterize=mlp,
-            encoder_hidden_size=hidden,
-            positions="after_prefix",
-        )
-        return method, [path], {}, {f"{path}.prefixes": prefixes}
-
-    def to_peft(self, attachment: Attachment, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """PEFT's prefix-tuning config and the (collapsed) prefixes as ``prompt_embeddings``."""
-        if self.positions != "after_prefix":
-            raise ValueError(
-                "PEFT numbers the real tokens after the prefix (positions n, n+1, ...) and this adapter "
-                "from 0 (positions='base'), so PEFT would compute other outputs; an adapter trained with "
-                "PrefixTuning(positions='after_prefix') exports"
-            )
-        path = attachment.info(name).targets[0]
-        body = attachment.wrappers[path].base
-        config = virtual.peft_prompt_config(attachment.model, body, self.num_virtual_tokens, key_value=True)
-        hidden = self.encoder_hidden_size if self.reparameterize else config["token_dim"]
-        config.update(prefix_projection=self.reparameterize, encoder_hidden_size=hidden)
-        return config, {"prompt_embeddings": adapter_state(attachment.model, name)[f"{path}.prefixes"]}
 
 
 def _linear_init(

@@ -31,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -41,8 +40,6 @@ from torch import nn
 from ... import virtual
 from ...contract import Method, ReplacingLayer, Suite, register
 from ...contract.fields import Float, Instance, Int, component, param, validate
-from ...state import adapter_state
-from ...wrapper import Attachment
 
 
 class PromptInit:
@@ -177,30 +174,6 @@ class PromptTuning(Method):
 
     def stored_bytes(self, base: nn.Module) -> int:
         return self.parameter_count(base) * prompt_dtype(virtual.embedding_of(base)).itemsize
-
-    # -- PEFT's format (the hooks: deltatune.peft) -----------------------------------------------
-    peft_type: ClassVar[str] = "PROMPT_TUNING"
-    peft_prefix: ClassVar[str] = "base_model."
-
-    @classmethod
-    def from_peft(
-        cls, config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
-    ) -> tuple[PromptTuning, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-        """PEFT's prompt (``prompt_embeddings``), first in the input as PEFT puts it. PEFT's
-        ``prompt_tuning_init`` is not carried over: the loaded prompt replaces any init."""
-        path, prompts = virtual.peft_prompt_tensor(config, tensors, model)
-        method = cls(num_virtual_tokens=int(config["num_virtual_tokens"]))
-        return method, [path], {}, {f"{path}.prompts": prompts}
-
-    def to_peft(self, attachment: Attachment, name: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """PEFT's prompt-tuning config and ``prompt_embeddings``."""
-        if self.insert_at != 0:
-            raise ValueError(f"PEFT puts the prompt first; insert_at={self.insert_at} has no PEFT equivalent")
-        path = attachment.info(name).targets[0]
-        body = attachment.wrappers[path].base
-        config = virtual.peft_prompt_config(attachment.model, body, self.num_virtual_tokens, key_value=False)
-        config["prompt_tuning_init"] = "RANDOM"  # PEFT loads the stored prompt over it
-        return config, {"prompt_embeddings": adapter_state(attachment.model, name)[f"{path}.prompts"]}
 
 
 class VirtualTokens(ReplacingLayer):

@@ -1,0 +1,1 @@
+"""File formats: how adapters are read and written."""
