@@ -11,7 +11,7 @@ import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -126,7 +126,7 @@ def test_extra_metadata_is_stored_as_given(tmp_path: Path) -> None:
         ({"x": (1, 2)}, "extra must read back as given"),
     ):
         with pytest.raises(ValueError, match=f"save: {message}"):
-            dt.save(net, tmp_path / "bad", extra=bad)  # type: ignore[arg-type]
+            dt.save(net, tmp_path / "bad", extra=cast(Any, bad))
         assert not (tmp_path / "bad").exists()
     edit_config(tmp_path / "a", extra=["x"])
     with pytest.raises(ValueError, match="extra must be a JSON object"):

@@ -175,9 +175,9 @@ TRAIN_HELP: dict[str, str] = {
     "task": "the task and its data: one of {tasks}",
     "method": "a registered method ({methods}), full (every parameter trains) or head (only the task "
     "head trains); `deltatune methods` lists them, `--method NAME --help` adds the method's fields here",
-    "targets": "modules to adapt, by name, dotted suffix or regex, or all-linear (default: the method's "
-    "own placement, else the attention query and value projections: LoRA's setting, on which the README's "
-    "runs were measured, where deltatune.inject without targets takes all linear layers)",
+    "targets": "modules to adapt, by name, dotted suffix or regex, all-linear, or query-value (the "
+    "attention query and value projections) (default: the method's own placement, else query-value where "
+    "the model has them, else all-linear: deltatune.targets.default_targets)",
     "modules_to_save": "modules trained in full and saved with the adapter (default: the task head)",
     "steps": "optimizer steps",
     "batch_size": "examples per micro-batch (split across the processes under torchrun)",
