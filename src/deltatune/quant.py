@@ -294,11 +294,34 @@ def quantize(
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"quantize: iterations must be an integer >= 1, got {iterations!r}")
     att = core.attachment_of(model) if core.has_adapters(model) else None
+    plan = _quantize_plan(model, att, targets, iterations, block_size, scaler_block_size)
+    # Every quantised module (and QPiSSA's refitted factors) is computed before the first change.
+    built = [_quantized(item, iterations, block_size, scaler_block_size) for item in plan]
+    _put_in_place(model, att, built)
+    return [p for p, *_ in plan]
+
+
+#: (path, module, its wrapper if adapted, the adapter layer whose residual is quantised if any)
+_Planned = tuple[str, nn.Linear, "core.Adapted | None", Any]
+_Factors = tuple[torch.Tensor, torch.Tensor]
+#: (path, wrapper, layer, QPiSSA's refitted factors if any, the quantised module)
+_Built = tuple[str, "core.Adapted | None", Any, "_Factors | None", "NF4Linear"]
+
+
+def _quantize_plan(
+    model: nn.Module,
+    att: core.Attachment | None,
+    targets: TargetSpec,
+    iterations: int,
+    block_size: int,
+    scaler_block_size: int | None,
+) -> list[_Planned]:
+    """:func:`quantize`'s checks, all before any change: the modules ``targets`` selects, each a float
+    ``nn.Linear`` whose size splits into blocks, under adapters that take a 4-bit base, and the
+    weight-initialised adapters (QPiSSA) among them untrained since."""
     modules = core.base_modules(model, att)
-    paths = resolve(model, targets, modules)
-    # (path, module, its wrapper if adapted, the adapter layer whose residual is quantised if any)
-    plan: list[tuple[str, nn.Linear, core.Adapted | None, Any]] = []
-    for path in paths:
+    plan: list[_Planned] = []
+    for path in resolve(model, targets, modules):
         module = modules[path]
         if getattr(module, "quantized", False):
             raise ValueError(f"quantize: {path!r} is already quantised")
@@ -325,34 +348,41 @@ def quantize(
             "MiLoRA, CorDA: QPiSSA), but none of the modules to quantise carries one; inject such an "
             "adapter first, or pass iterations=1 (QLoRA)"
         )
-    # Every quantised module (and QPiSSA's refitted factors) is computed before the first change.
-    Factors = tuple[torch.Tensor, torch.Tensor]
-    built: list[tuple[str, core.Adapted | None, Any, Factors | None, NF4Linear]] = []
-    for path, module, wrapper, layer in plan:
-        weight = module.weight.detach()
-        factors = None
-        if layer is not None:
-            assert layer.frozen_A is not None and layer.frozen_B is not None
-            W_res, A, B = qpissa_factors(
-                weight,
-                layer.frozen_A,
-                layer.frozen_B,
-                layer.scale,
-                iterations=iterations,
-                block_size=block_size,
-                scaler_block_size=scaler_block_size,
-            )
-            factors = (A.to(layer.lora_A.dtype), B.to(layer.lora_B.dtype))
-            weight = W_res.to(weight.dtype)
-        new = NF4Linear.from_weight(
+    return plan
+
+
+def _quantized(item: _Planned, iterations: int, block_size: int, scaler_block_size: int | None) -> _Built:
+    """One planned module quantised: its weight in NF4 (QPiSSA: the residual, with the refitted
+    factors), nothing changed yet."""
+    path, module, wrapper, layer = item
+    weight = module.weight.detach()
+    factors = None
+    if layer is not None:
+        assert layer.frozen_A is not None and layer.frozen_B is not None
+        W_res, A, B = qpissa_factors(
             weight,
-            module.bias,
+            layer.frozen_A,
+            layer.frozen_B,
+            layer.scale,
+            iterations=iterations,
             block_size=block_size,
             scaler_block_size=scaler_block_size,
-            iterations=iterations if layer is not None else None,
-            source=module.weight,
         )
-        built.append((path, wrapper, layer, factors, new))
+        factors = (A.to(layer.lora_A.dtype), B.to(layer.lora_B.dtype))
+        weight = W_res.to(weight.dtype)
+    new = NF4Linear.from_weight(
+        weight,
+        module.bias,
+        block_size=block_size,
+        scaler_block_size=scaler_block_size,
+        iterations=iterations if layer is not None else None,
+        source=module.weight,
+    )
+    return path, wrapper, layer, factors, new
+
+
+def _put_in_place(model: nn.Module, att: core.Attachment | None, built: list[_Built]) -> None:
+    """The quantised modules into the model, all or none; then QPiSSA's factors, relative to them."""
     with core.all_or_nothing(model):
         for path, wrapper, _, _, new in built:
             if wrapper is not None:
@@ -372,7 +402,6 @@ def quantize(
             info.method = dataclasses.replace(info.method, save_mode="native")
             layer.set_factors(*factors, frozen_copy=False)
             layer.frozen_A = layer.frozen_B = None
-    return [p for p, *_ in plan]
 
 
 def quantization_error(model_weight: torch.Tensor, module: nn.Module, delta: torch.Tensor | None) -> float:

@@ -13,10 +13,8 @@ Each may be ``null`` or absent. Adapters of format 1 and 2 kept both as top-leve
 ``adapter_config.json``; :func:`deltatune.io.read_config` hands them over as this section.
 
 Example:
-    >>> import tempfile
-    >>> from torch import nn
-    >>> import deltatune as dt
-    >>> net = nn.Sequential(nn.Linear(4, 4))
+    >>> import tempfile, torch, deltatune as dt
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
     >>> _ = dt.inject(net, dt.LoRA(rank=2), targets=["0"])
     >>> folder = save(net, tempfile.mkdtemp(), task="sst2")
     >>> recorded(dt.io.read_config(folder), "here")
@@ -57,9 +55,9 @@ def save(
     folder: str | os.PathLike[str],
     adapter: str | None = None,
     *,
-    base_model: str | None = None,
     head: Mapping[str, Any] | None = None,
     task: str | Mapping[str, Any] | None = None,
+    base_model: str | None = None,
 ) -> Path:
     """:func:`deltatune.io.save` with the harness's record of the head and the task.
 
