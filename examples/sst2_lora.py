@@ -55,9 +55,10 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from deltatune import LoRA, inject, load, parameter_report, save
+from deltatune import LoRA, inject, load, parameter_report
 from deltatune.train.data import load_file
 from deltatune.train.progress import Progress
+from deltatune.train.provenance import save
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "datasets" / "glue" / "SST-2"
@@ -300,8 +301,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float | int]:
     print(f"dev accuracy after training:  {acc_after:.2%}")
 
     # Record the base model (the harness's alias for this checkpoint and head), the task and how it
-    # was evaluated, so that `deltatune eval runs/sst2_lora` reproduces the accuracy above and
-    # `deltatune merge runs/sst2_lora --out DIR` needs no --model/--task.
+    # was evaluated (the harness's record: deltatune.train.provenance), so that `deltatune eval
+    # runs/sst2_lora` reproduces the accuracy above and `deltatune merge runs/sst2_lora --out DIR`
+    # needs no --model/--task.
     limit = len(dev) if args.dev_examples is not None else None  # the first `limit` dev sentences
     sst2 = {"name": "sst2", "max_length": args.max_length, "eval_limit": limit, "eval_seed": None}
     save(model, args.out, base_model="minilm", task=sst2)

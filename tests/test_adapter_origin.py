@@ -1,15 +1,17 @@
-"""An adapter remembers its base: ``base_model``, ``head`` and ``task`` in adapter_config.json, the CLI
-using them instead of --model/--task, and ordinary permissions on everything deltatune writes."""
+"""An adapter remembers its base: ``base_model`` in adapter_config.json, and ``head`` and ``task`` in the
+harness's section of its ``extra`` metadata (deltatune.train.provenance), the CLI using them instead of
+--model/--task, and ordinary permissions on everything deltatune writes."""
 
 from __future__ import annotations
 
 import copy
 import json
 import os
+import re
 import stat
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -18,6 +20,7 @@ from torch import nn
 import deltatune as dt
 from deltatune.cli import main
 from deltatune.io import CONFIG_NAME, WEIGHTS_NAME, read_config
+from deltatune.train import provenance
 from deltatune.train.data import DEFAULT_DATA_DIR
 
 transformers = pytest.importorskip("transformers")
@@ -52,14 +55,22 @@ def bert_config(**kw: Any) -> Any:
 
 
 def edit_config(folder: Path, **changes: Any) -> None:
+    """Set (``...``: remove) top-level keys of an adapter's config; ``head`` and ``task`` are the
+    harness's, in ``extra["harness"]`` (top-level keys in format 2)."""
     path = folder / CONFIG_NAME
     config = json.loads(path.read_text())
     for key, value in changes.items():
+        harness_key = key in ("head", "task") and config.get("format_version", 3) > 2
+        where = config.setdefault("extra", {}).setdefault("harness", {}) if harness_key else config
         if value is ...:
-            config.pop(key, None)
+            where.pop(key, None)
         else:
-            config[key] = value
+            where[key] = value
     path.write_text(json.dumps(config))
+
+
+def harness(config: dict[str, Any]) -> dict[str, Any]:
+    return provenance.recorded(config, "test")
 
 
 # -- what dt.save records ----------------------------------------------------------------------
@@ -73,21 +84,25 @@ def test_save_records_the_base_and_head_of_a_transformers_model(
     monkeypatch.chdir(tmp_path)
     model = transformers.BertForSequenceClassification.from_pretrained("./base")  # a relative path
     dt.inject(model, dt.LoRA(rank=2), targets=["query", "value"], modules_to_save=["classifier"])
-    config = read_config(dt.save(model, tmp_path / "a"))
+    config = read_config(provenance.save(model, tmp_path / "a"))
     # The absolute path: `deltatune eval` may run from another directory.
     assert config["base_model"] == str((tmp_path / "base").resolve())
-    assert config["head"] == {"kind": "classification", "num_labels": 3}
-    assert config["task"] is None
+    assert harness(config)["head"] == {"kind": "classification", "num_labels": 3}
+    assert harness(config)["task"] is None
+    # The library's own save records the base, and no head or task.
+    config = read_config(dt.save(model, tmp_path / "plain"))
+    assert config["base_model"] == str((tmp_path / "base").resolve()) and "extra" not in config
+    assert harness(config) == {"head": None, "task": None}
 
-    config = read_config(dt.save(model, tmp_path / "b", base_model="minilm", task="sst2"))
+    config = read_config(provenance.save(model, tmp_path / "b", base_model="minilm", task="sst2"))
     assert config["base_model"] == "minilm"
-    assert config["task"] == {"name": "sst2"}
+    assert harness(config)["task"] == {"name": "sst2"}
 
     regression = transformers.BertForSequenceClassification(bert_config(num_labels=1))
     dt.inject(regression, dt.LoRA(rank=2), targets=["query"])
-    config = read_config(dt.save(regression, tmp_path / "c"))
+    config = read_config(provenance.save(regression, tmp_path / "c"))
     assert config["base_model"] is None  # built from a config: nothing to record
-    assert config["head"] == {"kind": "regression"}
+    assert harness(config)["head"] == {"kind": "regression"}
 
     llama = transformers.LlamaForCausalLM(
         transformers.LlamaConfig(
@@ -95,7 +110,48 @@ def test_save_records_the_base_and_head_of_a_transformers_model(
         )
     )
     dt.inject(llama, dt.LoRA(rank=2), targets=["q_proj"])
-    assert read_config(dt.save(llama, tmp_path / "d"))["head"] == {"kind": "generation"}
+    assert harness(read_config(provenance.save(llama, tmp_path / "d")))["head"] == {"kind": "generation"}
+
+
+def test_extra_metadata_is_stored_as_given(tmp_path: Path) -> None:
+    net = nn.Sequential(nn.Linear(4, 4))
+    dt.inject(net, dt.LoRA(rank=2), targets=["0"])
+    extra = {"mine": {"run": 3, "tags": ["a", "b"], "note": None}, "harness": {"anything": 1}}
+    assert read_config(dt.save(net, tmp_path / "a", extra=extra))["extra"] == extra
+    for bad, message in (
+        (["x"], "extra must be a mapping"),
+        ({"x": float("nan")}, "extra must be JSON"),
+        ({"x": object()}, "extra must be JSON"),
+        ({1: "x"}, "extra must read back as given"),
+        ({"x": (1, 2)}, "extra must read back as given"),
+    ):
+        with pytest.raises(ValueError, match=f"save: {message}"):
+            dt.save(net, tmp_path / "bad", extra=cast(Any, bad))
+        assert not (tmp_path / "bad").exists()
+    edit_config(tmp_path / "a", extra=["x"])
+    with pytest.raises(ValueError, match="extra must be a JSON object"):
+        read_config(tmp_path / "a")
+
+
+def test_format_2_top_level_records_are_read_as_the_harness_section(tmp_path: Path) -> None:
+    net = nn.Sequential(nn.Linear(4, 4))
+    dt.inject(net, dt.LoRA(rank=2), targets=["0"])
+    provenance.save(net, tmp_path, task="sst2", head={"kind": "classification", "num_labels": 2})
+    path = tmp_path / CONFIG_NAME
+    config = json.loads(path.read_text())
+    old = {**config, "format_version": 2, **config.pop("extra")["harness"]}
+    del old["extra"]
+    path.write_text(json.dumps(old))
+    assert harness(read_config(tmp_path)) == {
+        "head": {"kind": "classification", "num_labels": 2},
+        "task": {"name": "sst2"},
+    }
+    path.write_text(json.dumps({**old, "extra": {}}))  # format 2 had no extra
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['extra'\]"):
+        read_config(tmp_path)
+    path.write_text(json.dumps({**old, "format_version": 3}))  # format 3 has no top-level head/task
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['head', 'task'\]"):
+        read_config(tmp_path)
 
 
 def test_a_plain_module_records_nothing_and_loads() -> None:
@@ -106,7 +162,7 @@ def test_a_plain_module_records_nothing_and_loads() -> None:
     dt.inject(net, dt.LoRA(rank=2), targets=["0"])
     folder = dt.save(net, tempfile.mkdtemp())
     config = read_config(folder)
-    assert (config["base_model"], config["head"], config["task"]) == (None, None, None)
+    assert config["base_model"] is None and harness(config) == {"head": None, "task": None}
     dt.load(fresh, folder)
 
 
@@ -116,9 +172,9 @@ def test_load_model_tags_the_alias(tmp_path: Path) -> None:
 
     model, _ = load_model("minilm", "classification", 2)
     dt.inject(model, dt.LoRA(rank=2), targets=["query"], modules_to_save=["classifier"])
-    config = read_config(dt.save(model, tmp_path))
+    config = read_config(provenance.save(model, tmp_path))
     assert config["base_model"] == "minilm"  # not the package folder it resolves to on this machine
-    assert config["head"] == {"kind": "classification", "num_labels": 2}
+    assert harness(config)["head"] == {"kind": "classification", "num_labels": 2}
 
 
 def test_a_format_1_adapter_without_the_records_still_loads(
@@ -128,7 +184,7 @@ def test_a_format_1_adapter_without_the_records_still_loads(
     fresh = copy.deepcopy(net)  # the same base, loaded again
     dt.inject(net, dt.LoRA(rank=2), targets=["0"])
     dt.save(net, tmp_path)
-    edit_config(tmp_path, format_version=1, base_model=..., head=..., task=...)
+    edit_config(tmp_path, format_version=1, base_model=..., extra=...)
     dt.load(fresh, tmp_path)
     assert main(["info", str(tmp_path)]) == 0
     assert "base model: not recorded" in capsys.readouterr().out
@@ -164,17 +220,30 @@ def test_a_bad_record_is_refused_naming_the_field(
     net = nn.Sequential(nn.Linear(4, 4))
     dt.inject(net, dt.LoRA(rank=2), targets=["0"])
     dt.save(net, tmp_path / "ok")
-    edit_config(tmp_path / "ok", **changes)
-    with pytest.raises(ValueError, match=message):
-        dt.load(nn.Sequential(nn.Linear(4, 4)), tmp_path / "ok")
-    for command in (["info"], ["eval"], ["merge", "--out", str(tmp_path / "merged")]):
-        assert main([command[0], str(tmp_path / "ok"), *command[1:]]) == 2
-        err = capsys.readouterr().err
-        assert err.count("\n") == 1 and CONFIG_NAME in err, err
-    assert not (tmp_path / "merged").exists()
+    harness_field = "base_model" not in changes
+    # head and task are the harness's record: in extra["harness"] now, top-level keys in format 2.
+    for version in (3, 2) if harness_field else (3,):
+        edit_config(tmp_path / "ok", format_version=version)
+        if version == 2:
+            edit_config(tmp_path / "ok", extra=..., **changes)
+        else:
+            edit_config(tmp_path / "ok", **changes)
+        if harness_field:  # the library loads it: the record is not its business
+            dt.load(nn.Sequential(nn.Linear(4, 4)), tmp_path / "ok", strict_base=False)
+            with pytest.raises(ValueError, match=message):
+                harness(read_config(tmp_path / "ok"))
+        else:
+            with pytest.raises(ValueError, match=message):
+                dt.load(nn.Sequential(nn.Linear(4, 4)), tmp_path / "ok")
+        for command in (["info"], ["eval"], ["merge", "--out", str(tmp_path / "merged")]):
+            assert main([command[0], str(tmp_path / "ok"), *command[1:]]) == 2
+            err = capsys.readouterr().err
+            assert err.count("\n") == 1 and CONFIG_NAME in err and re.search(message, err), err
+        assert not (tmp_path / "merged").exists()
+        dt.save(net, tmp_path / "ok")
     # The same check when saving: nothing is written.
     with pytest.raises(ValueError, match=f"save: {message}"):
-        dt.save(net, tmp_path / "bad", **changes)
+        provenance.save(net, tmp_path / "bad", **changes)
     assert not (tmp_path / "bad").exists()
 
 
@@ -262,8 +331,8 @@ def test_a_harness_adapter_evaluates_and_merges_without_flags(
     adapter = out / "adapter"
     config = read_config(adapter)
     assert config["base_model"] == str(Path(tiny_bert).resolve())
-    assert config["head"] == {"kind": "classification", "num_labels": 2}
-    assert config["task"] == {"name": "sst2", "max_length": 24, "eval_limit": 24, "eval_seed": 1}
+    assert harness(config)["head"] == {"kind": "classification", "num_labels": 2}
+    assert harness(config)["task"] == {"name": "sst2", "max_length": 24, "eval_limit": 24, "eval_seed": 1}
     for path in (adapter, out / "checkpoint"):
         assert mode(path) == 0o755
         assert {p.name: mode(p) for p in path.iterdir()} == {p.name: 0o644 for p in path.iterdir()}

@@ -22,8 +22,10 @@ import torch
 
 import deltatune as dt
 from deltatune.cli_generate import _load, add_parsers, run_chat, run_generate
-from deltatune.io import CONFIG_NAME, TASK_FIELDS
+from deltatune.io import CONFIG_NAME
 from deltatune.train.models import load_model
+from deltatune.train.provenance import TASK_FIELDS
+from deltatune.train.provenance import save as harness_save
 
 pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
@@ -227,7 +229,7 @@ def test_the_adapter_records_its_chat_template(
     bare = save_tiny_chat_llama(tmp_path / "bare", chat_template=None)
     model, _ = load_model(bare, "generation")
     dt.load(model, s.a)
-    dt.save(model, tmp_path / "templated", task={"name": "chat", "chat_template": CHATML})
+    harness_save(model, tmp_path / "templated", task={"name": "chat", "chat_template": CHATML})
     assert run_generate(_args("generate", str(tmp_path / "templated"), "--prompt", "hello")) == 0
     assert capsys.readouterr().out.strip() == s.greedy("a", _user("hello"))
 

@@ -13,7 +13,7 @@ from torch import nn
 import deltatune as dt
 from deltatune import Target
 from deltatune.methods.lowrank.lora import LoRA
-from deltatune.targets import resolve
+from deltatune.targets import QUERY_VALUE, default_targets, resolve
 from deltatune.wrapper import attachment_of
 from toy_models import TOYS, GPT2Style
 
@@ -77,6 +77,28 @@ def test_all_linear_leaves_out_heads() -> None:
     clf = transformers.BertForSequenceClassification(bcfg)
     paths = resolve(clf, dt.ALL_LINEAR)
     assert "classifier" not in paths and "bert.encoder.layer.0.attention.self.query" in paths
+
+
+def test_query_value_names_the_attention_projections_each_model_has() -> None:
+    from deltatune.train.prepare import harness_targets
+
+    bcfg = transformers.BertConfig(
+        num_hidden_layers=1, hidden_size=16, num_attention_heads=2, intermediate_size=32, vocab_size=50
+    )
+    bert = transformers.BertForSequenceClassification(bcfg)
+    assert resolve(bert, QUERY_VALUE) == resolve(bert, ["query", "value"])
+    gpt2 = GPT2Style()
+    assert resolve(gpt2, [QUERY_VALUE]) == ["c_attn"]
+    with pytest.raises(ValueError, match="'query-value' matched no module: .*q_proj/v_proj, c_attn or q/v"):
+        resolve(nn.Sequential(nn.Linear(4, 4)), QUERY_VALUE)
+    # One rule: the method's placement, else the caller's fallback (the harness's: query-value where
+    # the model has those projections, else all-linear; the library's: all-linear).
+    assert default_targets(LoRA(), bert) == dt.ALL_LINEAR
+    assert default_targets(LoRA(), bert, QUERY_VALUE) == QUERY_VALUE
+    assert harness_targets(LoRA(), bert) == QUERY_VALUE
+    assert harness_targets(LoRA(), nn.Sequential(nn.Linear(4, 4))) == dt.ALL_LINEAR
+    bitfit = dt.REGISTRY["bitfit"]()
+    assert harness_targets(bitfit, bert) == default_targets(bitfit, bert) != QUERY_VALUE
 
 
 def test_inject_default_is_all_linear_and_wrappers_are_not_retargeted() -> None:

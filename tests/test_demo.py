@@ -53,6 +53,7 @@ def test_the_demo_adapter_evaluates_without_flags(tmp_path: Path, capsys: pytest
 
     from deltatune.cli import main
     from deltatune.io import read_config
+    from deltatune.train.provenance import recorded
 
     result = demo().main(
         [
@@ -69,8 +70,10 @@ def test_the_demo_adapter_evaluates_without_flags(tmp_path: Path, capsys: pytest
     )
     config = read_config(tmp_path)
     assert config["base_model"] == "minilm"
-    assert config["head"] == {"kind": "classification", "num_labels": 2}
-    assert config["task"] == {"name": "sst2", "max_length": 64, "eval_limit": 48, "eval_seed": None}
+    assert recorded(config, "test") == {
+        "head": {"kind": "classification", "num_labels": 2},
+        "task": {"name": "sst2", "max_length": 64, "eval_limit": 48, "eval_seed": None},
+    }
     capsys.readouterr()
     assert main(["eval", str(tmp_path), "--no-progress", "--json"]) == 0
     evaluated = json.loads(capsys.readouterr().out)

@@ -486,12 +486,12 @@ def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[s
 def test_batch_that_does_not_fit_says_what_to_change(
     tiny_bert: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import deltatune.train.loop as loop
+    import deltatune.train.update as update
 
     def out_of_memory(*args: object, **kwargs: object) -> torch.Tensor:
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setattr(loop, "loss_sum", out_of_memory)
+    monkeypatch.setattr(update, "loss_sum", out_of_memory)
     with pytest.raises(ValueError, match=r"batch of 8 examples does not fit .* raise --grad-accum"):
         train(config(tiny_bert, tmp_path), progress=False)
     assert not (tmp_path / "metrics.json").exists()

@@ -25,6 +25,14 @@ from deltatune.train.userdata import Columns, open_data  # noqa: E402
 from tiny_chat import CHATML, save_tiny_chat_llama  # noqa: E402
 
 
+def harness_record(adapter: Path) -> dict[str, Any]:
+    """The head and task an adapter's harness record holds (deltatune.train.provenance)."""
+    from deltatune.io import read_config
+    from deltatune.train.provenance import recorded
+
+    return recorded(read_config(adapter), str(adapter))
+
+
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Each test tokenises into its own cache (a test of the cache says so)."""
@@ -155,7 +163,7 @@ def test_a_model_without_chat_template(tmp_path: Path) -> None:
         out=str(tmp_path / "run"),
     )
     train(cfg, progress=False)
-    recorded = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["task"]
+    recorded = harness_record(tmp_path / "run" / "adapter")["task"]
     assert recorded["chat_template"] == CHATML and recorded["format"] == "messages"
 
 
@@ -389,7 +397,7 @@ def test_chat_run_end_to_end(tmp_path: Path, tiny: str, capsys: pytest.CaptureFi
     acc.Reload()
     assert [e.step for e in acc.Scalars("train/loss")] == [1, 2, 3, 4]
     assert "eval/perplexity" in acc.Tags()["scalars"]
-    adapter_task = json.loads((out / "adapter" / "adapter_config.json").read_text())["task"]
+    adapter_task = harness_record(out / "adapter")["task"]
     assert adapter_task == {"data": str(data), "format": "messages", "max_length": 128}
     # the base model and the data are read from the run: generate answers from the trained adapter
     assert main(["generate", str(out), "--prompt", "What is 3+3?", "--max-new-tokens", "3"]) == 0
@@ -430,7 +438,7 @@ def test_csv_classification_run(tmp_path: Path) -> None:
     record = train(cfg, progress=False)
     assert record["task"] == "reviews" and record["main_metric"] == "accuracy"
     assert record["data"]["format"] == "classification" and "accuracy" in record["metrics"]
-    head = json.loads((tmp_path / "run" / "adapter" / "adapter_config.json").read_text())["head"]
+    head = harness_record(tmp_path / "run" / "adapter")["head"]
     assert head["num_labels"] == 2
 
 

@@ -175,9 +175,9 @@ TRAIN_HELP: dict[str, str] = {
     "task": "the task and its data: one of {tasks}",
     "method": "a registered method ({methods}), full (every parameter trains) or head (only the task "
     "head trains); `deltatune methods` lists them, `--method NAME --help` adds the method's fields here",
-    "targets": "modules to adapt, by name, dotted suffix or regex, or all-linear (default: the method's "
-    "own placement, else the attention query and value projections: LoRA's setting, on which the README's "
-    "runs were measured, where deltatune.inject without targets takes all linear layers)",
+    "targets": "modules to adapt, by name, dotted suffix or regex, all-linear, or query-value (the "
+    "attention query and value projections) (default: the method's own placement, else query-value where "
+    "the model has them, else all-linear: deltatune.targets.default_targets)",
     "modules_to_save": "modules trained in full and saved with the adapter (default: the task head)",
     "steps": "optimizer steps",
     "batch_size": "examples per micro-batch (split across the processes under torchrun)",
@@ -258,19 +258,17 @@ _NO_DEFAULT_SHOWN = (
 )  # their help says it
 
 
-def _train_parser(method: str | None) -> argparse.ArgumentParser:
-    from .train.config import (
-        ADAPTER_PRECISIONS,
-        PRECISIONS,
-        QUANTIZE,
-        REPORTERS,
-        SCHEDULES,
-        TrainConfig,
-    )
-    from .train.formats import DATA_FORMATS, LOSS_ON
-    from .train.models import ALIASES
-    from .train.tasks import TASKS
+#: The types of the training options whose default (None) does not tell it.
+_OPTION_TYPES: dict[str, Any] = {
+    **dict.fromkeys(("head_lr", "loraplus_ratio"), float),
+    **dict.fromkeys(("train_limit", "eval_limit"), int),
+    **dict.fromkeys(("data_dir", "data", "eval_data", "text_pair_column", "chat_template", "quantize"), str),
+}
 
+
+def _train_parser(method: str | None) -> argparse.ArgumentParser:
+    """``deltatune train``'s flags: one per :class:`~deltatune.train.config.TrainConfig` option, and
+    ``method``'s fields where a method is named."""
     p = argparse.ArgumentParser(
         prog="deltatune train",
         usage="%(prog)s [--method METHOD] [--model MODEL] [--task TASK] [--config FILE] [options] "
@@ -279,6 +277,40 @@ def _train_parser(method: str | None) -> argparse.ArgumentParser:
         "given (deltatune train --method lora --help).",
     )
     p.add_argument("--config", metavar="FILE", help="YAML or JSON file of these options (flags override it)")
+    _add_option_flags(p)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace a run of another config in --out (deletes its adapter, metrics and checkpoint)",
+    )
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress output (else a bar on a terminal, a plain line every few seconds in a log)",
+    )
+    add_method_flags(p, method)
+    return p
+
+
+def add_method_flags(p: argparse.ArgumentParser, method: str | None) -> None:
+    """A flag per field of ``method`` where it names a registered method (``--rank``, ...)."""
+    if method in REGISTRY:
+        cls = REGISTRY[method]
+        group = p.add_argument_group(f"{method} fields ({cls.__name__}; see deltatune methods)")
+        for f in dataclasses.fields(cls):
+            field_kw = _field_flag(cls, f)
+            if field_kw is not None:
+                group.add_argument("--" + f.name.replace("_", "-"), **field_kw)
+
+
+def _closed_choices() -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
+    """The options that take one of a list of values (option -> values), and the lists that
+    :data:`TRAIN_HELP` names (``{tasks}``, ...) as text."""
+    from .train.config import ADAPTER_PRECISIONS, PRECISIONS, QUANTIZE, REPORTERS, SCHEDULES
+    from .train.formats import DATA_FORMATS, LOSS_ON
+    from .train.models import ALIASES
+    from .train.tasks import TASKS
+
     closed: dict[str, tuple[str, ...]] = {
         "task": tuple(sorted(TASKS)),
         "schedule": SCHEDULES,
@@ -297,19 +329,15 @@ def _train_parser(method: str | None) -> argparse.ArgumentParser:
         "data_formats": ", ".join(DATA_FORMATS),
         "reporters": " and/or ".join(REPORTERS),
     }
+    return closed, names
+
+
+def _add_option_flags(p: argparse.ArgumentParser) -> None:
+    """A flag per training option (``--steps``, ...), with its help, type or choices and default."""
+    from .train.config import REPORTERS, TrainConfig
+
+    closed, names = _closed_choices()
     defaults = TrainConfig()
-    types: dict[str, Any] = {
-        "head_lr": float,
-        "loraplus_ratio": float,
-        "train_limit": int,
-        "eval_limit": int,
-        "data_dir": str,
-        "data": str,
-        "eval_data": str,
-        "text_pair_column": str,
-        "chat_template": str,
-        "quantize": str,
-    }
     for f in dataclasses.fields(TrainConfig):
         if f.name == "method_fields":
             continue  # the method's own flags, below
@@ -330,26 +358,8 @@ def _train_parser(method: str | None) -> argparse.ArgumentParser:
         elif f.name in closed:
             kw.update(choices=closed[f.name])
         else:
-            kw.update(type=types.get(f.name, type(default)))
+            kw.update(type=_OPTION_TYPES.get(f.name, type(default)))
         p.add_argument(flag, **kw)
-    p.add_argument(
-        "--overwrite",
-        action="store_true",
-        help="replace a run of another config in --out (deletes its adapter, metrics and checkpoint)",
-    )
-    p.add_argument(
-        "--no-progress",
-        action="store_true",
-        help="no progress output (else a bar on a terminal, a plain line every few seconds in a log)",
-    )
-    if method in REGISTRY:
-        cls = REGISTRY[method]
-        group = p.add_argument_group(f"{method} fields ({cls.__name__}; see deltatune methods)")
-        for f in dataclasses.fields(cls):
-            field_kw = _field_flag(cls, f)
-            if field_kw is not None:
-                group.add_argument("--" + f.name.replace("_", "-"), **field_kw)
-    return p
 
 
 def _read_config_file(path: str) -> dict[str, Any]:
@@ -460,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
         from .cli_estimate import run_estimate
 
         try:
-            return run_estimate(argv[1:], _field_flag)
+            return run_estimate(argv[1:], add_method_flags)
         except ValueError as e:
             print(f"deltatune estimate: error: {e}", file=sys.stderr)
             return 2

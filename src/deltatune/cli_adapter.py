@@ -24,6 +24,7 @@ from .files import write_folder
 from .io import CONFIG_NAME, WEIGHTS_NAME, load, read_adapter, read_config
 from .quant import FORMATS
 from .quantized_base import RECORD_KEY
+from .train.provenance import recorded as harness_record
 
 __all__ = ["adapter_info", "add_parsers", "metrics_line", "run_eval", "run_info", "run_merge"]
 
@@ -130,12 +131,13 @@ def _run_options(adapter: Path, model: str | None, task: str | None, *, need_tas
     """Base model, task, head and evaluation options for an adapter.
 
     Each comes from the flag if given, else from what ``adapter_config.json`` records (``base_model``,
-    ``task``, ``head``: deltatune.save and the harness write them), else from the ``metrics.json`` a
-    harness run writes beside its adapter folder. The evaluation options (max_length, eval_limit, ...)
-    come from whichever record is of the chosen task.
+    deltatune.save writes it; ``head`` and ``task``: the harness's record, :mod:`deltatune.train.
+    provenance`), else from the ``metrics.json`` a harness run writes beside its adapter folder. The
+    evaluation options (max_length, eval_limit, ...) come from whichever record is of the chosen task.
     """
     config = read_config(adapter)
-    recorded: dict[str, Any] = config.get("task") or {}
+    harness = harness_record(config, str(adapter / CONFIG_NAME))
+    recorded: dict[str, Any] = harness["task"] or {}
     run: dict[str, Any] = {}
     metrics = adapter.parent / "metrics.json"
     if metrics.is_file():
@@ -158,11 +160,15 @@ def _run_options(adapter: Path, model: str | None, task: str | None, *, need_tas
             f"{adapter}: pass --model (an alias such as minilm, a local model folder or a hub name): "
             f"{nothing_else}"
         )
-    head = config.get("head")
+    head = harness["head"]
     if not task and (need_task or head is None):
         from .train.tasks import TASKS
 
-        what = "" if need_task else " (or re-save the adapter with deltatune.save(..., head=...))"
+        what = (
+            ""
+            if need_task
+            else " (or re-save the adapter with deltatune.train.provenance.save(..., head=...))"
+        )
         raise ValueError(f"{adapter}: pass --task, one of {', '.join(sorted(TASKS))}{what}: {nothing_else}")
     options: dict[str, Any] = {}
     if run and run.get("task") == task:
@@ -340,6 +346,7 @@ def adapter_info(folder: str | Path) -> dict[str, Any]:
     stored_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     dtypes = sorted({str(t.dtype).replace("torch.", "") for t in tensors.values()})
     trainable = _trainable_from_fingerprint(config, method, tensors)
+    harness = harness_record(config, str(folder / CONFIG_NAME))
     return {
         "folder": str(folder),
         "method": config["method"],
@@ -357,8 +364,8 @@ def adapter_info(folder: str | Path) -> dict[str, Any]:
         "dtypes": dtypes,
         "format_version": config["format_version"],
         "base_model": config.get("base_model"),
-        "head": config.get("head"),
-        "task": config.get("task"),
+        "head": harness["head"],
+        "task": harness["task"],
         "quantized_base": config.get(RECORD_KEY),
     }
 

@@ -9,7 +9,6 @@ prints the frozen-base floor, full fine-tuning and the method side by side (see
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 from collections.abc import Callable
 from typing import Any
@@ -26,9 +25,11 @@ __all__ = ["run_estimate"]
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def _parser(
-    method: str | None, field_flag: Callable[[type, Any], dict[str, Any] | None]
-) -> argparse.ArgumentParser:
+#: Adds a method's fields as flags to a parser (``deltatune.cli.add_method_flags``).
+MethodFlags = Callable[[argparse.ArgumentParser, "str | None"], None]
+
+
+def _parser(method: str | None, method_flags: MethodFlags) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="deltatune estimate",
         description="Memory and FLOPs of one training step of a method, against the frozen-base floor and "
@@ -67,13 +68,7 @@ def _parser(
         "every row but full fine-tuning (default: the base at --precision)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    if method in REGISTRY:
-        cls = REGISTRY[method]
-        group = p.add_argument_group(f"{method} fields ({cls.__name__}; see deltatune methods)")
-        for f in dataclasses.fields(cls):
-            kw = field_flag(cls, f)
-            if kw is not None:
-                group.add_argument("--" + f.name.replace("_", "-"), **kw)
+    method_flags(p, method)
     return p
 
 
@@ -109,12 +104,12 @@ def table(rows: list[Estimate]) -> str:
     return "\n".join(lines)
 
 
-def run_estimate(argv: list[str], field_flag: Callable[[type, Any], dict[str, Any] | None]) -> int:
+def run_estimate(argv: list[str], method_flags: MethodFlags) -> int:
     probe = argparse.ArgumentParser(add_help=False)
     probe.add_argument("--method")
     known, _ = probe.parse_known_args(argv)
     method_name = canonical_method(known.method or "lora", (*REGISTRY, FULL, HEAD))
-    args = _parser(method_name, field_flag).parse_args(argv)
+    args = _parser(method_name, method_flags).parse_args(argv)
     args.method = method_name
     fields = {
         k[len("field__") :]: v for k, v in vars(args).items() if k.startswith("field__") and v is not None

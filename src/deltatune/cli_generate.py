@@ -30,6 +30,7 @@ from .cli_adapter import add_quantize_flag, load_adapters
 from .core import disabled, route, set_active
 from .files import write_file
 from .io import CONFIG_NAME, WEIGHTS_NAME, read_config
+from .train.provenance import recorded as harness_record
 
 __all__ = ["add_parsers", "run_chat", "run_generate"]
 
@@ -135,8 +136,11 @@ def _load(args: argparse.Namespace, extra: dict[str, Path], *, raw: bool, comman
 
     folders = {MAIN: _adapter_folder(args.run_or_adapter, ""), **extra}
     configs = {name: read_config(folder) for name, folder in folders.items()}
-    for name, config in configs.items():
-        kind = (config.get("head") or {}).get("kind", "generation")
+    harness = {
+        name: harness_record(configs[name], str(folder / CONFIG_NAME)) for name, folder in folders.items()
+    }
+    for name in configs:
+        kind = (harness[name]["head"] or {}).get("kind", "generation")
         if kind != "generation":
             raise ValueError(
                 f"{folders[name]}: saved on a {kind} head; {command} needs an adapter of a causal language "
@@ -160,7 +164,7 @@ def _load(args: argparse.Namespace, extra: dict[str, Path], *, raw: bool, comman
     if args.chat_template is not None and not Path(args.chat_template).is_file():
         raise ValueError(f"--chat-template {args.chat_template}: no such file")
     model, tokenizer = load_model(model_name, "generation")
-    task = configs[MAIN].get("task")
+    task = harness[MAIN]["task"]
     recorded_template = task.get("chat_template") if isinstance(task, dict) else None
     if args.chat_template is not None:
         tokenizer.chat_template = Path(args.chat_template).read_text()

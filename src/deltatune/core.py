@@ -117,7 +117,7 @@ def inject(
         model: any ``nn.Module``; it is modified in place.
         method: a registered method config, e.g. ``LoRA(rank=8)``.
         targets: which modules to adapt (see :mod:`deltatune.targets`); default: the method's
-            ``default_targets(model)`` if it declares one, else ``"all-linear"``.
+            placement, else ``"all-linear"`` (:func:`deltatune.targets.default_targets`).
         name: the adapter's name (a Python-identifier-like string).
         overrides: per-module field values by name/suffix/regex, e.g. ``{"value": {"rank": 16}}``.
         modules_to_save: modules trained in full and stored with the adapter (e.g. a head).
@@ -185,7 +185,7 @@ def _plan(
     override_map = {k: dict(v) for k, v in (overrides or {}).items()}
     modules = base_modules(model, att)
     if targets is None:
-        targets = default_targets(method, model)
+        targets = _targets.default_targets(spec, model)
     paths = _targets.resolve(model, targets, modules)
     save_paths = _targets.resolve(model, list(modules_to_save), modules) if modules_to_save else []
     save_paths = [p for p in save_paths if not any(p.startswith(q + ".") for q in save_paths)]
@@ -279,13 +279,6 @@ def build_layers(
         for path, base in bases.items()
     }
     return shared, layers
-
-
-def default_targets(method: Method, model: nn.Module) -> _targets.TargetSpec:
-    """Where ``method`` goes on ``model`` when no targets are given: its ``default_targets(model)``
-    where it has a preference, else ``"all-linear"``."""
-    declared: _targets.TargetSpec | None = hooks(method).default_targets(model)
-    return _targets.ALL_LINEAR if declared is None else declared
 
 
 def _to_device_of(layer: nn.Module, *bases: nn.Module) -> nn.Module:

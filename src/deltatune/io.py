@@ -7,17 +7,17 @@ method and its fields, the base model's fingerprint (class, weight shape and a s
 weight of every adapted module: another base is refused unless ``load(..., strict_base=False)``),
 and every tensor's name and shape, and names whatever is missing, extra or mismatched.
 
-The config also records where the adapter came from, so that ``deltatune eval ADAPTER`` and
-``deltatune merge ADAPTER --out DIR`` need no ``--model``/``--task`` (format 2; each key may be
-``null`` or absent, as in format-1 files):
+The config also records the base model the adapter belongs on, so that ``deltatune eval ADAPTER``
+and ``deltatune merge ADAPTER --out DIR`` need no ``--model`` (``null`` or absent in format-1 files):
 
 * ``base_model``: the model to load it onto: an alias (``"minilm"``), a local folder (absolute
   path) or a hub name. Taken from ``save(base_model=...)``, else from :func:`deltatune.train.models.
   load_model`'s tag, else from a transformers model's ``config.name_or_path``.
-* ``head``: ``{"kind": "classification", "num_labels": 2}`` (or ``"regression"``, ``"generation"``),
-  read off a transformers model's class and config, or given as ``save(head=...)``.
-* ``task``: ``{"name": "sst2", "max_length": 64, "eval_limit": null, "eval_seed": null, ...}``: the
-  harness task it was trained on and how it was evaluated (see :data:`TASK_FIELDS`).
+* ``extra``: the caller's own metadata (``save(..., extra={"harness": {...}})``), stored as given
+  and read back as stored; the library checks only that it is JSON. The training harness keeps the
+  head and task it trained with there (:mod:`deltatune.train.provenance`); format-1 and format-2
+  files held them as top-level ``head`` and ``task`` keys, which :func:`parse_config` hands over as
+  ``extra["harness"]``.
 
 Files are created with the permissions ``open()`` would give them (``0o666 & ~umask``; folders
 ``0o777 & ~umask``), not the private modes of temporary files (safetensors >= 0.8 writes through
@@ -58,26 +58,19 @@ from .files import json_writer, read_folder, tensors_writer, write_files
 from .fingerprint import check_fingerprint, fingerprint
 from .state import adapter_state, load_adapter_state
 
-# 2 adds the optional base_model, head and task records; format-1 files (without them) still load.
-FORMAT_VERSION = 2
+# 2 adds the optional base_model, head and task records; 3 moves head and task into extra["harness"]
+# (the harness's, not the library's). Files of formats 1 and 2 still load.
+FORMAT_VERSION = 3
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter.safetensors"
 
 #: Attribute that :func:`deltatune.train.models.load_model` sets on the models it loads: the alias,
 #: absolute local path or hub name it loaded, which :func:`save` records as ``base_model``.
 BASE_MODEL_ATTR = "deltatune_base_model"
-HEAD_KINDS = ("classification", "regression", "generation")
-#: The fields of a recorded ``task``: name -> what it means. Only ``name`` is required.
-TASK_FIELDS: dict[str, str] = {
-    "name": "the harness task (deltatune.train.tasks.TASKS), e.g. 'sst2'",
-    "max_length": "tokens per example the run used (an integer >= 1)",
-    "max_new_tokens": "tokens generated per example when evaluating (an integer >= 1)",
-    "eval_limit": "the number of evaluation examples the run used (an integer >= 1; null: all)",
-    "eval_seed": "the seed of the shuffle that picked eval_limit examples (null: the first ones)",
-    "data": "a run on the user's own data (deltatune train --data): the file or folder (then no name)",
-    "format": "that data's format: messages, prompt_completion, text, classification or regression",
-    "chat_template": "the chat template its conversations were rendered with, where not the tokenizer's own",
-}
+#: The section of ``extra`` that format-1 and format-2 files' top-level ``head`` and ``task`` keys
+#: (the training harness's records, :mod:`deltatune.train.provenance`) are read into.
+HARNESS_SECTION = "harness"
+_HARNESS_KEYS = ("head", "task")
 
 
 def save(
@@ -86,8 +79,7 @@ def save(
     adapter: str | None = None,
     *,
     base_model: str | None = None,
-    head: Mapping[str, Any] | None = None,
-    task: str | Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save one adapter (default: the first active one) to ``folder``.
 
@@ -95,28 +87,25 @@ def save(
         base_model: the model it belongs on: an alias (``"minilm"``), a local folder or a hub name.
             Default: what :func:`deltatune.train.models.load_model` loaded, else a transformers
             model's ``config.name_or_path``; a relative path to an existing folder is made absolute.
-        head: ``{"kind": "classification", "num_labels": N}``, ``{"kind": "regression"}`` or
-            ``{"kind": "generation"}``. Default: read off a transformers model's class and config.
-        task: the harness task it was trained on: a name (``"sst2"``) or a mapping with the keys
-            of :data:`TASK_FIELDS` (``{"name": "sst2", "max_length": 64}``).
+        extra: the caller's metadata, stored as given under ``extra`` and read back as stored
+            (:func:`read_config`): a JSON object (text keys; lists, not tuples; finite numbers).
 
     Returns:
         The folder, holding ``adapter_config.json`` and ``adapter.safetensors`` (no base weights).
 
     Raises:
-        ValueError: a bad ``base_model``, ``head`` or ``task``, naming the field.
+        ValueError: a bad ``base_model``, or an ``extra`` that is not JSON, naming the field;
+            nothing is written.
     """
     att = wrapper.attachment_of(model)
     name = adapter if adapter is not None else (att.active[0] if att.active else next(iter(att.adapters)))
     info = att.info(name)
     method, overrides = _stored_configs(info)
-    recorded = {
-        "base_model": _portable(base_model) if base_model is not None else base_model_of(model),
-        "head": (dict(head) if isinstance(head, Mapping) else head) if head is not None else head_of(model),
-        "task": {"name": task}
-        if isinstance(task, str)
-        else (dict(task) if isinstance(task, Mapping) else task),
+    recorded: dict[str, Any] = {
+        "base_model": _portable(base_model) if base_model is not None else base_model_of(model)
     }
+    if extra is not None:
+        recorded["extra"] = _json_object(extra, "save")
     check_recorded(recorded, "save")
     config = {
         "format_version": FORMAT_VERSION,
@@ -176,29 +165,23 @@ def base_model_of(model: nn.Module) -> str | None:
     return None
 
 
-def head_of(model: nn.Module) -> dict[str, Any] | None:
-    """The head of a transformers model, as :func:`deltatune.train.models.load_model` builds it:
-    sequence classification (regression with one output and no other problem type), or a language
-    model head. None for anything else."""
-    config = getattr(model, "config", None)
-    if config is not None and type(model).__name__.endswith("ForSequenceClassification"):
-        labels = int(getattr(config, "num_labels", 2))
-        problem = getattr(config, "problem_type", None)
-        if problem == "regression" or (problem is None and labels == 1):
-            return {"kind": "regression"}
-        return {"kind": "classification", "num_labels": labels}
-    can_generate = getattr(model, "can_generate", None)
-    if callable(can_generate) and can_generate() is True:
-        return {"kind": "generation"}
-    return None
-
-
-def _is_int(value: Any, low: int | None = None) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and (low is None or value >= low)
+def _json_object(extra: Any, where: str) -> dict[str, Any]:
+    """``extra`` as the JSON object it will be read back as; refused where that would differ."""
+    if not isinstance(extra, Mapping):
+        raise ValueError(f"{where}: extra must be a mapping (a JSON object), got {extra!r}")
+    try:
+        stored = json.loads(json.dumps(dict(extra), allow_nan=False))
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{where}: extra must be JSON (text keys, finite numbers): {e}") from e
+    if stored != extra:
+        raise ValueError(
+            f"{where}: extra must read back as given (text keys, lists rather than tuples), got {extra!r}"
+        )
+    return dict(stored)
 
 
 def check_recorded(config: Mapping[str, Any], where: str) -> None:
-    """Check the ``base_model``, ``head`` and ``task`` records (each may be absent or null).
+    """Check the ``base_model`` and ``extra`` records (each may be absent; ``base_model`` null).
 
     Raises:
         ValueError: ``"<where>: <field> must be <constraint>, got <value>"``.
@@ -209,49 +192,8 @@ def check_recorded(config: Mapping[str, Any], where: str) -> None:
             f"{where}: base_model must be a model alias, local path or hub name (a non-empty string), "
             f"got {base!r}"
         )
-    head = config.get("head")
-    if head is not None:
-        if not isinstance(head, Mapping):
-            raise ValueError(
-                f"{where}: head must be a mapping such as {{'kind': 'classification', ...}}, got {head!r}"
-            )
-        extra = sorted(set(head) - {"kind", "num_labels"})
-        if extra:
-            raise ValueError(f"{where}: unknown head field(s) {extra}; known: ['kind', 'num_labels']")
-        kind, labels = head.get("kind"), head.get("num_labels")
-        if kind not in HEAD_KINDS:
-            raise ValueError(f"{where}: head.kind must be one of {', '.join(HEAD_KINDS)}, got {kind!r}")
-        if kind == "classification" and not _is_int(labels, 1):
-            raise ValueError(
-                f"{where}: head.num_labels must be an integer >= 1 for a classification head, got {labels!r}"
-            )
-        if kind == "regression" and labels not in (None, 1):
-            raise ValueError(
-                f"{where}: head.num_labels must be 1 or absent for a regression head, got {labels!r}"
-            )
-        if kind == "generation" and labels is not None:
-            raise ValueError(f"{where}: head.num_labels must be absent for a generation head, got {labels!r}")
-    task = config.get("task")
-    if task is None:
-        return
-    if not isinstance(task, Mapping):
-        raise ValueError(
-            f"{where}: task must be a task name or a mapping such as {{'name': 'sst2'}}, got {task!r}"
-        )
-    extra = sorted(set(task) - set(TASK_FIELDS))
-    if extra:
-        raise ValueError(f"{where}: unknown task field(s) {extra}; known: {list(TASK_FIELDS)}")
-    name = task.get("name")
-    for key in ("data", "format", "chat_template"):
-        if task.get(key) is not None and not isinstance(task[key], str):
-            raise ValueError(f"{where}: task.{key} must be text or null, got {task[key]!r}")
-    if not (isinstance(name, str) and name.strip()) and task.get("data") is None:
-        raise ValueError(f"{where}: task.name must be a task name such as 'sst2', got {name!r}")
-    for key, low in (("max_length", 1), ("max_new_tokens", 1), ("eval_limit", 1), ("eval_seed", None)):
-        value = task.get(key)
-        if value is not None and not _is_int(value, low):
-            bound = f"an integer >= {low}" if low is not None else "an integer"
-            raise ValueError(f"{where}: task.{key} must be {bound} or null, got {value!r}")
+    if "extra" in config and not isinstance(config["extra"], dict):
+        raise ValueError(f"{where}: extra must be a JSON object, got {config['extra']!r}")
 
 
 def _stored_configs(info: wrapper.AdapterInfo) -> tuple[Any, dict[str, dict[str, Any]]]:
@@ -332,11 +274,16 @@ def parse_config(data: bytes, path: Path) -> dict[str, Any]:
     for key, typ in required.items():
         if not isinstance(config.get(key), typ):
             raise ValueError(f"{path}: {key!r} missing or not a {typ.__name__}")
+    if version <= 2:  # the harness's records, as top-level keys then
+        harness = {key: config.pop(key) for key in _HARNESS_KEYS if key in config}
+        if "extra" in config:
+            raise ValueError(f"{path}: unknown key(s) ['extra'] (format_version {version} has none)")
+        if harness:
+            config["extra"] = {HARNESS_SECTION: harness}
     check_recorded(config, str(path))
     known = {
         "base_model",
-        "head",
-        "task",
+        "extra",
         "format_version",
         "library",
         "adapter_name",

@@ -27,13 +27,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 from torch import nn
 
-from . import contract
-from .contract import float_weight_reason
+from .contract import float_weight_reason, hooks
 from .methods.lowrank.lora import LoRALayer
 from .methods.lowrank.pissa import split_components
 from .targets import ALL_LINEAR, TargetSpec, resolve
@@ -220,7 +219,7 @@ def _check_adapters_take_4_bits(att: Attachment, wrapper: Adapted, path: str) ->
     updates it, DoRA normalises it, ...): inject refuses that order, so quantize refuses the other."""
     for name in wrapper.adapters:
         info = att.adapters[name]
-        spec = contract.hooks(info.method)
+        spec = hooks(info.method)
         if path in info.targets and not spec.quantized_base:
             raise ValueError(
                 f"quantize: {path!r} carries adapter {name!r} ({type(info.method).__name__}); "
@@ -303,11 +302,34 @@ def quantize(
     if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 1:
         raise ValueError(f"quantize: iterations must be an integer >= 1, got {iterations!r}")
     att = attachment_of(model) if has_adapters(model) else None
+    plan = _quantize_plan(model, att, targets, iterations, block_size, scaler_block_size)
+    # Every quantised module (and QPiSSA's refitted factors) is computed before the first change.
+    built = [_quantized(item, iterations, block_size, scaler_block_size) for item in plan]
+    _put_in_place(model, att, built)
+    return [p for p, *_ in plan]
+
+
+#: (path, module, its wrapper if adapted, the adapter layer whose residual is quantised if any)
+_Planned = tuple[str, nn.Linear, "Adapted | None", Any]
+_Factors = tuple[torch.Tensor, torch.Tensor]
+#: (path, wrapper, layer, QPiSSA's refitted factors if any, the quantised module)
+_Built = tuple[str, "Adapted | None", Any, "_Factors | None", "NF4Linear"]
+
+
+def _quantize_plan(
+    model: nn.Module,
+    att: Attachment | None,
+    targets: TargetSpec,
+    iterations: int,
+    block_size: int,
+    scaler_block_size: int | None,
+) -> list[_Planned]:
+    """:func:`quantize`'s checks, all before any change: the modules ``targets`` selects, each a float
+    ``nn.Linear`` whose size splits into blocks, under adapters that take a 4-bit base, and the
+    weight-initialised adapters (QPiSSA) among them untrained since."""
     modules = base_modules(model, att)
-    paths = resolve(model, targets, modules)
-    # (path, module, its wrapper if adapted, the adapter layer whose residual is quantised if any)
-    plan: list[tuple[str, nn.Linear, Adapted | None, Any]] = []
-    for path in paths:
+    plan: list[_Planned] = []
+    for path in resolve(model, targets, modules):
         module = modules[path]
         if getattr(module, "quantized", False):
             raise ValueError(f"quantize: {path!r} is already quantised")
@@ -334,34 +356,41 @@ def quantize(
             "MiLoRA, CorDA: QPiSSA), but none of the modules to quantise carries one; inject such an "
             "adapter first, or pass iterations=1 (QLoRA)"
         )
-    # Every quantised module (and QPiSSA's refitted factors) is computed before the first change.
-    Factors = tuple[torch.Tensor, torch.Tensor]
-    built: list[tuple[str, Adapted | None, Any, Factors | None, NF4Linear]] = []
-    for path, module, wrapper, layer in plan:
-        weight = module.weight.detach()
-        factors = None
-        if layer is not None:
-            assert layer.frozen_A is not None and layer.frozen_B is not None
-            W_res, A, B = qpissa_factors(
-                weight,
-                layer.frozen_A,
-                layer.frozen_B,
-                layer.scale,
-                iterations=iterations,
-                block_size=block_size,
-                scaler_block_size=scaler_block_size,
-            )
-            factors = (A.to(layer.lora_A.dtype), B.to(layer.lora_B.dtype))
-            weight = W_res.to(weight.dtype)
-        new = NF4Linear.from_weight(
+    return plan
+
+
+def _quantized(item: _Planned, iterations: int, block_size: int, scaler_block_size: int | None) -> _Built:
+    """One planned module quantised: its weight in NF4 (QPiSSA: the residual, with the refitted
+    factors), nothing changed yet."""
+    path, module, wrapper, layer = item
+    weight = module.weight.detach()
+    factors = None
+    if layer is not None:
+        assert layer.frozen_A is not None and layer.frozen_B is not None
+        W_res, A, B = qpissa_factors(
             weight,
-            module.bias,
+            layer.frozen_A,
+            layer.frozen_B,
+            layer.scale,
+            iterations=iterations,
             block_size=block_size,
             scaler_block_size=scaler_block_size,
-            iterations=iterations if layer is not None else None,
-            source=module.weight,
         )
-        built.append((path, wrapper, layer, factors, new))
+        factors = (A.to(layer.lora_A.dtype), B.to(layer.lora_B.dtype))
+        weight = W_res.to(weight.dtype)
+    new = NF4Linear.from_weight(
+        weight,
+        module.bias,
+        block_size=block_size,
+        scaler_block_size=scaler_block_size,
+        iterations=iterations if layer is not None else None,
+        source=module.weight,
+    )
+    return path, wrapper, layer, factors, new
+
+
+def _put_in_place(model: nn.Module, att: Attachment | None, built: list[_Built]) -> None:
+    """The quantised modules into the model, all or none; then QPiSSA's factors, relative to them."""
     with all_or_nothing(model):
         for path, wrapper, _, _, new in built:
             if wrapper is not None:
@@ -377,11 +406,10 @@ def quantize(
             # then deltatune.state.load_adapter_state the saved tensors). _residual_layers guarantees the
             # layer is the wrapper's only adapter.
             info = att.adapters[next(iter(wrapper.adapters))]
-            info.configs[path] = dataclasses.replace(info.configs[path], save_mode="native")
-            info.method = dataclasses.replace(info.method, save_mode="native")
+            info.configs[path] = dataclasses.replace(cast(Any, info.configs[path]), save_mode="native")
+            info.method = dataclasses.replace(cast(Any, info.method), save_mode="native")
             layer.set_factors(*factors, frozen_copy=False)
             layer.frozen_A = layer.frozen_B = None
-    return [p for p, *_ in plan]
 
 
 def quantization_error(model_weight: torch.Tensor, module: nn.Module, delta: torch.Tensor | None) -> float:

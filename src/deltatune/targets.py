@@ -3,6 +3,8 @@
 A target specification is any of
 
 * ``"all-linear"``: every linear layer (``nn.Linear`` or GPT-2 ``Conv1D``) except the output head;
+* ``"query-value"``: the attention query and value projections, by the names common models give
+  them (:data:`QUERY_VALUE_NAMES`);
 * a string: an exact module path (``"encoder.layer.0.attention.self.query"``) or a dotted suffix of
   one (``"query"``, ``"self.query"``);
 * a compiled regex (``re.compile(r".*\\.(query|value)")``): matched against the whole path;
@@ -26,12 +28,16 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Union
+from typing import Protocol, Union
 
 import torch
 from torch import nn
 
 ALL_LINEAR = "all-linear"
+QUERY_VALUE = "query-value"
+#: The attention query and value projections, by the names common models give them (BERT, Llama,
+#: GPT-2's fused ``c_attn``, T5): :data:`QUERY_VALUE` takes the first of these a model has.
+QUERY_VALUE_NAMES = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("q", "v"))
 
 # Names under which transformers models keep their output heads; "all-linear" leaves these out.
 HEAD_NAMES = ("lm_head", "classifier", "score", "qa_outputs", "cls", "output_projection")
@@ -59,6 +65,33 @@ class Target:
 TargetSpec = Union[
     str, "re.Pattern[str]", type, Target, Sequence[Union[str, "re.Pattern[str]", type, Target]]
 ]
+
+
+class Placed(Protocol):
+    """A method config's placement hook (every registered method has one, see :mod:`deltatune.contract`)."""
+
+    def default_targets(self, model: nn.Module) -> TargetSpec | None: ...
+
+
+def default_targets(method: Placed, model: nn.Module, fallback: TargetSpec = ALL_LINEAR) -> TargetSpec:
+    """Where ``method`` goes on ``model`` when no targets are given: the one rule.
+
+    The method's own placement where it declares one (its ``default_targets(model)`` hook: adapters
+    after the attention and FFN outputs, prompt tuning on the transformer body, BitFit's biases, ...),
+    else the caller's ``fallback``: :func:`deltatune.inject` falls back to ``"all-linear"``;
+    ``deltatune train`` to ``"query-value"`` where the model has those projections (LoRA's setting,
+    Hu et al. 2021, §7.1, on which the README's and the benchmarks' harness runs were measured), else
+    ``"all-linear"`` (:func:`deltatune.train.prepare.harness_targets`).
+    """
+    declared = method.default_targets(model)
+    return fallback if declared is None else declared
+
+
+def query_value_names(modules: Iterable[str]) -> tuple[str, ...] | None:
+    """The first pair of :data:`QUERY_VALUE_NAMES` whose names all end some of the module paths
+    ``modules``; None where the model has none of them."""
+    leaves = {p.split(".")[-1] for p in modules}
+    return next((names for names in QUERY_VALUE_NAMES if all(n in leaves for n in names)), None)
 
 
 def module_kind(module: nn.Module) -> str | None:
@@ -166,7 +199,7 @@ def _matches(path: str, module: nn.Module, spec: object, heads: set[str]) -> boo
 
 _TARGETS_ARE = (
     "targets may be a module name or dotted suffix (str), a regex (re.compile(...)), a module class, "
-    "a Target, 'all-linear', or a list of these"
+    "a Target, 'all-linear', 'query-value', or a list of these"
 )
 
 
@@ -196,7 +229,7 @@ def resolve(
     modules = {p: m for p, m in modules.items() if p}
     heads = _head_paths(model, modules)
     chosen: set[str] = set()
-    for item in _as_list(spec):
+    for item in _named_sets(_as_list(spec), modules):
         hits = {p for p, m in modules.items() if _matches(p, m, item, heads)}
         if not hits:
             hint = ""
@@ -208,6 +241,25 @@ def resolve(
             raise ValueError(f"target {_show(item)} matched no module{hint}; {_suggest(item, modules)}")
         chosen |= hits
     return [p for p in modules if p in chosen]
+
+
+def _named_sets(items: list[object], modules: dict[str, nn.Module]) -> list[object]:
+    """``items`` with :data:`QUERY_VALUE` replaced by the names it stands for on this model."""
+    if QUERY_VALUE not in items:
+        return items
+    names = query_value_names(modules)
+    if names is None:
+        known = (
+            ", ".join("/".join(n) for n in QUERY_VALUE_NAMES[:-1]) + " or " + "/".join(QUERY_VALUE_NAMES[-1])
+        )
+        raise ValueError(
+            f"target {QUERY_VALUE!r} matched no module: the model has no attention query and value "
+            f"projections (named {known}); {_suggest('query', modules)}"
+        )
+    out: list[object] = []
+    for item in items:
+        out.extend(names if isinstance(item, str) and item == QUERY_VALUE else [item])
+    return out
 
 
 def _show(item: object) -> str:

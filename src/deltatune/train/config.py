@@ -54,8 +54,7 @@ class TrainConfig:
 
     ``method`` is a registered method name, ``"full"`` (full fine-tuning) or ``"head"`` (head only);
     ``method_fields`` are its fields (e.g. ``{"rank": 8, "alpha": 16}``). ``targets`` defaults to
-    the method's own placement, else the attention query and value projections (the harness's rule,
-    :func:`deltatune.train.prepare.harness_targets`); ``modules_to_save`` to the task head for
+    :func:`deltatune.train.prepare.harness_targets`; ``modules_to_save`` to the task head for
     classification and regression.
     """
 

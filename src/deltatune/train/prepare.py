@@ -1,10 +1,10 @@
 """What trains: the method applied to the model (where, with which fields), as optimizer groups.
 
 :func:`prepare` applies ``cfg.method`` at ``cfg.targets``, else at :func:`harness_targets` (the
-harness's one rule for a run without targets), lets the method fit the fields the user left at
-their defaults to the model, and returns AdamW parameter groups: adapter, head, and any groups the
-method declares with ``parameter_groups``. ``"full"`` and ``"head"`` train every parameter, or the
-task head alone.
+library's rule for a run without targets, with the harness's fallback), lets the method fit the
+fields the user left at their defaults to the model, and returns AdamW parameter groups: adapter,
+head, and any groups the method declares with ``parameter_groups``. ``"full"`` and ``"head"`` train
+every parameter, or the task head alone.
 """
 
 from __future__ import annotations
@@ -15,35 +15,27 @@ from torch import nn
 
 from .. import contract, core
 from ..loraplus import parameter_groups
-from ..targets import ALL_LINEAR, HEAD_NAMES, TargetSpec, resolve
+from ..targets import (
+    ALL_LINEAR,
+    HEAD_NAMES,
+    QUERY_VALUE,
+    TargetSpec,
+    default_targets,
+    query_value_names,
+    resolve,
+)
 from .config import FULL, HEAD_ONLY, TrainConfig
 from .tasks import Task
 
-__all__ = ["QUERY_VALUE", "harness_targets", "head_paths", "prepare"]
-
-#: The attention query and value projections, by the names common models give them (BERT, Llama,
-#: GPT-2's fused ``c_attn``, T5): where the harness puts a method that has no placement of its own.
-QUERY_VALUE = (("query", "value"), ("q_proj", "v_proj"), ("c_attn",), ("q", "v"))
+__all__ = ["harness_targets", "head_paths", "prepare"]
 
 
 def harness_targets(method: contract.Method, model: nn.Module) -> TargetSpec:
-    """Where ``deltatune train`` puts ``method`` on ``model`` when no targets are given.
-
-    The method's own placement where it declares one (its ``default_targets`` hook, which
-    :func:`deltatune.core.default_targets` reads too: adapters after the attention and FFN outputs,
-    prompt tuning on the transformer body, ...). Where it has none, the core takes every linear
-    layer; the harness takes the attention query and value projections (:data:`QUERY_VALUE`) if the
-    model has them: LoRA's setting (Hu et al. 2021, §7.1), on which the README's and the benchmarks'
-    harness runs were measured (``--targets all-linear`` asks for the core's choice).
-    """
-    own: TargetSpec | None = contract.hooks(method).default_targets(model)
-    if own is not None:
-        return own
-    leaves = {p.split(".")[-1] for p, _ in model.named_modules()}
-    for names in QUERY_VALUE:
-        if all(n in leaves for n in names):
-            return list(names)
-    return ALL_LINEAR
+    """Where ``deltatune train`` puts ``method`` on ``model`` when no targets are given: the rule of
+    :func:`deltatune.targets.default_targets`, with the harness's fallback: ``"query-value"`` where
+    the model has those projections, else ``"all-linear"``."""
+    fallback = QUERY_VALUE if query_value_names(p for p, _ in model.named_modules()) else ALL_LINEAR
+    return default_targets(contract.hooks(method), model, fallback)
 
 
 def head_paths(model: nn.Module) -> list[str]:

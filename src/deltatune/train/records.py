@@ -15,10 +15,10 @@ from torch import nn
 
 from .. import wrapper
 from ..files import tensors_writer, write_file
-from ..io import save
 from ..quantized_base import weight_bytes
 from ..state import parameter_report
 from .config import TrainConfig
+from .provenance import save
 from .tasks import Task
 
 __all__ = ["peak_memory_bytes", "run_record", "store", "task_record", "write_generations", "write_record"]
@@ -80,10 +80,11 @@ def peak_memory_bytes() -> int:
 
 
 def task_record(cfg: TrainConfig, task: Task, tokenizer: Any = None) -> dict[str, Any]:
-    """What an adapter records of its run (``adapter_config.json``'s ``task``, see
-    :data:`deltatune.io.TASK_FIELDS`): enough for ``deltatune eval ADAPTER`` to evaluate it on the
-    same examples, the same way. A run on the user's data records the file, its format and the chat
-    template it was rendered with where that was not the tokenizer's own (``deltatune chat`` uses it)."""
+    """What an adapter records of its run (the ``task`` of its harness record, see
+    :data:`deltatune.train.provenance.TASK_FIELDS`): enough for ``deltatune eval ADAPTER`` to
+    evaluate it on the same examples, the same way. A run on the user's data records the file, its
+    format and the chat template it was rendered with where that was not the tokenizer's own
+    (``deltatune chat`` uses it)."""
     if task.fmt is not None:
         data: dict[str, Any] = {"data": cfg.data, "format": task.fmt, "max_length": cfg.max_length}
         if cfg.chat_template is not None and tokenizer is not None:

@@ -247,7 +247,13 @@ def _glue(
 
 
 def _make_tasks() -> dict[str, Task]:
-    tasks = [
+    tasks = [*_glue_tasks(), _agnews(), *_generation_tasks()]
+    return {t.name: t for t in sorted(tasks, key=lambda t: t.name)}
+
+
+def _glue_tasks() -> list[Task]:
+    """The GLUE tasks (Wang et al.): SST-2, CoLA, MRPC, RTE, WNLI and STS-B."""
+    return [
         _glue(
             "sst2",
             "SST-2",
@@ -304,58 +310,78 @@ def _make_tasks() -> dict[str, Task]:
             "GLUE STS-B: semantic similarity score 0..5 (regression)",
         ),
     ]
+
+
+def _agnews() -> Task:
+    """AG News topic classification (4 classes)."""
     agnews_names = ("World", "Sports", "Business", "Sci/Tech")
     agnews_files: dict[Split, str] = {"train": "agnews/dev.tsv", "eval": "agnews/test.tsv"}
-    tasks.append(
-        Task(
-            name="agnews",
-            kind="classification",
-            text_fields=("text",),
-            label_field="label",
-            label_names=agnews_names,
-            metrics=("accuracy",),
-            main_metric="accuracy",
-            loader=files_loader(
-                "agnews",
-                agnews_files,
-                ("text",),
-                "label",
-                "classification",
-                agnews_names,
-                fieldnames=("text", "label"),
-            ),
-            description="AG News: news topic (4 classes); trains on the 10,001-example dev file",
-        )
+    return Task(
+        name="agnews",
+        kind="classification",
+        text_fields=("text",),
+        label_field="label",
+        label_names=agnews_names,
+        metrics=("accuracy",),
+        main_metric="accuracy",
+        loader=files_loader(
+            "agnews",
+            agnews_files,
+            ("text",),
+            "label",
+            "classification",
+            agnews_names,
+            fieldnames=("text", "label"),
+        ),
+        description="AG News: news topic (4 classes); trains on the 10,001-example dev file",
     )
-    e2e_files: dict[Split, str] = {"train": "e2e/devset.csv", "eval": "e2e/testset_w_refs.csv"}
-    tasks.append(
-        Task(
-            name="e2e",
-            kind="generation",
-            text_fields=("mr",),
-            label_field="ref",
-            label_names=(),
-            metrics=("bleu", "rouge_l"),
-            main_metric="bleu",
-            loader=files_loader("e2e", e2e_files, ("mr",), "ref", "generation", group_eval_refs=True),
-            description="E2E NLG: restaurant meaning representation -> text; trains on the dev set",
-        )
+
+
+def _generation_tasks() -> list[Task]:
+    """E2E NLG (text from restaurant meaning representations, several references per input) and
+    GSM8K (grade-school math, scored on the final answer)."""
+    e2e: dict[Split, str] = {"train": "e2e/devset.csv", "eval": "e2e/testset_w_refs.csv"}
+    gsm8k: dict[Split, str] = {"train": "gsm8k/train.jsonl", "eval": "gsm8k/test.jsonl"}
+    return [
+        _generation(
+            "e2e",
+            e2e,
+            ("mr", "ref"),
+            ("bleu", "rouge_l"),
+            "E2E NLG: restaurant meaning representation -> text; trains on the dev set",
+            group_eval_refs=True,
+        ),
+        _generation(
+            "gsm8k",
+            gsm8k,
+            ("question", "answer"),
+            ("answer_accuracy",),
+            "GSM8K: grade-school math word problems; the answer ends with '#### <number>'",
+        ),
+    ]
+
+
+def _generation(
+    name: str,
+    files: dict[Split, str],
+    columns: tuple[str, str],
+    metrics: tuple[str, ...],
+    description: str,
+    **loader_kw: Any,
+) -> Task:
+    """A generation task on local files: ``columns`` (prompt, reference), the first metric the main one."""
+    text, label = columns
+    return Task(
+        name=name,
+        kind="generation",
+        text_fields=(text,),
+        label_field=label,
+        label_names=(),
+        metrics=metrics,
+        main_metric=metrics[0],
+        loader=files_loader(name, files, (text,), label, "generation", **loader_kw),
+        description=description,
     )
-    gsm8k_files: dict[Split, str] = {"train": "gsm8k/train.jsonl", "eval": "gsm8k/test.jsonl"}
-    tasks.append(
-        Task(
-            name="gsm8k",
-            kind="generation",
-            text_fields=("question",),
-            label_field="answer",
-            label_names=(),
-            metrics=("answer_accuracy",),
-            main_metric="answer_accuracy",
-            loader=files_loader("gsm8k", gsm8k_files, ("question",), "answer", "generation"),
-            description="GSM8K: grade-school math word problems; the answer ends with '#### <number>'",
-        )
-    )
-    return {t.name: t for t in sorted(tasks, key=lambda t: t.name)}
 
 
 #: The built-in tasks by name.
