@@ -1,4 +1,5 @@
-"""The method contract: registration fills every optional hook, and nothing registers by accident."""
+"""The method contract: the defaults live in the base classes, methods depend only on the contract and
+their family's base, and nothing registers by accident."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import pytest
 from torch import nn
 
 import deltatune as dt
-from deltatune.contract import HOOK_DEFAULTS, REGISTRY, hooks, register
+from deltatune.contract import REGISTRY, Method, hooks, register
 
 METHODS_DIR = Path(dt.__file__).parent / "methods"
 
@@ -20,7 +21,7 @@ def test_every_register_line_in_methods_is_registered() -> None:
     """Every module of deltatune.methods is imported with the package: a method's ``@register``
     line is its whole registration (forgetting an import line cannot drop a method silently)."""
     declared = set()
-    for file in METHODS_DIR.glob("*.py"):
+    for file in METHODS_DIR.rglob("*.py"):
         text = file.read_text()
         for match in re.finditer(r"@register\s*\n(?:@[^\n]*\n)*class (\w+)", text):
             declared.add(match.group(1))
@@ -28,14 +29,42 @@ def test_every_register_line_in_methods_is_registered() -> None:
     assert declared == {cls.__name__ for cls in REGISTRY.values()}
 
 
-def test_register_fills_every_hook_and_keeps_the_methods_own() -> None:
+def test_the_defaults_are_the_base_classes_and_register_adds_nothing() -> None:
+    hook_names = [n for n in dir(Method) if not n.startswith("_")]
     for cls in REGISTRY.values():
-        for hook in HOOK_DEFAULTS:
+        assert issubclass(cls, Method), cls.__name__
+        for hook in hook_names:
             assert hasattr(cls, hook), f"{cls.__name__}.{hook}"
+    before = dict(vars(dt.LoRA))
+    register(dt.LoRA)  # (already registered: the same class again is accepted and left as it is)
+    assert dict(vars(dt.LoRA)) == before
     lora = hooks(dt.LoRA(rank=2))
-    assert lora.default_targets(nn.Linear(2, 2)) is None  # no preference
-    assert lora.quantized_base is True and lora.small_example == {"rank": 4}  # its own values
-    assert hooks(dt.BitFit()).quantized_base is False  # the default
+    assert lora.default_targets(nn.Linear(2, 2)) is None  # no preference: Placement's default
+    assert lora.quantized_base is True and lora.suite.example == {"rank": 4}  # the low-rank base's, its own
+    assert hooks(dt.BitFit()).quantized_base is False  # Method's default
+    assert "quantized_base" not in vars(dt.LoRA) and "combinable" in vars(dt.LoRA)
+
+
+def test_methods_import_only_the_contract_and_their_family_base() -> None:
+    """No method file imports the verbs (core), the wrapper, the state or merge helpers, a format or
+    the harness: what a method may use is the contract, its family's base and model facts."""
+    verbs = re.compile(
+        r"^\s*from \.+(core|wrapper|state|merged|compose|io|peft|formats|train|cli\w*|quant)\b", re.M
+    )
+    for file in METHODS_DIR.rglob("*.py"):
+        assert not verbs.findall(file.read_text()), file.name
+
+
+def test_the_low_rank_fields_are_declared_once() -> None:
+    """rank, alpha, dropout and rank_stabilized are fields of the low-rank base only."""
+    declared = {
+        f"{file.name}:{m.group(1)}"
+        for file in METHODS_DIR.rglob("*.py")
+        for m in re.finditer(r"^    (rank|alpha|rank_stabilized): \w+ = param\(", file.read_text(), re.M)
+    }
+    assert declared == {"base.py:rank", "base.py:alpha", "base.py:rank_stabilized", "adalora.py:alpha"}
+    assert dt.VeRA().rank == 256 and dt.VBLoRA().rank == 4 and dt.LoRA().rank == 8  # defaults per method
+    assert dt.TiedLoRA(rank=4, alpha=8, rank_stabilized=True).scale == 4.0  # one scale for the family
 
 
 def test_methods_know_nothing_of_peft() -> None:
@@ -61,18 +90,24 @@ def test_hooks_refuses_what_is_not_registered() -> None:
         dt.inject(nn.Linear(2, 2), "lora", targets=[""])  # type: ignore[arg-type]
 
 
-def test_register_refuses_incomplete_or_mutable_classes() -> None:
-    @dataclasses.dataclass(kw_only=True)
-    class Mutable:
-        name: ClassVar[str] = "test_mutable"
+def test_register_refuses_what_is_not_a_method() -> None:
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Plain:
+        name: ClassVar[str] = "test_plain"
 
-    with pytest.raises(ValueError, match="must be a frozen dataclass"):
-        register(Mutable)  # type: ignore[type-var]
+    with pytest.raises(ValueError, match="must subclass deltatune.contract.Method"):
+        register(Plain)  # type: ignore[type-var]
 
     @dataclasses.dataclass(frozen=True, kw_only=True)
-    class NoCapabilities:
-        name: ClassVar[str] = "test_no_capabilities"
+    class Nameless(Method):
+        pass
 
-    with pytest.raises(ValueError, match=r"must declare the class attributes \['mergeable'"):
-        register(NoCapabilities)  # type: ignore[type-var]
-    assert "test_mutable" not in REGISTRY and "test_no_capabilities" not in REGISTRY
+    with pytest.raises(ValueError, match="must declare its own name"):
+        register(Nameless)
+    with pytest.raises(TypeError):  # a mutable method cannot even be declared on the frozen base
+
+        @dataclasses.dataclass(kw_only=True)
+        class Mutable(Method):
+            name: ClassVar[str] = "test_mutable"
+
+    assert "test_plain" not in REGISTRY and "test_mutable" not in REGISTRY

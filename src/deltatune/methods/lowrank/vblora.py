@@ -54,7 +54,6 @@ from ..._cache import Memo
 from ...contract import AdapterView, LowRankLayer, Suite, register
 from ...contract.fields import Float, Int, OneOf, param
 from ...targets import module_kind, shape_of
-from ...wrapper import Attachment
 from .base import LowRank, linear_like
 
 
@@ -348,13 +347,13 @@ class VBLoRALayer(LowRankLayer):
         )
 
 
-def storage_error(att: Attachment, name: str) -> float:
+def storage_error(att: AdapterView, name: str) -> float:
     """How far the stored adapter is from the live one: max |ΔW_stored − ΔW| / max |ΔW| over modules.
 
     0.0 for float32 top-k or logits files; small (about 1e-3) for ``weight_dtype="float16"``.
     """
     worst = 0.0
-    for layer in att.layers(name).values():
+    for layer in att.adapter_layers(name).values():
         if not isinstance(layer, VBLoRALayer):
             continue
         with torch.no_grad():
