@@ -17,12 +17,12 @@ from typing import Any
 
 import pytest
 import torch
-from deltatune.fields import Check, from_jsonable
 from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
 from deltatune.contract import REGISTRY, hooks
+from deltatune.contract.fields import Check, from_jsonable
 from deltatune.formats.peft import peft_type_of
 from deltatune.merged import merged_linear
 from deltatune.targets import module_kind, shape_of
@@ -35,8 +35,8 @@ METHODS = sorted(REGISTRY.items())
 class Variant:
     """A registered method class seen with one of its declared ``variants`` (e.g. another initialiser).
 
-    ``cls.variants`` maps a label to ``{"fields": {...}, **capabilities}``: the fields replace
-    ``small_example`` (JSON form, so initialiser objects are ``{"type": ...}``), the other keys refine
+    ``cls.suite.variants`` maps a label to ``{"fields": {...}, **capabilities}``: the fields replace
+    the suite's ``example`` (JSON form, so initialiser objects are ``{"type": ...}``), the other keys refine
     the class's capabilities for that variant (e.g. ``layer_types``). Everything else reads through.
     """
 
@@ -48,8 +48,11 @@ class Variant:
             # "<calibration>" in its fields becomes a file made from every toy's own inputs.
             text = json.dumps(fields).replace('"<calibration>"', json.dumps(calibration_file()))
             fields = json.loads(text)
-        self.small_example = {k: from_jsonable(v, k) for k, v in fields.items()}
-        self.__dict__.update({k: v for k, v in spec.items() if k not in ("fields", "calibration")})
+        facts = {k: spec[k] for k in ("near_identity_at_init", "random_init") if k in spec}
+        example = {k: from_jsonable(v, k) for k, v in fields.items()}
+        self.suite = dataclasses.replace(cls.suite, example=example, **facts)  # type: ignore[attr-defined]
+        skip = ("fields", "calibration", *facts)
+        self.__dict__.update({k: v for k, v in spec.items() if k not in skip})
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.cls, name)
@@ -84,7 +87,7 @@ def _cases() -> list[Any]:
     out = []
     for name, cls in METHODS:
         kinds: list[tuple[str, Any]] = [(name, cls)]
-        variants = cls.variants
+        variants = cls.suite.variants
         kinds += [(f"{name}[{label}]", Variant(cls, spec)) for label, spec in variants.items()]
         out += [
             pytest.param(c, toy, id=f"{label}-{toy.name}")
@@ -101,8 +104,8 @@ CASES = _cases()
 
 
 def example(cls: type) -> Any:
-    """The method's configuration for tiny models (its declared ``small_example``)."""
-    return cls(**cls.small_example)
+    """The method's configuration for tiny models (its suite's declared ``example``)."""
+    return cls(**cls.suite.example)
 
 
 def supported_targets(cls: type, model: nn.Module) -> list[str]:
@@ -144,7 +147,7 @@ def zero_update(model: nn.Module) -> bool:
     the base's up to rounding.
     """
     layers = dt.attachment_of(model).layers("default").values()
-    return all(not hasattr(la, "delta_weight") or not la.delta_weight().any() for la in layers)
+    return all((d := la.delta_weight()) is None or not d.any() for la in layers)
 
 
 def plain(t: torch.Tensor) -> torch.Tensor:
@@ -182,7 +185,7 @@ def test_identity_at_init(cls: type, toy: Toy) -> None:
     out = model(x)
     if cls.identity_at_init:
         assert torch.equal(out, expected) if zero_update(model) else close(out, expected)
-    elif cls.near_identity_at_init:
+    elif cls.suite.near_identity_at_init:
         # Not exactly the base, but a small step away from it.
         assert (out - expected).abs().max() < 0.1 * expected.abs().max()
     else:
@@ -416,8 +419,8 @@ def test_seeded_init_leaves_global_rng_alone(cls: type, toy: Toy) -> None:
     assert torch.equal(torch.get_rng_state(), rng)
     sa, sb, sc = (dt.adapter_state(m, "default") for m in (a, b, c))
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
-    # ``random_init`` (default True): the init draws random numbers, so another seed gives another one.
-    if hooks(example(cls)).random_init:
+    # ``Suite.random_init`` (default True): the init draws random numbers, so another seed gives another.
+    if cls.suite.random_init:
         assert any(not torch.equal(sa[k], sc[k]) for k in sa)
     else:
         assert all(torch.equal(sa[k], sc[k]) for k in sa)

@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import deltatune as dt
-from deltatune.contract import HOOK_DEFAULTS, REGISTRY
+from deltatune.contract import REGISTRY, Method
 from deltatune.wrapper import attachment_of
 
 
@@ -151,7 +151,7 @@ def test_cached_outputs_follow_double(method: Any) -> None:
 
 
 def _shared_methods() -> list[Any]:
-    return [cls for cls in REGISTRY.values() if cls.make_shared is not HOOK_DEFAULTS["make_shared"]]
+    return [cls for cls in REGISTRY.values() if cls.make_shared is not Method.make_shared]
 
 
 def test_some_methods_have_shared_state() -> None:

@@ -18,27 +18,19 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.contract import REGISTRY, check, register
+from deltatune.contract import REGISTRY, AdditiveLayer, Method, register
 from deltatune.contract.fields import Float, Int, param
 
 LRS: list[float] = []  # the learning rate each on_step saw
 
 
 @dataclass(frozen=True, kw_only=True)
-class StepCounter:
+class StepCounter(Method):
     weight: float = param(0.5, Float(low=0.0), "regularizer weight")
     total: int = param(0, Int(min=0), "steps of the run (0: fitted by for_steps)")
 
     name: ClassVar[str] = "test_step_counter"
-    mergeable: ClassVar[bool] = False
     identity_at_init: ClassVar[bool] = True
-    weight_space: ClassVar[bool] = False
-    supports_mixed_batch: ClassVar[bool] = False
-    combinable: ClassVar[bool] = False
-    layer_types: ClassVar[tuple[str, ...]] = ("linear",)
-
-    def __post_init__(self) -> None:
-        check(self)
 
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
@@ -71,9 +63,8 @@ class StepCounter:
         return 0.5 if step % 2 else 1.0
 
 
-class Gain(nn.Module):
-    additive: ClassVar[bool] = True
-    reads: ClassVar[str] = "output"
+class Gain(AdditiveLayer):
+    reads = "output"
 
     def __init__(self, width: int) -> None:
         super().__init__()
