@@ -94,10 +94,10 @@ def test_a_gradient_step_moves_every_tied_layer_together() -> None:
     # Untied: each layer its own copy of A; the tied gradient is the sum of theirs.
     copies = [A.detach().clone().requires_grad_(True) for _ in q]
     for la, copy in zip(q, copies, strict=True):
-        la.factors = _returning(copy, B)  # type: ignore[method-assign]
+        la.tied = _returning(copy, B)  # type: ignore[method-assign]
     model(x).pow(2).mean().backward()
     for la in q:
-        del la.factors
+        del la.tied
     assert all(c.grad is not None and c.grad.abs().sum() > 0 for c in copies)
     untied = torch.stack([c.grad for c in copies if c.grad is not None]).sum(0)
     assert torch.allclose(tied_grad, untied, atol=1e-6)

@@ -19,12 +19,12 @@ import weakref
 from collections.abc import Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 
-from .contract import Method, Wrapped, closed_form, lowrank_factors, reads_output
+from .contract import Method, ReplacingLayer, Wrapped, closed_form, lowrank_factors, reads_output
 from .lowrank import compute_dtype, fusable, lowrank_linear, model_precision
 from .routing import Routing, add_batched, batched_factors
 
@@ -99,10 +99,8 @@ class Switch:
         self.__init__(tuple(state["active"]), state.get("precision", "input"))  # type: ignore[misc]
 
 
-class ModuleCopy(nn.Module):
+class ModuleCopy(ReplacingLayer):
     """A trainable full copy of a module (``modules_to_save``): it replaces the base when active."""
-
-    additive: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module) -> None:
         super().__init__()

@@ -165,7 +165,7 @@ class DeltaLoRALayer(LoRALayer):
         self.snapshot_A = self.lora_A.detach().clone()
         self.snapshot_B = self.lora_B.detach().clone()
 
-    def effective_factors(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(A, B) with ``s · B A`` = ``s · B A + λ s (sg(B) sg(A) − B_K A_K)`` (rank 3r once started)."""
         if not self.started:
             return self.lora_A, self.lora_B
