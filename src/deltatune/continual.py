@@ -55,7 +55,7 @@ DEFAULT_NAME = "continual"
 def _sequence_method(method: Any, where: str) -> Any:
     spec = contract.hooks(method)
     if not spec.task_sequence:
-        sequences = sorted(n for n, cls in contract.REGISTRY.items() if getattr(cls, "task_sequence", False))
+        sequences = sorted(n for n, cls in contract.REGISTRY.items() if cls.task_sequence)
         raise ValueError(
             f"{where}: {type(method).__name__} does not learn a sequence of tasks; use a method that "
             f"does ({', '.join(sequences)}), e.g. deltatune.OLoRA(rank=8)"

@@ -56,13 +56,13 @@ from torch import nn
 from ...contract import AdapterView, AdditiveLayer, Suite, register
 from ...contract.fields import Float, Int, param
 from ...targets import shape_of
-from .base import ScaledLowRank, adapter_dtype
-from .task_loras import TaskLoRAs, as_tuple, tasks_field
+from .base import adapter_dtype
+from .task_loras import TaskLoRAs, TaskSequence
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class AMLoRA(ScaledLowRank):
+class AMLoRA(TaskSequence):
     """One LoRA per task, mixed per token by a learned, sparsely gated attention over their outputs.
 
     Fields (defaults in brackets):
@@ -75,27 +75,21 @@ class AMLoRA(ScaledLowRank):
         sparsity: λ, weight of the L1 penalty on the gates [0.01].
     """
 
-    tasks: tuple[str, ...] = tasks_field()
     attention_dim: int = param(16, Int(min=1), "d: width of the mixer's queries and keys")
     sparsity: float = param(0.01, Float(low=0.0), "λ: weight of the L1 penalty on the mixing gates")
 
     name: ClassVar[str] = "amlora"
     mergeable: ClassVar[bool] = False  # the gates depend on the input: no fixed weight update
     weight_space: ClassVar[bool] = False
-    task_sequence: ClassVar[bool] = True
     suite: ClassVar[Suite] = Suite(
         example={"rank": 2, "attention_dim": 4},
         variants={"three-tasks": {"fields": {"rank": 2, "attention_dim": 4, "tasks": ["a", "b", "c"]}}},
     )
 
-    def __post_init__(self) -> None:
-        as_tuple(self)
-        super().__post_init__()
-
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
     ) -> AMLoRALayer:
-        loras = TaskLoRAs(self.tasks, self.rank, self.scale, self.dropout, base, generator, path, "AMLoRA")
+        loras = self.task_loras(base, generator, path)
         return AMLoRALayer(loras, self.attention_dim, adapter_dtype(base), generator)
 
     def _mixer_count(self, base: nn.Module) -> int:

@@ -99,18 +99,21 @@ class ScaledLowRank(LowRank):
 
 
 class LoRAInit:
-    """An initialiser of LoRA factors. Subclasses are frozen dataclasses registered as components."""
+    """An initialiser of LoRA factors. Subclasses are frozen dataclasses registered as components;
+    a random one gives ``draw_a`` (B starts at zero), one taken from the weight gives ``from_weight``."""
 
-    def initialise(
-        self, A: torch.Tensor, B: torch.Tensor, *, kind: str, generator: torch.Generator
-    ) -> None:  # pragma: no cover - interface
-        raise TypeError(f"{type(self).__name__} must implement initialise()")
+    def initialise(self, A: torch.Tensor, B: torch.Tensor, *, kind: str, generator: torch.Generator) -> None:
+        """A by :meth:`draw_a` and B = 0; on embeddings the roles swap (reference code and PEFT):
+        A = 0, B ~ N(0, 1)."""
+        if kind == "embedding":
+            A.zero_()
+            B.normal_(0.0, 1.0, generator=generator)
+            return
+        self.draw_a(A, generator)
+        B.zero_()
 
-
-def _embedding_init(A: torch.Tensor, B: torch.Tensor, generator: torch.Generator) -> None:
-    # On embeddings the roles swap (reference code and PEFT): A = 0, B ~ N(0, 1).
-    A.zero_()
-    B.normal_(0.0, 1.0, generator=generator)
+    def draw_a(self, A: torch.Tensor, generator: torch.Generator) -> None:  # pragma: no cover - interface
+        raise TypeError(f"{type(self).__name__} must implement draw_a() or initialise()")
 
 
 @component("kaiming_uniform")
@@ -118,13 +121,9 @@ def _embedding_init(A: torch.Tensor, B: torch.Tensor, generator: torch.Generator
 class KaimingUniform(LoRAInit):
     """A ~ U(-1/sqrt(in), 1/sqrt(in)) (PyTorch's Linear init, ``kaiming_uniform_(a=sqrt(5))``), B = 0."""
 
-    def initialise(self, A: torch.Tensor, B: torch.Tensor, *, kind: str, generator: torch.Generator) -> None:
-        if kind == "embedding":
-            _embedding_init(A, B, generator)
-            return
+    def draw_a(self, A: torch.Tensor, generator: torch.Generator) -> None:
         bound = 1.0 / math.sqrt(A.shape[1])
         A.uniform_(-bound, bound, generator=generator)
-        B.zero_()
 
 
 @component("gaussian")
@@ -132,12 +131,8 @@ class KaimingUniform(LoRAInit):
 class Gaussian(LoRAInit):
     """A ~ N(0, 1/r), B = 0 (PEFT's ``init_lora_weights="gaussian"``)."""
 
-    def initialise(self, A: torch.Tensor, B: torch.Tensor, *, kind: str, generator: torch.Generator) -> None:
-        if kind == "embedding":
-            _embedding_init(A, B, generator)
-            return
+    def draw_a(self, A: torch.Tensor, generator: torch.Generator) -> None:
         A.normal_(0.0, 1.0 / A.shape[0], generator=generator)
-        B.zero_()
 
 
 def restart_factors(A: torch.Tensor, B: torch.Tensor, *, kind: str, seed: int) -> None:

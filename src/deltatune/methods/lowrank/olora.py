@@ -47,13 +47,13 @@ from torch import nn
 
 from ...contract import AdapterView, LowRankLayer, Suite, layers_of, register
 from ...contract.fields import Float, param
-from .base import ScaledLowRank, adapter_dtype
-from .task_loras import TaskLoRAs, as_tuple, tasks_field
+from .base import adapter_dtype
+from .task_loras import TaskLoRAs, TaskSequence
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class OLoRA(ScaledLowRank):
+class OLoRA(TaskSequence):
     """One LoRA per task, the earlier ones frozen, the new one kept orthogonal to them.
 
     Fields (paper defaults in brackets):
@@ -66,27 +66,19 @@ class OLoRA(ScaledLowRank):
         l2: λ2, weight of the new task's ‖θ_t‖² [0.0].
     """
 
-    tasks: tuple[str, ...] = tasks_field()
     orthogonality: float = param(0.5, Float(low=0.0), "λ1: weight of Σ_{i<t} ‖A_i A_tᵀ‖² in the loss")
     l2: float = param(0.0, Float(low=0.0), "λ2: weight of the new task's ‖A_t‖² + ‖B_t‖² in the loss")
 
     name: ClassVar[str] = "olora"
-    task_sequence: ClassVar[bool] = True
     suite: ClassVar[Suite] = Suite(
         example={"rank": 2},
         variants={"three-tasks": {"fields": {"rank": 2, "tasks": ["a", "b", "c"], "l2": 0.1}}},
     )
 
-    def __post_init__(self) -> None:
-        as_tuple(self)
-        super().__post_init__()
-
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
     ) -> OLoRALayer:
-        return OLoRALayer(
-            TaskLoRAs(self.tasks, self.rank, self.scale, self.dropout, base, generator, path, "OLoRA")
-        )
+        return OLoRALayer(self.task_loras(base, generator, path))
 
     def parameter_count(self, base: nn.Module) -> int:
         return self.factor_count(base)

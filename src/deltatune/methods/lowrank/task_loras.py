@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -24,7 +25,7 @@ from torch import nn
 
 from ...contract.fields import Names, param
 from ...lowrank import compute_dtype
-from .base import adapter_dtype, linear_like
+from .base import ScaledLowRank, adapter_dtype, linear_like
 
 
 class TaskLoRAs(nn.Module):
@@ -82,12 +83,24 @@ class TaskLoRAs(nn.Module):
         return f"kind={self.kind}, tasks={list(self.tasks)}, scale={self.scale:g}"
 
 
-def tasks_field(default: tuple[str, ...] = ("task",)) -> Any:
-    """The ``tasks`` field of a continual method (its names, in the order they were learnt)."""
-    return param(default, Names(), "the tasks learnt so far, oldest first; the last one trains")
+@dataclass(frozen=True, kw_only=True)
+class TaskSequence(ScaledLowRank):
+    """A continual method (``task_sequence``): one LoRA per task on every adapted module, the tasks
+    named by ``tasks`` (oldest first; the last one trains; ``continual.add_task`` appends one)."""
 
+    tasks: tuple[str, ...] = param(
+        ("task",), Names(), "the tasks learnt so far, oldest first; the last one trains"
+    )
 
-def as_tuple(config: Any) -> None:
-    """Accept a list of task names (``tasks=["a", "b"]``) as the tuple the frozen config holds."""
-    if isinstance(config.tasks, list):
-        object.__setattr__(config, "tasks", tuple(config.tasks))
+    task_sequence: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.tasks, list):  # accept a list of names as the tuple the frozen config holds
+            object.__setattr__(self, "tasks", tuple(self.tasks))
+        super().__post_init__()
+
+    def task_loras(self, base: nn.Module, generator: torch.Generator, path: str) -> TaskLoRAs:
+        """This module's per-task factors, drawn in task order from the module's generator."""
+        return TaskLoRAs(
+            self.tasks, self.rank, self.scale, self.dropout, base, generator, path, type(self).__name__
+        )
