@@ -21,10 +21,9 @@ import pytest
 import torch
 from torch import nn
 
-import test_invariants
 from deltatune.contract import REGISTRY, LowRankLayer, Suite, register
 from deltatune.methods.lowrank.base import ScaledLowRank, adapter_dtype, linear_like
-from toy_models import TOYS
+from test_writing_a_method import INVARIANTS, PLAIN_TOYS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,14 +68,6 @@ def registered() -> Iterator[type]:
         yield LoRAXS
     finally:
         del REGISTRY[LoRAXS.name]
-
-
-INVARIANTS = [
-    (name, fn)
-    for name, fn in vars(test_invariants).items()
-    if name.startswith("test_") and list(inspect.signature(fn).parameters)[:2] == ["cls", "toy"]
-]
-PLAIN_TOYS = [t for t in TOYS if not t.transformers and not t.name.endswith("nf4")]
 
 
 @pytest.mark.parametrize("toy", PLAIN_TOYS, ids=[t.name for t in PLAIN_TOYS])
