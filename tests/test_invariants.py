@@ -21,10 +21,9 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-from deltatune.contract import REGISTRY, hooks
+from deltatune.contract import REGISTRY, hooks, merged_linear
 from deltatune.contract.fields import Check, from_jsonable
 from deltatune.formats.peft import peft_type_of
-from deltatune.merged import merged_linear
 from deltatune.targets import module_kind, shape_of
 from deltatune.wrapper import Adapted, attachment_of
 from toy_models import TOYS, Toy

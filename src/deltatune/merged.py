@@ -2,7 +2,7 @@
 
 :func:`deltatune.merge` (the verb, in :mod:`deltatune.core`) replaces each adapted module by
 :func:`merged_module`; a method whose merge is not a plain ``W + delta_weight()`` (DoRA's rescaled
-columns, SAID's projected update) builds its own with :func:`merged_linear`.
+columns, SAID's projected update) builds its own with :func:`deltatune.contract.merged_linear`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from torch import nn
 
 from .contract.layer import as_layer, merged_linear
 
-__all__ = ["merged_linear", "merged_module"]
+__all__ = ["merged_module"]
 
 
 def merged_module(layer: nn.Module, base: nn.Module, path: str, dequantize: bool = False) -> nn.Module:

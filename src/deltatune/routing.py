@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._cache import Memo
-from .contract import LowRankLayer, lowrank_factors
+from .contract import LowRankLayer
 from .lowrank import compute_dtype
 
 
@@ -84,7 +84,7 @@ def batched_factors(
         return None
     found: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
     for name, layer in candidates.items():
-        parts = lowrank_factors(layer)
+        parts = layer.lowrank_factors()
         if parts is not None and compute_dtype(x, parts[0]) == x.dtype:
             found[name] = parts
     if len(found) < 2:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..lowrank import compute_dtype, lowrank_delta
+from ..lowrank import lowrank_delta
 
 #: The key under which an adapter's shared state (:meth:`Method.make_shared`) is saved.
 SHARED_ATTR = "deltatune_shared"
@@ -139,10 +139,6 @@ class LowRankLayer(AdditiveLayer):
     def factors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)``, ``(r, in)`` and ``(out, r)``, such that the update is ``scale · B A``."""
         raise NotImplementedError(f"{type(self).__name__} must define factors()")
-
-    def compute_dtype(self, x: torch.Tensor) -> torch.dtype:
-        """The dtype the update computes in for input ``x`` (:func:`deltatune.lowrank.compute_dtype`)."""
-        return compute_dtype(x, self.factors()[0])
 
     @property
     def dropout_active(self) -> bool:

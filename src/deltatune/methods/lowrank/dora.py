@@ -45,8 +45,6 @@ from ...lowrank import compute_dtype, fusable, lowrank_delta, lowrank_linear
 from ...targets import module_kind, shape_of
 from .base import Gaussian, KaimingUniform, LoRAInit, ScaledLowRank, adapter_dtype
 
-_MAGNITUDE = ".lora_magnitude_vector"  # PEFT's name of m
-
 
 @register
 @dataclass(frozen=True, kw_only=True)
