@@ -1,6 +1,6 @@
 """Memory and FLOPs per training step for full fine-tuning and PEFT methods at three model shapes.
 
-Every number is an estimate of :mod:`deltatune.estimate` (a trace on the meta device, checked within
+Every number is an estimate of :mod:`deltatune.runtime.estimate` (a trace on the meta device, checked within
 15 % against real CPU steps by ``tests/test_estimate.py``); none is a measurement. Base weights in
 bf16 (adapters in float32, as deltatune trains them), AdamW, one step of 8 x 1024 tokens (the
 decoder shapes) on every linear layer of the blocks. QLoRA is LoRA's row with the adapted linear
@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.estimate import Estimate, estimate, meta_model
+from deltatune.runtime.estimate import Estimate, estimate, meta_model
 
 ROOT = Path(__file__).resolve().parents[1]
 OUT = ROOT / "benchmarks" / "results" / "cost"
@@ -77,8 +77,8 @@ def main() -> None:
 
 def markdown(results: list[dict[str, Any]]) -> str:
     lines = [
-        f"Estimates (deltatune.estimate), not measurements: one AdamW step at {BATCH} x {SEQ} tokens, "
-        "bf16 base, float32 adapters. Made by `python benchmarks/cost.py`.",
+        f"Estimates (deltatune.runtime.estimate), not measurements: one AdamW step at {BATCH} x {SEQ} "
+        "tokens, bf16 base, float32 adapters. Made by `python benchmarks/cost.py`.",
         "",
         "| shape | configuration | trainable | stored MiB | weights GiB | grads + Adam GiB | activations GiB "
         "| total GiB | GFLOPs / token | FLOPs / floor |",

@@ -11,7 +11,7 @@ Rows (``--rows``):
 * ``floor``: the frozen base, backward through the activations only (no weight gradient);
 * ``full``: full fine-tuning (AdamW over every weight);
 * ``lora``: deltatune LoRA r=16, alpha 32, all 7 projections, defaults (float32 parameters, the
-  adapter computing in bf16: ``deltatune.lowrank``'s "input" precision);
+  adapter computing in bf16: ``deltatune.kernels.lowrank``'s "input" precision);
 * ``lora-fp32``: the same computing in float32 (``dt.adapter_precision_as("adapter")``);
 * ``peft-lora`` / ``peft-lora-bf16``: PEFT's LoRA with its defaults (``autocast_adapter_dtype=True``:
   float32 adapters) and with ``autocast_adapter_dtype=False`` (adapters in bf16);

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 
 from deltatune import PiSSA
-from deltatune.quant import nf4_roundtrip, qpissa_factors
+from deltatune.runtime.quant import nf4_roundtrip, qpissa_factors
 from deltatune.train.models import load_model
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -146,9 +146,9 @@ def method_of(name: str, args: argparse.Namespace) -> Any:
 
 
 def flop_limits(names: list[str], args: argparse.Namespace) -> dict[str, float]:
-    """Each row's FLOPs over the floor's (deltatune.estimate): the ratio it would reach at the floor's
+    """Each row's FLOPs over the floor's (deltatune.runtime.estimate): the ratio it would reach at the floor's
     arithmetic speed; PEFT's rows have the same arithmetic as ours."""
-    from deltatune.estimate import estimate
+    from deltatune.runtime.estimate import estimate
 
     model = build(args.small)
     floor = estimate(model, "floor", batch=args.batch, seq=args.seq)
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "eval_forward_ratio": {f"{a}/{b}": round(median_ratio(evals, a, b), 4) for a, b in pairs},
         "train_step_seconds_median": {k: round(statistics.median(v), 3) for k, v in train.items()},
         "saved_activation_MiB": {k: round(v / 2**20, 1) for k, v in saved.items()},
-        # Beside each measured ratio to the floor: the ratio its FLOPs allow (deltatune.estimate).
+        # Beside each measured ratio to the floor: the ratio its FLOPs allow (deltatune.runtime.estimate).
         "flop_limit_ratio": flop_limits(names, args),
         "torch": torch.__version__,
         "peft": peft.__version__,

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-import deltatune.stepping as st
+import deltatune.runtime.stepping as st
 from deltatune.methods.lowrank.adalora import AdaLoRA, AdaLoRALayer
 
 peft = pytest.importorskip("peft")
@@ -220,7 +220,7 @@ def e_masks(model: Any, peft_side: bool) -> dict[str, list[bool]]:
 
 def train_both(steps: int = STEPS) -> tuple[Any, nn.Module, list[dict[str, list[bool]]]]:
     """PEFT's loop (update_and_allocate(global_step), global_step from 0) next to a plain loop with
-    deltatune.stepping (on_step(step), step from 1), on the same data; the masks after every step."""
+    deltatune.runtime.stepping (on_step(step), step from 1), on the same data; the masks after every step."""
     theirs = peft_model(**_peft_schedule())
     ours = same_factors(theirs, **SCHEDULE)
     assert st.needs_step_hooks(ours)

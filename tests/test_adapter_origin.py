@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.cli import main
-from deltatune.io import CONFIG_NAME, WEIGHTS_NAME, read_config
+from deltatune.cli.main import main
+from deltatune.formats.io import CONFIG_NAME, WEIGHTS_NAME, read_config
 from deltatune.train import provenance
 from deltatune.train.data import DEFAULT_DATA_DIR
 

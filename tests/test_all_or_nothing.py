@@ -106,7 +106,7 @@ def test_a_failed_load_onto_a_bare_model_leaves_it_bare(tmp_path: Path) -> None:
 @pytest.mark.parametrize("init", ["plain", "pissa"])
 def test_quantize_that_fails_part_way_quantises_nothing(monkeypatch: pytest.MonkeyPatch, init: str) -> None:
     pytest.importorskip("torchao")
-    from deltatune import quant
+    from deltatune.runtime import quant
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64))

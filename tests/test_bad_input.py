@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import deltatune as dt
-from deltatune.cli import main
+from deltatune.cli.main import main
 
 hypothesis = pytest.importorskip("hypothesis")
 from hypothesis import given, settings  # noqa: E402
@@ -162,7 +162,7 @@ def _edit_tensors(edit: Callable[[dict[str, torch.Tensor]], None]) -> Callable[[
     def make(tmp: Path) -> Path:
         folder = _saved(tmp)
         path = folder / "adapter.safetensors"
-        tensors = dict(dt.io.read_tensors(path))
+        tensors = dict(dt.formats.io.read_tensors(path))
         edit(tensors)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(path))
         return folder

@@ -12,9 +12,9 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.cli import build_parser
-from deltatune.fingerprint import content_hash
-from deltatune.io import CONFIG_NAME, read_config
+from deltatune.cli.main import build_parser
+from deltatune.formats.io import CONFIG_NAME, read_config
+from deltatune.runtime.fingerprint import content_hash
 
 
 def net(seed: int = 0) -> nn.Sequential:

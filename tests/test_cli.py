@@ -10,7 +10,7 @@ import pytest
 
 import deltatune as dt
 from deltatune import REGISTRY
-from deltatune.cli import main
+from deltatune.cli.main import main
 
 
 def test_methods_table(capsys: pytest.CaptureFixture[str]) -> None:
@@ -91,7 +91,7 @@ def test_info_counts_match_the_model_without_loading_it(
 
 
 def test_initialiser_flags_take_a_name_or_json(capsys: pytest.CaptureFixture[str]) -> None:
-    from deltatune.cli import _train_parser
+    from deltatune.cli.main import _train_parser
 
     parser = _train_parser("lora")
     assert parser.parse_args(["--init", "pissa"]).field__init == dt.PiSSA()
@@ -129,7 +129,7 @@ def test_train_help_lists_the_choices_and_plain_metavars(capsys: pytest.CaptureF
 def test_every_train_flag_has_help_and_a_plain_metavar(method: str) -> None:
     import dataclasses
 
-    from deltatune.cli import TRAIN_HELP, _train_parser
+    from deltatune.cli.main import TRAIN_HELP, _train_parser
     from deltatune.train.loop import TrainConfig
 
     assert {f.name for f in dataclasses.fields(TrainConfig)} - {"method_fields"} == set(TRAIN_HELP)
@@ -174,7 +174,7 @@ def test_methods_lists_full_head_and_each_fields_initialisers(capsys: pytest.Cap
 
 
 def test_a_bad_initialiser_lists_only_the_methods_own(capsys: pytest.CaptureFixture[str]) -> None:
-    from deltatune.cli import _train_parser
+    from deltatune.cli.main import _train_parser
 
     lora = _train_parser("lora")
     for bad in ("bogus", "sampled_vocab", '{"type": "random_uniform"}'):
@@ -223,7 +223,7 @@ def test_method_names_from_papers_point_at_the_flags(
 
 
 def test_method_names_ignore_case_and_dashes(capsys: pytest.CaptureFixture[str]) -> None:
-    from deltatune.cli_hints import canonical_method
+    from deltatune.cli.hints import canonical_method
 
     known = ["lora", "lora_fa", "full"]
     assert [canonical_method(n, known) for n in ("LoRA", "lora-fa", "LORA_FA", "Full")] == [
@@ -250,7 +250,7 @@ def test_config_file_method_names_are_pointed_too(
 
 
 def test_adapter_commands_explain_every_flag() -> None:
-    from deltatune.cli import build_parser
+    from deltatune.cli.main import build_parser
 
     parser = build_parser()
     subs = next(a for a in parser._actions if isinstance(a, __import__("argparse")._SubParsersAction))

@@ -1,4 +1,4 @@
-"""``deltatune generate`` and ``deltatune chat`` (:mod:`deltatune.cli_generate`) on a tiny random chat
+"""``deltatune generate`` and ``deltatune chat`` (:mod:`deltatune.cli.generate`) on a tiny random chat
 Llama with LoRA adapters whose B factors are random, so that each adapter changes the answers.
 
 The answers are checked against a hand-written greedy loop (no cache, no padding, one prompt at a
@@ -21,8 +21,8 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.cli_generate import _load, add_parsers, run_chat, run_generate
-from deltatune.io import CONFIG_NAME
+from deltatune.cli.generate import _load, add_parsers, run_chat, run_generate
+from deltatune.formats.io import CONFIG_NAME
 from deltatune.train.models import load_model
 from deltatune.train.provenance import TASK_FIELDS
 from deltatune.train.provenance import save as harness_save
@@ -322,7 +322,7 @@ def test_a_four_bit_adapter_answers_on_the_base_it_was_trained_on(
     """A QLoRA adapter (saved on an NF4 base) answers on the rebuilt 4-bit base by default, on the
     float base with --quantize none; a float adapter answers on a 4-bit base with --quantize nf4."""
     pytest.importorskip("torchao")
-    from deltatune.quant import NF4Linear, quantize
+    from deltatune.runtime.quant import NF4Linear, quantize
 
     model, tok = load_model(s.folder, "generation")
     quantize(model)

@@ -97,7 +97,7 @@ def test_compile_needs_blocks_it_can_find() -> None:
 def test_the_harness_compiles_when_asked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """--compile true calls deltatune.compile on the adapted model (here with the eager backend, to
     keep the test fast) and trains as usual."""
-    from deltatune import regional
+    from deltatune.runtime import regional
     from deltatune.train.config import TrainConfig
     from deltatune.train.loop import train
 

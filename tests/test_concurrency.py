@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune import lowrank
+from deltatune.kernels import lowrank
 from toy_models import TOYS
 
 NAMES = ("a0", "a1", "a2")

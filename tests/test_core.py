@@ -13,8 +13,8 @@ from torch import nn
 import deltatune as dt
 from deltatune import Target
 from deltatune.methods.lowrank.lora import LoRA
+from deltatune.runtime.wrapper import attachment_of
 from deltatune.targets import QUERY_VALUE, default_targets, resolve
-from deltatune.wrapper import attachment_of
 from toy_models import TOYS, GPT2Style
 
 transformers = pytest.importorskip("transformers")
@@ -281,7 +281,7 @@ def test_save_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None
     def boom(*args: object, **kwargs: object) -> None:
         raise OSError("disk full")
 
-    monkeypatch.setattr("deltatune.files.save_file", boom)
+    monkeypatch.setattr("deltatune.formats.files.save_file", boom)
     with pytest.raises(OSError, match="disk full"):
         dt.save(model, tmp_path / "a")
     assert {p.name: p.read_bytes() for p in (tmp_path / "a").iterdir()} == before

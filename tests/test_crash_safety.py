@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.files import write_file, write_folder
-from deltatune.io import read_config, read_tensors
+from deltatune.formats.files import write_file, write_folder
+from deltatune.formats.io import read_config, read_tensors
 
 KILLS = 20
 
@@ -32,7 +32,7 @@ import torch
 torch.set_num_threads(1)
 from torch import nn
 import deltatune as dt
-from deltatune.io import read_config, read_tensors
+from deltatune.formats.io import read_config, read_tensors
 
 folder, kills, seed = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
 random.seed(seed)
@@ -119,7 +119,7 @@ counts["save_ms"] = round(span * 1000, 1)
 
 # Then deterministically: a child killed right before its n-th rename, exchange or delete.
 import shutil
-import deltatune.files as dio
+import deltatune.formats.files as dio
 counts["injected"] = counts["injected_mixed"] = 0
 for n in range(1, 9):
     target = 1 - current

@@ -9,7 +9,7 @@ import transformers
 from torch import nn
 
 import deltatune as dt
-from deltatune.lowrank import lowrank_linear
+from deltatune.kernels.lowrank import lowrank_linear
 
 pytestmark = [
     pytest.mark.cuda,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deltatune as dt
-import deltatune.stepping as st
+import deltatune.runtime.stepping as st
 from deltatune.contract import hooks
 from deltatune.methods.lowrank.delta_lora import DeltaLoRA, DeltaLoRALayer
 from deltatune.methods.lowrank.lora import LoRALayer
@@ -219,7 +219,7 @@ def test_for_steps_refuses_a_warm_up_as_long_as_the_run() -> None:
 def test_refuses_a_4_bit_base_in_either_order() -> None:
     """inject on a quantised base, and quantize() after inject: both refuse, saying why."""
     pytest.importorskip("torchao")
-    from deltatune.quant import quantize
+    from deltatune.runtime.quant import quantize
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(128, 128), nn.Linear(128, 128))

@@ -51,8 +51,8 @@ def test_the_demo_adapter_evaluates_without_flags(tmp_path: Path, capsys: pytest
     adapter records the base (minilm), the task (sst2) and how the demo evaluated it."""
     import json
 
-    from deltatune.cli import main
-    from deltatune.io import read_config
+    from deltatune.cli.main import main
+    from deltatune.formats.io import read_config
     from deltatune.train.provenance import recorded
 
     result = demo().main(

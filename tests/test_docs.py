@@ -26,7 +26,13 @@ def test_docstring_examples(name: str) -> None:
 
 
 def test_examples_exist_where_they_matter() -> None:
-    for name in ("deltatune.core", "deltatune.io", "deltatune.targets", "deltatune.methods.lowrank.lora"):
+    modules = (
+        "deltatune.runtime.core",
+        "deltatune.formats.io",
+        "deltatune.targets",
+        "deltatune.methods.lowrank.lora",
+    )
+    for name in modules:
         finder = doctest.DocTestFinder()
         examples = sum(len(t.examples) for t in finder.find(importlib.import_module(name)))
         assert examples > 0, f"{name} has no runnable example"

@@ -1,4 +1,4 @@
-"""deltatune.estimate against a real training step on CPU, on two model shapes.
+"""deltatune.runtime.estimate against a real training step on CPU, on two model shapes.
 
 Measured: autograd's saved tensors counted once per storage (weights apart), plus every parameter and
 buffer, the gradients after backward and AdamW's state after one step. The estimate (a trace on the
@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import deltatune as dt
-from deltatune.estimate import Estimate, estimate, meta_model, model_config
+from deltatune.runtime.estimate import Estimate, estimate, meta_model, model_config
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -178,7 +178,7 @@ def test_bad_input(call: Any, message: str) -> None:
 
 
 def test_the_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from deltatune.cli import main
+    from deltatune.cli.main import main
 
     tiny_llama().config.save_pretrained(tmp_path)
     assert (
@@ -201,8 +201,8 @@ def test_a_four_bit_base_is_counted_at_what_nf4_stores(shape: str) -> None:
     """estimate(..., quantize="nf4") gives the weight bytes of the model really quantised (every
     linear layer but the heads in NF4, the scales included), with LoRA on top and without."""
     pytest.importorskip("torchao")
-    from deltatune.quant import quantize
-    from deltatune.quantized_base import weight_bytes
+    from deltatune.runtime.quant import quantize
+    from deltatune.runtime.quantized_base import weight_bytes
 
     for method in ("floor", dt.LoRA(rank=4)):
         model = SHAPES[shape]()

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.cli import main
+from deltatune.cli.main import main
 from deltatune.train.data import DEFAULT_DATA_DIR
 
 pytestmark = pytest.mark.slow

@@ -254,7 +254,7 @@ def test_saved_file_holds_d_values_and_the_seed(tmp_path: Path) -> None:
 
 
 def test_train_cli_takes_d() -> None:
-    from deltatune.cli import _train_parser
+    from deltatune.cli.main import _train_parser
 
     argv = ["--method", "intrinsic", "--d", "1000", "--structure", "did"]
     args = _train_parser("intrinsic").parse_args(argv)

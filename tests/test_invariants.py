@@ -24,8 +24,8 @@ import deltatune as dt
 from deltatune.contract import REGISTRY, hooks, merged_linear
 from deltatune.contract.fields import Check, from_jsonable
 from deltatune.formats.peft import peft_type_of
+from deltatune.runtime.wrapper import Adapted, attachment_of
 from deltatune.targets import module_kind, shape_of
-from deltatune.wrapper import Adapted, attachment_of
 from toy_models import TOYS, Toy
 
 METHODS = sorted(REGISTRY.items())
@@ -513,7 +513,7 @@ def test_low_precision_base_keeps_fp32_adapter(cls: type, toy: Toy) -> None:
 
 @pytest.mark.parametrize(("cls", "toy"), CASES)
 def test_bf16_activations_stay_bf16(cls: type, toy: Toy) -> None:
-    """The precision policy (deltatune.lowrank): on a bf16 model the adapter path computes in bf16,
+    """The precision policy (deltatune.kernels.lowrank): on a bf16 model the adapter path computes in bf16,
     casting its small float32 tensors, never the activations: autograd keeps no float32 activation,
     and the output is within bf16 rounding of the same adapter computed in float32 ("adapter"
     policy)."""
@@ -648,7 +648,11 @@ def test_a_failed_verb_changes_nothing(cls: type, toy: Toy, tmp_path: Path) -> N
     unchanged(dt.inject, model, example(cls), targets=paths, name="default")
     unchanged(dt.inject, model, example(cls), targets=["no_such_module"], name="b")
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(dt.wrapper.Attachment, "set_active", _fail_on_call(dt.wrapper.Attachment.set_active, 1))
+        m.setattr(
+            dt.runtime.wrapper.Attachment,
+            "set_active",
+            _fail_on_call(dt.runtime.wrapper.Attachment.set_active, 1),
+        )
         unchanged(dt.inject, model, example(cls), targets=paths, name="b")
 
     # set_active, route, combine: bad arguments.
@@ -666,21 +670,21 @@ def test_a_failed_verb_changes_nothing(cls: type, toy: Toy, tmp_path: Path) -> N
     unchanged(dt.combine, model, {"default": 1.0, "other": 1.0}, "default")
     if cls.combinable:
         with pytest.MonkeyPatch.context() as m:  # fails once the combined layers are in place
-            m.setattr(dt.compose, "AdapterInfo", _fail_on_call(dt.compose.AdapterInfo, 1))
+            m.setattr(dt.runtime.compose, "AdapterInfo", _fail_on_call(dt.runtime.compose.AdapterInfo, 1))
             unchanged(dt.combine, model, {"default": 1.0, "other": -0.5}, "c")
 
     # merge, unload, delete_adapter: bad arguments, and a failure at their last step.
     unchanged(dt.merge, model, "nope")
     unchanged(dt.delete_adapter, model, "nope")
     with pytest.MonkeyPatch.context() as m:
-        m.setattr(dt.core, "_detach", _fail_on_call(dt.core._detach, 1))
+        m.setattr(dt.runtime.core, "_detach", _fail_on_call(dt.runtime.core._detach, 1))
         unchanged(dt.merge, model, ["default", "other"], dequantize=True)
         unchanged(dt.unload, model)
         dt.delete_adapter(model, "other")  # (the last adapter's deletion detaches)
         unchanged(dt.delete_adapter, model, "default")
 
     # quantize: where a linear base is quantisable, with the last module's NF4 failing.
-    quant = pytest.importorskip("deltatune.quant")
+    quant = pytest.importorskip("deltatune.runtime.quant")
     linear = [p for p, mod in base_modules_of(model).items() if type(mod) is nn.Linear]
     if linear:
         unchanged(quant.quantize, model, linear, block_size=7)
@@ -698,4 +702,4 @@ def test_a_failed_verb_changes_nothing(cls: type, toy: Toy, tmp_path: Path) -> N
 
 
 def base_modules_of(model: nn.Module) -> dict[str, nn.Module]:
-    return dt.wrapper.base_modules(model, attachment_of(model))
+    return dt.runtime.wrapper.base_modules(model, attachment_of(model))

@@ -11,7 +11,7 @@ from transformers.pytorch_utils import Conv1D
 
 import deltatune as dt
 from deltatune.methods.lowrank.lora import LoRALayer
-from deltatune.wrapper import attachment_of
+from deltatune.runtime.wrapper import attachment_of
 
 
 def net() -> nn.Module:

@@ -1,5 +1,5 @@
 """LoRA-drop: the paper's selection rule on known importances, the dropped modules' shared pair, a plain
-loop through deltatune.stepping, a checkpoint across the decision, save/load of a decided adapter and
+loop through deltatune.runtime.stepping, a checkpoint across the decision, save/load of a decided adapter and
 its stored size, and the refusals. The invariant suite runs it over every toy model by itself
 (``tests/test_invariants.py -k lora_drop``)."""
 
@@ -14,10 +14,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 import deltatune as dt
-import deltatune.stepping as st
+import deltatune.runtime.stepping as st
 from deltatune.contract import hooks
 from deltatune.methods.lowrank.lora_drop import DropShared, LoRADrop, LoRADropLayer, kept_by_importance
-from deltatune.wrapper import attachment_of
+from deltatune.runtime.wrapper import attachment_of
 
 
 class Parallel(nn.Module):

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import deltatune as dt
-from deltatune.lowrank import fusable, lowrank_linear
+from deltatune.kernels.lowrank import fusable, lowrank_linear
 
 
 def _plain(base: nn.Linear, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, s: float) -> torch.Tensor:
@@ -71,7 +71,7 @@ def test_fusable_only_for_a_plain_frozen_linear() -> None:
 
 def test_the_wrapper_uses_the_kernel_and_falls_back_with_dropout(monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    import deltatune.wrapper as core  # the wrapper calls the kernel
+    import deltatune.runtime.wrapper as core  # the wrapper calls the kernel
 
     real = core.lowrank_linear
 
@@ -101,7 +101,7 @@ def test_float32_factors_on_a_bf16_input_keep_the_input_not_a_float32_copy() -> 
     import copy
 
     import deltatune as dt
-    import deltatune.lowrank as lora_module
+    import deltatune.kernels.lowrank as lora_module
 
     torch.manual_seed(0)
     base = nn.ModuleDict({n: nn.Linear(16, 16) for n in ("q", "k", "v")}).to(torch.bfloat16)

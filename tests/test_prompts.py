@@ -22,7 +22,7 @@ from torch import nn
 from transformers import BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
 import deltatune as dt
-from deltatune import virtual
+from deltatune.methods.prompts import virtual
 from deltatune.methods.prompts.prompt_tuning import FromText, RandomUniform, SampledVocab
 
 N = 4  # virtual tokens

@@ -9,12 +9,12 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune.io import read_tensors
+from deltatune.formats.io import read_tensors
 from deltatune.methods.lowrank.lora import LoRALayer
-from deltatune.state import load_adapter_state
+from deltatune.runtime.state import load_adapter_state
 
 pytest.importorskip("torchao")
-from deltatune.quant import NF4Linear, nf4_roundtrip, quantization_error, quantize
+from deltatune.runtime.quant import NF4Linear, nf4_roundtrip, quantization_error, quantize
 
 
 def net(seed: int = 0) -> nn.Sequential:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-import deltatune.stepping as st
+import deltatune.runtime.stepping as st
 from deltatune.contract import hooks
 from deltatune.methods.lowrank.relora import ReLoRA, ReLoRALayer, effective_rank, prune_optimizer_state
 

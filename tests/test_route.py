@@ -14,9 +14,9 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune import routing, wrapper
 from deltatune.methods.lowrank.lora import LoRA
-from deltatune.wrapper import attachment_of
+from deltatune.runtime import routing, wrapper
+from deltatune.runtime.wrapper import attachment_of
 from toy_models import TOYS, llama_lm
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -20,7 +20,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 import deltatune as dt
 from deltatune.contract import REGISTRY, Method
-from deltatune.wrapper import attachment_of
+from deltatune.runtime.wrapper import attachment_of
 
 
 def _net(device: str | None = None) -> nn.Module:

@@ -1,4 +1,4 @@
-"""The training-process hooks (deltatune.stepping): a method that acts between optimizer steps, called
+"""The training-process hooks (deltatune.runtime.stepping): a method that acts between optimizer steps, called
 the same way from a plain loop, the harness's step(), a checkpointed run and the transformers Trainer.
 
 The method is defined and registered here only (like tests/test_writing_a_method.py): a learned
@@ -159,7 +159,7 @@ def test_harness_step_needs_the_step_number_and_runs_the_hooks() -> None:
 
 
 def test_step_state_round_trips_through_a_checkpoint(tmp_path: Path) -> None:
-    from deltatune.stepping import load_step_state, step_state
+    from deltatune.runtime.stepping import load_step_state, step_state
     from deltatune.train.checkpoint import load_checkpoint, save_checkpoint
     from deltatune.train.config import TrainConfig
 

@@ -14,7 +14,7 @@ from torch import nn
 
 import deltatune as dt
 from deltatune.methods.lowrank.tied_lora import TRAIN_OPTIONS, TiedLoRA, TiedLoRALayer
-from deltatune.wrapper import attachment_of
+from deltatune.runtime.wrapper import attachment_of
 
 
 class Block(nn.Module):

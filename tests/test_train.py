@@ -165,7 +165,7 @@ def test_checkpoint_of_another_run_is_refused(tiny_bert: str, tmp_path: Path) ->
 def test_out_holding_another_run_needs_overwrite(
     tiny_bert: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from deltatune.cli import main
+    from deltatune.cli.main import main
 
     first = train(config(tiny_bert, tmp_path, steps=2, checkpoint_every=0), progress=False)
     before = adapter_tensors(tmp_path)
@@ -421,7 +421,7 @@ def test_works_with_the_transformers_trainer(tiny_bert: str, tmp_path: Path) -> 
 def test_cli_train_from_yaml_then_info_eval_merge(
     tiny_bert: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from deltatune.cli import main
+    from deltatune.cli.main import main
 
     out = tmp_path / "run"
     (tmp_path / "run.yaml").write_text(
@@ -467,7 +467,7 @@ def test_cli_train_from_yaml_then_info_eval_merge(
 
 
 def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from deltatune.cli import main
+    from deltatune.cli.main import main
 
     with pytest.raises(SystemExit) as e:
         main(["train", "--task", "nope", "--out", str(tmp_path)])
@@ -627,7 +627,7 @@ def test_a_diverged_run_stops_names_the_step_and_keeps_the_last_finite_checkpoin
 ) -> None:
     """--lr 1e20: the first update is finite but huge, the next loss is NaN. The run exits 1 naming
     the step, leaves the checkpoint of the last finite step as it was and writes no adapter."""
-    from deltatune.cli import main
+    from deltatune.cli.main import main
 
     out = tmp_path / "run"
     args = ["train", "--model", tiny_bert, "--task", "sst2", "--steps", "8", "--batch-size", "8"]
@@ -714,8 +714,8 @@ def test_four_bit_base_trains_evaluates_and_merges_from_the_command_line(
     """--quantize nf4: QLoRA (a random init) and QPiSSA (pissa, refitted once more). The adapter
     records its 4-bit base; eval rebuilds it and gives the run's own metrics; merge writes a float
     model that computes what the 4-bit adapted model computes."""
-    from deltatune.cli import main
-    from deltatune.quant import NF4Linear
+    from deltatune.cli.main import main
+    from deltatune.runtime.quant import NF4Linear
     from deltatune.train.models import load_model
 
     pytest.importorskip("torchao")

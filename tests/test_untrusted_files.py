@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 import deltatune as dt
-from deltatune import io
+from deltatune.formats import io
 
 
 def toy() -> nn.Module:

@@ -16,7 +16,7 @@ pytest.importorskip("datasets")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("tokenizers")
 
-from deltatune.cli import main  # noqa: E402
+from deltatune.cli.main import main  # noqa: E402
 from deltatune.train import userdata  # noqa: E402
 from deltatune.train.batches import Collator, batch_positions, grouped_positions  # noqa: E402
 from deltatune.train.config import TrainConfig  # noqa: E402
@@ -27,7 +27,7 @@ from tiny_chat import CHATML, save_tiny_chat_llama  # noqa: E402
 
 def harness_record(adapter: Path) -> dict[str, Any]:
     """The head and task an adapter's harness record holds (deltatune.train.provenance)."""
-    from deltatune.io import read_config
+    from deltatune.formats.io import read_config
     from deltatune.train.provenance import recorded
 
     return recorded(read_config(adapter), str(adapter))

@@ -41,7 +41,7 @@ class Net(nn.Module):
 TARGETS = ["a", "b", "c"]
 
 
-def randomise(att: dt.wrapper.Attachment, seed: int = 1) -> None:
+def randomise(att: dt.runtime.wrapper.Attachment, seed: int = 1) -> None:
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in att.info("default").trainable:

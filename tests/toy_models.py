@@ -243,7 +243,7 @@ def _quantized(build: Callable[[], nn.Module]) -> Callable[[], nn.Module]:
     """The model with its (non-head) linear weights stored in NF4: a QLoRA-style 4-bit base."""
 
     def make() -> nn.Module:
-        from deltatune.quant import quantize
+        from deltatune.runtime.quant import quantize
 
         model = build()
         quantize(model, ["wide1", "wide2"])  # the head stays float, as in QLoRA

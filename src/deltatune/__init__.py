@@ -7,22 +7,10 @@ from . import (
     _quiet,  # noqa: F401  (filters two import-time messages of torchao; see _quiet)
     continual,
 )
-from .compose import combine, reconfigure
 from .contract import REGISTRY, register
-from .core import (
-    delete_adapter,
-    disabled,
-    inject,
-    merge,
-    route,
-    set_active,
-    set_adapter_precision,
-    trainable_parameters,
-    unload,
-)
-from .io import load, save
-from .loraplus import parameter_groups as parameter_groups  # LoRA+ and plain optimizer groups
-from .lowrank import adapter_precision, adapter_precision_as
+from .formats.io import load, save
+from .formats.peft.convert import export_peft, import_peft
+from .kernels.lowrank import adapter_precision, adapter_precision_as
 from .methods import (
     AdaLoRA,
     Adapter,
@@ -50,12 +38,24 @@ from .methods import (
     VeRA,
     collect_covariance,
 )
-from .peft import export_peft, import_peft
-from .regional import compile
-from .state import ParameterReport, adapter_state, parameter_report
-from .stepping import lr_factor, needs_step_hooks, on_step, regularization
+from .runtime.compose import combine, reconfigure
+from .runtime.core import (
+    delete_adapter,
+    disabled,
+    inject,
+    merge,
+    route,
+    set_active,
+    set_adapter_precision,
+    trainable_parameters,
+    unload,
+)
+from .runtime.loraplus import parameter_groups as parameter_groups  # LoRA+ and plain optimizer groups
+from .runtime.regional import compile
+from .runtime.state import ParameterReport, adapter_state, parameter_report
+from .runtime.stepping import lr_factor, needs_step_hooks, on_step, regularization
+from .runtime.wrapper import Adapted, Attachment, attachment_of, has_adapters
 from .targets import ALL_LINEAR, Target
-from .wrapper import Adapted, Attachment, attachment_of, has_adapters
 
 __version__ = "0.1.0"
 

@@ -41,6 +41,7 @@ from typing import Any
 
 from torch import nn
 
+from .contract.layer import Wrapped
 from .targets import name_matches
 
 
@@ -181,14 +182,12 @@ class Parts:
 def named_modules(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]]:
     """``module.named_modules()`` seen through deltatune wrappers: an adapted module shows as its
     original (``base``) under its own path, and adapter layers are not listed."""
-    from .wrapper import Adapted  # core never imports anatomy; the import is local to keep this light
-
     out: list[tuple[str, nn.Module]] = []
     skip: list[str] = []
     for path, m in module.named_modules(prefix=prefix):
         if any(path.startswith(s) for s in skip):
             continue
-        if isinstance(m, Adapted):
+        if isinstance(m, Wrapped):
             out.append((path, m.base))
             skip.append(path + ".")
             continue

@@ -40,11 +40,12 @@ from typing import Any, cast
 import torch
 from torch import nn
 
-from . import checks, contract, core, wrapper
-from .compose import reconfigure
-from .fingerprint import check_fingerprint
-from .io import WEIGHTS_NAME, load_read, read_adapter
+from . import contract
+from .formats.io import WEIGHTS_NAME, load_read, read_adapter
 from .methods.lowrank.task_loras import TaskLoRAs
+from .runtime import checks, core, wrapper
+from .runtime.compose import reconfigure
+from .runtime.fingerprint import check_fingerprint
 
 __all__ = ["DEFAULT_NAME", "add_task", "load", "start", "task_names"]
 

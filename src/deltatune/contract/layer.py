@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..lowrank import lowrank_delta
+from ..kernels.lowrank import lowrank_delta
 
 #: The key under which an adapter's shared state (:meth:`Method.make_shared`) is saved.
 SHARED_ATTR = "deltatune_shared"
@@ -155,7 +155,7 @@ class LowRankLayer(AdditiveLayer):
         return lowrank_delta(x, A, B, self.scale, self.dropout)  # (the precision policy: lowrank.py)
 
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """``(A, B, scale)`` for the fused kernel of :mod:`deltatune.lowrank`; None on a module that
+        """``(A, B, scale)`` for the fused kernel of :mod:`deltatune.kernels.lowrank`; None on a module that
         is not a Linear and while dropout is active."""
         if self.kind != "linear" or self.dropout_active:
             return None
@@ -169,8 +169,11 @@ class LowRankLayer(AdditiveLayer):
 
 
 class Wrapped(nn.Module):
-    """The base of :class:`deltatune.wrapper.Adapted`: a module deltatune has wrapped (a method that
-    copies whole blocks, as partial tuning does, refuses blocks that hold one)."""
+    """The base of :class:`deltatune.runtime.wrapper.Adapted`: a module deltatune has wrapped (a method that
+    copies whole blocks, as partial tuning does, refuses blocks that hold one). Its ``base`` is the
+    module it wraps."""
+
+    base: nn.Module
 
 
 def as_layer(layer: nn.Module) -> Layer:

@@ -1,7 +1,7 @@
 """What a method is: a frozen dataclass that subclasses :class:`Method`.
 
 A method says *what* to add to a model (LoRA's factors, a prompt, a bias delta); the verbs of
-:mod:`deltatune.core` say *where* and own the lifecycle. The base classes below group what a method
+:mod:`deltatune.runtime.core` say *where* and own the lifecycle. The base classes below group what a method
 provides by concern, each with its default written here, where a reader of a method file sees what
 it inherits:
 
@@ -33,7 +33,7 @@ from .suite import Suite
 
 class AdapterView(Protocol):
     """What a method's hooks may ask of the attachment that holds its adapter (the attachment
-    itself, :class:`deltatune.wrapper.Attachment`, lives above the contract)."""
+    itself, :class:`deltatune.runtime.wrapper.Attachment`, lives above the contract)."""
 
     model: nn.Module
 
@@ -114,7 +114,7 @@ class SharedState:
 
 
 class StepHooks:
-    """What a method does between optimizer steps. :mod:`deltatune.stepping` calls these for every
+    """What a method does between optimizer steps. :mod:`deltatune.runtime.stepping` calls these for every
     active adapter, from the harness, a plain loop or the ``Trainer`` callback. State kept between
     steps lives in the layers' (or the shared module's) persistent buffers, so a checkpoint holds it."""
 

@@ -42,7 +42,7 @@ from torch import nn
 from .. import anatomy
 from ..contract import AdditiveLayer, Method, Suite, register
 from ..contract.fields import Float, IntOrNone, OneOf, param
-from ..lowrank import compute_dtype
+from ..kernels.lowrank import compute_dtype
 from ..targets import module_kind, shape_of
 
 NONLINEARITIES: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {

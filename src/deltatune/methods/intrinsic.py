@@ -50,7 +50,7 @@ from torch import nn
 from .._cache import Memo
 from ..contract import AdapterView, Method, ReplacingLayer, Suite, merged_linear, register
 from ..contract.fields import Bool, Float, Int, OneOf, param
-from ..lowrank import compute_dtype
+from ..kernels.lowrank import compute_dtype
 from ..targets import module_kind
 
 # ----------------------------------------------------------------------------------------------

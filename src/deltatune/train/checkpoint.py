@@ -17,10 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import tensorfile
-from ..files import write_folder
-from ..io import read_files
-from ..stepping import load_step_state, step_state
+from ..formats import tensorfile
+from ..formats.files import write_folder
+from ..formats.io import read_files
+from ..runtime.stepping import load_step_state, step_state
 from .config import RUN_NEUTRAL, TrainConfig
 
 __all__ = [
@@ -71,9 +71,9 @@ def save_checkpoint(
     model: nn.Module | None = None,
 ) -> None:
     """Write ``folder`` (``state.safetensors`` + ``state.json``) atomically, through
-    :func:`deltatune.files.write_folder`: ``folder`` holds the previous checkpoint or the new one.
+    :func:`deltatune.formats.files.write_folder`: ``folder`` holds the previous checkpoint or the new one.
 
-    With ``model``, the between-step state of its adapters (:func:`deltatune.stepping.step_state`:
+    With ``model``, the between-step state of its adapters (:func:`deltatune.runtime.stepping.step_state`:
     AdaLoRA's importance averages, ReLoRA's folded updates, ...) is saved too."""
     from safetensors.torch import save_file
 

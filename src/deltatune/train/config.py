@@ -22,8 +22,8 @@ from typing import Any
 
 from .. import contract
 from ..contract.fields import to_jsonable
-from ..lowrank import PRECISIONS as ADAPTER_PRECISIONS
-from ..quant import FORMATS  # in which dtype adapters compute
+from ..kernels.lowrank import PRECISIONS as ADAPTER_PRECISIONS
+from ..runtime.quant import FORMATS  # in which dtype adapters compute
 
 __all__ = [
     "ADAPTER_PRECISIONS",
@@ -44,7 +44,8 @@ PRECISIONS = ("fp32", "bf16")
 # Options that do not change what a run computes: a rerun into the same ``out`` may change them.
 RUN_NEUTRAL = ("out", "resume", "checkpoint_every", "eval_batch_size", "eval_generate", "report_to")
 REPORTERS = ("tensorboard", "mlflow")
-QUANTIZE = FORMATS  # 4-bit frozen bases (deltatune.quant): QLoRA, and QPiSSA with a weight-derived init
+#: 4-bit frozen bases (deltatune.runtime.quant): QLoRA, and QPiSSA with a weight-derived init.
+QUANTIZE = FORMATS
 FLOAT32_MAX = 3.4028234663852886e38  # the optimizer computes in float32: a larger rate cannot be applied
 
 

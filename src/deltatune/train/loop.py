@@ -29,17 +29,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import regional
-from ..lowrank import adapter_precision_as
-from ..stepping import lr_factor
+from ..kernels.lowrank import adapter_precision_as
+from ..runtime import regional
+from ..runtime.stepping import lr_factor
 from .batches import Collator, batch_positions, prompt_of
-from .checkpoint import (
-    check_out_folder,
-    has_checkpoint,
-    load_checkpoint,
-    remove_run,
-    save_checkpoint,
-)
+from .checkpoint import check_out_folder, has_checkpoint, load_checkpoint, remove_run, save_checkpoint
 from .config import TrainConfig
 from .data import Example
 from .divergence import DivergedError, after_divergence, check_weights
@@ -139,7 +133,7 @@ def _train(
             f"TrainConfig.batch_size {cfg.batch_size} must be divisible by the {world.size} processes"
         )
     # The adapter records cfg.model as its base only when the harness loaded it; a model passed in
-    # is recorded by what it says of itself (deltatune.io.base_model_of).
+    # is recorded by what it says of itself (deltatune.formats.io.base_model_of).
     base_model = cfg.model if model is None else None
     model, tokenizer, train_examples, eval_examples = _model_and_data(
         cfg, task, source, world, model, tokenizer

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..io import BASE_MODEL_ATTR
+from ..formats.io import BASE_MODEL_ATTR
 from .data import KINDS
 from .progress import quiet_transformers
 from .smollm2 import ensure_smollm2_cache

@@ -13,8 +13,9 @@ from typing import Any
 
 from torch import nn
 
-from .. import contract, core
-from ..loraplus import parameter_groups
+from .. import contract
+from ..runtime import core
+from ..runtime.loraplus import parameter_groups
 from ..targets import (
     ALL_LINEAR,
     HEAD_NAMES,
@@ -138,8 +139,8 @@ def _quantize_base(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:
     the report: how many modules, and the bytes of the model's weights before."""
     if cfg.quantize is None:
         return {}
-    from ..quant import quantize  # torchao: the quant extra
-    from ..quantized_base import compact, weight_bytes
+    from ..runtime.quant import quantize  # torchao: the quant extra
+    from ..runtime.quantized_base import compact, weight_bytes
 
     before = weight_bytes(model)
     paths = quantize(model, iterations=cfg.quantize_iterations)

@@ -1,6 +1,6 @@
 """The harness's record in an adapter: the head it was trained with and the task it was trained on.
 
-The library's :func:`deltatune.io.save` stores caller metadata uninterpreted (``extra``); the
+The library's :func:`deltatune.formats.io.save` stores caller metadata uninterpreted (``extra``); the
 harness keeps its own under ``extra["harness"]`` (:data:`SECTION`), so that ``deltatune eval ADAPTER``,
 ``deltatune merge ADAPTER --out DIR`` and ``deltatune chat ADAPTER`` need no ``--model``/``--task``:
 
@@ -10,14 +10,14 @@ harness keeps its own under ``extra["harness"]`` (:data:`SECTION`), so that ``de
   harness task it was trained on and how it was evaluated (see :data:`TASK_FIELDS`).
 
 Each may be ``null`` or absent. Adapters of format 1 and 2 kept both as top-level keys of
-``adapter_config.json``; :func:`deltatune.io.read_config` hands them over as this section.
+``adapter_config.json``; :func:`deltatune.formats.io.read_config` hands them over as this section.
 
 Example:
     >>> import tempfile, torch, deltatune as dt
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 4))
     >>> _ = dt.inject(net, dt.LoRA(rank=2), targets=["0"])
     >>> folder = save(net, tempfile.mkdtemp(), task="sst2")
-    >>> recorded(dt.io.read_config(folder), "here")
+    >>> recorded(dt.formats.io.read_config(folder), "here")
     {'head': None, 'task': {'name': 'sst2'}}
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 
 from torch import nn
 
-from .. import io
+from ..formats import io
 
 __all__ = ["HEAD_KINDS", "SECTION", "TASK_FIELDS", "check", "head_of", "recorded", "save"]
 
@@ -59,7 +59,7 @@ def save(
     task: str | Mapping[str, Any] | None = None,
     base_model: str | None = None,
 ) -> Path:
-    """:func:`deltatune.io.save` with the harness's record of the head and the task.
+    """:func:`deltatune.formats.io.save` with the harness's record of the head and the task.
 
     Args:
         head: ``{"kind": "classification", "num_labels": N}``, ``{"kind": "regression"}`` or
@@ -81,7 +81,7 @@ def save(
 
 
 def recorded(config: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """The checked ``head`` and ``task`` an adapter's config (:func:`deltatune.io.read_config`)
+    """The checked ``head`` and ``task`` an adapter's config (:func:`deltatune.formats.io.read_config`)
     records, each None where it records none.
 
     Raises:

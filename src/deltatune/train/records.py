@@ -13,10 +13,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import wrapper
-from ..files import tensors_writer, write_file
-from ..quantized_base import weight_bytes
-from ..state import parameter_report
+from ..formats.files import tensors_writer, write_file
+from ..runtime import wrapper
+from ..runtime.quantized_base import weight_bytes
+from ..runtime.state import parameter_report
 from .config import TrainConfig
 from .provenance import save
 from .tasks import Task

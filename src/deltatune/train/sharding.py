@@ -25,8 +25,9 @@ from typing import Any, TypeVar
 
 from torch import nn
 
-from .. import anatomy, wrapper
-from ..stepping import needs_step_hooks
+from .. import anatomy
+from ..runtime import wrapper
+from ..runtime.stepping import needs_step_hooks
 from .batches import device_of
 
 __all__ = ["gathered", "on_first", "replicated", "shard"]

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..files import normal_permissions
+from ..formats.files import normal_permissions
 from .progress import quiet_transformers
 
 __all__ = [

@@ -1,6 +1,6 @@
 """The adapters' between-step hooks under the transformers ``Trainer``: :class:`StepHooks`.
 
-``deltatune train`` and :func:`deltatune.train.loop.step` call :mod:`deltatune.stepping` themselves;
+``deltatune train`` and :func:`deltatune.train.loop.step` call :mod:`deltatune.runtime.stepping` themselves;
 a ``Trainer`` does not know about it, so pass this callback::
 
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=[StepHooks(model)])
@@ -22,7 +22,7 @@ from typing import Any
 from torch import nn
 from transformers import TrainerCallback
 
-from ..stepping import lr_factor, needs_step_hooks, on_step, regularization
+from ..runtime.stepping import lr_factor, needs_step_hooks, on_step, regularization
 
 __all__ = ["StepHooks"]
 

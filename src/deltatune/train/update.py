@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..stepping import needs_step_hooks, on_step, regularization
+from ..runtime.stepping import needs_step_hooks, on_step, regularization
 from .batches import autocast, count_of, device_of, loss_sum, to_device
 from .divergence import check_step, grads_bad
 from .world import World, all_reduce_sum
@@ -56,7 +56,7 @@ def step(
         precision: ``"fp32"``, or ``"bf16"`` autocast.
         world: this process's rank and the number of processes (:func:`~deltatune.train.world.init_world`).
         number: which optimizer step this is (from 1). Needed when an adapter acts between steps
-            (:mod:`deltatune.stepping`): its regularizer joins the loss of the last micro-batch and
+            (:mod:`deltatune.runtime.stepping`): its regularizer joins the loss of the last micro-batch and
             its ``on_step`` runs after ``optimizer.step()``, before the gradients are cleared.
         denominator: divide the step's summed loss by this instead of the count of its examples or
             target tokens. A fixed expected count (``deltatune train --data``: the global batch times
@@ -94,7 +94,7 @@ def step(
     hooked = inner if needs_step_hooks(inner) else None
     if hooked is not None and number is None:
         raise ValueError(
-            "step(): this model's adapter acts between optimizer steps (deltatune.stepping); "
+            "step(): this model's adapter acts between optimizer steps (deltatune.runtime.stepping); "
             "pass number= (the optimizer step, counted from 1)"
         )
     batches = [to_device(dict(b), device_of(model)) for b in micro_batches]

@@ -2,7 +2,7 @@
 tests/test_legacy_adapters.py: adapters saved by an older deltatune must keep loading, with the same
 outputs.
 
-    PYTHONPATH=src:tests python tests/data/legacy/make.py tests/data/legacy/format-2
+    PYTHONPATH=src:tests python tests/data/legacy/make.py tests/data/legacy/format-3
 
 (for an older release: ``git worktree add /tmp/old <commit>`` and run this file with
 ``PYTHONPATH=/tmp/old/src:/tmp/old/tests``). Each case folder holds the adapter files as that version
@@ -31,7 +31,7 @@ def cases() -> list[tuple[str, type, dict]]:
     out = []
     for name, cls in sorted(REGISTRY.items()):
         out.append((name, cls, dict(cls.suite.example)))
-        for label, spec in getattr(cls, "variants", {}).items():
+        for label, spec in cls.suite.variants.items():
             if spec.get("calibration"):
                 continue
             fields = {k: from_jsonable(v, k) for k, v in spec["fields"].items()}

@@ -2,8 +2,8 @@
 
 A :class:`Translator` turns PEFT's ``adapter_config.json`` and tensors into a deltatune method, its
 targets and its tensors (:attr:`Translator.from_peft`), and an adapter of one of the methods it
-names back (:attr:`Translator.to_peft`). :mod:`deltatune.peft` (``import_peft``, ``export_peft``)
-handles what every PEFT adapter shares (the files, ``modules_to_save``, ``task_type``,
+names back (:attr:`Translator.to_peft`). :mod:`deltatune.formats.peft.convert` (``import_peft``,
+``export_peft``) handles what every PEFT adapter shares (the files, ``modules_to_save``, ``task_type``,
 ``base_model_name_or_path``, ``inference_mode``) and dispatches through :data:`TRANSLATORS`. The
 methods know nothing of PEFT: the translators import them, never the other way round.
 
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ...contract import Method
-from ...wrapper import Attachment
+from ...runtime.wrapper import Attachment
 from . import adalora, lora, prompts, vblora, vera
 from .fields import PeftField
 
@@ -33,7 +33,8 @@ from .fields import PeftField
 #: PEFT's ``adapter_config.json``; ``tensors`` the file's tensors under PEFT's names, the
 #: ``modules_to_save`` copies already taken out. Returns the method config, the module paths it
 #: adapts, per-module field overrides, and the adapter's tensors named as
-#: :func:`deltatune.state.adapter_state` names them (``"<path>.<key>"``, ``"deltatune_shared.<key>"``).
+#: :func:`deltatune.runtime.state.adapter_state` names them (``"<path>.<key>"``,
+#: ``"deltatune_shared.<key>"``).
 #: A PEFT option it cannot represent is a ``ValueError`` naming it (prefixed with the file).
 FromPeft = Callable[
     [Mapping[str, Any], Mapping[str, torch.Tensor], nn.Module],
@@ -41,10 +42,10 @@ FromPeft = Callable[
 ]
 #: ``to_peft(method, attachment, name) -> (config, tensors)``: the type's part of PEFT's config and
 #: its tensors under PEFT's names (without ``modules_to_save`` copies, ``peft_type``,
-#: ``base_model_name_or_path``, ``modules_to_save`` and ``inference_mode``: deltatune.peft adds
-#: them). A prompt-learning type sets ``task_type``, read off the model, or None when it cannot
-#: tell, which makes the caller's ``task_type`` required; the caller's wins. Anything PEFT cannot
-#: load, or would compute differently, is a ``ValueError``.
+#: ``base_model_name_or_path``, ``modules_to_save`` and ``inference_mode``:
+#: deltatune.formats.peft.convert adds them). A prompt-learning type sets ``task_type``, read off
+#: the model, or None when it cannot tell, which makes the caller's ``task_type`` required; the
+#: caller's wins. Anything PEFT cannot load, or would compute differently, is a ``ValueError``.
 ToPeft = Callable[[Method, Attachment, str], tuple[dict[str, Any], dict[str, torch.Tensor]]]
 
 

@@ -19,9 +19,9 @@ from torch import nn
 
 from ...contract import Method
 from ...methods.lowrank.adalora import AdaLoRA
-from ...state import adapter_state
+from ...runtime.state import adapter_state
+from ...runtime.wrapper import Attachment
 from ...targets import module_kind
-from ...wrapper import Attachment
 from .fields import PeftField, expect, flat_state, module_tensors, peft_get
 from .lora import FIELDS as LORA_FIELDS
 

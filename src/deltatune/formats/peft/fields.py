@@ -12,10 +12,10 @@ from typing import Any, Literal, TypeVar
 
 import torch
 
-from ...checks import few
-from ...state import adapter_state
+from ...runtime.checks import few
+from ...runtime.state import adapter_state
+from ...runtime.wrapper import Attachment
 from ...targets import module_kind
-from ...wrapper import Attachment
 
 M = TypeVar("M")
 
@@ -55,7 +55,8 @@ def peft_get(config: Mapping[str, Any], key: str, default: Any) -> Any:
     return default if value is None else value
 
 
-# PeftConfig's own fields (every PEFT config has them): handled by deltatune.peft, for every type.
+# PeftConfig's own fields (every PEFT config has them): handled by deltatune.formats.peft.convert,
+# for every type.
 PEFT_BASE_FIELDS: dict[str, PeftField] = {
     "peft_type": PeftField(
         "supported", "chooses the translator (deltatune.formats.peft)", "a string", (str,), required=True
@@ -84,7 +85,7 @@ PEFT_TUNER_FIELDS: dict[str, PeftField] = {
         "supported", "the layout follows the module (GPT-2's Conv1D)", "true or false", (bool,)
     ),
     "modules_to_save": PeftField(
-        "supported", "deltatune's modules_to_save (deltatune.peft)", "a list", (list,)
+        "supported", "deltatune's modules_to_save (deltatune.formats.peft.convert)", "a list", (list,)
     ),
 }
 
@@ -156,7 +157,7 @@ def module_tensors(
 
 
 def flat_state(factors: Mapping[str, Mapping[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """{path: {key: tensor}} as :func:`deltatune.state.adapter_state` names it: ``"<path>.<key>"``."""
+    """{path: {key: tensor}} as :func:`deltatune.runtime.state.adapter_state` names it: ``"<path>.<key>"``."""
     return {f"{path}.{key}": value for path, found in factors.items() for key, value in found.items()}
 
 

@@ -17,14 +17,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from ...checks import few
 from ...contract import Method
 from ...methods.lowrank.base import Gaussian, KaimingUniform
 from ...methods.lowrank.dora import DoRA
 from ...methods.lowrank.lora import LoRA
-from ...state import adapter_state
+from ...runtime.checks import few
+from ...runtime.state import adapter_state
+from ...runtime.wrapper import Attachment
 from ...targets import module_kind
-from ...wrapper import Attachment
 from .fields import PEFT_TUNER_FIELDS, PeftField, expect, flat_state, module_tensors, peft_get
 
 PREFIX = "base_model.model."

@@ -19,9 +19,9 @@ from ...contract import Method
 from ...methods.prompts.p_tuning import PTuning
 from ...methods.prompts.prefix_tuning import _DEFAULT_HIDDEN, PrefixTuning
 from ...methods.prompts.prompt_tuning import PromptTuning
-from ...state import adapter_state
-from ...virtual import attention_shape, body_paths, config_of, embedding_of
-from ...wrapper import Attachment
+from ...methods.prompts.virtual import attention_shape, body_paths, config_of, embedding_of
+from ...runtime.state import adapter_state
+from ...runtime.wrapper import Attachment
 from .fields import expect
 
 PREFIX = "base_model."

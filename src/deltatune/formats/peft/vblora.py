@@ -11,7 +11,7 @@ from torch import nn
 
 from ...contract import SHARED_ATTR, Method
 from ...methods.lowrank.vblora import VBLoRA
-from ...wrapper import Attachment
+from ...runtime.wrapper import Attachment
 from .fields import PEFT_TUNER_FIELDS, PeftField, expect, flat_state, module_tensors, peft_get, tuner_to_peft
 
 PREFIX = "base_model.model."

@@ -19,7 +19,7 @@ over all layers) follows the cubic schedule of the paper, eq. (8): b = r0·n for
 b = n·target_r + (n·r0 − n·target_r)(1 − (t − tinit)/(T − tfinal − tinit))³ (floored), set every
 ``delta_t`` steps by zeroing the E_i whose S_i is among the n·r0 − b lowest, and b = n·target_r from
 t = T − tfinal on, where the mask is final and is applied after every step. The EMAs and the masks are
-persistent buffers of the layers (checkpointed by :func:`deltatune.stepping.step_state`).
+persistent buffers of the layers (checkpointed by :func:`deltatune.runtime.stepping.step_state`).
 
 Step numbering: ``on_step(step)`` (optimizer steps done, from 1) is PEFT's
 ``update_and_allocate(step − 1)``, the ``global_step`` of PEFT's examples (counted from 0 and
@@ -69,7 +69,7 @@ from torch import nn
 
 from ...contract import AdapterView, AdditiveLayer, Method, Suite, dropout_module, register
 from ...contract.fields import Float, Int, IntOrNone, param
-from ...lowrank import compute_dtype
+from ...kernels.lowrank import compute_dtype
 from ...targets import shape_of
 from .base import adapter_dtype, linear_like
 
@@ -173,7 +173,7 @@ class AdaLoRA(Method):
     def stored_bytes(self, base: nn.Module) -> int:
         return self.parameter_count(base) * adapter_dtype(base).itemsize
 
-    # -- the training process (deltatune.stepping calls these) -----------------------------------
+    # -- the training process (deltatune.runtime.stepping calls these) -----------------------------------
     def for_steps(self, total: int, given: Collection[str]) -> AdaLoRA:
         """A copy with ``total_step=total`` unless the user gave it; refuses a schedule that does not
         leave steps to allocate the budget in."""

@@ -18,7 +18,7 @@ The gates are independent sigmoids, not a softmax over tasks: the weights of a s
 one, so an L1 penalty on them is a constant that cannot make them sparse. (The paper's exact
 normalisation could not be checked here; this is the form on which its L1 term acts.) The penalty
 reads the gates of the latest training forward pass, so it is added once per optimizer step, after
-the forward of the step's last micro-batch, as :mod:`deltatune.stepping` does.
+the forward of the step's last micro-batch, as :mod:`deltatune.runtime.stepping` does.
 
 W_q starts like a Linear layer (Kaiming-uniform), W_k at zero, the biases at zero: at init every gate
 is σ(0) = 1/2 and, with every B_i = 0, the output equals the base model's.

@@ -21,7 +21,7 @@ K = 0), in persistent buffers, and computes
 which equals the paper's output with the same gradients for A and B: the λ-term uses detached
 factors, as W gets no gradient in the paper. Written as one low-rank product of rank 3r,
 ``[A; sg(A); A_K]`` and ``[B | λ sg(B) | −λ B_K]``, it runs through the fused kernel of
-:mod:`deltatune.lowrank` (rank r before step K). Merging gives ``W_0 + s (1 + λ) B A − λ s B_K A_K``.
+:mod:`deltatune.kernels.lowrank` (rank r before step K). Merging gives ``W_0 + s (1 + λ) B A − λ s B_K A_K``.
 
 Closed forms, per adapted Linear/Conv1D with (in, out) = (in_features, out_features):
 
@@ -116,7 +116,7 @@ class DeltaLoRA(ScaledLowRank):
     def stored_bytes(self, base: nn.Module) -> int:
         return 2 * self.parameter_count(base) * adapter_dtype(base).itemsize + 1
 
-    # -- the training-process hooks (deltatune.stepping) -----------------------------------------
+    # -- the training-process hooks (deltatune.runtime.stepping) -----------------------------------------
     def for_steps(self, total: int, given: Collection[str]) -> DeltaLoRA:
         """Itself; refuses a warm-up as long as the run (W would never move)."""
         if self.warmup_steps >= total:

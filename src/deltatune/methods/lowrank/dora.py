@@ -6,7 +6,7 @@ with the norm taken per output row of the ``(out, in)`` weight (PEFT's conventio
 trainable and initialised to the row norms ``‖W0‖``, and the norm treated as a constant in the
 backward pass (the paper's section 4.3; PEFT's ``weight_norm.detach()``). A and B are LoRA's, with
 LoRA's fields and initialisers (B = 0, so W' = W0 at init). The layer computes the module's output
-itself from one low-rank forward (the fused kernel of :mod:`deltatune.lowrank` where it applies):
+itself from one low-rank forward (the fused kernel of :mod:`deltatune.kernels.lowrank` where it applies):
 
     y0 = W0 x + b + s · B A x,    k = m / ‖W0 + s B A‖,    y = y0 + (k − 1) ⊙ (y0 − b)
 
@@ -41,7 +41,7 @@ from torch import nn
 from ..._cache import Memo
 from ...contract import ReplacingLayer, Suite, dropout_module, merged_linear, register
 from ...contract.fields import Instance, param
-from ...lowrank import compute_dtype, fusable, lowrank_delta, lowrank_linear
+from ...kernels.lowrank import compute_dtype, fusable, lowrank_delta, lowrank_linear
 from ...targets import module_kind, shape_of
 from .base import Gaussian, KaimingUniform, LoRAInit, ScaledLowRank, adapter_dtype
 

@@ -5,7 +5,7 @@ arXiv:2402.07721.
     (A_m, B_m) = the module's own LoRA if it is kept, else the one pair its group shares
 
 The paper prunes LoRA by how much each module's update changes its output. Here a run does it in two
-phases, driven by the training-process hooks (:mod:`deltatune.stepping`):
+phases, driven by the training-process hooks (:mod:`deltatune.runtime.stepping`):
 
 1. *Sampling* (optimizer steps 1 .. ``sample_steps``): every adapted module trains its own LoRA
    (A Kaiming-uniform, B = 0: the base model at init) and accumulates its importance over the
@@ -80,7 +80,7 @@ from torch import nn
 from ..._cache import Memo
 from ...contract import AdapterView, LowRankLayer, Suite, layers_of, register
 from ...contract.fields import Bool, Float, Int, param
-from ...lowrank import lowrank_delta
+from ...kernels.lowrank import lowrank_delta
 from ...targets import shape_of
 from .base import KaimingUniform, ScaledLowRank, adapter_dtype, linear_like, restart_factors
 
@@ -243,7 +243,7 @@ class LoRADrop(ScaledLowRank):
         layer.seed = int(torch.randint(0, 2**62, (), generator=generator))
         return layer
 
-    # -- the training-process hooks (deltatune.stepping) -----------------------------------------
+    # -- the training-process hooks (deltatune.runtime.stepping) -----------------------------------------
     def for_steps(self, total: int, given: Collection[str]) -> LoRADrop:
         """A sampling phase of ``max(1, total // 10)`` steps unless given; refuses one that does not
         end before the run does (the pruned structure would never train)."""
@@ -388,7 +388,7 @@ class LoRADropLayer(LowRankLayer):
         return out
 
     def lowrank_factors(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
-        """(A, B, s) for the fused kernel of :mod:`deltatune.lowrank`; None while dropout is active or
+        """(A, B, s) for the fused kernel of :mod:`deltatune.kernels.lowrank`; None while dropout is active or
         while the importance is collected (then ``delta`` must run)."""
         return None if self.collecting() else super().lowrank_factors()
 

@@ -4,7 +4,7 @@
 
 Only B trains, so the backward pass needs ``h = A x`` (r values per token) for B's gradient and
 never the adapter's in-wide input ``x``: with A a buffer (no gradient), autograd saves ``h``, not
-``x``, in the fused kernel of :mod:`deltatune.lowrank` (which keeps ``x`` only for a trainable A) as
+``x``, in the fused kernel of :mod:`deltatune.kernels.lowrank` (which keeps ``x`` only for a trainable A) as
 in the plain form. Dropout on the adapter input (off by default) saves its in-wide mask, as in any
 LoRA.
 

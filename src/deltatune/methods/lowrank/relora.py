@@ -25,7 +25,7 @@ decided once from the config (the form that the saved file is smaller in):
 * low-rank (``restarts · r · (in + out) <= in · out``): stacked factors ``folded_A = [A_1; ...; A_k]``
   (k·r, in) and ``folded_B = [B_1 | ... | B_k]`` (out, k·r), unscaled (s is the same for every
   fold, so no rounding is added). The forward pass concatenates them with the trained factors,
-  ``[A; folded_A]`` and ``[B | folded_B]``, so the fused kernel of :mod:`deltatune.lowrank` still
+  ``[A; folded_A]`` and ``[B | folded_B]``, so the fused kernel of :mod:`deltatune.kernels.lowrank` still
   applies (rank (k+1)·r);
 * dense (otherwise): ``folded_W = Σ s · B_i A_i`` (out, in), added as one more ``F.linear``.
 
@@ -74,7 +74,7 @@ from torch import nn
 
 from ...contract import AdapterView, Suite, as_layer, layers_of, register
 from ...contract.fields import Float, Int, param
-from ...lowrank import lowrank_delta
+from ...kernels.lowrank import lowrank_delta
 from ...targets import shape_of
 from .base import KaimingUniform, ScaledLowRank, adapter_dtype, linear_like, restart_factors
 from .lora import LoRALayer, lora_of
@@ -151,7 +151,7 @@ class ReLoRA(ScaledLowRank):
         )
         return (self.parameter_count(base) + folded) * adapter_dtype(base).itemsize + 8
 
-    # -- the training-process hooks (deltatune.stepping) -----------------------------------------
+    # -- the training-process hooks (deltatune.runtime.stepping) -----------------------------------------
     def for_steps(self, total: int, given: Collection[str]) -> ReLoRA:
         """Room for every restart of a ``total``-step run; refuses a run no longer than a period."""
         if self.restart_every >= total:

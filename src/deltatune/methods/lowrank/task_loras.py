@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...contract.fields import Names, param
-from ...lowrank import compute_dtype
+from ...kernels.lowrank import compute_dtype
 from .base import ScaledLowRank, adapter_dtype, linear_like
 
 

@@ -57,7 +57,7 @@ from torch import nn
 
 from ...contract import LowRankLayer, Suite, register
 from ...contract.fields import OneOf, param
-from ...lowrank import compute_dtype
+from ...kernels.lowrank import compute_dtype
 from ...targets import shape_of
 from .base import ScaledLowRank, adapter_dtype, linear_like
 

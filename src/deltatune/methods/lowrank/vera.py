@@ -43,7 +43,7 @@ from torch import nn
 
 from ...contract import LowRankLayer, Suite, register
 from ...contract.fields import Bool, Float, Int, param
-from ...lowrank import compute_dtype
+from ...kernels.lowrank import compute_dtype
 from ...targets import module_kind, shape_of
 from .base import LowRank, adapter_dtype, linear_like
 

@@ -41,9 +41,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ... import virtual
 from ...contract import Method, ReplacingLayer, Suite, register
 from ...contract.fields import Int, OneOf, param
+from . import virtual
 
 
 @register

@@ -9,8 +9,9 @@ reparameterised: ``P = MLP(P')`` with a small ``P' ∈ R^{n × d}`` and
 ``MLP = Linear(d, h) -> tanh -> Linear(h, L · 2 · d_kv)``; after training only ``P`` is needed, so
 the saved file holds the plain prefixes (the MLP is *collapsed*) and loading gives the same outputs.
 With ``reparameterize=False`` the prefixes are the parameters themselves (P-tuning v2's deep
-prompts). The prefixes go in through a prefilled ``DynamicCache`` (see :mod:`deltatune.virtual`);
-real tokens keep their positions, and ``generate()`` works with the cache.
+prompts). The prefixes go in through a prefilled ``DynamicCache`` (see
+:mod:`deltatune.methods.prompts.virtual`); real tokens keep their positions, and ``generate()``
+works with the cache.
 
 Closed forms, with L layers, d_kv = key/value heads x head dim, d the hidden size, h the MLP width:
 
@@ -36,9 +37,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ... import virtual
 from ...contract import Method, ReplacingLayer, Suite, register
 from ...contract.fields import Bool, Int, OneOf, param
+from . import virtual
 
 _DEFAULT_HIDDEN = 512
 

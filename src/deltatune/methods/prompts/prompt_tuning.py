@@ -6,10 +6,11 @@ EMNLP 2021), arXiv:2104.08691.
 ``n`` virtual token embeddings are prepended to the input embeddings ``E(x)``; nothing inside the
 model changes. The attention mask gets ``n`` ones, BERT's token types ``n`` zeros, and the virtual
 positions are cut from the body's per-token output, so a causal LM's logits (and labels) stay one per
-real token (see :mod:`deltatune.virtual`, which also extends the mask on every step of ``generate()``
-with the KV cache). With ``insert_at=0`` (Lester et al., and PEFT) the prompt comes first, so BERT's
-pooler reads the first virtual token; ``insert_at=1`` keeps a leading [CLS] first and puts the prompt
-right after it (P-tuning's templates also keep [CLS] first), so the classifier still reads [CLS].
+real token (see :mod:`deltatune.methods.prompts.virtual`, which also extends the mask on every step
+of ``generate()`` with the KV cache). With ``insert_at=0`` (Lester et al., and PEFT) the prompt
+comes first, so BERT's pooler reads the first virtual token; ``insert_at=1`` keeps a leading [CLS]
+first and puts the prompt right after it (P-tuning's templates also keep [CLS] first), so the
+classifier still reads [CLS].
 
 Initialisers (the paper, §3.2): :class:`RandomUniform` (U(-0.5, 0.5)), :class:`SampledVocab` (rows of
 the embedding matrix at random token ids; the paper samples the 5 000 most common tokens, here any
@@ -37,9 +38,9 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ... import virtual
 from ...contract import Method, ReplacingLayer, Suite, register
 from ...contract.fields import Float, Instance, Int, component, param, validate
+from . import virtual
 
 
 class PromptInit:
@@ -76,7 +77,7 @@ class SampledVocab(PromptInit):
         self, prompts: torch.Tensor, embedding: nn.Embedding, *, generator: torch.Generator
     ) -> None:
         ids = torch.randint(0, embedding.num_embeddings, (prompts.shape[0],), generator=generator)
-        if embedding.weight.is_meta:  # shapes only (deltatune.estimate): no values to copy
+        if embedding.weight.is_meta:  # shapes only (deltatune.runtime.estimate): no values to copy
             return
         prompts.copy_(embedding.weight.detach()[ids.to(embedding.weight.device)].to(prompts))
 

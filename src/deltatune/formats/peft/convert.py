@@ -34,11 +34,13 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from . import checks, contract, files, io, tensorfile, wrapper
-from .formats.peft import BY_METHOD, TRANSLATORS, translator_of
-from .formats.peft.fields import check_peft_config
-from .state import adapter_state
-from .targets import name_matches
+from ... import contract
+from ...runtime import checks, wrapper
+from ...runtime.state import adapter_state
+from ...targets import name_matches
+from .. import files, io, tensorfile
+from . import BY_METHOD, TRANSLATORS, translator_of
+from .fields import check_peft_config
 
 PEFT_CONFIG_NAME = "adapter_config.json"
 PEFT_WEIGHTS_NAME = "adapter_model.safetensors"

@@ -3,8 +3,8 @@
 :func:`write_folder` lets a writer fill a temporary sibling folder and then swaps it whole for the
 old one (one ``renameat2(RENAME_EXCHANGE)`` on Linux), so a crash leaves the old folder or the new
 one, never a mix; :func:`write_file` does the same for one file, and :func:`read_folder` reads
-several files of a folder as one version of it while writers swap it. Adapters (:mod:`deltatune.io`,
-:mod:`deltatune.peft`) and everything the training harness writes go through them. Files get
+several files of a folder as one version of it while writers swap it. Adapters (:mod:`deltatune.formats.io`,
+:mod:`deltatune.formats.peft.convert`) and everything the training harness writes go through them. Files get
 ``0o666 & ~umask`` and folders ``0o777 & ~umask``, not the private modes of temporary files
 (safetensors >= 0.8 writes through a ``0o600`` temporary file; ``tempfile.mkdtemp`` makes ``0o700``
 folders).

@@ -3,7 +3,7 @@
     deltatune estimate --model llama-2-7b --method lora --rank 16 --batch 8 --seq 1024 --precision bf16
 
 prints the frozen-base floor, full fine-tuning and the method side by side (see
-:mod:`deltatune.estimate`: a trace on PyTorch's meta device, no weights needed for the named shapes).
+:mod:`deltatune.runtime.estimate`: a trace on PyTorch's meta device, no weights needed for the named shapes).
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ from typing import Any
 
 import torch
 
-from .cli_hints import canonical_method
-from .contract import REGISTRY
-from .estimate import FLOOR, FULL, HEAD, SHAPES, Estimate, estimate, meta_model
-from .quant import FORMATS
+from ..contract import REGISTRY
+from ..runtime.estimate import FLOOR, FULL, HEAD, SHAPES, Estimate, estimate, meta_model
+from ..runtime.quant import FORMATS
+from .hints import canonical_method
 
 __all__ = ["run_estimate"]
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-#: Adds a method's fields as flags to a parser (``deltatune.cli.add_method_flags``).
+#: Adds a method's fields as flags to a parser (``deltatune.cli.main.add_method_flags``).
 MethodFlags = Callable[[argparse.ArgumentParser, "str | None"], None]
 
 
@@ -116,7 +116,7 @@ def run_estimate(argv: list[str], method_flags: MethodFlags) -> int:
     }
     model = meta_model(args.model, dtype=PRECISIONS[args.precision])
     if args.method in REGISTRY:
-        from .contract import method_from_config
+        from ..contract import method_from_config
 
         method: Any = method_from_config(args.method, fields)
         label = f"{args.method} " + " ".join(f"{k}={v}" for k, v in fields.items())

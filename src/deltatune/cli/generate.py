@@ -26,11 +26,11 @@ from typing import Any, TextIO
 
 import torch
 
-from .cli_adapter import add_quantize_flag, load_adapters
-from .core import disabled, route, set_active
-from .files import write_file
-from .io import CONFIG_NAME, WEIGHTS_NAME, read_config
-from .train.provenance import recorded as harness_record
+from ..formats.files import write_file
+from ..formats.io import CONFIG_NAME, WEIGHTS_NAME, read_config
+from ..runtime.core import disabled, route, set_active
+from ..train.provenance import recorded as harness_record
+from .adapter import add_quantize_flag, load_adapters
 
 __all__ = ["add_parsers", "run_chat", "run_generate"]
 
@@ -132,7 +132,7 @@ def _extra_adapters(specs: Sequence[str]) -> dict[str, Path]:
 def _load(args: argparse.Namespace, extra: dict[str, Path], *, raw: bool, command: str) -> tuple[Any, Any]:
     """The base model with every adapter loaded (the positional one as :data:`MAIN`, and active), in
     eval mode on the chosen device, and its tokenizer with the chat template set."""
-    from .train.models import load_model
+    from ..train.models import load_model
 
     folders = {MAIN: _adapter_folder(args.run_or_adapter, ""), **extra}
     configs = {name: read_config(folder) for name, folder in folders.items()}

@@ -3,7 +3,7 @@
 The format (https://github.com/huggingface/safetensors#format): 8 bytes, the little-endian length
 ``n`` of a JSON header; the header, ``{name: {"dtype", "shape", "data_offsets": [begin, end]}}`` plus
 an optional ``"__metadata__"``; then the data, offsets counted from the end of the header. Reading
-from bytes (not a path) is what lets :func:`deltatune.files.read_folder` hand over the files of one
+from bytes (not a path) is what lets :func:`deltatune.formats.files.read_folder` hand over the files of one
 version of a folder; the tensors share one writable buffer with no further copy. Nothing is
 unpickled: the header is JSON and the data raw numbers.
 """

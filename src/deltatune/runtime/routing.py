@@ -1,7 +1,7 @@
 """Per-example adapters in one batch (:func:`deltatune.route`): the row table of a block, and the
 batched low-rank product that serves every row's own adapter at once.
 
-The wrapper (:class:`deltatune.wrapper.Adapted`) asks :func:`batched_factors` which of a module's
+The wrapper (:class:`deltatune.runtime.wrapper.Adapted`) asks :func:`batched_factors` which of a module's
 adapters one product can serve (two or more whose update is ``s · B A x``), and :func:`add_batched`
 adds each row's update to the base output: every adapter's factors stacked (ranks zero-padded, the
 scale folded into B, a slot of zeros for rows of the base or of another adapter), each row's factors
@@ -19,9 +19,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._cache import Memo
-from .contract import LowRankLayer
-from .lowrank import compute_dtype
+from .._cache import Memo
+from ..contract import LowRankLayer
+from ..kernels.lowrank import compute_dtype
 
 
 class Routing:

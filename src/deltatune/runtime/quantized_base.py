@@ -4,7 +4,7 @@
 ``quantized_base``; :func:`deltatune.load` reads it back through :func:`load_plan`, which quantises
 what the adapter needs (a QPiSSA residual, always; every recorded module with ``quantize=True``),
 with the settings it was trained with. :func:`dequantize` and :func:`weight_bytes` serve the
-merged-model and memory reports. The quantiser itself is :mod:`deltatune.quant`.
+merged-model and memory reports. The quantiser itself is :mod:`deltatune.runtime.quant`.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..targets import ALL_LINEAR, TargetSpec, resolve
 from . import wrapper
 from .quant import NF4Linear, NF4Settings, quantize
-from .targets import ALL_LINEAR, TargetSpec, resolve
 
 __all__ = [
     "RECORD_KEY",
@@ -188,7 +188,7 @@ def load_plan(model: nn.Module, record: Any, quantize: bool | None, where: str) 
         if quantize:
             raise ValueError(
                 f"{where} was trained on a float base: there is nothing to quantise for it (pass "
-                "quantize=None, or quantize the model yourself: deltatune.quant.quantize)"
+                "quantize=None, or quantize the model yourself: deltatune.runtime.quant.quantize)"
             )
         return None
     record = check_record(record, where)

@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .wrapper import ATTACHMENT_ATTR, base_modules
+from ... import anatomy
 
 
 def is_body(module: nn.Module) -> bool:
@@ -73,7 +73,7 @@ def _owns_embeddings(module: nn.Module) -> bool:
 def body_paths(model: nn.Module) -> list[str]:
     """Paths of the transformer bodies in ``model`` (usually exactly one; "" is the root), seeing
     through deltatune wrappers (a wrapped body is found at the wrapper's path)."""
-    modules = base_modules(model, model.__dict__.get(ATTACHMENT_ATTR))
+    modules = dict(anatomy.named_modules(model))
     return [p for p, m in modules.items() if is_body(m)]
 
 

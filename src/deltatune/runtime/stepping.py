@@ -42,7 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .contract import SHARED_ATTR, Method, hooks
+from ..contract import SHARED_ATTR, Method, hooks
 from .wrapper import Attachment, attachment_of, has_adapters
 
 __all__ = [

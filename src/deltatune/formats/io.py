@@ -1,7 +1,9 @@
-"""Adapter files: ``adapter_config.json`` + ``adapter.safetensors`` (PEFT's format: :mod:`deltatune.peft`).
+"""Adapter files: ``adapter_config.json`` + ``adapter.safetensors``.
+
+PEFT's format is :mod:`deltatune.formats.peft`.
 
 Only JSON and safetensors are ever read: nothing is unpickled. Writes go to a temporary folder that
-is swapped whole for the old one (:func:`deltatune.files.write_folder`), so a crash leaves the old
+is swapped whole for the old one (:func:`deltatune.formats.files.write_folder`), so a crash leaves the old
 adapter or the new one, never a half-written or mixed one. Loading checks the format version, the
 method and its fields, the base model's fingerprint (class, weight shape and a sampled hash of the
 weight of every adapted module: another base is refused unless ``load(..., strict_base=False)``),
@@ -52,11 +54,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import checks, contract, core, quantized_base, tensorfile, wrapper
-from .contract.fields import from_jsonable, to_jsonable
+from .. import contract
+from ..contract.fields import from_jsonable, to_jsonable
+from ..runtime import checks, core, quantized_base, wrapper
+from ..runtime.fingerprint import check_fingerprint, fingerprint
+from ..runtime.state import adapter_state, load_adapter_state
+from . import tensorfile
 from .files import json_writer, read_folder, tensors_writer, write_files
-from .fingerprint import check_fingerprint, fingerprint
-from .state import adapter_state, load_adapter_state
 
 # 2 adds the optional base_model, head and task records; 3 moves head and task into extra["harness"]
 # (the harness's, not the library's). Files of formats 1 and 2 still load.
@@ -123,7 +127,7 @@ def save(
         **recorded,
     }
     quantized = quantized_base.quantized_record(model)
-    if quantized is not None:  # trained on a 4-bit base: what loading it needs (deltatune.quant)
+    if quantized is not None:  # trained on a 4-bit base: what loading it needs (deltatune.runtime.quant)
         config[quantized_base.RECORD_KEY] = quantized
     state = adapter_state(model, name)
     folder = Path(folder)
@@ -226,7 +230,7 @@ def read_config(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 def read_adapter(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """The checked config and the tensors of the adapter saved in ``folder``, both of one version of
-    it, even while another process saves the folder again (:func:`deltatune.files.read_folder`)."""
+    it, even while another process saves the folder again (:func:`deltatune.formats.files.read_folder`)."""
     data = read_files(folder, [CONFIG_NAME, WEIGHTS_NAME], "deltatune adapter")
     config = parse_config(data[CONFIG_NAME], Path(folder) / CONFIG_NAME)
     weights = Path(folder) / WEIGHTS_NAME
@@ -237,7 +241,7 @@ def read_adapter(folder: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[s
 
 def read_files(folder: str | os.PathLike[str], names: list[str], kind: str) -> dict[str, Any]:
     """The files ``names`` of one version of ``folder`` (None for those other than the first that
-    are missing): :func:`deltatune.files.read_folder`, with errors that say what was expected."""
+    are missing): :func:`deltatune.formats.files.read_folder`, with errors that say what was expected."""
     if not Path(folder).exists():
         raise ValueError(f"{folder}: does not exist (so no {names[0]}); expected a {kind} folder")
     if not Path(folder).is_dir():
@@ -328,13 +332,13 @@ def load(
         name: the adapter's name on this model (default: the name it was saved under).
         trainable: leave the loaded adapter's parameters trainable (default: frozen, for inference).
         strict_base: refuse a base whose adapted weights differ from the ones the adapter was saved
-            on (a sampled hash, :func:`deltatune.fingerprint.content_hash`). False: load it anyway
+            on (a sampled hash, :func:`deltatune.runtime.fingerprint.content_hash`). False: load it anyway
             (class and shapes must still match).
         quantize: for an adapter trained on a 4-bit base (it records ``quantized_base``): True
             quantises the modules it records, rebuilding the base it was trained on; None quantises
             only a QPiSSA residual (which its factors are relative to) and loads a QLoRA adapter on
             the base as given, float or 4-bit; False quantises nothing (a QPiSSA adapter is refused).
-            See :func:`deltatune.quantized_base.load_plan`.
+            See :func:`deltatune.runtime.quantized_base.load_plan`.
 
     Raises:
         ValueError: wrong format, unknown method or field, different base model, missing, extra
@@ -405,7 +409,7 @@ def inject_filled(
     """Inject, then fill the adapter with ``tensors``; on any failure the model is put back as it
     was (the previously active adapters, every ``requires_grad`` flag: :func:`wrapper.all_or_nothing`).
     First of all, the sizes the config promises are checked against the tensors
-    (:func:`deltatune.checks.check_sizes`): a config cannot make it allocate what the file lacks."""
+    (:func:`deltatune.runtime.checks.check_sizes`): a config cannot make it allocate what the file lacks."""
     targets = inject_args.get("targets")
     modules = wrapper.base_modules(model, model.__dict__.get(wrapper.ATTACHMENT_ATTR))
     if isinstance(targets, list) and targets and all(isinstance(t, str) and t in modules for t in targets):

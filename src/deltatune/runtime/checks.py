@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .contract import config_for, hooks
+from ..contract import config_for, hooks
 
 
 def check_state(expected: Mapping[str, torch.Tensor], found: Mapping[str, torch.Tensor], where: str) -> None:

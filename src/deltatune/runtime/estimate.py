@@ -24,7 +24,7 @@ frozen base, backward through the activations only: what any method must at leas
 
 Example:
     >>> import deltatune as dt
-    >>> from deltatune.estimate import estimate, meta_model
+    >>> from deltatune.runtime.estimate import estimate, meta_model
     >>> floor = estimate(meta_model("smollm2-135m"), "floor", batch=4, seq=256)
     >>> lora = estimate(meta_model("smollm2-135m"), dt.LoRA(rank=16, alpha=32), batch=4, seq=256)
     >>> round(lora.flops / floor.flops, 2), lora.trainable_parameters
@@ -44,8 +44,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import contract, core
-from .targets import TargetSpec
+from .. import contract
+from ..targets import TargetSpec
+from . import core
 
 __all__ = ["FLOOR", "FULL", "HEAD", "SHAPES", "Estimate", "estimate", "meta_model", "model_config"]
 
@@ -204,7 +205,8 @@ def estimate(
         batch, seq: examples per step and tokens per example.
         label: the row's name (default: the method's).
         quantize: ``"nf4"``: the frozen base's linear layers (all but the heads) are counted at what
-            :class:`deltatune.quant.NF4Linear` stores (:func:`deltatune.quant.nf4_bytes`); QLoRA.
+            :class:`deltatune.runtime.quant.NF4Linear` stores
+            (:func:`deltatune.runtime.quant.nf4_bytes`); QLoRA.
 
     Raises:
         ValueError: ``batch`` or ``seq`` below 1, an unknown method name, or what ``inject`` refuses

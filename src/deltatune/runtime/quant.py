@@ -32,10 +32,10 @@ from typing import Any, ClassVar, cast
 import torch
 from torch import nn
 
-from .contract import float_weight_reason, hooks
-from .methods.lowrank.lora import LoRALayer
-from .methods.lowrank.pissa import split_components
-from .targets import ALL_LINEAR, TargetSpec, resolve
+from ..contract import float_weight_reason, hooks
+from ..methods.lowrank.lora import LoRALayer
+from ..methods.lowrank.pissa import split_components
+from ..targets import ALL_LINEAR, TargetSpec, resolve
 from .wrapper import (
     Adapted,
     Attachment,
@@ -111,7 +111,7 @@ class NF4Linear(nn.Linear):
     """A frozen linear layer whose weight is stored in NF4 (torchao's ``NF4Tensor``).
 
     It answers for the float ``nn.Linear`` it was made from: ``source_class`` and ``source_hash``
-    (the content hash of that weight, :func:`deltatune.fingerprint.content_hash`) are what an
+    (the content hash of that weight, :func:`deltatune.runtime.fingerprint.content_hash`) are what an
     adapter's fingerprint records, so an adapter saved on it loads on the float base and back."""
 
     quantized: ClassVar[bool] = True
@@ -403,8 +403,8 @@ def _put_in_place(model: nn.Module, att: Attachment | None, built: list[_Built])
                 continue
             # From now on the adapter is relative to the quantised residual: it saves as its rank-r
             # factors (to reload: inject the same PiSSA config, quantize() with the same iterations,
-            # then deltatune.state.load_adapter_state the saved tensors). _residual_layers guarantees the
-            # layer is the wrapper's only adapter.
+            # then deltatune.runtime.state.load_adapter_state the saved tensors). _residual_layers
+            # guarantees the layer is the wrapper's only adapter.
             info = att.adapters[next(iter(wrapper.adapters))]
             info.configs[path] = dataclasses.replace(cast(Any, info.configs[path]), save_mode="native")
             info.method = dataclasses.replace(cast(Any, info.method), save_mode="native")

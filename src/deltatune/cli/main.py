@@ -12,7 +12,7 @@
 Method fields are flags of ``train`` once ``--method`` is known (``deltatune train --method lora
 --help`` lists them). ``--config`` reads a YAML or JSON file of the same options; flags override it.
 This module holds ``methods`` and ``train``; the commands on a saved adapter (``eval``, ``merge``,
-``info``) are in :mod:`deltatune.cli_adapter`.
+``info``) are in :mod:`deltatune.cli.adapter`.
 """
 
 from __future__ import annotations
@@ -24,24 +24,14 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .cli_adapter import add_parsers as add_adapter_parsers
-from .cli_adapter import run_eval, run_info, run_merge
-from .cli_generate import add_parsers as add_generate_parsers
-from .cli_generate import run_chat, run_generate
-from .cli_hints import canonical_method
-from .contract import CAPABILITIES, REGISTRY
-from .contract.fields import (
-    Bool,
-    Float,
-    Instance,
-    Int,
-    OneOf,
-    Text,
-    field_table,
-    from_jsonable,
-    to_jsonable,
-)
+from .. import __version__
+from ..contract import CAPABILITIES, REGISTRY
+from ..contract.fields import Bool, Float, Instance, Int, OneOf, Text, field_table, from_jsonable, to_jsonable
+from .adapter import add_parsers as add_adapter_parsers
+from .adapter import run_eval, run_info, run_merge
+from .generate import add_parsers as add_generate_parsers
+from .generate import run_chat, run_generate
+from .hints import canonical_method
 
 # The training harness's methods that are not registered adapters (deltatune.train.config).
 HARNESS_METHODS: dict[str, str] = {
@@ -306,10 +296,10 @@ def add_method_flags(p: argparse.ArgumentParser, method: str | None) -> None:
 def _closed_choices() -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
     """The options that take one of a list of values (option -> values), and the lists that
     :data:`TRAIN_HELP` names (``{tasks}``, ...) as text."""
-    from .train.config import ADAPTER_PRECISIONS, PRECISIONS, QUANTIZE, REPORTERS, SCHEDULES
-    from .train.formats import DATA_FORMATS, LOSS_ON
-    from .train.models import ALIASES
-    from .train.tasks import TASKS
+    from ..train.config import ADAPTER_PRECISIONS, PRECISIONS, QUANTIZE, REPORTERS, SCHEDULES
+    from ..train.formats import DATA_FORMATS, LOSS_ON
+    from ..train.models import ALIASES
+    from ..train.tasks import TASKS
 
     closed: dict[str, tuple[str, ...]] = {
         "task": tuple(sorted(TASKS)),
@@ -334,7 +324,7 @@ def _closed_choices() -> tuple[dict[str, tuple[str, ...]], dict[str, str]]:
 
 def _add_option_flags(p: argparse.ArgumentParser) -> None:
     """A flag per training option (``--steps``, ...), with its help, type or choices and default."""
-    from .train.config import REPORTERS, TrainConfig
+    from ..train.config import REPORTERS, TrainConfig
 
     closed, names = _closed_choices()
     defaults = TrainConfig()
@@ -379,8 +369,8 @@ def _read_config_file(path: str) -> dict[str, Any]:
 
 
 def _train(argv: list[str]) -> int:
-    from .train.config import TrainConfig
-    from .train.loop import train
+    from ..train.config import TrainConfig
+    from ..train.loop import train
 
     probe = argparse.ArgumentParser(add_help=False)
     probe.add_argument("--method")
@@ -459,7 +449,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["train"]:
-        from .train.divergence import DivergedError
+        from ..train.divergence import DivergedError
 
         try:
             return _train(argv[1:])
@@ -467,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deltatune train: error: {e}", file=sys.stderr)
             return 1 if isinstance(e, DivergedError) else 2
     if argv[:1] == ["estimate"]:
-        from .cli_estimate import run_estimate
+        from .estimate import run_estimate
 
         try:
             return run_estimate(argv[1:], add_method_flags)
@@ -493,7 +483,3 @@ def main(argv: list[str] | None = None) -> int:
         print(f"deltatune {args.command}: error: {e}", file=sys.stderr)
         return 2
     return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

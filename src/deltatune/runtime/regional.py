@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from . import anatomy
+from .. import anatomy
 
 __all__ = ["compile"]
 

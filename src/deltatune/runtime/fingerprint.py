@@ -2,7 +2,7 @@
 
 For each adapted module, its class, its weight's shape and a cheap hash of its weight's content
 (:func:`content_hash`); :func:`check_fingerprint` refuses a base that differs. A 4-bit module
-(:class:`deltatune.quant.NF4Linear`) answers for the float module it was quantised from: its
+(:class:`deltatune.runtime.quant.NF4Linear`) answers for the float module it was quantised from: its
 ``source_class`` and ``source_hash``, so that an adapter trained on a 4-bit base loads on the float
 one and the other way round.
 """
@@ -98,7 +98,7 @@ def fingerprint(
             continue
         weight = getattr(module, "weight", None)
         shape = list(weight.shape) if isinstance(weight, torch.Tensor) else []
-        # A quantised module stands for the float one it was made from (deltatune.quant.NF4Linear).
+        # A quantised module stands for the float one it was made from (deltatune.runtime.quant.NF4Linear).
         out[path] = [getattr(module, "source_class", None) or type(module).__name__, shape, None]
         if path in wanted:
             source = getattr(module, "source_hash", None)

@@ -79,7 +79,7 @@ def fusable(base: nn.Module, x: Any) -> bool:
 
 
 def _autocast(device_type: str) -> bool:
-    if device_type == "meta":  # shapes only (deltatune.estimate): no autocast there
+    if device_type == "meta":  # shapes only (deltatune.runtime.estimate): no autocast there
         return False
     try:
         return bool(torch.is_autocast_enabled(device_type))

@@ -1,6 +1,6 @@
 """What a merged module is: the base with an adapter layer's update written into its weight.
 
-:func:`deltatune.merge` (the verb, in :mod:`deltatune.core`) replaces each adapted module by
+:func:`deltatune.merge` (the verb, in :mod:`deltatune.runtime.core`) replaces each adapted module by
 :func:`merged_module`; a method whose merge is not a plain ``W + delta_weight()`` (DoRA's rescaled
 columns, SAID's projected update) builds its own with :func:`deltatune.contract.merged_linear`.
 """
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .contract.layer import as_layer, merged_linear
+from ..contract.layer import as_layer, merged_linear
 
 __all__ = ["merged_module"]
 

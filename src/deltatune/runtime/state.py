@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..contract import SHARED_ATTR, export_state, import_state, module_tensors
 from .checks import check_state
-from .contract import SHARED_ATTR, export_state, import_state, module_tensors
 from .wrapper import Attachment, attachment_of
 
 __all__ = ["ParameterReport", "adapter_state", "load_adapter_state", "parameter_report"]

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import nn
 
-from .contract import SHARED_ATTR, Method, config_for, export_state, import_state, module_tensors
+from ..contract import SHARED_ATTR, Method, config_for, export_state, import_state, module_tensors
 from .core import build_layers, check_adapter_name
 from .state import adapter_state
 from .wrapper import AdapterInfo, Attachment, all_or_nothing, attachment_of

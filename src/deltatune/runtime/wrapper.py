@@ -24,8 +24,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .contract import Method, ReplacingLayer, Wrapped, closed_form, lowrank_factors, reads_output
-from .lowrank import compute_dtype, fusable, lowrank_linear, model_precision
+from ..contract import Method, ReplacingLayer, Wrapped, closed_form, lowrank_factors, reads_output
+from ..kernels.lowrank import compute_dtype, fusable, lowrank_linear, model_precision
 from .routing import Routing, add_batched, batched_factors
 
 ATTACHMENT_ATTR = "_deltatune_attachment"

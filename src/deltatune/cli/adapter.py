@@ -16,15 +16,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import few
-from .contract import CAPABILITIES, closed_form, method_from_config
-from .contract.fields import to_jsonable
-from .core import merge
-from .files import write_folder
-from .io import CONFIG_NAME, WEIGHTS_NAME, load, read_adapter, read_config
-from .quant import FORMATS
-from .quantized_base import RECORD_KEY
-from .train.provenance import recorded as harness_record
+from ..contract import CAPABILITIES, closed_form, method_from_config
+from ..contract.fields import to_jsonable
+from ..formats.files import write_folder
+from ..formats.io import CONFIG_NAME, WEIGHTS_NAME, load, read_adapter, read_config
+from ..runtime.checks import few
+from ..runtime.core import merge
+from ..runtime.quant import FORMATS
+from ..runtime.quantized_base import RECORD_KEY
+from ..train.provenance import recorded as harness_record
 
 __all__ = ["adapter_info", "add_parsers", "metrics_line", "run_eval", "run_info", "run_merge"]
 
@@ -101,8 +101,8 @@ def load_adapters(
     (the linear layers no adapter records are quantised after loading). ``"none"``: in the base's own
     precision (a QLoRA adapter on the float weights; a QPiSSA adapter is refused: it needs its residual).
     """
-    from .quant import quantize as quantize_base
-    from .quantized_base import compact, float_linears
+    from ..runtime.quant import quantize as quantize_base
+    from ..runtime.quantized_base import compact, float_linears
 
     recorded = {name: RECORD_KEY in read_config(folder) for name, folder in folders.items()}
     four = quantize in FORMATS or (quantize is None and any(recorded.values()))
@@ -162,7 +162,7 @@ def _run_options(adapter: Path, model: str | None, task: str | None, *, need_tas
         )
     head = harness["head"]
     if not task and (need_task or head is None):
-        from .train.tasks import TASKS
+        from ..train.tasks import TASKS
 
         what = (
             ""
@@ -189,8 +189,8 @@ def _load_adapted(
 ) -> tuple[Any, Any, Any, bool]:
     """The base model (with the head the task or the adapter calls for) with the adapter loaded, its
     tokenizer, the task, and whether the base is 4-bit (:func:`load_adapters`)."""
-    from .train.models import load_model
-    from .train.tasks import get_task
+    from ..train.models import load_model
+    from ..train.tasks import get_task
 
     task = get_task(run.task) if run.task else None
     if task is not None:
@@ -217,9 +217,9 @@ def _load_adapted(
 def run_eval(args: argparse.Namespace) -> int:
     """``deltatune eval``: the task's metrics of the adapter on the examples its run was evaluated on
     (unless ``--limit``), as a line (:func:`metrics_line`) or as JSON (``--json``)."""
-    from .train.config import TrainConfig
-    from .train.evaluation import evaluate
-    from .train.tasks import load_split
+    from ..train.config import TrainConfig
+    from ..train.evaluation import evaluate
+    from ..train.tasks import load_split
 
     adapter = Path(args.adapter)
     run = _run_options(adapter, args.model, args.task, need_task=True)
@@ -276,7 +276,7 @@ def run_merge(args: argparse.Namespace) -> int:
     strict_base = not getattr(args, "no_strict_base", False)
     model, tokenizer, _, four = _load_adapted(adapter, run, strict_base=strict_base, quantize=args.quantize)
     merge(model, dequantize=True)  # a 4-bit base: into its dequantised weights (what it trained on)
-    from .quantized_base import dequantize
+    from ..runtime.quantized_base import dequantize
 
     untouched = dequantize(model)  # the 4-bit modules no adapter touched
     model.to("cpu")
@@ -373,7 +373,7 @@ def adapter_info(folder: str | Path) -> dict[str, Any]:
 def _trainable_from_fingerprint(
     config: dict[str, Any], method: Any, tensors: dict[str, torch.Tensor]
 ) -> int | None:
-    """The trainable count from the methods' closed forms (:func:`deltatune.core.closed_form`), on
+    """The trainable count from the methods' closed forms (:func:`deltatune.runtime.core.closed_form`), on
     weightless stand-ins of the modules the fingerprint records; None where a module kind has none."""
     fingerprint = config["fingerprint"]
     bases: dict[str, nn.Module] = {}

@@ -2,8 +2,8 @@
 
 What a method must provide is in :mod:`deltatune.contract` (read it first); the wrapper that every
 adapted module becomes, and the attachment that tracks a model's adapters, are in
-:mod:`deltatune.wrapper`. This module owns the verbs; the verbs that make adapters out of adapters
-(``combine``, ``reconfigure``) are in :mod:`deltatune.compose`.
+:mod:`deltatune.runtime.wrapper`. This module owns the verbs; the verbs that make adapters out of adapters
+(``combine``, ``reconfigure``) are in :mod:`deltatune.runtime.compose`.
 
 Every verb is all-or-nothing: it makes all its checks before the first change, and a verb that
 changes the model in several steps runs them inside :func:`all_or_nothing`, so that a verb that
@@ -35,14 +35,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from . import targets as _targets
-from .contract import (
-    Method,
-    config_for,
-    float_weight_reason,
-    hooks,
-)
-from .lowrank import check_precision
+from .. import targets as _targets
+from ..contract import Method, config_for, float_weight_reason, hooks
+from ..kernels.lowrank import check_precision
 from .merged import merged_module
 from .routing import Routing
 from .wrapper import (
@@ -268,7 +263,7 @@ def build_layers(
     """An adapter's new modules, nothing attached yet: its shared state (None for most methods) and
     one layer per path (``configs[path].wrap``), each seeded by (``seed``, path) and on the device of
     the module it serves (the shared state before the layers see it). :func:`inject` and
-    :func:`deltatune.compose.reconfigure` build through it."""
+    :func:`deltatune.runtime.compose.reconfigure` build through it."""
     shared = hooks(method).make_shared(bases, _generator(seed, "<shared>"))
     if shared is not None:
         shared = _to_device_of(shared, *bases.values())
@@ -381,7 +376,7 @@ def disabled(model: nn.Module) -> Iterator[nn.Module]:
     """Run the base model: inside the block every adapter is off; the previous state returns on exit.
 
     The block is the caller's alone: other threads and asyncio tasks running the same model meanwhile
-    keep their adapters (the state is context-local, see :class:`deltatune.wrapper.Switch`)."""
+    keep their adapters (the state is context-local, see :class:`deltatune.runtime.wrapper.Switch`)."""
     with attachment_of(model).switch.scoped(enabled=False):
         yield model
 
