@@ -18,7 +18,7 @@ from torch import nn
 
 from ..contract import CAPABILITIES, closed_form, method_from_config
 from ..contract.fields import to_jsonable
-from ..formats.files import write_folder
+from ..formats.files import check_out, write_folder
 from ..formats.io import CONFIG_NAME, WEIGHTS_NAME, load, read_adapter, read_config
 from ..runtime.checks import few
 from ..runtime.core import merge
@@ -26,29 +26,45 @@ from ..runtime.quant import FORMATS
 from ..runtime.quantized_base import RECORD_KEY
 from ..train.provenance import recorded as harness_record
 
-__all__ = ["adapter_info", "add_parsers", "metrics_line", "run_eval", "run_info", "run_merge"]
+__all__ = [
+    "adapter_info",
+    "add_loading_flags",
+    "add_parsers",
+    "load_for_command",
+    "metrics_line",
+    "run_eval",
+    "run_info",
+    "run_merge",
+    "write_merged",
+]
+
+
+def add_loading_flags(s: argparse.ArgumentParser) -> None:
+    """The adapter folder and how to load it: the flags of every command that loads a saved adapter
+    onto its base (``eval``, ``merge``, ``export``)."""
+    s.add_argument("adapter", help="adapter folder (adapter_config.json + adapter.safetensors)")
+    s.add_argument(
+        "--model",
+        help="base model: an alias, a local folder or a hub name (default: the one the adapter "
+        "records, else the run's metrics.json beside it)",
+    )
+    s.add_argument(
+        "--task",
+        help="task, e.g. sst2 (default: the one the adapter records, else the run's metrics.json)",
+    )
+    s.add_argument(
+        "--no-strict-base",
+        action="store_true",
+        help="load the adapter even if the base model's weights differ from the ones it was saved on",
+    )
+    add_quantize_flag(s)
 
 
 def add_parsers(sub: Any) -> None:
     """Add ``eval``, ``merge`` and ``info`` to the ``deltatune`` command's subparsers."""
     for name, helptext in (("eval", "evaluate a saved adapter"), ("merge", "write a merged model")):
         s = sub.add_parser(name, help=helptext)
-        s.add_argument("adapter", help="adapter folder (adapter_config.json + adapter.safetensors)")
-        s.add_argument(
-            "--model",
-            help="base model: an alias, a local folder or a hub name (default: the one the adapter "
-            "records, else the run's metrics.json beside it)",
-        )
-        s.add_argument(
-            "--task",
-            help="task, e.g. sst2 (default: the one the adapter records, else the run's metrics.json)",
-        )
-        s.add_argument(
-            "--no-strict-base",
-            action="store_true",
-            help="load the adapter even if the base model's weights differ from the ones it was saved on",
-        )
-        add_quantize_flag(s)
+        add_loading_flags(s)
         if name == "eval":
             s.add_argument(
                 "--limit",
@@ -74,7 +90,8 @@ def add_parsers(sub: Any) -> None:
                 help="print the metrics as JSON (for scripts) instead of a line",
             )
         else:
-            s.add_argument("--out", required=True, help="folder for the merged model")
+            s.add_argument("--out", required=True, help="folder for the merged model (new or empty)")
+            s.add_argument("--overwrite", action="store_true", help="replace an existing --out whole")
     i = sub.add_parser("info", help="what an adapter stores")
     i.add_argument("adapter", help="adapter folder (adapter_config.json + adapter.safetensors)")
     i.add_argument("--json", action="store_true", help="print JSON (for scripts) instead of text")
@@ -268,13 +285,20 @@ def metrics_line(task: str, main: str, metrics: dict[str, float], examples: int,
     return f"{task}: {first}{rest} on {examples:,} examples ({where})"
 
 
-def run_merge(args: argparse.Namespace) -> int:
-    """``deltatune merge``: the base model with the adapter merged in, written as a plain transformers
-    model (and its tokenizer) to ``--out``."""
+def load_for_command(args: argparse.Namespace) -> tuple[Any, Any, _Run, bool]:
+    """The base model with the adapter of ``args`` (:func:`add_loading_flags`) loaded, its
+    tokenizer, the run's options and whether the base is 4-bit; no task needed (a merge or an
+    export writes the head the adapter was saved on)."""
     adapter = Path(args.adapter)
     run = _run_options(adapter, args.model, args.task, need_task=False)
     strict_base = not getattr(args, "no_strict_base", False)
     model, tokenizer, _, four = _load_adapted(adapter, run, strict_base=strict_base, quantize=args.quantize)
+    return model.eval(), tokenizer, run, four
+
+
+def write_merged(model: Any, tokenizer: Any, out: str | Path, four: bool) -> str:
+    """Merge the adapter into ``model`` and write it (and its tokenizer) to ``out`` as a plain
+    transformers model, replacing ``out`` whole; returns the note on a 4-bit base (``four``)."""
     merge(model, dequantize=True)  # a 4-bit base: into its dequantised weights (what it trained on)
     from ..runtime.quantized_base import dequantize
 
@@ -287,14 +311,22 @@ def run_merge(args: argparse.Namespace) -> int:
 
     # Through a temporary folder: a failed save leaves no half model, and the files get the usual
     # permissions (safetensors >= 0.8 writes model.safetensors 0o600 otherwise).
-    out = write_folder(args.out, write)
-    note = (
+    write_folder(out, write, keep_others=False)
+    return (
         f"; the adapter merged into the 4-bit base it was trained on, dequantised ({len(untouched)} more "
         "linear layers dequantised; --quantize none merges into the base's own weights)"
         if four
         else ""
     )
-    print(f"wrote the merged model to {out} (no deltatune needed to load it){note}")
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    """``deltatune merge``: the base model with the adapter merged in, written as a plain transformers
+    model (and its tokenizer) to ``--out``."""
+    out = check_out(args.out, overwrite=args.overwrite, what="deltatune merge")
+    model, tokenizer, _, four = load_for_command(args)
+    note = write_merged(model, tokenizer, out, four)
+    print(f"wrote the merged model to {out.resolve()} (no deltatune needed to load it){note}")
     return 0
 
 

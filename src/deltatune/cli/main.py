@@ -29,6 +29,8 @@ from ..contract import CAPABILITIES, REGISTRY
 from ..contract.fields import Bool, Float, Instance, Int, OneOf, Text, field_table, from_jsonable, to_jsonable
 from .adapter import add_parsers as add_adapter_parsers
 from .adapter import run_eval, run_info, run_merge
+from .export import add_parser as add_export_parser
+from .export import run_export
 from .generate import add_parsers as add_generate_parsers
 from .generate import run_chat, run_generate
 from .hints import canonical_method
@@ -442,6 +444,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_help=False,
     )
     add_adapter_parsers(sub)
+    add_export_parser(sub)
     add_generate_parsers(sub)
     return parser
 
@@ -473,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_eval(args)
         if args.command == "merge":
             return run_merge(args)
+        if args.command == "export":
+            return run_export(args)
         if args.command == "info":
             return run_info(args)
         if args.command == "generate":

@@ -81,6 +81,15 @@ class Layer(nn.Module):
         """``(A, B, scale)`` when the update is ``scale · B A x`` right now, else None."""
         return None
 
+    def lora_form(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """The whole update as one plain LoRA on the unmodified base weight, exactly: ``(A, B, scale)``
+        with ``delta_weight() == in_weight_layout(scale · B A)``, ``A`` (r, in) and ``B`` (out, r) in
+        PEFT's orientation (an embedding's ``in`` is its number of rows), for every module kind and
+        whether or not dropout acts. None when the update is not low-rank (a magnitude vector, an
+        input-dependent mixture, a dense fold) or no weight update at all. The exports to PEFT's
+        plain LoRA, vLLM and llama.cpp read it (:mod:`deltatune.formats.lora`)."""
+        return None
+
     def export_state(self) -> dict[str, torch.Tensor]:
         """The tensors the adapter file stores for this layer (default: its ``state_dict``)."""
         return module_tensors(self)
@@ -161,6 +170,11 @@ class LowRankLayer(AdditiveLayer):
             return None
         A, B = self.factors()
         return A, B, self.scale
+
+    def lora_form(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """``factors()`` and ``scale``: a low-rank layer is a plain LoRA by construction."""
+        A, B = self.factors()
+        return A.detach(), B.detach(), self.scale
 
     def delta_weight(self) -> torch.Tensor:
         """``scale · B A`` in the layout of the base weight."""

@@ -58,13 +58,16 @@ def normal_permissions(path: str | os.PathLike[str]) -> None:
         p.chmod((0o777 if p.is_dir() else 0o666) & ~mask)
 
 
-def write_folder(folder: str | os.PathLike[str], write: Callable[[Path], object]) -> Path:
+def write_folder(
+    folder: str | os.PathLike[str], write: Callable[[Path], object], *, keep_others: bool = True
+) -> Path:
     """Let ``write(tmp)`` fill a temporary sibling folder, then swap it for ``folder`` whole.
 
     ``folder`` holds the old contents or the new ones at every moment, whatever kills the process
     (on Linux the two folders are exchanged in one ``renameat2(RENAME_EXCHANGE)``; elsewhere the old
     folder is renamed away and the new one in, which leaves a moment without ``folder``). Entries of
-    an existing ``folder`` that ``write`` did not produce are carried over (hard links, else copies).
+    an existing ``folder`` that ``write`` did not produce are carried over (hard links, else copies),
+    unless ``keep_others`` is False (then the folder is replaced whole: an export, a merged model).
     Everything written gets :func:`normal_permissions`, except that a replaced file, and the folder
     itself, keep the mode they had. Files are flushed to disk before the swap.
 
@@ -87,7 +90,8 @@ def write_folder(folder: str | os.PathLike[str], write: Callable[[Path], object]
         if not folder.exists():
             os.replace(tmp, folder)
         else:
-            _carry_over(folder, tmp)
+            if keep_others:
+                _carry_over(folder, tmp)
             tmp.chmod(stat.S_IMODE(folder.stat().st_mode))
             if not _exchange(tmp, folder):
                 aside = tmp.with_name(tmp.name + ".old")
@@ -334,8 +338,11 @@ def write_file(path: str | os.PathLike[str], write: Callable[[Path], object]) ->
     return path
 
 
-def write_files(folder: Path, files: Mapping[str, Callable[[Path], None]]) -> None:
-    """Write ``files`` (name -> writer(path), e.g. :func:`json_writer`) into ``folder`` all at once."""
+def write_files(
+    folder: Path, files: Mapping[str, Callable[[Path], None]], *, keep_others: bool = True
+) -> None:
+    """Write ``files`` (name -> writer(path), e.g. :func:`json_writer`) into ``folder`` all at once
+    (``keep_others``: see :func:`write_folder`)."""
 
     def write(tmp: Path) -> None:
         for name, writer in files.items():
@@ -343,7 +350,21 @@ def write_files(folder: Path, files: Mapping[str, Callable[[Path], None]]) -> No
 
     if folder.exists() and not folder.is_dir():
         raise ValueError(f"{folder.resolve()} exists and is not a folder")
-    write_folder(folder, write)
+    write_folder(folder, write, keep_others=keep_others)
+
+
+def check_out(out: str | os.PathLike[str], *, overwrite: bool, what: str) -> Path:
+    """The one rule of every command that writes a folder or file ``out``: a new path, or an empty
+    folder, is written; an existing one only with ``overwrite`` (then it is replaced whole, never
+    mixed with what was there). ``what`` names the writer in the error (``"deltatune export"``)."""
+    path = Path(out)
+    occupied = path.is_file() or path.is_symlink() or (path.is_dir() and any(path.iterdir()))
+    if occupied and not overwrite:
+        raise ValueError(
+            f"{what}: {path} already exists; pass --overwrite (overwrite=True in Python) to replace it "
+            "whole, or choose another --out"
+        )
+    return path
 
 
 def json_writer(data: Mapping[str, Any]) -> Callable[[Path], None]:

@@ -337,6 +337,14 @@ class AdaLoRALayer(AdditiveLayer):
         delta = self.lora_B @ (self.lora_A * self.lora_E) * self.scaling / (self.ranknum + 1e-5)
         return delta if self.kind == "linear" else delta.T
 
+    def lora_form(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        """The kept triplets as a plain LoRA: ``A = (Λ Q)[kept]``, ``B = P[:, kept]`` (rank = triplets
+        kept), scale ``alpha / (r0 + 1e-5)``."""
+        keep = self.rank_mask
+        A = (self.lora_A * self.lora_E)[keep].detach()
+        B = self.lora_B[:, keep].detach()
+        return A, B, self.scaling / (float(self.ranknum[0]) + 1e-5)
+
     # -- importance (PEFT's RankAllocator, per layer) ---------------------------------------------
     def _state(self) -> Iterator[tuple[nn.Parameter, torch.Tensor, torch.Tensor]]:
         for factor in _FACTORS:

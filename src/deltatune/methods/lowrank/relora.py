@@ -311,6 +311,11 @@ class ReLoRALayer(LoRALayer):
             return None  # a dense fold: not a low-rank update
         return super().lowrank_factors()
 
+    def lora_form(self) -> tuple[torch.Tensor, torch.Tensor, float] | None:
+        if self.folded_W.shape[0]:
+            return None  # a dense fold (dense=True): a full-rank update
+        return super().lora_form()
+
     def delta_weight(self) -> torch.Tensor:
         delta = super().delta_weight()
         if self.folded_W.shape[0]:
