@@ -82,7 +82,8 @@ def test_the_vllm_profile_writes_one_rank_and_one_scale(s: Setup, tmp_path: Path
     assert "rank 4 (at " in capsys.readouterr().err and not out.exists()
     assert export(s.lora, "--to", "peft-lora", "--for", "vllm", "--max-rank", "16", "--out", str(out)) == 0
     config = json.loads((out / "adapter_config.json").read_text())
-    assert config["lora_alpha"] == config["r"] == 4 and not config["rank_pattern"] and not config["alpha_pattern"]
+    assert config["lora_alpha"] == config["r"] == 4
+    assert not config["rank_pattern"] and not config["alpha_pattern"]
     assert config["modules_to_save"] is None and config["bias"] == "none" and not config["use_dora"]
     loaded = peft.PeftModel.from_pretrained(s.base(), out).eval()
     assert (logits(loaded) - s.expected).abs().max() <= 1e-5

@@ -109,7 +109,8 @@ def test_modules_of_other_scales_fold_them_into_b(tmp_path: Path) -> None:
 
 
 def test_what_llama_cpp_cannot_hold_is_refused(tmp_path: Path) -> None:
-    gpt2 = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    config = transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)
+    gpt2 = transformers.GPT2LMHeadModel(config)
     dt.inject(gpt2, dt.LoRA(rank=2), targets=["c_attn"])
     with pytest.raises(ValueError, match="Llama-family.*convert_lora_to_gguf"):
         export_gguf_lora(gpt2, tmp_path / "gpt2.gguf")

@@ -1,9 +1,9 @@
 """Adapters saved by earlier deltatune releases keep loading, with the outputs they had.
 
 tests/data/legacy/format-N/<method>/ holds one small adapter per registered method (and variant), as
-the deltatune of that file format saved it (format 1: commit cf6e6eb; format 2: this session), with
-the toy's base weights, an input and the adapted model's output (tests/data/legacy/make.py wrote
-them). A refactor of the save/load path must keep every one of them loading.
+the deltatune of that file format saved it (format 1: commit cf6e6eb; format 2: a later release;
+format 3: issue 27's, with the ``extra`` section), with the toy's base weights, an input and the
+adapted model's output (tests/data/legacy/make.py wrote them). A refactor of the save/load path must keep every one of them loading.
 """
 
 from __future__ import annotations
@@ -33,6 +33,18 @@ def test_each_format_holds_the_methods_of_its_time() -> None:
             if c.parent.name == fmt
         }
         assert len(saved) == 9 and saved <= set(dt.REGISTRY), f"{fmt}: {sorted(saved - set(dt.REGISTRY))}"
+
+
+def test_format_3_holds_every_built_in_method() -> None:
+    """Format 3 (issue 27: the ``extra`` section; written after the contract and folder refactor)
+    holds one adapter per method deltatune ships, and its variants."""
+    saved = {
+        json.loads((c / "case.json").read_text())["method"].split("[")[0]
+        for c in CASES
+        if c.parent.name == "format-3"
+    }
+    shipped = {n for n, cls in dt.REGISTRY.items() if cls.__module__.startswith("deltatune.")}
+    assert saved == shipped, sorted(saved ^ shipped)
 
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{c.parent.name}-{c.name}" for c in CASES])

@@ -172,3 +172,22 @@ def test_what_peft_cannot_express_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="no transformers body"):
         dt.import_peft(net, tmp_path / "c")
     assert not dt.has_adapters(net)
+
+
+@pytest.mark.parametrize("kind", ["prompt", "ptuning-mlp", "prefix-plain"])
+def test_a_classifier_whose_head_was_not_saved_exports_what_peft_needs(kind: str, tmp_path: Path) -> None:
+    """PEFT's SEQ_CLS prompt learning reads the classifier from the file (KeyError otherwise): the
+    export writes the model's own head, so PEFT loads it and gives our outputs."""
+    ours = bert()
+    dt.inject(ours, OURS[kind], seed=3)  # no modules_to_save: the head stays the base's
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():
+        for p in dt.trainable_parameters(ours):
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    expected = our_logits(ours, "bert")
+    dt.export_peft(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["classifier"]
+    theirs = peft.PeftModel.from_pretrained(bert(), tmp_path).eval()
+    assert torch.allclose(peft_logits(theirs, "bert", kind), expected, atol=1e-5)
+    assert not dt.attachment_of(ours).info("default").modules_to_save  # ours is unchanged

@@ -47,9 +47,9 @@ from torch import nn
 
 from ..contract.layer import as_layer, in_weight_layout
 from ..runtime.merged import merged_module
-from ..runtime.state import adapter_state
 from ..runtime.wrapper import Attachment, attachment_of
 from . import files
+from .peft.convert import module_copies
 
 __all__ = ["Factors", "LoraExport", "compact", "export_lora", "lora_factors", "truncate"]
 
@@ -301,11 +301,7 @@ def export_lora(
         "inference_mode": True,
     }
     if runtime == "peft" and info.modules_to_save:
-        state = adapter_state(model, name)
-        for path in info.modules_to_save:  # deltatune's "<path>.module.<param>" is PEFT's "<path>.<param>"
-            copy = f"{path}.module."
-            for key in (k for k in state if k.startswith(copy)):
-                tensors[f"{PEFT_PREFIX}{path}.{key[len(copy) :]}"] = state[key]
+        tensors.update(module_copies(model, name, PEFT_PREFIX))
         config["modules_to_save"] = list(info.modules_to_save)
     files.write_files(
         out,

@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 import deltatune as dt
 from deltatune.contract import REGISTRY
 from deltatune.contract.fields import from_jsonable
-from deltatune.targets import module_kind
+from deltatune.targets import module_kind, resolve
 from toy_models import TOYS
 
 
@@ -46,11 +46,12 @@ def _with(cls: type, layer_types: tuple) -> type:
 
 def targets(cls: type, method: object, model: torch.nn.Module) -> list[str]:
     declared = getattr(method, "default_targets", None)
-    if declared is not None:
-        try:
-            return list(declared(model))
-        except ValueError:
-            pass
+    try:
+        spec = declared(model) if declared is not None else None
+        if spec is not None:
+            return resolve(model, spec)
+    except ValueError:
+        pass
     accepts = getattr(method, "accepts", lambda m: True)
     paths = [p for p, m in model.named_modules() if p and module_kind(m) in cls.layer_types]
     outer = [p for p in paths if not any(p.startswith(q + ".") for q in paths)]

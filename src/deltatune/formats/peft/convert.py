@@ -178,6 +178,44 @@ def _modules_to_save(
     return saved, paths, rest
 
 
+def module_copies(model: nn.Module, name: str, prefix: str) -> dict[str, torch.Tensor]:
+    """The adapter's ``modules_to_save`` copies under PEFT's names: deltatune's
+    ``"<path>.module.<param>"`` is PEFT's ``"<prefix><path>.<param>"``."""
+    info = wrapper.attachment_of(model).info(name)
+    state = adapter_state(model, name)
+    out: dict[str, torch.Tensor] = {}
+    for path in info.modules_to_save:
+        copy = f"{path}.module."
+        for key in (k for k in state if k.startswith(copy)):
+            out[f"{prefix}{path}.{key[len(copy) :]}"] = state[key]
+    return out
+
+
+#: The heads PEFT's sequence classifiers train along (PeftModelForSequenceClassification's names).
+PEFT_CLASSIFIERS = ("classifier", "score")
+
+
+def _classifier_for_peft(
+    model: nn.Module, saved: list[str], prefix: str, tensors: dict[str, torch.Tensor]
+) -> list[str]:
+    """PEFT's prompt learning in a sequence classifier always loads the classifier from the file
+    (PEFT raises ``KeyError: 'base_model.classifier.weight'`` without it): when the adapter did not
+    save the head, write the model's own head as the copy PEFT reads, which is exact (its values are
+    the base's). Returns the path added (or nothing)."""
+    if any(name_matches(p, c) for p in saved for c in PEFT_CLASSIFIERS):
+        return []
+    modules = dict(model.named_modules())
+    path = next((c for c in PEFT_CLASSIFIERS if c in modules), None)
+    if path is None:
+        raise ValueError(
+            "export_peft: PEFT's sequence classification loads its head ('classifier' or 'score') from "
+            f"the file, and {type(model).__name__} has neither; pass task_type= for the model's task"
+        )
+    for key, value in modules[path].state_dict().items():
+        tensors[f"{prefix}{path}.{key}"] = value.detach().clone()
+    return [path]
+
+
 def export_peft(
     model: nn.Module,
     folder: str | os.PathLike[str],
@@ -221,17 +259,16 @@ def export_peft(
             f"{type(model).__name__} names none; pass task_type= ('SEQ_CLS', 'CAUSAL_LM', ...)"
         )
     prefix = translator.prefix
-    state = adapter_state(model, name)
-    for path in info.modules_to_save:  # deltatune's "<path>.module.<param>" is PEFT's "<path>.<param>"
-        copy = f"{path}.module."
-        for key in (k for k in state if k.startswith(copy)):
-            tensors[f"{prefix}{path}.{key[len(copy) :]}"] = state[key]
+    tensors.update(module_copies(model, name, prefix))
+    saved = list(info.modules_to_save)
+    if task == "SEQ_CLS" and prefix == "base_model.":
+        saved += _classifier_for_peft(model, saved, prefix, tensors)
     config = {
         **config,
         "peft_type": translator.peft_type,
         "task_type": task,
         "base_model_name_or_path": base_model_name_or_path,
-        "modules_to_save": list(info.modules_to_save) or None,
+        "modules_to_save": saved or None,
         "inference_mode": True,
     }
     folder = Path(folder)
