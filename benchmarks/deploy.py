@@ -68,7 +68,7 @@ def llama_greedy(llm: Any, ids: list[int], n: int) -> list[int]:
     return out
 
 
-def compare(ours: list[np.ndarray], theirs: list[np.ndarray]) -> dict[str, float]:
+def compare(ours: list[np.ndarray], theirs: list[np.ndarray]) -> dict[str, Any]:
     a, b = np.concatenate(ours), np.concatenate(theirs)
     return {
         "relative_logit_difference": float(np.linalg.norm(a - b) / np.linalg.norm(a)),
@@ -105,8 +105,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for kind in ("f16", "q8_0"):
         deltatune(*export, str(root / f"merged-{kind}"), "--to", "gguf-merged", "--gguf-type", kind, env=env)
 
-    model, tokenizer = load_model("smollm2", "generation")
-    model.eval()
+    loaded, tokenizer = load_model("smollm2", "generation")
+    model: Any = loaded.eval()
     prompts = [
         tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
         for q in PROMPTS
@@ -115,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
     def ours(ids: list[int]) -> np.ndarray:
         with torch.no_grad():
-            return model(input_ids=torch.tensor([ids])).logits[0].double().numpy()
+            logits: torch.Tensor = model(input_ids=torch.tensor([ids])).logits[0]
+        return np.asarray(logits.double().numpy())
 
     def greedy(ids: list[int]) -> list[int]:
         with torch.no_grad():

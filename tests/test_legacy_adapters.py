@@ -3,7 +3,8 @@
 tests/data/legacy/format-N/<method>/ holds one small adapter per registered method (and variant), as
 the deltatune of that file format saved it (format 1: commit cf6e6eb; format 2: a later release;
 format 3: issue 27's, with the ``extra`` section), with the toy's base weights, an input and the
-adapted model's output (tests/data/legacy/make.py wrote them). A refactor of the save/load path must keep every one of them loading.
+adapted model's output (tests/data/legacy/make.py wrote them). A refactor of the save/load path
+must keep every one of them loading.
 """
 
 from __future__ import annotations

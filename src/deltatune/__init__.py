@@ -8,7 +8,10 @@ from . import (
     continual,
 )
 from .contract import REGISTRY, register
+from .formats.gguf import export_gguf_lora, export_gguf_merged, write_gguf_model
+from .formats.hf import export_merged
 from .formats.io import load, save
+from .formats.lora import export_lora
 from .formats.peft.convert import export_peft, import_peft
 from .kernels.lowrank import adapter_precision, adapter_precision_as
 from .methods import (
@@ -100,6 +103,10 @@ __all__ = [
     "continual",
     "delete_adapter",
     "disabled",
+    "export_gguf_lora",
+    "export_gguf_merged",
+    "export_lora",
+    "export_merged",
     "export_peft",
     "has_adapters",
     "import_peft",
@@ -120,4 +127,5 @@ __all__ = [
     "set_adapter_precision",
     "trainable_parameters",
     "unload",
+    "write_gguf_model",
 ]

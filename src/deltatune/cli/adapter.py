@@ -18,10 +18,10 @@ from torch import nn
 
 from ..contract import CAPABILITIES, closed_form, method_from_config
 from ..contract.fields import to_jsonable
-from ..formats.files import check_out, write_folder
+from ..formats.files import check_out
+from ..formats.hf import export_merged
 from ..formats.io import CONFIG_NAME, WEIGHTS_NAME, load, read_adapter, read_config
 from ..runtime.checks import few
-from ..runtime.core import merge
 from ..runtime.quant import FORMATS
 from ..runtime.quantized_base import RECORD_KEY
 from ..train.provenance import recorded as harness_record
@@ -297,24 +297,12 @@ def load_for_command(args: argparse.Namespace) -> tuple[Any, Any, _Run, bool]:
 
 
 def write_merged(model: Any, tokenizer: Any, out: str | Path, four: bool) -> str:
-    """Merge the adapter into ``model`` and write it (and its tokenizer) to ``out`` as a plain
-    transformers model, replacing ``out`` whole; returns the note on a 4-bit base (``four``)."""
-    merge(model, dequantize=True)  # a 4-bit base: into its dequantised weights (what it trained on)
-    from ..runtime.quantized_base import dequantize
-
-    untouched = dequantize(model)  # the 4-bit modules no adapter touched
-    model.to("cpu")
-
-    def write(folder: Path) -> None:
-        model.save_pretrained(folder)
-        tokenizer.save_pretrained(folder)
-
-    # Through a temporary folder: a failed save leaves no half model, and the files get the usual
-    # permissions (safetensors >= 0.8 writes model.safetensors 0o600 otherwise).
-    write_folder(out, write, keep_others=False)
+    """Merge the adapter into ``model`` (in place) and write it and its tokenizer to ``out``
+    (:func:`deltatune.formats.hf.export_merged`); returns the note on a 4-bit base (``four``)."""
+    export_merged(model, out, tokenizer, in_place=True)
     return (
-        f"; the adapter merged into the 4-bit base it was trained on, dequantised ({len(untouched)} more "
-        "linear layers dequantised; --quantize none merges into the base's own weights)"
+        "; the adapter merged into the 4-bit base it was trained on, dequantised (the other 4-bit "
+        "linear layers dequantised too; --quantize none merges into the base's own weights)"
         if four
         else ""
     )
