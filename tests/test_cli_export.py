@@ -152,3 +152,20 @@ def test_flags_of_another_target_are_refused(
 ) -> None:
     assert export(s.lora, *argv, "--out", str(tmp_path / "o")) == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_missing_adapter_or_another_base_is_refused_and_nothing_is_written(
+    s: Setup, tmp_path: Path, capsys: Any
+) -> None:
+    out = tmp_path / "o"
+    assert export(str(tmp_path / "nowhere"), "--to", "peft-lora", "--out", str(out)) == 2
+    assert "nowhere" in capsys.readouterr().err and not out.exists()
+    partial = tmp_path / "partial"
+    partial.mkdir()
+    (partial / "adapter_config.json").write_text((Path(s.lora) / "adapter_config.json").read_text())
+    assert export(str(partial), "--to", "peft-lora", "--out", str(out)) == 2
+    assert "adapter.safetensors" in capsys.readouterr().err and not out.exists()
+    other = save_tiny_chat_llama(tmp_path / "other", seed=1)  # same shapes, other weights
+    assert export(s.lora, "--model", other, "--to", "peft-lora", "--out", str(out)) == 2
+    err = capsys.readouterr().err
+    assert "--no-strict-base" in err and not out.exists()

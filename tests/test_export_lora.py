@@ -218,3 +218,20 @@ def test_compact_keeps_a_full_rank_lora_bit_for_bit_and_drops_what_repeats() -> 
     assert torch.allclose(small.product(), 3 * f.product(), atol=1e-5)
     t, error = truncate(f.product().float(), 3, "linear")
     assert error < 1e-6 and torch.allclose(t.product(), f.product(), atol=1e-5)
+
+
+def test_a_qpissa_adapter_is_refused_and_a_qlora_one_exports(tmp_path: Path) -> None:
+    """QPiSSA's factors are relative to the quantised residual, which no LoRA on the original weight
+    reproduces; a QLoRA adapter is an ordinary LoRA of its (4-bit) base."""
+    from deltatune.runtime.quant import quantize
+
+    torch.manual_seed(0)
+    qpissa = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    dt.inject(qpissa, dt.LoRA(rank=4, init=dt.PiSSA()), targets=["0"])
+    quantize(qpissa, ["0"], iterations=2)
+    with pytest.raises(ValueError, match="QPiSSA residual.*merged"):
+        export_lora(qpissa, tmp_path / "qpissa")
+    qlora = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 8))
+    dt.inject(qlora, dt.LoRA(rank=4), targets=["0"])
+    quantize(qlora, ["0"])
+    assert export_lora(qlora, tmp_path / "qlora").ranks == {"0": 4}

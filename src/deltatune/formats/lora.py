@@ -47,6 +47,7 @@ from torch import nn
 
 from ..contract.layer import as_layer, in_weight_layout
 from ..runtime.merged import merged_module
+from ..runtime.quant import NF4Linear
 from ..runtime.wrapper import Attachment, attachment_of
 from . import files
 from .peft.convert import module_copies
@@ -89,18 +90,20 @@ class LoraExport:
         return max(self.errors.values(), default=0.0)
 
 
-def compact(f: Factors, rtol: float = 1e-6) -> Factors:
-    """The same update with as few columns as it exactly has (directions whose singular value is
-    below ``rtol`` times the largest dropped). The factors are returned unchanged when no direction
-    can go, so a plain LoRA stays bit for bit the LoRA it was."""
+def compact(f: Factors, rtol: float = 1e-10) -> Factors:
+    """The same update with as few columns as it exactly has: directions that are linear
+    combinations of the others (singular value below ``rtol`` times the largest, in float64: Delta-
+    LoRA's repeated A, a PiSSA adapter before training) are dropped. The factors are returned
+    unchanged when no direction can go, or when the update is zero (an untrained LoRA keeps its
+    rank), so a plain LoRA stays bit for bit the LoRA it was."""
     A, B = f.A.double(), f.B.double()
     if f.rank == 0:
         return f
     qa, ra = torch.linalg.qr(A.T)  # A = ra.T qa.T
     qb, rb = torch.linalg.qr(B)  # B = qb rb
     u, s, vh = torch.linalg.svd(rb @ ra.T)
-    keep = int((s > rtol * s[0]).sum()) if s[0] > 0 else 0
-    if keep == f.rank:
+    keep = int((s > rtol * s[0]).sum())
+    if keep == f.rank or keep == 0:
         return f
     root = s[:keep].sqrt()
     B2 = qb @ (u[:, :keep] * root)
@@ -138,6 +141,15 @@ def _weight_change(layer: nn.Module, base: nn.Module, path: str) -> torch.Tensor
     return in_weight_layout(delta.detach(), kind)  # (the layout swap is its own inverse)
 
 
+def _check_not_residual(base: nn.Module, path: str, method: str, what: str) -> None:
+    if isinstance(base, NF4Linear) and base.settings.iterations is not None:
+        raise ValueError(
+            f"{what}: {method} at {path!r} sits on a QPiSSA residual (the 4-bit W - s·B0 A0): the "
+            "adapter is relative to that quantised residual, not to the original weight, so no LoRA "
+            "on the original model reproduces it; export the merged model (--to merged or gguf-merged)"
+        )
+
+
 def lora_factors(
     model: nn.Module,
     adapter: str | None = None,
@@ -161,6 +173,7 @@ def lora_factors(
     out: dict[str, Factors] = {}
     errors: dict[str, float] = {}
     for path, layer in att.adapter_layers(name).items():
+        _check_not_residual(att.wrappers[path].base, path, method, what)
         own = as_layer(layer)
         form = own.lora_form()
         kind = getattr(layer, "kind", "linear")
