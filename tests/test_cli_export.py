@@ -13,7 +13,7 @@ import torch
 
 import deltatune as dt
 from deltatune.cli.main import main
-from deltatune.formats.gguf import write_gguf_model
+from deltatune.formats.gguf import export_gguf_model
 from deltatune.train.models import load_model
 from deltatune.train.provenance import save
 from tiny_chat import save_tiny_chat_llama
@@ -36,7 +36,7 @@ class Setup:
         self.lora = self.adapter(root / "lora", dt.LoRA(rank=4, alpha=8))
         self.expected = self.adapted(self.lora)
         base, _ = load_model(self.folder, "generation")
-        self.template = write_gguf_model(base, root / "base-template.gguf", dtype="f32")
+        self.template = export_gguf_model(base, root / "base-template.gguf", dtype="f32")
 
     def adapter(self, out: Path, method: Any) -> str:
         model, _ = load_model(self.folder, "generation")

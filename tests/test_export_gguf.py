@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import deltatune as dt
-from deltatune.formats.gguf import export_gguf_lora, export_gguf_merged, write_gguf_model
+from deltatune.formats.gguf import export_gguf_lora, export_gguf_model
 from toy_models import llama_lm
 
 transformers = pytest.importorskip("transformers")
@@ -54,11 +54,11 @@ def adapted(**fields: Any) -> Any:
 
 def test_a_model_written_as_gguf_reads_back_as_the_same_model(tmp_path: Path) -> None:
     model = llama_lm(64, 32, seed=0).eval()
-    path = write_gguf_model(model, tmp_path / "base-f32.gguf", dtype="f32")
+    path = export_gguf_model(model, tmp_path / "base-f32.gguf", dtype="f32")
     assert (logits(read_back(path)) - logits(model)).abs().max() <= 1e-5
-    half = write_gguf_model(model, tmp_path / "base-f16.gguf", dtype="f16")
+    half = export_gguf_model(model, tmp_path / "base-f16.gguf", dtype="f16")
     assert (logits(read_back(half)) - logits(model)).abs().max() <= 1e-2
-    q8 = write_gguf_model(model, tmp_path / "base-q8.gguf", dtype="q8_0")
+    q8 = export_gguf_model(model, tmp_path / "base-q8.gguf", dtype="q8_0")
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(q8)).tensors}
     assert types["blk.0.attn_q.weight"] == "Q8_0" and types["blk.0.attn_norm.weight"] == "F32"
     assert (logits(read_back(q8)) - logits(model)).abs().max() <= 5e-2
@@ -71,9 +71,9 @@ def test_the_lora_file_applied_as_llama_cpp_does_gives_our_merged_model(
     model = adapted(**fields)
     base = copy.deepcopy(model)
     dt.unload(base)
-    write_gguf_model(base, tmp_path / "base.gguf", dtype="f32")
+    export_gguf_model(base, tmp_path / "base.gguf", dtype="f32")
     report = export_gguf_lora(model, tmp_path / "lora.gguf")
-    merged = export_gguf_merged(model, tmp_path / "merged.gguf", dtype="f32")
+    merged = export_gguf_model(model, tmp_path / "merged.gguf", dtype="f32")
     assert dt.has_adapters(model)  # the export merged a copy
     reader = gguf.GGUFReader(str(tmp_path / "lora.gguf"))
     assert reader.fields["general.type"].contents() == "adapter"
@@ -98,9 +98,9 @@ def test_modules_of_other_scales_fold_them_into_b(tmp_path: Path) -> None:
             p.add_(0.2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(2)))
     base = copy.deepcopy(model)
     dt.unload(base)
-    write_gguf_model(base, tmp_path / "base.gguf", dtype="f32")
+    export_gguf_model(base, tmp_path / "base.gguf", dtype="f32")
     export_gguf_lora(model, tmp_path / "lora.gguf")
-    merged = export_gguf_merged(model, tmp_path / "merged.gguf", dtype="f32")
+    merged = export_gguf_model(model, tmp_path / "merged.gguf", dtype="f32")
     alpha = float(gguf.GGUFReader(str(tmp_path / "lora.gguf")).fields["adapter.lora.alpha"].contents())
     lora, W, want = tensors(tmp_path / "lora.gguf"), tensors(tmp_path / "base.gguf"), tensors(merged)
     for name in (k.removesuffix(".lora_a") for k in lora if k.endswith(".lora_a")):
@@ -128,6 +128,6 @@ def test_what_llama_cpp_cannot_hold_is_refused(tmp_path: Path) -> None:
         export_gguf_lora(model, tmp_path / "dora.gguf")
     (tmp_path / "taken.gguf").write_text("x")
     with pytest.raises(ValueError, match="already exists; pass --overwrite"):
-        write_gguf_model(llama_lm(64, 32, seed=0), tmp_path / "taken.gguf", overwrite=False)
+        export_gguf_model(llama_lm(64, 32, seed=0), tmp_path / "taken.gguf", overwrite=False)
     assert (tmp_path / "taken.gguf").read_text() == "x"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["taken.gguf"]  # nothing half-written

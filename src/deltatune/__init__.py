@@ -8,7 +8,7 @@ from . import (
     continual,
 )
 from .contract import REGISTRY, register
-from .formats.gguf import export_gguf_lora, export_gguf_merged, write_gguf_model
+from .formats.gguf import export_gguf_lora, export_gguf_model
 from .formats.hf import export_merged
 from .formats.io import load, save
 from .formats.lora import export_lora
@@ -104,7 +104,7 @@ __all__ = [
     "delete_adapter",
     "disabled",
     "export_gguf_lora",
-    "export_gguf_merged",
+    "export_gguf_model",
     "export_lora",
     "export_merged",
     "export_peft",
@@ -127,5 +127,4 @@ __all__ = [
     "set_adapter_precision",
     "trainable_parameters",
     "unload",
-    "write_gguf_model",
 ]

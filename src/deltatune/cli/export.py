@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ..formats.files import check_out, write_folder
-from ..formats.gguf import GGUF_TYPES, export_gguf_lora, write_gguf_model
+from ..formats.gguf import GGUF_TYPES, export_gguf_lora, export_gguf_model
 from ..formats.lora import LoraExport, export_lora
 from ..runtime.core import merge
 from .adapter import add_loading_flags, load_for_command, write_merged
@@ -168,7 +168,7 @@ def run_export(args: argparse.Namespace) -> int:
         if args.to == "gguf-merged" or template is not None:
             plain = _plain(model, merged=args.to == "gguf-merged")
             name = "model" if args.to == "gguf-merged" else "base"
-            write_gguf_model(plain, tmp / f"{name}-{gguf_type}.gguf", template=template, dtype=gguf_type)
+            export_gguf_model(plain, tmp / f"{name}-{gguf_type}.gguf", template=template, dtype=gguf_type)
 
     write_folder(out, write, keep_others=False)
     if args.to == "gguf-merged":

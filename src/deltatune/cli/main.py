@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -468,23 +469,22 @@ def main(argv: list[str] | None = None) -> int:
             print(f"deltatune estimate: error: {e}", file=sys.stderr)
             return 2
     args = build_parser().parse_args(argv)
+    runners: dict[str, Callable[[argparse.Namespace], int]] = {
+        "methods": _run_methods,
+        "eval": run_eval,
+        "merge": run_merge,
+        "export": run_export,
+        "info": run_info,
+        "generate": run_generate,
+        "chat": run_chat,
+    }
     try:
-        if args.command == "methods":
-            _print_methods(args.json)
-            return 0
-        if args.command == "eval":
-            return run_eval(args)
-        if args.command == "merge":
-            return run_merge(args)
-        if args.command == "export":
-            return run_export(args)
-        if args.command == "info":
-            return run_info(args)
-        if args.command == "generate":
-            return run_generate(args)
-        if args.command == "chat":
-            return run_chat(args)
+        return runners[args.command](args)
     except ValueError as e:
         print(f"deltatune {args.command}: error: {e}", file=sys.stderr)
         return 2
-    return 2
+
+
+def _run_methods(args: argparse.Namespace) -> int:
+    _print_methods(args.json)
+    return 0

@@ -10,7 +10,7 @@ Hugging Face's). llama.cpp scales each module by ``alpha / r`` with one alpha pe
 whose scale differs has it folded into its B. Every low-rank method goes through the plain-LoRA form
 of :mod:`deltatune.formats.lora`.
 
-:func:`write_gguf_model` writes a model's weights (``f32``, ``f16`` or ``q8_0``; norms stay f32)
+:func:`export_gguf_model` writes a model's weights (``f32``, ``f16`` or ``q8_0``; norms stay f32)
 with the architecture keys read off its config and every other key (the tokenizer, the chat
 template, the names) copied from a ``template`` GGUF of the same base: the file llama.cpp runs.
 :func:`export_gguf_merged` merges the adapter into a copy of the model first.
@@ -34,10 +34,13 @@ import torch
 from torch import nn
 
 from ..runtime.core import merge
+from ..runtime.quant import NF4Linear
+from ..runtime.quantized_base import dequantize
+from ..runtime.wrapper import attachment_of, has_adapters
 from . import files
 from .lora import LoraExport, lora_factors
 
-__all__ = ["GGUF_TYPES", "export_gguf_lora", "export_gguf_merged", "permute_rows", "write_gguf_model"]
+__all__ = ["GGUF_TYPES", "export_gguf_lora", "export_gguf_model", "permute_rows"]
 
 #: The tensor encodings a model file can be written in.
 GGUF_TYPES = ("f32", "f16", "q8_0")
@@ -173,8 +176,6 @@ def export_gguf_lora(
 
 
 def _modules_to_save(model: nn.Module, name: str) -> tuple[str, ...]:
-    from ..runtime.wrapper import attachment_of
-
     return attachment_of(model).info(name).modules_to_save
 
 
@@ -248,7 +249,7 @@ def _encoded(gguf: Any, data: torch.Tensor, dtype: str) -> tuple[np.ndarray[Any,
     return array.astype(np.float16), None  # f16 (and a row length Q8_0's blocks do not divide)
 
 
-def write_gguf_model(
+def export_gguf_model(
     model: nn.Module,
     path: str | os.PathLike[str],
     *,
@@ -256,7 +257,8 @@ def write_gguf_model(
     dtype: Literal["f32", "f16", "q8_0"] = "f16",
     overwrite: bool = True,
 ) -> Path:
-    """Write a plain (unadapted or merged) Llama-family model as one GGUF file.
+    """Write a Llama-family model as one GGUF file: an adapted model with its active adapters
+    merged (into a copy: ``model`` is left as it is), a 4-bit base dequantised.
 
     Args:
         template: a GGUF of the same base whose other keys (tokenizer, chat template, names) are
@@ -268,11 +270,12 @@ def write_gguf_model(
     if dtype not in GGUF_TYPES:
         raise ValueError(f"{what}: dtype must be one of {', '.join(GGUF_TYPES)}, not {dtype!r}")
     out = files.check_out(path, overwrite=overwrite, what=what)
-    from ..runtime.wrapper import has_adapters
-
-    if has_adapters(model):
-        raise ValueError(f"{what}: the model holds adapters; merge them first (export_gguf_merged)")
     arch = _arch(model, what)
+    if has_adapters(model) or any(isinstance(m, NF4Linear) for m in model.modules()):
+        model = copy.deepcopy(model)  # merged and dequantised in a copy: ``model`` is left as it is
+        if has_adapters(model):
+            merge(model, dequantize=True)
+        dequantize(model)
     gguf = _gguf()
     keys = _template_keys(Path(template), int(arch.config.vocab_size)) if template is not None else []
     tied = bool(getattr(arch.config, "tie_word_embeddings", False))
@@ -305,21 +308,3 @@ def write_gguf_model(
             writer.add_tensor(name, array, raw_dtype=kind)
 
     return _write(out, "llama", fill)
-
-
-def export_gguf_merged(
-    model: nn.Module,
-    path: str | os.PathLike[str],
-    *,
-    template: str | os.PathLike[str] | None = None,
-    dtype: Literal["f32", "f16", "q8_0"] = "f16",
-    overwrite: bool = True,
-) -> Path:
-    """The model with its active adapters merged (into a copy: ``model`` is left as it is), as one
-    GGUF file (:func:`write_gguf_model`)."""
-    plain = copy.deepcopy(model)
-    merge(plain, dequantize=True)
-    from ..runtime.quantized_base import dequantize
-
-    dequantize(plain)
-    return write_gguf_model(plain, path, template=template, dtype=dtype, overwrite=overwrite)

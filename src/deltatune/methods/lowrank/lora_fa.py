@@ -29,7 +29,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -37,7 +37,7 @@ from torch import nn
 from ...contract import Suite, register
 from ...targets import shape_of
 from .base import KaimingUniform, ScaledLowRank, adapter_dtype, linear_like
-from .lora import LoRA, LoRALayer, lora_of
+from .lora import LoRALayer, lora_of
 
 
 @register
@@ -75,16 +75,8 @@ class LoRAFA(ScaledLowRank):
 class LoRAFALayer(LoRALayer):
     """A LoRA layer whose ``lora_A`` is a saved buffer, not a parameter (so it never trains)."""
 
-    def __init__(
-        self,
-        config: LoRA,
-        kind: str,
-        in_features: int,
-        out_features: int,
-        dtype: torch.dtype,
-        base: nn.Module | None,
-    ) -> None:
-        super().__init__(config, kind, in_features, out_features, dtype, base)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:  # (LoRALayer's arguments)
+        super().__init__(*args, **kwargs)
         frozen = self.lora_A.detach()
         del self.lora_A
         self.register_buffer("lora_A", frozen)  # (r, in), persistent: saved with B

@@ -41,14 +41,14 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...contract import Method, ReplacingLayer, Suite, register
+from ...contract import ReplacingLayer, Suite, register
 from ...contract.fields import Int, OneOf, param
 from . import virtual
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class PTuning(Method):
+class PTuning(virtual.OnTheBody):
     """Virtual tokens produced by a trainable prompt encoder.
 
     Fields (paper defaults in brackets):
@@ -66,16 +66,10 @@ class PTuning(Method):
     insert_at: int = param(0, Int(min=0, max=1), "input position of the prompt: 0 first, 1 after [CLS]")
 
     name: ClassVar[str] = "p_tuning"
-    model_level: ClassVar[bool] = True  # acts on the whole body: embeddings, masks, KV cache
-    layer_types: ClassVar[tuple[str, ...]] = ("block",)
     suite: ClassVar[Suite] = Suite(
         example={"num_virtual_tokens": 3, "encoder_hidden_size": 4},
         near_identity_at_init=False,  # n extra tokens change every output at once
     )
-
-    # Placed on the transformer body (``bert``, ``model``, ...) and nowhere else.
-    default_targets = virtual.body_targets
-    check_targets = virtual.check_body_targets
 
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...contract import Method, ReplacingLayer, Suite, register
+from ...contract import ReplacingLayer, Suite, register
 from ...contract.fields import Bool, Int, OneOf, param
 from . import virtual
 
@@ -46,7 +46,7 @@ _DEFAULT_HIDDEN = 512
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class PrefixTuning(Method):
+class PrefixTuning(virtual.OnTheBody):
     """Trainable key/value prefixes in every attention layer.
 
     Fields (paper defaults in brackets):
@@ -69,8 +69,6 @@ class PrefixTuning(Method):
     )
 
     name: ClassVar[str] = "prefix_tuning"
-    model_level: ClassVar[bool] = True  # acts on the whole body: embeddings, masks, KV cache
-    layer_types: ClassVar[tuple[str, ...]] = ("block",)
     suite: ClassVar[Suite] = Suite(
         example={"num_virtual_tokens": 3, "encoder_hidden_size": 8},
         near_identity_at_init=False,  # attention mass moves to the prefix at once
@@ -83,10 +81,6 @@ class PrefixTuning(Method):
                 "PrefixTuning.encoder_hidden_size is the MLP's width and is only used with "
                 f"reparameterize=True; leave it at {_DEFAULT_HIDDEN}, got {self.encoder_hidden_size}"
             )
-
-    # Placed on the transformer body (``bert``, ``model``, ...) and nowhere else.
-    default_targets = virtual.body_targets
-    check_targets = virtual.check_body_targets
 
     def _shape(self, base: nn.Module, path: str = "") -> tuple[int, int, int, int]:
         config = virtual.config_of(type(self).__name__, base, path)

@@ -38,7 +38,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from ...contract import Method, ReplacingLayer, Suite, register
+from ...contract import ReplacingLayer, Suite, register
 from ...contract.fields import Float, Instance, Int, component, param, validate
 from . import virtual
 
@@ -133,7 +133,7 @@ def prompt_dtype(embedding: nn.Embedding) -> torch.dtype:
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class PromptTuning(Method):
+class PromptTuning(virtual.OnTheBody):
     """Trainable virtual token embeddings prepended to the input.
 
     Fields (paper defaults in brackets):
@@ -150,16 +150,10 @@ class PromptTuning(Method):
     insert_at: int = param(0, Int(min=0, max=1), "input position of the prompt: 0 first, 1 after [CLS]")
 
     name: ClassVar[str] = "prompt_tuning"
-    model_level: ClassVar[bool] = True  # acts on the whole body: embeddings, masks, KV cache
-    layer_types: ClassVar[tuple[str, ...]] = ("block",)
     suite: ClassVar[Suite] = Suite(
         example={"num_virtual_tokens": 3},
         near_identity_at_init=False,  # n extra tokens change every output at once
     )
-
-    # Placed on the transformer body (``bert``, ``model``, ...) and nowhere else.
-    default_targets = virtual.body_targets
-    check_targets = virtual.check_body_targets
 
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator

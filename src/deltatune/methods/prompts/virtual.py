@@ -43,12 +43,14 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ... import anatomy
+from ...contract import Method
 
 
 def is_body(module: nn.Module) -> bool:
@@ -92,15 +94,22 @@ def check_body(owner: str, model: nn.Module, paths: Sequence[str]) -> None:
         )
 
 
-def body_targets(method: Any, model: nn.Module) -> list[str]:
-    """``default_targets`` of a method placed on the transformer body: the model's one body (none
-    when it has none). A model-level method's class assigns it: ``default_targets = body_targets``."""
-    return body_paths(model)[:1]
+@dataclass(frozen=True, kw_only=True)
+class OnTheBody(Method):
+    """The base of the prompt family (prompt tuning, P-tuning, prefix tuning): a model-level method
+    (it acts on the whole body: embeddings, masks, KV cache) placed on the transformer body and
+    nowhere else."""
 
+    model_level: ClassVar[bool] = True
+    layer_types: ClassVar[tuple[str, ...]] = ("block",)
 
-def check_body_targets(method: Any, model: nn.Module, paths: list[str]) -> None:
-    """``check_targets`` of a method placed on the transformer body (see :func:`check_body`)."""
-    check_body(type(method).__name__, model, paths)
+    def default_targets(self, model: nn.Module) -> list[str]:
+        """The model's one body (none when it has none)."""
+        return body_paths(model)[:1]
+
+    def check_targets(self, model: nn.Module, paths: list[str]) -> None:
+        """Refuse paths that are not the body (see :func:`check_body`)."""
+        check_body(type(self).__name__, model, paths)
 
 
 def config_of(owner: str, body: nn.Module, path: str) -> Any:
