@@ -15,7 +15,8 @@ import deltatune as dt
 from deltatune.contract import REGISTRY
 from deltatune.contract.fields import from_jsonable
 from deltatune.contract.layer import as_layer
-from deltatune.formats.lora import Factors, compact, export_lora, lora_factors, truncate
+from deltatune.formats.lora import export_lora, lora_factors
+from deltatune.runtime.deltas import Factors, compact, truncate
 from deltatune.runtime.wrapper import attachment_of
 from toy_models import TOYS
 

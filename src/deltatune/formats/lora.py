@@ -45,35 +45,15 @@ from typing import Literal
 import torch
 from torch import nn
 
-from ..contract.layer import as_layer, in_weight_layout
-from ..runtime.merged import merged_module
-from ..runtime.quant import NF4Linear
+from ..runtime.deltas import Factors, module_updates, truncate
 from ..runtime.wrapper import Attachment, attachment_of
 from . import files
 from .peft.convert import module_copies
 
-__all__ = ["Factors", "LoraExport", "compact", "export_lora", "lora_factors", "truncate"]
+__all__ = ["LoraExport", "export_lora", "lora_factors"]
 
 PEFT_PREFIX = "base_model.model."
 RUNTIMES = ("peft", "vllm")
-
-
-@dataclass(frozen=True)
-class Factors:
-    """One module's update as ``scale · B A`` in PEFT's orientation: ``A`` (r, in), ``B`` (out, r)."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scale: float
-    kind: str  # "linear", "conv1d", "embedding"
-
-    @property
-    def rank(self) -> int:
-        return int(self.A.shape[0])
-
-    def product(self) -> torch.Tensor:
-        """``scale · B A`` as an (out, in) float64 matrix."""
-        return (self.B.double() @ self.A.double()) * self.scale
 
 
 @dataclass(frozen=True)
@@ -88,66 +68,6 @@ class LoraExport:
     @property
     def max_error(self) -> float:
         return max(self.errors.values(), default=0.0)
-
-
-def compact(f: Factors, rtol: float = 1e-10) -> Factors:
-    """The same update with as few columns as it exactly has: directions that are linear
-    combinations of the others (singular value below ``rtol`` times the largest, in float64: Delta-
-    LoRA's repeated A, a PiSSA adapter before training) are dropped. The factors are returned
-    unchanged when no direction can go, or when the update is zero (an untrained LoRA keeps its
-    rank), so a plain LoRA stays bit for bit the LoRA it was."""
-    A, B = f.A.double(), f.B.double()
-    if f.rank == 0:
-        return f
-    qa, ra = torch.linalg.qr(A.T)  # A = ra.T qa.T
-    qb, rb = torch.linalg.qr(B)  # B = qb rb
-    u, s, vh = torch.linalg.svd(rb @ ra.T)
-    keep = int((s > rtol * s[0]).sum())
-    if keep == f.rank or keep == 0:
-        return f
-    root = s[:keep].sqrt()
-    B2 = qb @ (u[:, :keep] * root)
-    A2 = (root[:, None] * vh[:keep]) @ qa.T
-    return Factors(A2.to(f.A.dtype), B2.to(f.B.dtype), f.scale, f.kind)
-
-
-def truncate(delta: torch.Tensor, rank: int, kind: str) -> tuple[Factors, float]:
-    """The best rank-``rank`` LoRA (Eckart-Young: the truncated SVD) of an (out, in) update, and
-    its relative Frobenius error."""
-    d = delta.double()
-    u, s, vh = torch.linalg.svd(d, full_matrices=False)
-    k = min(rank, int(s.shape[0]))
-    root = s[:k].sqrt()
-    B = u[:, :k] * root
-    A = root[:, None] * vh[:k]
-    norm = float(torch.linalg.matrix_norm(d))
-    error = float(torch.linalg.matrix_norm(d - B @ A)) / norm if norm > 0 else 0.0
-    return Factors(A.to(delta.dtype), B.to(delta.dtype), 1.0, kind), error
-
-
-def _weight_change(layer: nn.Module, base: nn.Module, path: str) -> torch.Tensor | None:
-    """The layer's update of ``base``'s weight in PEFT's (out, in) orientation; None if it has none."""
-    own = as_layer(layer)
-    delta = own.delta_weight()
-    kind = getattr(layer, "kind", "linear")
-    if delta is None:
-        if own.merged(base) is None or not isinstance(getattr(base, "weight", None), torch.Tensor):
-            return None
-        plain = base.dequantize() if getattr(base, "quantized", False) else base  # type: ignore[operator]
-        after = merged_module(layer, plain, path).weight
-        before = plain.weight
-        assert isinstance(after, torch.Tensor) and isinstance(before, torch.Tensor)
-        delta = after.detach().float() - before.detach().float()
-    return in_weight_layout(delta.detach(), kind)  # (the layout swap is its own inverse)
-
-
-def _check_not_residual(base: nn.Module, path: str, method: str, what: str) -> None:
-    if isinstance(base, NF4Linear) and base.settings.iterations is not None:
-        raise ValueError(
-            f"{what}: {method} at {path!r} sits on a QPiSSA residual (the 4-bit W - s·B0 A0): the "
-            "adapter is relative to that quantised residual, not to the original weight, so no LoRA "
-            "on the original model reproduces it; export the merged model (--to merged or gguf-merged)"
-        )
 
 
 def lora_factors(
@@ -166,40 +86,25 @@ def lora_factors(
     """
     att = attachment_of(model)
     name = adapter if adapter is not None else (att.active[0] if att.active else next(iter(att.adapters)))
-    info = att.info(name)
-    method = type(info.method).__name__
+    method = type(att.info(name).method).__name__
     if approximate_rank is not None and approximate_rank < 1:
         raise ValueError(f"{what}: approximate_rank must be a positive integer, not {approximate_rank}")
     out: dict[str, Factors] = {}
     errors: dict[str, float] = {}
-    for path, layer in att.adapter_layers(name).items():
-        _check_not_residual(att.wrappers[path].base, path, method, what)
-        own = as_layer(layer)
-        form = own.lora_form()
-        kind = getattr(layer, "kind", "linear")
-        if form is not None:
-            A, B, scale = form
-            out[path] = compact(Factors(A, B, float(scale), kind))
-            errors[path] = 0.0
+    for path, update in module_updates(model, name, what).items():
+        if isinstance(update, Factors):
+            out[path], errors[path] = update, 0.0
             continue
-        base = att.wrappers[path].base
-        delta = _weight_change(layer, base, path)
-        if delta is None:
-            raise ValueError(
-                f"{what}: {method} at {path!r} is not a change of the module's weight "
-                f"({type(layer).__name__}), so no LoRA can hold it; serve the adapter with deltatune "
-                "(save/load) or, where the method merges, export the merged model (--to merged)"
-            )
         if approximate_rank is None:
+            layer = att.wrappers[path].adapters[name]
             raise ValueError(
                 f"{what}: {method} at {path!r} is not a low-rank update ({type(layer).__name__}), so a "
                 "plain LoRA cannot hold it exactly; export the merged model (--to merged), or pass "
                 "--approximate-rank R (approximate_rank=R) for the best rank-R LoRA of it, whose "
                 "relative error per module is reported"
             )
-        out[path], errors[path] = truncate(delta, approximate_rank, kind)
-    if not out:
-        raise ValueError(f"{what}: adapter {name!r} ({method}) updates no module")
+        kind = str(getattr(att.wrappers[path].adapters[name], "kind", "linear"))
+        out[path], errors[path] = truncate(update, approximate_rank, kind)
     return name, out, errors
 
 
