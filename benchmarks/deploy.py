@@ -129,7 +129,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     scored = [ids + cont for ids, cont in zip(prompts, continuations, strict=True)]
     adapted_logits = [ours(ids) for ids in scored]
 
-    options = {"n_ctx": 512, "logits_all": True, "verbose": False, "n_threads": os.cpu_count() or 2}
+    options: dict[str, Any] = {
+        "n_ctx": 512,
+        "logits_all": True,
+        "verbose": False,
+        "n_threads": os.cpu_count() or 2,
+    }
     base_file = next((root / "gguf").glob("base-*.gguf"))
     result: dict[str, Any] = {"config": vars(args), "prompts": len(prompts), "new_tokens": NEW_TOKENS}
     plain = Llama(model_path=str(base_file), **options)

@@ -122,7 +122,7 @@ def test_combination_is_exact() -> None:
         for n in ("a", "b"):
             for layer in att.layers(n).values():
                 layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g))
-    dt.combine(model, {"a": 0.7, "b": -1.5}, name="ab")
+    dt.combine(model, {"a": 0.7, "b": -1.5}, name="ab", missing="zero")
     for path in ("0", "2"):
         layers = {n: att.wrappers[path].adapters[n] for n in att.wrappers[path].adapters}
         expected = 0.7 * layers["a"].delta_weight()
@@ -133,7 +133,7 @@ def test_combination_is_exact() -> None:
     x = torch.randn(5, 12)
     dt.set_active(model, ["a", "b"])
     both = model(x)
-    dt.combine(model, {"a": 1.0, "b": 1.0}, name="sum")
+    dt.combine(model, {"a": 1.0, "b": 1.0}, name="sum", missing="zero")
     dt.set_active(model, "sum")
     assert torch.allclose(model(x), both, atol=1e-5)
     for weight in (float("nan"), float("inf"), "1", True):
@@ -146,7 +146,7 @@ def test_combined_adapter_saves_and_loads(tmp_path: object) -> None:
     model = net()
     dt.inject(model, dt.LoRA(rank=2), targets=["0", "2"], name="a")
     dt.inject(model, dt.LoRA(rank=4), targets=["0"], name="b")
-    dt.combine(model, {"a": 0.5, "b": 0.5}, name="mix")
+    dt.combine(model, {"a": 0.5, "b": 0.5}, name="mix", missing="zero")
     dt.set_active(model, "mix")
     x = torch.randn(2, 12)
     out = model(x)

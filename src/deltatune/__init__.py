@@ -7,6 +7,7 @@ from . import (
     _quiet,  # noqa: F401  (filters two import-time messages of torchao; see _quiet)
     continual,
 )
+from .arithmetic import combine
 from .contract import REGISTRY, register
 from .formats.gguf import export_gguf_lora, export_gguf_model
 from .formats.hf import export_merged
@@ -41,7 +42,7 @@ from .methods import (
     VeRA,
     collect_covariance,
 )
-from .runtime.compose import combine, reconfigure
+from .runtime.compose import reconfigure
 from .runtime.core import (
     delete_adapter,
     disabled,

@@ -1,23 +1,11 @@
-"""Adapters made from adapters: ``combine`` (an exact weighted sum of several adapters) and
-``reconfigure`` (an adapter re-created with another configuration of its method, keeping every tensor
-that still fits: a continual adapter grown by one task).
-
-Example:
-    >>> import torch
-    >>> from torch import nn
-    >>> import deltatune as dt
-    >>> net = nn.Sequential(nn.Linear(8, 8))
-    >>> _ = dt.inject(net, dt.LoRA(rank=2), targets=["0"], name="a")
-    >>> _ = dt.inject(net, dt.LoRA(rank=2), targets=["0"], name="b")
-    >>> att = dt.combine(net, {"a": 0.5, "b": 0.5}, name="mean")
-    >>> att.info("mean").method.rank  # the factors concatenate: exact, rank 2 + 2
-    4
+"""Adapters made from adapters: ``reconfigure`` (an adapter re-created with another configuration
+of its method, keeping every tensor that still fits: a continual adapter grown by one task) and
+``attach_combined`` (the attachment of an adapter that :func:`deltatune.combine` computed).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -28,7 +16,7 @@ from .core import build_layers, check_adapter_name
 from .state import adapter_state
 from .wrapper import AdapterInfo, Attachment, all_or_nothing, attachment_of
 
-__all__ = ["combine", "reconfigure"]
+__all__ = ["attach_combined", "reconfigure"]
 
 
 def reconfigure(model: nn.Module, name: str, method: Method) -> Attachment:
@@ -81,44 +69,16 @@ def reconfigure(model: nn.Module, name: str, method: Method) -> Attachment:
     return att
 
 
-def _finite_number(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
-def combine(model: nn.Module, weights: Mapping[str, float], name: str) -> Attachment:
-    """Add adapter ``name`` equal to ``sum_i weights[i] * adapter_i``, exactly.
-
-    For LoRA this concatenates the factors (rank = sum of ranks), so the combined update is exact,
-    not an SVD approximation.
-    """
+def attach_combined(
+    model: nn.Module, name: str, configs: Mapping[str, Any], layers: Mapping[str, nn.Module], *, seed: int
+) -> Attachment:
+    """Add adapter ``name`` made of ready ``layers`` (path -> layer, their per-module ``configs``):
+    frozen, active on nothing until set, all or nothing. What :func:`deltatune.combine` builds."""
     att = attachment_of(model)
-    if not weights:
-        raise ValueError("combine: weights must name at least one adapter")
-    infos = [att.info(n) for n in weights]
-    kinds = {type(i.method) for i in infos}
-    if len(kinds) != 1:
-        raise ValueError(f"combine: adapters must use one method, got {sorted(k.__name__ for k in kinds)}")
-    cls = kinds.pop()
-    if not cls.combinable:
-        raise ValueError(f"combine: {cls.__name__} adapters cannot be combined exactly")
-    if any(i.modules_to_save for i in infos):
-        raise ValueError("combine: adapters with modules_to_save cannot be combined (their copies differ)")
     if name in att.adapters:
         raise ValueError(f"adapter {name!r} already exists on this model")
     check_adapter_name(name)
-    bad = {n: w for n, w in weights.items() if not _finite_number(w)}
-    if bad:
-        raise ValueError(f"combine: weights must be finite numbers, got {bad}")
-    paths = [p for p in att.wrappers if any(p in i.targets for i in infos)]
-    configs: dict[str, Any] = {}
-    layers: dict[str, nn.Module] = {}
-    for path in paths:
-        parts = [
-            (att.wrappers[path].adapters[i.name], float(weights[i.name]))
-            for i in infos
-            if i.name in att.wrappers[path].adapters
-        ]
-        configs[path], layers[path] = cls.combine_layers(parts)
+    paths = list(layers)
     method = configs[paths[0]]
     overrides = {
         p: {
@@ -141,8 +101,8 @@ def combine(model: nn.Module, weights: Mapping[str, float], name: str) -> Attach
             targets=tuple(paths),
             overrides=overrides,
             modules_to_save=(),
-            seed=infos[0].seed,
-            configs=configs,
+            seed=seed,
+            configs=dict(configs),
             trainable=trainable,
         )
     return att
