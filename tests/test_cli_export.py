@@ -169,3 +169,32 @@ def test_a_missing_adapter_or_another_base_is_refused_and_nothing_is_written(
     assert export(s.lora, "--model", other, "--to", "peft-lora", "--out", str(out)) == 2
     err = capsys.readouterr().err
     assert "--no-strict-base" in err and not out.exists()
+
+
+def test_combine_writes_an_adapter_that_load_export_and_chat_read(
+    s: Setup, tmp_path: Path, capsys: Any
+) -> None:
+    other = s.adapter(tmp_path / "other", dt.VeRA(rank=8))
+    out = tmp_path / "ties"
+    argv = [s.lora, other, "--weights", "0.7", "0.5", "--how", "ties", "--density", "0.5", "--rank", "full"]
+    assert main(["combine", *argv, "--out", str(out)]) == 0
+    assert "ties combination" in capsys.readouterr().out
+    # The same combination in Python, on adapters loaded by hand, gives the same outputs.
+    model, _ = load_model(s.folder, "generation")
+    dt.load(model, s.lora, name="x", activate=False)
+    dt.load(model, other, name="y", activate=False)
+    dt.combine(model, {"x": 0.7, "y": 0.5}, "c", how="ties", density=0.5, rank="full")
+    dt.set_active(model, "c")
+    expected = logits(model.eval())
+    again, _ = load_model(s.folder, "generation")
+    dt.load(again, out)
+    assert (logits(again.eval()) - expected).abs().max() <= 1e-5
+    assert export(str(out), "--to", "peft-lora", "--out", str(tmp_path / "peft")) == 0
+    loaded = peft.PeftModel.from_pretrained(s.base(), tmp_path / "peft").eval()
+    assert (logits(loaded) - expected).abs().max() <= 1e-5
+    assert main(["combine", s.lora, other, "--weights", "1", "--out", str(tmp_path / "w")]) == 2
+    assert "2 adapters" in capsys.readouterr().err
+    assert (
+        main(["combine", s.lora, other, "--how", "ties", "--density", "2", "--out", str(tmp_path / "d")]) == 2
+    )
+    assert "must be in (0, 1]" in capsys.readouterr().err and not (tmp_path / "d").exists()

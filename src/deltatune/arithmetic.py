@@ -206,6 +206,7 @@ def combine(
     majority_sign: Literal["total", "frequency"] = "total",
     seed: int = 0,
     missing: Literal["zero", "refuse"] | None = None,
+    keep_modules_of: str | None = None,
 ) -> Attachment:
     """Add adapter ``name``: the adapters of ``weights`` combined by ``how`` (see the module
     docstring), a frozen LoRA.
@@ -220,6 +221,9 @@ def combine(
         seed: DARE's random drops.
         missing: where an adapter does not adapt a module: ``"zero"`` (it contributes nothing
             there), ``"refuse"``; None refuses when the adapters' targets differ.
+        keep_modules_of: the adapter whose full module copies (``modules_to_save``: a task's
+            classifier head) the result keeps; the others' copies are left out. Without it,
+            adapters with module copies are refused (copies of different tasks cannot be averaged).
 
     Raises:
         ValueError: naming what to change: an unknown adapter, a bad weight, density or rank,
@@ -233,10 +237,14 @@ def combine(
     if name in att.adapters:
         raise ValueError(f"adapter {name!r} already exists on this model")
     saved = [i.name for i in infos if i.modules_to_save]
-    if saved:
+    if keep_modules_of is not None and keep_modules_of not in weights:
+        raise ValueError(f"combine: keep_modules_of={keep_modules_of!r} is not one of the adapters combined")
+    if saved and keep_modules_of is None:
+        copies = ", ".join(att.info(saved[0]).modules_to_save)
         raise ValueError(
-            f"combine: {saved[0]!r} saves whole modules (modules_to_save), whose copies cannot be "
-            "combined; combine adapters without them"
+            f"combine: {saved[0]!r} saves whole modules (modules_to_save: {copies}), "
+            "whose copies cannot be combined; pass keep_modules_of=NAME (--keep-modules-of) to keep one "
+            "adapter's copies (a task's own head)"
         )
     updates = {i.name: module_updates(model, i.name, "combine") for i in infos}
     for n, per_module in updates.items():
@@ -273,7 +281,7 @@ def combine(
         factors[path] = _stored(_cancelled(combined, parts, part_weights, kind), exact, energy, inputs, kind)
     layers = {p: _lora_layer(att.wrappers[p].base, f, dtypes[p]) for p, f in factors.items()}
     configs = {p: layer.config for p, layer in layers.items()}
-    return attach_combined(model, name, configs, layers, seed=infos[0].seed)
+    return attach_combined(model, name, configs, layers, seed=infos[0].seed, copies_of=keep_modules_of)
 
 
 def _lora_layer(base: nn.Module, f: Factors, dtype: torch.dtype) -> LoRALayer:

@@ -30,6 +30,8 @@ from ..contract import CAPABILITIES, REGISTRY
 from ..contract.fields import Bool, Float, Instance, Int, OneOf, Text, field_table, from_jsonable, to_jsonable
 from .adapter import add_parsers as add_adapter_parsers
 from .adapter import run_eval, run_info, run_merge
+from .combine import add_parser as add_combine_parser
+from .combine import run_combine
 from .export import add_parser as add_export_parser
 from .export import run_export
 from .generate import add_parsers as add_generate_parsers
@@ -446,6 +448,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_adapter_parsers(sub)
     add_export_parser(sub)
+    add_combine_parser(sub)
     add_generate_parsers(sub)
     return parser
 
@@ -474,6 +477,7 @@ def main(argv: list[str] | None = None) -> int:
         "eval": run_eval,
         "merge": run_merge,
         "export": run_export,
+        "combine": run_combine,
         "info": run_info,
         "generate": run_generate,
         "chat": run_chat,

@@ -5,6 +5,7 @@ of its method, keeping every tensor that still fits: a continual adapter grown b
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Mapping
 from typing import Any
@@ -70,10 +71,17 @@ def reconfigure(model: nn.Module, name: str, method: Method) -> Attachment:
 
 
 def attach_combined(
-    model: nn.Module, name: str, configs: Mapping[str, Any], layers: Mapping[str, nn.Module], *, seed: int
+    model: nn.Module,
+    name: str,
+    configs: Mapping[str, Any],
+    layers: Mapping[str, nn.Module],
+    *,
+    seed: int,
+    copies_of: str | None = None,
 ) -> Attachment:
     """Add adapter ``name`` made of ready ``layers`` (path -> layer, their per-module ``configs``):
-    frozen, active on nothing until set, all or nothing. What :func:`deltatune.combine` builds."""
+    frozen, all or nothing, with adapter ``copies_of``'s full module copies (``modules_to_save``:
+    a classifier head) copied along. What :func:`deltatune.combine` builds."""
     att = attachment_of(model)
     if name in att.adapters:
         raise ValueError(f"adapter {name!r} already exists on this model")
@@ -89,18 +97,20 @@ def attach_combined(
         for p, c in configs.items()
         if c != method
     }
-    trainable = [p for layer in layers.values() for p in layer.parameters()]
+    saved = att.info(copies_of).modules_to_save if copies_of is not None else ()
+    copies = {p: copy.deepcopy(att.wrappers[p].adapters[copies_of]) for p in saved if copies_of is not None}
+    trainable = [p for layer in [*layers.values(), *copies.values()] for p in layer.parameters()]
     for p in trainable:
         p.requires_grad_(False)
     with all_or_nothing(model):
-        for path, layer in layers.items():
+        for path, layer in [*layers.items(), *copies.items()]:
             att.wrappers[path].adapters[name] = layer
         att.adapters[name] = AdapterInfo(
             name=name,
             method=method,
             targets=tuple(paths),
             overrides=overrides,
-            modules_to_save=(),
+            modules_to_save=saved,
             seed=seed,
             configs=dict(configs),
             trainable=trainable,
