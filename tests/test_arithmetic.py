@@ -269,3 +269,29 @@ def test_missing_zero_lets_an_adapter_add_nothing_where_it_has_no_update() -> No
     dt.combine(model, {"a": 1.0, "short": 1.0}, "c", missing="zero")
     updates = module_updates(model, "c", "test")
     assert isinstance(updates["fc2"], Factors) and updates["fc2"].rank == 2
+
+
+def test_heads_of_other_tasks_stay_out_and_the_kept_one_comes_along(tmp_path: Any) -> None:
+    """Adapters of tasks with other heads combine on one task's model: the others load without their
+    module copies (load(..., module_copies=False)) and the result keeps that task's head."""
+    g = torch.Generator().manual_seed(3)
+    for task, labels in (("a", 3), ("b", 5)):
+        model = Net()
+        model.head = nn.Linear(16, labels)
+        dt.inject(model, dt.LoRA(rank=2), targets=TARGETS, modules_to_save=["head"])
+        with torch.no_grad():
+            for p in dt.trainable_parameters(model):
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+        dt.save(model, tmp_path / task)
+    model = Net()
+    dt.load(model, tmp_path / "a", name="a")
+    expected = model(X)
+    with pytest.raises(ValueError):
+        dt.load(model, tmp_path / "b", name="b", activate=False)  # its 5-label head does not fit
+    dt.load(model, tmp_path / "b", name="b", activate=False, module_copies=False)
+    with pytest.raises(ValueError, match="keep_modules_of"):
+        dt.combine(model, {"a": 1.0, "b": 0.0}, "c")
+    dt.combine(model, {"a": 1.0, "b": 0.0}, "c", keep_modules_of="a")
+    dt.set_active(model, "c")
+    assert attachment_of(model).info("c").modules_to_save == ("head",)
+    assert torch.allclose(model(X), expected, atol=1e-5)

@@ -106,8 +106,11 @@ def run_combine(args: argparse.Namespace) -> int:
     from ..runtime.core import delete_adapter
 
     delete_adapter(model, "default")
-    for name, folder in zip(names, folders, strict=True):
-        load(model, folder, name=name, activate=False, strict_base=strict)
+    for i, (name, folder) in enumerate(zip(names, folders, strict=True)):
+        # With --keep-modules-of only the kept adapter's head (its module copies) loads: the others
+        # may be of other tasks; without it every copy loads, and combine refuses them.
+        own = keep is None or i == keep - 1
+        load(model, folder, name=name, activate=False, strict_base=strict, module_copies=own)
     combine(
         model,
         dict(zip(names, weights, strict=True)),

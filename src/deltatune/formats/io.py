@@ -325,6 +325,7 @@ def load(
     activate: bool = True,
     strict_base: bool = True,
     quantize: bool | None = None,
+    module_copies: bool = True,
 ) -> wrapper.Attachment:
     """Inject the adapter saved in ``folder`` into ``model`` and load its tensors.
 
@@ -339,6 +340,9 @@ def load(
             only a QPiSSA residual (which its factors are relative to) and loads a QLoRA adapter on
             the base as given, float or 4-bit; False quantises nothing (a QPiSSA adapter is refused).
             See :func:`deltatune.runtime.quantized_base.load_plan`.
+        module_copies: load the full module copies it saved (``modules_to_save``: a classifier
+            head). False leaves them out: the adapter's own update alone, e.g. to combine it with
+            adapters of other tasks on a model that has another head.
 
     Raises:
         ValueError: wrong format, unknown method or field, different base model, missing, extra
@@ -355,6 +359,7 @@ def load(
         activate=activate,
         strict_base=strict_base,
         quantize=quantize,
+        module_copies=module_copies,
     )
 
 
@@ -369,11 +374,19 @@ def load_read(
     activate: bool = True,
     strict_base: bool = True,
     quantize: bool | None = None,
+    module_copies: bool = True,
 ) -> wrapper.Attachment:
     """:func:`load` of an adapter already read (:func:`read_adapter`): for a caller that checks the
     files before loading them, so that what it checked is what loads."""
     method = contract.method_from_config(config["method"], config["config"])
-    check_fingerprint(model, config["fingerprint"], where, strict_base=strict_base)
+    copies = list(config.get("modules_to_save") or [])
+    fingerprint = config["fingerprint"]
+    if not module_copies:  # the copies, and the base modules they copy, play no part
+        tensors = {k: v for k, v in tensors.items() if not any(k.startswith(f"{p}.module.") for p in copies)}
+        if isinstance(fingerprint, Mapping):
+            fingerprint = {p: v for p, v in fingerprint.items() if p not in copies}
+        copies = []
+    check_fingerprint(model, fingerprint, where, strict_base=strict_base)
     plan = quantized_base.load_plan(model, config.get(quantized_base.RECORD_KEY), quantize, where)
     name = name if name is not None else str(config.get("adapter_name", "default"))
     return inject_filled(
@@ -389,7 +402,7 @@ def load_read(
             k: {f: from_jsonable(v, f"overrides[{k!r}].{f}") for f, v in vals.items()}
             for k, vals in (config.get("overrides") or {}).items()
         },
-        modules_to_save=list(config.get("modules_to_save") or []),
+        modules_to_save=copies,
         seed=int(config.get("seed", 0)),
         activate=activate,
     )
