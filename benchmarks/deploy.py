@@ -83,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "datasets"))
     p.add_argument("--work", help="folder for the run and the files (default: a temporary one)")
     p.add_argument("--json", help="also write the results here")
+    p.add_argument("--reuse", action="store_true", help="keep the run and the exports already in --work")
     args = p.parse_args(argv)
     from llama_cpp import Llama
 
@@ -98,20 +99,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train += ["--targets", "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     train += ["--lr", "1e-3"]
     train += ["--batch-size", "4", "--max-length", "256", "--checkpoint-every", "0", "--no-progress"]
-    deltatune(*train, "--out", str(run), "--overwrite", env=env)
     adapter = run / "adapter"
-    export = ["export", str(adapter), "--overwrite", "--out"]
-    deltatune(*export, str(root / "gguf"), "--to", "gguf", "--gguf-type", "f32", env=env)
-    for kind in ("f16", "q8_0"):
-        deltatune(*export, str(root / f"merged-{kind}"), "--to", "gguf-merged", "--gguf-type", kind, env=env)
+    if not (args.reuse and (root / "merged-q8_0").is_dir()):
+        deltatune(*train, "--out", str(run), "--overwrite", env=env)
+        export = ["export", str(adapter), "--overwrite", "--out"]
+        deltatune(*export, str(root / "gguf"), "--to", "gguf", "--gguf-type", "f32", env=env)
+        for kind in ("f16", "q8_0"):
+            deltatune(
+                *export, str(root / f"merged-{kind}"), "--to", "gguf-merged", "--gguf-type", kind, env=env
+            )
 
     loaded, tokenizer = load_model("smollm2", "generation")
     model: Any = loaded.eval()
-    prompts = [
-        tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True)
+    texts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+        )
         for q in PROMPTS
     ]
-    prompts = [list(map(int, p["input_ids"] if isinstance(p, dict) else p)) for p in prompts]
+    prompts = [list(map(int, tokenizer(t, add_special_tokens=False)["input_ids"])) for t in texts]
 
     def ours(ids: list[int]) -> np.ndarray:
         with torch.no_grad():

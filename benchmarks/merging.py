@@ -81,16 +81,16 @@ def score(task: str, adapters: dict[str, Path], args: argparse.Namespace, seed: 
 
     out = {"separate adapter": accuracy()}
     # The floor: T's trained head alone (its LoRA scaled to zero).
-    dt.combine(model, {task: 0.0}, "head only", how="linear", keep_modules_of=task)
-    dt.set_active(model, "head only")
+    dt.combine(model, {task: 0.0}, "head_only", how="linear", keep_modules_of=task)
+    dt.set_active(model, "head_only")
     out["head only (no LoRA)"] = accuracy()
-    for label, row in ROWS.items():
+    for i, (label, row) in enumerate(ROWS.items()):
         options = {k: v for k, v in row.items() if k not in ("weight",)}
         weights = {n: row["weight"] for n in (task, *others)}
-        dt.combine(model, weights, label, keep_modules_of=task, seed=seed, **options)
-        dt.set_active(model, label)
+        dt.combine(model, weights, f"row{i}", keep_modules_of=task, seed=seed, **options)
+        dt.set_active(model, f"row{i}")
         out[label] = accuracy()
-        dt.delete_adapter(model, label)
+        dt.delete_adapter(model, f"row{i}")
     return out
 
 

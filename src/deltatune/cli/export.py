@@ -111,10 +111,10 @@ def _template(args: argparse.Namespace, model_name: str) -> Path | None:
     return None
 
 
-def _lora_summary(report: LoraExport, what: str) -> str:
+def _lora_summary(report: LoraExport, what: str, where: Path) -> str:
     ranks = sorted(set(report.ranks.values()))
     rank = str(ranks[0]) if len(ranks) == 1 else f"{ranks[0]}-{ranks[-1]}"
-    line = f"wrote {what} (rank {rank} on {len(report.ranks)} modules) to {report.folder}"
+    line = f"wrote {what} (rank {rank} on {len(report.ranks)} modules) to {where}"
     if report.max_error > 0:
         worst = max(report.errors, key=lambda p: report.errors[p])
         line += (
@@ -148,7 +148,7 @@ def run_export(args: argparse.Namespace) -> int:
             if error > 0:
                 print(f"  {path}: rank {report.ranks[path]}, relative error {error:.4g}")
         how = "vllm serve BASE --enable-lora --lora-modules NAME=" if args.runtime == "vllm" else ""
-        print(_lora_summary(report, f"a plain LoRA for {args.runtime}"))
+        print(_lora_summary(report, f"a plain LoRA for {args.runtime}", report.folder))
         print(f"load it with peft.PeftModel.from_pretrained(base, '{out}')" if not how else f"{how}{out}")
         return 0
     template = _template(args, run.model)
@@ -174,7 +174,7 @@ def run_export(args: argparse.Namespace) -> int:
     if args.to == "gguf-merged":
         print(f"wrote {out / f'model-{gguf_type}.gguf'}: llama-cli -m {out / f'model-{gguf_type}.gguf'}")
         return 0
-    print(_lora_summary(written["lora"], "llama.cpp's LoRA adapter.gguf"))
+    print(_lora_summary(written["lora"], "llama.cpp's LoRA", out.resolve() / "adapter.gguf"))
     if template is None:
         print(
             "no base GGUF written (pass --gguf-base FILE, a GGUF of the base, to write one beside it); "
