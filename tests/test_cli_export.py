@@ -198,3 +198,13 @@ def test_combine_writes_an_adapter_that_load_export_and_chat_read(
         main(["combine", s.lora, other, "--how", "ties", "--density", "2", "--out", str(tmp_path / "d")]) == 2
     )
     assert "must be in (0, 1]" in capsys.readouterr().err and not (tmp_path / "d").exists()
+
+
+def test_combine_refuses_an_adapter_of_another_base(s: Setup, tmp_path: Path, capsys: Any) -> None:
+    other_base = save_tiny_chat_llama(tmp_path / "other-base", seed=1)
+    model, _ = load_model(other_base, "generation")
+    dt.inject(model, dt.LoRA(rank=4), targets=["all-linear"], seed=1)
+    save(model, tmp_path / "foreign", base_model=other_base)
+    out = tmp_path / "c"
+    assert main(["combine", s.lora, str(tmp_path / "foreign"), "--out", str(out)]) == 2
+    assert "--no-strict-base" in capsys.readouterr().err and not out.exists()
