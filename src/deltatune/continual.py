@@ -41,7 +41,8 @@ import torch
 from torch import nn
 
 from . import contract
-from .formats.io import WEIGHTS_NAME, load_read, read_adapter
+from .formats.io import WEIGHTS_NAME, read_adapter
+from .formats.io import load as load_adapter
 from .methods.lowrank.task_loras import TaskLoRAs
 from .runtime import checks, core, wrapper
 from .runtime.compose import reconfigure
@@ -225,4 +226,6 @@ def load(
             f"LoRA for {missing} (it holds {sorted(held)}): the sequence is incomplete; save it again "
             "from the model that learnt every task"
         )
-    return load_read(model, config, tensors, where, name=name, trainable=trainable, strict_base=strict_base)
+    return load_adapter(
+        model, folder, name=name, trainable=trainable, strict_base=strict_base, read=(config, tensors)
+    )

@@ -39,6 +39,17 @@ __all__ = [
 ]
 
 
+def documented_parser(sub: Any, name: str, helptext: str, doc: str | None) -> argparse.ArgumentParser:
+    """A subcommand whose ``--help`` shows its module's docstring, with ``--out`` and
+    ``--overwrite`` (every command that writes a folder: new or empty, else replaced whole)."""
+    s: argparse.ArgumentParser = sub.add_parser(
+        name, help=helptext, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    s.add_argument("--out", required=True, help="the folder to write (new or empty, else --overwrite)")
+    s.add_argument("--overwrite", action="store_true", help="replace an existing --out whole")
+    return s
+
+
 def add_loading_flags(s: argparse.ArgumentParser) -> None:
     """The adapter folder and how to load it: the flags of every command that loads a saved adapter
     onto its base (``eval``, ``merge``, ``export``)."""

@@ -21,24 +21,17 @@ from ..formats.files import check_out
 from ..formats.io import CONFIG_NAME, load, read_config
 from ..train.provenance import recorded
 from ..train.provenance import save as harness_save
-from .adapter import _load_adapted, _run_options, add_quantize_flag
+from .adapter import _load_adapted, _run_options, add_quantize_flag, documented_parser
 
 __all__ = ["add_parser", "run_combine"]
 
 
 def add_parser(sub: Any) -> None:
     """Add ``combine`` to the ``deltatune`` command's subparsers."""
-    s = sub.add_parser(
-        "combine",
-        help="combine saved adapters into one (task arithmetic, TIES, DARE, SVD, ...)",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    s = documented_parser(sub, "combine", "combine saved adapters into one (TIES, DARE, SVD, ...)", __doc__)
     s.add_argument(
         "adapters", nargs="+", help="adapter folders (two or more; one for a scaled or pruned copy)"
     )
-    s.add_argument("--out", required=True, help="folder for the combined adapter (new or empty)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing --out whole")
     s.add_argument(
         "--weights", nargs="+", type=float, metavar="W", help="one weight per adapter (default: 1 each)"
     )

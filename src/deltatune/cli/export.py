@@ -21,7 +21,7 @@ from ..formats.files import check_out, write_folder
 from ..formats.gguf import GGUF_TYPES, export_gguf_lora, export_gguf_model
 from ..formats.lora import LoraExport, export_lora
 from ..runtime.core import merge
-from .adapter import add_loading_flags, load_for_command, write_merged
+from .adapter import add_loading_flags, documented_parser, load_for_command, write_merged
 
 __all__ = ["TARGETS", "add_parser", "run_export"]
 
@@ -37,12 +37,8 @@ _TASK_TYPES = {"classification": "SEQ_CLS", "regression": "SEQ_CLS", "generation
 
 def add_parser(sub: Any) -> None:
     """Add ``export`` to the ``deltatune`` command's subparsers."""
-    s = sub.add_parser(
-        "export",
-        help="write a trained adapter for another runtime: PEFT/vLLM LoRA, llama.cpp GGUF, a merged model",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    helptext = "write a trained adapter for another runtime: PEFT/vLLM LoRA, llama.cpp GGUF, a merged model"
+    s = documented_parser(sub, "export", helptext, __doc__)
     add_loading_flags(s)
     s.add_argument(
         "--to",
@@ -50,8 +46,6 @@ def add_parser(sub: Any) -> None:
         choices=sorted(TARGETS),
         help="; ".join(f"{k}: {v}" for k, v in TARGETS.items()),
     )
-    s.add_argument("--out", required=True, help="the folder to write (new or empty, else --overwrite)")
-    s.add_argument("--overwrite", action="store_true", help="replace an existing --out whole")
     s.add_argument(
         "--for",
         dest="runtime",

@@ -326,6 +326,7 @@ def load(
     strict_base: bool = True,
     quantize: bool | None = None,
     module_copies: bool = True,
+    read: tuple[Mapping[str, Any], Mapping[str, torch.Tensor]] | None = None,
 ) -> wrapper.Attachment:
     """Inject the adapter saved in ``folder`` into ``model`` and load its tensors.
 
@@ -343,41 +344,15 @@ def load(
         module_copies: load the full module copies it saved (``modules_to_save``: a classifier
             head). False leaves them out: the adapter's own update alone, e.g. to combine it with
             adapters of other tasks on a model that has another head.
+        read: the folder's ``(config, tensors)`` as :func:`read_adapter` read them, for a caller
+            that checks the files before loading them (what it checked is then what loads).
 
     Raises:
         ValueError: wrong format, unknown method or field, different base model, missing, extra
             or mis-shaped tensors, corrupted file. The model is left as it was.
     """
-    config, tensors = read_adapter(folder)
-    return load_read(
-        model,
-        config,
-        tensors,
-        str(Path(folder)),
-        name=name,
-        trainable=trainable,
-        activate=activate,
-        strict_base=strict_base,
-        quantize=quantize,
-        module_copies=module_copies,
-    )
-
-
-def load_read(
-    model: nn.Module,
-    config: Mapping[str, Any],
-    tensors: Mapping[str, torch.Tensor],
-    where: str,
-    *,
-    name: str | None = None,
-    trainable: bool = False,
-    activate: bool = True,
-    strict_base: bool = True,
-    quantize: bool | None = None,
-    module_copies: bool = True,
-) -> wrapper.Attachment:
-    """:func:`load` of an adapter already read (:func:`read_adapter`): for a caller that checks the
-    files before loading them, so that what it checked is what loads."""
+    config, tensors = read if read is not None else read_adapter(folder)
+    where = str(Path(folder))
     method = contract.method_from_config(config["method"], config["config"])
     copies = list(config.get("modules_to_save") or [])
     fingerprint = config["fingerprint"]
