@@ -235,32 +235,10 @@ def combine(
     """
     _check(weights, how, density, rank, energy)
     att = attachment_of(model)
-    infos = [att.info(n) for n in weights]
     if name in att.adapters:
         raise ValueError(f"adapter {name!r} already exists on this model")
-    saved = [i.name for i in infos if i.modules_to_save]
-    if keep_modules_of is not None and keep_modules_of not in weights:
-        raise ValueError(f"combine: keep_modules_of={keep_modules_of!r} is not one of the adapters combined")
-    if saved and keep_modules_of is None:
-        copies = ", ".join(att.info(saved[0]).modules_to_save)
-        raise ValueError(
-            f"combine: {saved[0]!r} saves whole modules (modules_to_save: {copies}), "
-            "whose copies cannot be combined; pass keep_modules_of=NAME (--keep-modules-of) to keep one "
-            "adapter's copies (a task's own head)"
-        )
-    updates = {i.name: module_updates(model, i.name, "combine") for i in infos}
-    for n, per_module in updates.items():
-        broken = next((p for p, u in per_module.items() if not bool(_dense(u).isfinite().all())), None)
-        if broken is not None:
-            raise ValueError(f"combine: adapter {n!r} holds non-finite values at {broken!r}; fix or drop it")
+    updates = _read_updates(model, weights, missing, keep_modules_of)
     paths = [p for p in att.wrappers if any(p in u for u in updates.values())]
-    uneven = [p for p in paths if not all(p in u for u in updates.values())]
-    if uneven and missing != "zero":
-        lacking = next(n for n, u in updates.items() if uneven[0] not in u)
-        raise ValueError(
-            f"combine: {lacking!r} does not adapt {uneven[0]!r} ({len(uneven)} such modules); pass "
-            "missing='zero' (--missing zero) to let an adapter add nothing where it has no update"
-        )
     generator = torch.Generator().manual_seed(seed)
     inputs = max(_rank(u) for per_module in updates.values() for u in per_module.values())
     factors: dict[str, Factors] = {}
@@ -283,7 +261,41 @@ def combine(
         factors[path] = _stored(_cancelled(combined, parts, part_weights, kind), exact, energy, inputs, kind)
     layers = {p: _lora_layer(att.wrappers[p].base, f, dtypes[p]) for p, f in factors.items()}
     configs = {p: layer.config for p, layer in layers.items()}
-    return attach_combined(model, name, configs, layers, seed=infos[0].seed, copies_of=keep_modules_of)
+    seed_of = att.info(next(iter(weights))).seed
+    return attach_combined(model, name, configs, layers, seed=seed_of, copies_of=keep_modules_of)
+
+
+def _read_updates(
+    model: nn.Module, weights: Mapping[str, float], missing: str | None, keep_modules_of: str | None
+) -> dict[str, dict[str, Update]]:
+    """adapter -> path -> its exact update, after refusing what cannot be combined (module copies
+    without ``keep_modules_of``, non-finite values, other modules without a ``missing`` rule)."""
+    att = attachment_of(model)
+    infos = [att.info(n) for n in weights]
+    saved = [i.name for i in infos if i.modules_to_save]
+    if keep_modules_of is not None and keep_modules_of not in weights:
+        raise ValueError(f"combine: keep_modules_of={keep_modules_of!r} is not one of the adapters combined")
+    if saved and keep_modules_of is None:
+        copies = ", ".join(att.info(saved[0]).modules_to_save)
+        raise ValueError(
+            f"combine: {saved[0]!r} saves whole modules (modules_to_save: {copies}), "
+            "whose copies cannot be combined; pass keep_modules_of=NAME (--keep-modules-of) to keep one "
+            "adapter's copies (a task's own head)"
+        )
+    updates = {i.name: module_updates(model, i.name, "combine") for i in infos}
+    for n, per_module in updates.items():
+        broken = next((p for p, u in per_module.items() if not bool(_dense(u).isfinite().all())), None)
+        if broken is not None:
+            raise ValueError(f"combine: adapter {n!r} holds non-finite values at {broken!r}; fix or drop it")
+    paths = {p for u in updates.values() for p in u}
+    uneven = [p for p in att.wrappers if p in paths and not all(p in u for u in updates.values())]
+    if uneven and missing != "zero":
+        lacking = next(n for n, u in updates.items() if uneven[0] not in u)
+        raise ValueError(
+            f"combine: {lacking!r} does not adapt {uneven[0]!r} ({len(uneven)} such modules); pass "
+            "missing='zero' (--missing zero) to let an adapter add nothing where it has no update"
+        )
+    return updates
 
 
 def _lora_layer(base: nn.Module, f: Factors, dtype: torch.dtype) -> LoRALayer:
