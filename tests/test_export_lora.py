@@ -236,3 +236,29 @@ def test_a_qpissa_adapter_is_refused_and_a_qlora_one_exports(tmp_path: Path) -> 
     dt.inject(qlora, dt.LoRA(rank=4), targets=["0"])
     quantize(qlora, ["0"])
     assert export_lora(qlora, tmp_path / "qlora").ranks == {"0": 4}
+
+
+def test_targets_that_are_suffixes_of_other_modules_are_written_as_one_expression(tmp_path: Path) -> None:
+    class Nested(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            torch.manual_seed(0)
+            self.fc1 = nn.Linear(8, 8)
+            self.block = nn.Sequential()
+            self.block.add_module("fc1", nn.Linear(8, 8))
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.block(self.fc1(x))
+
+    model = Nested()
+    dt.inject(model, dt.LoRA(rank=2), targets=dt.Target(pattern="fc1"))  # the root's fc1 only
+    with torch.no_grad():
+        for p in dt.trainable_parameters(model):
+            p.add_(0.3)
+    x = torch.randn(3, 8)
+    export_lora(model, tmp_path / "nested")
+    saved = json.loads((tmp_path / "nested" / "adapter_config.json").read_text())
+    assert saved["target_modules"] == "^(?:fc1)$"  # a list entry "fc1" would also take block.fc1
+    loaded = peft.PeftModel.from_pretrained(Nested(), tmp_path / "nested").eval()
+    assert not any("block.fc1.lora_A" in n for n, _ in loaded.named_parameters())
+    assert torch.allclose(loaded(x), model(x), atol=1e-6)

@@ -45,6 +45,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from .. import anatomy
 from ..runtime.deltas import Factors, module_updates, truncate
 from ..runtime.wrapper import Attachment, attachment_of
 from . import files
@@ -106,6 +107,17 @@ def lora_factors(
         kind = str(getattr(att.wrappers[path].adapters[name], "kind", "linear"))
         out[path], errors[path] = truncate(update, approximate_rank, kind)
     return name, out, errors
+
+
+def _target_modules(model: nn.Module, paths: list[str]) -> list[str] | str:
+    """PEFT's ``target_modules``: the paths as a list (PEFT matches an entry as a name or a dotted
+    suffix), or, where an entry would also match another module (``fc1`` and ``block.fc1``), one
+    regular expression that PEFT matches against whole names."""
+    names = [n for n, _ in anatomy.named_modules(model)]
+    chosen = set(paths)
+    if any(n not in chosen and n.endswith("." + p) for n in names for p in paths):
+        return "^(?:" + "|".join(re.escape(p) for p in paths) + ")$"
+    return paths
 
 
 def _anchored(path: str) -> str:
@@ -208,7 +220,7 @@ def export_lora(
         "alpha_pattern": {
             _anchored(p): f.scale * f.rank for p, f in factors.items() if (f.rank, f.scale) != common
         },
-        "target_modules": sorted(factors),
+        "target_modules": _target_modules(model, sorted(factors)),
         "lora_dropout": 0.0,
         "bias": "none",
         "use_rslora": False,
