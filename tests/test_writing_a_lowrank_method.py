@@ -98,3 +98,29 @@ def test_lora_xs_trains_r_squared_values_and_its_update_is_b_r_a(registered: typ
     torch.testing.assert_close(net(x), expected)
     U, S, Vh = torch.linalg.svd(base.weight.detach())
     torch.testing.assert_close(layer.B @ layer.A, (U[:, :2] * S[:2]) @ Vh[:2])  # the top-2 part of W
+
+
+def test_lora_xs_exports_as_a_plain_lora_and_combines_with_no_more_code(
+    registered: type, tmp_path: Path
+) -> None:
+    import deltatune as dt
+
+    peft = pytest.importorskip("peft")
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 5))
+    x = torch.randn(3, 6)
+    dt.inject(net, LoRAXS(rank=2, alpha=4.0), targets=["0"], name="a")
+    dt.inject(net, LoRAXS(rank=2, alpha=4.0), targets=["0"], name="b", activate=False)
+    with torch.no_grad():
+        for name in ("a", "b"):
+            dt.attachment_of(net).layers(name)["0"].R.copy_(torch.randn(2, 2))
+    dt.export_lora(net, tmp_path / "xs", "a")
+    torch.manual_seed(0)
+    fresh = nn.Sequential(nn.Linear(6, 5))
+    loaded = peft.PeftModel.from_pretrained(fresh, tmp_path / "xs").eval()
+    torch.testing.assert_close(loaded(x), net(x))
+    dt.set_active(net, ["a", "b"])
+    both = net(x)
+    dt.combine(net, {"a": 1.0, "b": 1.0}, "ab")
+    dt.set_active(net, "ab")
+    torch.testing.assert_close(net(x), both)
