@@ -22,7 +22,6 @@ correlation between the adapter's logit change in llama.cpp (base+LoRA minus bas
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -35,6 +34,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from gsm8k_chat import write_chat_files  # type: ignore[import-not-found]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import write_json  # type: ignore[import-not-found]
 
 PROMPTS = [
     "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
@@ -175,9 +177,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         result[name] = row
         print(f"{name}: {row}", flush=True)
     print(f"base f32 (no adapter): {result['base f32 (no adapter)']}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
     return result
 
 

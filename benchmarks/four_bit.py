@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import write_json  # type: ignore[import-not-found]
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
 from data_memory import measured
 from gsm8k_chat import write_chat_files  # type: ignore[import-not-found]
@@ -71,9 +73,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         result["runs"][name] = run
         print(f"{name}: {run}", flush=True)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
     return result
 
 

@@ -31,6 +31,9 @@ from typing import Any
 
 import torch
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import write_json  # type: ignore[import-not-found]
+
 TASKS = ("sst2", "agnews", "mrpc")
 ROWS: dict[str, dict[str, Any]] = {
     "linear (mean)": {"how": "linear", "weight": 1 / 3},
@@ -170,9 +173,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for task in TASKS:
         print(task, {r: f"{m:.1f} ± {s:.1f}" for r, (m, s) in summary[task].items()})
     print(f"negation (adapter minus itself) gives the base's logits exactly: {exact}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
     if args.plot:
         plot(summary, args.plot)
     return result

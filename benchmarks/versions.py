@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_file import write_json  # type: ignore[import-not-found]
 from speed import TARGETS, Run, build  # type: ignore[import-not-found]
 
 import deltatune as dt
@@ -106,9 +107,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             result[kind][f"{row} this / floor"] = ratio(times, f"{row} this", "floor")
             result[kind][f"{row} other / floor"] = ratio(times, f"{row} other", "floor")
     print(json.dumps(result, indent=1))
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    write_json(args.json, result)
     return result
 
 
