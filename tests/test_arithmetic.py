@@ -295,3 +295,23 @@ def test_heads_of_other_tasks_stay_out_and_the_kept_one_comes_along(tmp_path: An
     dt.set_active(model, "c")
     assert attachment_of(model).info("c").modules_to_save == ("head",)
     assert torch.allclose(model(X), expected, atol=1e-5)
+
+
+def test_an_update_beyond_the_weight_is_refused_not_dropped(tmp_path: Any) -> None:
+    """BitFit trains biases and SAID may too: merge writes them, but a weight combination or a LoRA
+    would silently lose them."""
+    from deltatune.formats.lora import export_lora
+
+    for method in (
+        dt.BitFit(),
+        dt.IntrinsicDimension(**{**dict(REGISTRY["intrinsic"].suite.example), "bias": True}),
+    ):
+        model = Net()
+        dt.inject(model, method, targets=TARGETS, name="a")
+        with torch.no_grad():
+            for p in dt.trainable_parameters(model):
+                p.add_(0.3)
+        with pytest.raises(ValueError, match="changes the module's bias"):
+            dt.combine(model, {"a": 1.0}, "c", rank="full")
+        with pytest.raises(ValueError, match="changes the module's bias.*--to merged"):
+            export_lora(model, tmp_path / type(method).__name__, approximate_rank=4)

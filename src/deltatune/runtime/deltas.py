@@ -16,7 +16,6 @@ import torch
 from torch import nn
 
 from ..contract.layer import as_layer, in_weight_layout
-from .merged import merged_module
 from .quant import NF4Linear
 from .wrapper import attachment_of
 
@@ -76,20 +75,32 @@ def truncate(delta: torch.Tensor, rank: int, kind: str) -> tuple[Factors, float]
     return Factors(A.to(delta.dtype), B.to(delta.dtype), 1.0, kind), error
 
 
-def weight_change(layer: nn.Module, base: nn.Module, path: str) -> torch.Tensor | None:
-    """The layer's update of ``base``'s weight in PEFT's (out, in) orientation; None if it has none."""
+def weight_change(layer: nn.Module, base: nn.Module, path: str, what: str) -> torch.Tensor | None:
+    """The layer's update of ``base``'s weight in PEFT's (out, in) orientation; None if it makes none.
+
+    Raises:
+        ValueError: merging the layer changes other tensors of the module too (BitFit's bias, SAID's
+            bias rows): weight arithmetic and a LoRA hold a weight change only, and would lose them.
+    """
     own = as_layer(layer)
-    delta = own.delta_weight()
     kind = getattr(layer, "kind", "linear")
-    if delta is None:
-        if own.merged(base) is None or not isinstance(getattr(base, "weight", None), torch.Tensor):
-            return None
-        plain = base.dequantize() if getattr(base, "quantized", False) else base  # type: ignore[operator]
-        after = merged_module(layer, plain, path).weight
-        before = plain.weight
-        assert isinstance(after, torch.Tensor) and isinstance(before, torch.Tensor)
-        delta = after.detach().float() - before.detach().float()
-    return in_weight_layout(delta.detach(), kind)  # (the layout swap is its own inverse)
+    plain = base.dequantize() if getattr(base, "quantized", False) else base  # type: ignore[operator]
+    merged = own.merged(plain)
+    if merged is None:  # merge writes delta_weight into the weight, and nothing else
+        delta = own.delta_weight()
+        return None if delta is None else in_weight_layout(delta.detach(), kind)
+    old, new = plain.state_dict(), merged.state_dict()
+    others = [k for k, t in new.items() if k != "weight" and not torch.equal(t, old.get(k, t))]
+    if others:
+        raise ValueError(
+            f"{what}: {type(layer).__name__} at {path!r} changes the module's {', '.join(others)}, not "
+            "only its weight, which weight arithmetic and a LoRA cannot hold; export the merged model "
+            "(--to merged) or serve the adapter with deltatune"
+        )
+    after, before = new.get("weight"), old.get("weight")
+    if not isinstance(after, torch.Tensor) or not isinstance(before, torch.Tensor):
+        return None
+    return in_weight_layout((after.float() - before.float()).detach(), kind)  # (its own inverse)
 
 
 def check_not_residual(base: nn.Module, path: str, method: str, what: str) -> None:
@@ -122,7 +133,7 @@ def module_updates(model: nn.Module, adapter: str, what: str) -> dict[str, Facto
             A, B, scale = form
             out[path] = compact(Factors(A, B, float(scale), kind))
             continue
-        delta = weight_change(layer, base, path)
+        delta = weight_change(layer, base, path, what)
         if delta is None:
             raise ValueError(
                 f"{what}: {method} at {path!r} is not a change of the module's weight "
