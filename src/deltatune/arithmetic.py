@@ -242,11 +242,11 @@ def combine(
     generator = torch.Generator().manual_seed(seed)
     inputs = max(_rank(u) for per_module in updates.values() for u in per_module.values())
     factors: dict[str, Factors] = {}
-    dtypes: dict[str, torch.dtype] = {}
+    like: dict[str, torch.Tensor] = {}  # path -> a tensor of the adapters' dtype and device
     for path in paths:
         present = [n for n in weights if path in updates[n]]
         parts = [updates[n][path] for n in present]
-        dtypes[path] = parts[0].A.dtype if isinstance(parts[0], Factors) else parts[0].dtype
+        like[path] = parts[0].A if isinstance(parts[0], Factors) else parts[0]
         kind = str(getattr(att.wrappers[path].adapters[present[0]], "kind", "linear"))
         part_weights = [float(weights[n]) for n in present]
         combined = combined_update(
@@ -259,7 +259,7 @@ def combine(
         )
         exact = "full" if how in ("cat", "linear") and rank is None else rank  # (a dense sum stays exact)
         factors[path] = _stored(_cancelled(combined, parts, part_weights, kind), exact, energy, inputs, kind)
-    layers = {p: _lora_layer(att.wrappers[p].base, f, dtypes[p]) for p, f in factors.items()}
+    layers = {p: _lora_layer(att.wrappers[p].base, f, like[p]) for p, f in factors.items()}
     configs = {p: layer.config for p, layer in layers.items()}
     seed_of = att.info(next(iter(weights))).seed
     return attach_combined(model, name, configs, layers, seed=seed_of, copies_of=keep_modules_of)
@@ -298,10 +298,11 @@ def _read_updates(
     return updates
 
 
-def _lora_layer(base: nn.Module, f: Factors, dtype: torch.dtype) -> LoRALayer:
-    """A LoRA layer holding ``f`` (scale 1: ``alpha == rank``) in the adapters' ``dtype``."""
+def _lora_layer(base: nn.Module, f: Factors, like: torch.Tensor) -> LoRALayer:
+    """A LoRA layer holding ``f`` (scale 1: ``alpha == rank``) in the dtype and on the device of the
+    adapters it combines (``like``)."""
     config = LoRA(rank=f.rank, alpha=float(f.rank))
-    layer = LoRALayer(config, f.kind, int(f.A.shape[1]), int(f.B.shape[0]), dtype, base)
+    layer = LoRALayer(config, f.kind, int(f.A.shape[1]), int(f.B.shape[0]), like.dtype, base).to(like.device)
     with torch.no_grad():
         layer.lora_A.copy_(f.A)
         layer.lora_B.copy_(f.B * f.scale)

@@ -151,19 +151,15 @@ class StepHooks:
 class Storage:
     """What is saved, and how adapters of this method combine."""
 
-    #: ``deltatune.combine`` can build one exact layer from several adapters' layers.
+    #: Its adapters' exact sum is again an adapter of the method (LoRA: the factors side by side).
+    #: Every method whose update is a weight change combines (:mod:`deltatune.arithmetic`, always
+    #: into a LoRA); this flag states the narrower fact.
     combinable: ClassVar[bool] = False
 
     def stored_method(self) -> Any:
         """The configuration written to ``adapter_config.json`` when the saved form differs from the
         training form (PiSSA saves a plain LoRA)."""
         return self
-
-    @classmethod
-    def combine_layers(cls, parts: list[tuple[nn.Module, float]]) -> tuple[Any, nn.Module]:
-        """The exact weighted combination (``parts``: (layer, weight) pairs) of several adapters'
-        layers on one module: (the combined config, its layer). Only for ``combinable`` methods."""
-        raise ValueError(f"{cls.__name__} is not combinable")
 
 
 @dataclass(frozen=True, kw_only=True)

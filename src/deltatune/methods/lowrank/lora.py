@@ -154,43 +154,6 @@ class LoRA(ScaledLowRank):
             out = dataclasses.replace(out, alpha=alpha)
         return out
 
-    @classmethod
-    def combine_layers(cls, parts: list[tuple[nn.Module, float]]) -> tuple[LoRA, LoRALayer]:
-        """Exact weighted sum: sum_i w_i s_i B_i A_i = [w_1 s_1 B_1 | ...] [A_1; ...] with scale 1."""
-        layers: list[LoRALayer] = []
-        for part, _ in parts:
-            if not isinstance(part, LoRALayer):
-                raise ValueError(
-                    f"LoRA.combine_layers: every part must be a LoRA layer, got {type(part).__name__}"
-                )
-            layers.append(part)
-        first = layers[0]
-        factors = [layer.factors() for layer in layers]
-        rank = sum(int(A.shape[0]) for A, _ in factors)
-        config = cls(rank=rank, alpha=float(rank), dropout=first.config.dropout)
-        out = LoRALayer(
-            config,
-            first.kind,
-            int(first.lora_A.shape[1]),
-            int(first.lora_B.shape[0]),
-            first.lora_A.dtype,
-            None,
-            first.embedding_kwargs,
-        )
-        with torch.no_grad():
-            out.lora_A.copy_(torch.cat([A for A, _ in factors], dim=0))
-            out.lora_B.copy_(
-                torch.cat(
-                    [
-                        w * layer.scale * B
-                        for layer, (_, B), (_, w) in zip(layers, factors, parts, strict=True)
-                    ],
-                    dim=1,
-                )
-            )
-        out.to(first.lora_A.device)
-        return config, out
-
 
 def lora_of(method: ScaledLowRank) -> LoRA:
     """The LoRA configuration with ``method``'s rank, alpha, dropout and scaling: what the layers of
