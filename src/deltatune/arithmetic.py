@@ -73,6 +73,15 @@ def _dense(update: Update) -> torch.Tensor:
     return update.product() if isinstance(update, Factors) else update.double()
 
 
+def _norm(update: Update) -> float:
+    """The Frobenius norm, without forming a low-rank update's dense product."""
+    return update.norm() if isinstance(update, Factors) else float(update.double().norm())
+
+
+def _finite(update: Update) -> bool:
+    return update.finite() if isinstance(update, Factors) else bool(update.isfinite().all())
+
+
 def _magnitude(t: torch.Tensor, density: float) -> torch.Tensor:
     """``t`` with all but its ``density`` largest-magnitude entries set to zero (PEFT's rule:
     ``int(density · numel)`` entries kept)."""
@@ -173,11 +182,12 @@ def _rank(u: Update) -> int:
 def _cancelled(combined: Update, parts: list[Update], weights: list[float], kind: str) -> Update:
     """Zero factors (rank 1) where the combination cancels to rounding (an adapter minus itself), so
     that the model's output is the base's exactly; else ``combined``."""
-    size = sum(float(_dense(u).norm()) * abs(w) for u, w in zip(parts, weights, strict=True))
-    dense = _dense(combined)
-    if float(dense.norm()) > 1e-12 * size:
+    size = sum(_norm(u) * abs(w) for u, w in zip(parts, weights, strict=True))
+    if _norm(combined) > 1e-12 * size:
         return combined
-    out_features, in_features = dense.shape
+    out_features, in_features = (
+        (combined.B.shape[0], combined.A.shape[1]) if isinstance(combined, Factors) else combined.shape
+    )
     return Factors(torch.zeros(1, in_features), torch.zeros(out_features, 1), 1.0, kind)
 
 
@@ -284,7 +294,7 @@ def _read_updates(
         )
     updates = {i.name: module_updates(model, i.name, "combine") for i in infos}
     for n, per_module in updates.items():
-        broken = next((p for p, u in per_module.items() if not bool(_dense(u).isfinite().all())), None)
+        broken = next((p for p, u in per_module.items() if not _finite(u)), None)
         if broken is not None:
             raise ValueError(f"combine: adapter {n!r} holds non-finite values at {broken!r}; fix or drop it")
     paths = {p for u in updates.values() for p in u}

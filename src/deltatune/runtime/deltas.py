@@ -10,6 +10,7 @@ best rank-r approximation of a dense update.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +35,15 @@ class Factors:
     @property
     def rank(self) -> int:
         return int(self.A.shape[0])
+
+    def norm(self) -> float:
+        """``‖scale · B A‖_F`` from the two r × r Gram matrices, without forming the (out, in) product."""
+        A, B = self.A.double(), self.B.double()
+        squared = float(((B.T @ B) * (A @ A.T)).sum().clamp(min=0.0))
+        return abs(self.scale) * math.sqrt(squared)
+
+    def finite(self) -> bool:
+        return bool(self.A.isfinite().all()) and bool(self.B.isfinite().all())
 
     def product(self) -> torch.Tensor:
         """``scale · B A`` as an (out, in) float64 matrix."""
