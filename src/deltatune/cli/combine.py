@@ -90,20 +90,19 @@ def run_combine(args: argparse.Namespace) -> int:
     if keep is not None and not 1 <= keep <= len(folders):
         raise ValueError(f"--keep-modules-of must be between 1 and {len(folders)}, not {keep}")
     out = check_out(args.out, overwrite=args.overwrite, what="deltatune combine")
-    kept = folders[(keep or 1) - 1]
+    first = (keep or 1) - 1
+    kept = folders[first]
     run = _run_options(kept, args.model, args.task, need_task=False)
     strict = not args.no_strict_base
+    # The base with the kept adapter (its head included) loaded as "default", then the others: with
+    # --keep-modules-of without their heads (module copies; they may be of other tasks), without it
+    # with them (and combine refuses them).
     model, _, _, _ = _load_adapted(kept, run, strict_base=strict, quantize=args.quantize)
-    names = [f"adapter{i + 1}" for i in range(len(folders))]
     model.eval()
-    from ..runtime.core import delete_adapter
-
-    delete_adapter(model, "default")
+    names = ["default" if i == first else f"adapter{i + 1}" for i in range(len(folders))]
     for i, (name, folder) in enumerate(zip(names, folders, strict=True)):
-        # With --keep-modules-of only the kept adapter's head (its module copies) loads: the others
-        # may be of other tasks; without it every copy loads, and combine refuses them.
-        own = keep is None or i == keep - 1
-        load(model, folder, name=name, activate=False, strict_base=strict, module_copies=own)
+        if i != first:
+            load(model, folder, name=name, activate=False, strict_base=strict, module_copies=keep is None)
     combine(
         model,
         dict(zip(names, weights, strict=True)),
