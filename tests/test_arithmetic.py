@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import torch
+from packaging.version import Version
 from torch import nn
 
 import deltatune as dt
@@ -169,20 +170,26 @@ def test_svd_keeps_the_rank_or_the_energy_asked() -> None:
     assert all(torch.allclose(exact[p], a[p] + b[p], atol=1e-5) for p in TARGETS)
 
 
+PEFT_NAMES = {"a": "task_one", "b": "task_two"}
+
+
 def peft_pair(rslora: bool) -> tuple[Any, nn.Module]:
     """The same two LoRAs in PEFT and in deltatune (PEFT's tensors imported)."""
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, use_rslora=rslora
     )
     torch.manual_seed(5)
-    theirs = peft.get_peft_model(Net(), config, adapter_name="a")
-    theirs.add_adapter("b", config)
+    # PEFT's own names are longer than ours: peft 0.18 saves every tensor whose key merely contains
+    # the adapter's name, and "a" is in "base_model", so its file for "a" also held b's tensors
+    theirs = peft.get_peft_model(Net(), config, adapter_name=PEFT_NAMES["a"])
+    theirs.add_adapter(PEFT_NAMES["b"], config)
     theirs.eval()
     ours = Net()
-    for name in ("a", "b"):
+    for name, peft_name in PEFT_NAMES.items():
         folder = f"/tmp/deltatune-arith-{name}-{int(rslora)}"
-        theirs.save_pretrained(folder, selected_adapters=[name])
-        dt.import_peft(ours, f"{folder}/{name}", name=name)  # (PEFT saves a named adapter in a subfolder)
+        theirs.save_pretrained(folder, selected_adapters=[peft_name])
+        # (PEFT saves a named adapter in a subfolder)
+        dt.import_peft(ours, f"{folder}/{peft_name}", name=name)
     return theirs, ours.eval()
 
 
@@ -196,12 +203,16 @@ def peft_pair(rslora: bool) -> tuple[Any, nn.Module]:
     ],
 )
 def test_peft_agrees_where_it_is_right(how: str, peft_how: str, kwargs: dict[str, Any]) -> None:
+    if peft_how != "cat" and Version(peft.__version__) < Version("0.21"):
+        # their _svd_generalized_task_arithmetic_weighted_adapter multiplied each weight by the
+        # adapter's scaling and then summed get_delta_weight, which scales again (0.21 dropped one)
+        pytest.skip(f"peft {peft.__version__}'s svd combinations apply the LoRA scaling twice")
     theirs, ours = peft_pair(rslora=False)
     weights = [0.6, 0.8]
     extra = {"svd_rank": kwargs["rank"]} if "rank" in kwargs else {}
     if "density" in kwargs:
         extra["density"] = kwargs["density"]
-    theirs.add_weighted_adapter(["a", "b"], weights, "c", combination_type=peft_how, **extra)
+    theirs.add_weighted_adapter(list(PEFT_NAMES.values()), weights, "c", combination_type=peft_how, **extra)
     theirs.set_adapter("c")
     dt.combine(ours, dict(zip("ab", weights, strict=True)), "c", how=how, **kwargs)
     dt.set_active(ours, "c")
@@ -213,7 +224,9 @@ def test_peft_is_wrong_for_rslora_and_ours_equals_the_dense_truth() -> None:
     """PEFT's svd result keeps use_rslora with lora_alpha = r, so it scales the truncated update by
     sqrt(r) instead of 1 (cf. peft issues on rsLoRA merging); ours is the dense truth."""
     theirs, ours = peft_pair(rslora=True)
-    theirs.add_weighted_adapter(["a", "b"], [1.0, 1.0], "c", combination_type="svd", svd_rank=8)
+    theirs.add_weighted_adapter(
+        list(PEFT_NAMES.values()), [1.0, 1.0], "c", combination_type="svd", svd_rank=8
+    )
     theirs.set_adapter("c")
     dt.combine(ours, {"a": 1.0, "b": 1.0}, "c", how="svd", rank=8)
     dt.set_active(ours, ["a", "b"])
