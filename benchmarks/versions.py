@@ -4,8 +4,9 @@ This machine's speed drifts by ±30 % between runs, so two runs of ``speed.py`` 
 cannot resolve a few percent. Here the other version's package (``--other``: a ``src`` folder, e.g.
 of a ``git worktree``) is copied to a temporary folder as ``deltatune_other`` (its own absolute
 ``deltatune`` imports rewritten) and both versions adapt the same model weights in one process:
-each round runs one training step (and one eval forward) of every row in turn, and the table gives
-the median of the per-round ratios (this version / the other). ``floor`` is the frozen base.
+each round runs one training step (and one eval forward) of every row in turn, in the opposite
+order every other round, and the table gives the median of the per-round ratios (this version /
+the other), with its quartiles under ``spread``. ``floor`` is the frozen base.
 
     git worktree add /tmp/before aed7521
     .venv/bin/python benchmarks/versions.py --other /tmp/before/src --rows lora dora --rounds 9 \\
@@ -83,7 +84,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     train: dict[str, list[float]] = {k: [] for k in runs}
     evals: dict[str, list[float]] = {k: [] for k in runs}
     for r in range(args.rounds):
-        for name, run in runs.items():
+        # the order alternates (ABBA): a row's place in the round (just after the floor, or last,
+        # with another model's buffers freshly allocated) is not folded into its ratio
+        order = list(runs.items()) if r % 2 == 0 else list(runs.items())[::-1]
+        for name, run in order:
             train[name].append(run.train_step(ids))
             evals[name].append(run.eval_step(ids))
         print(
@@ -91,8 +95,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             flush=True,
         )
 
+    def ratios(times: dict[str, list[float]], a: str, b: str) -> list[float]:
+        return [x / y for x, y in zip(times[a], times[b], strict=True)]
+
     def ratio(times: dict[str, list[float]], a: str, b: str) -> float:
-        return round(statistics.median(x / y for x, y in zip(times[a], times[b], strict=True)), 4)
+        return round(statistics.median(ratios(times, a, b)), 4)
 
     result: dict[str, Any] = {
         "other": args.other,
@@ -100,10 +107,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "rank": args.rank,
         "train": {},
         "eval": {},
+        "spread": {},
     }
     for row in args.rows:
         for kind, times in (("train", train), ("eval", evals)):
             result[kind][f"{row}: this / other"] = ratio(times, f"{row} this", f"{row} other")
+            if args.rounds >= 4:
+                q1, _, q3 = statistics.quantiles(ratios(times, f"{row} this", f"{row} other"), n=4)
+                result["spread"][f"{kind} {row}: this / other, quartiles"] = [round(q1, 4), round(q3, 4)]
             result[kind][f"{row} this / floor"] = ratio(times, f"{row} this", "floor")
             result[kind][f"{row} other / floor"] = ratio(times, f"{row} other", "floor")
     print(json.dumps(result, indent=1))

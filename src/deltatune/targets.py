@@ -6,8 +6,11 @@ A target specification is any of
 * ``"query-value"``: the attention query and value projections, by the names common models give
   them (:data:`QUERY_VALUE_NAMES`);
 * a string: an exact module path (``"encoder.layer.0.attention.self.query"``) or a dotted suffix of
-  one (``"query"``, ``"self.query"``);
-* a compiled regex (``re.compile(r".*\\.(query|value)")``): matched against the whole path;
+  one (``"query"``, ``"self.query"``); it also selects the weights of fused MoE experts by their
+  names (``"experts.gate_up_proj"``, ``"down_proj"``): the experts module is adapted, on those
+  weights only (:func:`parameter_targets`);
+* a compiled regex (``re.compile(r".*\\.(query|value)")``): matched against the whole path (of a
+  module, or of an expert weight);
 * a module class (``nn.Linear``): every module of that class;
 * a :class:`Target`: several constraints that must all hold (e.g. names *and* layer indices);
 * a list of the above: the union.
@@ -94,8 +97,32 @@ def query_value_names(modules: Iterable[str]) -> tuple[str, ...] | None:
     return next((names for names in QUERY_VALUE_NAMES if all(n in leaves for n in names)), None)
 
 
+#: The 3-D weights of transformers' fused experts, by the names its ``use_experts_implementation``
+#: contract gives them: ``gate_up_proj`` (gate and up fused) or ``up_proj``, then ``down_proj``.
+EXPERT_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
+
+
+def expert_weights(module: nn.Module) -> tuple[str, ...]:
+    """The names of the 3-D weights of a fused-experts module (``("gate_up_proj", "down_proj")`` for
+    Mixtral), or ``()`` when ``module`` is not one whose layout deltatune understands: transformers'
+    experts modules declare it (``num_experts``, ``has_gate``, ``is_transposed``; set by
+    ``transformers.integrations.moe.use_experts_implementation``), each weight ``(experts, out, in)``
+    or, transposed, ``(experts, in, out)``."""
+    if not all(hasattr(module, a) for a in ("num_experts", "has_gate", "is_transposed")):
+        return ()
+    first = "gate_up_proj" if module.has_gate else "up_proj"
+    names = (first, "down_proj")
+    experts = module.num_experts
+    for name in names:
+        weight = module._parameters.get(name)
+        if not isinstance(weight, torch.Tensor) or weight.ndim != 3 or weight.shape[0] != experts:
+            return ()
+    return names
+
+
 def module_kind(module: nn.Module) -> str | None:
-    """``"linear"``, ``"conv1d"`` (GPT-2's transposed linear), ``"embedding"``, ``"block"`` or None.
+    """``"linear"``, ``"conv1d"`` (GPT-2's transposed linear), ``"embedding"``, ``"experts"``
+    (transformers' fused experts, :func:`expert_weights`), ``"block"`` or None.
 
     A ``"block"`` is a callable module made of submodules that holds parameters (a transformer
     block, an MLP, an attention layer); containers that are not called (``nn.ModuleList``,
@@ -107,6 +134,8 @@ def module_kind(module: nn.Module) -> str | None:
         return "embedding"
     if is_conv1d(module):
         return "conv1d"
+    if expert_weights(module):
+        return "experts"
     if is_block(module):
         return "block"
     return None
@@ -230,7 +259,9 @@ def resolve(
     heads = _head_paths(model, modules)
     chosen: set[str] = set()
     for item in _named_sets(_as_list(spec), modules):
-        hits = {p for p, m in modules.items() if _matches(p, m, item, heads)}
+        hits = {p for p, m in modules.items() if _matches(p, m, item, heads)} | set(
+            _parameter_hits(item, modules)
+        )
         if not hits:
             hint = ""
             if isinstance(item, str) and any(c in item for c in "*+?[](){}|^$\\"):
@@ -241,6 +272,62 @@ def resolve(
             raise ValueError(f"target {_show(item)} matched no module{hint}; {_suggest(item, modules)}")
         chosen |= hits
     return [p for p in modules if p in chosen]
+
+
+def parameter_targets(
+    model: nn.Module, spec: TargetSpec, modules: dict[str, nn.Module] | None = None
+) -> dict[str, tuple[str, ...]]:
+    """The fused-experts modules that ``spec`` selects by the names of their weights alone
+    (``"experts.gate_up_proj"``, a suffix of ``"model.layers.0.mlp.experts.gate_up_proj"``, or a
+    regex over such paths), each with the weights selected, in the module's order. A module that
+    an item also selects as a whole (``"experts"``) is not listed: all its weights are adapted.
+
+    Raises:
+        ValueError: an item names a 3-D parameter of a module whose layout is not understood.
+    """
+    if modules is None:
+        modules = dict(model.named_modules())
+    modules = {p: m for p, m in modules.items() if p}
+    heads = _head_paths(model, modules)
+    items = _named_sets(_as_list(spec), modules)
+    whole = {p for item in items for p, m in modules.items() if _matches(p, m, item, heads)}
+    chosen: dict[str, set[str]] = {}
+    for item in items:
+        for owner, names in _parameter_hits(item, modules).items():
+            if owner not in whole:
+                chosen.setdefault(owner, set()).update(names)
+    return {
+        owner: tuple(n for n in expert_weights(modules[owner]) if n in names)
+        for owner, names in chosen.items()
+    }
+
+
+def _parameter_hits(item: object, modules: dict[str, nn.Module]) -> dict[str, set[str]]:
+    """owner path -> the names of its expert weights whose paths ``item`` (a string or a regex)
+    selects; a ``ValueError`` when it selects a 3-D parameter of a module of unknown layout."""
+    if not isinstance(item, (str, re.Pattern)) or item in (ALL_LINEAR, QUERY_VALUE):
+        return {}
+
+    def selects(path: str) -> bool:
+        return name_matches(path, item) if isinstance(item, str) else item.fullmatch(path) is not None
+
+    hits: dict[str, set[str]] = {}
+    for owner, module in modules.items():
+        known = expert_weights(module)
+        for name, param in module._parameters.items():
+            if param is None or param.ndim != 3 or not selects(f"{owner}.{name}"):
+                continue
+            if name not in known:
+                raise ValueError(
+                    f"target {_show(item)} selects the 3-D parameter {owner}.{name} "
+                    f"{tuple(param.shape)} of {type(module).__name__}, whose layout deltatune does not "
+                    "understand: it adapts the fused experts of transformers' MoE models (a module "
+                    "with num_experts, has_gate and is_transposed, as use_experts_implementation "
+                    "declares them, and weights gate_up_proj or up_proj, and down_proj, each "
+                    "(experts, out, in), or (experts, in, out) when is_transposed)"
+                )
+            hits.setdefault(owner, set()).add(name)
+    return hits
 
 
 def _named_sets(items: list[object], modules: dict[str, nn.Module]) -> list[object]:
@@ -271,7 +358,9 @@ def _show(item: object) -> str:
 
 
 def _suggest(item: object, modules: dict[str, nn.Module]) -> str:
-    leaves = sorted({p.split(".")[-1] for p in modules})
+    leaves = sorted(
+        {p.split(".")[-1] for p in modules} | {n for m in modules.values() for n in expert_weights(m)}
+    )
     probe = ""
     if isinstance(item, str):
         probe = item.split(".")[-1]

@@ -183,6 +183,26 @@ class Names(Check):
 
 
 @dataclass(frozen=True)
+class SubsetOf(Check):
+    """A tuple of distinct values out of ``options`` (empty: the field's meaning says what)."""
+
+    options: tuple[str, ...]
+
+    def ok(self, value: Any) -> bool:
+        return (
+            isinstance(value, tuple)
+            and all(isinstance(v, str) and v in self.options for v in value)
+            and len(set(value)) == len(value)
+        )
+
+    def describe(self) -> str:
+        return "a tuple of distinct names out of " + ", ".join(repr(o) for o in self.options)
+
+    def counterexample(self) -> Any:
+        return ("__not_an_option__",)
+
+
+@dataclass(frozen=True)
 class Instance(Check):
     """An instance of one of ``types`` (used for initialiser objects)."""
 

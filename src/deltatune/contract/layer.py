@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels.experts import ExpertUpdate, expert_delta, experts_forward
 from ..kernels.lowrank import lowrank_delta
 
 #: The key under which an adapter's shared state (:meth:`Method.make_shared`) is saved.
@@ -180,6 +181,54 @@ class LowRankLayer(AdditiveLayer):
         """``scale · B A`` in the layout of the base weight."""
         A, B = self.factors()
         return in_weight_layout((B @ A) * self.scale, self.kind)
+
+
+class ExpertsLayer(ReplacingLayer):
+    """A layer on a fused-experts module (:func:`deltatune.targets.expert_weights`): low-rank
+    updates of some of its 3-D weights, one per expert, that :mod:`deltatune.kernels.experts` applies
+    without forming any expert's dense update. It gives ``expert_factors()``; the forward, ``merged``
+    and the stacking of several adapters (the wrapper sums their updates, and routes them per
+    example) follow."""
+
+    def expert_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, nn.Module]]:
+        """weight name -> ``(A, B, scale, dropout)``, ``A`` ``(experts, r, in)``, ``B`` ``(experts,
+        out, r)``: the update of expert ``e``'s weight is ``scale · B[e] A[e]``."""
+        raise NotImplementedError(f"{type(self).__name__} must define expert_factors()")
+
+    def updates(self, rows: torch.Tensor | None = None) -> dict[str, list[ExpertUpdate]]:
+        """The updates the kernel adds, on the tokens whose ``rows`` mask is 1 (None: every token)."""
+        return {n: [ExpertUpdate(A, B, s, d, rows)] for n, (A, B, s, d) in self.expert_factors().items()}
+
+    def forward(self, base: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        return experts_forward(base, *expert_inputs(args, kwargs), self.updates())
+
+    def merged(self, base: nn.Module) -> nn.Module:
+        """A plain copy of the experts module with ``W[e] + scale · B[e] A[e]`` in each adapted weight."""
+        new = copy.copy(base)
+        new._parameters = dict(base._parameters)
+        new._buffers = dict(base._buffers)
+        new._modules = dict(base._modules)
+        for name, (A, B, scale, _) in self.expert_factors().items():
+            weight = base._parameters[name]
+            assert weight is not None
+            delta = expert_delta(A.detach().float(), B.detach().float(), scale, bool(base.is_transposed))
+            merged = (weight.detach().float() + delta.to(weight.device)).to(weight.dtype)
+            new._parameters[name] = nn.Parameter(merged, requires_grad=False)
+        return new
+
+
+def expert_inputs(
+    args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(hidden_states, top_k_index, top_k_weights)`` of an experts module's call."""
+    names = ("hidden_states", "top_k_index", "top_k_weights")
+    values = list(args) + [kwargs[n] for n in names[len(args) :] if n in kwargs]
+    if len(values) != 3 or len(args) + len(kwargs) != 3:
+        raise TypeError(
+            f"a fused-experts module is called with {', '.join(names)}; got {len(args)} positional "
+            f"and keyword arguments {sorted(kwargs)}"
+        )
+    return values[0], values[1], values[2]
 
 
 class Wrapped(nn.Module):

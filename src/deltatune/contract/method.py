@@ -67,7 +67,7 @@ def layers_of(attachment: AdapterView, name: str, kind: type[L]) -> dict[str, L]
 class Placement:
     """Which modules a method adapts, and where it goes when no targets are given."""
 
-    #: Module kinds it adapts: ``"linear"``, ``"conv1d"``, ``"embedding"``, ``"block"``.
+    #: Module kinds it adapts: ``"linear"``, ``"conv1d"``, ``"embedding"``, ``"experts"``, ``"block"``.
     layer_types: ClassVar[tuple[str, ...]] = ("linear",)
     #: It acts on a whole transformers body (embeddings, masks, KV cache), not on single layers.
     model_level: ClassVar[bool] = False

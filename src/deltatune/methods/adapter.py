@@ -98,7 +98,7 @@ class Adapter(Method):
     name: ClassVar[str] = "adapter"
     identity_at_init: ClassVar[bool] = True
     supports_mixed_batch: ClassVar[bool] = True
-    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "block")
+    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "block", "experts")
     suite: ClassVar[Suite] = Suite(example={"bottleneck": 4})
 
     def __post_init__(self) -> None:

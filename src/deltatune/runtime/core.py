@@ -201,10 +201,31 @@ def _plan(
         clash = [p for p in paths if p == sp or p.startswith(sp + ".") or sp.startswith(p + ".")]
         if clash:
             raise ValueError(f"modules_to_save {sp!r} overlaps the targeted module(s) {clash[:4]}")
+    _select_expert_weights(method, _targets.parameter_targets(model, targets, modules), override_map)
     spec.check_targets(model, paths)
     _check_overrides(method, override_map, paths)
     configs = {p: config_for(method, p, override_map) for p in paths}
     return _Plan(att, created, paths, save_paths, modules, configs, override_map)
+
+
+def _select_expert_weights(
+    method: Method, selection: Mapping[str, tuple[str, ...]], override_map: dict[str, dict[str, Any]]
+) -> None:
+    """Targets that name weights of fused experts (``"experts.down_proj"``) adapt those weights
+    only: an exact-path override of the method's ``expert_weights`` (saved with the adapter, so a
+    load rebuilds the same layers)."""
+    if not selection:
+        return
+    if "expert_weights" not in {f.name for f in dataclasses.fields(method)}:
+        path, names = next(iter(selection.items()))
+        raise ValueError(
+            f"{type(method).__name__} adapts fused experts as a whole module; the targets name only "
+            f"their weight(s) {list(names)} of {path!r}: target the module ({path.split('.')[-1]!r}) "
+            "instead, or use LoRA, which adapts single expert weights"
+        )
+    for path, names in selection.items():
+        key = "^" + re.escape(path) + "$"
+        override_map[key] = {**override_map.get(key, {}), "expert_weights": names}
 
 
 def _attach(

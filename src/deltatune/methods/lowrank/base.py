@@ -27,12 +27,13 @@ from torch import nn
 
 from ...contract import Method
 from ...contract.fields import Bool, Float, Int, component, param
-from ...targets import module_kind, shape_of
+from ...targets import expert_weights, module_kind, shape_of
 
 
 def adapter_dtype(base: nn.Module) -> torch.dtype:
     """Adapters train in float32 on a bf16/fp16 base, and in float64 on a float64 base."""
-    weight = base.weight
+    experts = expert_weights(base)
+    weight = base._parameters[experts[0]] if experts else base.weight
     dtype = weight.dtype if isinstance(weight, torch.Tensor) and weight.is_floating_point() else torch.float32
     return torch.promote_types(dtype, torch.float32)
 

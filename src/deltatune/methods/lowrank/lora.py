@@ -26,13 +26,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 from torch import nn
 
-from ...contract import LowRankLayer, Suite, register
-from ...contract.fields import Instance, OneOf, param
+from ...contract import ExpertsLayer, LowRankLayer, Suite, dropout_module, register
+from ...contract.fields import Instance, OneOf, SubsetOf, param
+from ...targets import EXPERT_WEIGHTS, expert_weights, module_kind
 from .base import KaimingUniform, LoRAInit, ScaledLowRank, adapter_dtype, linear_like
 
 
@@ -62,9 +63,22 @@ class LoRA(ScaledLowRank):
         "original weight; 'native' saves the rank-r factors (the frozen part is recomputed at load)",
     )
 
+    expert_weights: tuple[str, ...] = param(
+        (),
+        SubsetOf(EXPERT_WEIGHTS),
+        "on fused MoE experts: the 3-D weights to adapt (gate_up_proj or up_proj, down_proj); () "
+        "adapts all of them (a target naming a weight, 'experts.down_proj', sets this per module)",
+    )
+    expert_shared: str = param(
+        "none",
+        OneOf(("none", "A", "B")),
+        "on fused MoE experts: 'none' gives every expert its own A and B; 'A' (or 'B') shares one A "
+        "(or B) among the experts of a weight",
+    )
+
     name: ClassVar[str] = "lora"
     combinable: ClassVar[bool] = True
-    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "embedding")
+    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "embedding", "experts")
     # Other configurations the invariant suite runs (initialisers in JSON form; see methods/lowrank/pissa.py).
     suite: ClassVar[Suite] = Suite(
         example={"rank": 4},
@@ -98,7 +112,9 @@ class LoRA(ScaledLowRank):
 
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
-    ) -> LoRALayer:
+    ) -> LoRALayer | ExpertsLoRALayer:
+        if module_kind(base) == "experts":
+            return ExpertsLoRALayer(self, base, path, generator)
         kind, in_features, out_features = linear_like(base, path, "LoRA", self.layer_types)
         layer = LoRALayer(self, kind, in_features, out_features, adapter_dtype(base), base)
         from_weight = getattr(self.init, "from_weight", None)
@@ -131,6 +147,8 @@ class LoRA(ScaledLowRank):
         return layer
 
     def parameter_count(self, base: nn.Module) -> int:
+        if module_kind(base) == "experts":
+            return sum(A.numel() + B.numel() for A, B in expert_factor_shapes(self, base, "").values())
         return self.factor_count(base)
 
     def stored_bytes(self, base: nn.Module) -> int:
@@ -233,3 +251,86 @@ class LoRALayer(LowRankLayer):
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, rank={self.lora_A.shape[0]}, scale={self.scale:g}"
+
+
+class _Shapes(NamedTuple):
+    """The shapes of one expert weight's factors (``numel`` for the counts)."""
+
+    A: torch.Size
+    B: torch.Size
+
+
+def expert_factor_shapes(config: LoRA, base: nn.Module, path: str) -> dict[str, _Shapes]:
+    """weight name -> the shapes of its factors, ``A`` ``(experts, r, in)`` and ``B`` ``(experts,
+    out, r)`` (one expert where ``expert_shared`` shares that factor), for the fused experts ``base``."""
+    present = expert_weights(base)
+    names = config.expert_weights or present
+    missing = [n for n in names if n not in present]
+    if missing:
+        raise ValueError(
+            f"LoRA.expert_weights names {missing}, which {path!r} ({type(base).__name__}) does not "
+            f"have; its expert weights are {list(present)}"
+        )
+    out: dict[str, _Shapes] = {}
+    for name in names:
+        weight = base._parameters[name]
+        assert weight is not None
+        experts, d1, d2 = weight.shape
+        fan_in, fan_out = (d1, d2) if base.is_transposed else (d2, d1)
+        a_experts = 1 if config.expert_shared == "A" else experts
+        b_experts = 1 if config.expert_shared == "B" else experts
+        out[name] = _Shapes(
+            torch.Size((a_experts, config.rank, fan_in)), torch.Size((b_experts, fan_out, config.rank))
+        )
+    return out
+
+
+class ExpertFactors(nn.Module):
+    """The factors of one fused expert weight: ``lora_A`` ``(experts, r, in)``, ``lora_B``
+    ``(experts, out, r)`` (one expert for a shared factor)."""
+
+    def __init__(self, shapes: _Shapes, dtype: torch.dtype) -> None:
+        super().__init__()
+        self.lora_A = nn.Parameter(torch.zeros(shapes.A, dtype=dtype))
+        self.lora_B = nn.Parameter(torch.zeros(shapes.B, dtype=dtype))
+
+
+class ExpertsLoRALayer(ExpertsLayer):
+    """LoRA on the 3-D weights of fused MoE experts: expert ``e``'s weight gets ``s · B[e] A[e]``
+    (with ``expert_shared``, one ``A`` or ``B`` for all experts), applied by
+    :mod:`deltatune.kernels.experts` without forming any expert's dense update. Every ``A[e]``
+    starts as LoRA's (Kaiming-uniform, or the configured random init), every ``B[e]`` at zero."""
+
+    def __init__(self, config: LoRA, base: nn.Module, path: str, generator: torch.Generator) -> None:
+        super().__init__()
+        if hasattr(config.init, "from_weight"):
+            raise ValueError(
+                f"LoRA: {type(config.init).__name__} initialises from a 2-D weight; {path!r} holds "
+                "fused experts: use a random init (KaimingUniform, Gaussian) there"
+            )
+        self.config = config
+        self.scale = config.scale
+        self.dropout = dropout_module(config.dropout)
+        dtype = adapter_dtype(base)
+        self.factors = nn.ModuleDict()
+        for name, shapes in expert_factor_shapes(config, base, path).items():
+            factors = ExpertFactors(shapes, dtype)
+            A, B = factors.lora_A.data, factors.lora_B.data
+            for e in range(A.shape[0]):
+                config.init.initialise(A[e], B[min(e, B.shape[0] - 1)], kind="linear", generator=generator)
+            B.zero_()
+            self.factors[name] = factors
+        self.experts = int(base.num_experts)
+
+    def expert_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, nn.Module]]:
+        out: dict[str, tuple[torch.Tensor, torch.Tensor, float, nn.Module]] = {}
+        for name, factors in self.factors.items():
+            A, B = factors.lora_A, factors.lora_B
+            A = A.expand(self.experts, -1, -1) if A.shape[0] == 1 < self.experts else A
+            B = B.expand(self.experts, -1, -1) if B.shape[0] == 1 < self.experts else B
+            out[name] = (A, B, self.scale, self.dropout)
+        return out
+
+    def extra_repr(self) -> str:
+        ranks = {n: f.lora_A.shape[1] for n, f in self.factors.items()}
+        return f"experts={self.experts}, ranks={ranks}, scale={self.scale:g}"

@@ -57,7 +57,7 @@ class Partial(Method):
     name: ClassVar[str] = "partial"
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True
-    layer_types: ClassVar[tuple[str, ...]] = ("block",)
+    layer_types: ClassVar[tuple[str, ...]] = ("block", "experts")
     suite: ClassVar[Suite] = Suite(
         example={"blocks": 2},
         random_init=False,  # the copy equals the base: the seed does not matter
