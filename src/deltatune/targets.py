@@ -280,7 +280,8 @@ def parameter_targets(
     """The fused-experts modules that ``spec`` selects by the names of their weights alone
     (``"experts.gate_up_proj"``, a suffix of ``"model.layers.0.mlp.experts.gate_up_proj"``, or a
     regex over such paths), each with the weights selected, in the module's order. A module that
-    an item also selects as a whole (``"experts"``) is not listed: all its weights are adapted.
+    an item also selects as a whole (``"experts"``), or whose every weight is named, is not listed:
+    all its weights are adapted.
 
     Raises:
         ValueError: an item names a 3-D parameter of a module whose layout is not understood.
@@ -296,9 +297,11 @@ def parameter_targets(
         for owner, names in _parameter_hits(item, modules).items():
             if owner not in whole:
                 chosen.setdefault(owner, set()).update(names)
+    order = {owner: expert_weights(modules[owner]) for owner in chosen}
     return {
-        owner: tuple(n for n in expert_weights(modules[owner]) if n in names)
+        owner: tuple(n for n in order[owner] if n in names)
         for owner, names in chosen.items()
+        if set(order[owner]) - names  # (every weight named: the whole module)
     }
 
 
