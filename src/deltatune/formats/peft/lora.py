@@ -24,7 +24,8 @@ from ...methods.lowrank.lora import LoRA
 from ...runtime.checks import few
 from ...runtime.state import adapter_state
 from ...runtime.wrapper import Attachment
-from ...targets import module_kind
+from ...targets import expert_weights, module_kind
+from . import experts as peft_experts
 from .fields import PEFT_TUNER_FIELDS, PeftField, expect, flat_state, module_tensors, peft_get
 
 PREFIX = "base_model.model."
@@ -96,7 +97,10 @@ FIELDS: dict[str, PeftField] = {
     ),
     "monteclora_config": PeftField("refused", "MonteCLoRA samples its update", "null", (dict,), ()),
     "target_parameters": PeftField(
-        "refused", "LoRA on bare parameters (MoE experts) is not imported", "null", (list, str), ()
+        "converted",
+        "LoRA on the 3-D weights of fused MoE experts (LoRA's expert_weights; formats/peft/experts.py)",
+        "a list of parameter names",
+        (list, str),
     ),
     "use_bdlora": PeftField("refused", "block-diagonal factors (BD-LoRA)", "null", (dict, bool), ()),
     "arrow_config": PeftField("refused", "Arrow routes among several adapters", "null", (dict,), ()),
@@ -110,9 +114,32 @@ def from_peft(
     config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
 ) -> tuple[LoRA | DoRA, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
     """PEFT's LoRA file: a :class:`LoRA`, or a :class:`DoRA` when ``use_dora`` is set."""
+    rest, experts, expert_state = peft_experts.from_peft(config, tensors, model, PREFIX)
     if config.get("use_dora"):
-        return _dora_from_peft(config, tensors)
-    return _lora_from_peft(config, tensors)
+        if experts:
+            raise ValueError("use_dora with target_parameters: PEFT has no DoRA on bare parameters")
+        return _dora_from_peft(config, rest)
+    if not experts:
+        return _lora_from_peft(config, rest)
+    if rest:
+        method, targets, overrides, state = _lora_from_peft(config, rest)
+    else:
+        method, targets, overrides, state = _lora_from_peft(config, {}, empty=True)
+    for owner, names in experts.items():
+        entry: dict[str, Any] = {}
+        if set(names) != set(expert_weights_of(model, owner)):
+            entry["expert_weights"] = names
+        ranks = {int(expert_state[f"{owner}.factors.{w}.lora_A"].shape[1]) for w in names}
+        if len(ranks) > 1:
+            raise ValueError(
+                f"{owner!r}: its expert weights have ranks {sorted(ranks)}; deltatune gives one per module"
+            )
+        if ranks != {method.rank}:
+            entry["rank"] = ranks.pop()
+            entry["alpha"] = method.alpha
+        if entry:
+            overrides["^" + re.escape(owner) + "$"] = entry
+    return method, [*targets, *experts], overrides, {**state, **expert_state}
 
 
 def to_peft(
@@ -128,9 +155,11 @@ def to_peft(
 
 
 def _lora_from_peft(
-    config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor]
+    config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], *, empty: bool = False
 ) -> tuple[LoRA, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
-    factors = module_tensors(tensors, PREFIX, _NAMES, "LoRA")  # path -> {"lora_A": ..., "lora_B": ...}
+    """``empty``: the file's LoRA is all on expert weights (:mod:`.experts`), none on modules."""
+    # path -> {"lora_A": ..., "lora_B": ...}
+    factors = {} if empty else module_tensors(tensors, PREFIX, _NAMES, "LoRA")
     rank, alpha = int(peft_get(config, "r", 8)), float(peft_get(config, "lora_alpha", 8))
     method = LoRA(
         rank=rank,
@@ -199,8 +228,18 @@ def _lora_to_peft(
     tensors: dict[str, torch.Tensor] = {}
     configs: dict[str, LoRA] = {}
     kinds = {path: module_kind(attachment.wrappers[path].base) for path in info.targets}
+    target_parameters, expert_tensors = peft_experts.to_peft(attachment, name, state, PREFIX)
+    tensors.update(expert_tensors)
     for path in info.targets:
         cfg = expect(info.configs[path], LoRA).stored_method()
+        if kinds[path] == "experts":
+            if (cfg.rank, cfg.alpha) != (stored.rank, stored.alpha):
+                raise ValueError(
+                    f"{path!r} (fused experts) has rank {cfg.rank} and alpha {cfg.alpha:g}, the "
+                    f"adapter {stored.rank} and {stored.alpha:g}: PEFT's target_parameters take none "
+                    "of rank_pattern's per-module values here"
+                )
+            continue
         if hasattr(cfg.init, "from_weight"):
             raise ValueError(
                 f"{path!r} uses {type(cfg.init).__name__} with save_mode='native', whose factors are "
@@ -215,7 +254,10 @@ def _lora_to_peft(
         tensors[f"{PREFIX}{path}.{b}"] = state[f"{path}.lora_B"]
         configs[path] = cfg
     fan_in_fan_out = any(kind == "conv1d" for kind in kinds.values())
-    return _config(stored, configs, use_dora=False, fan_in_fan_out=fan_in_fan_out), tensors
+    config = _config(stored, configs, use_dora=False, fan_in_fan_out=fan_in_fan_out)
+    if target_parameters:
+        config["target_parameters"] = target_parameters
+    return config, tensors
 
 
 def _dora_to_peft(
@@ -261,3 +303,9 @@ def _config(
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
     }
+
+
+def expert_weights_of(model: nn.Module, owner: str) -> tuple[str, ...]:
+    """The expert weights of the fused-experts module at ``owner`` (of the base, under a wrapper)."""
+    module = model.get_submodule(owner)
+    return expert_weights(getattr(module, "base", module))
