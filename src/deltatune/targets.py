@@ -105,18 +105,17 @@ EXPERT_WEIGHTS = ("gate_up_proj", "up_proj", "down_proj")
 def expert_weights(module: nn.Module) -> tuple[str, ...]:
     """The names of the 3-D weights of a fused-experts module (``("gate_up_proj", "down_proj")`` for
     Mixtral), or ``()`` when ``module`` is not one whose layout deltatune understands: transformers'
-    experts modules declare it (``num_experts``, ``has_gate``, ``is_transposed``; set by
-    ``transformers.integrations.moe.use_experts_implementation``), each weight ``(experts, out, in)``
-    or, transposed, ``(experts, in, out)``."""
-    if not all(hasattr(module, a) for a in ("num_experts", "has_gate", "is_transposed")):
+    experts modules declare it (``is_transposed``, ``_apply_gate`` and, from transformers 5.2 on,
+    ``has_gate``: set by ``transformers.integrations.moe.use_experts_implementation``), each weight
+    ``(experts, out, in)`` or, transposed, ``(experts, in, out)``."""
+    if not hasattr(module, "is_transposed") or not callable(getattr(module, "_apply_gate", None)):
         return ()
-    first = "gate_up_proj" if module.has_gate else "up_proj"
-    names = (first, "down_proj")
-    experts = module.num_experts
-    for name in names:
-        weight = module._parameters.get(name)
-        if not isinstance(weight, torch.Tensor) or weight.ndim != 3 or weight.shape[0] != experts:
-            return ()
+    names = ("gate_up_proj" if getattr(module, "has_gate", True) else "up_proj", "down_proj")
+    weights = [module._parameters.get(name) for name in names]
+    if not all(isinstance(w, torch.Tensor) and w.ndim == 3 for w in weights):
+        return ()
+    if len({w.shape[0] for w in weights if w is not None}) != 1:
+        return ()
     return names
 
 
@@ -325,9 +324,9 @@ def _parameter_hits(item: object, modules: dict[str, nn.Module]) -> dict[str, se
                     f"target {_show(item)} selects the 3-D parameter {owner}.{name} "
                     f"{tuple(param.shape)} of {type(module).__name__}, whose layout deltatune does not "
                     "understand: it adapts the fused experts of transformers' MoE models (a module "
-                    "with num_experts, has_gate and is_transposed, as use_experts_implementation "
-                    "declares them, and weights gate_up_proj or up_proj, and down_proj, each "
-                    "(experts, out, in), or (experts, in, out) when is_transposed)"
+                    "with is_transposed and _apply_gate, as use_experts_implementation declares "
+                    "them, and weights gate_up_proj (or up_proj where has_gate is false) and "
+                    "down_proj, each (experts, out, in), or (experts, in, out) when is_transposed)"
                 )
             hits.setdefault(owner, set()).add(name)
     return hits

@@ -56,7 +56,14 @@ def experts_forward(
             f"{type(module).__name__} runs expert-parallel (its experts are spread over devices); "
             "deltatune's update of fused experts needs all of them on this device"
         )
-    experts = int(module.num_experts)
+    first = "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
+    experts = int(getattr(module, first).shape[0])
+    if top_k_index.ndim != 2 or top_k_weights.shape != top_k_index.shape:
+        raise ValueError(
+            f"{type(module).__name__} was called with routing indices {tuple(top_k_index.shape)} and "
+            f"weights {tuple(top_k_weights.shape)}; deltatune's fused-experts forward takes both as "
+            "(tokens, k), as transformers' generic experts interface passes them"
+        )
     tokens, k = top_k_index.shape
     expert_ids = top_k_index.reshape(-1)
     order = torch.argsort(expert_ids, stable=True)  # each token's choices, grouped by expert
@@ -65,9 +72,8 @@ def experts_forward(
     kept = sum(counts)  # (an index == experts is a padding choice: it sorts last and is dropped)
     token_of = token_of[:kept]
     x = hidden_states[token_of]
-    first = "gate_up_proj" if module.has_gate else "up_proj"
     h = _project(module, first, x, counts, token_of, updates.get(first, ()))
-    h = module._apply_gate(h) if module.has_gate else module.act_fn(h)
+    h = module._apply_gate(h) if first == "gate_up_proj" else module.act_fn(h)
     h = _project(module, "down_proj", h, counts, token_of, updates.get("down_proj", ()))
     if getattr(module, "has_post_expert_norm", False):
         h = module.post_expert_norm(h)

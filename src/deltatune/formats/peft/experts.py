@@ -114,7 +114,7 @@ def to_peft(
             )
         for k, weight in enumerate(names):
             A, B = state[f"{path}.factors.{weight}.lora_A"], state[f"{path}.factors.{weight}.lora_B"]
-            experts = int(base.num_experts)
+            experts = int(base._parameters[weight].shape[0])  # type: ignore[union-attr]
             A, B = A.expand(experts, -1, -1), B.expand(experts, -1, -1)
             nest = ".base_layer" * (len(names) - 1 - k)
             tensors[f"{prefix}{path}{nest}.lora_A.weight"] = A.reshape(-1, A.shape[-1]).contiguous()

@@ -320,7 +320,7 @@ class ExpertsLoRALayer(ExpertsLayer):
                 config.init.initialise(A[e], B[min(e, B.shape[0] - 1)], kind="linear", generator=generator)
             B.zero_()
             self.factors[name] = factors
-        self.experts = int(base.num_experts)
+        self.experts = int(base._parameters[expert_weights(base)[0]].shape[0])  # type: ignore[union-attr]
 
     def expert_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, nn.Module]]:
         out: dict[str, tuple[torch.Tensor, torch.Tensor, float, nn.Module]] = {}
