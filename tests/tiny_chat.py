@@ -18,8 +18,11 @@ CHATML = (
 )
 
 
-def save_tiny_chat_llama(folder: Path, *, chat_template: str | None = CHATML, seed: int = 0) -> str:
-    """Write the model and tokenizer to ``folder``; return its path. ``chat_template=None``: none."""
+def save_tiny_chat_llama(
+    folder: Path, *, chat_template: str | None = CHATML, seed: int = 0, family: str = "llama"
+) -> str:
+    """Write the model and tokenizer to ``folder``; return its path. ``chat_template=None``: none.
+    ``family``: "llama", or a MoE ("mixtral", "qwen3_moe") with 4 fused experts, 2 per token."""
     import transformers
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
@@ -39,19 +42,27 @@ def save_tiny_chat_llama(folder: Path, *, chat_template: str | None = CHATML, se
     )
     if chat_template is not None:
         tok.chat_template = chat_template
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(vocab),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=1024,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=2,
-    )
+    shape = {
+        "vocab_size": len(vocab),
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "max_position_embeddings": 1024,
+        "bos_token_id": 1,
+        "eos_token_id": 2,
+        "pad_token_id": 2,
+    }
+    experts = {"num_experts_per_tok": 2}
+    cfg = {
+        "llama": lambda: transformers.LlamaConfig(**shape),
+        "mixtral": lambda: transformers.MixtralConfig(**shape, **experts, num_local_experts=4),
+        "qwen3_moe": lambda: transformers.Qwen3MoeConfig(
+            **shape, **experts, num_experts=4, moe_intermediate_size=48, head_dim=16
+        ),
+    }[family]()
     torch.manual_seed(seed)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(folder)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(folder)
     tok.save_pretrained(folder)
     return str(folder)
