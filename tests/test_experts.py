@@ -324,3 +324,32 @@ def test_dropout_cannot_go_to_peft_and_routing_weights_must_be_per_choice(tmp_pa
     hidden = torch.randn(5, 16)
     with pytest.raises(ValueError, match=r"routing indices \(5, 2\) and weights \(5, 4\)"):
         experts(hidden, torch.zeros(5, 2, dtype=torch.long), torch.rand(5, 4))
+
+
+@pytest.mark.parametrize("family,extra", [("mixtral", []), ("qwen3_moe", ["--expert-shared", "A"])])
+def test_deltatune_train_adapts_the_experts(family: str, extra: list[str], tmp_path: Path) -> None:
+    from deltatune.cli.main import main
+    from tiny_chat import save_tiny_chat_llama
+
+    folder = save_tiny_chat_llama(tmp_path / "model", family=family)
+    rows = [
+        {"messages": [{"role": "user", "content": f"{i}+{i}?"}, {"role": "assistant", "content": str(2 * i)}]}
+        for i in range(12)
+    ]
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = tmp_path / "run"
+    args = ["train", "--model", folder, "--data", str(tmp_path / "chat.jsonl"), "--method", "lora"]
+    args += ["--targets", "experts.gate_up_proj", "experts.down_proj", "--rank", "4", "--steps", "2"]
+    args += ["--batch-size", "4", "--out", str(out), "--no-progress", *extra]
+    assert main(args) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(folder)
+    att = dt.load(model, out / "adapter")
+    (name,) = att.adapters
+    assert att.info(name).targets == ("model.layers.0.mlp.experts", "model.layers.1.mlp.experts")
+    assert any(p.abs().sum() > 0 for n, p in model.named_parameters() if "lora_B" in n)
+    record = json.loads((out / "metrics.json").read_text())
+    assert (
+        record["trainable_parameters"]
+        == att.closed_form(name)[0]
+        == sum(p.numel() for layer in att.layers(name).values() for p in layer.parameters())
+    )
