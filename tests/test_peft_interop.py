@@ -168,7 +168,11 @@ def test_import_onto_wrong_model_fails_cleanly(tmp_path: Path) -> None:
 
 # -- every field of PEFT's configs is in a method's table (issue 13) ---------------------------------
 
-PEFT_CONFIG_CLASSES = {"LORA": "LoraConfig", "VBLORA": "VBLoRAConfig"}
+PEFT_CONFIG_CLASSES = {
+    "LORA": "LoraConfig",
+    "VBLORA": "VBLoRAConfig",
+    "TRAINABLE_TOKENS": "TrainableTokensConfig",
+}
 
 
 def _a_value(types: tuple[type, ...], accepts: tuple[Any, ...] | None) -> Any:

@@ -172,8 +172,8 @@ TRAIN_HELP: dict[str, str] = {
     "head trains); `deltatune methods` lists them, `--method NAME --help` adds the method's fields here",
     "targets": "modules to adapt, by name, dotted suffix or regex, all-linear, or query-value (the "
     "attention query and value projections); the weights of fused MoE experts by name too "
-    "(experts.gate_up_proj, experts.down_proj: LoRA) (default: the method's own placement, else query-value where "
-    "the model has them, else all-linear: deltatune.targets.default_targets)",
+    "(experts.gate_up_proj, experts.down_proj: LoRA) (default: the method's own placement, else "
+    "query-value where the model has them, else all-linear: deltatune.targets.default_targets)",
     "modules_to_save": "modules trained in full and saved with the adapter (default: the task head)",
     "steps": "optimizer steps",
     "batch_size": "examples per micro-batch (split across the processes under torchrun)",

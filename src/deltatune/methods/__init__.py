@@ -37,6 +37,7 @@ from .prompts.prompt_tuning import (
 )
 from .selective.bitfit import BitFit, BitFitLayer
 from .selective.partial import BlockCopy, Partial
+from .selective.tokens import TokenRows, TokenRowsLayer, TrainableTokens
 
 __all__ = [
     "AMLoRA",
@@ -81,6 +82,9 @@ __all__ = [
     "ReLoRALayer",
     "SampledVocab",
     "TiedLoRA",
+    "TokenRows",
+    "TokenRowsLayer",
+    "TrainableTokens",
     "VBLoRA",
     "VBLoRALayer",
     "VeRA",

@@ -9,7 +9,7 @@ methods know nothing of PEFT: the translators import them, never the other way r
 
 Example:
     >>> sorted(TRANSLATORS)
-    ['ADALORA', 'LORA', 'PREFIX_TUNING', 'PROMPT_TUNING', 'P_TUNING', 'VBLORA', 'VERA']
+    ['ADALORA', 'LORA', 'PREFIX_TUNING', 'PROMPT_TUNING', 'P_TUNING', 'TRAINABLE_TOKENS', 'VBLORA', 'VERA']
     >>> import deltatune as dt
     >>> peft_type_of(dt.DoRA()), peft_type_of(dt.BitFit())
     ('LORA', None)
@@ -26,7 +26,7 @@ from torch import nn
 
 from ...contract import Method
 from ...runtime.wrapper import Attachment
-from . import adalora, lora, prompts, vblora, vera
+from . import adalora, lora, prompts, tokens, vblora, vera
 from .fields import PeftField
 
 #: ``from_peft(config, tensors, model) -> (method, targets, overrides, state)``: ``config`` is
@@ -82,6 +82,14 @@ TRANSLATORS: dict[str, Translator] = {
         Translator("VBLORA", ("vblora",), vblora.PREFIX, vblora.FIELDS, vblora.from_peft, vblora.to_peft),
         Translator(
             "ADALORA", ("adalora",), adalora.PREFIX, adalora.FIELDS, adalora.from_peft, adalora.to_peft
+        ),
+        Translator(
+            "TRAINABLE_TOKENS",
+            ("trainable_tokens",),
+            tokens.PREFIX,
+            tokens.FIELDS,
+            tokens.from_peft,
+            tokens.to_peft,
         ),
         Translator(
             "PROMPT_TUNING",

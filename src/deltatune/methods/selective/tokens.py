@@ -1,0 +1,232 @@
+"""Trainable tokens: only some rows of the embedding matrix (and of the output head) train.
+
+Chat fine-tuning adds special tokens (``<|tool_call|>``) whose embeddings start random; training the
+whole embedding and head (``modules_to_save``) stores two ``vocab x dim`` matrices per adapter. Here
+only the listed rows train (PEFT's ``TrainableTokens``, peft 2898):
+
+    embedding:  E'[t] = V[t] for t in token_ids, E[t] otherwise
+    head:       logits'[..., t] = h · V[t] (+ b[t]) for t in token_ids
+
+``V`` (``len(token_ids) x dim``) starts as the current rows and replaces them, as PEFT's does (a model
+whose new rows are drawn again at load gets the trained values, not a delta on other random ones).
+The forward computes the base output and overwrites only those rows (or logits columns) in place: no
+copy of the matrix per step. A head that shares the embedding's weight (tied, SmolLM2) shares ``V``:
+one set of rows, stored once; an untied head targeted too gets rows of its own. ``merge`` writes the
+rows into the weights.
+
+Default targets: the input embedding, and the output head when it is tied to it.
+
+Closed forms, per distinct weight adapted (the tied pair counts once), ``k = len(token_ids)``:
+
+    trainable = stored = k · dim        stored bytes = 4 · k · dim   (float32)
+
+Example:
+    >>> from torch import nn
+    >>> from deltatune import inject
+    >>> net = nn.Sequential(nn.Embedding(10, 4))
+    >>> inject(net, TrainableTokens(token_ids=(3, 7)), targets=["0"]).closed_form("default")
+    (8, 32)
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...contract import ReplacingLayer, Suite, register
+from ...contract.fields import Check, param
+from ...contract.method import Method
+from ...targets import module_kind
+
+
+@dataclass(frozen=True)
+class TokenIds(Check):
+    """A non-empty tuple of distinct non-negative integers."""
+
+    def ok(self, value: Any) -> bool:
+        return (
+            isinstance(value, tuple)
+            and len(value) > 0
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value)
+            and len(set(value)) == len(value)
+        )
+
+    def describe(self) -> str:
+        return "a non-empty tuple of distinct token ids (integers >= 0)"
+
+    def counterexample(self) -> Any:
+        return (1, 1)
+
+
+def _rows_of(base: nn.Module) -> torch.Tensor:
+    """The matrix whose rows are the tokens: an embedding's weight, a head's ``(vocab, dim)`` weight."""
+    weight = base.weight
+    if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
+        raise ValueError(f"{type(base).__name__} has no 2-D weight whose rows are tokens")
+    return weight
+
+
+def _dtype(weight: torch.Tensor) -> torch.dtype:
+    return torch.promote_types(weight.dtype, torch.float32)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class TrainableTokens(Method):
+    """Train the embedding rows (and output-head rows) of some tokens only.
+
+    Fields:
+        token_ids: the tokens whose rows train (new special tokens, typically).
+    """
+
+    token_ids: tuple[int, ...] = param((0,), TokenIds(), "the ids of the tokens whose rows train")
+
+    name: ClassVar[str] = "trainable_tokens"
+    mergeable: ClassVar[bool] = True
+    identity_at_init: ClassVar[bool] = True
+    supports_mixed_batch: ClassVar[bool] = False  # replaces rows of the module's output
+    layer_types: ClassVar[tuple[str, ...]] = ("embedding", "linear")
+    suite: ClassVar[Suite] = Suite(example={"token_ids": (0, 2)}, random_init=False)
+
+    def default_targets(self, model: nn.Module) -> list[str] | None:
+        """The input embedding, and the output head where it shares the embedding's weight."""
+        get_in = getattr(model, "get_input_embeddings", None)
+        embedding = get_in() if callable(get_in) else None
+        if not isinstance(embedding, nn.Module):
+            return None
+        get_out = getattr(model, "get_output_embeddings", None)
+        head = get_out() if callable(get_out) else None
+        tied = isinstance(head, nn.Module) and getattr(head, "weight", None) is embedding.weight
+        wanted = [embedding] + ([head] if tied else [])
+        return [p for p, m in model.named_modules() if any(m is w for w in wanted)]
+
+    def check_targets(self, model: nn.Module, paths: list[str]) -> None:
+        for path in paths:
+            self._check_vocabulary(model.get_submodule(path), path)
+
+    def _check_vocabulary(self, base: nn.Module, path: str) -> None:
+        rows = _rows_of(base).shape[0]
+        outside = [t for t in self.token_ids if t >= rows]
+        if outside:
+            raise ValueError(
+                f"TrainableTokens.token_ids {outside[:8]} are outside the {rows:,} rows of {path!r} "
+                f"({type(base).__name__}): resize the embeddings first "
+                "(model.resize_token_embeddings(len(tokenizer)))"
+            )
+
+    def make_shared(self, bases: Mapping[str, nn.Module], generator: torch.Generator) -> TokenRows:
+        return TokenRows(self.token_ids, [_rows_of(b) for b in bases.values()])
+
+    def shared_parameter_count(self, bases: Mapping[str, nn.Module]) -> int:
+        return sum(len(self.token_ids) * w.shape[1] for w in _distinct([_rows_of(b) for b in bases.values()]))
+
+    def shared_stored_bytes(self, bases: Mapping[str, nn.Module]) -> int:
+        weights = _distinct([_rows_of(b) for b in bases.values()])
+        return sum(len(self.token_ids) * w.shape[1] * _dtype(w).itemsize for w in weights)
+
+    def parameter_count(self, base: nn.Module) -> int:
+        return 0  # (the rows are the adapter's shared state: a tied pair stores them once)
+
+    def stored_bytes(self, base: nn.Module) -> int:
+        return 0
+
+    def wrap(
+        self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
+    ) -> TokenRowsLayer:
+        if not isinstance(shared, TokenRows):
+            raise TypeError("TrainableTokens.wrap needs the adapter's TokenRows (make_shared)")
+        self._check_vocabulary(base, path)
+        return TokenRowsLayer(shared, shared.key_of(_rows_of(base)), module_kind(base) or "", self.token_ids)
+
+
+def _distinct(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+    out: list[torch.Tensor] = []
+    for w in weights:
+        if not any(w is o for o in out):
+            out.append(w)
+    return out
+
+
+class TokenRows(nn.Module):
+    """The trained rows: one ``(k, dim)`` parameter per distinct weight adapted (``rows_0``, …), each
+    starting as that weight's rows of the tokens; a tied embedding and head share one."""
+
+    def __init__(self, token_ids: tuple[int, ...], weights: list[torch.Tensor]) -> None:
+        super().__init__()
+        self._keys: list[tuple[torch.Tensor, str]] = []
+        index = torch.tensor(token_ids, dtype=torch.long)
+        for i, weight in enumerate(_distinct(weights)):
+            key = f"rows_{i}"
+            rows = weight.detach().index_select(0, index.to(weight.device)).to(_dtype(weight))
+            self.register_parameter(key, nn.Parameter(rows.clone()))
+            self._keys.append((weight, key))
+
+    def key_of(self, weight: torch.Tensor) -> str:
+        return next(key for w, key in self._keys if w is weight)
+
+
+class TokenRowsLayer(ReplacingLayer):
+    """The rows of some tokens, written over the output of an embedding (its rows) or of a head
+    (its logits columns); ``rows`` lives in the adapter's :class:`TokenRows`."""
+
+    def __init__(self, shared: TokenRows, key: str, kind: str, token_ids: tuple[int, ...]) -> None:
+        super().__init__()
+        self._shared = [shared]  # (not a submodule: the adapter saves its shared state once)
+        self.key = key
+        self.kind = kind
+        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long), persistent=False)
+
+    @property
+    def rows(self) -> torch.Tensor:
+        rows: torch.Tensor = getattr(self._shared[0], self.key)
+        return rows
+
+    def forward(self, base: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        out = base(*args, **kwargs)
+        x = args[0] if args else next(iter(kwargs.values()))
+        ids = self.token_ids.to(out.device)
+        if self.kind == "embedding":
+            # slot[t] = the row of token t in `rows`, -1 for the others
+            slot = torch.full((_rows_of(base).shape[0],), -1, dtype=torch.long, device=out.device)
+            slot[ids] = torch.arange(len(ids), device=out.device)
+            where = slot[x]
+            hit = where >= 0
+            if bool(hit.any()):
+                scale = getattr(base, "embed_scale", None)  # (Gemma-style scaled embeddings)
+                new = self.rows[where[hit]].to(out.dtype)
+                # in place: the base's output is fresh, and embedding's backward does not read it
+                out[hit] = new * scale.to(out.dtype) if isinstance(scale, torch.Tensor) else new
+            return out
+        columns = F.linear(x, self.rows.to(x.dtype))
+        bias = getattr(base, "bias", None)
+        if isinstance(bias, torch.Tensor):
+            columns = columns + bias[ids]
+        # in place (the logits are fresh, and a linear layer's backward does not read its output):
+        # no second vocabulary-wide tensor per step
+        return out.index_copy_(-1, ids, columns.to(out.dtype))
+
+    def merged(self, base: nn.Module) -> nn.Module:
+        """A plain copy of ``base`` with the rows written into its weight."""
+        weight = _rows_of(base)
+        new_weight = weight.detach().clone()
+        new_weight[self.token_ids.to(weight.device)] = self.rows.detach().to(weight.dtype)
+        new = _shallow_copy(base)
+        new.weight = nn.Parameter(new_weight, requires_grad=False)
+        return new
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}, tokens={self.token_ids.tolist()[:8]}, rows={self.key}"
+
+
+def _shallow_copy(base: nn.Module) -> nn.Module:
+    new = copy.copy(base)
+    new._parameters = dict(base._parameters)
+    new._buffers = dict(base._buffers)
+    new._modules = dict(base._modules)
+    return new
