@@ -5,7 +5,7 @@ whole embedding and head (``modules_to_save``) stores two ``vocab x dim`` matric
 only the listed rows train (PEFT's ``TrainableTokens``, peft 2898):
 
     embedding:  E'[t] = V[t] for t in token_ids, E[t] otherwise
-    head:       logits'[..., t] = h · V[t] (+ b[t]) for t in token_ids
+    head:       logits'[..., t] = logits[..., t] + h · (V[t] - W[t]) for t in token_ids
 
 ``V`` (``len(token_ids) x dim``) starts as the current rows and replaces them, as PEFT's does (a model
 whose new rows are drawn again at load gets the trained values, not a delta on other random ones).
@@ -197,19 +197,18 @@ class TokenRowsLayer(ReplacingLayer):
             slot[ids] = torch.arange(len(ids), device=out.device)
             where = slot[x]
             hit = where >= 0
-            if bool(hit.any()):
-                scale = getattr(base, "embed_scale", None)  # (Gemma-style scaled embeddings)
-                new = self.rows[where[hit]].to(out.dtype)
-                # in place: the base's output is fresh, and embedding's backward does not read it
-                out[hit] = new * scale.to(out.dtype) if isinstance(scale, torch.Tensor) else new
+            scale = getattr(base, "embed_scale", None)  # (Gemma-style scaled embeddings)
+            new = self.rows[where[hit]].to(out.dtype)
+            # in place: the base's output is fresh, and embedding's backward does not read it; also
+            # with no listed token in the batch (the rows get a zero gradient, never none: DDP)
+            out[hit] = new * scale.to(out.dtype) if isinstance(scale, torch.Tensor) else new
             return out
-        columns = F.linear(x, self.rows.to(x.dtype))
-        bias = getattr(base, "bias", None)
-        if isinstance(bias, torch.Tensor):
-            columns = columns + bias[ids]
-        # in place (the logits are fresh, and a linear layer's backward does not read its output):
-        # no second vocabulary-wide tensor per step
-        return out.index_copy_(-1, ids, columns.to(out.dtype))
+        # the head's columns move by x (V - W[ids])ᵀ: exactly zero at init, the replaced rows'
+        # logits (up to rounding) after; added in place (the logits are fresh, and a linear layer's
+        # backward does not read its output): no second vocabulary-wide tensor per step
+        weight = _rows_of(base)
+        change = self.rows - weight.detach()[ids.to(weight.device)].to(self.rows.dtype)
+        return out.index_add_(-1, ids, F.linear(x, change.to(x.dtype)).to(out.dtype))
 
     def merged(self, base: nn.Module) -> nn.Module:
         """A plain copy of ``base`` with the rows written into its weight."""
