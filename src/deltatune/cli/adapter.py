@@ -118,6 +118,18 @@ def add_quantize_flag(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_recorded_tokens(model: nn.Module, tokenizer: Any, folders: dict[str, Path]) -> None:
+    """Add to ``tokenizer`` and ``model`` the special tokens the adapters' runs added
+    (``--add-tokens``, recorded as ``task.added_tokens``), in the recorded order, before they load:
+    the same ids, embeddings of the size they were trained on."""
+    from ..train.models import add_tokens
+
+    for folder in folders.values():
+        task = harness_record(read_config(folder), str(folder / CONFIG_NAME))["task"] or {}
+        if task.get("added_tokens"):
+            add_tokens(model, tokenizer, list(task["added_tokens"]))
+
+
 def load_adapters(
     model: nn.Module, folders: dict[str, Path], quantize: str | None, *, strict_base: bool, active: str
 ) -> bool:
@@ -236,6 +248,7 @@ def _load_adapted(
     else:  # _run_options refuses this case with the full message
         raise ValueError(f"{adapter}: pass --task")
     model, tokenizer = load_model(run.model, kind, labels if kind == "classification" else None)
+    add_recorded_tokens(model, tokenizer, {"default": adapter})
     if torch.cuda.is_available():
         model.to("cuda")  # quantised there, if it is, and evaluated there
     four = load_adapters(model, {"default": adapter}, quantize, strict_base=strict_base, active="default")

@@ -30,7 +30,7 @@ from ..formats.files import write_file
 from ..formats.io import CONFIG_NAME, WEIGHTS_NAME, read_config
 from ..runtime.core import disabled, route, set_active
 from ..train.provenance import recorded as harness_record
-from .adapter import add_quantize_flag, load_adapters
+from .adapter import add_quantize_flag, add_recorded_tokens, load_adapters
 
 __all__ = ["add_parsers", "run_chat", "run_generate"]
 
@@ -164,6 +164,7 @@ def _load(args: argparse.Namespace, extra: dict[str, Path], *, raw: bool, comman
     if args.chat_template is not None and not Path(args.chat_template).is_file():
         raise ValueError(f"--chat-template {args.chat_template}: no such file")
     model, tokenizer = load_model(model_name, "generation")
+    add_recorded_tokens(model, tokenizer, folders)
     task = harness[MAIN]["task"]
     recorded_template = task.get("chat_template") if isinstance(task, dict) else None
     if args.chat_template is not None:

@@ -233,6 +233,11 @@ TRAIN_HELP: dict[str, str] = {
     "quant extra). With --method lora that is QLoRA; with --init pissa, milora or corda the adapter keeps "
     "the principal part in float and the base holds the 4-bit residual (QPiSSA). The adapter records it; "
     "eval, generate, chat and merge rebuild the same base (default: the base in its own precision)",
+    "add_tokens": "add these special tokens to the tokenizer before training (e.g. <|tool_call|>); the "
+    "embeddings grow to match, their new rows starting at the mean of the others. The adapter records "
+    "them: generate, chat, eval and merge add them again. Train their rows with --method trainable_tokens",
+    "trainable_tokens": "with --method trainable_tokens: the tokens whose embedding rows (and tied head "
+    "rows) train (default: those of --add-tokens)",
     "quantize_iterations": "QPiSSA with --quantize and a weight-derived --init: refit the adapter to "
     "what 4 bits leave out this many times in all (1: plain QPiSSA; the paper's multi-iteration scheme "
     "uses 5)",
@@ -342,6 +347,9 @@ def _add_option_flags(p: argparse.ArgumentParser) -> None:
         text = TRAIN_HELP.get(f.name, "").format(**names)
         if f.name in ("targets", "modules_to_save"):
             p.add_argument(flag, nargs="+", default=None, metavar="MODULE", help=text)
+            continue
+        if f.name in ("add_tokens", "trainable_tokens"):
+            p.add_argument(flag, nargs="+", default=None, metavar="TOKEN", help=text)
             continue
         if f.name == "report_to":
             p.add_argument(flag, nargs="+", default=None, choices=REPORTERS, dest=f.name, help=text)

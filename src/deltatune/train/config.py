@@ -108,6 +108,8 @@ class TrainConfig:
     report_to: list[str] | None = None
     streaming: bool = False
     quantize: str | None = None
+    add_tokens: list[str] | None = None
+    trainable_tokens: list[str] | None = None
     quantize_iterations: int = 1
 
     def __post_init__(self) -> None:
@@ -232,6 +234,32 @@ class TrainConfig:
             raise ValueError(
                 "TrainConfig.streaming reads --data while training; it needs data and eval_data (a held-out "
                 "part of a stream would take a pass over it first)"
+            )
+        for name in ("add_tokens", "trainable_tokens"):
+            tokens = getattr(self, name)
+            if tokens is not None and (
+                not isinstance(tokens, list)
+                or not tokens
+                or any(not isinstance(t, str) or not t for t in tokens)
+                or len(set(tokens)) != len(tokens)
+            ):
+                raise ValueError(
+                    f"TrainConfig.{name} must be a list of distinct non-empty tokens, got {tokens!r}"
+                )
+        if self.trainable_tokens is not None and self.method != "trainable_tokens":
+            raise ValueError(
+                "TrainConfig.trainable_tokens names the tokens of --method trainable_tokens (it trains their "
+                f"rows); with --method {self.method}, train them as a second adapter through the API "
+                "(deltatune.TrainableTokens beside it, both active)"
+            )
+        if (
+            self.method == "trainable_tokens"
+            and "token_ids" not in self.method_fields
+            and not (self.trainable_tokens or self.add_tokens)
+        ):
+            raise ValueError(
+                "--method trainable_tokens needs the tokens whose rows train: --add-tokens TOKEN ... (new "
+                "special tokens, trained by default), --trainable-tokens TOKEN ..., or --token-ids ID ..."
             )
         if self.chat_template is not None and not Path(self.chat_template).is_file():
             raise ValueError(

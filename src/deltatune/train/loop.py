@@ -38,7 +38,7 @@ from .config import TrainConfig
 from .data import Example
 from .divergence import DivergedError, after_divergence, check_weights
 from .evaluation import evaluate
-from .models import load_model
+from .models import add_tokens, load_model
 from .prepare import prepare
 from .progress import Progress
 from .records import run_record, store, write_generations, write_record
@@ -138,7 +138,7 @@ def _train(
     model, tokenizer, train_examples, eval_examples = _model_and_data(
         cfg, task, source, world, model, tokenizer
     )
-    groups, facts = prepare(model, cfg, task)
+    groups, facts = prepare(model, cfg, task, tokenizer)
     if facts.get("fitted") and world.main:
         chosen = ", ".join(f"{k}={v}" for k, v in facts["fitted"].items())
         print(f"{cfg.method}: {chosen} chosen to fit {cfg.model} (set it to override)", file=sys.stderr)
@@ -201,6 +201,8 @@ def _model_and_data(
         raise ValueError("train(model=...) needs the model's tokenizer too (tokenizer=...)")
     if cfg.chat_template is not None:
         tokenizer.chat_template = Path(cfg.chat_template).read_text(encoding="utf-8")
+    if cfg.add_tokens:
+        add_tokens(model, tokenizer, cfg.add_tokens)  # (before tokenising: the data may use them)
     if source is not None:
         train_examples, eval_examples = user_examples(source, tokenizer, cfg, world.main)
     if torch.cuda.is_available():

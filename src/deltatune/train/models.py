@@ -304,3 +304,23 @@ def _load_from_hub(
             f"cache) and downloading it failed ({type(exc).__name__}: {str(exc)[:200]}). Fix: {_FIX_HINT}."
         ) from exc
     return model, info, tokenizer
+
+
+def add_tokens(model: nn.Module, tokenizer: Any, tokens: list[str]) -> list[int]:
+    """Add ``tokens`` to ``tokenizer`` as special tokens (those it already has keep their ids) and
+    grow the model's embeddings (and untied head) to the tokenizer's length; the new rows start at
+    the mean of the old ones (transformers' ``mean_resizing``). Returns the tokens' ids, in order.
+    Train their rows with :class:`deltatune.TrainableTokens` (``--method trainable_tokens``)."""
+    if not tokens or any(not isinstance(t, str) or not t for t in tokens) or len(set(tokens)) != len(tokens):
+        raise ValueError(f"add_tokens: expected distinct non-empty tokens, got {tokens!r}")
+    tokenizer.add_tokens(list(tokens), special_tokens=True)
+    size = len(tokenizer)
+    get_in = getattr(model, "get_input_embeddings", None)
+    embedding = get_in() if callable(get_in) else None
+    if not isinstance(embedding, nn.Embedding):
+        raise ValueError(f"add_tokens: {type(model).__name__} has no input embedding to grow")
+    if embedding.num_embeddings < size:
+        with quiet_transformers():
+            model.resize_token_embeddings(size)  # type: ignore[operator]
+    ids: list[int] = [int(i) for i in tokenizer.convert_tokens_to_ids(list(tokens))]
+    return ids

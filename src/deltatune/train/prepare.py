@@ -68,7 +68,9 @@ def loraplus_groups(
     return [g for g in groups if g["params"]]
 
 
-def prepare(model: nn.Module, cfg: TrainConfig, task: Task) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+def prepare(
+    model: nn.Module, cfg: TrainConfig, task: Task, tokenizer: Any = None
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Apply the method; return optimizer parameter groups and facts for the report.
 
     The facts: ``trainable`` (a count), and for an adapter its ``targets`` and the fields ``fitted``
@@ -98,7 +100,7 @@ def prepare(model: nn.Module, cfg: TrainConfig, task: Task) -> tuple[list[dict[s
             "trainable": sum(p.numel() for p in head),
             **quantized,
         }
-    method = contract.method_from_config(cfg.method, cfg.method_fields)
+    method = contract.method_from_config(cfg.method, _token_fields(cfg, tokenizer))
     targets = cfg.targets or harness_targets(method, model)
     # A method may fit the fields the user left at their defaults to this model (its fit_to hook).
     chosen = contract.hooks(method).fit_to(
@@ -130,6 +132,23 @@ def prepare(model: nn.Module, cfg: TrainConfig, task: Task) -> tuple[list[dict[s
         groups.append({"params": head, "lr": cfg.head_lr or cfg.lr, "name": "head"})
     facts = {"trainable": sum(p.numel() for p in info.trainable), "targets": list(info.targets)}
     return groups, {**facts, "fitted": fitted, **_quantize_base(model, cfg)}
+
+
+def _token_fields(cfg: TrainConfig, tokenizer: Any) -> dict[str, Any]:
+    """The method's fields, with ``token_ids`` of ``--method trainable_tokens`` read off the
+    tokenizer (``--trainable-tokens``, else ``--add-tokens``) unless given."""
+    tokens = cfg.trainable_tokens or cfg.add_tokens
+    if cfg.method != "trainable_tokens" or "token_ids" in cfg.method_fields or not tokens:
+        return cfg.method_fields
+    if tokenizer is None:
+        raise ValueError("--method trainable_tokens with tokens by name needs the model's tokenizer")
+    found = tokenizer.convert_tokens_to_ids(list(tokens))
+    unknown = [t for t, i in zip(tokens, found, strict=True) if i is None or i == tokenizer.unk_token_id]
+    if unknown:
+        raise ValueError(
+            f"--trainable-tokens: the tokenizer has no token(s) {unknown}; add them with --add-tokens"
+        )
+    return {**cfg.method_fields, "token_ids": tuple(int(i) for i in found)}
 
 
 def _quantize_base(model: nn.Module, cfg: TrainConfig) -> dict[str, Any]:

@@ -47,6 +47,8 @@ TASK_FIELDS: dict[str, str] = {
     "data": "a run on the user's own data (deltatune train --data): the file or folder (then no name)",
     "format": "that data's format: messages, prompt_completion, text, classification or regression",
     "chat_template": "the chat template its conversations were rendered with, where not the tokenizer's own",
+    "added_tokens": "special tokens the run added to the tokenizer, in order (the embeddings grown to "
+    "match): a loader adds them again before loading the adapter",
 }
 
 
@@ -171,6 +173,13 @@ def _check_task(task: Any, where: str) -> None:
             raise ValueError(f"{where}: task.{key} must be text or null, got {task[key]!r}")
     if not (isinstance(name, str) and name.strip()) and task.get("data") is None:
         raise ValueError(f"{where}: task.name must be a task name such as 'sst2', got {name!r}")
+    added = task.get("added_tokens")
+    if added is not None and not (
+        isinstance(added, list) and added and all(isinstance(t, str) and t for t in added)
+    ):
+        raise ValueError(
+            f"{where}: task.added_tokens must be a non-empty list of tokens or null, got {added!r}"
+        )
     for key, low in (("max_length", 1), ("max_new_tokens", 1), ("eval_limit", 1), ("eval_seed", None)):
         value = task.get(key)
         if value is not None and not _is_int(value, low):

@@ -85,8 +85,9 @@ def task_record(cfg: TrainConfig, task: Task, tokenizer: Any = None) -> dict[str
     evaluate it on the same examples, the same way. A run on the user's data records the file, its
     format and the chat template it was rendered with where that was not the tokenizer's own
     (``deltatune chat`` uses it)."""
+    added = {"added_tokens": list(cfg.add_tokens)} if cfg.add_tokens else {}
     if task.fmt is not None:
-        data: dict[str, Any] = {"data": cfg.data, "format": task.fmt, "max_length": cfg.max_length}
+        data: dict[str, Any] = {"data": cfg.data, "format": task.fmt, "max_length": cfg.max_length, **added}
         if cfg.chat_template is not None and tokenizer is not None:
             data["chat_template"] = tokenizer.chat_template
         return data
@@ -98,7 +99,7 @@ def task_record(cfg: TrainConfig, task: Task, tokenizer: Any = None) -> dict[str
     }
     if task.kind == "generation":
         record["max_new_tokens"] = cfg.max_new_tokens
-    return record
+    return {**record, **added}
 
 
 def store(

@@ -14,7 +14,8 @@ copy of the matrix per step. A head that shares the embedding's weight (tied, Sm
 one set of rows, stored once; an untied head targeted too gets rows of its own. ``merge`` writes the
 rows into the weights.
 
-Default targets: the input embedding, and the output head when it is tied to it.
+Default targets: the input embedding and the output head (PEFT's default adapts the head only when it
+is tied; a new token's head row must train too for the model to emit it).
 
 Closed forms, per distinct weight adapted (the tied pair counts once), ``k = len(token_ids)``:
 
@@ -95,15 +96,19 @@ class TrainableTokens(Method):
     suite: ClassVar[Suite] = Suite(example={"token_ids": (0, 2)}, random_init=False)
 
     def default_targets(self, model: nn.Module) -> list[str] | None:
-        """The input embedding, and the output head where it shares the embedding's weight."""
+        """The input embedding, and the output head (whose rows of new tokens must train too for the
+        model to emit them): tied, it shares the embedding's rows; untied, it gets rows of its own."""
         get_in = getattr(model, "get_input_embeddings", None)
         embedding = get_in() if callable(get_in) else None
         if not isinstance(embedding, nn.Module):
             return None
         get_out = getattr(model, "get_output_embeddings", None)
         head = get_out() if callable(get_out) else None
-        tied = isinstance(head, nn.Module) and getattr(head, "weight", None) is embedding.weight
-        wanted = [embedding] + ([head] if tied else [])
+        rows = _rows_of(embedding).shape[0]
+        has_head = (
+            isinstance(head, nn.Module) and module_kind(head) == "linear" and _rows_of(head).shape[0] == rows
+        )
+        wanted = [embedding] + ([head] if has_head else [])
         return [p for p, m in model.named_modules() if any(m is w for w in wanted)]
 
     def check_targets(self, model: nn.Module, paths: list[str]) -> None:
