@@ -129,7 +129,22 @@ def check_fingerprint(
         if [here[p][0], list(here[p][1])] != [expected[p][0], list(expected[p][1])]
     ]
     if bad:
-        raise ValueError(f"{where} was made for a different base model: {checks.few(bad, 4)}")
+        grown = [
+            p
+            for p in expected
+            if here[p][0] == expected[p][0] in ("Embedding", "Linear")
+            and len(here[p][1]) == len(expected[p][1]) == 2
+            and here[p][1][1] == expected[p][1][1]
+            and here[p][1][0] < expected[p][1][0]
+        ]
+        hint = (
+            "; the adapter's vocabulary is larger (tokens added when it was trained, deltatune train "
+            "--add-tokens): add the same tokens to the tokenizer, in order, and resize the embeddings "
+            "first (model.resize_token_embeddings(len(tokenizer)))"
+            if len(grown) == len(bad)
+            else ""
+        )
+        raise ValueError(f"{where} was made for a different base model: {checks.few(bad, 4)}{hint}")
     differ = [p for p, h in hashes.items() if here[p][2] is not None and here[p][2] != h]
     if differ:
         raise ValueError(
