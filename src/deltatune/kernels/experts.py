@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -73,10 +74,12 @@ def experts_forward(
     token_of = token_of[:kept]
     x = hidden_states[token_of]
     h = _project(module, first, x, counts, token_of, updates.get(first, ()))
-    h = module._apply_gate(h) if first == "gate_up_proj" else module.act_fn(h)
+    between: Any = module._apply_gate if first == "gate_up_proj" else module.act_fn
+    h = between(h)
     h = _project(module, "down_proj", h, counts, token_of, updates.get("down_proj", ()))
     if getattr(module, "has_post_expert_norm", False):
-        h = module.post_expert_norm(h)
+        norm: Any = module.post_expert_norm
+        h = norm(h)
     h = h * top_k_weights.reshape(-1)[order[:kept]].unsqueeze(-1).to(h.dtype)
     out = torch.zeros(tokens, h.shape[-1], dtype=torch.float32, device=h.device)
     out.index_add_(0, token_of, h.float())

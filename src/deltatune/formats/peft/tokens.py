@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...contract import SHARED_ATTR, Method
-from ...methods.selective.tokens import TrainableTokens
+from ...methods.selective.tokens import TrainableTokens, rows_of
 from ...runtime.wrapper import ATTACHMENT_ATTR, Attachment, base_modules
 from .fields import PEFT_TUNER_FIELDS, PeftField, expect
 
@@ -39,7 +39,7 @@ def _weight_keys(model: nn.Module, paths: list[str]) -> dict[str, str]:
     seen: list[torch.Tensor] = []
     keys: dict[str, str] = {}
     for path in paths:
-        weight = modules[path].weight
+        weight = rows_of(modules[path])
         index = next((i for i, w in enumerate(seen) if w is weight), None)
         if index is None:
             seen.append(weight)

@@ -325,12 +325,14 @@ class ExpertsLoRALayer(ExpertsLayer):
     def expert_factors(self) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, nn.Module]]:
         out: dict[str, tuple[torch.Tensor, torch.Tensor, float, nn.Module]] = {}
         for name, factors in self.factors.items():
-            A, B = factors.lora_A, factors.lora_B
+            assert isinstance(factors, ExpertFactors)
+            A: torch.Tensor = factors.lora_A
+            B: torch.Tensor = factors.lora_B
             A = A.expand(self.experts, -1, -1) if A.shape[0] == 1 < self.experts else A
             B = B.expand(self.experts, -1, -1) if B.shape[0] == 1 < self.experts else B
             out[name] = (A, B, self.scale, self.dropout)
         return out
 
     def extra_repr(self) -> str:
-        ranks = {n: f.lora_A.shape[1] for n, f in self.factors.items()}
+        ranks = {n: f.lora_A.shape[1] for n, f in self.factors.items() if isinstance(f, ExpertFactors)}
         return f"experts={self.experts}, ranks={ranks}, scale={self.scale:g}"

@@ -65,7 +65,7 @@ class TokenIds(Check):
         return (1, 1)
 
 
-def _rows_of(base: nn.Module) -> torch.Tensor:
+def rows_of(base: nn.Module) -> torch.Tensor:
     """The matrix whose rows are the tokens: an embedding's weight, a head's ``(vocab, dim)`` weight."""
     weight = base.weight
     if not isinstance(weight, torch.Tensor) or weight.ndim != 2:
@@ -104,9 +104,9 @@ class TrainableTokens(Method):
             return None
         get_out = getattr(model, "get_output_embeddings", None)
         head = get_out() if callable(get_out) else None
-        rows = _rows_of(embedding).shape[0]
+        rows = rows_of(embedding).shape[0]
         has_head = (
-            isinstance(head, nn.Module) and module_kind(head) == "linear" and _rows_of(head).shape[0] == rows
+            isinstance(head, nn.Module) and module_kind(head) == "linear" and rows_of(head).shape[0] == rows
         )
         wanted = [embedding] + ([head] if has_head else [])
         return [p for p, m in model.named_modules() if any(m is w for w in wanted)]
@@ -116,7 +116,7 @@ class TrainableTokens(Method):
             self._check_vocabulary(model.get_submodule(path), path)
 
     def _check_vocabulary(self, base: nn.Module, path: str) -> None:
-        rows = _rows_of(base).shape[0]
+        rows = rows_of(base).shape[0]
         outside = [t for t in self.token_ids if t >= rows]
         if outside:
             raise ValueError(
@@ -126,13 +126,13 @@ class TrainableTokens(Method):
             )
 
     def make_shared(self, bases: Mapping[str, nn.Module], generator: torch.Generator) -> TokenRows:
-        return TokenRows(self.token_ids, [_rows_of(b) for b in bases.values()])
+        return TokenRows(self.token_ids, [rows_of(b) for b in bases.values()])
 
     def shared_parameter_count(self, bases: Mapping[str, nn.Module]) -> int:
-        return sum(len(self.token_ids) * w.shape[1] for w in _distinct([_rows_of(b) for b in bases.values()]))
+        return sum(len(self.token_ids) * w.shape[1] for w in _distinct([rows_of(b) for b in bases.values()]))
 
     def shared_stored_bytes(self, bases: Mapping[str, nn.Module]) -> int:
-        weights = _distinct([_rows_of(b) for b in bases.values()])
+        weights = _distinct([rows_of(b) for b in bases.values()])
         return sum(len(self.token_ids) * w.shape[1] * _dtype(w).itemsize for w in weights)
 
     def parameter_count(self, base: nn.Module) -> int:
@@ -147,7 +147,7 @@ class TrainableTokens(Method):
         if not isinstance(shared, TokenRows):
             raise TypeError("TrainableTokens.wrap needs the adapter's TokenRows (make_shared)")
         self._check_vocabulary(base, path)
-        return TokenRowsLayer(shared, shared.key_of(_rows_of(base)), module_kind(base) or "", self.token_ids)
+        return TokenRowsLayer(shared, shared.key_of(rows_of(base)), module_kind(base) or "", self.token_ids)
 
 
 def _distinct(weights: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -180,6 +180,8 @@ class TokenRowsLayer(ReplacingLayer):
     """The rows of some tokens, written over the output of an embedding (its rows) or of a head
     (its logits columns); ``rows`` lives in the adapter's :class:`TokenRows`."""
 
+    token_ids: torch.Tensor
+
     def __init__(self, shared: TokenRows, key: str, kind: str, token_ids: tuple[int, ...]) -> None:
         super().__init__()
         self._shared = [shared]  # (not a submodule: the adapter saves its shared state once)
@@ -198,7 +200,7 @@ class TokenRowsLayer(ReplacingLayer):
         ids = self.token_ids.to(out.device)
         if self.kind == "embedding":
             # slot[t] = the row of token t in `rows`, -1 for the others
-            slot = torch.full((_rows_of(base).shape[0],), -1, dtype=torch.long, device=out.device)
+            slot = torch.full((rows_of(base).shape[0],), -1, dtype=torch.long, device=out.device)
             slot[ids] = torch.arange(len(ids), device=out.device)
             where = slot[x]
             hit = where >= 0
@@ -211,13 +213,13 @@ class TokenRowsLayer(ReplacingLayer):
         # the head's columns move by x (V - W[ids])ᵀ: exactly zero at init, the replaced rows'
         # logits (up to rounding) after; added in place (the logits are fresh, and a linear layer's
         # backward does not read its output): no second vocabulary-wide tensor per step
-        weight = _rows_of(base)
+        weight = rows_of(base)
         change = self.rows - weight.detach()[ids.to(weight.device)].to(self.rows.dtype)
         return out.index_add_(-1, ids, F.linear(x, change.to(x.dtype)).to(out.dtype))
 
     def merged(self, base: nn.Module) -> nn.Module:
         """A plain copy of ``base`` with the rows written into its weight."""
-        weight = _rows_of(base)
+        weight = rows_of(base)
         new_weight = weight.detach().clone()
         new_weight[self.token_ids.to(weight.device)] = self.rows.detach().to(weight.dtype)
         new = _shallow_copy(base)
