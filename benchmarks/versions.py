@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--small", action="store_true")
+    p.add_argument(
+        "--control",
+        action="store_true",
+        help="also time a second model of this version per row ('this again'): the same-code ratio, "
+        "in the same rounds, is the run's own noise floor",
+    )
     p.add_argument("--json")
     args = p.parse_args(argv)
     other = other_version(Path(args.other))
@@ -73,8 +79,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for q in floor.parameters():
         q.requires_grad_(False)
     runs["floor"] = Run("floor", floor, [], floor=True)
+    labels = [("this", dt), ("other", other)] + ([("again", dt)] if args.control else [])
     for row in args.rows:
-        for label, package in (("this", dt), ("other", other)):
+        for label, package in labels:
             model = build(args.small)
             package.inject(model, method(package, row, args.rank), targets=TARGETS)
             runs[f"{row} {label}"] = Run(row, model, package.trainable_parameters(model))
@@ -112,6 +119,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for row in args.rows:
         for kind, times in (("train", train), ("eval", evals)):
             result[kind][f"{row}: this / other"] = ratio(times, f"{row} this", f"{row} other")
+            if args.control:
+                result[kind][f"{row}: this / this again (control)"] = ratio(
+                    times, f"{row} this", f"{row} again"
+                )
             if args.rounds >= 4:
                 q1, _, q3 = statistics.quantiles(ratios(times, f"{row} this", f"{row} other"), n=4)
                 result["spread"][f"{kind} {row}: this / other, quartiles"] = [round(q1, 4), round(q3, 4)]

@@ -28,7 +28,7 @@ def test_methods_json(capsys: pytest.CaptureFixture[str]) -> None:
     assert set(by_name) == set(REGISTRY) | {"full", "head"}
     lora = by_name["lora"]
     assert lora["capabilities"]["mergeable"] is True
-    assert lora["capabilities"]["layer_types"] == ["linear", "conv1d", "embedding"]
+    assert lora["capabilities"]["layer_types"] == ["linear", "conv1d", "embedding", "experts"]
     fields = {f["name"]: f for f in lora["fields"]}
     assert fields["rank"]["default"] == 8
     assert fields["init"]["default"] == {"type": "kaiming_uniform"}

@@ -353,3 +353,16 @@ def test_deltatune_train_adapts_the_experts(family: str, extra: list[str], tmp_p
         == att.closed_form(name)[0]
         == sum(p.numel() for layer in att.layers(name).values() for p in layer.parameters())
     )
+
+
+def test_combine_and_lora_exports_refuse_expert_updates_by_name(tmp_path: Path) -> None:
+    model = tiny("mixtral")
+    dt.inject(model, dt.LoRA(rank=2), targets=["experts"], name="a")
+    dt.inject(model, dt.LoRA(rank=2), targets=["experts"], name="b", seed=1)
+    for call in (
+        lambda: dt.combine(model, {"a": 1.0, "b": 1.0}, "c"),
+        lambda: dt.export_lora(model, tmp_path, "a"),
+    ):
+        with pytest.raises(ValueError, match="3-D weights of fused MoE experts"):
+            call()
+    assert sorted(dt.attachment_of(model).adapters) == ["a", "b"]

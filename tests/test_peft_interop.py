@@ -218,7 +218,7 @@ def test_every_peft_config_field_is_in_the_table(peft_type: str, tmp_path: Path)
     check_peft_config(saved, table, "adapter_config.json")
     # ... and each refused value raises, naming the field.
     refused = {k: f for k, f in table.items() if f.handling == "refused"}
-    assert refused
+    assert refused or peft_type == "TRAINABLE_TOKENS"  # (its three fields all import)
     for key, field in refused.items():
         bad = {**saved, key: _a_value(field.types, field.accepts)}
         with pytest.raises(ValueError, match=rf"adapter_config\.json: {key}="):

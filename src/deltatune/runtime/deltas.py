@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..contract.layer import as_layer, in_weight_layout
+from ..contract.layer import ExpertsLayer, as_layer, in_weight_layout
 from .quant import NF4Linear
 from .wrapper import attachment_of
 
@@ -137,6 +137,12 @@ def module_updates(model: nn.Module, adapter: str, what: str) -> dict[str, Facto
     for path, layer in att.adapter_layers(adapter).items():
         base = att.wrappers[path].base
         check_not_residual(base, path, method, what)
+        if isinstance(layer, ExpertsLayer):
+            raise ValueError(
+                f"{what}: {method} at {path!r} changes the 3-D weights of fused MoE experts, which "
+                "weight arithmetic and plain-LoRA files do not hold yet; save it (deltatune or PEFT "
+                "format: target_parameters) or export the merged model (--to merged)"
+            )
         form = as_layer(layer).lora_form()
         kind = str(getattr(layer, "kind", "linear"))
         if form is not None:
