@@ -129,7 +129,8 @@ def test_train_help_lists_the_choices_and_plain_metavars(capsys: pytest.CaptureF
 def test_every_train_flag_has_help_and_a_plain_metavar(method: str) -> None:
     import dataclasses
 
-    from deltatune.cli.main import TRAIN_HELP, _train_parser
+    from deltatune.cli.main import _train_parser
+    from deltatune.cli.train_help import TRAIN_HELP
     from deltatune.train.loop import TrainConfig
 
     assert {f.name for f in dataclasses.fields(TrainConfig)} - {"method_fields"} == set(TRAIN_HELP)

@@ -30,12 +30,11 @@ from ..contract import (
     ReplacingLayer,
     Wrapped,
     closed_form,
-    expert_inputs,
     lowrank_factors,
     reads_output,
 )
-from ..kernels.experts import ExpertUpdate, experts_forward
 from ..kernels.lowrank import compute_dtype, fusable, lowrank_linear, model_precision
+from .experts import routed_experts, stacked_experts
 from .routing import Routing, add_batched, batched_factors
 
 ATTACHMENT_ATTR = "_deltatune_attachment"
@@ -166,12 +165,7 @@ class Adapted(Wrapped):
             return self.base(*args, **kwargs)
         layers: list[Any] = [self.adapters[n] for n in names]
         if all(isinstance(layer, ExpertsLayer) for layer in layers):
-            # the updates of several adapters on fused experts add up, like additive layers' deltas
-            updates: dict[str, list[ExpertUpdate]] = {}
-            for layer in layers:
-                for weight, ups in layer.updates().items():
-                    updates.setdefault(weight, []).extend(ups)
-            return experts_forward(self.base, *expert_inputs(args, kwargs), updates)
+            return stacked_experts(self.base, layers, args, kwargs)  # (their updates add up)
         replacing = [layer for layer in layers if not layer.additive]
         if replacing:
             # set_active() guarantees a replacing layer is alone on its module.
@@ -194,7 +188,7 @@ class Adapted(Wrapped):
 
     def _routed(self, routing: Routing, *args: Any, **kwargs: Any) -> Any:
         if any(isinstance(layer, ExpertsLayer) for layer in self.adapters.values()):
-            return self._routed_experts(routing, *args, **kwargs)
+            return routed_experts(self.base, self.adapters, routing, args, kwargs)
         out = self.base(*args, **kwargs)
         x = args[0] if args else next(iter(kwargs.values()))
         if x.shape[0] != len(routing):
@@ -227,37 +221,6 @@ class Adapted(Wrapped):
             delta = layer.delta(source.index_select(0, rows)).to(out.dtype)
             out = out.index_add_(0, rows, delta) if in_place else out.index_add(0, rows, delta)
         return out
-
-    def _routed_experts(self, routing: Routing, *args: Any, **kwargs: Any) -> Any:
-        """Fused experts see the batch's tokens flattened, ``(batch · seq, hidden)``, as every MoE
-        block of transformers passes them: example ``i``'s tokens are the ``i``-th of ``batch`` equal
-        runs, and each adapter's update acts on its examples' runs only."""
-        hidden, index, weights = expert_inputs(args, kwargs)
-        examples = len(routing)
-        if hidden.shape[0] % examples:
-            raise ValueError(
-                f"route(): {examples} adapter names given, but the fused experts at this module see "
-                f"{hidden.shape[0]} tokens, not a whole number per example"
-            )
-        per = hidden.shape[0] // examples
-        updates: dict[str, list[ExpertUpdate]] = {}
-        for name in routing.rows:
-            if name not in self.adapters:
-                continue
-            layer = self.adapters[name]
-            if not isinstance(layer, ExpertsLayer):
-                raise ValueError(
-                    f"route(): adapter {name!r} is a {type(layer).__name__} on fused experts that "
-                    "another routed adapter adapts by their weights; these cannot be mixed per example"
-                )
-            rows = None
-            if not routing.covers_all(name):
-                mask = torch.zeros(examples, device=hidden.device)
-                mask[routing.indices(name, hidden.device)] = 1.0
-                rows = mask.repeat_interleave(per)
-            for weight, ups in layer.updates(rows).items():
-                updates.setdefault(weight, []).extend(ups)
-        return experts_forward(self.base, hidden, index, weights, updates)
 
     def __getattr__(self, name: str) -> Any:
         # Model code often reads attributes of the module it calls (``self.wo.weight.dtype`` in T5,

@@ -25,7 +25,8 @@ from ...runtime.checks import few
 from ...runtime.state import adapter_state
 from ...runtime.wrapper import Attachment
 from ...targets import expert_weights, module_kind
-from . import experts as peft_experts
+from .experts import from_peft as experts_from_peft
+from .experts import to_peft as experts_to_peft
 from .fields import PEFT_TUNER_FIELDS, PeftField, expect, flat_state, module_tensors, peft_get
 
 PREFIX = "base_model.model."
@@ -114,7 +115,7 @@ def from_peft(
     config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module
 ) -> tuple[LoRA | DoRA, list[str], dict[str, dict[str, Any]], dict[str, torch.Tensor]]:
     """PEFT's LoRA file: a :class:`LoRA`, or a :class:`DoRA` when ``use_dora`` is set."""
-    rest, experts, expert_state = peft_experts.from_peft(config, tensors, model, PREFIX)
+    rest, experts, expert_state = experts_from_peft(config, tensors, model, PREFIX)
     if config.get("use_dora"):
         if experts:
             raise ValueError("use_dora with target_parameters: PEFT has no DoRA on bare parameters")
@@ -228,7 +229,7 @@ def _lora_to_peft(
     tensors: dict[str, torch.Tensor] = {}
     configs: dict[str, LoRA] = {}
     kinds = {path: module_kind(attachment.wrappers[path].base) for path in info.targets}
-    target_parameters, expert_tensors = peft_experts.to_peft(attachment, name, state, PREFIX)
+    target_parameters, expert_tensors = experts_to_peft(attachment, name, state, PREFIX)
     tensors.update(expert_tensors)
     for path in info.targets:
         cfg = expect(info.configs[path], LoRA).stored_method()
