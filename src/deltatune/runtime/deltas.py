@@ -140,8 +140,9 @@ def module_updates(model: nn.Module, adapter: str, what: str) -> dict[str, Facto
         if isinstance(layer, ExpertsLayer):
             raise ValueError(
                 f"{what}: {method} at {path!r} changes the 3-D weights of fused MoE experts, which "
-                "weight arithmetic and plain-LoRA files do not hold yet; save it (deltatune or PEFT "
-                "format: target_parameters) or export the merged model (--to merged)"
+                "weight arithmetic and plain-LoRA files do not hold yet; save it (deltatune.save, or "
+                "deltatune.export_peft: PEFT's target_parameters) or export the merged model "
+                "(--to merged)"
             )
         form = as_layer(layer).lora_form()
         kind = str(getattr(layer, "kind", "linear"))
