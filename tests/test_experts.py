@@ -259,14 +259,26 @@ def test_peft_target_parameters_both_ways(family: str, tmp_path: Path) -> None:
         expected = theirs(IDS).logits
     assert not torch.allclose(expected, logits(base), atol=1e-3)
     assert torch.allclose(logits(ours), expected, atol=1e-5)
+    if not swaps_in_out(peft):
+        pytest.skip("this PEFT defines LoRA on (experts, out, in) weights transposed; ours is the later form")
     dt.export_peft(ours, tmp_path / "back")
     back = peft.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "back").eval()
     with torch.no_grad():
         assert torch.allclose(back(IDS).logits, expected, atol=1e-5)
 
 
+def swaps_in_out(peft: Any) -> bool:
+    """Whether PEFT's ParamWrapper takes an (experts, out, in) weight's fan-in as its "in" (as ours;
+    peft 0.18 took dim 1: its files import here, converted, but ours do not load there)."""
+    import inspect
+
+    return "_did_swap_in_out_features" in inspect.getsource(peft.tuners.lora.layer.ParamWrapper)
+
+
 def test_a_shared_factor_exports_to_peft_as_copies(tmp_path: Path) -> None:
     peft = pytest.importorskip("peft")
+    if not swaps_in_out(peft):
+        pytest.skip("this PEFT defines LoRA on (experts, out, in) weights transposed")
     base = tiny("mixtral")
     model = copy.deepcopy(base)
     dt.inject(model, dt.LoRA(rank=2, expert_shared="B"), targets=["experts.down_proj"])

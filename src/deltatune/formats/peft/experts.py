@@ -82,12 +82,25 @@ def _ours(
     experts, d1, d2 = param.shape
     fan_in, fan_out = (d1, d2) if module.is_transposed else (d2, d1)
     rows = A.shape[0]
-    if A.ndim != 2 or B.ndim != 2 or rows % experts or A.shape[1] != fan_in or B.shape != (fan_out, rows):
+    if A.ndim != 2 or B.ndim != 2 or rows % experts:
+        raise ValueError(f"{owner}.{weight}: PEFT's factors must be 2-D with r·{experts} rows of A")
+    r = rows // experts
+    old = not module.is_transposed and fan_in != fan_out
+    if old and A.shape[1] == fan_out and tuple(B.shape) == (fan_in, rows):
+        # PEFT before its in/out swap (0.18) took an (experts, out, in) weight's dim 1 as "in": its
+        # update of expert e is (B_e A_e)ᵀ = A_eᵀ B_eᵀ, so our A_e is its B_eᵀ, our B_e its A_eᵀ
+        return {
+            f"{owner}.factors.{weight}.lora_A": B.t()
+            .reshape(r, experts, fan_in)
+            .permute(1, 0, 2)
+            .contiguous(),
+            f"{owner}.factors.{weight}.lora_B": A.reshape(experts, r, fan_out).permute(0, 2, 1).contiguous(),
+        }
+    if A.shape[1] != fan_in or B.shape != (fan_out, rows):
         raise ValueError(
             f"{owner}.{weight} {tuple(param.shape)}: PEFT's factors must be (r·{experts}, {fan_in}) and "
             f"({fan_out}, r·{experts}); the file holds {tuple(A.shape)} and {tuple(B.shape)}"
         )
-    r = rows // experts
     return {
         f"{owner}.factors.{weight}.lora_A": A.reshape(experts, r, fan_in),
         f"{owner}.factors.{weight}.lora_B": B.reshape(fan_out, r, experts).permute(2, 0, 1).contiguous(),
