@@ -8,7 +8,7 @@ A target specification is any of
 * a string: an exact module path (``"encoder.layer.0.attention.self.query"``) or a dotted suffix of
   one (``"query"``, ``"self.query"``); it also selects the weights of fused MoE experts by their
   names (``"experts.gate_up_proj"``, ``"down_proj"``): the experts module is adapted, on those
-  weights only (:func:`parameter_targets`);
+  weights only (:func:`resolve_targets`);
 * a compiled regex (``re.compile(r".*\\.(query|value)")``): matched against the whole path (of a
   module, or of an expert weight);
 * a module class (``nn.Linear``): every module of that class;
@@ -252,16 +252,34 @@ def resolve(
     Raises:
         ValueError: if one of the specs matches nothing; the message lists the closest names.
     """
+    return resolve_targets(model, spec, modules)[0]
+
+
+def resolve_targets(
+    model: nn.Module,
+    spec: TargetSpec,
+    modules: dict[str, nn.Module] | None = None,
+) -> tuple[list[str], dict[str, tuple[str, ...]]]:
+    """:func:`resolve`'s paths, and the fused-experts modules among them that ``spec`` selects by the
+    names of their weights alone (``"experts.gate_up_proj"``, a suffix of
+    ``"model.layers.0.mlp.experts.gate_up_proj"``, or a regex over such paths), each with the weights
+    selected, in the module's order. A module that an item also selects as a whole (``"experts"``),
+    or whose every weight is named, is not in the second: all its weights are adapted.
+
+    Raises:
+        ValueError: one of the specs matches nothing (the message lists the closest names), or names
+            a 3-D parameter of a module whose layout is not understood.
+    """
     if modules is None:
         modules = dict(model.named_modules())
     modules = {p: m for p, m in modules.items() if p}
     heads = _head_paths(model, modules)
-    chosen: set[str] = set()
+    whole: set[str] = set()
+    by_weight: dict[str, set[str]] = {}
     for item in _named_sets(_as_list(spec), modules):
-        hits = {p for p, m in modules.items() if _matches(p, m, item, heads)} | set(
-            _parameter_hits(item, modules)
-        )
-        if not hits:
+        hits = {p for p, m in modules.items() if _matches(p, m, item, heads)}
+        weights = _parameter_hits(item, modules)
+        if not hits and not weights:
             hint = ""
             if isinstance(item, str) and any(c in item for c in "*+?[](){}|^$\\"):
                 hint = (
@@ -269,39 +287,16 @@ def resolve(
                     f"expression: for one, pass re.compile({item!r})"
                 )
             raise ValueError(f"target {_show(item)} matched no module{hint}; {_suggest(item, modules)}")
-        chosen |= hits
-    return [p for p in modules if p in chosen]
-
-
-def parameter_targets(
-    model: nn.Module, spec: TargetSpec, modules: dict[str, nn.Module] | None = None
-) -> dict[str, tuple[str, ...]]:
-    """The fused-experts modules that ``spec`` selects by the names of their weights alone
-    (``"experts.gate_up_proj"``, a suffix of ``"model.layers.0.mlp.experts.gate_up_proj"``, or a
-    regex over such paths), each with the weights selected, in the module's order. A module that
-    an item also selects as a whole (``"experts"``), or whose every weight is named, is not listed:
-    all its weights are adapted.
-
-    Raises:
-        ValueError: an item names a 3-D parameter of a module whose layout is not understood.
-    """
-    if modules is None:
-        modules = dict(model.named_modules())
-    modules = {p: m for p, m in modules.items() if p}
-    heads = _head_paths(model, modules)
-    items = _named_sets(_as_list(spec), modules)
-    whole = {p for item in items for p, m in modules.items() if _matches(p, m, item, heads)}
-    chosen: dict[str, set[str]] = {}
-    for item in items:
-        for owner, names in _parameter_hits(item, modules).items():
-            if owner not in whole:
-                chosen.setdefault(owner, set()).update(names)
-    order = {owner: expert_weights(modules[owner]) for owner in chosen}
-    return {
-        owner: tuple(n for n in order[owner] if n in names)
-        for owner, names in chosen.items()
-        if set(order[owner]) - names  # (every weight named: the whole module)
-    }
+        whole |= hits
+        for owner, names in weights.items():
+            by_weight.setdefault(owner, set()).update(names)
+    chosen = whole | set(by_weight)
+    selection: dict[str, tuple[str, ...]] = {}
+    for owner, names in by_weight.items():
+        order = expert_weights(modules[owner])
+        if owner not in whole and set(order) - names:  # (every weight named: the whole module)
+            selection[owner] = tuple(n for n in order if n in names)
+    return [p for p in modules if p in chosen], selection
 
 
 def _parameter_hits(item: object, modules: dict[str, nn.Module]) -> dict[str, set[str]]:

@@ -181,7 +181,7 @@ def _plan(
     modules = base_modules(model, att)
     if targets is None:
         targets = _targets.default_targets(spec, model)
-    paths = _targets.resolve(model, targets, modules)
+    paths, expert_selection = _targets.resolve_targets(model, targets, modules)
     save_paths = _targets.resolve(model, list(modules_to_save), modules) if modules_to_save else []
     save_paths = [p for p in save_paths if not any(p.startswith(q + ".") for q in save_paths)]
     cls = type(method).__name__
@@ -201,7 +201,7 @@ def _plan(
         clash = [p for p in paths if p == sp or p.startswith(sp + ".") or sp.startswith(p + ".")]
         if clash:
             raise ValueError(f"modules_to_save {sp!r} overlaps the targeted module(s) {clash[:4]}")
-    _select_expert_weights(method, _targets.parameter_targets(model, targets, modules), override_map)
+    _select_expert_weights(method, expert_selection, override_map)
     spec.check_targets(model, paths)
     _check_overrides(method, override_map, paths)
     configs = {p: config_for(method, p, override_map) for p in paths}
