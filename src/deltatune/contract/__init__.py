@@ -70,6 +70,7 @@ from .layer import (
     merged_linear,
     module_tensors,
     reads_output,
+    shallow_copy,
 )
 from .method import AdapterView, Method, Placement, SharedState, StepHooks, Storage, layers_of
 from .registry import (
@@ -120,4 +121,5 @@ __all__ = [
     "module_tensors",
     "reads_output",
     "register",
+    "shallow_copy",
 ]

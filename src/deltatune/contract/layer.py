@@ -49,6 +49,16 @@ def module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def shallow_copy(base: nn.Module) -> nn.Module:
+    """A copy of ``base`` with its own tables of parameters, buffers and submodules, sharing their
+    tensors: what a merge replaces a weight of, leaving ``base`` itself untouched."""
+    new = copy.copy(base)
+    new._parameters = dict(base._parameters)
+    new._buffers = dict(base._buffers)
+    new._modules = dict(base._modules)
+    return new
+
+
 def merged_linear(base: nn.Module, delta: torch.Tensor) -> nn.Module:
     """A plain copy of ``base`` whose weight is ``base.weight + delta`` (added in float32)."""
     weight = base.weight
@@ -56,10 +66,7 @@ def merged_linear(base: nn.Module, delta: torch.Tensor) -> nn.Module:
         raise ValueError(f"cannot merge into {type(base).__name__}: it has no weight tensor")
     if delta.shape != weight.shape:
         raise ValueError(f"delta_weight has shape {tuple(delta.shape)}, weight has {tuple(weight.shape)}")
-    new = copy.copy(base)
-    new._parameters = dict(base._parameters)
-    new._buffers = dict(base._buffers)
-    new._modules = dict(base._modules)
+    new = shallow_copy(base)
     merged = (weight.detach().float() + delta.detach().float().to(weight.device)).to(weight.dtype)
     new.weight = nn.Parameter(merged, requires_grad=False)
     return new
@@ -204,10 +211,7 @@ class ExpertsLayer(ReplacingLayer):
 
     def merged(self, base: nn.Module) -> nn.Module:
         """A plain copy of the experts module with ``W[e] + scale · B[e] A[e]`` in each adapted weight."""
-        new = copy.copy(base)
-        new._parameters = dict(base._parameters)
-        new._buffers = dict(base._buffers)
-        new._modules = dict(base._modules)
+        new = shallow_copy(base)
         for name, (A, B, scale, _) in self.expert_factors().items():
             weight = base._parameters[name]
             assert weight is not None

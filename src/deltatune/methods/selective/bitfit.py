@@ -27,7 +27,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,7 +34,7 @@ import torch
 from torch import nn
 
 from ... import anatomy
-from ...contract import AdditiveLayer, Method, Suite, register
+from ...contract import AdditiveLayer, Method, Suite, register, shallow_copy
 from ...contract.fields import OneOf, param
 from ...targets import module_kind, shape_of
 
@@ -143,10 +142,7 @@ class BitFitLayer(AdditiveLayer):
         bias = base.bias
         if not isinstance(bias, torch.Tensor):
             raise ValueError(f"BitFit: cannot merge into {type(base).__name__}: it has no bias")
-        new = copy.copy(base)
-        new._parameters = dict(base._parameters)
-        new._buffers = dict(base._buffers)
-        new._modules = dict(base._modules)
+        new = shallow_copy(base)
         summed = bias.detach().float() + self.bias.detach().float().to(bias.device)
         new.bias = nn.Parameter(summed.to(bias.dtype), requires_grad=False)
         return new

@@ -31,7 +31,6 @@ Example:
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -40,7 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ...contract import ReplacingLayer, Suite, register
+from ...contract import ReplacingLayer, Suite, register, shallow_copy
 from ...contract.fields import Check, param
 from ...contract.method import Method
 from ...targets import module_kind
@@ -147,7 +146,10 @@ class TrainableTokens(Method):
         if not isinstance(shared, TokenRows):
             raise TypeError("TrainableTokens.wrap needs the adapter's TokenRows (make_shared)")
         self._check_vocabulary(base, path)
-        return TokenRowsLayer(shared, shared.key_of(rows_of(base)), module_kind(base) or "", self.token_ids)
+        kind = module_kind(base) or ""
+        return TokenRowsLayer(
+            shared, shared.key_of(rows_of(base)), kind, self.token_ids, rows_of(base).shape[0]
+        )
 
 
 def _distinct(weights: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -181,13 +183,22 @@ class TokenRowsLayer(ReplacingLayer):
     (its logits columns); ``rows`` lives in the adapter's :class:`TokenRows`."""
 
     token_ids: torch.Tensor
+    slot: torch.Tensor
 
-    def __init__(self, shared: TokenRows, key: str, kind: str, token_ids: tuple[int, ...]) -> None:
+    def __init__(
+        self, shared: TokenRows, key: str, kind: str, token_ids: tuple[int, ...], vocabulary: int
+    ) -> None:
         super().__init__()
         self._shared = [shared]  # (not a submodule: the adapter saves its shared state once)
         self.key = key
         self.kind = kind
-        self.register_buffer("token_ids", torch.tensor(token_ids, dtype=torch.long), persistent=False)
+        ids = torch.tensor(token_ids, dtype=torch.long)
+        self.register_buffer("token_ids", ids, persistent=False)
+        # an embedding's lookup table, made once: slot[t] = the row of token t in `rows`, else -1
+        slot = torch.full((vocabulary if kind == "embedding" else 0,), -1, dtype=torch.long)
+        if kind == "embedding":
+            slot[ids] = torch.arange(len(ids))
+        self.register_buffer("slot", slot, persistent=False)
 
     @property
     def rows(self) -> torch.Tensor:
@@ -199,10 +210,7 @@ class TokenRowsLayer(ReplacingLayer):
         x = args[0] if args else next(iter(kwargs.values()))
         ids = self.token_ids.to(out.device)
         if self.kind == "embedding":
-            # slot[t] = the row of token t in `rows`, -1 for the others
-            slot = torch.full((rows_of(base).shape[0],), -1, dtype=torch.long, device=out.device)
-            slot[ids] = torch.arange(len(ids), device=out.device)
-            where = slot[x]
+            where = self.slot.to(x.device)[x]
             hit = where >= 0
             scale = getattr(base, "embed_scale", None)  # (Gemma-style scaled embeddings)
             new = self.rows[where[hit]].to(out.dtype)
@@ -222,17 +230,9 @@ class TokenRowsLayer(ReplacingLayer):
         weight = rows_of(base)
         new_weight = weight.detach().clone()
         new_weight[self.token_ids.to(weight.device)] = self.rows.detach().to(weight.dtype)
-        new = _shallow_copy(base)
+        new = shallow_copy(base)
         new.weight = nn.Parameter(new_weight, requires_grad=False)
         return new
 
     def extra_repr(self) -> str:
         return f"kind={self.kind}, tokens={self.token_ids.tolist()[:8]}, rows={self.key}"
-
-
-def _shallow_copy(base: nn.Module) -> nn.Module:
-    new = copy.copy(base)
-    new._parameters = dict(base._parameters)
-    new._buffers = dict(base._buffers)
-    new._modules = dict(base._modules)
-    return new
