@@ -29,7 +29,9 @@ def from_peft(
     config: Mapping[str, Any], tensors: Mapping[str, torch.Tensor], model: nn.Module, prefix: str
 ) -> tuple[dict[str, torch.Tensor], dict[str, tuple[str, ...]], dict[str, torch.Tensor]]:
     """The tensors of ``target_parameters`` in a PEFT LoRA file, taken out of ``tensors``:
-    ``(the other tensors, owner path -> the expert weights adapted, deltatune's state)``."""
+    ``(the other tensors, owner path -> the expert weights adapted, deltatune's state)``; an owner
+    whose every expert weight is adapted maps to ``()``, as :func:`deltatune.targets.resolve_targets`
+    leaves such a module out of its selection."""
     given = config.get("target_parameters") or []
     given = [given] if isinstance(given, str) else list(given)
     if not given:
@@ -68,7 +70,7 @@ def from_peft(
         for k, weight in enumerate(names):
             A, B = parts[(len(names) - 1 - k, "A")], parts[(len(names) - 1 - k, "B")]
             state.update(_ours(owner, weight, module, A, B))
-        chosen[owner] = names
+        chosen[owner] = () if names == expert_weights(module) else names
     return rest, chosen, state
 
 

@@ -24,7 +24,7 @@ from ...methods.lowrank.lora import LoRA
 from ...runtime.checks import few
 from ...runtime.state import adapter_state
 from ...runtime.wrapper import Attachment
-from ...targets import expert_weights, module_kind
+from ...targets import module_kind
 from .experts import from_peft as experts_from_peft
 from .experts import to_peft as experts_to_peft
 from .fields import PEFT_TUNER_FIELDS, PeftField, expect, flat_state, module_tensors, peft_get
@@ -120,17 +120,14 @@ def from_peft(
         if experts:
             raise ValueError("use_dora with target_parameters: PEFT has no DoRA on bare parameters")
         return _dora_from_peft(config, rest)
-    if not experts:
-        return _lora_from_peft(config, rest)
-    if rest:
-        method, targets, overrides, state = _lora_from_peft(config, rest)
-    else:
-        method, targets, overrides, state = _lora_from_peft(config, {}, empty=True)
+    method, targets, overrides, state = _lora_from_peft(config, rest, empty=bool(experts) and not rest)
     for owner, names in experts.items():
-        entry: dict[str, Any] = {}
-        if set(names) != set(expert_weights_of(model, owner)):
-            entry["expert_weights"] = names
-        ranks = {int(expert_state[f"{owner}.factors.{w}.lora_A"].shape[1]) for w in names}
+        entry: dict[str, Any] = {"expert_weights": names} if names else {}
+        ranks = {
+            int(t.shape[1])
+            for k, t in expert_state.items()
+            if k.startswith(f"{owner}.factors.") and k.endswith(".lora_A")
+        }
         if len(ranks) > 1:
             raise ValueError(
                 f"{owner!r}: its expert weights have ranks {sorted(ranks)}; deltatune gives one per module"
@@ -304,9 +301,3 @@ def _config(
         "fan_in_fan_out": fan_in_fan_out,
         "bias": "none",
     }
-
-
-def expert_weights_of(model: nn.Module, owner: str) -> tuple[str, ...]:
-    """The expert weights of the fused-experts module at ``owner`` (of the base, under a wrapper)."""
-    module = model.get_submodule(owner)
-    return expert_weights(getattr(module, "base", module))

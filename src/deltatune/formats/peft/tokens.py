@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ...contract import SHARED_ATTR, Method
-from ...methods.selective.tokens import TrainableTokens, rows_of
+from ...methods.selective.tokens import TokenRowsLayer, TrainableTokens, row_keys, rows_of
 from ...runtime.wrapper import ATTACHMENT_ATTR, Attachment, base_modules
 from .fields import PEFT_TUNER_FIELDS, PeftField, expect
 
@@ -34,18 +34,9 @@ FIELDS: dict[str, PeftField] = {
 
 
 def _weight_keys(model: nn.Module, paths: list[str]) -> dict[str, str]:
-    """path -> the shared key of its weight's rows (``rows_<i>``: distinct weights in ``paths``' order)."""
+    """path -> the shared key of its weight's rows, as :class:`TokenRows` will number them."""
     modules = base_modules(model, model.__dict__.get(ATTACHMENT_ATTR))
-    seen: list[torch.Tensor] = []
-    keys: dict[str, str] = {}
-    for path in paths:
-        weight = rows_of(modules[path])
-        index = next((i for i, w in enumerate(seen) if w is weight), None)
-        if index is None:
-            seen.append(weight)
-            index = len(seen) - 1
-        keys[path] = f"rows_{index}"
-    return keys
+    return dict(zip(paths, row_keys([rows_of(modules[p]) for p in paths]), strict=True))
 
 
 def from_peft(
@@ -91,7 +82,11 @@ def to_peft(
     if shared is None:
         raise ValueError(f"adapter {name!r} has no token rows")
     paths = list(info.targets)
-    keys = _weight_keys(attachment.model, paths)
+    keys = {
+        path: layer.key
+        for path, layer in attachment.layers(name).items()
+        if isinstance(layer, TokenRowsLayer)
+    }
     # (a copy each: safetensors refuses two names for one storage, as a tied pair would give)
     tensors = {f"{PREFIX}{path}{_DELTA}": getattr(shared, keys[path]).detach().clone() for path in paths}
     first = {key: path for path, key in reversed(keys.items())}

@@ -316,9 +316,8 @@ class ExpertsLoRALayer(ExpertsLayer):
         for name, shapes in expert_factor_shapes(config, base, path).items():
             factors = ExpertFactors(shapes, dtype)
             A, B = factors.lora_A.data, factors.lora_B.data
-            for e in range(A.shape[0]):
+            for e in range(A.shape[0]):  # (initialise zeroes B: every B[e] starts at zero)
                 config.init.initialise(A[e], B[min(e, B.shape[0] - 1)], kind="linear", generator=generator)
-            B.zero_()
             self.factors[name] = factors
         self.experts = int(base._parameters[expert_weights(base)[0]].shape[0])  # type: ignore[union-attr]
 

@@ -160,6 +160,13 @@ def _distinct(weights: list[torch.Tensor]) -> list[torch.Tensor]:
     return out
 
 
+def row_keys(weights: list[torch.Tensor]) -> list[str]:
+    """The key of each weight's trained rows in :class:`TokenRows` (``rows_<i>``, the distinct weights
+    numbered in order: a tied embedding and head get the same key)."""
+    distinct = _distinct(weights)
+    return [f"rows_{next(i for i, d in enumerate(distinct) if d is w)}" for w in weights]
+
+
 class TokenRows(nn.Module):
     """The trained rows: one ``(k, dim)`` parameter per distinct weight adapted (``rows_0``, …), each
     starting as that weight's rows of the tokens; a tied embedding and head share one."""
@@ -168,8 +175,9 @@ class TokenRows(nn.Module):
         super().__init__()
         self._keys: list[tuple[torch.Tensor, str]] = []
         index = torch.tensor(token_ids, dtype=torch.long)
-        for i, weight in enumerate(_distinct(weights)):
-            key = f"rows_{i}"
+        for weight, key in zip(weights, row_keys(weights), strict=True):
+            if hasattr(self, key):  # (a tied weight: its rows exist already)
+                continue
             rows = weight.detach().index_select(0, index.to(weight.device)).to(_dtype(weight))
             self.register_parameter(key, nn.Parameter(rows.clone()))
             self._keys.append((weight, key))
