@@ -124,15 +124,21 @@ def plot(results: list[dict[str, Any]], path: Path) -> None:
             bottom = [b + v for b, v in zip(bottom, values, strict=True)]
         ax.set_title(f"{shape}: memory of a step (GiB, estimate)")
         ax.invert_yaxis()
-        if col == 0:
-            ax.legend(loc="lower right")
+        if col == 0:  # one legend for the row, above the panels (never over a bar)
+            fig.legend(
+                *ax.get_legend_handles_labels(),
+                loc="lower center",
+                ncol=3,
+                frameon=False,
+                bbox_to_anchor=(0.5, 1.0),
+            )
         ax2 = axes[1][col]
         ax2.barh(labels, [r["flops_over_floor"] for r in rows], color="tab:gray")
         ax2.axvline(1.0, color="k", lw=0.8)
         ax2.set_title("FLOPs of a step / frozen-base floor (estimate)")
         ax2.invert_yaxis()
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, bbox_inches="tight")
     plt.close(fig)
 
 

@@ -146,24 +146,32 @@ def main(argv: list[str] | None = None) -> int:
         )
     (out / "results.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    plot(results, f"{args.model} on GSM8K, rank {args.rank}", out / "loss.png")
+    return 0
+
+
+def plot(results: list[dict[str, Any]], title: str, path: Path) -> None:
+    """Training loss against step, one line per run (its label names its rate once)."""
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for r in results:
-            ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=f"{r['label']} (lr {r['lr']:g})")
-        ax.set_xlabel("step")
-        ax.set_ylabel("training loss")
-        ax.set_title(f"{args.model} on GSM8K, rank {args.rank}")
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(out / "loss.png", dpi=120)
+        from matplotlib.ticker import MaxNLocator
     except ImportError:
-        pass
-    return 0
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        label = r["label"] if "lr" in r["label"] else f"{r['label']} (lr {r['lr']:g})"
+        ax.plot(range(1, len(r["losses"]) + 1), r["losses"], label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)  # beside the lines, not on them
+    fig.tight_layout()
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -82,8 +82,11 @@ def test_batches_cover_each_epoch_once() -> None:
 
 
 def test_run_writes_adapter_metrics_and_plot(tiny_bert: str, tmp_path: Path) -> None:
-    record = train(config(tiny_bert, tmp_path), progress=False)
+    record = train(config(tiny_bert, tmp_path, validation=24), progress=False)
     assert set(record["metrics"]) == {"loss", "accuracy"}
+    # The held-out training examples are scored too (settings are chosen on them, not on eval).
+    assert set(record["validation"]) == {"loss", "accuracy"}
+    assert record["validation"] != record["metrics"]
     assert (tmp_path / "curves.png").stat().st_size > 10_000
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["trainable_parameters"] == record["trainable_parameters"]

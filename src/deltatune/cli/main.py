@@ -28,6 +28,7 @@ from typing import Any
 from .. import __version__
 from ..contract import CAPABILITIES, REGISTRY
 from ..contract.fields import Bool, Float, Instance, Int, OneOf, Text, field_table, from_jsonable, to_jsonable
+from ..train.config import HARNESS_LR
 from .adapter import add_parsers as add_adapter_parsers
 from .adapter import run_eval, run_info, run_merge
 from .combine import add_parser as add_combine_parser
@@ -63,6 +64,7 @@ def methods_table() -> list[dict[str, Any]]:
                 "class": cls.__name__,
                 "summary": doc[0] if doc else "",
                 "capabilities": {c: to_jsonable(getattr(cls, c)) for c in CAPABILITIES},
+                "default_lr": cls().default_lr(),
                 "fields": field_table(cls),
                 "harness_only": False,
             }
@@ -74,6 +76,7 @@ def methods_table() -> list[dict[str, Any]]:
                 "class": None,
                 "summary": summary,
                 "capabilities": {},
+                "default_lr": HARNESS_LR[name],
                 "fields": [],
                 "harness_only": True,
             }
@@ -89,12 +92,13 @@ def _print_methods(as_json: bool) -> None:
     for row in rows:
         if row["harness_only"]:
             print(f"{row['name']}  (deltatune train only): {row['summary']}")
-            print("  fields: none\n")
+            print(f"  default learning rate: {row['default_lr']:g}; fields: none\n")
             continue
         print(f"{row['name']}  ({row['class']}): {row['summary']}")
         caps = row["capabilities"]
         flags = [c for c, v in caps.items() if v is True]
         print(f"  capabilities: {', '.join(flags) or '-'}; layer types: {', '.join(caps['layer_types'])}")
+        print(f"  default learning rate: {row['default_lr']:g} (with its default fields)")
         print("  fields:")
         width = max(len(f["name"]) for f in row["fields"])
         for f in row["fields"]:

@@ -18,8 +18,9 @@ TRAIN_HELP: dict[str, str] = {
     "steps": "optimizer steps",
     "batch_size": "examples per micro-batch (split across the processes under torchrun)",
     "grad_accum": "micro-batches per optimizer step: the global batch is BATCH_SIZE x GRAD_ACCUM",
-    "lr": "peak learning rate",
-    "head_lr": "learning rate of the task head (default: LR)",
+    "lr": "peak learning rate (default: the method's own, chosen on a validation split: `deltatune "
+    "methods` lists them; full fine-tuning 5e-5)",
+    "head_lr": "learning rate of the task head (default: 1e-3; LR with --method head)",
     "loraplus_ratio": "LoRA+ (Hayou et al. 2024): B factors (lora_B) and the adapter's vectors train at "
     "LR x this (the paper suggests 16; default: no LoRA+)",
     "weight_decay": "AdamW weight decay",
@@ -28,7 +29,11 @@ TRAIN_HELP: dict[str, str] = {
     "max_grad_norm": "clip the gradient norm to this (0: no clipping)",
     "max_length": "truncate inputs to this many tokens",
     "train_limit": "train on a seeded sample of this many examples (default: all)",
-    "eval_limit": "evaluate on a seeded sample of this many examples (default: all)",
+    "eval_limit": "evaluate on a sample of this many examples, the same draw for every seed and method "
+    "(default: all)",
+    "validation": "hold this many training examples out (the same draw for every seed and method) and "
+    "report the metrics on them too (metrics.json: validation): choose settings on these, not on the "
+    "eval split (0: none)",
     "eval_every": "also evaluate every N steps (0: only at the end)",
     "eval_before": "also evaluate before training",
     "eval_batch_size": "examples per evaluation batch",
@@ -90,6 +95,7 @@ NO_DEFAULT_SHOWN = (
     "text_pair_column",
     "chat_template",
     "report_to",
+    "lr",
     "head_lr",
     "loraplus_ratio",
     "train_limit",
@@ -101,7 +107,7 @@ NO_DEFAULT_SHOWN = (
 
 #: The types of the training options whose default (None) does not tell it.
 OPTION_TYPES: dict[str, Any] = {
-    **dict.fromkeys(("head_lr", "loraplus_ratio"), float),
+    **dict.fromkeys(("lr", "head_lr", "loraplus_ratio"), float),
     **dict.fromkeys(("train_limit", "eval_limit"), int),
     **dict.fromkeys(("data_dir", "data", "eval_data", "text_pair_column", "chat_template", "quantize"), str),
 }

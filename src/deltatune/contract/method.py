@@ -128,6 +128,14 @@ class StepHooks:
         """Optimizer groups with their own learning-rate multipliers, or None: one group."""
         return None
 
+    def default_lr(self) -> float:
+        """The peak AdamW learning rate ``deltatune train`` uses for it when no ``--lr`` is given. Each
+        method declares its own: rates differ by orders of magnitude between methods (VeRA's vectors,
+        prompt embeddings, a full model), and a shared default leaves some at chance. The values are
+        chosen on a validation split (benchmarks/README.md, "Each method at its own learning
+        rate")."""
+        return 1e-3
+
     def for_steps(self, total: int, given: Collection[str]) -> Any:
         """A copy fitted to a run of ``total`` optimizer steps for the fields not in ``given``, or a
         ``ValueError`` naming a field that does not fit the run."""

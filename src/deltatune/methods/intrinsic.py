@@ -39,6 +39,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -212,6 +213,13 @@ class IntrinsicDimension(Method):
     )
 
     name: ClassVar[str] = "intrinsic"
+
+    def default_lr(self) -> float:
+        """0.3 at d = 1000, times sqrt(1000 / d): Adam moves each of the d values by about the rate per
+        step and P preserves norms, so the step in weight space grows as rate x sqrt(d); the scaling
+        keeps it the same for every d."""
+        return round(0.3 * math.sqrt(1000 / self.d), 4)
+
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True  # θ = 0, so P θ = 0 exactly
     weight_space: ClassVar[bool] = True

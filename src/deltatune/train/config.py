@@ -28,6 +28,8 @@ from ..runtime.quant import FORMATS  # in which dtype adapters compute
 __all__ = [
     "ADAPTER_PRECISIONS",
     "FULL",
+    "HARNESS_LR",
+    "HEAD_LR",
     "HEAD_ONLY",
     "PRECISIONS",
     "QUANTIZE",
@@ -35,6 +37,7 @@ __all__ = [
     "RUN_NEUTRAL",
     "SCHEDULES",
     "TrainConfig",
+    "default_lr",
 ]
 
 FULL = "full"  # pseudo-method: train every parameter
@@ -47,6 +50,21 @@ REPORTERS = ("tensorboard", "mlflow")
 #: 4-bit frozen bases (deltatune.runtime.quant): QLoRA, and QPiSSA with a weight-derived init.
 QUANTIZE = FORMATS
 FLOAT32_MAX = 3.4028234663852886e38  # the optimizer computes in float32: a larger rate cannot be applied
+#: The rates of the harness's own methods, which have no class to declare one (a registered method
+#: declares its own: :meth:`deltatune.contract.Method.default_lr`). Chosen like theirs, on SST-2's
+#: validation split (benchmarks/README.md, "Each method at its own learning rate").
+HARNESS_LR = {FULL: 5e-5, HEAD_ONLY: 1e-3}
+#: The rate of a classification or regression head (new, trained in full beside the method) where
+#: ``head_lr`` is not given; the linear probe's head trains at ``lr``.
+HEAD_LR = 1e-3
+
+
+def default_lr(method: str, fields: dict[str, Any] | None = None) -> float:
+    """The learning rate a run of ``method`` (with ``fields``) gets when ``lr`` is not given: the
+    method's own (:meth:`deltatune.contract.Method.default_lr`), or :data:`HARNESS_LR`'s."""
+    if method in HARNESS_LR:
+        return HARNESS_LR[method]
+    return contract.method_from_config(method, fields or {}).default_lr()
 
 
 @dataclass
@@ -68,7 +86,7 @@ class TrainConfig:
     steps: int = 150
     batch_size: int = 32
     grad_accum: int = 1
-    lr: float = 1e-3
+    lr: float | None = None
     head_lr: float | None = None
     loraplus_ratio: float | None = None
     weight_decay: float = 0.0
@@ -78,6 +96,7 @@ class TrainConfig:
     max_length: int = 128
     train_limit: int | None = None
     eval_limit: int | None = None
+    validation: int = 0
     eval_every: int = 0
     eval_before: bool = False
     eval_batch_size: int = 64
@@ -118,6 +137,11 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.validation, bool) or not isinstance(self.validation, int) or self.validation < 0:
+            raise ValueError(
+                f"TrainConfig.validation must be an integer >= 0 (examples held out; 0 = none), got "
+                f"{self.validation!r}"
+            )
         for name in ("eval_every", "checkpoint_every"):
             if getattr(self, name) < 0:
                 raise ValueError(f"TrainConfig.{name} must be >= 0 (0 = never), got {getattr(self, name)}")
@@ -170,6 +194,13 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.method_fields: method {self.method!r} takes no fields")
         if self.method not in (FULL, HEAD_ONLY):
             contract.method_from_config(self.method, self.method_fields)  # unknown method/field -> ValueError
+        if self.lr is None:  # the method's own rate (recorded: metrics.json says what ran)
+            self.lr = default_lr(self.method, self.method_fields)
+        if self.validation and self.streaming:
+            raise ValueError(
+                "TrainConfig.validation holds examples out of the training data, which --streaming reads "
+                "once, in order; drop --validation or --streaming"
+            )
         # Plain JSON from here on (an initialiser object becomes {"type": ...}): checkpoints,
         # metrics.json and the comparison with a run already in ``out`` all see the same values.
         self.method_fields = {k: to_jsonable(v) for k, v in self.method_fields.items()}
@@ -277,3 +308,18 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    @property
+    def peak_lr(self) -> float:
+        """``lr`` as it runs (``__post_init__`` sets the method's own where none was given)."""
+        if self.lr is None:  # (a field assigned None after construction)
+            raise ValueError("TrainConfig.lr is None; build the config again or give lr")
+        return self.lr
+
+    @property
+    def head_rate(self) -> float:
+        """The task head's learning rate: ``head_lr``, else ``lr`` for the linear probe (its head is
+        all it trains) and :data:`HEAD_LR` beside any other method."""
+        if self.head_lr is not None:
+            return self.head_lr
+        return self.peak_lr if self.method == HEAD_ONLY else HEAD_LR

@@ -45,7 +45,7 @@ from .records import run_record, store, write_generations, write_record
 from .reporting import Reporter, open_reporters
 from .sharding import on_first, replicated, shard
 from .streaming import StreamedExamples
-from .tasks import Task, get_task, load_split
+from .tasks import EVAL_SAMPLE_SEED, Task, get_task, hold_out, load_split, sample
 from .update import step
 from .userdata import UserData, expected_targets, lengths_of, open_for, user_examples
 from .world import World, init_world, micro_batches
@@ -135,7 +135,7 @@ def _train(
     # The adapter records cfg.model as its base only when the harness loaded it; a model passed in
     # is recorded by what it says of itself (deltatune.formats.io.base_model_of).
     base_model = cfg.model if model is None else None
-    model, tokenizer, train_examples, eval_examples = _model_and_data(
+    model, tokenizer, train_examples, eval_examples, validation = _model_and_data(
         cfg, task, source, world, model, tokenizer
     )
     groups, facts = prepare(model, cfg, task, tokenizer)
@@ -152,6 +152,7 @@ def _train(
     run = _Steps.start(
         cfg, world, task, model, tokenizer, groups, train_examples, eval_examples, out, progress
     )
+    run.validation_examples = validation
     run.resume_or_evaluate_before(resume=cfg.resume and not overwrite)
     run.run(callbacks, per_step=expected_targets(train_examples, cfg) if source is not None else None)
     run.evaluate_after()
@@ -183,18 +184,15 @@ def _model_and_data(
     world: World,
     model: nn.Module | None,
     tokenizer: Any,
-) -> tuple[nn.Module, Any, Sequence[Example] | StreamedExamples, Sequence[Example]]:
+) -> tuple[nn.Module, Any, Sequence[Example] | StreamedExamples, Sequence[Example], Sequence[Example]]:
     """The model (``cfg.model`` unless one is given), on the GPU where there is one, its tokenizer
-    (with ``cfg.chat_template``), and the training and evaluation examples: the task's splits, or the
-    user's data (tokenised with that tokenizer)."""
+    (with ``cfg.chat_template``), and the training, evaluation and validation examples: the task's
+    splits, or the user's data (tokenised with that tokenizer); ``cfg.validation`` of the training
+    examples held out (:func:`~deltatune.train.tasks.hold_out`) before ``cfg.train_limit`` applies."""
     train_examples: Sequence[Example] | StreamedExamples
     if source is None:
-        train_examples = load_split(
-            task, "train", cfg.data_dir, limit=cfg.train_limit, seed=cfg.seed if cfg.train_limit else None
-        )
-        eval_examples = load_split(
-            task, "eval", cfg.data_dir, limit=cfg.eval_limit, seed=cfg.seed if cfg.eval_limit else None
-        )
+        train_examples = load_split(task, "train", cfg.data_dir)
+        eval_examples = load_split(task, "eval", cfg.data_dir, limit=cfg.eval_limit, seed=EVAL_SAMPLE_SEED)
     if model is None:
         model, tokenizer = load_model(cfg.model, task.kind, task.num_labels or None, seed=cfg.seed)
     if tokenizer is None:
@@ -205,9 +203,14 @@ def _model_and_data(
         add_tokens(model, tokenizer, cfg.add_tokens)  # (before tokenising: the data may use them)
     if source is not None:
         train_examples, eval_examples = user_examples(source, tokenizer, cfg, world.main)
+    validation: Sequence[Example] = ()
+    if cfg.validation and not isinstance(train_examples, StreamedExamples):
+        train_examples, validation = hold_out(train_examples, cfg.validation, cfg.data or f"task {task.name}")
+    if source is None and not isinstance(train_examples, StreamedExamples):  # (the user's: as it is read)
+        train_examples = sample(train_examples, cfg.train_limit, cfg.seed if cfg.train_limit else None)
     if torch.cuda.is_available():
         model.to(torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))))
-    return model, tokenizer, train_examples, eval_examples
+    return model, tokenizer, train_examples, eval_examples, validation
 
 
 def _data_report(source: UserData, train_examples: Sequence[Example] | StreamedExamples) -> dict[str, Any]:
@@ -238,6 +241,7 @@ class _Steps:
     progress: bool
     runner: nn.Module  # the model, or its DistributedDataParallel wrapper
     collate: Collator
+    validation_examples: Sequence[Example] = ()
     done: int = 0
     history: dict[str, Any] = field(default_factory=lambda: {"loss": [], "eval": []})
     samples: dict[str, list[dict[str, str]]] = field(default_factory=lambda: {"before": [], "after": []})
@@ -261,7 +265,7 @@ class _Steps:
         trainable = [p for g in groups for p in g["params"]]
         names_by_id = {id(p): n for n, p in model.named_parameters()}
         names = [names_by_id.get(id(p), f"param{i}") for i, p in enumerate(trainable)]
-        optimizer = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=cfg.peak_lr, weight_decay=cfg.weight_decay)
         schedule = lr_lambda(cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: schedule(s) * lr_factor(model, s))
         reporter = open_reporters(cfg, out) if world.main else None
@@ -284,13 +288,15 @@ class _Steps:
             collate=Collator(task, tokenizer, cfg.max_length),
         )
 
-    def evaluate_now(self, samples: list[dict[str, str]] | None = None) -> dict[str, float] | None:
-        """The eval metrics on the first process (None elsewhere); every process must call it."""
+    def evaluate_now(
+        self, samples: list[dict[str, str]] | None = None, examples: Sequence[Example] | None = None
+    ) -> dict[str, float] | None:
+        """The metrics on ``examples`` (the eval split by default) on the first process (None
+        elsewhere); every process must call it."""
+        on = self.eval_examples if examples is None else examples
 
         def run() -> dict[str, float]:
-            return evaluate(
-                self.model, self.tokenizer, self.task, self.eval_examples, self.cfg, self.progress, samples
-            )
+            return evaluate(self.model, self.tokenizer, self.task, on, self.cfg, self.progress, samples)
 
         return on_first(self.model, self.cfg.fsdp, self.world.main, run)
 
@@ -402,6 +408,8 @@ class _Steps:
         """The final evaluation (with the samples ``generations.jsonl`` holds), and the padding the
         batches carried."""
         self.history["eval"].append([self.done, self.evaluate_now(self.samples["after"])])
+        if self.validation_examples:  # what settings are chosen by (metrics.json's "validation")
+            self.history["validation"] = self.evaluate_now(examples=self.validation_examples)
         collate = self.collate
         if collate.padded:
             self.history["padding"] = {

@@ -62,7 +62,9 @@ def loraplus_groups(
             f"TrainConfig.loraplus_ratio: method {cfg.method!r} trains no lora_B factors; LoRA+ applies to "
             "LoRA-type adapters (lora, dora, lora_fa)"
         )
-    groups = parameter_groups(model, cfg.lr, loraplus_ratio=cfg.loraplus_ratio, weight_decay=cfg.weight_decay)
+    groups = parameter_groups(
+        model, cfg.peak_lr, loraplus_ratio=cfg.loraplus_ratio, weight_decay=cfg.weight_decay
+    )
     for g in groups:
         g["params"] = [p for p in g["params"] if id(p) not in head_ids]
     return [g for g in groups if g["params"]]
@@ -83,9 +85,9 @@ def prepare(
         head_ids = {id(p) for h in heads for p in model.get_submodule(h).parameters()}
         body = [p for p in model.parameters() if id(p) not in head_ids]
         head = [p for p in model.parameters() if id(p) in head_ids]
-        groups = [{"params": body, "lr": cfg.lr, "name": "body"}]
+        groups = [{"params": body, "lr": cfg.peak_lr, "name": "body"}]
         if head:
-            groups.append({"params": head, "lr": cfg.head_lr or cfg.lr, "name": "head"})
+            groups.append({"params": head, "lr": cfg.head_rate, "name": "head"})
         return groups, {"trainable": sum(p.numel() for p in model.parameters())}
     if cfg.method == HEAD_ONLY:
         for p in model.parameters():
@@ -96,7 +98,7 @@ def prepare(
         for p in head:
             p.requires_grad_(True)
         quantized = _quantize_base(model, cfg)
-        return [{"params": head, "lr": cfg.head_lr or cfg.lr, "name": "head"}], {
+        return [{"params": head, "lr": cfg.head_rate, "name": "head"}], {
             "trainable": sum(p.numel() for p in head),
             **quantized,
         }
@@ -123,13 +125,13 @@ def prepare(
     elif declared is not None:
         # A method may split its parameters into groups with their own learning-rate multipliers.
         for name, (params, scale) in declared.items():
-            groups.append({"params": params, "lr": cfg.lr * scale, "name": name})
+            groups.append({"params": params, "lr": cfg.peak_lr * scale, "name": name})
     else:
         adapter = [p for p in info.trainable if id(p) not in copy_ids]
-        groups.append({"params": adapter, "lr": cfg.lr, "name": "adapter"})
+        groups.append({"params": adapter, "lr": cfg.peak_lr, "name": "adapter"})
     head = [p for p in info.trainable if id(p) in copy_ids]
     if head:
-        groups.append({"params": head, "lr": cfg.head_lr or cfg.lr, "name": "head"})
+        groups.append({"params": head, "lr": cfg.head_rate, "name": "head"})
     facts = {"trainable": sum(p.numel() for p in info.trainable), "targets": list(info.targets)}
     return groups, {**facts, "fitted": fitted, **_quantize_base(model, cfg)}
 

@@ -19,7 +19,7 @@ from ..runtime.quantized_base import weight_bytes
 from ..runtime.state import parameter_report
 from .config import TrainConfig
 from .provenance import save
-from .tasks import Task
+from .tasks import EVAL_SAMPLE_SEED, Task
 
 __all__ = ["peak_memory_bytes", "run_record", "store", "task_record", "write_generations", "write_record"]
 
@@ -57,6 +57,8 @@ def run_record(
         "main_metric": task.main_metric,
         "metrics": history["eval"][-1][1],
         "before": history.get("before"),
+        # On the examples held out of the training data (cfg.validation): choose settings by these.
+        "validation": history.get("validation"),
         "trainable_parameters": facts["trainable"],
         "total_parameters": sum(p.numel() for p in model.parameters()),
         "stored_bytes": stored_bytes,
@@ -95,7 +97,7 @@ def task_record(cfg: TrainConfig, task: Task, tokenizer: Any = None) -> dict[str
         "name": task.name,
         "max_length": cfg.max_length,
         "eval_limit": cfg.eval_limit,
-        "eval_seed": cfg.seed,  # load_split shuffles with it only when there is a limit
+        "eval_seed": EVAL_SAMPLE_SEED,  # load_split shuffles with it only when there is a limit
     }
     if task.kind == "generation":
         record["max_new_tokens"] = cfg.max_new_tokens

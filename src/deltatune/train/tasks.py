@@ -80,7 +80,13 @@ from .data import (
 )
 from .metrics import METRICS
 
-__all__ = ["TASKS", "Task", "compute", "get_task", "load_split"]
+__all__ = ["EVAL_SAMPLE_SEED", "TASKS", "Task", "compute", "get_task", "hold_out", "load_split", "sample"]
+
+#: The shuffle that draws a limited evaluation sample (``eval_limit``): one draw for every seed and
+#: method, so that runs compared with each other are judged on the same examples.
+EVAL_SAMPLE_SEED = 0
+#: The shuffle that holds a validation set out of the training examples (``validation``).
+VALIDATION_SEED = 1234
 
 
 @dataclass(frozen=True)
@@ -421,14 +427,37 @@ def load_split(
         raise ValueError(f"unknown split {split!r}; use one of {', '.join(map(repr, SPLITS))}")
     if limit is not None and limit < 0:
         raise ValueError(f"limit must be >= 0, not {limit}")
-    examples = t.loader(split, data_root(data_dir))
+    return sample(t.loader(split, data_root(data_dir)), limit, seed)
+
+
+def sample(examples: Sequence[Example], limit: int | None, seed: int | None = None) -> Sequence[Example]:
+    """At most ``limit`` of ``examples``: the first ones, or with ``seed`` the first of a shuffle seeded
+    by it (a smaller limit gives a prefix of a larger one); all of them where ``limit`` is None."""
     if limit is None:
         return examples
+    if limit < 0:
+        raise ValueError(f"limit must be >= 0, not {limit}")
     if seed is None:
         return examples[:limit]
     order = list(range(len(examples)))
     random.Random(seed).shuffle(order)
     return [examples[i] for i in order[:limit]]
+
+
+def hold_out(examples: Sequence[Example], n: int, what: str) -> tuple[list[Example], list[Example]]:
+    """``examples`` split into the rest and ``n`` held out for validation (model selection: learning
+    rates, steps), drawn by a fixed shuffle (:data:`VALIDATION_SEED`), not by the run's seed, so that
+    every run of a comparison selects on the same examples. Order is kept on both sides. ``what``
+    names the data in the error when ``n`` leaves too little to train on."""
+    if n >= len(examples):
+        raise ValueError(
+            f"TrainConfig.validation: {what} has {len(examples)} training examples; holding out {n} leaves "
+            "none to train on. Hold out fewer (--validation)"
+        )
+    order = list(range(len(examples)))
+    random.Random(VALIDATION_SEED).shuffle(order)
+    held = set(order[:n])
+    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
 
 
 def _as_sequence(predictions: Sequence[Any] | npt.NDArray[Any]) -> Sequence[Any]:

@@ -56,7 +56,7 @@ from .formats import (
 )
 from .sources import column, explain, read_table, stream_table
 from .streaming import StreamedExamples
-from .tasks import Task
+from .tasks import EVAL_SAMPLE_SEED, Task
 
 __all__ = [
     "CAUSAL_FORMATS",
@@ -378,7 +378,7 @@ def user_examples(
             continue
         if limit is not None and limit < len(examples):
             order = list(range(len(examples)))
-            random.Random(cfg.seed).shuffle(order)
+            random.Random(cfg.seed if split == "train" else EVAL_SAMPLE_SEED).shuffle(order)
             examples = [examples[i] for i in order[:limit]]
         splits.append(examples)
         counts = source.report.get(split)

@@ -116,6 +116,12 @@ class AdaLoRA(Method):
 
     # (Not a LowRank: its rank is init_r, pruned to kept_rank, and the scale divides by r0 as PEFT's.)
     name: ClassVar[str] = "adalora"
+
+    def default_lr(self) -> float:
+        """2e-2: P and Q start at N(0, 0.02²) and Λ at zero, so ΔW = PΛQ grows far slower than LoRA's at
+        one rate; at 1e-3 it stays at chance in 150 steps."""
+        return 2e-2
+
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True
     weight_space: ClassVar[bool] = True

@@ -136,6 +136,11 @@ class VBLoRA(LowRank, defaults={"rank": 4}):
     )
 
     name: ClassVar[str] = "vblora"
+
+    def default_lr(self) -> float:
+        """1e-2: the bank and the logits (logits_lr_ratio times this) are shared by every module."""
+        return 1e-2
+
     identity_at_init: ClassVar[bool] = False  # the bank is never zero, so ΔW is small but not zero
     suite: ClassVar[Suite] = Suite(example={"rank": 2, "num_vectors": 16, "vector_length": 8})
 

@@ -124,6 +124,12 @@ class VeRA(LowRank, defaults={"rank": 256}):
     save_projection: bool = param(False, Bool(), "also store the shared A and B in the adapter file")
 
     name: ClassVar[str] = "vera"  # (identity at init: b = 0)
+
+    def default_lr(self) -> float:
+        """1e-2: VeRA trains only scaling vectors over frozen random projections; the paper tunes 4e-3 to
+        1e-2 (RoBERTa), an order above LoRA."""
+        return 1e-2
+
     suite: ClassVar[Suite] = Suite(
         example={"rank": 4},
         variants={"saved-projection": {"fields": {"rank": 3, "save_projection": True}}},

@@ -150,6 +150,11 @@ class PromptTuning(virtual.OnTheBody):
     insert_at: int = param(0, Int(min=0, max=1), "input position of the prompt: 0 first, 1 after [CLS]")
 
     name: ClassVar[str] = "prompt_tuning"
+
+    def default_lr(self) -> float:
+        """3e-2: a few input embeddings carry the whole task; Lester et al. train them at 0.3 (Adafactor)."""
+        return 3e-2
+
     suite: ClassVar[Suite] = Suite(
         example={"num_virtual_tokens": 3},
         near_identity_at_init=False,  # n extra tokens change every output at once

@@ -59,6 +59,11 @@ class BitFit(Method):
     subset: str = param("all", OneOf(("all", "query_ffn")), "which biases train: all, or query and FFN input")
 
     name: ClassVar[str] = "bitfit"
+
+    def default_lr(self) -> float:
+        """3e-3: biases alone move the model little per step."""
+        return 3e-3
+
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True
     supports_mixed_batch: ClassVar[bool] = True

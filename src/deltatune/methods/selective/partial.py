@@ -55,6 +55,11 @@ class Partial(Method):
     blocks: int = param(2, Int(min=1), "how many of the last blocks train")
 
     name: ClassVar[str] = "partial"
+
+    def default_lr(self) -> float:
+        """5e-5: whole blocks train, as in full fine-tuning."""
+        return 5e-5
+
     mergeable: ClassVar[bool] = True
     identity_at_init: ClassVar[bool] = True
     layer_types: ClassVar[tuple[str, ...]] = ("block", "experts")

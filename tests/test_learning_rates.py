@@ -1,0 +1,186 @@
+"""Each method's own learning rate, the validation split a rate is chosen on, and the grid's choice."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+from torch import nn
+
+from deltatune.contract import REGISTRY
+from deltatune.train.config import HARNESS_LR, HEAD_LR, TrainConfig, default_lr
+from deltatune.train.data import DEFAULT_DATA_DIR, Example
+from deltatune.train.prepare import prepare
+from deltatune.train.records import task_record
+from deltatune.train.tasks import EVAL_SAMPLE_SEED, get_task, hold_out, sample
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_a_run_without_lr_gets_the_methods_own_rate_and_records_it() -> None:
+    assert TrainConfig(method="vera").lr == 1e-2
+    assert TrainConfig(method="prompt_tuning").lr == 3e-2
+    assert TrainConfig(method="full").lr == HARNESS_LR["full"] == 5e-5
+    assert TrainConfig(method="head").lr == HARNESS_LR["head"]
+    assert TrainConfig(method="lora").lr == REGISTRY["lora"]().default_lr()
+    assert TrainConfig(method="vera", lr=3e-4).lr == 3e-4  # a given rate is kept
+    # SAID's rate follows d: the same step in weight space for every d.
+    assert TrainConfig(method="intrinsic", method_fields={"d": 100}).lr == pytest.approx(
+        0.3 * 10**0.5, rel=1e-3
+    )
+    assert TrainConfig(method="vera").to_dict()["lr"] == 1e-2  # metrics.json says what ran
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_method_declares_a_usable_default_rate(name: str) -> None:
+    rate = REGISTRY[name]().default_lr()
+    assert isinstance(rate, float) and math.isfinite(rate) and 1e-6 <= rate <= 1.0
+    assert default_lr(name) == rate
+
+
+def test_the_head_trains_at_its_own_rate_unless_it_is_all_that_trains() -> None:
+    assert TrainConfig(method="lora", lr=1e-2).head_rate == HEAD_LR
+    assert TrainConfig(method="full").head_rate == HEAD_LR
+    assert TrainConfig(method="head", lr=3e-2).head_rate == 3e-2
+    assert TrainConfig(method="lora", head_lr=5e-4).head_rate == 5e-4
+
+
+class Classifier(nn.Module):
+    """Two linear layers and a head named like transformers' (``classifier``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 8), nn.Linear(8, 8))
+        self.classifier = nn.Linear(8, 2)
+
+
+@pytest.mark.parametrize(
+    ("method", "fields", "expected"),
+    [
+        ("vera", {"rank": 4}, {"adapter": 1e-2, "head": HEAD_LR}),
+        ("lora", {"rank": 2}, {"adapter": 1e-3, "head": HEAD_LR}),
+        ("full", {}, {"body": 5e-5, "head": HEAD_LR}),
+        ("head", {}, {"head": 1e-3}),
+    ],
+)
+def test_the_optimizer_groups_get_those_rates(
+    method: str, fields: dict[str, object], expected: dict[str, float]
+) -> None:
+    cfg = TrainConfig(method=method, method_fields=fields, targets=["body.0", "body.1"] if fields else None)
+    groups, _ = prepare(Classifier(), cfg, get_task("sst2"))
+    assert {g["name"]: g["lr"] for g in groups} == expected
+
+
+def examples(n: int) -> list[Example]:
+    return [Example((f"text {i}",), i % 2) for i in range(n)]
+
+
+def test_validation_is_one_fixed_draw_disjoint_from_training_and_in_order() -> None:
+    data = examples(50)
+    rest, held = hold_out(data, 10, "task sst2")
+    assert len(held) == 10 and len(rest) == 40
+    assert {e.texts for e in rest}.isdisjoint(e.texts for e in held)
+    assert sorted(rest + held, key=lambda e: int(e.texts[0].split()[1])) == data
+    assert [data.index(e) for e in held] == sorted(data.index(e) for e in held)
+    again, held_again = hold_out(data, 10, "task sst2")  # the run's seed plays no part
+    assert held_again == held and again == rest
+    # The training sample of a limited run is drawn from what is left, by the run's seed.
+    assert not {e.texts for e in sample(rest, 8, seed=3)} & {e.texts for e in held}
+    with pytest.raises(
+        ValueError, match=r"TrainConfig.validation: task sst2 has 5 training examples; holding out 5"
+    ):
+        hold_out(examples(5), 5, "task sst2")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"validation": -1},
+            r"TrainConfig.validation must be an integer >= 0 \(examples held out; 0 = none\)",
+        ),
+        ({"validation": True}, "TrainConfig.validation must be an integer >= 0"),
+        (
+            {"validation": 10, "streaming": True, "data": "x.jsonl", "eval_data": "y.jsonl"},
+            "TrainConfig.validation holds examples out of the training data, which --streaming reads",
+        ),
+    ],
+)
+def test_bad_validation_options(options: dict[str, object], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**options)  # type: ignore[arg-type]
+
+
+def test_the_eval_sample_is_the_same_for_every_seed() -> None:
+    records = [
+        task_record(TrainConfig(task="agnews", eval_limit=100, seed=s), get_task("agnews")) for s in (0, 7)
+    ]
+    assert records[0]["eval_seed"] == records[1]["eval_seed"] == EVAL_SAMPLE_SEED
+
+
+def test_deltatune_methods_lists_each_default_rate(capsys: pytest.CaptureFixture[str]) -> None:
+    from deltatune.cli.main import main
+
+    assert main(["methods", "--json"]) == 0
+    rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
+    assert rows["vera"]["default_lr"] == 1e-2 and rows["full"]["default_lr"] == 5e-5
+    assert all(isinstance(r["default_lr"], float) for r in rows.values())
+
+
+def script(name: str) -> ModuleType:
+    """A benchmarks/ script as a module (they import each other by name, from their folder)."""
+    folder = str(ROOT / "benchmarks")
+    if folder not in sys.path:
+        sys.path.insert(0, folder)
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_grid_chooses_by_validation_never_by_eval_and_never_a_failed_point() -> None:
+    lr_grid, compare = script("lr_grid"), script("compare")
+    row = compare.Row("LoRA r=8", "lora", {"rank": 8})
+    points = lr_grid.grid_rows(row, lr_grid.GRID)
+    assert [p.options["lr"] for p in points] == [0.00033, 0.001, 0.003, 0.01]
+    assert len({p.label for p in points}) == 4  # one run folder per rate
+    results = [
+        {"lr": 0.00033, "validation": 80.0, "metric": 95.0},  # the best eval: not what chooses
+        {"lr": 0.001, "validation": 82.0, "metric": 80.0},
+        {"lr": 0.003, "validation": 82.0, "metric": 81.0},  # a tie: the rate nearer the centre wins
+        {"lr": 0.01, "validation": None, "error": "diverged at step 40"},
+    ]
+    assert lr_grid.choose(row, results)["lr"] == 0.001
+    grid = lr_grid.summary(row, results)
+    assert grid["chosen_lr"] == 0.001 and not grid["at_edge"]
+    assert "failed" in lr_grid.markdown([grid], "sst2", 1000, "cmd")
+    with pytest.raises(ValueError, match="LoRA r=8: no grid point finished"):
+        lr_grid.choose(row, results[3:])
+    # A row that names its rate is centred on it.
+    assert lr_grid.centre(compare.Row("VeRA", "vera", {}, {"lr": 4e-3})) == 4e-3
+    assert lr_grid.centre(compare.Row("VeRA", "vera", {})) == 1e-2
+
+
+def test_tables_mark_a_row_at_the_majority_class_floor(tmp_path: Path) -> None:
+    if not (DEFAULT_DATA_DIR / "glue" / "SST-2").is_dir():
+        pytest.skip("the shared datasets are not beside the repository")
+    report = script("compare_report")
+    base = {"main_metric": "accuracy", "trainable_parameters": 1, "stored_bytes": 4, "train_seconds": 1.0}
+    rows = [
+        {**base, "task": "sst2", "method": m, "metric": v, "seed": s, "lr": 1e-3, "peak_memory_MiB": 1}
+        for m, values in (("stuck", (50.9, 51.0, 51.2)), ("learns", (80.0, 81.0, 82.0)))
+        for s, v in enumerate(values)
+    ]
+    floor = report.majority("sst2")
+    assert floor is not None and 50 < floor < 52  # SST-2's dev set: 444 of 872 positive
+    table = report.seeds_markdown(rows, "cmd")
+    assert "51.03 ± 0.15 (majority-class floor)" in table and "81.00 ± 1.00 |" in table
+    report.scatter(rows, tmp_path / "scatter.png")
+    assert (tmp_path / "scatter.png").stat().st_size > 10_000
