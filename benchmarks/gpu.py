@@ -21,7 +21,9 @@ Rows (``--rows``):
   128 batch (``dt.route``; PEFT's ``adapter_names``), against the base's forward.
 
 Peak memory is ``torch.cuda.max_memory_allocated`` over one step of each row, measured apart before
-the timed rounds.
+the timed rounds; ``estimate_gb`` beside it is ``deltatune estimate``'s total for the row (what it
+counts: weights, gradients, AdamW state, activations kept for backward; not the allocator's slack or
+kernels' temporary buffers).
 
     python benchmarks/gpu.py --shape llama-1b --rounds 8 --json /tmp/gpu-1b.json
     python benchmarks/gpu.py --shape smollm2 --rounds 8 --eval --route --json /tmp/gpu-135m.json
@@ -193,11 +195,26 @@ def interleaved(
     }
 
 
+def estimated_gb(name: str, base: nn.Module, batch: int, seq: int) -> float:
+    """``deltatune estimate``'s total for the row (weights, gradients, AdamW state, activations kept
+    for backward; attention as the model is configured), in GB, to set beside the measured peak."""
+    from deltatune.runtime.estimate import estimate
+
+    method: Any = name if name in ("floor", "full") else None
+    if name.endswith("vblora"):
+        method = dt.VBLoRA(rank=4, num_vectors=256, vector_length=64, topk=2)
+    elif method is None:
+        method = dt.LoRA(rank=16, alpha=32)
+    targets = None if isinstance(method, str) else TARGETS
+    return round(estimate(base, method, targets=targets, batch=batch, seq=seq).total_bytes / 1e9, 2)
+
+
 def train_table(args: argparse.Namespace, device: torch.device, clock: Clock) -> dict[str, Any]:
     base = base_model(args.shape, device)
     batch, seq = args.batch or SHAPES[args.shape]["batch"], args.seq or SHAPES[args.shape]["seq"]
     ids = torch.randint(0, base.config.vocab_size, (batch, seq), device=device)
     rows = {name: make_row(name, base) for name in args.rows}
+    estimates = {name: estimated_gb(name, base, batch, seq) for name in args.rows}
     del base
     steps: dict[str, Callable[[], Any]] = {n: functools.partial(row.step, ids) for n, row in rows.items()}
     memory = {name: peak_bytes(step, device) for name, step in steps.items()}
@@ -206,6 +223,7 @@ def train_table(args: argparse.Namespace, device: torch.device, clock: Clock) ->
         peak = memory[name]
         result[name]["tokens_per_s"] = round(batch * seq / result[name]["seconds"])
         result[name]["peak_gb"] = None if peak is None else round(peak / 1e9, 2)
+        result[name]["estimate_gb"] = estimates[name]
     return {"batch": batch, "seq": seq, "rows": result}
 
 

@@ -217,3 +217,79 @@ def test_a_four_bit_base_is_counted_at_what_nf4_stores(shape: str) -> None:
         assert (est.activation_bytes, est.flops) == (plain.activation_bytes, plain.flops)
     with pytest.raises(ValueError, match="quantize must be 'nf4' or None"):
         estimate(SHAPES[shape](), "floor", batch=BATCH, seq=SEQ, quantize="int4")
+
+
+def smollm2_layers(layers: int) -> nn.Module:
+    """SmolLM2-135M's shape (widths, heads, grouped KV, vocabulary) with fewer blocks: each block keeps
+    the same activations per token as in the full model, so the attention share is the real one."""
+    cfg = model_config("smollm2-135m")
+    cfg.num_hidden_layers = layers
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(cfg)
+
+
+def saved_activations(model: nn.Module, method: Any, batch: int, seq: int, attention: str) -> int:
+    """Bytes autograd keeps in a real CPU step (each storage once, weights apart): the estimator's rule."""
+    net = copy.deepcopy(model)
+    net.set_attn_implementation(attention)
+    net.requires_grad_(method == "full")
+    if not isinstance(method, str):
+        dt.inject(net, method, targets="all-linear")
+    net.train()
+    ids = torch.randint(0, net.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
+    weights = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        if t.untyped_storage().data_ptr() not in weights:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        if method == "floor":
+            embeds = net.get_input_embeddings()(ids).detach().requires_grad_(True)
+            loss = net(inputs_embeds=embeds, labels=ids).loss
+        else:
+            loss = net(input_ids=ids, labels=ids).loss
+    loss.backward()
+    return sum(saved.values())
+
+
+LENGTH_CONFIGS: dict[str, Any] = {
+    "floor": "floor",
+    "lora": dt.LoRA(rank=16, alpha=32),
+    "dora": dt.DoRA(rank=16, alpha=32),
+    "full": "full",
+}
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("seq", [256, 1024, pytest.param(2048, marks=pytest.mark.slow)])
+def test_activations_follow_the_attention_kernel_at_real_lengths(attention: str, seq: int) -> None:
+    """At lengths where attention matters, the estimate of each configuration is within 10 % of a
+    real step with the same attention (sdpa keeps O(T) per head, eager the T x T probabilities)."""
+    model = smollm2_layers(2)
+    batch = 2 if seq < 2048 else 1
+    for name, method in LENGTH_CONFIGS.items():
+        targets = None if isinstance(method, str) else "all-linear"
+        got = estimate(model, method, targets=targets, batch=batch, seq=seq, attention=attention)
+        assert got.attention == attention and got.logits_dtype == "float32"
+        real = saved_activations(model, method, batch, seq, attention)
+        assert got.activation_bytes == pytest.approx(real, rel=0.10), name
+
+
+def test_the_default_is_the_configured_attention_and_eager_keeps_the_probabilities() -> None:
+    model = meta_model("smollm2-135m")
+    sdpa = estimate(model, "floor", batch=2, seq=1024)
+    eager = estimate(model, "floor", batch=2, seq=1024, attention="eager")
+    assert sdpa.attention == "sdpa" and model.config._attn_implementation == "sdpa"  # left as it was
+    cfg = model_config("smollm2-135m")
+    probabilities = cfg.num_hidden_layers * 2 * cfg.num_attention_heads * 1024 * 1024 * 4
+    # eager keeps each layer's probabilities (and its dropout's input: the same storage, once)
+    assert eager.activation_bytes - sdpa.activation_bytes >= probabilities
+    assert (
+        estimate(model, "floor", batch=2, seq=1024, attention="flash").activation_bytes
+        == sdpa.activation_bytes
+    )
+    with pytest.raises(ValueError, match="attention must be one of eager, sdpa, flash, got 'xformers'"):
+        estimate(model, "floor", batch=2, seq=64, attention="xformers")

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from ..contract import REGISTRY
-from ..runtime.estimate import FLOOR, FULL, HEAD, SHAPES, Estimate, estimate, meta_model
+from ..runtime.estimate import ATTENTION, FLOOR, FULL, HEAD, SHAPES, Estimate, estimate, meta_model
 from ..runtime.quant import FORMATS
 from .hints import canonical_method
 
@@ -66,6 +66,13 @@ def _parser(method: str | None, method_flags: MethodFlags) -> argparse.ArgumentP
         choices=FORMATS,
         help="the frozen base's linear layers in 4 bits (nf4: QLoRA, QPiSSA; about 4.13 bits a value) on "
         "every row but full fine-tuning (default: the base at --precision)",
+    )
+    p.add_argument(
+        "--attention",
+        choices=ATTENTION,
+        help="how attention is computed: eager keeps every head's T x T probabilities for backward; sdpa "
+        "(PyTorch's fused kernel, transformers' default) and flash (FlashAttention, the GPU's "
+        "memory-efficient kernel) keep O(T) per head (default: what the model is configured with)",
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     method_flags(p, method)
@@ -124,7 +131,7 @@ def run_estimate(argv: list[str], method_flags: MethodFlags) -> int:
         method, label = args.method, args.method
     if args.quantize and method == FULL:
         raise ValueError("--quantize: full fine-tuning trains every weight, which a 4-bit base freezes")
-    shape = {"batch": args.batch, "seq": args.seq}
+    shape = {"batch": args.batch, "seq": args.seq, "attention": args.attention}
     four = {"quantize": args.quantize}
     suffix = f" ({args.quantize} base)" if args.quantize else ""
     rows = [
@@ -138,8 +145,15 @@ def run_estimate(argv: list[str], method_flags: MethodFlags) -> int:
     if args.json:
         print(json.dumps([r.to_dict() for r in rows], indent=1))
     else:
-        print(f"{args.model} ({args.precision})")
+        first = rows[0]
+        logits = f"; the loss keeps the logits in {first.logits_dtype}" if first.logits_dtype else ""
+        print(f"{args.model} ({args.precision}); attention: {first.attention}{logits}")
         print(table(rows))
+        print(
+            "counted: weights, gradients, AdamW's two moments and the activations autograd keeps for "
+            "backward (each storage once); not counted: the allocator's slack and the temporary buffers "
+            "of a kernel, which add to a measured peak"
+        )
         print(
             "frozen-base floor: every weight frozen, no adapter; the backward pass goes through the "
             "activations only, so no method costs less"

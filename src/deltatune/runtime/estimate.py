@@ -47,12 +47,29 @@ from torch import nn
 from .. import contract
 from ..targets import TargetSpec
 from . import core
+from .fused_attention import fused_attention_on_meta
 
-__all__ = ["FLOOR", "FULL", "HEAD", "SHAPES", "Estimate", "estimate", "meta_model", "model_config"]
+__all__ = [
+    "ATTENTION",
+    "FLOOR",
+    "FULL",
+    "HEAD",
+    "SHAPES",
+    "Estimate",
+    "attention_of",
+    "estimate",
+    "meta_model",
+    "model_config",
+]
 
 FULL, FLOOR, HEAD = "full", "floor", "head"
 
 _ADAM_MOMENTS = 2
+#: How attention is computed, as far as memory goes: ``eager`` keeps the T x T probabilities of every
+#: head for backward; ``sdpa`` (PyTorch's fused kernel, transformers' default) and ``flash``
+#: (FlashAttention and the GPU's memory-efficient kernel) keep the output and one log-sum-exp per
+#: query, O(T) per head; ``sdpa`` also keeps an explicit mask where one is passed.
+ATTENTION = ("eager", "sdpa", "flash")
 
 
 def _llama(vocab: int, hidden: int, ffn: int, layers: int, heads: int, kv: int, tie: bool) -> Any:
@@ -137,6 +154,8 @@ class Estimate:
     label: str
     batch: int
     seq: int
+    attention: str  # the attention computation assumed (ATTENTION)
+    logits_dtype: str  # the dtype of the logits the loss keeps for backward ("" if none is vocabulary-wide)
     trainable_parameters: int
     stored_bytes: int
     weight_bytes: int
@@ -193,6 +212,7 @@ def estimate(
     seq: int,
     label: str | None = None,
     quantize: str | None = None,
+    attention: str | None = None,
 ) -> Estimate:
     """The cost of one training step of ``method`` on ``model`` at ``batch`` x ``seq`` tokens.
 
@@ -207,6 +227,8 @@ def estimate(
         quantize: ``"nf4"``: the frozen base's linear layers (all but the heads) are counted at what
             :class:`deltatune.runtime.quant.NF4Linear` stores
             (:func:`deltatune.runtime.quant.nf4_bytes`); QLoRA.
+        attention: one of :data:`ATTENTION`; default: what the model is configured with
+            (:func:`attention_of`: transformers' default is ``sdpa``). The estimate says which it assumed.
 
     Raises:
         ValueError: ``batch`` or ``seq`` below 1, an unknown method name, or what ``inject`` refuses
@@ -214,6 +236,7 @@ def estimate(
     """
     batch, seq = _positive(batch, "batch"), _positive(seq, "seq")
     net = _on_meta(model)
+    attention = _set_attention(net, attention)
     heads = _head_names(net)
     classifier = bool(heads)
     stored = 0
@@ -243,7 +266,9 @@ def estimate(
     net.train()
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     labels = torch.zeros(batch, dtype=torch.long, device="meta") if classifier else ids
-    activation_bytes, forward_flops, backward_flops = _trace(net, ids, labels, floor=method == FLOOR)
+    activation_bytes, forward_flops, backward_flops, logits_dtype = _trace(
+        net, ids, labels, floor=method == FLOOR, attention=attention
+    )
     weights = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
     if quantize is not None:
         weights -= _saved_by_quantizing(net, quantize)
@@ -251,6 +276,8 @@ def estimate(
         label=label or name,
         batch=batch,
         seq=seq,
+        attention=attention,
+        logits_dtype=logits_dtype,
         trainable_parameters=sum(p.numel() for p in trainable),
         stored_bytes=stored,
         weight_bytes=weights,
@@ -260,6 +287,31 @@ def estimate(
         forward_flops=forward_flops,
         backward_flops=backward_flops,
     )
+
+
+def attention_of(model: nn.Module) -> str:
+    """The :data:`ATTENTION` kind a transformers model is configured with (``config._attn_implementation``:
+    ``eager``, ``sdpa``; FlashAttention and other fused kernels count as ``flash``)."""
+    configured = getattr(getattr(model, "config", None), "_attn_implementation", None) or "eager"
+    return configured if configured in ("eager", "sdpa") else "flash"
+
+
+def _set_attention(net: nn.Module, attention: str | None) -> str:
+    """Make the meta copy compute attention as ``attention`` (default: as configured); return it."""
+    if attention is None:
+        return attention_of(net)
+    if attention not in ATTENTION:
+        raise ValueError(f"estimate: attention must be one of {', '.join(ATTENTION)}, got {attention!r}")
+    config = getattr(net, "config", None)
+    if config is None:
+        raise ValueError("estimate: attention= needs a transformers model (one with a config)")
+    wanted = "eager" if attention == "eager" else "sdpa"  # flash: the fused path, traced as below
+    setter = getattr(net, "set_attn_implementation", None)
+    if callable(setter):
+        setter(wanted)
+    else:  # transformers < 5
+        config._attn_implementation = wanted
+    return attention
 
 
 def _saved_by_quantizing(net: nn.Module, quantize: str) -> int:
@@ -317,22 +369,31 @@ def _autocast_on_meta() -> Iterator[None]:
                 torch.autocast, torch.is_autocast_enabled = _ORIGINAL  # type: ignore[misc]
 
 
-def _trace(net: nn.Module, ids: torch.Tensor, labels: torch.Tensor, floor: bool) -> tuple[int, int, int]:
-    """(saved activation bytes, forward FLOPs, backward FLOPs) of one step, on the meta device."""
-    with _autocast_on_meta():
+def _trace(
+    net: nn.Module, ids: torch.Tensor, labels: torch.Tensor, floor: bool, attention: str
+) -> tuple[int, int, int, str]:
+    """(saved activation bytes, forward FLOPs, backward FLOPs, logits dtype) of one step, on the meta
+    device, attention computed as ``attention``."""
+    with _autocast_on_meta(), fused_attention_on_meta(attention):
         return _trace_step(net, ids, labels, floor)
 
 
-def _trace_step(net: nn.Module, ids: torch.Tensor, labels: torch.Tensor, floor: bool) -> tuple[int, int, int]:
+def _trace_step(
+    net: nn.Module, ids: torch.Tensor, labels: torch.Tensor, floor: bool
+) -> tuple[int, int, int, str]:
     from torch.utils.flop_counter import FlopCounterMode
 
     weights = {t.untyped_storage()._cdata for t in [*net.parameters(), *net.buffers()]}
     saved: dict[int, int] = {}
+    vocab = getattr(getattr(net, "config", None), "vocab_size", None)
+    logits: dict[int, torch.dtype] = {}  # vocabulary-wide tensors kept, by size
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage._cdata not in weights:
             saved[storage._cdata] = storage.nbytes()
+            if vocab and t.dim() >= 2 and t.shape[-1] == vocab and t.is_floating_point():
+                logits[storage.nbytes()] = t.dtype
         return t
 
     forward = FlopCounterMode(display=False)
@@ -346,4 +407,5 @@ def _trace_step(net: nn.Module, ids: torch.Tensor, labels: torch.Tensor, floor: 
     backward = FlopCounterMode(display=False)
     with backward:
         loss.backward()
-    return sum(saved.values()), forward.get_total_flops(), backward.get_total_flops()
+    kept = str(logits[max(logits)]).removeprefix("torch.") if logits else ""
+    return sum(saved.values()), forward.get_total_flops(), backward.get_total_flops(), kept
