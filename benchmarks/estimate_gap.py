@@ -30,12 +30,13 @@ def row(method: str) -> None:
     cfg = model_config("smollm2-135m")
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(cfg)
-    m = dt.LoRA(rank=16, alpha=32) if method == "lora" else "floor"
+    lora = dt.LoRA(rank=16, alpha=32)
+    m = lora if method == "lora" else "floor"
     est = estimate(model, m, targets="all-linear" if method == "lora" else None, batch=2, seq=1024)
     start = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     model.requires_grad_(False)
     if method == "lora":
-        dt.inject(model, m, targets="all-linear")
+        dt.inject(model, lora, targets="all-linear")
     model.train()
     ids = torch.randint(0, cfg.vocab_size, (2, 1024))
     params = [p for p in model.parameters() if p.requires_grad]

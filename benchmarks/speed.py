@@ -4,7 +4,8 @@ Rows (``--rows``): ``floor`` (frozen base, backward through activations only, no
 ``lora`` / ``peft-lora`` (rank ``--rank``), ``vblora`` / ``peft-vblora`` (rank ``--vb-rank``, h=256,
 b=64, k=2), ``dora`` / ``peft-dora`` (DoRA at rank ``--rank``; goal: DoRA <= 1.10x our LoRA),
 ``lora-fa`` (LoRA-FA at rank ``--rank``: A frozen, so autograd saves A x (r values per token) instead
-of each layer's input x), every linear layer of the blocks adapted.
+of each layer's input x), ``lora-ckpt`` (``lora`` with every block checkpointed: the memory saved and
+the time paid), every linear layer of the blocks adapted.
 
 The configurations run interleaved in one process (one step of each in turn, ``--rounds`` rounds)
 and the script reports the median of the per-round ratios, because this machine's speed drifts by
@@ -99,8 +100,58 @@ class Run:
             self.opt.zero_grad(set_to_none=True)
         return total
 
+    def kept_by_blocks(self, ids: torch.Tensor) -> dict[str, int]:
+        """What autograd keeps (each storage once, weights apart), split by transformer block: outside
+        the blocks, the blocks' inputs, and the largest block's own (its inputs apart). Under
+        checkpointing autograd keeps nothing inside a block; backward recomputes one at a time."""
+        from deltatune import anatomy
 
-ROWS = ("floor", "lora", "peft-lora", "vblora", "peft-vblora", "dora", "peft-dora", "lora-fa")
+        weights = {t.untyped_storage().data_ptr() for t in self.model.parameters()}
+        sizes: dict[int, int] = {}
+        owner: dict[int, int | None] = {}
+        inputs: dict[int, int] = {}
+        current: list[int | None] = [None]
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            key = t.untyped_storage().data_ptr()
+            if key not in weights:
+                sizes[key] = t.untyped_storage().nbytes()
+                owner.setdefault(key, current[0])
+            return t
+
+        def enter(i: int) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                current[0] = i
+                for v in [*args, *kwargs.values()]:
+                    if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in weights:
+                        inputs[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
+
+            return hook
+
+        blocks = [self.model.get_submodule(p) for p in anatomy.describe(self.model).blocks]
+        handles = [b.register_forward_pre_hook(enter(i), with_kwargs=True) for i, b in enumerate(blocks)]
+        handles += [b.register_forward_hook(lambda *_: current.__setitem__(0, None)) for b in blocks]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            loss = self.loss(ids)
+        loss.backward()
+        for h in handles:
+            h.remove()
+        if self.opt is not None:
+            self.opt.zero_grad(set_to_none=True)
+        per_block: dict[int, int] = {}
+        for key, size in sizes.items():
+            block = owner[key]
+            if block is not None and key not in inputs:
+                per_block[block] = per_block.get(block, 0) + size
+        return {
+            "total": sum(sizes.values()),
+            "outside": sum(b for k, b in sizes.items() if owner[k] is None and k not in inputs),
+            "inputs": sum(inputs.values()),
+            "largest_block": max(per_block.values(), default=0),
+        }
+
+
+ROWS = ("floor", "lora", "peft-lora", "vblora", "peft-vblora", "dora", "peft-dora", "lora-fa", "lora-ckpt")
 
 
 def make_run(name: str, args: argparse.Namespace) -> Run:
@@ -111,8 +162,10 @@ def make_run(name: str, args: argparse.Namespace) -> Run:
         for p in model.parameters():
             p.requires_grad_(False)
         return Run(name, model, [], floor=True)
-    if name == "lora":
+    if name in ("lora", "lora-ckpt"):
         dt.inject(model, dt.LoRA(rank=args.rank, alpha=2 * args.rank), targets=TARGETS)
+        if name == "lora-ckpt":  # every block checkpointed (deltatune train --activation-checkpointing)
+            dt.checkpoint_blocks(model)
         return Run(name, model, dt.trainable_parameters(model))
     if name == "dora":
         dt.inject(model, dt.DoRA(rank=args.rank, alpha=2 * args.rank), targets=TARGETS)
@@ -204,7 +257,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     names = [r.name for r in runs]
     pairs = [(n, "floor") for n in names if n != "floor" and "floor" in names]
     pairs += [(n, f"peft-{n}") for n in names if f"peft-{n}" in names]
-    pairs += [(n, "lora") for n in ("vblora", "dora", "lora-fa") if {n, "lora"} <= set(names)]
+    pairs += [(n, "lora") for n in ("vblora", "dora", "lora-fa", "lora-ckpt") if {n, "lora"} <= set(names)]
+    checkpointing: dict[str, Any] = {}
+    if {"lora", "lora-ckpt"} <= set(names):  # memory saved by checkpointing, measured on real tensors
+        plain = next(r for r in runs if r.name == "lora").kept_by_blocks(ids)
+        ckpt = next(r for r in runs if r.name == "lora-ckpt").kept_by_blocks(ids)
+        kept_plain = plain["total"]
+        # backward recomputes one block at a time: its own tensors, as the plain step keeps them
+        kept_ckpt = ckpt["outside"] + ckpt["inputs"] + plain["largest_block"]
+        checkpointing = {
+            "lora_kept_MiB": round(kept_plain / 2**20, 1),
+            "lora_checkpointed_kept_MiB": round(kept_ckpt / 2**20, 1),
+            "kept_ratio": round(kept_ckpt / kept_plain, 4),
+            "train_step_ratio": round(median_ratio(train, "lora-ckpt", "lora"), 4),
+        }
     result: dict[str, Any] = {
         "model": "Llama 4x576 (small)" if args.small else "SmolLM2-135M-shaped Llama (30x576)",
         "lora_rank": args.rank,
@@ -217,6 +283,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "saved_activation_MiB": {k: round(v / 2**20, 1) for k, v in saved.items()},
         # Beside each measured ratio to the floor: the ratio its FLOPs allow (deltatune.runtime.estimate).
         "flop_limit_ratio": flop_limits(names, args),
+        # Each storage once: what autograd keeps with and without every block checkpointed.
+        **({"activation_checkpointing": checkpointing} if checkpointing else {}),
         "torch": torch.__version__,
         "peft": peft.__version__,
     }

@@ -153,3 +153,34 @@ def test_compiled_blocks_serve_routed_adapters_as_eager_does() -> None:
             with dt.route(model, names):
                 compiled = model(input_ids=ids).logits
             assert torch.allclose(compiled, eager, atol=1e-5)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_checkpointed_blocks_train_as_plain_ones(compiled: bool) -> None:
+    """Per-block activation checkpointing recomputes the same computation: the same losses and adapter,
+    eager or under regional compilation; names and the saved adapter unchanged; restore() undoes it."""
+    from deltatune.runtime.checkpointing import is_checkpointed, restore
+
+    plain, checkpointed = llama(2), llama(2)
+    for model in (plain, checkpointed):
+        dt.inject(model, dt.LoRA(rank=4, alpha=8, dropout=0.1), targets=["q_proj", "v_proj", "down_proj"])
+    assert dt.checkpoint_blocks(checkpointed) == ["model.layers.0", "model.layers.1"]
+    assert is_checkpointed(checkpointed.model.layers[0])
+    assert isinstance(
+        checkpointed.model.layers[0], transformers.models.llama.modeling_llama.LlamaDecoderLayer
+    )
+    if compiled:
+        torch._dynamo.reset()
+        dt.compile(checkpointed, backend="aot_eager")
+    assert [n for n, _ in checkpointed.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    torch.manual_seed(3)
+    expected = _train(plain)
+    torch.manual_seed(3)  # (dropout: the recomputation replays the forward's random state)
+    assert _train(checkpointed) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    a, b = dt.adapter_state(plain, "default"), dt.adapter_state(checkpointed, "default")
+    for key in a:
+        assert torch.allclose(a[key], b[key], atol=1e-5), key
+    restore(checkpointed)
+    assert not is_checkpointed(checkpointed.model.layers[0])
+    with pytest.raises(ValueError, match="activation checkpointing works block by block"):
+        dt.checkpoint_blocks(nn.Sequential(nn.Linear(4, 4)))

@@ -312,10 +312,11 @@ def test_sigint_leaves_a_usable_checkpoint(tiny_bert: str, tmp_path: Path) -> No
     assert [s for s, _ in record["history"]["loss"]] == list(range(1, steps + 1))
 
 
-@pytest.mark.parametrize("sharding", ["ddp", "fsdp"])
+@pytest.mark.parametrize("sharding", ["ddp", "fsdp", "fsdp+checkpointing"])
 def test_two_processes_equal_one(tiny_bert: str, tmp_path: Path, sharding: str) -> None:
     """torchrun with 2 gloo processes, each half of the global batch, gives the 1-process adapter:
-    replicated (DDP) or sharded block by block (FSDP2: each process holds half of every tensor)."""
+    replicated (DDP) or sharded block by block (FSDP2: each process holds half of every tensor), also
+    with every block checkpointed (its activations recomputed from its re-gathered shards)."""
     common = _train_args(tiny_bert, steps=4, train_limit=64, eval_limit=8, checkpoint_every=0, rank=4)
     one = subprocess.run(
         _cli(*common, "--out", str(tmp_path / "one")), capture_output=True, text=True, timeout=300
@@ -333,7 +334,8 @@ def test_two_processes_equal_one(tiny_bert: str, tmp_path: Path, sharding: str) 
             "-m",
             "deltatune.cli",
             *common,
-            *(["--fsdp", "true"] if sharding == "fsdp" else []),
+            *(["--fsdp", "true"] if sharding.startswith("fsdp") else []),
+            *(["--activation-checkpointing", "true"] if sharding.endswith("checkpointing") else []),
             "--out",
             str(tmp_path / "two"),
         ],
@@ -348,7 +350,8 @@ def test_two_processes_equal_one(tiny_bert: str, tmp_path: Path, sharding: str) 
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
     records = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
-    assert records[1]["world_size"] == 2 and records[1]["config"]["fsdp"] == (sharding == "fsdp")
+    assert records[1]["world_size"] == 2 and records[1]["config"]["fsdp"] == sharding.startswith("fsdp")
+    assert records[1]["config"]["activation_checkpointing"] == sharding.endswith("checkpointing")
     assert records[1]["stored_bytes"] == records[0]["stored_bytes"]
     assert records[1]["metrics"]["accuracy"] == records[0]["metrics"]["accuracy"]
 

@@ -43,6 +43,7 @@ from .methods import (
     VeRA,
     collect_covariance,
 )
+from .runtime.checkpointing import checkpoint_blocks
 from .runtime.compose import reconfigure
 from .runtime.core import (
     delete_adapter,
@@ -100,6 +101,7 @@ __all__ = [
     "adapter_precision_as",
     "adapter_state",
     "attachment_of",
+    "checkpoint_blocks",
     "collect_covariance",
     "combine",
     "compile",

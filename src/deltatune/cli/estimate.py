@@ -74,6 +74,12 @@ def _parser(method: str | None, method_flags: MethodFlags) -> argparse.ArgumentP
         "(PyTorch's fused kernel, transformers' default) and flash (FlashAttention, the GPU's "
         "memory-efficient kernel) keep O(T) per head (default: what the model is configured with)",
     )
+    p.add_argument(
+        "--activation-checkpointing",
+        action="store_true",
+        help="each transformer block checkpointed (deltatune train --activation-checkpointing): its inputs "
+        "kept, its activations recomputed in backward",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     method_flags(p, method)
     return p
@@ -131,7 +137,12 @@ def run_estimate(argv: list[str], method_flags: MethodFlags) -> int:
         method, label = args.method, args.method
     if args.quantize and method == FULL:
         raise ValueError("--quantize: full fine-tuning trains every weight, which a 4-bit base freezes")
-    shape = {"batch": args.batch, "seq": args.seq, "attention": args.attention}
+    shape = {
+        "batch": args.batch,
+        "seq": args.seq,
+        "attention": args.attention,
+        "activation_checkpointing": args.activation_checkpointing,
+    }
     four = {"quantize": args.quantize}
     suffix = f" ({args.quantize} base)" if args.quantize else ""
     rows = [
@@ -147,7 +158,8 @@ def run_estimate(argv: list[str], method_flags: MethodFlags) -> int:
     else:
         first = rows[0]
         logits = f"; the loss keeps the logits in {first.logits_dtype}" if first.logits_dtype else ""
-        print(f"{args.model} ({args.precision}); attention: {first.attention}{logits}")
+        ckpt = "; every block checkpointed" if first.activation_checkpointing else ""
+        print(f"{args.model} ({args.precision}); attention: {first.attention}{logits}{ckpt}")
         print(table(rows))
         print(
             "counted: weights, gradients, AdamW's two moments and the activations autograd keeps for "

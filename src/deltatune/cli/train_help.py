@@ -47,6 +47,9 @@ TRAIN_HELP: dict[str, str] = {
     "(DDP); needs --checkpoint-every 0",
     "compile": "torch.compile each transformer block (regional; deltatune.compile): the first steps "
     "compile, the others run faster",
+    "activation_checkpointing": "keep only each transformer block's inputs and recompute its activations in "
+    "backward (deltatune.checkpoint_blocks): much less memory at long sequences for about one more forward "
+    "pass; composes with --compile and --fsdp; `deltatune estimate --activation-checkpointing` says how much",
     "out": "folder for adapter/, metrics.json, curves.png and checkpoint/ (default: runs/TASK-METHOD); "
     "one holding a run of another config is refused unless --overwrite",
     "data_dir": "folder of the data sets (default: $DELTATUNE_DATA, else ../shared/datasets)",

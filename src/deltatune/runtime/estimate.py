@@ -155,6 +155,7 @@ class Estimate:
     batch: int
     seq: int
     attention: str  # the attention computation assumed (ATTENTION)
+    activation_checkpointing: bool  # each block's inputs kept, its activations recomputed in backward
     logits_dtype: str  # the dtype of the logits the loss keeps for backward ("" if none is vocabulary-wide)
     trainable_parameters: int
     stored_bytes: int
@@ -213,6 +214,7 @@ def estimate(
     label: str | None = None,
     quantize: str | None = None,
     attention: str | None = None,
+    activation_checkpointing: bool = False,
 ) -> Estimate:
     """The cost of one training step of ``method`` on ``model`` at ``batch`` x ``seq`` tokens.
 
@@ -229,6 +231,10 @@ def estimate(
             (:func:`deltatune.runtime.quant.nf4_bytes`); QLoRA.
         attention: one of :data:`ATTENTION`; default: what the model is configured with
             (:func:`attention_of`: transformers' default is ``sdpa``). The estimate says which it assumed.
+        activation_checkpointing: each transformer block checkpointed
+            (:func:`deltatune.runtime.checkpointing.checkpoint_blocks`): the activations are what is kept
+            outside the blocks, the blocks' inputs, and the largest block's own activations (recomputed
+            one block at a time in backward); backward FLOPs add the blocks' forward.
 
     Raises:
         ValueError: ``batch`` or ``seq`` below 1, an unknown method name, or what ``inject`` refuses
@@ -266,9 +272,13 @@ def estimate(
     net.train()
     ids = torch.zeros(batch, seq, dtype=torch.long, device="meta")
     labels = torch.zeros(batch, dtype=torch.long, device="meta") if classifier else ids
-    activation_bytes, forward_flops, backward_flops, logits_dtype = _trace(
-        net, ids, labels, floor=method == FLOOR, attention=attention
+    blocks = _blocks(net) if activation_checkpointing else []
+    kept, forward_flops, backward_flops, logits_dtype = _trace(
+        net, ids, labels, floor=method == FLOOR, attention=attention, blocks=blocks
     )
+    activation_bytes = kept.checkpointed() if activation_checkpointing else kept.total
+    if activation_checkpointing:
+        backward_flops += kept.block_flops  # every block's forward again, in backward
     weights = sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
     if quantize is not None:
         weights -= _saved_by_quantizing(net, quantize)
@@ -277,6 +287,7 @@ def estimate(
         batch=batch,
         seq=seq,
         attention=attention,
+        activation_checkpointing=activation_checkpointing,
         logits_dtype=logits_dtype,
         trainable_parameters=sum(p.numel() for p in trainable),
         stored_bytes=stored,
@@ -369,43 +380,106 @@ def _autocast_on_meta() -> Iterator[None]:
                 torch.autocast, torch.is_autocast_enabled = _ORIGINAL  # type: ignore[misc]
 
 
+def _blocks(net: nn.Module) -> list[nn.Module]:
+    from .. import anatomy
+
+    try:
+        return [net.get_submodule(p) for p in anatomy.describe(net).blocks]
+    except ValueError as e:
+        raise ValueError(f"estimate: activation checkpointing works block by block; {e}") from None
+
+
+@dataclasses.dataclass
+class _Kept:
+    """What a step's autograd keeps, by storage: where each was saved (a block's index, or None:
+    outside every block) and which storages entered the blocks."""
+
+    sizes: dict[int, int] = dataclasses.field(default_factory=dict)
+    owner: dict[int, int | None] = dataclasses.field(default_factory=dict)
+    inputs: dict[int, int] = dataclasses.field(default_factory=dict)  # storage -> bytes
+    block_flops: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.sizes.values())
+
+    def checkpointed(self) -> int:
+        """Kept under per-block checkpointing: what is saved outside the blocks, the blocks' inputs, and
+        the largest block's own saved tensors (its recomputation, one block at a time)."""
+        outside = sum(b for k, b in self.sizes.items() if self.owner[k] is None and k not in self.inputs)
+        per_block: dict[int, int] = {}
+        for k, b in self.sizes.items():
+            block = self.owner[k]
+            if block is not None and k not in self.inputs:
+                per_block[block] = per_block.get(block, 0) + b
+        return outside + sum(self.inputs.values()) + max(per_block.values(), default=0)
+
+
 def _trace(
-    net: nn.Module, ids: torch.Tensor, labels: torch.Tensor, floor: bool, attention: str
-) -> tuple[int, int, int, str]:
-    """(saved activation bytes, forward FLOPs, backward FLOPs, logits dtype) of one step, on the meta
-    device, attention computed as ``attention``."""
+    net: nn.Module,
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    floor: bool,
+    attention: str,
+    blocks: list[nn.Module],
+) -> tuple[_Kept, int, int, str]:
+    """(what autograd keeps, forward FLOPs, backward FLOPs, logits dtype) of one step on the meta
+    device, attention computed as ``attention``; saved tensors attributed to ``blocks``."""
     with _autocast_on_meta(), fused_attention_on_meta(attention):
-        return _trace_step(net, ids, labels, floor)
+        return _trace_step(net, ids, labels, floor, blocks)
 
 
 def _trace_step(
-    net: nn.Module, ids: torch.Tensor, labels: torch.Tensor, floor: bool
-) -> tuple[int, int, int, str]:
+    net: nn.Module, ids: torch.Tensor, labels: torch.Tensor, floor: bool, blocks: list[nn.Module]
+) -> tuple[_Kept, int, int, str]:
     from torch.utils.flop_counter import FlopCounterMode
 
     weights = {t.untyped_storage()._cdata for t in [*net.parameters(), *net.buffers()]}
-    saved: dict[int, int] = {}
+    kept = _Kept()
     vocab = getattr(getattr(net, "config", None), "vocab_size", None)
     logits: dict[int, torch.dtype] = {}  # vocabulary-wide tensors kept, by size
+    current: list[int | None] = [None]
+    forward = FlopCounterMode(display=False)
+    started: list[int] = [0]
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         storage = t.untyped_storage()
         if storage._cdata not in weights:
-            saved[storage._cdata] = storage.nbytes()
+            kept.sizes[storage._cdata] = storage.nbytes()
+            kept.owner.setdefault(storage._cdata, current[0])
             if vocab and t.dim() >= 2 and t.shape[-1] == vocab and t.is_floating_point():
                 logits[storage.nbytes()] = t.dtype
         return t
 
-    forward = FlopCounterMode(display=False)
-    with forward, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if floor:  # no weight gradients at all: backward through the activations only
-            get_embedding: Any = net.get_input_embeddings
-            embeds = get_embedding()(ids).detach().requires_grad_(True)
-            loss = net(inputs_embeds=embeds, labels=labels).loss
-        else:
-            loss = net(input_ids=ids, labels=labels).loss
+    def enter(index: int) -> Callable[..., None]:
+        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            current[0] = index
+            started[0] = forward.get_total_flops()
+            for value in [*args, *kwargs.values()]:
+                if isinstance(value, torch.Tensor) and value.untyped_storage()._cdata not in weights:
+                    kept.inputs[value.untyped_storage()._cdata] = value.untyped_storage().nbytes()
+
+        return hook
+
+    def leave(module: nn.Module, args: Any, output: Any) -> None:
+        current[0] = None
+        kept.block_flops += forward.get_total_flops() - started[0]
+
+    handles = [b.register_forward_pre_hook(enter(i), with_kwargs=True) for i, b in enumerate(blocks)]
+    handles += [b.register_forward_hook(leave) for b in blocks]
+    try:
+        with forward, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            if floor:  # no weight gradients at all: backward through the activations only
+                get_embedding: Any = net.get_input_embeddings
+                embeds = get_embedding()(ids).detach().requires_grad_(True)
+                loss = net(inputs_embeds=embeds, labels=labels).loss
+            else:
+                loss = net(input_ids=ids, labels=labels).loss
+    finally:
+        for h in handles:
+            h.remove()
     backward = FlopCounterMode(display=False)
     with backward:
         loss.backward()
-    kept = str(logits[max(logits)]).removeprefix("torch.") if logits else ""
-    return sum(saved.values()), forward.get_total_flops(), backward.get_total_flops(), kept
+    dtype = str(logits[max(logits)]).removeprefix("torch.") if logits else ""
+    return kept, forward.get_total_flops(), backward.get_total_flops(), dtype

@@ -106,6 +106,7 @@ class TrainConfig:
     precision: str = "fp32"
     fsdp: bool = False
     compile: bool = False
+    activation_checkpointing: bool = False
     adapter_precision: str = "input"
     out: str = "runs/run"
     data_dir: str | None = None
@@ -180,7 +181,7 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.max_grad_norm must be >= 0 (0 = no clipping), got {self.max_grad_norm}"
             )
-        for name in ("fsdp", "compile", "streaming", "group_by_length"):
+        for name in ("fsdp", "compile", "activation_checkpointing", "streaming", "group_by_length"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name} must be true or false, got {getattr(self, name)!r}")
         if self.fsdp and self.checkpoint_every:

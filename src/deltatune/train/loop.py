@@ -31,6 +31,7 @@ from torch import nn
 
 from ..kernels.lowrank import adapter_precision_as
 from ..runtime import regional
+from ..runtime.checkpointing import checkpoint_blocks
 from ..runtime.stepping import lr_factor
 from .batches import Collator, batch_positions, prompt_of
 from .checkpoint import check_out_folder, has_checkpoint, load_checkpoint, remove_run, save_checkpoint
@@ -147,6 +148,8 @@ def _train(
     model.train()
     if cfg.fsdp:
         groups = shard(model, groups)
+    if cfg.activation_checkpointing:  # per block, before sharding and compiling the same blocks
+        checkpoint_blocks(model)
     if cfg.compile:
         regional.compile(model)
     run = _Steps.start(
