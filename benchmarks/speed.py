@@ -100,55 +100,18 @@ class Run:
             self.opt.zero_grad(set_to_none=True)
         return total
 
-    def kept_by_blocks(self, ids: torch.Tensor) -> dict[str, int]:
-        """What autograd keeps (each storage once, weights apart), split by transformer block: outside
-        the blocks, the blocks' inputs, and the largest block's own (its inputs apart). Under
-        checkpointing autograd keeps nothing inside a block; backward recomputes one at a time."""
+    def kept(self, ids: torch.Tensor) -> Any:
+        """What autograd keeps (each storage once, weights apart), by transformer block
+        (``deltatune.runtime.estimate.kept_by_step``): under checkpointing nothing inside a block."""
         from deltatune import anatomy
-
-        weights = {t.untyped_storage().data_ptr() for t in self.model.parameters()}
-        sizes: dict[int, int] = {}
-        owner: dict[int, int | None] = {}
-        inputs: dict[int, int] = {}
-        current: list[int | None] = [None]
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            key = t.untyped_storage().data_ptr()
-            if key not in weights:
-                sizes[key] = t.untyped_storage().nbytes()
-                owner.setdefault(key, current[0])
-            return t
-
-        def enter(i: int) -> Callable[..., None]:
-            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-                current[0] = i
-                for v in [*args, *kwargs.values()]:
-                    if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in weights:
-                        inputs[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
-
-            return hook
+        from deltatune.runtime.estimate import kept_by_step
 
         blocks = [self.model.get_submodule(p) for p in anatomy.describe(self.model).blocks]
-        handles = [b.register_forward_pre_hook(enter(i), with_kwargs=True) for i, b in enumerate(blocks)]
-        handles += [b.register_forward_hook(lambda *_: current.__setitem__(0, None)) for b in blocks]
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = self.loss(ids)
+        kept, loss = kept_by_step(self.model, lambda: self.loss(ids), blocks)
         loss.backward()
-        for h in handles:
-            h.remove()
         if self.opt is not None:
             self.opt.zero_grad(set_to_none=True)
-        per_block: dict[int, int] = {}
-        for key, size in sizes.items():
-            block = owner[key]
-            if block is not None and key not in inputs:
-                per_block[block] = per_block.get(block, 0) + size
-        return {
-            "total": sum(sizes.values()),
-            "outside": sum(b for k, b in sizes.items() if owner[k] is None and k not in inputs),
-            "inputs": sum(inputs.values()),
-            "largest_block": max(per_block.values(), default=0),
-        }
+        return kept
 
 
 ROWS = ("floor", "lora", "peft-lora", "vblora", "peft-vblora", "dora", "peft-dora", "lora-fa", "lora-ckpt")
@@ -260,11 +223,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     pairs += [(n, "lora") for n in ("vblora", "dora", "lora-fa", "lora-ckpt") if {n, "lora"} <= set(names)]
     checkpointing: dict[str, Any] = {}
     if {"lora", "lora-ckpt"} <= set(names):  # memory saved by checkpointing, measured on real tensors
-        plain = next(r for r in runs if r.name == "lora").kept_by_blocks(ids)
-        ckpt = next(r for r in runs if r.name == "lora-ckpt").kept_by_blocks(ids)
-        kept_plain = plain["total"]
+        plain = next(r for r in runs if r.name == "lora").kept(ids)
+        ckpt = next(r for r in runs if r.name == "lora-ckpt").kept(ids)
+        kept_plain = plain.total
         # backward recomputes one block at a time: its own tensors, as the plain step keeps them
-        kept_ckpt = ckpt["outside"] + ckpt["inputs"] + plain["largest_block"]
+        kept_ckpt = ckpt.outside() + sum(ckpt.inputs.values()) + plain.largest_block()
         checkpointing = {
             "lora_kept_MiB": round(kept_plain / 2**20, 1),
             "lora_checkpointed_kept_MiB": round(kept_ckpt / 2**20, 1),

@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 import deltatune as dt
-from deltatune.runtime.estimate import Estimate, estimate, meta_model, model_config
+from deltatune.runtime.estimate import Estimate, Kept, estimate, kept_by_step, meta_model, model_config
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -228,31 +228,34 @@ def smollm2_layers(layers: int) -> nn.Module:
     return transformers.AutoModelForCausalLM.from_config(cfg)
 
 
-def saved_activations(model: nn.Module, method: Any, batch: int, seq: int, attention: str) -> int:
-    """Bytes autograd keeps in a real CPU step (each storage once, weights apart): the estimator's rule."""
-    net = copy.deepcopy(model)
+def real_step(
+    model: nn.Module, method: Any, batch: int, seq: int, attention: str, checkpointed: bool = False
+) -> Kept:
+    """What autograd keeps in a real CPU step (:func:`kept_by_step`, the estimator's rule: each storage
+    once, weights apart), by block; ``checkpointed``: every block checkpointed."""
+    from deltatune import anatomy
+    from deltatune.runtime.checkpointing import checkpoint_blocks
+
+    net: Any = copy.deepcopy(model)
     net.set_attn_implementation(attention)
     net.requires_grad_(method == "full")
     if not isinstance(method, str):
         dt.inject(net, method, targets="all-linear")
+    blocks = [net.get_submodule(p) for p in anatomy.describe(net).blocks]
+    if checkpointed:
+        checkpoint_blocks(net)
     net.train()
     ids = torch.randint(0, net.config.vocab_size, (batch, seq), generator=torch.Generator().manual_seed(0))
-    weights = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
-    saved: dict[int, int] = {}
 
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        if t.untyped_storage().data_ptr() not in weights:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def forward() -> torch.Tensor:
         if method == "floor":
             embeds = net.get_input_embeddings()(ids).detach().requires_grad_(True)
-            loss = net(inputs_embeds=embeds, labels=ids).loss
-        else:
-            loss = net(input_ids=ids, labels=ids).loss
+            return net(inputs_embeds=embeds, labels=ids).loss
+        return net(input_ids=ids, labels=ids).loss
+
+    kept, loss = kept_by_step(net, forward, blocks)
     loss.backward()
-    return sum(saved.values())
+    return kept
 
 
 LENGTH_CONFIGS: dict[str, Any] = {
@@ -274,7 +277,7 @@ def test_activations_follow_the_attention_kernel_at_real_lengths(attention: str,
         targets = None if isinstance(method, str) else "all-linear"
         got = estimate(model, method, targets=targets, batch=batch, seq=seq, attention=attention)
         assert got.attention == attention and got.logits_dtype == "float32"
-        real = saved_activations(model, method, batch, seq, attention)
+        real = real_step(model, method, batch, seq, attention).total
         assert got.activation_bytes == pytest.approx(real, rel=0.10), name
 
 
@@ -295,65 +298,6 @@ def test_the_default_is_the_configured_attention_and_eager_keeps_the_probabiliti
         estimate(model, "floor", batch=2, seq=64, attention="xformers")
 
 
-def kept_by_blocks(model: nn.Module, method: Any, seq: int, checkpointed: bool) -> dict[str, int]:
-    """A real CPU step's kept bytes by the estimator's rule, split into what the blocks keep (each
-    block's own, its inputs apart), their inputs, and the rest; with the blocks checkpointed or not."""
-    from deltatune import anatomy
-    from deltatune.runtime.checkpointing import checkpoint_blocks
-
-    net = copy.deepcopy(model)
-    net.requires_grad_(method == "full")
-    if not isinstance(method, str):
-        dt.inject(net, method, targets="all-linear")
-    blocks = [net.get_submodule(p) for p in anatomy.describe(net).blocks]
-    if checkpointed:
-        checkpoint_blocks(net)
-    net.train()
-    ids = torch.randint(0, net.config.vocab_size, (2, seq), generator=torch.Generator().manual_seed(0))
-    weights = {t.untyped_storage().data_ptr() for t in [*net.parameters(), *net.buffers()]}
-    sizes: dict[int, int] = {}
-    owner: dict[int, int | None] = {}
-    inputs: dict[int, int] = {}
-    current: list[int | None] = [None]
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        key = t.untyped_storage().data_ptr()
-        if key not in weights:
-            sizes[key] = t.untyped_storage().nbytes()
-            owner.setdefault(key, current[0])
-        return t
-
-    def enter(index: int) -> Any:
-        def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-            current[0] = index
-            for v in [*args, *kwargs.values()]:
-                if isinstance(v, torch.Tensor) and v.untyped_storage().data_ptr() not in weights:
-                    inputs[v.untyped_storage().data_ptr()] = v.untyped_storage().nbytes()
-
-        return hook
-
-    for i, block in enumerate(blocks):
-        block.register_forward_pre_hook(enter(i), with_kwargs=True)
-        block.register_forward_hook(lambda *_: current.__setitem__(0, None))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        if method == "floor":
-            embeds = net.get_input_embeddings()(ids).detach().requires_grad_(True)
-            loss = net(inputs_embeds=embeds, labels=ids).loss
-        else:
-            loss = net(input_ids=ids, labels=ids).loss
-    loss.backward()
-    per_block: dict[int, int] = {}
-    for key, size in sizes.items():
-        block = owner[key]
-        if block is not None and key not in inputs:
-            per_block[block] = per_block.get(block, 0) + size
-    return {
-        "outside": sum(b for k, b in sizes.items() if owner[k] is None and k not in inputs),
-        "inputs": sum(inputs.values()),
-        "largest_block": max(per_block.values(), default=0),
-    }
-
-
 @pytest.mark.parametrize("seq", [256, pytest.param(1024, marks=pytest.mark.slow)])
 def test_activations_under_checkpointing_match_a_real_checkpointed_step(seq: int) -> None:
     """Per-block checkpointing keeps what a real checkpointed step keeps outside the blocks (autograd
@@ -365,10 +309,10 @@ def test_activations_under_checkpointing_match_a_real_checkpointed_step(seq: int
         targets = None if isinstance(method, str) else "all-linear"
         got = estimate(model, method, targets=targets, batch=2, seq=seq, activation_checkpointing=True)
         plain = estimate(model, method, targets=targets, batch=2, seq=seq)
-        real = kept_by_blocks(model, method, seq, checkpointed=True)
-        assert real["largest_block"] == 0, name  # nothing inside a checkpointed block is kept
-        recomputed = kept_by_blocks(model, method, seq, checkpointed=False)["largest_block"]
-        expected = real["outside"] + real["inputs"] + recomputed
+        real = real_step(model, method, 2, seq, "sdpa", checkpointed=True)
+        assert real.largest_block() == 0, name  # nothing inside a checkpointed block is kept
+        recomputed = real_step(model, method, 2, seq, "sdpa").largest_block()
+        expected = real.outside() + sum(real.inputs.values()) + recomputed
         assert got.activation_checkpointing and got.activation_bytes == pytest.approx(expected, rel=0.10), (
             name
         )
