@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from compare_report import markdown, scatter  # noqa: E402  (a script beside this one)
-from lr_grid import GRID, choose, grid_rows, summary  # noqa: E402
+from lr_grid import EXTEND, GRID, choose, further, grid_rows, summary  # noqa: E402
 from lr_grid import markdown as grid_markdown  # noqa: E402
 
 
@@ -552,6 +552,13 @@ def tune(
         results = execute([(preset["model"], task, budget, point, args.seeds[0]) for point in points], True)
         for point, result in zip(points, results, strict=True):
             result.setdefault("lr", point.options["lr"])
+        for _ in range(EXTEND):  # the best rate at an end of the grid: one more step beyond it
+            beyond = further(row, results)
+            if beyond is None:
+                break
+            (extra,) = execute([(preset["model"], task, budget, beyond, args.seeds[0])], True)
+            extra.setdefault("lr", beyond.options["lr"])
+            results.append(extra)
         grids.append(summary(row, results))
         chosen[row.label] = choose(row, results)["lr"]
         path.write_text(json.dumps(grids, indent=1))

@@ -5,7 +5,8 @@ For every row, the grid trains one seed at each rate ``centre x m`` (``m`` in ``
 rates than the papers' long ones). The centre is the row's ``lr`` where it names one, else the
 method's own default (``deltatune.train.config.default_lr``). Every grid run holds ``validation``
 training examples out (a fixed draw) and the rate with the best validation metric is chosen; the
-reported eval split plays no part in the choice. Ties go to the rate nearer the centre.
+reported eval split plays no part in the choice. Ties go to the rate nearer the centre. Where the best
+rate is the highest (or lowest) tried, the grid goes one step (3x) further, up to ``EXTEND`` times.
 
 A grid point that fails (a divergence, say) is recorded with its error and never chosen.
 """
@@ -17,6 +18,7 @@ from dataclasses import replace
 from typing import Any
 
 GRID = (1 / 3, 1.0, 3.0, 10.0)
+EXTEND = 2  # at most this many rates added beyond an end of the grid where the best sits there
 
 
 def centre(row: Any) -> float:
@@ -39,6 +41,20 @@ def grid_rows(row: Any, multipliers: tuple[float, ...]) -> list[Any]:
         replace(row, label=f"{row.label} @ lr {rate(c * m):g}", options={**row.options, "lr": rate(c * m)})
         for m in multipliers
     ]
+
+
+def further(row: Any, results: list[dict[str, Any]]) -> Any:
+    """The row at one more rate (3x beyond the end) where the best so far sits at an end of the rates
+    tried, else None: a choice at the edge says the best rate may lie beyond it."""
+    best = choose(row, results)["lr"]
+    rates = sorted(r["lr"] for r in results)
+    if best == rates[-1]:
+        lr = rate(best * 3)
+    elif best == rates[0]:
+        lr = rate(best / 3)
+    else:
+        return None
+    return replace(row, label=f"{row.label} @ lr {lr:g}", options={**row.options, "lr": lr})
 
 
 def choose(row: Any, results: list[dict[str, Any]]) -> dict[str, Any]:

@@ -184,3 +184,22 @@ def test_tables_mark_a_row_at_the_majority_class_floor(tmp_path: Path) -> None:
     assert "51.03 ± 0.15 (majority-class floor)" in table and "81.00 ± 1.00 |" in table
     report.scatter(rows, tmp_path / "scatter.png")
     assert (tmp_path / "scatter.png").stat().st_size > 10_000
+
+
+def test_a_best_rate_at_the_end_of_the_grid_extends_it() -> None:
+    lr_grid, compare = script("lr_grid"), script("compare")
+    row = compare.Row("VeRA", "vera", {})
+    points = [
+        {"lr": 0.0033, "validation": 56.3},
+        {"lr": 0.01, "validation": 78.9},
+        {"lr": 0.1, "validation": 81.7},
+    ]
+    beyond = lr_grid.further(row, points)
+    assert beyond is not None and beyond.options["lr"] == 0.3 and beyond.label == "VeRA @ lr 0.3"
+    assert lr_grid.further(row, [*points, {"lr": 0.3, "validation": 75.0}]) is None  # a peak inside
+    assert (
+        lr_grid.further(row, [{"lr": 0.01, "validation": 80.0}, {"lr": 0.1, "validation": 60.0}]).options[
+            "lr"
+        ]
+        == 0.0033
+    )
