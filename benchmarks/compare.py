@@ -33,7 +33,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare_report import markdown, scatter  # noqa: E402  (a script beside this one)
+from calibration import COVARIANCE  # noqa: E402  (a script beside this one)
+from compare_report import markdown, scatter  # noqa: E402
 from lr_grid import EXTEND, GRID, choose, further, grid_rows, summary  # noqa: E402
 from lr_grid import markdown as grid_markdown  # noqa: E402
 
@@ -190,6 +191,11 @@ TUNED_ROWS = [
     Row("LoRA-drop r=8", "lora_drop", {**QV, "sample_steps": 15, "threshold": 0.9}),
     Row("ReLoRA r=8 (restart every 50)", "relora", {**QV, "restart_every": 50, "rewarmup_steps": 5}),
     Row("MiLoRA r=8", "lora", {**QV, "init": {"type": "milora"}}),
+    Row(
+        "CorDA r=8 (ipm, SST-2 calibration)",
+        "lora",
+        {**QV, "init": {"type": "corda", "covariance": COVARIANCE}},
+    ),
     Row("QLoRA r=8 (NF4 base)", "lora", QV, {"quantize": "nf4"}),
     Row("QPiSSA r=8 (NF4 base)", "lora", {**QV, "init": {"type": "pissa"}}, {"quantize": "nf4"}),
     Row("LoRA r=8 (all linear)", "lora", QV, {"targets": ["all-linear"]}),
@@ -231,6 +237,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "model": "minilm",
         "tasks": {"sst2": TUNED_BUDGET, "agnews": {**TUNED_BUDGET, "eval_limit": 2000}},
         "grid_task": "sst2",
+        "prepare": "calibration",  # benchmarks/calibration.py: CorDA's covariances
         "rows": TUNED_ROWS,
     },
     "prompts": {
