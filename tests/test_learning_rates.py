@@ -13,7 +13,7 @@ import pytest
 from torch import nn
 
 from deltatune.contract import REGISTRY
-from deltatune.train.config import HARNESS_LR, HEAD_LR, TrainConfig, default_lr
+from deltatune.train.config import HARNESS_LR, HEAD_LR, LORAPLUS_LR, TrainConfig, default_lr
 from deltatune.train.data import DEFAULT_DATA_DIR, Example
 from deltatune.train.prepare import prepare
 from deltatune.train.records import task_record
@@ -23,17 +23,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_a_run_without_lr_gets_the_methods_own_rate_and_records_it() -> None:
-    assert TrainConfig(method="vera").lr == 1e-2
-    assert TrainConfig(method="prompt_tuning").lr == 3e-2
+    vera = REGISTRY["vera"]().default_lr()
+    assert vera >= 10 * REGISTRY["lora"]().default_lr()  # a scaling-vector method: an order above
+    assert TrainConfig(method="vera").lr == vera
+    assert TrainConfig(method="prompt_tuning").lr == REGISTRY["prompt_tuning"]().default_lr()
     assert TrainConfig(method="full").lr == HARNESS_LR["full"] == 5e-5
     assert TrainConfig(method="head").lr == HARNESS_LR["head"]
     assert TrainConfig(method="lora").lr == REGISTRY["lora"]().default_lr()
     assert TrainConfig(method="vera", lr=3e-4).lr == 3e-4  # a given rate is kept
+    assert TrainConfig(method="lora", loraplus_ratio=16).lr == LORAPLUS_LR  # LoRA+: A's own rate
     # SAID's rate follows d: the same step in weight space for every d.
     assert TrainConfig(method="intrinsic", method_fields={"d": 100}).lr == pytest.approx(
         0.3 * 10**0.5, rel=1e-3
     )
-    assert TrainConfig(method="vera").to_dict()["lr"] == 1e-2  # metrics.json says what ran
+    assert TrainConfig(method="vera").to_dict()["lr"] == vera  # metrics.json says what ran
 
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
@@ -62,8 +65,8 @@ class Classifier(nn.Module):
 @pytest.mark.parametrize(
     ("method", "fields", "expected"),
     [
-        ("vera", {"rank": 4}, {"adapter": 1e-2, "head": HEAD_LR}),
-        ("lora", {"rank": 2}, {"adapter": 1e-3, "head": HEAD_LR}),
+        ("vera", {"rank": 4}, {"adapter": REGISTRY["vera"]().default_lr(), "head": HEAD_LR}),
+        ("lora", {"rank": 2}, {"adapter": REGISTRY["lora"]().default_lr(), "head": HEAD_LR}),
         ("full", {}, {"body": 5e-5, "head": HEAD_LR}),
         ("head", {}, {"head": 1e-3}),
     ],
@@ -128,7 +131,9 @@ def test_deltatune_methods_lists_each_default_rate(capsys: pytest.CaptureFixture
 
     assert main(["methods", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
-    assert rows["vera"]["default_lr"] == 1e-2 and rows["full"]["default_lr"] == 5e-5
+    assert (
+        rows["vera"]["default_lr"] == REGISTRY["vera"]().default_lr() and rows["full"]["default_lr"] == 5e-5
+    )
     assert all(isinstance(r["default_lr"], float) for r in rows.values())
 
 
@@ -147,7 +152,7 @@ def script(name: str) -> ModuleType:
 
 def test_the_grid_chooses_by_validation_never_by_eval_and_never_a_failed_point() -> None:
     lr_grid, compare = script("lr_grid"), script("compare")
-    row = compare.Row("LoRA r=8", "lora", {"rank": 8})
+    row = compare.Row("LoRA r=8", "lora", {"rank": 8}, {"lr": 1e-3})
     points = lr_grid.grid_rows(row, lr_grid.GRID)
     assert [p.options["lr"] for p in points] == [0.00033, 0.001, 0.003, 0.01]
     assert len({p.label for p in points}) == 4  # one run folder per rate
@@ -165,7 +170,7 @@ def test_the_grid_chooses_by_validation_never_by_eval_and_never_a_failed_point()
         lr_grid.choose(row, results[3:])
     # A row that names its rate is centred on it.
     assert lr_grid.centre(compare.Row("VeRA", "vera", {}, {"lr": 4e-3})) == 4e-3
-    assert lr_grid.centre(compare.Row("VeRA", "vera", {})) == 1e-2
+    assert lr_grid.centre(compare.Row("VeRA", "vera", {})) == REGISTRY["vera"]().default_lr()
 
 
 def test_tables_mark_a_row_at_the_majority_class_floor(tmp_path: Path) -> None:
@@ -188,7 +193,7 @@ def test_tables_mark_a_row_at_the_majority_class_floor(tmp_path: Path) -> None:
 
 def test_a_best_rate_at_the_end_of_the_grid_extends_it() -> None:
     lr_grid, compare = script("lr_grid"), script("compare")
-    row = compare.Row("VeRA", "vera", {})
+    row = compare.Row("VeRA", "vera", {}, {"lr": 1e-2})
     points = [
         {"lr": 0.0033, "validation": 56.3},
         {"lr": 0.01, "validation": 78.9},
