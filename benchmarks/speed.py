@@ -72,6 +72,7 @@ class Run:
         return out
 
     def train_step(self, ids: torch.Tensor) -> float:
+        self.model.train()  # (a checkpointed block recomputes only in training)
         start = time.perf_counter()
         self.loss(ids).backward()
         if self.opt is not None:
@@ -80,6 +81,7 @@ class Run:
         return time.perf_counter() - start
 
     def eval_step(self, ids: torch.Tensor) -> float:
+        self.model.eval()
         start = time.perf_counter()
         with torch.inference_mode():
             self.model(input_ids=ids)
@@ -87,6 +89,7 @@ class Run:
 
     def saved_bytes(self, ids: torch.Tensor) -> int:
         total = 0
+        self.model.train()
 
         def pack(t: torch.Tensor) -> torch.Tensor:
             nonlocal total
@@ -107,6 +110,7 @@ class Run:
         from deltatune.runtime.estimate import kept_by_step
 
         blocks = [self.model.get_submodule(p) for p in anatomy.describe(self.model).blocks]
+        self.model.train()
         kept, loss = kept_by_step(self.model, lambda: self.loss(ids), blocks)
         loss.backward()
         if self.opt is not None:

@@ -159,11 +159,13 @@ def test_compiled_blocks_serve_routed_adapters_as_eager_does() -> None:
 def test_checkpointed_blocks_train_as_plain_ones(compiled: bool) -> None:
     """Per-block activation checkpointing recomputes the same computation: the same losses and adapter,
     eager or under regional compilation; names and the saved adapter unchanged; restore() undoes it."""
+    from deltatune.runtime import checkpointing
     from deltatune.runtime.checkpointing import is_checkpointed, restore
 
     plain, checkpointed = llama(2), llama(2)
     for model in (plain, checkpointed):
         dt.inject(model, dt.LoRA(rank=4, alpha=8, dropout=0.1), targets=["q_proj", "v_proj", "down_proj"])
+        model.train()
     assert dt.checkpoint_blocks(checkpointed) == ["model.layers.0", "model.layers.1"]
     assert is_checkpointed(checkpointed.model.layers[0])
     assert isinstance(
@@ -175,8 +177,20 @@ def test_checkpointed_blocks_train_as_plain_ones(compiled: bool) -> None:
     assert [n for n, _ in checkpointed.named_parameters()] == [n for n, _ in plain.named_parameters()]
     torch.manual_seed(3)
     expected = _train(plain)
-    torch.manual_seed(3)  # (dropout: the recomputation replays the forward's random state)
-    assert _train(checkpointed) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    calls = []
+    original = checkpointing.checkpoint
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    checkpointing.checkpoint = counted  # type: ignore[assignment]
+    try:
+        torch.manual_seed(3)  # (dropout: the recomputation replays the forward's random state)
+        assert _train(checkpointed) == pytest.approx(expected, rel=1e-5, abs=1e-6)
+    finally:
+        checkpointing.checkpoint = original  # type: ignore[assignment]
+    assert len(calls) == 2 * 3  # every block, every step: it did run checkpointed
     a, b = dt.adapter_state(plain, "default"), dt.adapter_state(checkpointed, "default")
     for key in a:
         assert torch.allclose(a[key], b[key], atol=1e-5), key
