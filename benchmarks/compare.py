@@ -8,6 +8,10 @@ Each row runs as its own ``deltatune train`` process, so its peak memory (RSS on
     .venv/bin/python benchmarks/compare.py --preset gpu      # bigger budgets, SmolLM2; needs a GPU
     .venv/bin/python benchmarks/compare.py --preset smoke    # 2 minutes, to check the plumbing
     .venv/bin/python benchmarks/compare.py --preset lora-family --seeds 0 1 2 --jobs 2   # ~2 h
+    .venv/bin/python benchmarks/compare.py --preset tuned --lr-grid --jobs 2 --seeds 0 1 2
+        # each method at its own learning rate: the grid on SST-2's validation split, then three seeds
+        # on SST-2 and AG News (benchmarks/lr_grid.py; runs.json keeps every run, so it resumes)
+    .venv/bin/python benchmarks/compare.py --preset causal    # SmolLM2 on GSM8K chat data (causal.py)
 
 Times are wall-clock seconds of the training steps on a shared machine whose speed drifts by
 ±30 % between runs: read them as rough costs, not as ratios (benchmarks/lora_vs_peft.py measures
