@@ -25,6 +25,8 @@ from .. import anatomy
 __all__ = ["checkpoint_blocks", "is_checkpointed", "restore"]
 
 _SUBCLASSES: dict[type, type] = {}
+#: A block's KV cache, by the names transformers releases give it.
+_CACHE_KEYS = ("past_key_values", "past_key_value", "layer_past")
 
 
 class _Checkpointed:
@@ -37,6 +39,13 @@ def _subclass(cls: type) -> type:
         def forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
             plain = super(subclass, self).forward  # type: ignore[misc,arg-type]
             if self.training and torch.is_grad_enabled():
+                # A KV cache would grow again when backward replays the block (the recomputed keys then
+                # differ from the saved ones): training has no use for it, so the block gets none.
+                for key in _CACHE_KEYS:
+                    if kwargs.get(key) is not None:
+                        kwargs[key] = None
+                if kwargs.get("use_cache"):
+                    kwargs["use_cache"] = False
                 return checkpoint(plain, *args, use_reentrant=False, **kwargs)
             return plain(*args, **kwargs)
 
