@@ -81,7 +81,7 @@ class LoRA(ScaledLowRank):
     def default_lr(self) -> float:
         """3e-3, chosen on SST-2's validation split (MiniLM, query/value, 150 steps: benchmarks/README.md,
         "Each method at its own learning rate"): 81.2 at 1e-3, 82.5 at 3e-3, 74.3 at 1e-2 (rsLoRA's scaling
-        chose 3e-3 too)."""
+        and PiSSA's init chose 3e-3 too)."""
         return 3e-3
 
     combinable: ClassVar[bool] = True
