@@ -332,7 +332,8 @@ def test_a_harness_adapter_evaluates_and_merges_without_flags(
     config = read_config(adapter)
     assert config["base_model"] == str(Path(tiny_bert).resolve())
     assert harness(config)["head"] == {"kind": "classification", "num_labels": 2}
-    assert harness(config)["task"] == {"name": "sst2", "max_length": 24, "eval_limit": 24, "eval_seed": 1}
+    # (a limited eval split is one draw for every seed: EVAL_SAMPLE_SEED, not the run's seed 1)
+    assert harness(config)["task"] == {"name": "sst2", "max_length": 24, "eval_limit": 24, "eval_seed": 0}
     for path in (adapter, out / "checkpoint"):
         assert mode(path) == 0o755
         assert {p.name: mode(p) for p in path.iterdir()} == {p.name: 0o644 for p in path.iterdir()}
