@@ -165,7 +165,8 @@ def compact(x: float) -> str:
 
 def log_axis(ax: Any, values: list[float]) -> None:
     """A log-scaled x axis over ``values`` with a little room at both ends and labelled ticks however
-    narrow the range (1-9 per decade within one decade, 1-2-5 within two, decades beyond)."""
+    narrow the range (1-1.5-2-3-5-7 within half a decade, 1-2-3-5 within one, 1-2-5 within two and a
+    half, decades beyond)."""
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     low, high = min(values), max(values)
@@ -173,7 +174,15 @@ def log_axis(ax: Any, values: list[float]) -> None:
     pad = 10 ** max(0.08, 0.06 * decades)
     ax.set_xscale("log")
     ax.set_xlim(low / pad, high * pad)
-    subs = tuple(range(1, 10)) if decades <= 1 else (1, 2, 5) if decades <= 2.5 else (1,)
+    subs = (
+        (1, 1.5, 2, 3, 5, 7)
+        if decades <= 0.5
+        else (1, 2, 3, 5)
+        if decades <= 1.2
+        else (1, 2, 5)
+        if decades <= 2.5
+        else (1,)
+    )
     ax.xaxis.set_major_locator(LogLocator(base=10, subs=subs))
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: compact(x)))
     ax.xaxis.set_minor_formatter(NullFormatter())
