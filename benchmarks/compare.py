@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from calibration import COVARIANCE  # noqa: E402  (a script beside this one)
 from compare_report import markdown, scatter  # noqa: E402
-from lr_grid import EXTEND, GRID, choose, further, grid_rows, summary  # noqa: E402
+from lr_grid import EXTEND, GRID, centre, choose, further, grid_rows, summary  # noqa: E402
 from lr_grid import markdown as grid_markdown  # noqa: E402
 
 
@@ -558,20 +558,22 @@ def tune(
     grids: list[dict[str, Any]] = []
     chosen: dict[str, float] = {}
     path = out / "grid.json"
+    recorded = {g["method"]: g["centre"] for g in json.loads(path.read_text())} if path.exists() else {}
     for row in rows:
-        points = grid_rows(row, multipliers)
+        centred = centre(row, recorded)
+        points = grid_rows(row, multipliers, recorded)
         results = execute([(preset["model"], task, budget, point, args.seeds[0]) for point in points], True)
         for point, result in zip(points, results, strict=True):
             result.setdefault("lr", point.options["lr"])
         for _ in range(EXTEND):  # the best rate at an end of the grid: one more step beyond it
-            beyond = further(row, results)
+            beyond = further(row, results, centred)
             if beyond is None:
                 break
             (extra,) = execute([(preset["model"], task, budget, beyond, args.seeds[0])], True)
             extra.setdefault("lr", beyond.options["lr"])
             results.append(extra)
-        grids.append(summary(row, results))
-        chosen[row.label] = choose(row, results)["lr"]
+        grids.append(summary(row, results, centred))
+        chosen[row.label] = choose(row, results, centred)["lr"]
         path.write_text(json.dumps(grids, indent=1))
         command = f"python benchmarks/compare.py --preset {args.preset} --lr-grid"
         (out / "grid.md").write_text(grid_markdown(grids, task, budget["validation"], command))

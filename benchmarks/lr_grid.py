@@ -1,15 +1,15 @@
 """Each method at its own learning rate: the grid that ``compare.py --lr-grid`` runs and the choice.
 
-For every row, the grid trains one seed at each rate ``centre x m`` (``m`` in ``--lr-grid``, default
-1/3, 1, 3, 10: 30x in all, one below the centre and two above, since a 150-step run favours higher
-rates than the papers' long ones). The centre is the row's ``lr`` where it names one, else the
-method's own default (``deltatune.train.config.default_lr``). Every grid run holds ``validation``
-training examples out (a fixed draw) and the rate with the best validation metric is chosen; the
-reported eval split plays no part in the choice. Ties go to the rate nearer the centre. Where the best
-rate is the highest (or lowest) tried, the grid goes one step (3x) further, up to ``EXTEND`` times.
+For every row, the grid trains one seed at each rate ``centre x m`` (``m`` in ``--lr-grid``, default 1/3,
+1, 3, 10: 30x in all, one below the centre and two above, since a 150-step run favours higher rates than
+the papers' long ones). The centre is the row's ``lr`` where it names one, else the method's own default
+(``deltatune.train.config.default_lr``). Every grid run holds ``validation`` training examples out (a
+fixed draw) and the rate with the best validation metric is chosen; the reported eval split plays no part
+in the choice. Ties go to the rate nearer the centre. Where the best rate is the highest (or lowest)
+tried, the grid goes one step (3x) further, up to ``EXTEND`` times. A row's grid keeps the centre it was
+first run with (``grid.json``), since the grid's own choice becomes the method's default.
 
-A grid point that fails (a divergence, say) is recorded with its error and never chosen.
-"""
+A grid point that fails (a divergence, say) is recorded with its error and never chosen."""
 
 from __future__ import annotations
 
@@ -21,10 +21,14 @@ GRID = (1 / 3, 1.0, 3.0, 10.0)
 EXTEND = 2  # at most this many rates added beyond an end of the grid where the best sits there
 
 
-def centre(row: Any) -> float:
-    """The rate the grid is centred on: the row's own ``lr``, else the method's default."""
+def centre(row: Any, recorded: dict[str, float] | None = None) -> float:
+    """The rate the grid is centred on: the one an earlier grid of the row was centred on (``recorded``,
+    by label, from ``grid.json``: a default the grid itself moved must not move the grid), else the
+    row's own ``lr``, else the method's default."""
     from deltatune.train.config import default_lr
 
+    if recorded and row.label in recorded:
+        return recorded[row.label]
     given = row.options.get("lr")
     return float(given) if given is not None else default_lr(row.method, row.fields)
 
@@ -34,19 +38,21 @@ def rate(x: float) -> float:
     return float(f"{x:.2g}")
 
 
-def grid_rows(row: Any, multipliers: tuple[float, ...]) -> list[Any]:
+def grid_rows(
+    row: Any, multipliers: tuple[float, ...], recorded: dict[str, float] | None = None
+) -> list[Any]:
     """The row once per rate of its grid (labels and run folders name the rate)."""
-    c = centre(row)
+    c = centre(row, recorded)
     return [
         replace(row, label=f"{row.label} @ lr {rate(c * m):g}", options={**row.options, "lr": rate(c * m)})
         for m in multipliers
     ]
 
 
-def further(row: Any, results: list[dict[str, Any]]) -> Any:
+def further(row: Any, results: list[dict[str, Any]], centred: float | None = None) -> Any:
     """The row at one more rate (3x beyond the end) where the best so far sits at an end of the rates
     tried, else None: a choice at the edge says the best rate may lie beyond it."""
-    best = choose(row, results)["lr"]
+    best = choose(row, results, centred)["lr"]
     rates = sorted(r["lr"] for r in results)
     if best == rates[-1]:
         lr = rate(best * 3)
@@ -57,23 +63,23 @@ def further(row: Any, results: list[dict[str, Any]]) -> Any:
     return replace(row, label=f"{row.label} @ lr {lr:g}", options={**row.options, "lr": lr})
 
 
-def choose(row: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
+def choose(row: Any, results: list[dict[str, Any]], centred: float | None = None) -> dict[str, Any]:
     """The grid result with the best validation metric (of the row's own main metric); ties go to the
     rate nearer the centre. ``ValueError`` if no grid point finished."""
     done = [r for r in results if r.get("validation") is not None]
     if not done:
         raise ValueError(f"{row.label}: no grid point finished: {[r.get('error') for r in results]}")
-    c = centre(row)
+    c = centre(row) if centred is None else centred
     return max(done, key=lambda r: (r["validation"], -abs(math.log(r["lr"] / c))))
 
 
-def summary(row: Any, results: list[dict[str, Any]]) -> dict[str, Any]:
-    """What ``grid.json`` keeps of one row's grid: every point and the choice."""
-    best = choose(row, results)
+def summary(row: Any, results: list[dict[str, Any]], centred: float) -> dict[str, Any]:
+    """What ``grid.json`` keeps of one row's grid: its centre, every point and the choice."""
+    best = choose(row, results, centred)
     return {
         "method": row.label,
         "method_name": row.method,
-        "centre": centre(row),
+        "centre": centred,
         "points": [
             {
                 "lr": r["lr"],

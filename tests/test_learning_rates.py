@@ -163,12 +163,15 @@ def test_the_grid_chooses_by_validation_never_by_eval_and_never_a_failed_point()
         {"lr": 0.01, "validation": None, "error": "diverged at step 40"},
     ]
     assert lr_grid.choose(row, results)["lr"] == 0.001
-    grid = lr_grid.summary(row, results)
+    grid = lr_grid.summary(row, results, 1e-3)
     assert grid["chosen_lr"] == 0.001 and not grid["at_edge"]
     assert "failed" in lr_grid.markdown([grid], "sst2", 1000, "cmd")
     with pytest.raises(ValueError, match="LoRA r=8: no grid point finished"):
         lr_grid.choose(row, results[3:])
-    # A row that names its rate is centred on it.
+    # A grid already run keeps its centre, whatever the method's default has become since (the grid's
+    # own choice moves the default); a row that names its rate is centred on it.
+    assert lr_grid.centre(row, {"LoRA r=8": 2e-4}) == 2e-4
+    assert lr_grid.grid_rows(row, lr_grid.GRID, {"LoRA r=8": 3e-3})[0].options["lr"] == 0.001
     assert lr_grid.centre(compare.Row("VeRA", "vera", {}, {"lr": 4e-3})) == 4e-3
     assert lr_grid.centre(compare.Row("VeRA", "vera", {})) == REGISTRY["vera"]().default_lr()
 
