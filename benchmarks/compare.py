@@ -454,18 +454,27 @@ class Records:
         return self.by_key.get(self.key(config))
 
     def put(self, config: dict[str, Any], result: dict[str, Any]) -> None:
-        with self.lock:
+        with self.lock:  # (whole or not at all: a reader never sees a half-written file)
             self.by_key[self.key(config)] = result
-            self.path.write_text(json.dumps(self.by_key, indent=1))
+            part = self.path.with_suffix(".json.part")
+            part.write_text(json.dumps(self.by_key, indent=1))
+            os.replace(part, self.path)
 
 
 def finished(
-    model: str, task: str, budget: dict[str, Any], row: Row, out: Path, seed: int, seed_in_name: bool
+    model: str,
+    task: str,
+    budget: dict[str, Any],
+    row: Row,
+    out: Path,
+    seed: int,
+    seed_in_name: bool,
+    records: Records | None = None,
 ) -> bool:
     """Whether the run folder holds a finished run of exactly this config, or ``runs.json`` its result."""
     run_dir, config = run_config(model, task, budget, row, out, seed, seed_in_name)
     previous = run_dir / "config.json"
-    return Records(out).get(config) is not None or (
+    return (records or Records(out)).get(config) is not None or (
         (run_dir / "metrics.json").exists()
         and previous.exists()
         and json.loads(previous.read_text()) == config
@@ -489,7 +498,7 @@ def run_row(
     kept = records.get(config) if records is not None and reuse else None
     if kept is not None:
         return {**kept, "method": row.label, "options": row.options}
-    reused = reuse and finished(model, task, budget, row, out, seed, seed_in_name)
+    reused = reuse and finished(model, task, budget, row, out, seed, seed_in_name, records)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not reused:
         (run_dir / "metrics.json").unlink(missing_ok=True)

@@ -27,7 +27,7 @@ def test_a_run_without_lr_gets_the_methods_own_rate_and_records_it() -> None:
     assert vera >= 10 * REGISTRY["lora"]().default_lr()  # a scaling-vector method: an order above
     assert TrainConfig(method="vera").lr == vera
     assert TrainConfig(method="prompt_tuning").lr == REGISTRY["prompt_tuning"]().default_lr()
-    assert TrainConfig(method="full").lr == HARNESS_LR["full"] == 5e-5
+    assert TrainConfig(method="full").lr == HARNESS_LR["full"]
     assert TrainConfig(method="head").lr == HARNESS_LR["head"]
     assert TrainConfig(method="lora").lr == REGISTRY["lora"]().default_lr()
     assert TrainConfig(method="vera", lr=3e-4).lr == 3e-4  # a given rate is kept
@@ -67,7 +67,7 @@ class Classifier(nn.Module):
     [
         ("vera", {"rank": 4}, {"adapter": REGISTRY["vera"]().default_lr(), "head": HEAD_LR}),
         ("lora", {"rank": 2}, {"adapter": REGISTRY["lora"]().default_lr(), "head": HEAD_LR}),
-        ("full", {}, {"body": 5e-5, "head": HEAD_LR}),
+        ("full", {}, {"body": HARNESS_LR["full"], "head": HEAD_LR}),
         ("head", {}, {"head": 1e-3}),
     ],
 )
@@ -132,7 +132,8 @@ def test_deltatune_methods_lists_each_default_rate(capsys: pytest.CaptureFixture
     assert main(["methods", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert (
-        rows["vera"]["default_lr"] == REGISTRY["vera"]().default_lr() and rows["full"]["default_lr"] == 5e-5
+        rows["vera"]["default_lr"] == REGISTRY["vera"]().default_lr()
+        and rows["full"]["default_lr"] == HARNESS_LR["full"]
     )
     assert all(isinstance(r["default_lr"], float) for r in rows.values())
 

@@ -19,7 +19,7 @@ TRAIN_HELP: dict[str, str] = {
     "batch_size": "examples per micro-batch (split across the processes under torchrun)",
     "grad_accum": "micro-batches per optimizer step: the global batch is BATCH_SIZE x GRAD_ACCUM",
     "lr": "peak learning rate (default: the method's own, chosen on a validation split: `deltatune "
-    "methods` lists them; full fine-tuning 5e-5; with --loraplus-ratio 1e-3)",
+    "methods` lists them; full fine-tuning 1.5e-4; with --loraplus-ratio 1e-3)",
     "head_lr": "learning rate of the task head (default: 1e-3; LR with --method head)",
     "loraplus_ratio": "LoRA+ (Hayou et al. 2024): B factors (lora_B) and the adapter's vectors train at "
     "LR x this (the paper suggests 16; default: no LoRA+)",
