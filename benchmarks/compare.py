@@ -703,7 +703,7 @@ def main(argv: list[str] | None = None) -> int:
         if not args.tasks or task in args.tasks
     ]
     if args.finished_only:
-        done = [j for j in jobs if finished(j[0], j[1], j[2], j[3], out, j[4], seed_in_name)]
+        done = [j for j in jobs if finished(j[0], j[1], j[2], j[3], out, j[4], seed_in_name, records)]
         for job in jobs:
             if job not in done:
                 print(f"not run: {job[1]}: {job[3].label} (seed {job[4]})")
