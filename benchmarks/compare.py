@@ -203,6 +203,9 @@ TUNED_ROWS = [
     Row("QLoRA r=8 (NF4 base)", "lora", QV, {"quantize": "nf4"}),
     Row("QPiSSA r=8 (NF4 base)", "lora", {**QV, "init": {"type": "pissa"}}, {"quantize": "nf4"}),
     Row("LoRA r=8 (all linear)", "lora", QV, {"targets": ["all-linear"]}),
+    # For the claims (claims.py): LoRA at AdaLoRA's final budget, and DoRA against it at a lower rank.
+    Row("LoRA r=4", "lora", {"rank": 4, "alpha": 8}),
+    Row("DoRA r=4", "dora", {"rank": 4, "alpha": 8}),
 ]
 TUNED_BUDGET = {"steps": 150, "batch_size": 32, "max_length": 64, "validation": 1000}
 
@@ -243,6 +246,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "grid_task": "sst2",
         "prepare": "calibration",  # benchmarks/calibration.py: CorDA's covariances
         "rows": TUNED_ROWS,
+        "after": "claims",  # benchmarks/claims.py: the papers' claims against results.json
     },
     "prompts": {
         "model": "minilm",
@@ -446,6 +450,13 @@ class Records:
         )
         self.lock = threading.Lock()
 
+    @classmethod
+    def empty(cls, out: Path) -> Records:
+        """No records (``finished`` then asks the run folder alone)."""
+        records = cls.__new__(cls)
+        records.path, records.by_key, records.lock = out / "runs.json", {}, threading.Lock()
+        return records
+
     @staticmethod
     def key(config: dict[str, Any]) -> str:
         return json.dumps({k: v for k, v in config.items() if k != "out"}, sort_keys=True)
@@ -481,6 +492,19 @@ def finished(
     )
 
 
+CURVE_WINDOW = 10  # steps per point of a record's loss curve
+
+
+def loss_curve(losses: list[list[float]], window: int = CURVE_WINDOW) -> list[float]:
+    """The training loss as the mean of each ``window`` steps (``[[step, loss], ...]`` in, one value per
+    window out, the last window possibly shorter): runs.json keeps it for the convergence claims."""
+    values = [float(loss) for _, loss in losses]
+    return [
+        round(sum(values[i : i + window]) / len(values[i : i + window]), 4)
+        for i in range(0, len(values), window)
+    ]
+
+
 def run_row(
     model: str,
     task: str,
@@ -496,6 +520,15 @@ def run_row(
 ) -> dict[str, Any]:
     run_dir, config = run_config(model, task, budget, row, out, seed, seed_in_name)
     kept = records.get(config) if records is not None and reuse else None
+    if (
+        kept is not None
+        and "loss_curve" not in kept
+        and records is not None
+        and finished(model, task, budget, row, out, seed, seed_in_name, Records.empty(out))
+    ):  # a record made before curves were kept, whose run folder is still here: take its curve
+        history = json.loads((run_dir / "metrics.json").read_text())["history"]
+        kept = {**kept, "loss_curve": loss_curve(history["loss"])}
+        records.put(config, kept)
     if kept is not None:
         return {**kept, "method": row.label, "options": row.options}
     reused = reuse and finished(model, task, budget, row, out, seed, seed_in_name, records)
@@ -543,6 +576,7 @@ def run_row(
         "seed": seed,
         "wall_seconds": record.get("wall_seconds") if reused else round(time.time() - started, 1),
         "run": str(run_dir.relative_to(out)),
+        "loss_curve": loss_curve(record["history"]["loss"]),
     }
     if measure is not None:  # a suite's own measurement of the run (causal.py: forgetting)
         result.update(measure(result, run_dir))
@@ -564,10 +598,14 @@ def tune(
     if not budget.get("validation"):
         raise SystemExit(f"--lr-grid: the preset's {task} budget holds no validation examples out")
     multipliers = tuple(args.lr_grid) or GRID
-    grids: list[dict[str, Any]] = []
     chosen: dict[str, float] = {}
     path = out / "grid.json"
-    recorded = {g["method"]: g["centre"] for g in json.loads(path.read_text())} if path.exists() else {}
+    # every row's grid so far, this run's rows replacing theirs (an --only run keeps the others')
+    grids: dict[str, dict[str, Any]] = (
+        {g["method"]: g for g in json.loads(path.read_text())} if path.exists() else {}
+    )
+    recorded = {label: g["centre"] for label, g in grids.items()}
+    order = [row.label for row in preset["rows"]]
     for row in rows:
         centred = centre(row, recorded)
         points = grid_rows(row, multipliers, recorded)
@@ -581,11 +619,14 @@ def tune(
             (extra,) = execute([(preset["model"], task, budget, beyond, args.seeds[0])], True)
             extra.setdefault("lr", beyond.options["lr"])
             results.append(extra)
-        grids.append(summary(row, results, centred))
+        grids[row.label] = summary(row, results, centred)
         chosen[row.label] = choose(row, results, centred)["lr"]
-        path.write_text(json.dumps(grids, indent=1))
+        ordered = sorted(
+            grids.values(), key=lambda g: order.index(g["method"]) if g["method"] in order else len(order)
+        )
+        path.write_text(json.dumps(ordered, indent=1))
         command = f"python benchmarks/compare.py --preset {args.preset} --lr-grid"
-        (out / "grid.md").write_text(grid_markdown(grids, task, budget["validation"], command))
+        (out / "grid.md").write_text(grid_markdown(ordered, task, budget["validation"], command))
     return chosen
 
 

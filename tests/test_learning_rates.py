@@ -8,6 +8,7 @@ import math
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import pytest
 from torch import nn
@@ -212,3 +213,80 @@ def test_a_best_rate_at_the_end_of_the_grid_extends_it() -> None:
         ]
         == 0.0033
     )
+
+
+def test_a_record_keeps_the_training_loss_as_window_means() -> None:
+    compare = script("compare")
+    losses = [[step, float(step)] for step in range(1, 26)]  # 25 steps: windows 1-10, 11-20, 21-25
+    assert compare.loss_curve(losses, window=10) == [5.5, 15.5, 23.0]
+
+
+def test_a_grid_run_for_some_rows_keeps_the_other_rows_grids(tmp_path: Path) -> None:
+    import argparse
+
+    compare = script("compare")
+    rows = [compare.Row("A", "lora", {}, {"lr": 1e-3}), compare.Row("B", "lora", {}, {"lr": 1e-2})]
+    preset = {"model": "m", "tasks": {"t": {"validation": 10}}, "rows": rows}
+
+    def execute(jobs: list[Any], tolerate: bool) -> list[dict[str, Any]]:
+        # validation peaks at 1e-3: A's centre; B's grid (3.3e-3 to 0.1) extends down to 1.1e-3
+        return [
+            {"lr": job[3].options["lr"], "validation": -abs(math.log(job[3].options["lr"] * 1e3))}
+            for job in jobs
+        ]
+
+    args = argparse.Namespace(lr_grid=[], seeds=[0], preset="p")
+    assert compare.tune(preset, rows, args, tmp_path, execute) == {"A": 1e-3, "B": 0.0011}
+    assert compare.tune(preset, rows[1:], args, tmp_path, execute) == {"B": 0.0011}
+    grids = json.loads((tmp_path / "grid.json").read_text())
+    assert [g["method"] for g in grids] == ["A", "B"]  # A's grid is still there, in the preset's order
+    assert "| A |" in (tmp_path / "grid.md").read_text()
+
+
+def _claim_rows() -> list[dict[str, Any]]:
+    claims = script("claims")
+    rising = [1.0 - 0.05 * i for i in range(15)]  # LoRA: final window 0.30
+
+    def rows(label: str, values: tuple[float, ...], stored: int, curve: list[float]) -> list[dict[str, Any]]:
+        return [
+            {
+                "task": "sst2",
+                "method": label,
+                "metric": v,
+                "seed": s,
+                "stored_bytes": stored,
+                "loss_curve": curve,
+            }
+            for s, v in enumerate(values)
+        ]
+
+    return [
+        *rows(claims.LORA, (80.0, 81.0, 82.0), 300_000, rising),
+        *rows(claims.VBLORA, (80.5, 80.8, 81.1), 22_920, rising),  # ≈ LoRA at 7.6 % of the bytes
+        *rows(claims.VERA, (70.0, 71.0, 72.0), 27_656, rising),  # 10 points below
+        *rows(claims.DORA, (80.5, 81.0, 81.5), 316_424, rising),  # within the noise
+        *rows(claims.PISSA, (81.0, 81.0, 81.0), 592_904, [v - 0.2 for v in rising]),  # lower early
+        *rows(
+            claims.LORAPLUS, (81.0, 81.0, 81.0), 300_000, [v - 0.22 for v in rising]
+        ),  # below 0.30 by step 110
+    ]
+
+
+def test_each_claim_gets_a_verdict_from_the_seeds_and_says_its_numbers() -> None:
+    claims = script("claims")
+    table = claims.report(_claim_rows(), 10)
+    lines = {line.split(" | ")[1]: line for line in table.splitlines()[2:]}
+    assert " | reproduced | sst2: 80.80 ± 0.30 vs 81.00 ± 1.00" in lines[claims.CLAIMS[0].says]  # VB-LoRA
+    assert "7.6% of LoRA's bytes" in lines[claims.CLAIMS[0].says]
+    assert " | not at this scale | " in lines[claims.CLAIMS[1].says]  # VeRA 10 points below
+    assert " | not separated | " in lines[claims.CLAIMS[2].says]  # DoRA r=8: +0.0 within the spread
+    assert " | not run | " in lines[claims.CLAIMS[3].says]  # no DoRA r=4 / LoRA r=4 rows
+    assert " | reproduced | " in lines[claims.CLAIMS[4].says]  # PiSSA's loss lower over steps 1-50
+    assert "reached at step 110 ± 0 vs LoRA's own 150 ± 0" in lines[claims.CLAIMS[5].says]
+    assert " | not run | " in lines[claims.CLAIMS[6].says]
+
+
+def test_the_claims_name_rows_the_tuned_preset_runs() -> None:
+    claims, compare = script("claims"), script("compare")
+    labels = {row.label for row in compare.PRESETS["tuned"]["rows"]}
+    assert set(claims.LABELS) <= labels
