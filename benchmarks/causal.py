@@ -19,8 +19,8 @@ import random
 from pathlib import Path
 from typing import Any
 
-TEST = 100  # held-out GSM8K test problems (loss on all, answers on the first --eval-generate)
-SEEN = 64  # AG News articles for forgetting
+TEST = 50  # held-out GSM8K test problems (loss on all, answers on the first --eval-generate)
+SEEN = 32  # AG News articles for forgetting
 _BASE_LOSS: dict[str, float] = {}  # the base's loss on SEEN, per model (computed once per process)
 
 

@@ -84,6 +84,23 @@ def causal_cells(rs: list[dict[str, Any]]) -> list[str]:
     ]
 
 
+def base_line(rows: list[dict[str, Any]]) -> list[str]:
+    """The base model's own metrics on the eval set (runs made with ``eval_before``), where recorded:
+    what every fine-tuned row is to be read against."""
+    found: dict[str, list[dict[str, float]]] = {}
+    for r in rows:
+        if r.get("before"):
+            found.setdefault(r["task"], []).append(r["before"])
+    lines = []
+    for task, befores in found.items():
+        cells = ", ".join(
+            f"{k.replace('_', ' ')} {befores[0][k]:.{2 if k.endswith('accuracy') else 4}f}"
+            for k in befores[0]
+        )
+        lines.append(f"The base model on {task}'s eval set, before fine-tuning: {cells}.")
+    return lines
+
+
 def floor_note(mean: float, floor: float | None) -> str:
     return " (majority-class floor)" if floor is not None and mean - floor < FLOOR_MARGIN else ""
 
@@ -94,9 +111,16 @@ def seeds_markdown(rows: list[dict[str, Any]], command: str) -> str:
     lines = [
         f"Made by `{command}`: mean ± sample standard deviation over the seeds (same data order per "
         "seed and the same step budget for every row of a task); train s is the median, peak MiB the max.",
-        "Majority-class rate of the eval split: "
-        + ", ".join(f"{t} {f:.2f}" for t, f in floors.items() if f is not None)
-        + "; a row within a point of it is marked.",
+        *(
+            [
+                "Majority-class rate of the eval split: "
+                + ", ".join(f"{t} {f:.2f}" for t, f in floors.items() if f is not None)
+                + "; a row within a point of it is marked."
+            ]
+            if any(f is not None for f in floors.values())
+            else []
+        ),
+        *base_line(rows),
         "",
         "| task | method | lr | trainable params | stored bytes | metric | mean ± std | seeds | train s "
         "| peak MiB |" + (CAUSAL_HEAD if causal(rows) else ""),
@@ -129,6 +153,7 @@ def markdown(rows: list[dict[str, Any]], command: str) -> str:
     lines = [
         f"Made by `{command}` (seed {rows[0].get('seed', 0) if rows else 0}; same data order and step "
         "budget for every row of a task).",
+        *base_line(rows),
         "",
         "| task | model | method | lr | trainable params | stored bytes | metric | value | train s "
         "| peak MiB |" + (CAUSAL_HEAD if causal(rows) else ""),

@@ -290,3 +290,29 @@ def test_the_claims_name_rows_the_tuned_preset_runs() -> None:
     claims, compare = script("claims"), script("compare")
     labels = {row.label for row in compare.PRESETS["tuned"]["rows"]}
     assert set(claims.LABELS) <= labels
+
+
+def test_a_causal_table_states_the_base_models_own_numbers() -> None:
+    report = script("compare_report")
+    row = {
+        "task": "gsm8k",
+        "model": "smollm2",
+        "method": "LoRA r=8",
+        "lr": 3e-3,
+        "trainable_parameters": 1,
+        "stored_bytes": 4,
+        "main_metric": "loss",
+        "metric": 1.5,
+        "metrics": {"loss": 1.5, "answer_accuracy": 6.25},
+        "train_seconds": 40.0,
+        "steps": 20,
+        "peak_memory_MiB": 1,
+        "forgetting": 0.01,
+        "before": {"loss": 1.9, "answer_accuracy": 0.0},
+        "seed": 0,
+    }
+    table = report.markdown([row], "cmd")
+    assert (
+        "The base model on gsm8k's eval set, before fine-tuning: loss 1.9000, answer accuracy 0.00." in table
+    )
+    assert "Majority-class" not in report.seeds_markdown([row, {**row, "seed": 1}], "cmd")
