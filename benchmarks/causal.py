@@ -19,7 +19,7 @@ import random
 from pathlib import Path
 from typing import Any
 
-TEST = 50  # held-out GSM8K test problems (loss on all, answers on the first --eval-generate)
+TEST = 32  # held-out GSM8K test problems (loss on all, answers on the first --eval-generate)
 SEEN = 32  # AG News articles for forgetting
 _BASE_LOSS: dict[str, float] = {}  # the base's loss on SEEN, per model (computed once per process)
 

@@ -211,16 +211,16 @@ TUNED_BUDGET = {"steps": 150, "batch_size": 32, "max_length": 64, "validation": 
 
 # The causal-LM suite (issue 30): SmolLM2-135M-Instruct on GSM8K as chat data (benchmarks/causal.py),
 # each method at its own default rate, on the attention query/value projections unless the method
-# places itself. Budget (sized to about an hour per seed for the 11 rows on 2 cores): 20 steps of 4
-# conversations (<= 320 tokens: 90 % of GSM8K's fit whole), the held-out loss on 50 test problems,
-# greedy answers (<= 200 new tokens, 90 % of the reference answers fit) to 16 of them, forgetting on
-# 32 AG News articles.
+# places itself. Budget: 20 steps of 4 conversations (<= 256 tokens), the held-out loss on 32 test
+# problems, greedy answers (<= 160 new tokens) to 8 of them, forgetting on 32 AG News articles. Sized
+# on an idle 2-core machine (2026-12-07): rsLoRA at 16 steps took 3.6 min in all (6.0 s a step, 77 s of
+# evaluation, 40 s of loading and forgetting), so 20 steps of the 11 rows take about 45 min a seed.
 CAUSAL_BUDGET = {
     "steps": 20,
     "batch_size": 4,
-    "max_length": 320,
-    "eval_generate": 16,
-    "max_new_tokens": 200,
+    "max_length": 256,
+    "eval_generate": 8,
+    "max_new_tokens": 160,
     "eval_batch_size": 16,
 }
 CAUSAL_ROWS = [
