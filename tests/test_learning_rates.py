@@ -69,7 +69,7 @@ class Classifier(nn.Module):
         ("vera", {"rank": 4}, {"adapter": REGISTRY["vera"]().default_lr(), "head": HEAD_LR}),
         ("lora", {"rank": 2}, {"adapter": REGISTRY["lora"]().default_lr(), "head": HEAD_LR}),
         ("full", {}, {"body": HARNESS_LR["full"], "head": HEAD_LR}),
-        ("head", {}, {"head": 1e-3}),
+        ("head", {}, {"head": HARNESS_LR["head"]}),  # the linear probe: its head at the run's own lr
     ],
 )
 def test_the_optimizer_groups_get_those_rates(
