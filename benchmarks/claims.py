@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from compare_report import spread
+
 NEAR = 1.0  # points: "≈ LoRA" allows this much below LoRA's mean
 LORA, LORA_R4 = "LoRA r=8", "LoRA r=4"
 VBLORA, VERA, DORA, DORA_R4 = "VB-LoRA r=4 b=64 k=2", "VeRA r=128", "DoRA r=8", "DoRA r=4"
@@ -26,14 +28,6 @@ PISSA, LORAPLUS, ADALORA = "PiSSA r=8", "LoRA+ r=8 (ratio 16)", "AdaLoRA r 6 -> 
 LABELS = (LORA, LORA_R4, VBLORA, VERA, DORA, DORA_R4, PISSA, LORAPLUS, ADALORA)
 
 Rows = dict[tuple[str, str], list[dict[str, Any]]]
-
-
-def spread(values: list[float]) -> tuple[float, float]:
-    """Mean and sample standard deviation (0 for one value)."""
-    mean = sum(values) / len(values)
-    if len(values) < 2:
-        return mean, 0.0
-    return mean, (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
 
 
 def grouped(rows: list[dict[str, Any]]) -> Rows:
