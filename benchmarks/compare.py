@@ -711,7 +711,8 @@ def main(argv: list[str] | None = None) -> int:
             if not tolerate:
                 raise
             print(f"  {row.label}: failed: {str(e)[-400:]}", flush=True)
-            return {"method": row.label, "validation": None, "error": str(e)[-400:]}
+            error = str(e)[-400:]
+            return {"task": task, "method": row.label, "seed": seed, "validation": None, "error": error}
         print(
             f"  {result['task']}: {result['method']} (seed {result['seed']}): {result['main_metric']} "
             f"{result['metric']:.2f}"
@@ -753,9 +754,11 @@ def main(argv: list[str] | None = None) -> int:
             if job not in done:
                 print(f"not run: {job[1]}: {job[3].label} (seed {job[4]})")
         jobs = done
-    results: list[dict[str, Any]] = []
-    for result in execute(jobs):
-        results.append(result)
+    # A run that fails (diverged, say) is listed under the tables, not the end of the suite: rerunning
+    # would fail the same way, and the other runs' results stand.
+    outcomes = execute(jobs, True)
+    results = [r for r in outcomes if "error" not in r]
+    failures = [r for r in outcomes if "error" in r]
     (out / "results.json").write_text(json.dumps(results, indent=1))
     command = (
         "python benchmarks/compare.py --preset "
@@ -768,13 +771,18 @@ def main(argv: list[str] | None = None) -> int:
         + (f" --jobs {args.jobs}" if args.jobs > 1 else "")
         + (" --reuse" if args.reuse else "")
     )
-    (out / "results.md").write_text(markdown(results, command))
-    scatter(results, out / "scatter.png")
+    table = markdown(results, command) + "".join(
+        f"\nFailed: {r['method']} on {r['task']}, seed {r['seed']}: {r['error'].strip().splitlines()[-1]}\n"
+        for r in failures
+    )
+    (out / "results.md").write_text(table)
+    if results:
+        scatter(results, out / "scatter.png")
     after = preset.get("after")
     if after:  # a per-preset analysis script next to this one, called with the results folder
         importlib.import_module(after).main(out)
-    print(markdown(results, command))
-    return 0
+    print(table)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":

@@ -316,3 +316,29 @@ def test_a_causal_table_states_the_base_models_own_numbers() -> None:
         "The base model on gsm8k's eval set, before fine-tuning: loss 1.9000, answer accuracy 0.00." in table
     )
     assert "Majority-class" not in report.seeds_markdown([row, {**row, "seed": 1}], "cmd")
+
+
+def test_a_failed_run_is_listed_under_the_table_and_the_others_stand(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compare = script("compare")
+    rows = [compare.Row("fine", "lora", {}), compare.Row("diverges", "lora", {})]
+    monkeypatch.setitem(
+        compare.PRESETS, "two", {"model": "m", "tasks": {"sst2": {"steps": 1, "batch_size": 1}}, "rows": rows}
+    )
+
+    def run_row(model: str, task: str, budget: dict[str, Any], row: Any, *args: Any) -> dict[str, Any]:
+        if row.label == "diverges":
+            raise RuntimeError("diverges on sst2 failed:\nFloatingPointError: the loss is nan at step 40")
+        return {
+            "task": task, "model": model, "method": row.label, "lr": 1e-3, "trainable_parameters": 1,
+            "stored_bytes": 4, "main_metric": "accuracy", "metric": 80.0, "train_seconds": 1.0,
+            "peak_memory_MiB": 1, "seed": 0,
+        }  # fmt: skip
+
+    monkeypatch.setattr(compare, "run_row", run_row)
+    assert compare.main(["--preset", "two", "--out", str(tmp_path)]) == 1
+    assert [r["method"] for r in json.loads((tmp_path / "results.json").read_text())] == ["fine"]
+    table = (tmp_path / "results.md").read_text()
+    assert "| fine |" in table
+    assert "Failed: diverges on sst2, seed 0: FloatingPointError: the loss is nan at step 40" in table
