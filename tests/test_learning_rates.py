@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -89,7 +90,7 @@ def test_validation_is_one_fixed_draw_disjoint_from_training_and_in_order() -> N
     rest, held = hold_out(data, 10, "task sst2")
     assert len(held) == 10 and len(rest) == 40
     assert {e.texts for e in rest}.isdisjoint(e.texts for e in held)
-    assert sorted(rest + held, key=lambda e: int(e.texts[0].split()[1])) == data
+    assert sorted([*rest, *held], key=lambda e: int(e.texts[0].split()[1])) == data
     assert [data.index(e) for e in held] == sorted(data.index(e) for e in held)
     again, held_again = hold_out(data, 10, "task sst2")  # the run's seed plays no part
     assert held_again == held and again == rest
@@ -99,6 +100,27 @@ def test_validation_is_one_fixed_draw_disjoint_from_training_and_in_order() -> N
         ValueError, match=r"TrainConfig.validation: task sst2 has 5 training examples; holding out 5"
     ):
         hold_out(examples(5), 5, "task sst2")
+
+
+def test_holding_out_reads_only_the_held_out_examples() -> None:
+    """A memory-mapped table (67,349 rows for SST-2) is not read whole to split it: the training side
+    is a view, read as batches are drawn."""
+    data = examples(1000)
+    reads: list[int] = []
+
+    class Table(Sequence[Example]):
+        def __len__(self) -> int:
+            return len(data)
+
+        def __getitem__(self, i):  # type: ignore[no-untyped-def, override]
+            reads.append(i)
+            return data[i]
+
+    rest, held = hold_out(Table(), 10, "task sst2")
+    assert len(reads) == 10 and len(rest) == 990
+    assert rest[0] == next(e for i, e in enumerate(data) if data[i] not in held)
+    assert rest[-1] == data[-1] or data[-1] in held
+    assert rest[2:4] == [rest[2], rest[3]] and len(reads) == 16
 
 
 @pytest.mark.parametrize(

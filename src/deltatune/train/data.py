@@ -174,6 +174,38 @@ class TableExamples(Sequence[Example]):
         return f"{type(self).__name__}({len(self)} examples)"
 
 
+class Picked(Sequence[Example]):
+    """The examples of ``base`` at ``indices``, in that order, each read on access: a split of a
+    memory-mapped table (the training side of a hold-out) that does not read every row to make it."""
+
+    def __init__(self, base: Sequence[Example], indices: Sequence[int]) -> None:
+        self.base = base
+        self.indices = indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    @overload
+    def __getitem__(self, index: int) -> Example: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Example]: ...
+
+    def __getitem__(self, index: int | slice) -> Example | list[Example]:
+        if isinstance(index, slice):
+            return [self.base[i] for i in self.indices[index]]
+        return self.base[self.indices[index]]
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"Picked({len(self)} of {self.base!r})"
+
+
 class Rows(TableExamples):
     """The examples of a memory-mapped table of texts and labels, built on access.
 

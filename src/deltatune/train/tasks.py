@@ -72,6 +72,7 @@ from .data import (
     Example,
     Kind,
     Loader,
+    Picked,
     Split,
     data_root,
     files_loader,
@@ -444,11 +445,12 @@ def sample(examples: Sequence[Example], limit: int | None, seed: int | None = No
     return [examples[i] for i in order[:limit]]
 
 
-def hold_out(examples: Sequence[Example], n: int, what: str) -> tuple[list[Example], list[Example]]:
+def hold_out(examples: Sequence[Example], n: int, what: str) -> tuple[Sequence[Example], list[Example]]:
     """``examples`` split into the rest and ``n`` held out for validation (model selection: learning
     rates, steps), drawn by a fixed shuffle (:data:`VALIDATION_SEED`), not by the run's seed, so that
-    every run of a comparison selects on the same examples. Order is kept on both sides. ``what``
-    names the data in the error when ``n`` leaves too little to train on."""
+    every run of a comparison selects on the same examples. Order is kept on both sides; the rest is a
+    view, read on access (a memory-mapped table is not read whole to split it). ``what`` names the
+    data in the error when ``n`` leaves too little to train on."""
     if n >= len(examples):
         raise ValueError(
             f"TrainConfig.validation: {what} has {len(examples)} training examples; holding out {n} leaves "
@@ -457,7 +459,8 @@ def hold_out(examples: Sequence[Example], n: int, what: str) -> tuple[list[Examp
     order = list(range(len(examples)))
     random.Random(VALIDATION_SEED).shuffle(order)
     held = set(order[:n])
-    return [e for i, e in enumerate(examples) if i not in held], [examples[i] for i in sorted(held)]
+    rest = [i for i in range(len(examples)) if i not in held]
+    return Picked(examples, rest), [examples[i] for i in sorted(held)]
 
 
 def _as_sequence(predictions: Sequence[Any] | npt.NDArray[Any]) -> Sequence[Any]:
