@@ -602,3 +602,17 @@ def test_an_encoder_is_refused_for_chat_data(tmp_path: Path, capsys: pytest.Capt
     data = jsonl(tmp_path / "c.jsonl", chats(5))
     assert main(["train", "--data", str(data), "--steps", "1", "--out", str(tmp_path / "run")]) == 2
     assert "model minilm is an encoder" in capsys.readouterr().err and not (tmp_path / "run").exists()
+
+
+def test_the_rest_of_a_hold_out_keeps_its_lengths_and_target_counts(tmp_path: Path, tokenizer: Any) -> None:
+    from deltatune.train.tasks import hold_out
+
+    rows = [chat("q" * (i + 1), "a " * (2 * i + 1)) for i in range(12)]
+    data = open_data(str(jsonl(tmp_path / "c.jsonl", rows)), eval_fraction=0.25)
+    examples = data.examples("train", tokenizer, 512, "assistant")
+    assert isinstance(examples, userdata.SFTRows)
+    rest, _ = hold_out(examples, 3, "c.jsonl")
+    as_list = list(rest)  # the generic path: every example's tokens
+    assert userdata.lengths_of(rest) == userdata.lengths_of(as_list) == [len(e.tokens[0]) for e in as_list]
+    cfg = TrainConfig(batch_size=2)
+    assert userdata.expected_targets(rest, cfg) == pytest.approx(userdata.expected_targets(as_list, cfg))

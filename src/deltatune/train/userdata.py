@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import TrainConfig
-from .data import Example, Rows, TableExamples, label_names_of
+from .data import Example, Picked, Rows, TableExamples, label_names_of
 from .formats import (
     CAUSAL_FORMATS,
     DATA_FORMATS,
@@ -401,6 +401,8 @@ def lengths_of(examples: Sequence[Example] | StreamedExamples) -> Sequence[int] 
     if isinstance(examples, SFTRows):
         lengths: Sequence[int] = examples.lengths
         return lengths
+    if isinstance(examples, Picked) and isinstance(examples.base, SFTRows):  # the rest of a hold-out
+        return [int(examples.base.lengths[i]) for i in examples.indices]
     if examples and all(e.tokens is not None for e in examples):
         return [len(e.tokens[0]) for e in examples if e.tokens is not None]
     return None
@@ -415,6 +417,8 @@ def expected_targets(examples: Sequence[Example] | StreamedExamples, cfg: TrainC
         return float(examples.mean_targets * cfg.batch_size * cfg.grad_accum)
     if isinstance(examples, SFTRows):
         mean = float(examples.targets.mean())  # numpy
+    elif isinstance(examples, Picked) and isinstance(examples.base, SFTRows):
+        mean = float(examples.base.targets[list(examples.indices)].mean())
     elif examples and all(e.tokens is not None for e in examples):
         mean = sum(targets_of(e.tokens[1]) for e in examples if e.tokens) / len(examples)
     else:
