@@ -364,3 +364,16 @@ def test_a_failed_run_is_listed_under_the_table_and_the_others_stand(
     table = (tmp_path / "results.md").read_text()
     assert "| fine |" in table
     assert "Failed: diverges on sst2, seed 0: FloatingPointError: the loss is nan at step 40" in table
+
+
+def test_every_grid_run_so_far_chose_the_rate_its_method_now_defaults_to() -> None:
+    """The grid's choice is the method's default (``deltatune train`` without ``--lr``): a grid rerun
+    or a default changed by hand shows here until the two agree again."""
+    compare = script("compare")
+    grids = json.loads((ROOT / "benchmarks" / "results" / "tuned" / "grid.json").read_text())
+    rows = {row.label: row for row in compare.TUNED_ROWS}
+    assert grids, "no grid recorded"
+    for grid in grids:
+        row = rows[grid["method"]]
+        cfg = TrainConfig(method=row.method, method_fields=row.fields, **row.options)
+        assert cfg.lr == pytest.approx(grid["chosen_lr"]), grid["method"]
