@@ -22,12 +22,13 @@ magnitude and direction together, as the method's own update). With weights ``w_
 
 These follow PEFT's ``add_weighted_adapter`` formulas (its ``*_svd`` forms work on the full update
 too), so the same adapters, weights and density give PEFT's outputs where PEFT is right; unlike
-PEFT, the update is the method's own, so rsLoRA, DoRA and mixed ranks combine correctly, and
-negative weights work. A pruned or elected result is not low-rank: it is stored as the best
-rank-``rank`` LoRA (default: the largest rank among the inputs; ``rank="full"``: exact, a full-rank
-LoRA). The result is a new, frozen LoRA adapter (``dt.save``, ``dt.export_lora``, ``deltatune
-eval``/``chat`` read it like any other); an adapter that does not adapt a module contributes no
-update there when ``missing="zero"`` (as PEFT does), and different targets are refused otherwise.
+PEFT, the update is the method's own, so DoRA and mixed ranks combine correctly (rsLoRA too, which
+PEFT before 0.22 scaled by √r), and negative weights work. A pruned or elected result is not
+low-rank: it is stored as the best rank-``rank`` LoRA (default: the largest rank among the inputs;
+``rank="full"``: exact, a full-rank LoRA). The result is a new, frozen LoRA adapter (``dt.save``,
+``dt.export_lora``, ``deltatune eval``/``chat`` read it like any other); an adapter that does not
+adapt a module contributes no update there when ``missing="zero"`` (as PEFT does), and different
+targets are refused otherwise.
 
 Example:
     >>> import torch

@@ -103,6 +103,7 @@ class Adapter(Method):
         "Each method at its own learning rate"): Houlsby 83.6 at 3e-3 (82.5 at 1e-3, 56.3 at 1e-2),
         Pfeiffer 82.7 at 3e-3 (81.2 at 1e-3, 80.8 at 1e-2)."""
         return 3e-3
+
     supports_mixed_batch: ClassVar[bool] = True
     layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "block", "experts")
     suite: ClassVar[Suite] = Suite(example={"bottleneck": 4})

@@ -55,10 +55,10 @@ FIELDS: dict[str, PeftField] = {
     **PEFT_TUNER_FIELDS,  # where the adapter goes: shared by PEFT's layer tuners
     "init_lora_weights": PeftField(
         "refused",
-        "'pissa', 'pissa_niter_N', 'olora', 'corda', 'loftq' and 'lora_ga' factors saved unconverted "
-        "are relative to PEFT's modified (residual) base weight, which deltatune does not have; save "
-        "them with PEFT's path_initial_model_for_weight_conversion, which writes the plain LoRA form "
-        "(and init_lora_weights=true)",
+        "'pissa', 'pissa_niter_N', 'olora', 'corda', 'astra', 'loftq' and 'lora_ga' factors saved "
+        "unconverted are relative to PEFT's modified (residual) base weight, which deltatune does not "
+        "have; save them with PEFT's path_initial_model_for_weight_conversion, which writes the plain "
+        "LoRA form (and init_lora_weights=true)",
         "true, false, 'gaussian', 'eva', 'orthogonal' or 'mica' (inits that leave the base weight untouched)",
         (bool, str),
         (True, False, "gaussian", "eva", "orthogonal", "mica"),
@@ -68,6 +68,7 @@ FIELDS: dict[str, PeftField] = {
         "supported", "init-time only: EVA leaves the base untouched", "an object", (dict,)
     ),
     "corda_config": PeftField("supported", "init-time only (init 'corda' is refused)", "an object", (dict,)),
+    "astra_config": PeftField("supported", "init-time only (init 'astra' is refused)", "an object", (dict,)),
     "lora_ga_config": PeftField(
         "supported", "init-time only (init 'lora_ga' is refused)", "an object", (dict,)
     ),
