@@ -138,7 +138,18 @@ def _parse_label(
     return index
 
 
-class TableExamples(Sequence[Example]):
+class ExampleView(Sequence[Example]):
+    """A sequence of examples read on access, equal to any sequence of the same examples."""
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence) or isinstance(other, str):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class TableExamples(ExampleView):
     """Examples built on access from the rows of a memory-mapped table (the texts stay in its pages):
     a subclass says how one row becomes an :class:`Example` (``_example``) and how many there are."""
 
@@ -163,18 +174,11 @@ class TableExamples(Sequence[Example]):
         index %= len(self)
         return self._example(index, self.table[index])
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or isinstance(other, str):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]
-
     def __repr__(self) -> str:
         return f"{type(self).__name__}({len(self)} examples)"
 
 
-class Picked(Sequence[Example]):
+class Picked(ExampleView):
     """The examples of ``base`` at ``indices``, in that order, each read on access: a split of a
     memory-mapped table (the training side of a hold-out) that does not read every row to make it."""
 
@@ -194,13 +198,6 @@ class Picked(Sequence[Example]):
         if isinstance(index, slice):
             return [self.base[i] for i in self.indices[index]]
         return self.base[self.indices[index]]
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence) or isinstance(other, str):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
-
-    __hash__ = None  # type: ignore[assignment]
 
     def __repr__(self) -> str:
         return f"Picked({len(self)} of {self.base!r})"

@@ -72,6 +72,7 @@ class PTuning(virtual.OnTheBody):
         benchmarks/README.md, "Each method at its own learning rate"): 64.5 at 3e-3, 60.0 at 1e-3,
         56.4 at 1e-2."""
         return 3e-3
+
     suite: ClassVar[Suite] = Suite(
         example={"num_virtual_tokens": 3, "encoder_hidden_size": 4},
         near_identity_at_init=False,  # n extra tokens change every output at once
