@@ -89,30 +89,37 @@ def overall(verdicts: list[str]) -> str:
     return verdicts[0] if len(set(verdicts)) == 1 else "mixed (" + " / ".join(verdicts) + ")"
 
 
-def near_lora(rows: Rows, label: str, fewer: float) -> tuple[str, str]:
-    """``label`` within ``NEAR`` points of LoRA r=8 at no more than ``fewer`` of its bytes."""
-    verdicts, parts = [], []
-    for task in tasks(rows):
-        if not metric(rows, task, label) or not metric(rows, task, LORA):
-            continue
-        d = Difference.of(metric(rows, task, label), metric(rows, task, LORA))
-        ratio = stored(rows, task, label) / stored(rows, task, LORA)
-        verdicts.append("reproduced" if d.delta >= -NEAR and ratio <= fewer else "not at this scale")
-        parts.append(f"{task}: {d.text()}, {ratio:.1%} of LoRA's bytes")
-    return overall(verdicts), "; ".join(parts)
-
-
-def beats(rows: Rows, label: str, other: str) -> tuple[str, str]:
+def per_task(
+    rows: Rows, label: str, other: str, judge: Callable[[str, Difference], tuple[str, str]]
+) -> tuple[str, str]:
+    """``judge(task, label's metric - other's)`` on every task both rows ran: one verdict, the numbers."""
     verdicts, parts = [], []
     for task in tasks(rows):
         if not metric(rows, task, label) or not metric(rows, task, other):
             continue
-        d = Difference.of(metric(rows, task, label), metric(rows, task, other))
-        verdicts.append(d.above())
-        parts.append(
-            f"{task}: {d.text()} ({stored(rows, task, label):,} vs {stored(rows, task, other):,} bytes)"
-        )
+        verdict, part = judge(task, Difference.of(metric(rows, task, label), metric(rows, task, other)))
+        verdicts.append(verdict)
+        parts.append(f"{task}: {part}")
     return overall(verdicts), "; ".join(parts)
+
+
+def near_lora(rows: Rows, label: str, fewer: float) -> tuple[str, str]:
+    """``label`` within ``NEAR`` points of LoRA r=8 at no more than ``fewer`` of its bytes."""
+
+    def judge(task: str, d: Difference) -> tuple[str, str]:
+        ratio = stored(rows, task, label) / stored(rows, task, LORA)
+        verdict = "reproduced" if d.delta >= -NEAR and ratio <= fewer else "not at this scale"
+        return verdict, f"{d.text()}, {ratio:.1%} of LoRA's bytes"
+
+    return per_task(rows, label, LORA, judge)
+
+
+def beats(rows: Rows, label: str, other: str) -> tuple[str, str]:
+    def judge(task: str, d: Difference) -> tuple[str, str]:
+        sizes = f"{stored(rows, task, label):,} vs {stored(rows, task, other):,} bytes"
+        return d.above(), f"{d.text()} ({sizes})"
+
+    return per_task(rows, label, other, judge)
 
 
 def curves(rows: Rows, task: str, label: str) -> list[list[float]] | None:

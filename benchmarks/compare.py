@@ -452,13 +452,6 @@ class Records:
         )
         self.lock = threading.Lock()
 
-    @classmethod
-    def empty(cls, out: Path) -> Records:
-        """No records (``finished`` then asks the run folder alone)."""
-        records = cls.__new__(cls)
-        records.path, records.by_key, records.lock = out / "runs.json", {}, threading.Lock()
-        return records
-
     @staticmethod
     def key(config: dict[str, Any]) -> str:
         return json.dumps({k: v for k, v in config.items() if k != "out"}, sort_keys=True)
@@ -486,8 +479,13 @@ def finished(
 ) -> bool:
     """Whether the run folder holds a finished run of exactly this config, or ``runs.json`` its result."""
     run_dir, config = run_config(model, task, budget, row, out, seed, seed_in_name)
+    return (records or Records(out)).get(config) is not None or in_folder(run_dir, config)
+
+
+def in_folder(run_dir: Path, config: dict[str, Any]) -> bool:
+    """Whether ``run_dir`` holds a finished run of exactly ``config``."""
     previous = run_dir / "config.json"
-    return (records or Records(out)).get(config) is not None or (
+    return (
         (run_dir / "metrics.json").exists()
         and previous.exists()
         and json.loads(previous.read_text()) == config
@@ -523,10 +521,7 @@ def run_row(
     run_dir, config = run_config(model, task, budget, row, out, seed, seed_in_name)
     kept = records.get(config) if records is not None and reuse else None
     if (
-        kept is not None
-        and "loss_curve" not in kept
-        and records is not None
-        and finished(model, task, budget, row, out, seed, seed_in_name, Records.empty(out))
+        kept is not None and "loss_curve" not in kept and records is not None and in_folder(run_dir, config)
     ):  # a record made before curves were kept, whose run folder is still here: take its curve
         history = json.loads((run_dir / "metrics.json").read_text())["history"]
         kept = {**kept, "loss_curve": loss_curve(history["loss"])}

@@ -97,16 +97,15 @@ class Adapter(Method):
 
     name: ClassVar[str] = "adapter"
     identity_at_init: ClassVar[bool] = True
+    supports_mixed_batch: ClassVar[bool] = True
+    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "block", "experts")
+    suite: ClassVar[Suite] = Suite(example={"bottleneck": 4})
 
     def default_lr(self) -> float:
         """3e-3, chosen on SST-2's validation split (MiniLM, m = d/16, 150 steps: benchmarks/README.md,
         "Each method at its own learning rate"): Houlsby 83.6 at 3e-3 (82.5 at 1e-3, 56.3 at 1e-2),
         Pfeiffer 82.7 at 3e-3 (81.2 at 1e-3, 80.8 at 1e-2)."""
         return 3e-3
-
-    supports_mixed_batch: ClassVar[bool] = True
-    layer_types: ClassVar[tuple[str, ...]] = ("linear", "conv1d", "block", "experts")
-    suite: ClassVar[Suite] = Suite(example={"bottleneck": 4})
 
     def __post_init__(self) -> None:
         super().__post_init__()

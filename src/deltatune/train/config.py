@@ -54,10 +54,8 @@ FLOAT32_MAX = 3.4028234663852886e38  # the optimizer computes in float32: a larg
 #: The rates of the harness's own methods, which have no class to declare one (a registered method
 #: declares its own: :meth:`deltatune.contract.Method.default_lr`). Chosen like theirs, on SST-2's
 #: validation split (benchmarks/README.md, "Each method at its own learning rate").
-#: The rate of the harness's own methods where ``lr`` is not given, chosen on SST-2's validation split
-#: (benchmarks/README.md, "Each method at its own learning rate"). Full fine-tuning: 84.0 at 1.5e-4
-#: (5e-5: 83.1; 1.7e-5: 81.7). The linear probe: a lone head on frozen features learns slowly, 73.0 at
-#: 9e-2 (3e-2: 72.8; 1e-2: 71.5; at 1e-3 it stays at the majority class).
+#: Full fine-tuning: 84.0 at 1.5e-4 (5e-5: 83.1; 1.7e-5: 81.7). The linear probe (a lone head on frozen
+#: features learns slowly): 73.0 at 9e-2 (3e-2: 72.8; 1e-2: 71.5; at 1e-3 it stays at the majority class).
 HARNESS_LR = {FULL: 1.5e-4, HEAD_ONLY: 9e-2}
 #: A's rate under LoRA+ (``loraplus_ratio``) where ``lr`` is not given, B's being the ratio times it:
 #: the grid chose 1e-3 at ratio 16 (82.2 on SST-2's validation split; 3e-3 gave 73.3).

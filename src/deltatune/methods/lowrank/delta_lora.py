@@ -83,12 +83,6 @@ class DeltaLoRA(ScaledLowRank):
     warmup_steps: int = param(500, Int(min=0), "K: optimizer steps of plain LoRA before W starts moving")
 
     name: ClassVar[str] = "delta_lora"
-
-    def default_lr(self) -> float:
-        """3e-3, as LoRA's; chosen on SST-2's validation split (MiniLM, query/value, λ = 2, 150 steps:
-        benchmarks/README.md, "Each method at its own learning rate"): 82.5 at 3e-3, 81.7 at 1e-3, the
-        majority class at 1e-2."""
-        return 3e-3
     # W is updated in the paper: a 4-bit base cannot take the update (refused by inject and quantize).
     quantized_base: ClassVar[bool] = False
     float_base_reason: ClassVar[str] = (
@@ -96,6 +90,12 @@ class DeltaLoRA(ScaledLowRank):
         "done in 4 bits"
     )
     suite: ClassVar[Suite] = Suite(example={"rank": 2, "warmup_steps": 0})
+
+    def default_lr(self) -> float:
+        """3e-3, as LoRA's; chosen on SST-2's validation split (MiniLM, query/value, λ = 2, 150 steps:
+        benchmarks/README.md, "Each method at its own learning rate"): 82.5 at 3e-3, 81.7 at 1e-3, the
+        majority class at 1e-2."""
+        return 3e-3
 
     def __post_init__(self) -> None:
         super().__post_init__()

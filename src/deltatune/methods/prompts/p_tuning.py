@@ -66,17 +66,16 @@ class PTuning(virtual.OnTheBody):
     insert_at: int = param(0, Int(min=0, max=1), "input position of the prompt: 0 first, 1 after [CLS]")
 
     name: ClassVar[str] = "p_tuning"
+    suite: ClassVar[Suite] = Suite(
+        example={"num_virtual_tokens": 3, "encoder_hidden_size": 4},
+        near_identity_at_init=False,  # n extra tokens change every output at once
+    )
 
     def default_lr(self) -> float:
         """3e-3, chosen on SST-2's validation split (MiniLM, 20 tokens from an LSTM encoder, 150 steps:
         benchmarks/README.md, "Each method at its own learning rate"): 64.5 at 3e-3, 60.0 at 1e-3,
         56.4 at 1e-2."""
         return 3e-3
-
-    suite: ClassVar[Suite] = Suite(
-        example={"num_virtual_tokens": 3, "encoder_hidden_size": 4},
-        near_identity_at_init=False,  # n extra tokens change every output at once
-    )
 
     def wrap(
         self, base: nn.Module, shared: nn.Module | None, *, path: str, generator: torch.Generator
