@@ -5,6 +5,7 @@ where it is right and is shown wrong where it is (rsLoRA)."""
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -173,7 +174,7 @@ def test_svd_keeps_the_rank_or_the_energy_asked() -> None:
 PEFT_NAMES = {"a": "task_one", "b": "task_two"}
 
 
-def peft_pair(rslora: bool) -> tuple[Any, nn.Module]:
+def peft_pair(rslora: bool, folder: Path) -> tuple[Any, nn.Module]:
     """The same two LoRAs in PEFT and in deltatune (PEFT's tensors imported)."""
     config = peft.LoraConfig(
         r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights=False, use_rslora=rslora
@@ -186,10 +187,9 @@ def peft_pair(rslora: bool) -> tuple[Any, nn.Module]:
     theirs.eval()
     ours = Net()
     for name, peft_name in PEFT_NAMES.items():
-        folder = f"/tmp/deltatune-arith-{name}-{int(rslora)}"
-        theirs.save_pretrained(folder, selected_adapters=[peft_name])
+        theirs.save_pretrained(folder / name, selected_adapters=[peft_name])
         # (PEFT saves a named adapter in a subfolder)
-        dt.import_peft(ours, f"{folder}/{peft_name}", name=name)
+        dt.import_peft(ours, folder / name / peft_name, name=name)
     return theirs, ours.eval()
 
 
@@ -202,12 +202,14 @@ def peft_pair(rslora: bool) -> tuple[Any, nn.Module]:
         ("magnitude_prune", "magnitude_prune_svd", {"rank": 4, "density": 0.5}),
     ],
 )
-def test_peft_agrees_where_it_is_right(how: str, peft_how: str, kwargs: dict[str, Any]) -> None:
+def test_peft_agrees_where_it_is_right(
+    how: str, peft_how: str, kwargs: dict[str, Any], tmp_path: Path
+) -> None:
     if peft_how != "cat" and Version(peft.__version__) < Version("0.21"):
         # their _svd_generalized_task_arithmetic_weighted_adapter multiplied each weight by the
         # adapter's scaling and then summed get_delta_weight, which scales again (0.21 dropped one)
         pytest.skip(f"peft {peft.__version__}'s svd combinations apply the LoRA scaling twice")
-    theirs, ours = peft_pair(rslora=False)
+    theirs, ours = peft_pair(rslora=False, folder=tmp_path)
     weights = [0.6, 0.8]
     extra = {"svd_rank": kwargs["rank"]} if "rank" in kwargs else {}
     if "density" in kwargs:
@@ -220,10 +222,10 @@ def test_peft_agrees_where_it_is_right(how: str, peft_how: str, kwargs: dict[str
         assert torch.allclose(ours(X), theirs(X), atol=1e-5)
 
 
-def test_rslora_combines_to_the_dense_truth_where_peft_before_022_did_not() -> None:
+def test_rslora_combines_to_the_dense_truth_where_peft_before_022_did_not(tmp_path: Path) -> None:
     """Ours is the dense truth. PEFT's svd result before 0.22 kept use_rslora with lora_alpha = r, so
     it scaled the truncated update by sqrt(r) instead of 1; PEFT 0.22 fixed it and now agrees."""
-    theirs, ours = peft_pair(rslora=True)
+    theirs, ours = peft_pair(rslora=True, folder=tmp_path)
     theirs.add_weighted_adapter(
         list(PEFT_NAMES.values()), [1.0, 1.0], "c", combination_type="svd", svd_rank=8
     )

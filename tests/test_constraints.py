@@ -120,3 +120,16 @@ def test_merged_locks_pin_each_python_once(tmp_path: Path) -> None:
         "six==1.0",
         'tomli==2.5 ; python_version == "3.10"',
     ]
+
+
+def test_the_oracle_gate_reads_the_lock_pin_of_this_python() -> None:
+    """conftest.lock_pin (which gates the PEFT-oracle tests whose PEFT behaviour changed within the
+    supported range) reads the line that applies to the running Python, markers included."""
+    import sys
+
+    from conftest import lock_pin
+
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    for name in ("peft", "transformers", "torchao"):
+        assert lock_pin(name) == str(_pins("lock.txt", python)[name])
+    assert lock_pin("no-such-package") is None

@@ -312,16 +312,29 @@ def test_sigint_leaves_a_usable_checkpoint(tiny_bert: str, tmp_path: Path) -> No
     assert [s for s, _ in record["history"]["loss"]] == list(range(1, steps + 1))
 
 
+def _sharding_args(model: str) -> list[str]:
+    return _train_args(model, steps=4, train_limit=64, eval_limit=8, checkpoint_every=0, rank=4)
+
+
+@pytest.fixture(scope="module")
+def one_process_run(tiny_bert: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The 1-process run the torchrun runs are compared with (the same for each of them)."""
+    out = tmp_path_factory.mktemp("one")
+    one = subprocess.run(
+        _cli(*_sharding_args(tiny_bert), "--out", str(out)), capture_output=True, text=True, timeout=300
+    )
+    assert one.returncode == 0, one.stderr
+    return out
+
+
 @pytest.mark.parametrize("sharding", ["ddp", "fsdp", "fsdp+checkpointing"])
-def test_two_processes_equal_one(tiny_bert: str, tmp_path: Path, sharding: str) -> None:
+def test_two_processes_equal_one(
+    tiny_bert: str, one_process_run: Path, tmp_path: Path, sharding: str
+) -> None:
     """torchrun with 2 gloo processes, each half of the global batch, gives the 1-process adapter:
     replicated (DDP) or sharded block by block (FSDP2: each process holds half of every tensor), also
     with every block checkpointed (its activations recomputed from its re-gathered shards)."""
-    common = _train_args(tiny_bert, steps=4, train_limit=64, eval_limit=8, checkpoint_every=0, rank=4)
-    one = subprocess.run(
-        _cli(*common, "--out", str(tmp_path / "one")), capture_output=True, text=True, timeout=300
-    )
-    assert one.returncode == 0, one.stderr
+    common = _sharding_args(tiny_bert)
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     assert torchrun is not None
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -345,11 +358,11 @@ def test_two_processes_equal_one(tiny_bert: str, tmp_path: Path, sharding: str) 
         env=env,
     )
     assert two.returncode == 0, two.stderr[-8000:]
-    a, b = adapter_tensors(tmp_path / "one"), adapter_tensors(tmp_path / "two")
+    a, b = adapter_tensors(one_process_run), adapter_tensors(tmp_path / "two")
     assert a.keys() == b.keys()
     for k in a:
         assert torch.allclose(a[k], b[k], atol=1e-5, rtol=1e-4), k
-    records = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in ("one", "two")]
+    records = [json.loads((run / "metrics.json").read_text()) for run in (one_process_run, tmp_path / "two")]
     assert records[1]["world_size"] == 2 and records[1]["config"]["fsdp"] == sharding.startswith("fsdp")
     assert records[1]["config"]["activation_checkpointing"] == sharding.endswith("checkpointing")
     assert records[1]["stored_bytes"] == records[0]["stored_bytes"]
@@ -369,7 +382,8 @@ def test_fsdp_refusals(tiny_bert: str, tmp_path: Path) -> None:
         config(tiny_bert, tmp_path, fsdp=True)
     with pytest.raises(ValueError, match="sharding needs the processes of a torchrun launch"):
         train(config(tiny_bert, tmp_path, fsdp=True, checkpoint_every=0), progress=False)
-    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29533", rank=0, world_size=1)
+    # (a file rendezvous: no port to collide with another test run on the machine)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
         cfg = config(tiny_bert, tmp_path, method="adalora", method_fields={"init_r": 4, "target_r": 2})
         model = transformers.AutoModelForSequenceClassification.from_pretrained(tiny_bert)

@@ -31,10 +31,8 @@ is silenced; any *other* missing or mismatched weight is reported as a :class:`U
 
 from __future__ import annotations
 
-import contextlib
 import os
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +41,7 @@ from torch import nn
 
 from ..formats.io import BASE_MODEL_ATTR
 from .data import KINDS
+from .hub import HUB_TIMEOUT_S, hub_settings, offline
 from .progress import quiet_transformers
 from .smollm2 import ensure_smollm2_cache
 
@@ -62,7 +61,6 @@ ALIASES: dict[str, str] = {
     ),
 }
 
-_HUB_TIMEOUT_S = 10
 _HEAD_PREFIXES = ("classifier.", "score.")  # task heads that are new by design
 _FIX_HINT = "give a local directory in Hugging Face format, or one of the built-in aliases: minilm, smollm2"
 
@@ -240,35 +238,6 @@ def _prepare_pad_token(model: nn.Module, tokenizer: Any) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-def _offline() -> bool:
-    env = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""
-    return env.strip().upper() in {"1", "ON", "YES", "TRUE"}
-
-
-@contextlib.contextmanager
-def _hub_settings(offline: bool, timeout_s: int) -> Iterator[None]:
-    """Temporarily set huggingface_hub's offline switch and cap its timeouts.
-
-    huggingface_hub reads ``HF_HUB_OFFLINE`` and its timeouts from the environment once, at import, into
-    module constants that it consults at call time; patching the constants makes both take effect now.
-    Offline mode blocks every request at the HTTP layer, which matters because ``local_files_only=True``
-    alone does not reach every lookup transformers makes (e.g. its PEFT ``adapter_config.json`` probe,
-    which otherwise retries a failing connection for ~25 s).
-    """
-    from huggingface_hub import constants
-
-    names = ("HF_HUB_OFFLINE", "HF_HUB_ETAG_TIMEOUT", "HF_HUB_DOWNLOAD_TIMEOUT")
-    saved = {n: getattr(constants, n) for n in names}
-    try:
-        constants.HF_HUB_OFFLINE = offline or bool(saved["HF_HUB_OFFLINE"])
-        constants.HF_HUB_ETAG_TIMEOUT = min(int(saved["HF_HUB_ETAG_TIMEOUT"]), timeout_s)
-        constants.HF_HUB_DOWNLOAD_TIMEOUT = min(int(saved["HF_HUB_DOWNLOAD_TIMEOUT"]), timeout_s)
-        yield
-    finally:
-        for n, v in saved.items():
-            setattr(constants, n, v)
-
-
 def _probe_hub(name: str, timeout_s: int) -> None:
     """One metadata request with a timeout: fails fast (no retries) when the hub is unreachable."""
     from huggingface_hub import HfApi
@@ -280,22 +249,22 @@ def _load_from_hub(
     name: str, model_cls: Any, tok_cls: Any, kwargs: dict[str, Any], seed: int
 ) -> tuple[nn.Module, Any, Any]:
     try:  # the local HF cache first, with the network switched off
-        with _hub_settings(offline=True, timeout_s=_HUB_TIMEOUT_S):
+        with hub_settings(offline=True, timeout_s=HUB_TIMEOUT_S):
             local = {**kwargs, "local_files_only": True}
             model, info = _from_pretrained_seeded(model_cls, name, local, seed)
             tokenizer = tok_cls.from_pretrained(name, local_files_only=True)
         return model, info, tokenizer
     except (OSError, ValueError) as exc:
         local_error: Exception = exc
-    if _offline():
+    if offline():
         raise ValueError(
             f"model {name!r} is not available offline: it is not a local directory and not in the local "
             f"Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it. Fix: {_FIX_HINT}; or unset "
             "HF_HUB_OFFLINE on a machine with network access to download it once."
         ) from local_error
     try:
-        with _hub_settings(offline=False, timeout_s=_HUB_TIMEOUT_S):
-            _probe_hub(name, _HUB_TIMEOUT_S)
+        with hub_settings(offline=False, timeout_s=HUB_TIMEOUT_S):
+            _probe_hub(name, HUB_TIMEOUT_S)
             model, info = _from_pretrained_seeded(model_cls, name, kwargs, seed)
             tokenizer = tok_cls.from_pretrained(name)
     except Exception as exc:

@@ -26,6 +26,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .hub import HUB_TIMEOUT_S, hub_settings, offline
 from .smollm2 import default_cache_root
 
 if TYPE_CHECKING:
@@ -129,8 +130,9 @@ def _read_hub(name: str, what: str, streaming: bool = False) -> Any:
     if looks_local or name.count("/") > 1:
         raise ValueError(f"{what} {name}: no such file or folder")
     ds = _datasets()
-    try:
-        table = ds.load_dataset(name, split="train", cache_dir=str(cache_dir()), streaming=streaming)
+    try:  # (a short timeout: an unreachable hub fails in seconds, not after half a minute of retries)
+        with hub_settings(offline=offline(data=True), timeout_s=HUB_TIMEOUT_S):
+            table = ds.load_dataset(name, split="train", cache_dir=str(cache_dir()), streaming=streaming)
     except Exception as e:  # the hub client raises many types: offline, unknown name, gated
         raise ValueError(
             f"{what} {name}: not a local file or folder, and not loadable as a hub data set "
