@@ -139,7 +139,23 @@ def _parse_label(
 
 
 class ExampleView(Sequence[Example]):
-    """A sequence of examples read on access, equal to any sequence of the same examples."""
+    """A sequence of examples read on access, equal to any sequence of the same examples: a subclass
+    says how many there are and how the example at a (non-negative) position is read (``_at``)."""
+
+    def _at(self, index: int) -> Example:
+        raise NotImplementedError
+
+    @overload
+    def __getitem__(self, index: int) -> Example: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Example]: ...
+
+    def __getitem__(self, index: int | slice) -> Example | list[Example]:
+        if isinstance(index, slice):
+            return [self._at(i) for i in range(*index.indices(len(self)))]
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"example {index} of {len(self)}")
+        return self._at(index % len(self))
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, Sequence) or isinstance(other, str):
@@ -161,17 +177,7 @@ class TableExamples(ExampleView):
     def __len__(self) -> int:
         return len(self.table)
 
-    @overload
-    def __getitem__(self, index: int) -> Example: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Example]: ...
-
-    def __getitem__(self, index: int | slice) -> Example | list[Example]:
-        if isinstance(index, slice):
-            return [self[i] for i in range(*index.indices(len(self)))]
-        if not -len(self) <= index < len(self):
-            raise IndexError(f"example {index} of {len(self)}")
-        index %= len(self)
+    def _at(self, index: int) -> Example:
         return self._example(index, self.table[index])
 
     def __repr__(self) -> str:
@@ -189,14 +195,7 @@ class Picked(ExampleView):
     def __len__(self) -> int:
         return len(self.indices)
 
-    @overload
-    def __getitem__(self, index: int) -> Example: ...
-    @overload
-    def __getitem__(self, index: slice) -> list[Example]: ...
-
-    def __getitem__(self, index: int | slice) -> Example | list[Example]:
-        if isinstance(index, slice):
-            return [self.base[i] for i in self.indices[index]]
+    def _at(self, index: int) -> Example:
         return self.base[self.indices[index]]
 
     def __repr__(self) -> str:

@@ -394,15 +394,27 @@ def user_examples(
     return splits[0], held
 
 
+def _token_columns(examples: Sequence[Example]) -> tuple[Any, Any] | None:
+    """The token counts and target counts (numpy) of a tokenised table's examples, or of a subset
+    picked from one (the training side of a hold-out), read from its columns without building any
+    example; None for other sequences."""
+    if isinstance(examples, SFTRows):
+        return examples.lengths, examples.targets
+    if isinstance(examples, Picked):
+        base = _token_columns(examples.base)
+        if base is not None:
+            picked = list(examples.indices)
+            return base[0][picked], base[1][picked]
+    return None
+
+
 def lengths_of(examples: Sequence[Example] | StreamedExamples) -> Sequence[int] | None:
     """Token counts of tokenised examples (for length grouping); None for others."""
     if isinstance(examples, StreamedExamples):
         return None  # the stream groups its own windows
-    if isinstance(examples, SFTRows):
-        lengths: Sequence[int] = examples.lengths
+    if (columns := _token_columns(examples)) is not None:
+        lengths: list[int] = columns[0].tolist()
         return lengths
-    if isinstance(examples, Picked) and isinstance(examples.base, SFTRows):  # the rest of a hold-out
-        return [int(examples.base.lengths[i]) for i in examples.indices]
     if examples and all(e.tokens is not None for e in examples):
         return [len(e.tokens[0]) for e in examples if e.tokens is not None]
     return None
@@ -415,10 +427,8 @@ def expected_targets(examples: Sequence[Example] | StreamedExamples, cfg: TrainC
         if examples.mean_targets is None:
             return None  # known once the first window is read (the loop asks again then)
         return float(examples.mean_targets * cfg.batch_size * cfg.grad_accum)
-    if isinstance(examples, SFTRows):
-        mean = float(examples.targets.mean())  # numpy
-    elif isinstance(examples, Picked) and isinstance(examples.base, SFTRows):
-        mean = float(examples.base.targets[list(examples.indices)].mean())
+    if (columns := _token_columns(examples)) is not None:
+        mean = float(columns[1].mean())
     elif examples and all(e.tokens is not None for e in examples):
         mean = sum(targets_of(e.tokens[1]) for e in examples if e.tokens) / len(examples)
     else:
