@@ -218,10 +218,16 @@ def test_file_kinds(tmp_path: Path) -> None:
 
 
 def test_hub_name_offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    """HF_HUB_OFFLINE set after datasets was imported (which reads it once, at import) still keeps the
+    load off the network (no half minute of retries), and the switch is put back afterwards."""
+    import datasets
+    from huggingface_hub import constants
+
+    before = (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(ValueError, match=r"--data someone/no-such-data: not a local file or folder.*offline"):
         open_data("someone/no-such-data")
+    assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == before
 
 
 # ----------------------------------------------------------------------------------------------------
