@@ -366,6 +366,13 @@ def test_a_failed_run_is_listed_under_the_table_and_the_others_stand(
     assert "Failed: diverges on sst2, seed 0: FloatingPointError: the loss is nan at step 40" in table
 
 
+#: Rows whose grid chose another rate than their method's default, with the rate it chose and why the
+#: default stays. LoRA's and DoRA's default is set at their default rank (8), where nine LoRA rows
+#: (inits, placements, 4-bit bases) chose 3e-3; at r = 4 both chose 3x that on one seed (LoRA 83.3
+#: against 82.5 at 3e-3, DoRA 84.2 against 82.3), which their docstrings state.
+NOT_THE_DEFAULT = {"LoRA r=4": 9e-3, "DoRA r=4": 9e-3}
+
+
 def test_every_grid_run_so_far_chose_the_rate_its_method_now_defaults_to() -> None:
     """The grid's choice is the method's default (``deltatune train`` without ``--lr``): a grid rerun
     or a default changed by hand shows here until the two agree again."""
@@ -376,4 +383,6 @@ def test_every_grid_run_so_far_chose_the_rate_its_method_now_defaults_to() -> No
     for grid in grids:
         row = rows[grid["method"]]
         cfg = TrainConfig(method=row.method, method_fields=row.fields, **row.options)
-        assert cfg.lr == pytest.approx(grid["chosen_lr"]), grid["method"]
+        expected = NOT_THE_DEFAULT.get(grid["method"], cfg.lr)
+        assert expected == pytest.approx(grid["chosen_lr"]), grid["method"]
+    assert set(NOT_THE_DEFAULT) <= {grid["method"] for grid in grids}

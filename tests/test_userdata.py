@@ -227,7 +227,7 @@ def test_hub_name_offline(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ValueError, match=r"--data someone/no-such-data: not a local file or folder.*offline"):
         open_data("someone/no-such-data")
-    assert (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE) == before
+    assert before == (datasets.config.HF_HUB_OFFLINE, constants.HF_HUB_OFFLINE)
 
 
 # ----------------------------------------------------------------------------------------------------
