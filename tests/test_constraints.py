@@ -18,6 +18,8 @@ packaging = pytest.importorskip("packaging")
 from packaging.requirements import Requirement  # noqa: E402
 from packaging.version import Version  # noqa: E402
 
+from conftest import constraint_pins  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -35,21 +37,8 @@ PYTHONS = ("3.10", "3.11", "3.12", "3.13")
 
 
 def _pins(name: str, python: str = "3.11") -> dict[str, Version]:
-    """The exact pins ``constraints/NAME`` gives on ``python`` (lines with a ``python_version``
-    marker apply where it holds)."""
-    pins: dict[str, Version] = {}
-    for line in (ROOT / "constraints" / name).read_text().splitlines():
-        line = line.split("#", 1)[0].strip()
-        if not line:
-            continue
-        requirement = Requirement(line)
-        (spec,) = requirement.specifier
-        assert spec.operator == "==", f"constraints/{name}: {line!r} is not an exact pin (name==version)"
-        if requirement.marker is not None and not requirement.marker.evaluate({"python_version": python}):
-            continue
-        key = re.sub(r"[-_.]+", "-", requirement.name).lower()
-        assert key not in pins, f"constraints/{name}: {key} is pinned twice for Python {python}"
-        pins[key] = Version(spec.version)
+    """The exact pins ``constraints/NAME`` gives on ``python`` (conftest.constraint_pins)."""
+    pins: dict[str, Version] = constraint_pins(name, python)
     return pins
 
 
